@@ -1,0 +1,54 @@
+//! Compiles the kernel side (C, in ../ebpf) with clang into BPF objects that
+//! the agent embeds with `include_bytes!`. BPF bytecode does not depend on the
+//! target we build the agent for (all our targets are little-endian), so the
+//! same command serves native and cross builds.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const PROGRAMS: &[&str] = &["tcp_lifecycle"];
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets this"));
+    let ebpf = manifest.join("../ebpf");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets this"));
+    let clang = std::env::var("BPF_CLANG").unwrap_or_else(|_| "clang".into());
+
+    println!("cargo:rerun-if-env-changed=BPF_CLANG");
+    println!("cargo:rerun-if-changed={}", ebpf.join("include").display());
+
+    // <linux/types.h> needs <asm/types.h>, which Debian keeps in the host's
+    // multiarch directory. Its contents are the same on every architecture.
+    let multiarch = Command::new("gcc")
+        .arg("-print-multiarch")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
+
+    for prog in PROGRAMS {
+        let src = ebpf.join("src").join(format!("{prog}.bpf.c"));
+        println!("cargo:rerun-if-changed={}", src.display());
+        let obj = out.join(format!("{prog}.bpf.o"));
+        let mut cmd = Command::new(&clang);
+        cmd.args(["-O2", "-g", "-target", "bpfel", "-Wall", "-Werror"])
+            .arg("-I")
+            .arg(ebpf.join("include"));
+        if let Some(m) = &multiarch {
+            cmd.arg(format!("-I/usr/include/{m}"));
+        }
+        cmd.arg("-c").arg(&src).arg("-o").arg(&obj);
+        let status = cmd.status().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {clang} to build the eBPF programs: {e}. \
+                 Install clang and libbpf-dev (scripts/setup.sh does), or set BPF_CLANG."
+            )
+        });
+        assert!(
+            status.success(),
+            "{clang} failed to compile {}",
+            src.display()
+        );
+    }
+}

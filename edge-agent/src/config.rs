@@ -1,0 +1,338 @@
+//! Agent configuration: TOML, every field optional, defaults that work on a
+//! real box with no file at all. `docs/configuration.md` lists every key.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This box's id in topics and labels. Default: the host name.
+    pub device_id: String,
+    /// Where the ring store and the send position live.
+    pub state_dir: PathBuf,
+    pub window: WindowConfig,
+    pub store: StoreConfig,
+    pub mqtt: MqttConfig,
+    pub metrics: MetricsConfig,
+    pub probes: ProbesConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    /// Length of one aggregation window, in milliseconds.
+    pub millis: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Upper bound of the store on disk; oldest segments go first.
+    pub max_bytes: u64,
+    /// A segment is closed and a new one started past this size.
+    pub segment_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Default: `edge-agent-<device_id>`.
+    pub client_id: Option<String>,
+    /// Topics are `<topic_prefix>/<device_id>/metrics`.
+    pub topic_prefix: String,
+    pub keep_alive_secs: u64,
+    /// Records published and not yet acknowledged, at most.
+    pub max_inflight: u16,
+    /// Reconnect back-off bounds, in milliseconds.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Local `/metrics` endpoint. Empty string: disabled.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    pub tcp_lifecycle: TcpLifecycleConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpLifecycleConfig {
+    pub enabled: bool,
+    /// Port class name -> ports. A connection is classed by the remote port
+    /// when outbound and by the local port when inbound; other ports fold
+    /// into "other". At most 15 classes and 256 ports (kernel map sizes).
+    pub port_classes: BTreeMap<String, Vec<u16>>,
+}
+
+pub const MAX_PORT_CLASSES: usize = 15;
+pub const MAX_CLASSED_PORTS: usize = 256;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            device_id: default_device_id(),
+            state_dir: PathBuf::from("/var/lib/edge-agent"),
+            window: WindowConfig::default(),
+            store: StoreConfig::default(),
+            mqtt: MqttConfig::default(),
+            metrics: MetricsConfig::default(),
+            probes: ProbesConfig::default(),
+        }
+    }
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig { millis: 10_000 }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_bytes: 64 * 1024 * 1024,
+            segment_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: None,
+            topic_prefix: "edge".into(),
+            keep_alive_secs: 30,
+            max_inflight: 32,
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl Default for TcpLifecycleConfig {
+    fn default() -> Self {
+        let classes: [(&str, &[u16]); 6] = [
+            ("modbus", &[502]),
+            ("mqtt", &[1883, 8883]),
+            ("opcua", &[4840]),
+            ("http", &[80, 443, 8080, 8443]),
+            ("ssh", &[22]),
+            ("dns", &[53]),
+        ];
+        TcpLifecycleConfig {
+            enabled: true,
+            port_classes: classes
+                .iter()
+                .map(|(n, p)| (n.to_string(), p.to_vec()))
+                .collect(),
+        }
+    }
+}
+
+fn default_device_id() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(edge_wire::MAX_DEVICE_ID)
+        .collect();
+    if id.is_empty() {
+        "edge-device".into()
+    } else {
+        id
+    }
+}
+
+impl Config {
+    /// Reads `path`, or returns the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (cfg, origin) = match path {
+            None => (Config::default(), "defaults".to_string()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                (Self::parse(&text, p)?, p.display().to_string())
+            }
+        };
+        cfg.validate()
+            .map_err(|message| ConfigError::Invalid { origin, message })?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        edge_wire::validate_device_id(&self.device_id).map_err(|e| format!("device_id: {e}"))?;
+        if self.window.millis < 100 || self.window.millis > 3_600_000 {
+            return Err("window.millis must be between 100 and 3600000".into());
+        }
+        if self.store.segment_bytes < 4096 {
+            return Err("store.segment_bytes must be at least 4096".into());
+        }
+        if self.store.max_bytes < 2 * self.store.segment_bytes {
+            return Err("store.max_bytes must be at least twice store.segment_bytes".into());
+        }
+        if self.mqtt.max_inflight == 0 {
+            return Err("mqtt.max_inflight must be at least 1".into());
+        }
+        if self.mqtt.reconnect_min_ms == 0
+            || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms
+        {
+            return Err("mqtt.reconnect_min_ms must be > 0 and <= mqtt.reconnect_max_ms".into());
+        }
+        if self.mqtt.topic_prefix.is_empty()
+            || self.mqtt.topic_prefix.contains(['+', '#'])
+            || self.mqtt.topic_prefix.ends_with('/')
+        {
+            return Err("mqtt.topic_prefix must be non-empty, without + # or a trailing /".into());
+        }
+        if !self.metrics.listen.is_empty() {
+            self.metrics
+                .listen
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("metrics.listen {:?}: {e}", self.metrics.listen))?;
+        }
+        let t = &self.probes.tcp_lifecycle;
+        if t.port_classes.len() > MAX_PORT_CLASSES {
+            return Err(format!(
+                "probes.tcp_lifecycle.port_classes has {} classes, at most {MAX_PORT_CLASSES}",
+                t.port_classes.len()
+            ));
+        }
+        let mut seen = BTreeMap::new();
+        for (class, ports) in &t.port_classes {
+            if class == "other"
+                || class.is_empty()
+                || class.len() > 32
+                || !class
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(format!(
+                    "probes.tcp_lifecycle.port_classes: class name {class:?} must be 1..=32 of [A-Za-z0-9_] and not \"other\""
+                ));
+            }
+            for p in ports {
+                if let Some(prev) = seen.insert(*p, class) {
+                    return Err(format!(
+                        "probes.tcp_lifecycle.port_classes: port {p} is in both {prev:?} and {class:?}"
+                    ));
+                }
+            }
+        }
+        if seen.len() > MAX_CLASSED_PORTS {
+            return Err(format!(
+                "probes.tcp_lifecycle.port_classes lists {} ports, at most {MAX_CLASSED_PORTS}",
+                seen.len()
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(self.window.millis)
+    }
+
+    pub fn client_id(&self) -> String {
+        self.mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edge-agent-{}", self.device_id))
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.state_dir.join("store")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c = Config::parse(
+            "device_id = \"press-1\"\n[mqtt]\nport = 1999\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.port, 1999);
+        assert_eq!(c.mqtt.host, "127.0.0.1");
+        assert_eq!(c.window.millis, 10_000);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let e = Config::parse("[mqtt]\nprot = 1\n", Path::new("/etc/edge-agent.toml")).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("/etc/edge-agent.toml") && msg.contains("prot"),
+            "{msg}"
+        );
+        let mut c = Config::default();
+        c.probes
+            .tcp_lifecycle
+            .port_classes
+            .insert("web2".into(), vec![80]);
+        assert!(c.validate().unwrap_err().contains("port 80"));
+        let mut c = Config::default();
+        c.device_id = "a/b".into();
+        assert!(c.validate().unwrap_err().starts_with("device_id"));
+    }
+}

@@ -1,0 +1,181 @@
+//! edge-agent: probe -> window -> (detect) -> store -> uplink.
+//!
+//! Each stage owns its state and hands values forward:
+//! * [`probe`]: kernel programs and their in-kernel aggregates;
+//! * [`window`]: one reading per window becomes one batch of samples;
+//! * [`store`]: the batch, encoded once, becomes a durable record;
+//! * [`uplink`]: records go to MQTT; acknowledgements move the send position.
+
+pub mod config;
+pub mod metrics;
+pub mod probe;
+pub mod store;
+pub mod uplink;
+pub mod window;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use config::Config;
+use metrics::AgentMetrics;
+use probe::tcp_lifecycle::TcpCounters;
+use probe::Probes;
+use store::{Store, StoreLimits};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen for /metrics on {addr}: {source} (set metrics.listen to a free address, or \"\" to disable)")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start: {0}")]
+    Start(#[from] std::io::Error),
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(cfg: Config) -> Result<(), RunError> {
+    let (metrics, registry) = AgentMetrics::new();
+    let limits = StoreLimits {
+        max_bytes: cfg.store.max_bytes,
+        segment_bytes: cfg.store.segment_bytes,
+    };
+    let store = Store::open(&cfg.store_dir(), limits)?;
+    metrics.observe_store(store.stats());
+    tracing::info!(
+        dir = %cfg.store_dir().display(),
+        records = store.stats().last_seq.saturating_sub(store.stats().first_seq.saturating_sub(1)),
+        backlog = store.stats().backlog(),
+        "store opened"
+    );
+    let store = Arc::new(Mutex::new(store));
+
+    let probes = Probes::start(&cfg);
+    metrics.set_probe("tcp_lifecycle", &probes.tcp_state);
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let uplink = uplink::Uplink::new(
+        cfg.clone(),
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )
+    .spawn()?;
+
+    let result = smol::block_on(async {
+        if !cfg.metrics.listen.is_empty() {
+            let listener = async_net::TcpListener::bind(cfg.metrics.listen.as_str())
+                .await
+                .map_err(|source| RunError::Metrics {
+                    addr: cfg.metrics.listen.clone(),
+                    source,
+                })?;
+            tracing::info!(addr = %cfg.metrics.listen, "serving /metrics");
+            smol::spawn(metrics::serve(listener, registry)).detach();
+        }
+        let signals =
+            async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
+        let windows = window_loop(&cfg, &probes, &store, &metrics);
+        let stop = async {
+            use futures_lite::StreamExt;
+            let mut signals = signals;
+            let sig = signals.next().await;
+            tracing::info!(signal = ?sig, "shutting down");
+        };
+        futures_lite::future::or(windows, stop).await;
+        Ok::<(), RunError>(())
+    });
+
+    // Store what the probes counted since the last window, then let the
+    // uplink persist its position and disconnect.
+    close_window(
+        &cfg,
+        &probes,
+        &store,
+        &metrics,
+        &mut window::WindowStage::new(),
+        &mut TcpCounters::default(),
+    );
+    shutdown.store(true, Ordering::Relaxed);
+    let _ = uplink.join();
+    result
+}
+
+async fn window_loop(
+    cfg: &Config,
+    probes: &Probes,
+    store: &Arc<Mutex<Store>>,
+    metrics: &AgentMetrics,
+) {
+    let mut stage = window::WindowStage::new();
+    let mut prev = TcpCounters::default();
+    let period = cfg.window();
+    let mut next = Instant::now() + period;
+    loop {
+        smol::Timer::at(next).await;
+        next += period;
+        // After a long stall (suspend, overload) skip missed windows rather
+        // than firing a burst of them.
+        if next < Instant::now() {
+            next = Instant::now() + period;
+        }
+        close_window(cfg, probes, store, metrics, &mut stage, &mut prev);
+    }
+}
+
+fn close_window(
+    _cfg: &Config,
+    probes: &Probes,
+    store: &Arc<Mutex<Store>>,
+    metrics: &AgentMetrics,
+    stage: &mut window::WindowStage,
+    prev: &mut TcpCounters,
+) {
+    let reading = probes.read();
+    let ts = now_ms();
+    let classes = probes.tcp.as_ref().map(|p| p.classes());
+    if let (Some(now), Some(classes)) = (&reading.tcp, classes) {
+        metrics.observe_tcp(prev, now, classes);
+        *prev = now.clone();
+    }
+    metrics.windows.inc();
+    let Some(batch) = stage.close(ts, &reading, classes) else {
+        return;
+    };
+    let bytes = batch.encode();
+    let mut store = uplink::lock(store);
+    match store.append(&bytes) {
+        Ok(seq) => tracing::debug!(
+            seq,
+            series = batch.series.len(),
+            bytes = bytes.len(),
+            "window stored"
+        ),
+        Err(e) => {
+            metrics.window_errors.inc();
+            tracing::error!(error = %e, "window could not be stored");
+        }
+    }
+    metrics.observe_store(store.stats());
+}
+
+/// Tracing to stderr; `EDGE_AGENT_LOG` (or `RUST_LOG`) filters, default info.
+pub fn init_logging(var: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(var)
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,286 @@
+//! The agent's own `/metrics` endpoint (prometheus-client, OpenMetrics text),
+//! on loopback by default. Every metric is listed in docs/metrics.md.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+use crate::probe::tcp_lifecycle::{Kind, PortClasses, TcpCounters, CLASSES, DIRS, DIR_NAMES};
+use crate::probe::ProbeState;
+use crate::store::StoreStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub probe: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: String,
+    pub port_class: String,
+}
+
+/// Handles to every metric; cheap to clone (atomics behind `Arc`s).
+#[derive(Clone, Default)]
+pub struct AgentMetrics {
+    pub probe_attached: Family<ProbeLabels, Gauge>,
+    pub windows: Counter,
+    pub window_errors: Counter,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_failed: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_sock_map_full: Counter,
+    pub store_bytes: Gauge,
+    pub store_segments: Gauge,
+    pub store_backlog: Gauge,
+    pub store_appended: Counter,
+    pub store_dropped: Counter,
+    pub store_dropped_unsent: Counter,
+    pub store_corrupt: Counter,
+    pub store_truncated_bytes: Counter,
+    pub uplink_connected: Gauge,
+    pub uplink_published: Counter,
+    pub uplink_acked: Counter,
+    pub uplink_connects: Counter,
+    pub uplink_errors: Counter,
+    pub uplink_acked_seq: Gauge,
+}
+
+impl AgentMetrics {
+    pub fn new() -> (AgentMetrics, Arc<Registry>) {
+        let m = AgentMetrics::default();
+        let mut r = Registry::default();
+        r.register(
+            "edge_agent_probe_attached",
+            "1 if the probe is attached, 0 if disabled or unavailable",
+            m.probe_attached.clone(),
+        );
+        r.register("edge_agent_windows", "Windows closed", m.windows.clone());
+        r.register(
+            "edge_agent_window_errors",
+            "Windows whose record could not be stored",
+            m.window_errors.clone(),
+        );
+        r.register(
+            "edge_tcp_connections_opened",
+            "TCP connections established, by direction and port class",
+            m.tcp_opened.clone(),
+        );
+        r.register(
+            "edge_tcp_connections_failed",
+            "TCP connection attempts that failed during the handshake",
+            m.tcp_failed.clone(),
+        );
+        r.register(
+            "edge_tcp_connections_closed",
+            "Established TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        r.register(
+            "edge_agent_tcp_sock_map_full",
+            "Connections whose open the kernel map could not remember",
+            m.tcp_sock_map_full.clone(),
+        );
+        r.register(
+            "edge_agent_store_bytes",
+            "Bytes held by the store on disk",
+            m.store_bytes.clone(),
+        );
+        r.register(
+            "edge_agent_store_segments",
+            "Segment files held by the store",
+            m.store_segments.clone(),
+        );
+        r.register(
+            "edge_agent_store_backlog_records",
+            "Records stored and not yet acknowledged by the broker",
+            m.store_backlog.clone(),
+        );
+        r.register(
+            "edge_agent_store_appended_records",
+            "Records appended to the store",
+            m.store_appended.clone(),
+        );
+        r.register(
+            "edge_agent_store_dropped_records",
+            "Records dropped (oldest first) to stay within store.max_bytes",
+            m.store_dropped.clone(),
+        );
+        r.register(
+            "edge_agent_store_dropped_unsent_records",
+            "Dropped records that had not been acknowledged",
+            m.store_dropped_unsent.clone(),
+        );
+        r.register(
+            "edge_agent_store_corrupt_records",
+            "Records found corrupt and skipped",
+            m.store_corrupt.clone(),
+        );
+        r.register(
+            "edge_agent_store_truncated_bytes",
+            "Bytes of torn tails cut at recovery",
+            m.store_truncated_bytes.clone(),
+        );
+        r.register(
+            "edge_agent_uplink_connected",
+            "1 while connected to the MQTT broker",
+            m.uplink_connected.clone(),
+        );
+        r.register(
+            "edge_agent_uplink_published_records",
+            "Records published (including re-sends)",
+            m.uplink_published.clone(),
+        );
+        r.register(
+            "edge_agent_uplink_acked_records",
+            "Records acknowledged by the broker",
+            m.uplink_acked.clone(),
+        );
+        r.register(
+            "edge_agent_uplink_connects",
+            "Successful MQTT connections",
+            m.uplink_connects.clone(),
+        );
+        r.register(
+            "edge_agent_uplink_errors",
+            "MQTT connection errors",
+            m.uplink_errors.clone(),
+        );
+        r.register(
+            "edge_agent_uplink_acked_seq",
+            "Persisted send position (store sequence number)",
+            m.uplink_acked_seq.clone(),
+        );
+        (m, Arc::new(r))
+    }
+
+    pub fn set_probe(&self, name: &str, state: &ProbeState) {
+        let v = i64::from(matches!(state, ProbeState::Attached));
+        self.probe_attached
+            .get_or_create(&ProbeLabels { probe: name.into() })
+            .set(v);
+    }
+
+    /// Moves the TCP counters forward to a new cumulative reading.
+    pub fn observe_tcp(&self, prev: &TcpCounters, now: &TcpCounters, classes: &PortClasses) {
+        for kind in Kind::ALL {
+            let fam = match kind {
+                Kind::Opened => &self.tcp_opened,
+                Kind::Failed => &self.tcp_failed,
+                Kind::Closed => &self.tcp_closed,
+            };
+            for dir in 0..DIRS {
+                for class in 0..CLASSES {
+                    let (a, b) = (prev.get(kind, dir, class), now.get(kind, dir, class));
+                    if b > a {
+                        let Some(name) = classes.name(class) else {
+                            continue;
+                        };
+                        let l = TcpLabels {
+                            direction: DIR_NAMES[dir].into(),
+                            port_class: name.into(),
+                        };
+                        fam.get_or_create(&l).inc_by(b - a);
+                    }
+                }
+            }
+        }
+        self.tcp_sock_map_full
+            .inc_by(now.sock_map_full.saturating_sub(prev.sock_map_full));
+    }
+
+    /// Brings the store metrics up to date with its statistics.
+    pub fn observe_store(&self, s: &StoreStats) {
+        self.store_bytes.set(s.bytes as i64);
+        self.store_segments.set(s.segments as i64);
+        self.store_backlog.set(s.backlog() as i64);
+        self.uplink_acked_seq.set(s.acked_seq as i64);
+        for (c, v) in [
+            (&self.store_appended, s.appended_records),
+            (&self.store_dropped, s.dropped_records),
+            (&self.store_dropped_unsent, s.dropped_unsent_records),
+            (&self.store_corrupt, s.corrupt_records),
+            (&self.store_truncated_bytes, s.truncated_bytes),
+        ] {
+            c.inc_by(v.saturating_sub(c.get()));
+        }
+    }
+}
+
+/// Serves `GET /metrics` until the listener fails. One short-lived task per
+/// connection; requests are capped at 8 KiB and 5 s.
+pub async fn serve(listener: async_net::TcpListener, registry: Arc<Registry>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                smol::Timer::after(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        smol::spawn(async move {
+            let work = respond(stream, &registry);
+            let timeout = async {
+                smol::Timer::after(std::time::Duration::from_secs(5)).await;
+                Ok(())
+            };
+            if let Err(e) = futures_lite::future::or(work, timeout).await {
+                tracing::debug!(error = %e, "metrics request failed");
+            }
+        })
+        .detach();
+    }
+}
+
+async fn respond(mut stream: async_net::TcpStream, registry: &Registry) -> std::io::Result<()> {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || buf.len() + n > 8192 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|b| *b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|b| *b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = path.split(|b| *b == b'?').next().unwrap_or_default();
+    let (status, ctype, body) = if method == b"GET" && path == b"/metrics" {
+        let mut text = String::new();
+        match prometheus_client::encoding::text::encode(&mut text, registry) {
+            Ok(()) => (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            ),
+            Err(_) => (
+                "500 Internal Server Error",
+                "text/plain",
+                "encoding failed\n".into(),
+            ),
+        }
+    } else {
+        (
+            "404 Not Found",
+            "text/plain",
+            "only GET /metrics is served here\n".into(),
+        )
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.flush().await
+}

@@ -1,0 +1,97 @@
+//! Probe stage: kernel programs and the in-kernel aggregates they keep.
+//! Each probe reports whether it is attached, and why not.
+
+pub mod tcp_lifecycle;
+pub mod tracefs;
+
+use crate::config::Config;
+use tcp_lifecycle::{TcpCounters, TcpLifecycleProbe};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+    #[error("tracepoint {tracepoint} has a layout this probe cannot read: {message}")]
+    Layout { tracepoint: String, message: String },
+    #[error("loading the eBPF program failed (needs root or CAP_BPF+CAP_PERFMON): {0}")]
+    Load(String),
+    #[error("attaching the eBPF program failed: {0}")]
+    Attach(String),
+    #[error("reading the probe's maps failed: {0}")]
+    Read(String),
+}
+
+/// Whether a probe runs, for `/metrics` and the logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeState {
+    Attached,
+    Disabled,
+    Unavailable(String),
+}
+
+/// All probes of the agent. Owns the kernel objects.
+pub struct Probes {
+    pub tcp: Option<TcpLifecycleProbe>,
+    pub tcp_state: ProbeState,
+}
+
+/// One reading of every attached probe.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeReading {
+    pub tcp: Option<TcpCounters>,
+}
+
+impl Probes {
+    /// Attaches what the config enables. A probe that cannot attach is
+    /// reported unavailable with the reason; the agent runs on without it.
+    pub fn start(cfg: &Config) -> Probes {
+        raise_memlock_limit();
+        let (tcp, tcp_state) = if !cfg.probes.tcp_lifecycle.enabled {
+            (None, ProbeState::Disabled)
+        } else {
+            match tracefs::ensure_mounted()
+                .map_err(ProbeError::from)
+                .and_then(|root| TcpLifecycleProbe::attach(&root, &cfg.probes.tcp_lifecycle))
+            {
+                Ok(p) => {
+                    tracing::info!(
+                        probe = "tcp_lifecycle",
+                        "attached to sock:inet_sock_set_state"
+                    );
+                    (Some(p), ProbeState::Attached)
+                }
+                Err(e) => {
+                    tracing::error!(probe = "tcp_lifecycle", error = %e, "probe unavailable");
+                    (None, ProbeState::Unavailable(e.to_string()))
+                }
+            }
+        };
+        Probes { tcp, tcp_state }
+    }
+
+    pub fn read(&self) -> ProbeReading {
+        let tcp = self.tcp.as_ref().and_then(|p| match p.read() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(probe = "tcp_lifecycle", error = %e, "read failed; window skipped");
+                None
+            }
+        });
+        ProbeReading { tcp }
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (Jetson's 5.10).
+fn raise_memlock_limit() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

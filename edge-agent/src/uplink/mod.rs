@@ -1,0 +1,250 @@
+//! Uplink stage: publishes stored records to MQTT (QoS 1) and advances the
+//! persisted send position only over records the broker acknowledged.
+//!
+//! rumqttc drives its connection on a private tokio runtime, so this stage
+//! runs on its own thread, beside the smol executor. The store is the only
+//! source of truth for what still has to be sent: on any connection error the
+//! rumqttc client is thrown away (with its in-memory retransmission queue)
+//! and a new one resumes from the send position. The pure acknowledgement
+//! logic lives in [`window::SendWindow`].
+
+pub mod window;
+
+use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS, RecvTimeoutError};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::metrics::AgentMetrics;
+use crate::store::Store;
+use window::SendWindow;
+
+/// How often a moving send position is made durable, at most.
+const PERSIST_EVERY: Duration = Duration::from_millis(250);
+const POLL: Duration = Duration::from_millis(100);
+
+pub struct Uplink {
+    cfg: Config,
+    store: Arc<Mutex<Store>>,
+    metrics: AgentMetrics,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Uplink {
+    pub fn new(
+        cfg: Config,
+        store: Arc<Mutex<Store>>,
+        metrics: AgentMetrics,
+        shutdown: Arc<AtomicBool>,
+    ) -> Self {
+        Uplink {
+            cfg,
+            store,
+            metrics,
+            shutdown,
+        }
+    }
+
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("uplink".into())
+            .spawn(move || self.run())
+    }
+
+    fn run(self) {
+        let topic = edge_wire::metrics_topic(&self.cfg.mqtt.topic_prefix, &self.cfg.device_id);
+        let acked = lock(&self.store).stats().acked_seq;
+        let mut win = SendWindow::new(acked, self.cfg.mqtt.max_inflight as usize);
+        let mut backoff = Backoff::new(
+            self.cfg.mqtt.reconnect_min_ms,
+            self.cfg.mqtt.reconnect_max_ms,
+        );
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let connected = self.session(&topic, &mut win);
+            self.metrics.uplink_connected.set(0);
+            if connected {
+                backoff.reset();
+            }
+            let wait = backoff.next();
+            let until = Instant::now() + wait;
+            while Instant::now() < until && !self.shutdown.load(Ordering::Relaxed) {
+                std::thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
+            }
+        }
+        tracing::info!("uplink stopped");
+    }
+
+    /// One MQTT connection, from connect to error or shutdown. Returns
+    /// whether the broker accepted the connection.
+    fn session(&self, topic: &str, win: &mut SendWindow) -> bool {
+        let m = &self.cfg.mqtt;
+        let mut opts = MqttOptions::new(self.cfg.client_id(), m.host.clone(), m.port);
+        opts.set_keep_alive(Duration::from_secs(m.keep_alive_secs.max(5)))
+            .set_clean_session(true)
+            .set_inflight(m.max_inflight)
+            .set_max_packet_size(64 * 1024, edge_wire::MAX_MESSAGE_BYTES + 1024);
+        let (client, mut conn) = Client::new(opts, m.max_inflight as usize + 8);
+        win.reset();
+        // Publishes whose packet id rumqttc has not reported yet, in order.
+        let mut awaiting_pkid: VecDeque<u64> = VecDeque::new();
+        let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+        let mut connected = false;
+        let mut dirty = false;
+        let mut persisted_at = Instant::now();
+
+        loop {
+            if self.shutdown.load(Ordering::Relaxed) {
+                let _ = client.try_disconnect();
+                break;
+            }
+            if connected && win.room() > 0 {
+                if let Err(e) = self.publish_more(&client, topic, win, &mut awaiting_pkid) {
+                    tracing::error!(error = %e, "reading the store failed");
+                }
+            }
+            match conn.recv_timeout(POLL) {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                    connected = true;
+                    self.metrics.uplink_connects.inc();
+                    self.metrics.uplink_connected.set(1);
+                    tracing::info!(host = %m.host, port = m.port, resume_after = win.acked(), "connected to broker");
+                }
+                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                    if let Some(seq) = awaiting_pkid.pop_front() {
+                        by_pkid.insert(pkid, seq);
+                    }
+                }
+                Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                    if let Some(seq) = by_pkid.remove(&ack.pkid) {
+                        self.metrics.uplink_acked.inc();
+                        if win.ack(seq).is_some() {
+                            dirty = true;
+                        }
+                    }
+                }
+                Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(Err(e)) => {
+                    self.metrics.uplink_errors.inc();
+                    if connected {
+                        tracing::warn!(error = %e, "connection to broker lost");
+                    } else {
+                        tracing::debug!(error = %e, "cannot connect to broker");
+                    }
+                    break;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if dirty && persisted_at.elapsed() >= PERSIST_EVERY {
+                self.persist(win.acked());
+                dirty = false;
+                persisted_at = Instant::now();
+            }
+        }
+        if dirty {
+            self.persist(win.acked());
+        }
+        connected
+    }
+
+    fn publish_more(
+        &self,
+        client: &Client,
+        topic: &str,
+        win: &mut SendWindow,
+        awaiting_pkid: &mut VecDeque<u64>,
+    ) -> Result<(), crate::store::StoreError> {
+        let records = lock(&self.store).read_after(win.last_sent(), win.room())?;
+        for rec in records {
+            let env = edge_wire::Envelope {
+                device: &self.cfg.device_id,
+                seq: rec.seq,
+                batch: &rec.payload,
+            };
+            if client
+                .try_publish(topic, QoS::AtLeastOnce, false, env.encode())
+                .is_err()
+            {
+                // Request queue full: try again on the next turn.
+                break;
+            }
+            win.sent(rec.seq);
+            awaiting_pkid.push_back(rec.seq);
+            self.metrics.uplink_published.inc();
+        }
+        Ok(())
+    }
+
+    fn persist(&self, acked: u64) {
+        let mut store = lock(&self.store);
+        match store.ack(acked) {
+            Ok(()) => self.metrics.observe_store(store.stats()),
+            // Not fatal: the records will be sent again after a restart.
+            Err(e) => tracing::error!(error = %e, "cannot persist the send position"),
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the
+/// store's state is still consistent (every mutation is complete or not
+/// applied), so carry on.
+pub(crate) fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Exponential back-off with full jitter.
+struct Backoff {
+    min: u64,
+    max: u64,
+    cur: u64,
+    rng: u64,
+}
+
+impl Backoff {
+    fn new(min_ms: u64, max_ms: u64) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        Backoff {
+            min: min_ms,
+            max: max_ms,
+            cur: min_ms,
+            rng: seed | 1,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.cur = self.min;
+    }
+
+    fn next(&mut self) -> Duration {
+        // xorshift64: jitter only, not cryptography.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let span = self.cur.max(1);
+        let wait = self.min.min(span) + self.rng % span;
+        self.cur = (self.cur.saturating_mul(2)).min(self.max);
+        Duration::from_millis(wait.min(self.max))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_and_resets() {
+        let mut b = Backoff::new(100, 1000);
+        for _ in 0..20 {
+            let d = b.next().as_millis() as u64;
+            assert!((100..=1000).contains(&d), "{d}");
+        }
+        assert_eq!(b.cur, 1000);
+        b.reset();
+        assert_eq!(b.cur, 100);
+    }
+}
