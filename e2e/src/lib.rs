@@ -1,1 +1,543 @@
+//! Harness for end-to-end tests with the real parts: the kernel, mosquitto,
+//! Prometheus, and the `edge-agent` and `fleet-bridge` binaries of this
+//! workspace (build them first: `cargo build --workspace --bins`).
+//!
+//! Every process is started on free loopback ports with configs from
+//! `configs/`, in a temporary directory, and killed when its handle drops.
+//! Waits are on conditions with deadlines, never fixed sleeps.
 
+use std::fmt::Debug;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Whether the tests may run here. In CI (`CI` set) a missing requirement is
+/// a failure; elsewhere the test is skipped with the reason printed.
+pub fn require_root_and_tools() -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (eBPF programs need CAP_BPF and CAP_PERFMON)".to_string());
+    }
+    for tool in ["mosquitto", "prometheus"] {
+        if which(tool).is_none() {
+            missing.push(format!("{tool} (scripts/setup.sh installs it)"));
+        }
+    }
+    for bin in ["edge-agent", "fleet-bridge"] {
+        if !bin_dir().join(bin).exists() {
+            missing.push(format!(
+                "{bin} binary in {} (cargo build --workspace --bins)",
+                bin_dir().display()
+            ));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("end-to-end test needs: {}", missing.join("; "));
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED (not in CI): {msg}");
+    false
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.exists())
+}
+
+/// target/<profile>/, where cargo put this test's binaries' siblings.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/e2e-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with the last
+/// value it saw described.
+pub fn wait_for<T, D: Debug>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> std::result::Result<T, D>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last:?}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// A child process killed (SIGKILL) on drop, with its output in a log file.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+    cmd: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(
+        name: &str,
+        dir: &Path,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let mut full = vec![program.display().to_string()];
+        full.extend(args.iter().cloned());
+        Proc {
+            name: name.into(),
+            child: Some(child),
+            log,
+            cmd: full,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    fn signal(&mut self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash or power cut.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit (SIGKILL after 10 s).
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(c) = &mut self.child {
+            if let Ok(Some(status)) = c.try_wait() {
+                panic!(
+                    "{} exited ({status}); log {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    self.log_text()
+                );
+            }
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn command(&self) -> String {
+        self.cmd.join(" ")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// mosquitto with configs/mosquitto.conf on a free loopback port.
+pub struct Broker {
+    pub port: u16,
+    dir: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl Broker {
+    pub fn start(dir: &Path) -> Broker {
+        let mut b = Broker {
+            port: free_port(),
+            dir: dir.join("mosquitto"),
+            proc: None,
+        };
+        std::fs::create_dir_all(&b.dir).expect("broker dir");
+        give_to_user(&b.dir, "mosquitto");
+        b.restart();
+        b
+    }
+
+    /// Starts it again on the same port with the same persistence directory.
+    pub fn restart(&mut self) {
+        assert!(self.proc.is_none(), "broker already running");
+        let base = std::fs::read_to_string(repo_dir().join("configs/mosquitto.conf"))
+            .expect("configs/mosquitto.conf");
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\npersistence_location {}/\n{base}",
+                self.port,
+                self.dir.display()
+            ),
+        )
+        .expect("write broker config");
+        let bin = which("mosquitto").expect("mosquitto");
+        let proc = Proc::spawn(
+            "mosquitto",
+            &self.dir,
+            &bin,
+            &["-c".into(), conf.display().to_string()],
+            &[],
+        );
+        let port = self.port;
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+        });
+        self.proc = Some(proc);
+    }
+
+    /// Clean stop (SIGTERM): mosquitto saves its persistence file.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+}
+
+/// mosquitto started as root drops to its own user, which must be able to
+/// write the persistence file.
+fn give_to_user(dir: &Path, user: &str) {
+    let name = std::ffi::CString::new(user).expect("user name");
+    // SAFETY: getpwnam returns null or a pointer to a static passwd entry.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return; // no such user: mosquitto keeps running as us
+    }
+    // SAFETY: non-null pointer from getpwnam, read immediately.
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid)).expect("chown broker dir");
+}
+
+/// Prometheus with configs/prometheus.yml and the remote-write receiver.
+pub struct Prom {
+    pub port: u16,
+    pub proc: Proc,
+    http: ureq::Agent,
+}
+
+impl Prom {
+    pub fn start(dir: &Path) -> Prom {
+        let port = free_port();
+        let data = dir.join("prometheus");
+        std::fs::create_dir_all(&data).expect("prometheus dir");
+        let bin = which("prometheus").expect("prometheus");
+        let args = vec![
+            format!(
+                "--config.file={}",
+                repo_dir().join("configs/prometheus.yml").display()
+            ),
+            format!("--storage.tsdb.path={}", data.display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            "--web.enable-remote-write-receiver".into(),
+        ];
+        let proc = Proc::spawn("prometheus", dir, &bin, &args, &[]);
+        let http: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let p = Prom { port, proc, http };
+        wait_for("prometheus to be ready", Duration::from_secs(60), || {
+            p.get("/-/ready").and_then(|(s, _)| {
+                if s == 200 {
+                    Ok(())
+                } else {
+                    Err(format!("status {s}").into())
+                }
+            })
+        });
+        p
+    }
+
+    pub fn write_url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1/write", self.port)
+    }
+
+    fn get(&self, path: &str) -> Result<(u16, String)> {
+        let mut r = self
+            .http
+            .get(&format!("http://127.0.0.1:{}{path}", self.port))
+            .call()?;
+        let s = r.status().as_u16();
+        Ok((s, r.body_mut().read_to_string()?))
+    }
+
+    /// Raw samples `(timestamp_ms, value)` of every series matching
+    /// `selector` over the last `range_s` seconds, as stored (no
+    /// interpolation): `selector[range]` evaluated now.
+    pub fn raw_samples(&self, selector: &str, range_s: u64) -> Result<Vec<(i64, f64)>> {
+        let q = format!("{selector}[{range_s}s]");
+        let path = format!(
+            "/api/v1/query?query={}&time={:.3}",
+            urlencode(&q),
+            now_ms() as f64 / 1000.0
+        );
+        let (status, body) = self.get(&path)?;
+        if status != 200 {
+            return Err(format!("query {q}: HTTP {status}: {body}").into());
+        }
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let result = v["data"]["result"].as_array().ok_or("no result array")?;
+        if result.len() > 1 {
+            return Err(format!("selector {selector} matched {} series", result.len()).into());
+        }
+        let mut out = Vec::new();
+        for r in result {
+            for pair in r["values"].as_array().ok_or("no values")? {
+                let ts = pair[0].as_f64().ok_or("bad timestamp")?;
+                let val: f64 = pair[1].as_str().ok_or("bad value")?.parse()?;
+                out.push(((ts * 1000.0).round() as i64, val));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// GET a local `/metrics` and return the value of one exact series line
+/// (`name{labels}` as printed), if present.
+pub fn scrape(port: u16, series: &str) -> Result<Option<f64>> {
+    let mut r = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call()?;
+    let body = r.body_mut().read_to_string()?;
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix(series) {
+            if let Some(v) = rest.strip_prefix(' ') {
+                return Ok(Some(v.trim().parse()?));
+            }
+        }
+    }
+    Ok(None)
+}
+
+pub fn bridge(dir: &Path, broker_port: u16, write_url: &str, client_id: &str) -> (Proc, u16) {
+    let metrics = free_port();
+    let conf = dir.join("bridge.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[mqtt]\nport = {broker_port}\nclient_id = \"{client_id}\"\n\
+             [remote_write]\nurl = \"{write_url}\"\nretry_max_ms = 1000\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
+        ),
+    )
+    .expect("bridge config");
+    let p = Proc::spawn(
+        "fleet-bridge",
+        dir,
+        &bin_dir().join("fleet-bridge"),
+        &["--config".into(), conf.display().to_string()],
+        &[("FLEET_BRIDGE_LOG", "info,fleet_bridge=debug")],
+    );
+    (p, metrics)
+}
+
+/// Agent settings a test varies.
+pub struct AgentSetup<'a> {
+    pub device: &'a str,
+    pub broker_port: u16,
+    pub window_ms: u64,
+    /// Ports put in the port class "e2e".
+    pub class_ports: &'a [u16],
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub metrics_port: u16,
+    conf: PathBuf,
+    dir: PathBuf,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, s: &AgentSetup) -> Agent {
+        let metrics_port = free_port();
+        let conf = dir.join("agent.toml");
+        let ports: Vec<String> = s.class_ports.iter().map(u16::to_string).collect();
+        std::fs::write(
+            &conf,
+            format!(
+                "device_id = \"{}\"\nstate_dir = \"{}\"\n[window]\nmillis = {}\n\
+                 [mqtt]\nport = {}\nreconnect_max_ms = 500\n\
+                 [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
+                 [probes.tcp_lifecycle.port_classes]\ne2e = [{}]\n",
+                s.device,
+                dir.join("agent-state").display(),
+                s.window_ms,
+                s.broker_port,
+                ports.join(", ")
+            ),
+        )
+        .expect("agent config");
+        let mut a = Agent {
+            proc: Agent::spawn(dir, &conf),
+            metrics_port,
+            conf,
+            dir: dir.to_owned(),
+        };
+        a.wait_attached();
+        a
+    }
+
+    fn spawn(dir: &Path, conf: &Path) -> Proc {
+        Proc::spawn(
+            "edge-agent",
+            dir,
+            &bin_dir().join("edge-agent"),
+            &["--config".into(), conf.display().to_string()],
+            &[("EDGE_AGENT_LOG", "info,edge_agent=debug")],
+        )
+    }
+
+    fn wait_attached(&mut self) {
+        let port = self.metrics_port;
+        let attached = wait_for(
+            "the agent's probe to attach",
+            Duration::from_secs(30),
+            || {
+                self.proc.assert_running();
+                scrape(port, "edge_agent_probe_attached{probe=\"tcp_lifecycle\"}")
+                    .and_then(|v| v.ok_or_else(|| "no metric".into()))
+            },
+        );
+        assert_eq!(
+            attached,
+            1.0,
+            "probe not attached; agent log:\n{}",
+            self.proc.log_text()
+        );
+    }
+
+    /// Starts the agent again with the same config and state directory.
+    pub fn restart(&mut self) {
+        self.proc = Agent::spawn(&self.dir, &self.conf);
+        self.wait_attached();
+    }
+
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        scrape(self.metrics_port, series).ok().flatten()
+    }
+}
+
+/// A TCP server on a free port that accepts and closes connections.
+pub struct Server {
+    pub port: u16,
+    listener: TcpListener,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        Server { port, listener }
+    }
+
+    /// Makes `n` complete connections: connect, accept, close both ends.
+    pub fn connections(&self, n: usize) {
+        for _ in 0..n {
+            let c = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+            let (a, _) = self.listener.accept().expect("accept");
+            drop(c);
+            drop(a);
+        }
+    }
+}
+
+/// A port with nothing listening: connections to it are refused.
+pub fn refused(port: u16, n: usize) {
+    for _ in 0..n {
+        let r = std::net::TcpStream::connect(("127.0.0.1", port));
+        assert!(r.is_err(), "connection to {port} unexpectedly succeeded");
+    }
+}
+
+pub fn tempdir(name: &str) -> PathBuf {
+    let base = std::env::var_os("E2E_TMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!(
+        "edge-e2e-{name}-{}-{}",
+        std::process::id(),
+        now_ms()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

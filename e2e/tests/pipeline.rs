@@ -1,0 +1,300 @@
+//! End to end on the real kernel, with a real mosquitto and a real
+//! Prometheus: TCP connections made by the test -> eBPF probe -> store ->
+//! MQTT -> fleet-bridge -> Prometheus, checked through Prometheus's query
+//! API for exact counts and original timestamps.
+
+use e2e::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const WINDOW_MS: u64 = 500;
+const ARRIVAL: Duration = Duration::from_secs(60);
+
+struct Stack {
+    dir: PathBuf,
+    device: String,
+    broker: Broker,
+    prom: Prom,
+    bridge: Proc,
+    agent: Agent,
+    server: Server,
+    closed_port: u16,
+}
+
+impl Stack {
+    fn start(name: &str) -> Stack {
+        let dir = tempdir(name);
+        let device = format!("e2e-{name}-{}", std::process::id());
+        let broker = Broker::start(&dir);
+        let prom = Prom::start(&dir);
+        let (bridge, _) = bridge(
+            &dir,
+            broker.port,
+            &prom.write_url(),
+            &format!("bridge-{device}"),
+        );
+        let server = Server::start();
+        let closed_port = free_port();
+        let agent = Agent::start(
+            &dir,
+            &AgentSetup {
+                device: &device,
+                broker_port: broker.port,
+                window_ms: WINDOW_MS,
+                class_ports: &[server.port, closed_port],
+            },
+        );
+        Stack {
+            dir,
+            device,
+            broker,
+            prom,
+            bridge,
+            agent,
+            server,
+            closed_port,
+        }
+    }
+
+    fn selector(&self, metric: &str, direction: &str) -> String {
+        format!(
+            "{metric}{{device=\"{}\",direction=\"{direction}\",port_class=\"e2e\"}}",
+            self.device
+        )
+    }
+
+    fn samples(&self, metric: &str, direction: &str) -> Vec<(i64, f64)> {
+        self.prom
+            .raw_samples(&self.selector(metric, direction), 600)
+            .unwrap_or_default()
+    }
+
+    /// Waits until the newest sample of the series in Prometheus is `value`.
+    fn wait_latest(&mut self, metric: &str, direction: &str, value: f64) -> Vec<(i64, f64)> {
+        let sel = self.selector(metric, direction);
+        let (agent, bridge) = (&mut self.agent.proc, &mut self.bridge);
+        wait_for(&format!("{sel} == {value} in Prometheus"), ARRIVAL, || {
+            agent.assert_running();
+            bridge.assert_running();
+            let s = self
+                .prom
+                .raw_samples(&sel, 600)
+                .map_err(|e| e.to_string())?;
+            match s.last() {
+                Some(&(_, v)) if v == value => Ok(s),
+                other => Err(format!("latest {other:?}")),
+            }
+        })
+    }
+
+    fn dump_logs(&self) -> String {
+        [&self.agent.proc, &self.bridge]
+            .iter()
+            .map(|p| {
+                format!(
+                    "--- {} ({})\n{}",
+                    p.name,
+                    p.command(),
+                    tail(&p.log_text(), 40)
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Keep the logs of a failed test for reading; clean up after a pass.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<_> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// First sample whose value is at least `v`.
+fn first_reaching(samples: &[(i64, f64)], v: f64) -> (i64, f64) {
+    *samples
+        .iter()
+        .find(|s| s.1 >= v)
+        .unwrap_or_else(|| panic!("no sample reaches {v}: {samples:?}"))
+}
+
+/// No window missing: consecutive samples at most ~2 windows apart.
+fn assert_no_gaps(samples: &[(i64, f64)], from: i64, to: i64) {
+    let inside: Vec<_> = samples
+        .iter()
+        .filter(|s| s.0 >= from && s.0 <= to)
+        .collect();
+    for w in inside.windows(2) {
+        let gap = w[1].0 - w[0].0;
+        assert!(
+            gap > 0 && gap < 2 * WINDOW_MS as i64,
+            "gap of {gap} ms between {:?} and {:?}",
+            w[0],
+            w[1]
+        );
+    }
+}
+
+/// Counter values never go down and never pass `max` (nothing counted twice).
+fn assert_monotonic_up_to(samples: &[(i64, f64)], max: f64) {
+    for w in samples.windows(2) {
+        assert!(
+            w[1].1 >= w[0].1,
+            "counter went down: {:?} -> {:?}",
+            w[0],
+            w[1]
+        );
+    }
+    assert!(
+        samples.iter().all(|s| s.1 <= max),
+        "a value above {max}: {samples:?}"
+    );
+}
+
+#[test]
+fn exact_counts_arrive_with_the_time_they_happened() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let mut s = Stack::start("counts");
+    let t0 = now_ms();
+    s.server.connections(7);
+    refused(s.closed_port, 3);
+    let t1 = now_ms();
+
+    let out = s.wait_latest("edge_tcp_connections_opened_total", "outbound", 7.0);
+    s.wait_latest("edge_tcp_connections_opened_total", "inbound", 7.0);
+    s.wait_latest("edge_tcp_connections_failed_total", "outbound", 3.0);
+    s.wait_latest("edge_tcp_connections_closed_total", "outbound", 7.0);
+    s.wait_latest("edge_tcp_connections_closed_total", "inbound", 7.0);
+    assert!(s
+        .samples("edge_tcp_connections_failed_total", "inbound")
+        .is_empty());
+
+    // Stamped when counted on the device, not when Prometheus got them.
+    let (ts, _) = first_reaching(&out, 7.0);
+    assert!(
+        ts >= t0 && ts <= t1 + 2 * WINDOW_MS as i64 + 200,
+        "sample stamped {ts}, connections made in [{t0}, {t1}]\n{}",
+        s.dump_logs()
+    );
+    assert_monotonic_up_to(&out, 7.0);
+}
+
+#[test]
+fn broker_outage_loses_nothing_and_keeps_timestamps() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let mut s = Stack::start("outage");
+    s.server.connections(2);
+    s.wait_latest("edge_tcp_connections_opened_total", "outbound", 2.0);
+
+    s.broker.stop();
+    let t_down = now_ms();
+    s.server.connections(5);
+    let t_made = now_ms();
+    // Let several windows be stored while the broker is away.
+    let backlog_series = "edge_agent_store_backlog_records";
+    wait_for(
+        "a backlog of 4 records on the agent",
+        Duration::from_secs(30),
+        || match s.agent.metric(backlog_series) {
+            Some(v) if v >= 4.0 => Ok(()),
+            other => Err(other),
+        },
+    );
+    let t_up = now_ms();
+    s.broker.restart();
+
+    let out = s.wait_latest("edge_tcp_connections_opened_total", "outbound", 7.0);
+    let (ts, _) = first_reaching(&out, 7.0);
+    assert!(
+        ts >= t_down && ts <= t_made + 2 * WINDOW_MS as i64 + 200 && ts < t_up,
+        "the count of 7 is stamped {ts}; connections made in [{t_down}, {t_made}], broker back at {t_up}\n{}",
+        s.dump_logs()
+    );
+    // Every window of the outage arrived, in order, once.
+    let first_7 = ts;
+    let last = out.last().map(|x| x.0).unwrap_or(0);
+    assert!(
+        out.iter().filter(|x| x.0 > t_down && x.0 < t_up).count() >= 4,
+        "outage windows missing: {out:?}"
+    );
+    assert_no_gaps(&out, out[0].0, last);
+    assert_monotonic_up_to(&out, 7.0);
+    assert!(first_7 > out[0].0);
+}
+
+#[test]
+fn agent_killed_while_offline_still_delivers_what_it_stored() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let mut s = Stack::start("sigkill");
+    s.wait_for_uplink();
+    s.broker.stop();
+    s.server.connections(4);
+    // The window that counted 4 has been stored (appended and fsynced).
+    let counted = "edge_tcp_connections_opened_total{direction=\"outbound\",port_class=\"e2e\"}";
+    wait_for(
+        "the agent to count 4 connections",
+        Duration::from_secs(30),
+        || match s.agent.metric(counted) {
+            Some(v) if v == 4.0 => Ok(()),
+            other => Err(other),
+        },
+    );
+    let appended = "edge_agent_store_appended_records_total";
+    let a0 = s.agent.metric(appended).unwrap_or(0.0);
+    wait_for(
+        "two more windows stored",
+        Duration::from_secs(30),
+        || match s.agent.metric(appended) {
+            Some(v) if v >= a0 + 2.0 => Ok(()),
+            other => Err(other),
+        },
+    );
+    let t_kill = now_ms();
+    s.agent.proc.kill();
+
+    s.agent.restart();
+    s.broker.restart();
+
+    let sel = s.selector("edge_tcp_connections_opened_total", "outbound");
+    let out = wait_for("the pre-kill samples in Prometheus", ARRIVAL, || {
+        let v = s.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
+        if v.iter().filter(|x| x.0 < t_kill && x.1 == 4.0).count() >= 2 {
+            Ok(v)
+        } else {
+            Err(format!("{v:?}"))
+        }
+    });
+    let before: Vec<_> = out.iter().copied().filter(|x| x.0 < t_kill).collect();
+    assert_no_gaps(&before, before[0].0, before[before.len() - 1].0);
+    assert_monotonic_up_to(&before, 4.0);
+    assert!(
+        s.bridge.log_text().contains("connected to broker"),
+        "{}",
+        s.dump_logs()
+    );
+}
+
+impl Stack {
+    fn wait_for_uplink(&self) {
+        wait_for(
+            "the agent's uplink to connect",
+            Duration::from_secs(30),
+            || match self.agent.metric("edge_agent_uplink_connected") {
+                Some(v) if v == 1.0 => Ok(()),
+                other => Err(other),
+            },
+        );
+    }
+}

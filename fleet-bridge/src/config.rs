@@ -1,0 +1,160 @@
+//! Bridge configuration (TOML, every key optional). docs/configuration.md.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub remote_write: RemoteWriteConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Must be stable: the broker keeps this client's session (and the
+    /// messages queued for it) across bridge restarts.
+    pub client_id: String,
+    /// Devices publish on `<topic_prefix>/<device>/metrics`.
+    pub topic_prefix: String,
+    pub keep_alive_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteWriteConfig {
+    /// e.g. http://127.0.0.1:9090/api/v1/write
+    pub url: String,
+    pub timeout_ms: u64,
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Empty: disabled.
+    pub listen: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mqtt: MqttConfig::default(),
+            remote_write: RemoteWriteConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "fleet-bridge".into(),
+            topic_prefix: "edge".into(),
+            keep_alive_secs: 30,
+        }
+    }
+}
+
+impl Default for RemoteWriteConfig {
+    fn default() -> Self {
+        RemoteWriteConfig {
+            url: "http://127.0.0.1:9090/api/v1/write".into(),
+            timeout_ms: 30_000,
+            retry_min_ms: 100,
+            retry_max_ms: 30_000,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9465".into(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (cfg, origin) = match path {
+            None => (Config::default(), "defaults".to_string()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.to_owned(),
+                    message: e.to_string(),
+                })?;
+                (cfg, p.display().to_string())
+            }
+        };
+        cfg.validate()
+            .map_err(|message| ConfigError::Invalid { origin, message })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.remote_write.url.starts_with("http://")
+            || self.remote_write.url.starts_with("https://"))
+        {
+            return Err(format!(
+                "remote_write.url {:?} must be an http:// or https:// URL",
+                self.remote_write.url
+            ));
+        }
+        if self.remote_write.url.starts_with("https://") {
+            return Err(
+                "remote_write.url: https is not built into this version yet; use a local TLS proxy"
+                    .into(),
+            );
+        }
+        if self.mqtt.client_id.is_empty() {
+            return Err("mqtt.client_id must not be empty".into());
+        }
+        if self.mqtt.topic_prefix.is_empty() || self.mqtt.topic_prefix.contains(['+', '#']) {
+            return Err("mqtt.topic_prefix must be non-empty, without + or #".into());
+        }
+        if self.remote_write.retry_min_ms == 0
+            || self.remote_write.retry_min_ms > self.remote_write.retry_max_ms
+        {
+            return Err("remote_write.retry_min_ms must be > 0 and <= retry_max_ms".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_errors_name_the_key() {
+        Config::default().validate().unwrap();
+        let mut c = Config::default();
+        c.remote_write.url = "ftp://x".into();
+        assert!(c.validate().unwrap_err().contains("remote_write.url"));
+    }
+}

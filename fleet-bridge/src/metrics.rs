@@ -1,0 +1,117 @@
+//! The bridge's `/metrics` (docs/metrics.md).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+impl ResultLabels {
+    pub fn new(r: &str) -> Self {
+        ResultLabels { result: r.into() }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: String,
+}
+
+#[derive(Clone, Default)]
+pub struct BridgeMetrics {
+    pub messages: Family<ResultLabels, Counter>,
+    pub samples: Counter,
+    pub samples_refused: Counter,
+    pub requests: Family<StatusLabels, Counter>,
+    pub retries: Counter,
+    pub mqtt_connected: Gauge,
+}
+
+impl BridgeMetrics {
+    pub fn new() -> (BridgeMetrics, Arc<Registry>) {
+        let m = BridgeMetrics::default();
+        let mut r = Registry::default();
+        r.register(
+            "fleet_bridge_messages",
+            "MQTT messages handled, by result",
+            m.messages.clone(),
+        );
+        r.register(
+            "fleet_bridge_samples_written",
+            "Samples the store accepted",
+            m.samples.clone(),
+        );
+        r.register(
+            "fleet_bridge_samples_refused",
+            "Samples in requests the store refused for good (4xx)",
+            m.samples_refused.clone(),
+        );
+        r.register(
+            "fleet_bridge_remote_write_requests",
+            "Remote-write requests, by HTTP status class",
+            m.requests.clone(),
+        );
+        r.register(
+            "fleet_bridge_remote_write_retries",
+            "Remote-write attempts that will be retried",
+            m.retries.clone(),
+        );
+        r.register(
+            "fleet_bridge_mqtt_connected",
+            "1 while connected to the broker",
+            m.mqtt_connected.clone(),
+        );
+        (m, Arc::new(r))
+    }
+}
+
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        2 => "2xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "other",
+    }
+}
+
+/// Blocking `GET /metrics` server; one request per connection.
+pub fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { continue };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = [0u8; 2048];
+        let mut n = 0;
+        while n < buf.len() {
+            match s.read(&mut buf[n..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        let ok = buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?");
+        let mut body = String::new();
+        let status =
+            if ok && prometheus_client::encoding::text::encode(&mut body, &registry).is_ok() {
+                "200 OK"
+            } else {
+                body = "only GET /metrics is served here\n".into();
+                "404 Not Found"
+            };
+        let _ = write!(
+            s,
+            "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
