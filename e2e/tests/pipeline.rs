@@ -247,7 +247,7 @@ fn agent_killed_while_offline_still_delivers_what_it_stored() {
         "the agent to count 4 connections",
         Duration::from_secs(30),
         || match s.agent.metric(counted) {
-            Some(v) if v == 4.0 => Ok(()),
+            Some(4.0) => Ok(()),
             other => Err(other),
         },
     );
@@ -292,7 +292,7 @@ impl Stack {
             "the agent's uplink to connect",
             Duration::from_secs(30),
             || match self.agent.metric("edge_agent_uplink_connected") {
-                Some(v) if v == 1.0 => Ok(()),
+                Some(1.0) => Ok(()),
                 other => Err(other),
             },
         );

@@ -331,8 +331,10 @@ mod tests {
             .port_classes
             .insert("web2".into(), vec![80]);
         assert!(c.validate().unwrap_err().contains("port 80"));
-        let mut c = Config::default();
-        c.device_id = "a/b".into();
+        let c = Config {
+            device_id: "a/b".into(),
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().starts_with("device_id"));
     }
 }

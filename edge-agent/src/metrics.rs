@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
-use crate::probe::tcp_lifecycle::{Kind, PortClasses, TcpCounters, CLASSES, DIRS, DIR_NAMES};
+use crate::probe::tcp_lifecycle::{Kind, PortClasses, TcpCounters};
 use crate::probe::ProbeState;
 use crate::store::StoreStats;
 
@@ -166,27 +166,23 @@ impl AgentMetrics {
 
     /// Moves the TCP counters forward to a new cumulative reading.
     pub fn observe_tcp(&self, prev: &TcpCounters, now: &TcpCounters, classes: &PortClasses) {
-        for kind in Kind::ALL {
-            let fam = match kind {
+        for (was, e) in prev.entries().zip(now.entries()) {
+            if e.value <= was.value {
+                continue;
+            }
+            let Some(name) = classes.name(e.class) else {
+                continue;
+            };
+            let fam = match e.kind {
                 Kind::Opened => &self.tcp_opened,
                 Kind::Failed => &self.tcp_failed,
                 Kind::Closed => &self.tcp_closed,
             };
-            for dir in 0..DIRS {
-                for class in 0..CLASSES {
-                    let (a, b) = (prev.get(kind, dir, class), now.get(kind, dir, class));
-                    if b > a {
-                        let Some(name) = classes.name(class) else {
-                            continue;
-                        };
-                        let l = TcpLabels {
-                            direction: DIR_NAMES[dir].into(),
-                            port_class: name.into(),
-                        };
-                        fam.get_or_create(&l).inc_by(b - a);
-                    }
-                }
-            }
+            let l = TcpLabels {
+                direction: e.direction.into(),
+                port_class: name.into(),
+            };
+            fam.get_or_create(&l).inc_by(e.value - was.value);
         }
         self.tcp_sock_map_full
             .inc_by(now.sock_map_full.saturating_sub(prev.sock_map_full));

@@ -1,7 +1,7 @@
 //! Window stage: turns one reading of the probes into the batch of samples
 //! stored for that window. Pure; owns only which series it has emitted.
 
-use crate::probe::tcp_lifecycle::{Kind, PortClasses, TcpCounters, CLASSES, DIRS, DIR_NAMES};
+use crate::probe::tcp_lifecycle::{PortClasses, TcpCounters};
 use crate::probe::ProbeReading;
 use edge_wire::{Batch, Label, Sample, Series};
 use std::collections::BTreeSet;
@@ -41,31 +41,25 @@ impl WindowStage {
         classes: &PortClasses,
         out: &mut Vec<Series>,
     ) {
-        for kind in Kind::ALL {
-            for dir in 0..DIRS {
-                for class in 0..CLASSES {
-                    let idx = TcpCounters::index(kind, dir, class);
-                    let v = c.values[idx];
-                    if v == 0 && !self.live_tcp.contains(&idx) {
-                        continue;
-                    }
-                    let Some(class_name) = classes.name(class) else {
-                        continue;
-                    };
-                    self.live_tcp.insert(idx);
-                    out.push(Series {
-                        name: kind.metric().to_string(),
-                        labels: vec![
-                            Label::new("direction", DIR_NAMES[dir]),
-                            Label::new("port_class", class_name),
-                        ],
-                        samples: vec![Sample {
-                            timestamp_ms: ts,
-                            value: v as f64,
-                        }],
-                    });
-                }
+        for e in c.entries() {
+            if e.value == 0 && !self.live_tcp.contains(&e.index) {
+                continue;
             }
+            let Some(class_name) = classes.name(e.class) else {
+                continue;
+            };
+            self.live_tcp.insert(e.index);
+            out.push(Series {
+                name: e.kind.metric().to_string(),
+                labels: vec![
+                    Label::new("direction", e.direction),
+                    Label::new("port_class", class_name),
+                ],
+                samples: vec![Sample {
+                    timestamp_ms: ts,
+                    value: e.value as f64,
+                }],
+            });
         }
     }
 }
@@ -74,6 +68,7 @@ impl WindowStage {
 mod tests {
     use super::*;
     use crate::config::TcpLifecycleConfig;
+    use crate::probe::tcp_lifecycle::Kind;
 
     #[test]
     fn emits_nonzero_series_and_keeps_them_once_seen() {

@@ -418,3 +418,52 @@ mod tests {
         assert_eq!(device_of_topic("edge", "edgex/d1/metrics"), None);
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    /// The worked example of docs/wire-format.md, byte for byte.
+    #[test]
+    fn documented_example() {
+        let batch = Batch {
+            series: vec![Series {
+                name: "m".into(),
+                labels: vec![Label::new("k", "v")],
+                samples: vec![Sample {
+                    timestamp_ms: 1000,
+                    value: 1.0,
+                }],
+            }],
+        }
+        .encode();
+        assert_eq!(
+            batch,
+            [
+                0x01, // batch version
+                0x01, // 1 series
+                0x01, b'm', // name
+                0x01, 0x01, b'k', 0x01, b'v', // 1 label: k=v
+                0x01, 0xd0, 0x0f, // 1 sample, timestamp 1000 (zigzag varint 2000)
+                0, 0, 0, 0, 0, 0, 0xf0, 0x3f, // value 1.0 (f64 LE)
+            ]
+        );
+        let env = Envelope {
+            device: "d1",
+            seq: 300,
+            batch: &batch,
+        }
+        .encode();
+        let mut expected = vec![
+            0x01, // envelope version
+            0x02,
+            b'd',
+            b'1', // device
+            0xac,
+            0x02,              // seq 300 (varint)
+            batch.len() as u8, // batch length
+        ];
+        expected.extend_from_slice(&batch);
+        assert_eq!(env, expected);
+    }
+}

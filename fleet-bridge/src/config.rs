@@ -16,7 +16,7 @@ pub enum ConfigError {
     Invalid { origin: String, message: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub mqtt: MqttConfig,
@@ -52,16 +52,6 @@ pub struct RemoteWriteConfig {
 pub struct MetricsConfig {
     /// Empty: disabled.
     pub listen: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            mqtt: MqttConfig::default(),
-            remote_write: RemoteWriteConfig::default(),
-            metrics: MetricsConfig::default(),
-        }
-    }
 }
 
 impl Default for MqttConfig {

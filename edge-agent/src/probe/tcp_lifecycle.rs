@@ -93,6 +93,38 @@ impl TcpCounters {
     pub fn get(&self, kind: Kind, dir: usize, class: usize) -> u64 {
         self.values[Self::index(kind, dir, class)]
     }
+
+    /// Every counter with its labels.
+    pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
+        Kind::ALL.into_iter().flat_map(move |kind| {
+            DIR_NAMES
+                .iter()
+                .enumerate()
+                .flat_map(move |(dir, direction)| {
+                    (0..CLASSES).map(move |class| {
+                        let index = Self::index(kind, dir, class);
+                        Entry {
+                            index,
+                            kind,
+                            direction,
+                            class,
+                            value: self.values[index],
+                        }
+                    })
+                })
+        })
+    }
+}
+
+/// One counter of [`TcpCounters`] and its labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub index: usize,
+    pub kind: Kind,
+    pub direction: &'static str,
+    /// Port class index; its name comes from [`PortClasses::name`].
+    pub class: usize,
+    pub value: u64,
 }
 
 /// The attached probe. Dropping it detaches the program and frees its maps.

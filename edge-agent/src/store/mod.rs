@@ -30,6 +30,8 @@ use std::path::{Path, PathBuf};
 pub enum StoreError {
     #[error("store directory {path}: {source} (check that it exists, is writable, and the disk is not full)")]
     Io { path: PathBuf, source: io::Error },
+    #[error("store directory {0} is in use by another edge-agent process (each agent needs its own state_dir)")]
+    Locked(PathBuf),
     #[error("record of {0} bytes is larger than a segment allows")]
     TooLarge(usize),
 }
@@ -103,6 +105,8 @@ pub struct Store {
     next_seq: u64,
     stats: StoreStats,
     scratch: Vec<u8>,
+    // Held for the store's lifetime: flock(LOCK_EX) on `LOCK`.
+    _lock: File,
 }
 
 const CURSOR_FILE: &str = "acked";
@@ -111,6 +115,7 @@ impl Store {
     /// Opens (creating if needed) the store in `dir` and recovers it.
     pub fn open(dir: &Path, limits: StoreLimits) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock = lock_dir(dir)?;
         let mut stats = StoreStats {
             acked_seq: read_cursor(dir),
             ..Default::default()
@@ -178,6 +183,7 @@ impl Store {
             next_seq,
             stats,
             scratch: Vec::new(),
+            _lock: lock,
         };
         store.refresh_stats();
         if store.stats.truncated_bytes > 0 || store.stats.corrupt_records > 0 {
@@ -363,6 +369,26 @@ impl Store {
             .find_map(|s| s.index.last())
             .map_or(0, |r| r.0);
     }
+}
+
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("LOCK");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    // SAFETY: flock on a descriptor we own; released when `f` is closed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(StoreError::Locked(dir.to_owned()));
+        }
+        return Err(StoreError::Io { path, source: e });
+    }
+    Ok(f)
 }
 
 fn read_cursor(dir: &Path) -> u64 {

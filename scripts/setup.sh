@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on Debian 12, as root.
+# Idempotent: only installs what is missing. Used by scripts/test.sh and
+# scripts/demo.sh; run it alone to prepare a machine.
+#   scripts/setup.sh          everything (tests, cross builds)
+#   scripts/setup.sh --demo   only what the demo needs
+set -euo pipefail
+
+demo_only=0
+[[ "${1:-}" == "--demo" ]] && demo_only=1
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "run as root (apt-get, and the eBPF probes need CAP_BPF/CAP_PERFMON)"
+command -v cargo >/dev/null && command -v rustup >/dev/null \
+  || die "cargo and rustup are needed (a Rust toolchain from rustup, Rust >= 1.87)"
+
+packages=(clang llvm libbpf-dev bpftool gcc mosquitto mosquitto-clients prometheus curl)
+if [[ $demo_only -eq 0 ]]; then
+  packages+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross
+             gcc-riscv64-linux-gnu g++-riscv64-linux-gnu libc6-dev-riscv64-cross
+             qemu-user-static)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # The packaged mosquitto and prometheus services are not wanted: the demo
+  # and tests start their own instances on loopback.
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ $demo_only -eq 0 ]]; then
+  targets=(aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu)
+  installed=$(rustup target list --installed)
+  for t in "${targets[@]}"; do
+    grep -qx "$t" <<<"$installed" || { say "rustup target add $t"; rustup target add "$t"; }
+  done
+  command -v rustfmt >/dev/null || rustup component add rustfmt
+  cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+fi
+say "ready"
