@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# Runs a cargo test command, keeping its output for the total at the end.
+run_tests() { "$@" 2>&1 | tee -a "$log"; }
 
 step "setup"
 scripts/setup.sh
@@ -19,9 +23,12 @@ step "build binaries (the end-to-end tests run them)"
 cargo build --workspace --bins --locked
 
 step "tests (unit, store, end to end)"
-cargo test --workspace --locked
+run_tests cargo test --workspace --locked
 
 for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   step "agent tests on $target under qemu-user"
-  cargo test --locked --target "$target" -p edge-agent -p edge-wire
+  run_tests cargo test --locked --target "$target" -p edge-agent -p edge-wire --lib --tests
 done
+
+grep '^test result:' "$log" | awk '{ for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "\ntotal: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }'
