@@ -34,6 +34,16 @@ if ((${#missing[@]})); then
   # The packaged mosquitto and prometheus services are not wanted: the demo
   # and tests start their own instances on loopback.
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts freshly installed services; ours would then collide with
+  # the demo's own instances on 1883 and 9090. Only touch what we installed.
+  if [[ -d /run/systemd/system ]]; then
+    for svc in mosquitto prometheus; do
+      if [[ " ${missing[*]} " == *" $svc "* ]]; then
+        say "disabling the packaged $svc service (the demo and tests run their own)"
+        systemctl disable --now "$svc" >/dev/null 2>&1 || true
+      fi
+    done
+  fi
 fi
 
 if [[ $demo_only -eq 0 ]]; then
