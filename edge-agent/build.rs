@@ -32,9 +32,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", src.display());
         let obj = out.join(format!("{prog}.bpf.o"));
         let mut cmd = Command::new(&clang);
-        cmd.args(["-O2", "-g", "-target", "bpfel", "-Wall", "-Werror"])
-            .arg("-I")
-            .arg(ebpf.join("include"));
+        cmd.args(["-O2", "-g", "-target", "bpfel", "-Wall", "-Werror"]).arg("-I").arg(ebpf.join("include"));
         if let Some(m) = &multiarch {
             cmd.arg(format!("-I/usr/include/{m}"));
         }
@@ -45,10 +43,6 @@ fn main() {
                  Install clang and libbpf-dev (scripts/setup.sh does), or set BPF_CLANG."
             )
         });
-        assert!(
-            status.success(),
-            "{clang} failed to compile {}",
-            src.display()
-        );
+        assert!(status.success(), "{clang} failed to compile {}", src.display());
     }
 }

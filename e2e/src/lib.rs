@@ -30,10 +30,7 @@ pub fn require_root_and_tools() -> bool {
     }
     for bin in ["edge-agent", "fleet-bridge"] {
         if !bin_dir().join(bin).exists() {
-            missing.push(format!(
-                "{bin} binary in {} (cargo build --workspace --bins)",
-                bin_dir().display()
-            ));
+            missing.push(format!("{bin} binary in {} (cargo build --workspace --bins)", bin_dir().display()));
         }
     }
     if missing.is_empty() {
@@ -59,10 +56,7 @@ fn which(tool: &str) -> Option<PathBuf> {
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/e2e-<hash>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
 }
 
 pub fn repo_dir() -> PathBuf {
@@ -70,26 +64,16 @@ pub fn repo_dir() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free loopback port")
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout` with the last
 /// value it saw described.
-pub fn wait_for<T, D: Debug>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> std::result::Result<T, D>,
-) -> T {
+pub fn wait_for<T, D: Debug>(what: &str, timeout: Duration, mut f: impl FnMut() -> std::result::Result<T, D>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         match f() {
@@ -111,36 +95,19 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(
-        name: &str,
-        dir: &Path,
-        program: &Path,
-        args: &[String],
-        env: &[(&str, &str)],
-    ) -> Proc {
+    pub fn spawn(name: &str, dir: &Path, program: &Path, args: &[String], env: &[(&str, &str)]) -> Proc {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         let mut full = vec![program.display().to_string()];
         full.extend(args.iter().cloned());
-        Proc {
-            name: name.into(),
-            child: Some(child),
-            log,
-            cmd: full,
-        }
+        Proc { name: name.into(), child: Some(child), log, cmd: full }
     }
 
     pub fn pid(&self) -> i32 {
@@ -181,12 +148,7 @@ impl Proc {
     pub fn assert_running(&mut self) {
         if let Some(c) = &mut self.child {
             if let Ok(Some(status)) = c.try_wait() {
-                panic!(
-                    "{} exited ({status}); log {}:\n{}",
-                    self.name,
-                    self.log.display(),
-                    self.log_text()
-                );
+                panic!("{} exited ({status}); log {}:\n{}", self.name, self.log.display(), self.log_text());
             }
         }
     }
@@ -215,11 +177,7 @@ pub struct Broker {
 
 impl Broker {
     pub fn start(dir: &Path) -> Broker {
-        let mut b = Broker {
-            port: free_port(),
-            dir: dir.join("mosquitto"),
-            proc: None,
-        };
+        let mut b = Broker { port: free_port(), dir: dir.join("mosquitto"), proc: None };
         std::fs::create_dir_all(&b.dir).expect("broker dir");
         give_to_user(&b.dir, "mosquitto");
         b.restart();
@@ -229,30 +187,17 @@ impl Broker {
     /// Starts it again on the same port with the same persistence directory.
     pub fn restart(&mut self) {
         assert!(self.proc.is_none(), "broker already running");
-        let base = std::fs::read_to_string(repo_dir().join("configs/mosquitto.conf"))
-            .expect("configs/mosquitto.conf");
+        let base = std::fs::read_to_string(repo_dir().join("configs/mosquitto.conf")).expect("configs/mosquitto.conf");
         let conf = self.dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!(
-                "listener {} 127.0.0.1\npersistence_location {}/\n{base}",
-                self.port,
-                self.dir.display()
-            ),
+            format!("listener {} 127.0.0.1\npersistence_location {}/\n{base}", self.port, self.dir.display()),
         )
         .expect("write broker config");
         let bin = which("mosquitto").expect("mosquitto");
-        let proc = Proc::spawn(
-            "mosquitto",
-            &self.dir,
-            &bin,
-            &["-c".into(), conf.display().to_string()],
-            &[],
-        );
+        let proc = Proc::spawn("mosquitto", &self.dir, &bin, &["-c".into(), conf.display().to_string()], &[]);
         let port = self.port;
-        wait_for("mosquitto to listen", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-        });
+        wait_for("mosquitto to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)));
         self.proc = Some(proc);
     }
 
@@ -292,10 +237,7 @@ impl Prom {
         std::fs::create_dir_all(&data).expect("prometheus dir");
         let bin = which("prometheus").expect("prometheus");
         let args = vec![
-            format!(
-                "--config.file={}",
-                repo_dir().join("configs/prometheus.yml").display()
-            ),
+            format!("--config.file={}", repo_dir().join("configs/prometheus.yml").display()),
             format!("--storage.tsdb.path={}", data.display()),
             format!("--web.listen-address=127.0.0.1:{port}"),
             "--web.enable-remote-write-receiver".into(),
@@ -308,13 +250,7 @@ impl Prom {
             .into();
         let p = Prom { port, proc, http };
         wait_for("prometheus to be ready", Duration::from_secs(60), || {
-            p.get("/-/ready").and_then(|(s, _)| {
-                if s == 200 {
-                    Ok(())
-                } else {
-                    Err(format!("status {s}").into())
-                }
-            })
+            p.get("/-/ready").and_then(|(s, _)| if s == 200 { Ok(()) } else { Err(format!("status {s}").into()) })
         });
         p
     }
@@ -324,10 +260,7 @@ impl Prom {
     }
 
     fn get(&self, path: &str) -> Result<(u16, String)> {
-        let mut r = self
-            .http
-            .get(&format!("http://127.0.0.1:{}{path}", self.port))
-            .call()?;
+        let mut r = self.http.get(&format!("http://127.0.0.1:{}{path}", self.port)).call()?;
         let s = r.status().as_u16();
         Ok((s, r.body_mut().read_to_string()?))
     }
@@ -337,11 +270,7 @@ impl Prom {
     /// interpolation): `selector[range]` evaluated now.
     pub fn raw_samples(&self, selector: &str, range_s: u64) -> Result<Vec<(i64, f64)>> {
         let q = format!("{selector}[{range_s}s]");
-        let path = format!(
-            "/api/v1/query?query={}&time={:.3}",
-            urlencode(&q),
-            now_ms() as f64 / 1000.0
-        );
+        let path = format!("/api/v1/query?query={}&time={:.3}", urlencode(&q), now_ms() as f64 / 1000.0);
         let (status, body) = self.get(&path)?;
         if status != 200 {
             return Err(format!("query {q}: HTTP {status}: {body}").into());
@@ -366,9 +295,7 @@ impl Prom {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -447,12 +374,7 @@ impl Agent {
             ),
         )
         .expect("agent config");
-        let mut a = Agent {
-            proc: Agent::spawn(dir, &conf),
-            metrics_port,
-            conf,
-            dir: dir.to_owned(),
-        };
+        let mut a = Agent { proc: Agent::spawn(dir, &conf), metrics_port, conf, dir: dir.to_owned() };
         a.wait_attached();
         a
     }
@@ -469,21 +391,12 @@ impl Agent {
 
     fn wait_attached(&mut self) {
         let port = self.metrics_port;
-        let attached = wait_for(
-            "the agent's probe to attach",
-            Duration::from_secs(30),
-            || {
-                self.proc.assert_running();
-                scrape(port, "edge_agent_probe_attached{probe=\"tcp_lifecycle\"}")
-                    .and_then(|v| v.ok_or_else(|| "no metric".into()))
-            },
-        );
-        assert_eq!(
-            attached,
-            1.0,
-            "probe not attached; agent log:\n{}",
-            self.proc.log_text()
-        );
+        let attached = wait_for("the agent's probe to attach", Duration::from_secs(30), || {
+            self.proc.assert_running();
+            scrape(port, "edge_agent_probe_attached{probe=\"tcp_lifecycle\"}")
+                .and_then(|v| v.ok_or_else(|| "no metric".into()))
+        });
+        assert_eq!(attached, 1.0, "probe not attached; agent log:\n{}", self.proc.log_text());
     }
 
     /// Starts the agent again with the same config and state directory.
@@ -530,14 +443,8 @@ pub fn refused(port: u16, n: usize) {
 }
 
 pub fn tempdir(name: &str) -> PathBuf {
-    let base = std::env::var_os("E2E_TMP")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!(
-        "edge-e2e-{name}-{}-{}",
-        std::process::id(),
-        now_ms()
-    ));
+    let base = std::env::var_os("E2E_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("edge-e2e-{name}-{}-{}", std::process::id(), now_ms()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }

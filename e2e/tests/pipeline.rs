@@ -27,12 +27,7 @@ impl Stack {
         let device = format!("e2e-{name}-{}", std::process::id());
         let broker = Broker::start(&dir);
         let prom = Prom::start(&dir);
-        let (bridge, _) = bridge(
-            &dir,
-            broker.port,
-            &prom.write_url(),
-            &format!("bridge-{device}"),
-        );
+        let (bridge, _) = bridge(&dir, broker.port, &prom.write_url(), &format!("bridge-{device}"));
         let server = Server::start();
         let closed_port = free_port();
         let agent = Agent::start(
@@ -44,29 +39,15 @@ impl Stack {
                 class_ports: &[server.port, closed_port],
             },
         );
-        Stack {
-            dir,
-            device,
-            broker,
-            prom,
-            bridge,
-            agent,
-            server,
-            closed_port,
-        }
+        Stack { dir, device, broker, prom, bridge, agent, server, closed_port }
     }
 
     fn selector(&self, metric: &str, direction: &str) -> String {
-        format!(
-            "{metric}{{device=\"{}\",direction=\"{direction}\",port_class=\"e2e\"}}",
-            self.device
-        )
+        format!("{metric}{{device=\"{}\",direction=\"{direction}\",port_class=\"e2e\"}}", self.device)
     }
 
     fn samples(&self, metric: &str, direction: &str) -> Vec<(i64, f64)> {
-        self.prom
-            .raw_samples(&self.selector(metric, direction), 600)
-            .unwrap_or_default()
+        self.prom.raw_samples(&self.selector(metric, direction), 600).unwrap_or_default()
     }
 
     /// Waits until the newest sample of the series in Prometheus is `value`.
@@ -76,10 +57,7 @@ impl Stack {
         wait_for(&format!("{sel} == {value} in Prometheus"), ARRIVAL, || {
             agent.assert_running();
             bridge.assert_running();
-            let s = self
-                .prom
-                .raw_samples(&sel, 600)
-                .map_err(|e| e.to_string())?;
+            let s = self.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
             match s.last() {
                 Some(&(_, v)) if v == value => Ok(s),
                 other => Err(format!("latest {other:?}")),
@@ -90,14 +68,7 @@ impl Stack {
     fn dump_logs(&self) -> String {
         [&self.agent.proc, &self.bridge]
             .iter()
-            .map(|p| {
-                format!(
-                    "--- {} ({})\n{}",
-                    p.name,
-                    p.command(),
-                    tail(&p.log_text(), 40)
-                )
-            })
+            .map(|p| format!("--- {} ({})\n{}", p.name, p.command(), tail(&p.log_text(), 40)))
             .collect()
     }
 }
@@ -118,43 +89,24 @@ fn tail(s: &str, n: usize) -> String {
 
 /// First sample whose value is at least `v`.
 fn first_reaching(samples: &[(i64, f64)], v: f64) -> (i64, f64) {
-    *samples
-        .iter()
-        .find(|s| s.1 >= v)
-        .unwrap_or_else(|| panic!("no sample reaches {v}: {samples:?}"))
+    *samples.iter().find(|s| s.1 >= v).unwrap_or_else(|| panic!("no sample reaches {v}: {samples:?}"))
 }
 
 /// No window missing: consecutive samples at most ~2 windows apart.
 fn assert_no_gaps(samples: &[(i64, f64)], from: i64, to: i64) {
-    let inside: Vec<_> = samples
-        .iter()
-        .filter(|s| s.0 >= from && s.0 <= to)
-        .collect();
+    let inside: Vec<_> = samples.iter().filter(|s| s.0 >= from && s.0 <= to).collect();
     for w in inside.windows(2) {
         let gap = w[1].0 - w[0].0;
-        assert!(
-            gap > 0 && gap < 2 * WINDOW_MS as i64,
-            "gap of {gap} ms between {:?} and {:?}",
-            w[0],
-            w[1]
-        );
+        assert!(gap > 0 && gap < 2 * WINDOW_MS as i64, "gap of {gap} ms between {:?} and {:?}", w[0], w[1]);
     }
 }
 
 /// Counter values never go down and never pass `max` (nothing counted twice).
 fn assert_monotonic_up_to(samples: &[(i64, f64)], max: f64) {
     for w in samples.windows(2) {
-        assert!(
-            w[1].1 >= w[0].1,
-            "counter went down: {:?} -> {:?}",
-            w[0],
-            w[1]
-        );
+        assert!(w[1].1 >= w[0].1, "counter went down: {:?} -> {:?}", w[0], w[1]);
     }
-    assert!(
-        samples.iter().all(|s| s.1 <= max),
-        "a value above {max}: {samples:?}"
-    );
+    assert!(samples.iter().all(|s| s.1 <= max), "a value above {max}: {samples:?}");
 }
 
 #[test]
@@ -173,9 +125,7 @@ fn exact_counts_arrive_with_the_time_they_happened() {
     s.wait_latest("edge_tcp_connections_failed_total", "outbound", 3.0);
     s.wait_latest("edge_tcp_connections_closed_total", "outbound", 7.0);
     s.wait_latest("edge_tcp_connections_closed_total", "inbound", 7.0);
-    assert!(s
-        .samples("edge_tcp_connections_failed_total", "inbound")
-        .is_empty());
+    assert!(s.samples("edge_tcp_connections_failed_total", "inbound").is_empty());
 
     // Stamped when counted on the device, not when Prometheus got them.
     let (ts, _) = first_reaching(&out, 7.0);
@@ -224,10 +174,7 @@ fn broker_outage_loses_nothing_and_keeps_timestamps() {
     // Every window of the outage arrived, in order, once.
     let first_7 = ts;
     let last = out.last().map(|x| x.0).unwrap_or(0);
-    assert!(
-        out.iter().filter(|x| x.0 > t_down && x.0 < t_up).count() >= 4,
-        "outage windows missing: {out:?}"
-    );
+    assert!(out.iter().filter(|x| x.0 > t_down && x.0 < t_up).count() >= 4, "outage windows missing: {out:?}");
     assert_no_gaps(&out, out[0].0, last);
     assert_monotonic_up_to(&out, 7.0);
     assert!(first_7 > out[0].0);
@@ -244,14 +191,10 @@ fn agent_killed_while_offline_still_delivers_what_it_stored() {
     s.server.connections(4);
     // The window that counted 4 has been stored (appended and fsynced).
     let counted = "edge_tcp_connections_opened_total{direction=\"outbound\",port_class=\"e2e\"}";
-    wait_for(
-        "the agent to count 4 connections",
-        Duration::from_secs(30),
-        || match s.agent.metric(counted) {
-            Some(4.0) => Ok(()),
-            other => Err(other),
-        },
-    );
+    wait_for("the agent to count 4 connections", Duration::from_secs(30), || match s.agent.metric(counted) {
+        Some(4.0) => Ok(()),
+        other => Err(other),
+    });
     s.wait_appended(2);
     let t_stored = now_ms();
     let t_kill = now_ms();
@@ -272,11 +215,7 @@ fn agent_killed_while_offline_still_delivers_what_it_stored() {
         }
     });
     let before: Vec<_> = out.iter().copied().filter(|x| x.0 < t_kill).collect();
-    assert!(
-        before.len() >= 2,
-        "pre-kill samples missing: {out:?}\n{}",
-        s.dump_logs()
-    );
+    assert!(before.len() >= 2, "pre-kill samples missing: {out:?}\n{}", s.dump_logs());
     let last = before[before.len() - 1];
     assert_eq!(last.1, 4.0, "{out:?}");
     assert!(
@@ -292,24 +231,18 @@ impl Stack {
     fn wait_appended(&self, n: u64) {
         let series = "edge_agent_store_appended_records_total";
         let a0 = self.agent.metric(series).unwrap_or(0.0);
-        wait_for(
-            &format!("{n} more windows stored"),
-            Duration::from_secs(30),
-            || match self.agent.metric(series) {
-                Some(v) if v >= a0 + n as f64 => Ok(()),
-                other => Err(other),
-            },
-        );
+        wait_for(&format!("{n} more windows stored"), Duration::from_secs(30), || match self.agent.metric(series) {
+            Some(v) if v >= a0 + n as f64 => Ok(()),
+            other => Err(other),
+        });
     }
 
     fn wait_for_uplink(&self) {
-        wait_for(
-            "the agent's uplink to connect",
-            Duration::from_secs(30),
-            || match self.agent.metric("edge_agent_uplink_connected") {
+        wait_for("the agent's uplink to connect", Duration::from_secs(30), || {
+            match self.agent.metric("edge_agent_uplink_connected") {
                 Some(1.0) => Ok(()),
                 other => Err(other),
-            },
-        );
+            }
+        });
     }
 }

@@ -10,10 +10,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config {origin}: {message}")]
@@ -48,6 +45,13 @@ pub struct StoreConfig {
     pub max_bytes: u64,
     /// A segment is closed and a new one started past this size.
     pub segment_bytes: u64,
+    /// Records older than this are dropped even when there is room
+    /// (0: keep until space runs out).
+    pub max_age_secs: u64,
+    /// Appends are durable at most this long after they are made. The agent
+    /// appends once per window, so with windows longer than this every
+    /// window is synced as it is stored.
+    pub fsync_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,6 +122,8 @@ impl Default for StoreConfig {
         StoreConfig {
             max_bytes: 64 * 1024 * 1024,
             segment_bytes: 4 * 1024 * 1024,
+            max_age_secs: 0,
+            fsync_interval_ms: 1000,
         }
     }
 }
@@ -139,9 +145,7 @@ impl Default for MqttConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            listen: "127.0.0.1:9464".into(),
-        }
+        MetricsConfig { listen: "127.0.0.1:9464".into() }
     }
 }
 
@@ -157,10 +161,7 @@ impl Default for TcpLifecycleConfig {
         ];
         TcpLifecycleConfig {
             enabled: true,
-            port_classes: classes
-                .iter()
-                .map(|(n, p)| (n.to_string(), p.to_vec()))
-                .collect(),
+            port_classes: classes.iter().map(|(n, p)| (n.to_string(), p.to_vec())).collect(),
         }
     }
 }
@@ -170,13 +171,7 @@ fn default_device_id() -> String {
     let id: String = raw
         .trim()
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
         .take(edge_wire::MAX_DEVICE_ID)
         .collect();
     if id.is_empty() {
@@ -192,23 +187,17 @@ impl Config {
         let (cfg, origin) = match path {
             None => (Config::default(), "defaults".to_string()),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_owned(),
-                    source,
-                })?;
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
                 (Self::parse(&text, p)?, p.display().to_string())
             }
         };
-        cfg.validate()
-            .map_err(|message| ConfigError::Invalid { origin, message })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid { origin, message })?;
         Ok(cfg)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -222,12 +211,13 @@ impl Config {
         if self.store.max_bytes < 2 * self.store.segment_bytes {
             return Err("store.max_bytes must be at least twice store.segment_bytes".into());
         }
+        if self.store.fsync_interval_ms > 60_000 {
+            return Err("store.fsync_interval_ms must be at most 60000".into());
+        }
         if self.mqtt.max_inflight == 0 {
             return Err("mqtt.max_inflight must be at least 1".into());
         }
-        if self.mqtt.reconnect_min_ms == 0
-            || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms
-        {
+        if self.mqtt.reconnect_min_ms == 0 || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms {
             return Err("mqtt.reconnect_min_ms must be > 0 and <= mqtt.reconnect_max_ms".into());
         }
         if self.mqtt.topic_prefix.is_empty()
@@ -254,9 +244,7 @@ impl Config {
             if class == "other"
                 || class.is_empty()
                 || class.len() > 32
-                || !class
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                || !class.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
             {
                 return Err(format!(
                     "probes.tcp_lifecycle.port_classes: class name {class:?} must be 1..=32 of [A-Za-z0-9_] and not \"other\""
@@ -284,10 +272,16 @@ impl Config {
     }
 
     pub fn client_id(&self) -> String {
-        self.mqtt
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("edge-agent-{}", self.device_id))
+        self.mqtt.client_id.clone().unwrap_or_else(|| format!("edge-agent-{}", self.device_id))
+    }
+
+    pub fn store_limits(&self) -> crate::store::StoreLimits {
+        crate::store::StoreLimits {
+            max_bytes: self.store.max_bytes,
+            segment_bytes: self.store.segment_bytes,
+            max_age_ms: self.store.max_age_secs.saturating_mul(1000),
+            fsync_interval_ms: self.store.fsync_interval_ms,
+        }
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -306,11 +300,7 @@ mod tests {
 
     #[test]
     fn partial_file_keeps_other_defaults() {
-        let c = Config::parse(
-            "device_id = \"press-1\"\n[mqtt]\nport = 1999\n",
-            Path::new("x.toml"),
-        )
-        .unwrap();
+        let c = Config::parse("device_id = \"press-1\"\n[mqtt]\nport = 1999\n", Path::new("x.toml")).unwrap();
         assert_eq!(c.mqtt.port, 1999);
         assert_eq!(c.mqtt.host, "127.0.0.1");
         assert_eq!(c.window.millis, 10_000);
@@ -321,20 +311,11 @@ mod tests {
     fn errors_name_the_file_and_key() {
         let e = Config::parse("[mqtt]\nprot = 1\n", Path::new("/etc/edge-agent.toml")).unwrap_err();
         let msg = e.to_string();
-        assert!(
-            msg.contains("/etc/edge-agent.toml") && msg.contains("prot"),
-            "{msg}"
-        );
+        assert!(msg.contains("/etc/edge-agent.toml") && msg.contains("prot"), "{msg}");
         let mut c = Config::default();
-        c.probes
-            .tcp_lifecycle
-            .port_classes
-            .insert("web2".into(), vec![80]);
+        c.probes.tcp_lifecycle.port_classes.insert("web2".into(), vec![80]);
         assert!(c.validate().unwrap_err().contains("port 80"));
-        let c = Config {
-            device_id: "a/b".into(),
-            ..Default::default()
-        };
+        let c = Config { device_id: "a/b".into(), ..Default::default() };
         assert!(c.validate().unwrap_err().starts_with("device_id"));
     }
 }

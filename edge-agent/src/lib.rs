@@ -21,36 +21,28 @@ use config::Config;
 use metrics::AgentMetrics;
 use probe::tcp_lifecycle::TcpCounters;
 use probe::Probes;
-use store::{Store, StoreLimits};
+use store::FileStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("cannot listen for /metrics on {addr}: {source} (set metrics.listen to a free address, or \"\" to disable)")]
-    Metrics {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error(
+        "cannot listen for /metrics on {addr}: {source} (set metrics.listen to a free address, or \"\" to disable)"
+    )]
+    Metrics { addr: String, source: std::io::Error },
     #[error("cannot start: {0}")]
     Start(#[from] std::io::Error),
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> Result<(), RunError> {
     let (metrics, registry) = AgentMetrics::new();
-    let limits = StoreLimits {
-        max_bytes: cfg.store.max_bytes,
-        segment_bytes: cfg.store.segment_bytes,
-    };
-    let store = Store::open(&cfg.store_dir(), limits)?;
+    let store = FileStore::open_dir(&cfg.store_dir(), cfg.store_limits())?;
     metrics.observe_store(store.stats());
     tracing::info!(
         dir = %cfg.store_dir().display(),
@@ -64,27 +56,17 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     metrics.set_probe("tcp_lifecycle", &probes.tcp_state);
 
     let shutdown = Arc::new(AtomicBool::new(false));
-    let uplink = uplink::Uplink::new(
-        cfg.clone(),
-        store.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    )
-    .spawn()?;
+    let uplink = uplink::Uplink::new(cfg.clone(), store.clone(), metrics.clone(), shutdown.clone()).spawn()?;
 
     let result = smol::block_on(async {
         if !cfg.metrics.listen.is_empty() {
             let listener = async_net::TcpListener::bind(cfg.metrics.listen.as_str())
                 .await
-                .map_err(|source| RunError::Metrics {
-                    addr: cfg.metrics.listen.clone(),
-                    source,
-                })?;
+                .map_err(|source| RunError::Metrics { addr: cfg.metrics.listen.clone(), source })?;
             tracing::info!(addr = %cfg.metrics.listen, "serving /metrics");
             smol::spawn(metrics::serve(listener, registry)).detach();
         }
-        let signals =
-            async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
+        let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
         let windows = window_loop(&cfg, &probes, &store, &metrics);
         let stop = async {
             use futures_lite::StreamExt;
@@ -98,25 +80,13 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
 
     // Store what the probes counted since the last window, then let the
     // uplink persist its position and disconnect.
-    close_window(
-        &cfg,
-        &probes,
-        &store,
-        &metrics,
-        &mut window::WindowStage::new(),
-        &mut TcpCounters::default(),
-    );
+    close_window(&cfg, &probes, &store, &metrics, &mut window::WindowStage::new(), &mut TcpCounters::default());
     shutdown.store(true, Ordering::Relaxed);
     let _ = uplink.join();
     result
 }
 
-async fn window_loop(
-    cfg: &Config,
-    probes: &Probes,
-    store: &Arc<Mutex<Store>>,
-    metrics: &AgentMetrics,
-) {
+async fn window_loop(cfg: &Config, probes: &Probes, store: &Arc<Mutex<FileStore>>, metrics: &AgentMetrics) {
     let mut stage = window::WindowStage::new();
     let mut prev = TcpCounters::default();
     let period = cfg.window();
@@ -136,7 +106,7 @@ async fn window_loop(
 fn close_window(
     _cfg: &Config,
     probes: &Probes,
-    store: &Arc<Mutex<Store>>,
+    store: &Arc<Mutex<FileStore>>,
     metrics: &AgentMetrics,
     stage: &mut window::WindowStage,
     prev: &mut TcpCounters,
@@ -154,13 +124,8 @@ fn close_window(
     };
     let bytes = batch.encode();
     let mut store = uplink::lock(store);
-    match store.append(&bytes) {
-        Ok(seq) => tracing::debug!(
-            seq,
-            series = batch.series.len(),
-            bytes = bytes.len(),
-            "window stored"
-        ),
+    match store.append(&bytes, ts) {
+        Ok(seq) => tracing::debug!(seq, series = batch.series.len(), bytes = bytes.len(), "window stored"),
         Err(e) => {
             metrics.window_errors.inc();
             tracing::error!(error = %e, "window could not be stored");
@@ -174,8 +139,5 @@ pub fn init_logging(var: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env(var)
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

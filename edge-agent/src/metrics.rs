@@ -18,6 +18,11 @@ pub struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub direction: String,
     pub port_class: String,
@@ -37,7 +42,9 @@ pub struct AgentMetrics {
     pub store_segments: Gauge,
     pub store_backlog: Gauge,
     pub store_appended: Counter,
-    pub store_dropped: Counter,
+    pub store_dropped: Family<ReasonLabels, Counter>,
+    pub store_syncs: Counter,
+    pub store_oldest_seconds: Gauge,
     pub store_dropped_unsent: Counter,
     pub store_corrupt: Counter,
     pub store_truncated_bytes: Counter,
@@ -59,11 +66,7 @@ impl AgentMetrics {
             m.probe_attached.clone(),
         );
         r.register("edge_agent_windows", "Windows closed", m.windows.clone());
-        r.register(
-            "edge_agent_window_errors",
-            "Windows whose record could not be stored",
-            m.window_errors.clone(),
-        );
+        r.register("edge_agent_window_errors", "Windows whose record could not be stored", m.window_errors.clone());
         r.register(
             "edge_tcp_connections_opened",
             "TCP connections established, by direction and port class",
@@ -74,81 +77,51 @@ impl AgentMetrics {
             "TCP connection attempts that failed during the handshake",
             m.tcp_failed.clone(),
         );
-        r.register(
-            "edge_tcp_connections_closed",
-            "Established TCP connections closed",
-            m.tcp_closed.clone(),
-        );
+        r.register("edge_tcp_connections_closed", "Established TCP connections closed", m.tcp_closed.clone());
         r.register(
             "edge_agent_tcp_sock_map_full",
             "Connections whose open the kernel map could not remember",
             m.tcp_sock_map_full.clone(),
         );
-        r.register(
-            "edge_agent_store_bytes",
-            "Bytes held by the store on disk",
-            m.store_bytes.clone(),
-        );
-        r.register(
-            "edge_agent_store_segments",
-            "Segment files held by the store",
-            m.store_segments.clone(),
-        );
+        r.register("edge_agent_store_bytes", "Bytes held by the store on disk", m.store_bytes.clone());
+        r.register("edge_agent_store_segments", "Segment files held by the store", m.store_segments.clone());
         r.register(
             "edge_agent_store_backlog_records",
             "Records stored and not yet acknowledged by the broker",
             m.store_backlog.clone(),
         );
-        r.register(
-            "edge_agent_store_appended_records",
-            "Records appended to the store",
-            m.store_appended.clone(),
-        );
+        r.register("edge_agent_store_appended_records", "Records appended to the store", m.store_appended.clone());
         r.register(
             "edge_agent_store_dropped_records",
-            "Records dropped (oldest first) to stay within store.max_bytes",
+            "Records dropped before their time, oldest first, by reason (capacity, age, disk_full)",
             m.store_dropped.clone(),
+        );
+        r.register("edge_agent_store_syncs", "fsyncs of the store (group commit)", m.store_syncs.clone());
+        r.register(
+            "edge_agent_store_oldest_record_timestamp_seconds",
+            "Time of the oldest record held",
+            m.store_oldest_seconds.clone(),
         );
         r.register(
             "edge_agent_store_dropped_unsent_records",
             "Dropped records that had not been acknowledged",
             m.store_dropped_unsent.clone(),
         );
-        r.register(
-            "edge_agent_store_corrupt_records",
-            "Records found corrupt and skipped",
-            m.store_corrupt.clone(),
-        );
+        r.register("edge_agent_store_corrupt_records", "Records found corrupt and skipped", m.store_corrupt.clone());
         r.register(
             "edge_agent_store_truncated_bytes",
             "Bytes of torn tails cut at recovery",
             m.store_truncated_bytes.clone(),
         );
-        r.register(
-            "edge_agent_uplink_connected",
-            "1 while connected to the MQTT broker",
-            m.uplink_connected.clone(),
-        );
+        r.register("edge_agent_uplink_connected", "1 while connected to the MQTT broker", m.uplink_connected.clone());
         r.register(
             "edge_agent_uplink_published_records",
             "Records published (including re-sends)",
             m.uplink_published.clone(),
         );
-        r.register(
-            "edge_agent_uplink_acked_records",
-            "Records acknowledged by the broker",
-            m.uplink_acked.clone(),
-        );
-        r.register(
-            "edge_agent_uplink_connects",
-            "Successful MQTT connections",
-            m.uplink_connects.clone(),
-        );
-        r.register(
-            "edge_agent_uplink_errors",
-            "MQTT connection errors",
-            m.uplink_errors.clone(),
-        );
+        r.register("edge_agent_uplink_acked_records", "Records acknowledged by the broker", m.uplink_acked.clone());
+        r.register("edge_agent_uplink_connects", "Successful MQTT connections", m.uplink_connects.clone());
+        r.register("edge_agent_uplink_errors", "MQTT connection errors", m.uplink_errors.clone());
         r.register(
             "edge_agent_uplink_acked_seq",
             "Persisted send position (store sequence number)",
@@ -159,9 +132,7 @@ impl AgentMetrics {
 
     pub fn set_probe(&self, name: &str, state: &ProbeState) {
         let v = i64::from(matches!(state, ProbeState::Attached));
-        self.probe_attached
-            .get_or_create(&ProbeLabels { probe: name.into() })
-            .set(v);
+        self.probe_attached.get_or_create(&ProbeLabels { probe: name.into() }).set(v);
     }
 
     /// Moves the TCP counters forward to a new cumulative reading.
@@ -178,14 +149,10 @@ impl AgentMetrics {
                 Kind::Failed => &self.tcp_failed,
                 Kind::Closed => &self.tcp_closed,
             };
-            let l = TcpLabels {
-                direction: e.direction.into(),
-                port_class: name.into(),
-            };
+            let l = TcpLabels { direction: e.direction.into(), port_class: name.into() };
             fam.get_or_create(&l).inc_by(e.value - was.value);
         }
-        self.tcp_sock_map_full
-            .inc_by(now.sock_map_full.saturating_sub(prev.sock_map_full));
+        self.tcp_sock_map_full.inc_by(now.sock_map_full.saturating_sub(prev.sock_map_full));
     }
 
     /// Brings the store metrics up to date with its statistics.
@@ -196,13 +163,18 @@ impl AgentMetrics {
         self.uplink_acked_seq.set(s.acked_seq as i64);
         for (c, v) in [
             (&self.store_appended, s.appended_records),
-            (&self.store_dropped, s.dropped_records),
+            (&self.store_syncs, s.syncs),
             (&self.store_dropped_unsent, s.dropped_unsent_records),
             (&self.store_corrupt, s.corrupt_records),
             (&self.store_truncated_bytes, s.truncated_bytes),
         ] {
             c.inc_by(v.saturating_sub(c.get()));
         }
+        for (reason, v) in crate::store::plan::DropReason::ALL.iter().zip(s.dropped_records) {
+            let c = self.store_dropped.get_or_create(&ReasonLabels { reason: reason.label().into() });
+            c.inc_by(v.saturating_sub(c.get()));
+        }
+        self.store_oldest_seconds.set(s.oldest_ms / 1000);
     }
 }
 
@@ -246,31 +218,16 @@ async fn respond(mut stream: async_net::TcpStream, registry: &Registry) -> std::
     }
     let line = buf.split(|b| *b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|b| *b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let path = path.split(|b| *b == b'?').next().unwrap_or_default();
     let (status, ctype, body) = if method == b"GET" && path == b"/metrics" {
         let mut text = String::new();
         match prometheus_client::encoding::text::encode(&mut text, registry) {
-            Ok(()) => (
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                text,
-            ),
-            Err(_) => (
-                "500 Internal Server Error",
-                "text/plain",
-                "encoding failed\n".into(),
-            ),
+            Ok(()) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
+            Err(_) => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
         }
     } else {
-        (
-            "404 Not Found",
-            "text/plain",
-            "only GET /metrics is served here\n".into(),
-        )
+        ("404 Not Found", "text/plain", "only GET /metrics is served here\n".into())
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

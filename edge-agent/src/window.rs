@@ -21,12 +21,7 @@ impl WindowStage {
 
     /// The batch for the window ending at `timestamp_ms`, or `None` when
     /// there is nothing to say.
-    pub fn close(
-        &mut self,
-        timestamp_ms: i64,
-        reading: &ProbeReading,
-        classes: Option<&PortClasses>,
-    ) -> Option<Batch> {
+    pub fn close(&mut self, timestamp_ms: i64, reading: &ProbeReading, classes: Option<&PortClasses>) -> Option<Batch> {
         let mut series = Vec::new();
         if let (Some(tcp), Some(classes)) = (&reading.tcp, classes) {
             self.tcp_series(timestamp_ms, tcp, classes, &mut series);
@@ -34,13 +29,7 @@ impl WindowStage {
         (!series.is_empty()).then_some(Batch { series })
     }
 
-    fn tcp_series(
-        &mut self,
-        ts: i64,
-        c: &TcpCounters,
-        classes: &PortClasses,
-        out: &mut Vec<Series>,
-    ) {
+    fn tcp_series(&mut self, ts: i64, c: &TcpCounters, classes: &PortClasses, out: &mut Vec<Series>) {
         for e in c.entries() {
             if e.value == 0 && !self.live_tcp.contains(&e.index) {
                 continue;
@@ -51,14 +40,8 @@ impl WindowStage {
             self.live_tcp.insert(e.index);
             out.push(Series {
                 name: e.kind.metric().to_string(),
-                labels: vec![
-                    Label::new("direction", e.direction),
-                    Label::new("port_class", class_name),
-                ],
-                samples: vec![Sample {
-                    timestamp_ms: ts,
-                    value: e.value as f64,
-                }],
+                labels: vec![Label::new("direction", e.direction), Label::new("port_class", class_name)],
+                samples: vec![Sample { timestamp_ms: ts, value: e.value as f64 }],
             });
         }
     }
@@ -75,55 +58,19 @@ mod tests {
         let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
         let mut w = WindowStage::new();
         let mut c = TcpCounters::default();
-        assert!(w
-            .close(
-                1,
-                &ProbeReading {
-                    tcp: Some(c.clone())
-                },
-                Some(&classes)
-            )
-            .is_none());
+        assert!(w.close(1, &ProbeReading { tcp: Some(c.clone()) }, Some(&classes)).is_none());
 
         c.values[TcpCounters::index(Kind::Opened, 0, 0)] = 3;
-        let b = w
-            .close(
-                2,
-                &ProbeReading {
-                    tcp: Some(c.clone()),
-                },
-                Some(&classes),
-            )
-            .unwrap();
+        let b = w.close(2, &ProbeReading { tcp: Some(c.clone()) }, Some(&classes)).unwrap();
         assert_eq!(b.series.len(), 1);
         let s = &b.series[0];
         assert_eq!(s.name, "edge_tcp_connections_opened_total");
-        assert_eq!(
-            s.labels,
-            vec![
-                Label::new("direction", "outbound"),
-                Label::new("port_class", "other")
-            ]
-        );
-        assert_eq!(
-            s.samples,
-            vec![Sample {
-                timestamp_ms: 2,
-                value: 3.0
-            }]
-        );
+        assert_eq!(s.labels, vec![Label::new("direction", "outbound"), Label::new("port_class", "other")]);
+        assert_eq!(s.samples, vec![Sample { timestamp_ms: 2, value: 3.0 }]);
         b.validate().unwrap();
 
         // Counter reset (agent restart, new kernel map): the series stays.
-        let b = w
-            .close(
-                3,
-                &ProbeReading {
-                    tcp: Some(TcpCounters::default()),
-                },
-                Some(&classes),
-            )
-            .unwrap();
+        let b = w.close(3, &ProbeReading { tcp: Some(TcpCounters::default()) }, Some(&classes)).unwrap();
         assert_eq!(b.series[0].samples[0].value, 0.0);
     }
 }

@@ -47,11 +47,7 @@ pub enum DecodeError {
     #[error("message of {0} bytes is over the limit of {MAX_MESSAGE_BYTES}")]
     TooLarge(usize),
     #[error("unsupported {what} version {found} (this build reads version {supported})")]
-    Version {
-        what: &'static str,
-        found: u8,
-        supported: u8,
-    },
+    Version { what: &'static str, found: u8, supported: u8 },
     #[error("malformed {what}: {reason}")]
     Malformed { what: &'static str, reason: String },
     #[error("{0} trailing bytes after the {1}")]
@@ -88,11 +84,8 @@ impl<'a> Envelope<'a> {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
         let body = versioned(bytes, "envelope", ENVELOPE_VERSION)?;
-        let (env, rest): (Envelope<'a>, _) =
-            postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed {
-                what: "envelope",
-                reason: e.to_string(),
-            })?;
+        let (env, rest): (Envelope<'a>, _) = postcard::take_from_bytes(body)
+            .map_err(|e| DecodeError::Malformed { what: "envelope", reason: e.to_string() })?;
         if !rest.is_empty() {
             return Err(DecodeError::Trailing(rest.len(), "envelope"));
         }
@@ -131,10 +124,7 @@ pub struct Sample {
 
 impl Label {
     pub fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
-        Label {
-            name: name.into(),
-            value: value.into(),
-        }
+        Label { name: name.into(), value: value.into() }
     }
 }
 
@@ -153,11 +143,8 @@ impl Batch {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
         let body = versioned(bytes, "batch", BATCH_VERSION)?;
-        let (batch, rest): (Batch, _) =
-            postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed {
-                what: "batch",
-                reason: e.to_string(),
-            })?;
+        let (batch, rest): (Batch, _) = postcard::take_from_bytes(body)
+            .map_err(|e| DecodeError::Malformed { what: "batch", reason: e.to_string() })?;
         if !rest.is_empty() {
             return Err(DecodeError::Trailing(rest.len(), "batch"));
         }
@@ -171,8 +158,7 @@ impl Batch {
             return Err(format!("{} series, limit {MAX_SERIES}", self.series.len()));
         }
         for s in &self.series {
-            s.validate()
-                .map_err(|e| format!("series {:?}: {e}", s.name))?;
+            s.validate().map_err(|e| format!("series {:?}: {e}", s.name))?;
         }
         Ok(())
     }
@@ -200,10 +186,7 @@ impl Series {
                 return Err(format!("label {:?} is reserved for the bridge", l.name));
             }
             if l.value.is_empty() || l.value.len() > MAX_LABEL_VALUE {
-                return Err(format!(
-                    "label {:?}: value must be 1..={MAX_LABEL_VALUE} bytes",
-                    l.name
-                ));
+                return Err(format!("label {:?}: value must be 1..={MAX_LABEL_VALUE} bytes", l.name));
             }
             if let Some(p) = prev {
                 if p >= l.name.as_str() {
@@ -226,19 +209,11 @@ impl Series {
     }
 }
 
-fn versioned<'a>(
-    bytes: &'a [u8],
-    what: &'static str,
-    supported: u8,
-) -> Result<&'a [u8], DecodeError> {
+fn versioned<'a>(bytes: &'a [u8], what: &'static str, supported: u8) -> Result<&'a [u8], DecodeError> {
     match bytes.split_first() {
         None => Err(DecodeError::Empty),
         Some((&v, body)) if v == supported => Ok(body),
-        Some((&found, _)) => Err(DecodeError::Version {
-            what,
-            found,
-            supported,
-        }),
+        Some((&found, _)) => Err(DecodeError::Version { what, found, supported }),
     }
 }
 
@@ -246,17 +221,10 @@ fn versioned<'a>(
 /// `[A-Za-z0-9._-]`, so they can never contain MQTT wildcards or separators.
 pub fn validate_device_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_DEVICE_ID {
-        return Err(format!(
-            "device id {id:?} must be 1..={MAX_DEVICE_ID} bytes"
-        ));
+        return Err(format!("device id {id:?} must be 1..={MAX_DEVICE_ID} bytes"));
     }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(format!(
-            "device id {id:?} may only contain A-Z a-z 0-9 . _ -"
-        ));
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+        return Err(format!("device id {id:?} may only contain A-Z a-z 0-9 . _ -"));
     }
     Ok(())
 }
@@ -279,8 +247,7 @@ fn is_metric_name(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_NAME
         && (b[0].is_ascii_alphabetic() || b[0] == b'_' || b[0] == b':')
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b':')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b':')
 }
 
 fn is_label_name(s: &str) -> bool {
@@ -300,19 +267,10 @@ mod tests {
         Batch {
             series: vec![Series {
                 name: "edge_tcp_connections_opened_total".into(),
-                labels: vec![
-                    Label::new("direction", "outbound"),
-                    Label::new("port_class", "mqtt"),
-                ],
+                labels: vec![Label::new("direction", "outbound"), Label::new("port_class", "mqtt")],
                 samples: vec![
-                    Sample {
-                        timestamp_ms: 1_700_000_000_000,
-                        value: 3.0,
-                    },
-                    Sample {
-                        timestamp_ms: 1_700_000_010_000,
-                        value: 5.0,
-                    },
+                    Sample { timestamp_ms: 1_700_000_000_000, value: 3.0 },
+                    Sample { timestamp_ms: 1_700_000_010_000, value: 5.0 },
                 ],
             }],
         }
@@ -329,11 +287,7 @@ mod tests {
     #[test]
     fn envelope_round_trips_and_carries_stored_bytes_verbatim() {
         let stored = batch().encode();
-        let env = Envelope {
-            device: "press-07",
-            seq: 42,
-            batch: &stored,
-        };
+        let env = Envelope { device: "press-07", seq: 42, batch: &stored };
         let bytes = env.encode();
         assert_eq!(bytes[0], ENVELOPE_VERSION);
         let back = Envelope::decode(&bytes).unwrap();
@@ -345,26 +299,14 @@ mod tests {
     fn unknown_versions_are_named() {
         let mut bytes = batch().encode();
         bytes[0] = 9;
-        assert_eq!(
-            Batch::decode(&bytes),
-            Err(DecodeError::Version {
-                what: "batch",
-                found: 9,
-                supported: 1
-            })
-        );
+        assert_eq!(Batch::decode(&bytes), Err(DecodeError::Version { what: "batch", found: 9, supported: 1 }));
         assert_eq!(Envelope::decode(&[]), Err(DecodeError::Empty));
     }
 
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let stored = batch().encode();
-        let bytes = Envelope {
-            device: "d1",
-            seq: 1,
-            batch: &stored,
-        }
-        .encode();
+        let bytes = Envelope { device: "d1", seq: 1, batch: &stored }.encode();
         for n in 0..bytes.len() {
             assert!(Envelope::decode(&bytes[..n]).is_err(), "prefix {n} decoded");
         }
@@ -377,10 +319,7 @@ mod tests {
     fn trailing_bytes_are_rejected() {
         let mut stored = batch().encode();
         stored.push(0);
-        assert!(matches!(
-            Batch::decode(&stored),
-            Err(DecodeError::Trailing(1, "batch"))
-        ));
+        assert!(matches!(Batch::decode(&stored), Err(DecodeError::Trailing(1, "batch"))));
     }
 
     #[test]
@@ -397,16 +336,8 @@ mod tests {
         let mut b = batch();
         b.series[0].name = "1bad".into();
         assert!(b.validate().is_err());
-        let bad = Envelope {
-            device: "a/b",
-            seq: 1,
-            batch: &[1],
-        }
-        .encode();
-        assert!(matches!(
-            Envelope::decode(&bad),
-            Err(DecodeError::Invalid(_))
-        ));
+        let bad = Envelope { device: "a/b", seq: 1, batch: &[1] }.encode();
+        assert!(matches!(Envelope::decode(&bad), Err(DecodeError::Invalid(_))));
     }
 
     #[test]
@@ -430,10 +361,7 @@ mod golden {
             series: vec![Series {
                 name: "m".into(),
                 labels: vec![Label::new("k", "v")],
-                samples: vec![Sample {
-                    timestamp_ms: 1000,
-                    value: 1.0,
-                }],
+                samples: vec![Sample { timestamp_ms: 1000, value: 1.0 }],
             }],
         }
         .encode();
@@ -448,12 +376,7 @@ mod golden {
                 0, 0, 0, 0, 0, 0, 0xf0, 0x3f, // value 1.0 (f64 LE)
             ]
         );
-        let env = Envelope {
-            device: "d1",
-            seq: 300,
-            batch: &batch,
-        }
-        .encode();
+        let env = Envelope { device: "d1", seq: 300, batch: &batch }.encode();
         let mut expected = vec![
             0x01, // envelope version
             0x02,

@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config {origin}: {message}")]
@@ -79,9 +76,7 @@ impl Default for RemoteWriteConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            listen: "127.0.0.1:9465".into(),
-        }
+        MetricsConfig { listen: "127.0.0.1:9465".into() }
     }
 }
 
@@ -90,36 +85,23 @@ impl Config {
         let (cfg, origin) = match path {
             None => (Config::default(), "defaults".to_string()),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_owned(),
-                    source,
-                })?;
-                let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: p.to_owned(),
-                    message: e.to_string(),
-                })?;
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                let cfg: Config = toml::from_str(&text)
+                    .map_err(|e| ConfigError::Parse { path: p.to_owned(), message: e.to_string() })?;
                 (cfg, p.display().to_string())
             }
         };
-        cfg.validate()
-            .map_err(|message| ConfigError::Invalid { origin, message })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid { origin, message })?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.remote_write.url.starts_with("http://")
-            || self.remote_write.url.starts_with("https://"))
-        {
-            return Err(format!(
-                "remote_write.url {:?} must be an http:// or https:// URL",
-                self.remote_write.url
-            ));
+        if !(self.remote_write.url.starts_with("http://") || self.remote_write.url.starts_with("https://")) {
+            return Err(format!("remote_write.url {:?} must be an http:// or https:// URL", self.remote_write.url));
         }
         if self.remote_write.url.starts_with("https://") {
-            return Err(
-                "remote_write.url: https is not built into this version yet; use a local TLS proxy"
-                    .into(),
-            );
+            return Err("remote_write.url: https is not built into this version yet; use a local TLS proxy".into());
         }
         if self.mqtt.client_id.is_empty() {
             return Err("mqtt.client_id must not be empty".into());
@@ -127,9 +109,7 @@ impl Config {
         if self.mqtt.topic_prefix.is_empty() || self.mqtt.topic_prefix.contains(['+', '#']) {
             return Err("mqtt.topic_prefix must be non-empty, without + or #".into());
         }
-        if self.remote_write.retry_min_ms == 0
-            || self.remote_write.retry_min_ms > self.remote_write.retry_max_ms
-        {
+        if self.remote_write.retry_min_ms == 0 || self.remote_write.retry_min_ms > self.remote_write.retry_max_ms {
             return Err("remote_write.retry_min_ms must be > 0 and <= retry_max_ms".into());
         }
         Ok(())

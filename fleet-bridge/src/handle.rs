@@ -41,21 +41,11 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8]) -> Result<Write, Refus
     edge_wire::validate_device_id(device).map_err(|_| Refusal::BadTopic)?;
     let env = Envelope::decode(payload).map_err(|e| Refusal::Undecodable(e.to_string()))?;
     if env.device != device {
-        return Err(Refusal::WrongDevice {
-            topic: device.into(),
-            claimed: env.device.into(),
-        });
+        return Err(Refusal::WrongDevice { topic: device.into(), claimed: env.device.into() });
     }
     let batch = Batch::decode(env.batch).map_err(|e| Refusal::Undecodable(e.to_string()))?;
-    let req = WriteRequest {
-        timeseries: remote_write::to_timeseries(device, &batch),
-    };
-    Ok(Write {
-        device: device.into(),
-        seq: env.seq,
-        samples: batch.sample_count(),
-        body: remote_write::encode(&req),
-    })
+    let req = WriteRequest { timeseries: remote_write::to_timeseries(device, &batch) };
+    Ok(Write { device: device.into(), seq: env.seq, samples: batch.sample_count(), body: remote_write::encode(&req) })
 }
 
 /// How to treat a remote-write HTTP status.
@@ -89,19 +79,11 @@ mod tests {
             series: vec![Series {
                 name: "m".into(),
                 labels: vec![Label::new("k", "v")],
-                samples: vec![Sample {
-                    timestamp_ms: 5,
-                    value: 1.5,
-                }],
+                samples: vec![Sample { timestamp_ms: 5, value: 1.5 }],
             }],
         }
         .encode();
-        Envelope {
-            device,
-            seq: 3,
-            batch: &b,
-        }
-        .encode()
+        Envelope { device, seq: 3, batch: &b }.encode()
     }
 
     #[test]
@@ -116,23 +98,14 @@ mod tests {
     fn a_device_cannot_speak_for_another() {
         assert_eq!(
             prepare("edge", "edge/d1/metrics", &payload("d2")).unwrap_err(),
-            Refusal::WrongDevice {
-                topic: "d1".into(),
-                claimed: "d2".into()
-            }
+            Refusal::WrongDevice { topic: "d1".into(), claimed: "d2".into() }
         );
     }
 
     #[test]
     fn garbage_and_bad_topics_are_refused() {
-        assert_eq!(
-            prepare("edge", "edge/d1/x", &payload("d1")).unwrap_err(),
-            Refusal::BadTopic
-        );
-        assert_eq!(
-            prepare("edge", "edge/+/metrics", &payload("d1")).unwrap_err(),
-            Refusal::BadTopic
-        );
+        assert_eq!(prepare("edge", "edge/d1/x", &payload("d1")).unwrap_err(), Refusal::BadTopic);
+        assert_eq!(prepare("edge", "edge/+/metrics", &payload("d1")).unwrap_err(), Refusal::BadTopic);
         let p = payload("d1");
         for n in 0..p.len() {
             assert!(prepare("edge", "edge/d1/metrics", &p[..n]).is_err());

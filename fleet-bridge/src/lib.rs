@@ -30,16 +30,10 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     if !cfg.metrics.listen.is_empty() {
         let listener = std::net::TcpListener::bind(&cfg.metrics.listen)?;
         tracing::info!(addr = %cfg.metrics.listen, "serving /metrics");
-        std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || metrics::serve(listener, registry))?;
+        std::thread::Builder::new().name("metrics".into()).spawn(move || metrics::serve(listener, registry))?;
     }
 
-    let mut opts = MqttOptions::new(
-        cfg.mqtt.client_id.clone(),
-        cfg.mqtt.host.clone(),
-        cfg.mqtt.port,
-    );
+    let mut opts = MqttOptions::new(cfg.mqtt.client_id.clone(), cfg.mqtt.host.clone(), cfg.mqtt.port);
     opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_secs.max(5)))
         .set_clean_session(false)
         .set_manual_acks(true)
@@ -49,9 +43,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
 
     let (tx, rx) = mpsc::channel::<Publish>();
     let writer = Writer::new(&cfg, client.clone(), metrics.clone());
-    std::thread::Builder::new()
-        .name("writer".into())
-        .spawn(move || writer.run(rx))?;
+    std::thread::Builder::new().name("writer".into()).spawn(move || writer.run(rx))?;
 
     let mut failures = 0u32;
     for event in connection.iter() {
@@ -59,11 +51,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
                 metrics.mqtt_connected.set(1);
-                tracing::info!(
-                    session_present = ack.session_present,
-                    filter,
-                    "connected to broker"
-                );
+                tracing::info!(session_present = ack.session_present, filter, "connected to broker");
                 if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
                     tracing::error!(error = %e, "subscribe failed");
                 }
@@ -79,9 +67,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                 failures = failures.saturating_add(1);
                 tracing::warn!(error = %e, "broker connection failed; retrying");
                 // rumqttc reconnects on the next poll; pace it.
-                std::thread::sleep(Duration::from_millis(
-                    (100u64 << failures.min(6)).min(5_000),
-                ));
+                std::thread::sleep(Duration::from_millis((100u64 << failures.min(6)).min(5_000)));
             }
         }
     }
@@ -130,10 +116,7 @@ impl Writer {
         let w = match handle::prepare(&self.prefix, &publish.topic, &publish.payload) {
             Ok(w) => w,
             Err(refusal) => {
-                self.metrics
-                    .messages
-                    .get_or_create(&metrics::ResultLabels::new(refusal.label()))
-                    .inc();
+                self.metrics.messages.get_or_create(&metrics::ResultLabels::new(refusal.label())).inc();
                 tracing::warn!(topic = %publish.topic, why = ?refusal, "message refused");
                 return;
             }
@@ -145,28 +128,17 @@ impl Writer {
                 Ok(s) => metrics::status_class(s.0),
                 Err(_) => "error",
             };
-            self.metrics
-                .requests
-                .get_or_create(&metrics::StatusLabels {
-                    status: label.into(),
-                })
-                .inc();
+            self.metrics.requests.get_or_create(&metrics::StatusLabels { status: label.into() }).inc();
             match outcome {
                 Ok(status) => match handle::verdict(status.0) {
                     Verdict::Written => {
-                        self.metrics
-                            .messages
-                            .get_or_create(&metrics::ResultLabels::new("written"))
-                            .inc();
+                        self.metrics.messages.get_or_create(&metrics::ResultLabels::new("written")).inc();
                         self.metrics.samples.inc_by(w.samples as u64);
                         tracing::debug!(device = %w.device, seq = w.seq, samples = w.samples, "written");
                         return;
                     }
                     Verdict::Refused => {
-                        self.metrics
-                            .messages
-                            .get_or_create(&metrics::ResultLabels::new("refused_by_store"))
-                            .inc();
+                        self.metrics.messages.get_or_create(&metrics::ResultLabels::new("refused_by_store")).inc();
                         self.metrics.samples_refused.inc_by(w.samples as u64);
                         tracing::warn!(device = %w.device, seq = w.seq, status = status.0, body = %status.1, "store refused samples");
                         return;
@@ -195,11 +167,7 @@ impl Writer {
         let text = if status / 100 == 2 {
             String::new()
         } else {
-            resp.body_mut()
-                .with_config()
-                .limit(4096)
-                .read_to_string()
-                .unwrap_or_default()
+            resp.body_mut().with_config().limit(4096).read_to_string().unwrap_or_default()
         };
         Ok((status, text.trim().to_owned()))
     }
@@ -209,8 +177,5 @@ pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_BRIDGE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

@@ -40,16 +40,8 @@ impl BridgeMetrics {
     pub fn new() -> (BridgeMetrics, Arc<Registry>) {
         let m = BridgeMetrics::default();
         let mut r = Registry::default();
-        r.register(
-            "fleet_bridge_messages",
-            "MQTT messages handled, by result",
-            m.messages.clone(),
-        );
-        r.register(
-            "fleet_bridge_samples_written",
-            "Samples the store accepted",
-            m.samples.clone(),
-        );
+        r.register("fleet_bridge_messages", "MQTT messages handled, by result", m.messages.clone());
+        r.register("fleet_bridge_samples_written", "Samples the store accepted", m.samples.clone());
         r.register(
             "fleet_bridge_samples_refused",
             "Samples in requests the store refused for good (4xx)",
@@ -65,11 +57,7 @@ impl BridgeMetrics {
             "Remote-write attempts that will be retried",
             m.retries.clone(),
         );
-        r.register(
-            "fleet_bridge_mqtt_connected",
-            "1 while connected to the broker",
-            m.mqtt_connected.clone(),
-        );
+        r.register("fleet_bridge_mqtt_connected", "1 while connected to the broker", m.mqtt_connected.clone());
         (m, Arc::new(r))
     }
 }
@@ -101,13 +89,12 @@ pub fn serve(listener: TcpListener, registry: Arc<Registry>) {
         }
         let ok = buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?");
         let mut body = String::new();
-        let status =
-            if ok && prometheus_client::encoding::text::encode(&mut body, &registry).is_ok() {
-                "200 OK"
-            } else {
-                body = "only GET /metrics is served here\n".into();
-                "404 Not Found"
-            };
+        let status = if ok && prometheus_client::encoding::text::encode(&mut body, &registry).is_ok() {
+            "200 OK"
+        } else {
+            body = "only GET /metrics is served here\n".into();
+            "404 Not Found"
+        };
         let _ = write!(
             s,
             "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

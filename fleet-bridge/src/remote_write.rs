@@ -40,10 +40,7 @@ pub struct Sample {
 pub const HEADERS: [(&str, &str); 4] = [
     ("Content-Encoding", "snappy"),
     ("Content-Type", "application/x-protobuf"),
-    (
-        "User-Agent",
-        concat!("fleet-bridge/", env!("CARGO_PKG_VERSION")),
-    ),
+    ("User-Agent", concat!("fleet-bridge/", env!("CARGO_PKG_VERSION"))),
     ("X-Prometheus-Remote-Write-Version", "0.1.0"),
 ];
 
@@ -56,29 +53,13 @@ pub fn to_timeseries(device: &str, batch: &Batch) -> Vec<TimeSeries> {
         .iter()
         .map(|s| {
             let mut labels = Vec::with_capacity(s.labels.len() + 2);
-            labels.push(Label {
-                name: "__name__".into(),
-                value: s.name.clone(),
-            });
-            labels.push(Label {
-                name: "device".into(),
-                value: device.into(),
-            });
-            labels.extend(s.labels.iter().map(|l| Label {
-                name: l.name.clone(),
-                value: l.value.clone(),
-            }));
+            labels.push(Label { name: "__name__".into(), value: s.name.clone() });
+            labels.push(Label { name: "device".into(), value: device.into() });
+            labels.extend(s.labels.iter().map(|l| Label { name: l.name.clone(), value: l.value.clone() }));
             labels.sort_by(|a, b| a.name.cmp(&b.name));
             TimeSeries {
                 labels,
-                samples: s
-                    .samples
-                    .iter()
-                    .map(|p| Sample {
-                        value: p.value,
-                        timestamp: p.timestamp_ms,
-                    })
-                    .collect(),
+                samples: s.samples.iter().map(|p| Sample { value: p.value, timestamp: p.timestamp_ms }).collect(),
             }
         })
         .collect()
@@ -89,16 +70,12 @@ pub fn encode(req: &WriteRequest) -> Vec<u8> {
     let raw = prost::Message::encode_to_vec(req);
     // Compressing an in-memory buffer only fails for inputs over ~4 GiB,
     // which MAX_MESSAGE_BYTES rules out.
-    snap::raw::Encoder::new()
-        .compress_vec(&raw)
-        .unwrap_or_default()
+    snap::raw::Encoder::new().compress_vec(&raw).unwrap_or_default()
 }
 
 /// Inverse of [`encode`], for tests and tools.
 pub fn decode(body: &[u8]) -> Result<WriteRequest, String> {
-    let raw = snap::raw::Decoder::new()
-        .decompress_vec(body)
-        .map_err(|e| e.to_string())?;
+    let raw = snap::raw::Decoder::new().decompress_vec(body).map_err(|e| e.to_string())?;
     prost::Message::decode(raw.as_slice()).map_err(|e| e.to_string())
 }
 
@@ -111,14 +88,8 @@ mod tests {
         Batch {
             series: vec![Series {
                 name: "edge_tcp_connections_opened_total".into(),
-                labels: vec![
-                    WLabel::new("direction", "outbound"),
-                    WLabel::new("port_class", "mqtt"),
-                ],
-                samples: vec![WSample {
-                    timestamp_ms: 1_700_000_000_123,
-                    value: 7.0,
-                }],
+                labels: vec![WLabel::new("direction", "outbound"), WLabel::new("port_class", "mqtt")],
+                samples: vec![WSample { timestamp_ms: 1_700_000_000_123, value: 7.0 }],
             }],
         }
     }
@@ -129,13 +100,7 @@ mod tests {
         let names: Vec<_> = ts[0].labels.iter().map(|l| l.name.as_str()).collect();
         assert_eq!(names, ["__name__", "device", "direction", "port_class"]);
         assert_eq!(ts[0].labels[1].value, "press-1");
-        assert_eq!(
-            ts[0].samples,
-            vec![Sample {
-                value: 7.0,
-                timestamp: 1_700_000_000_123
-            }]
-        );
+        assert_eq!(ts[0].samples, vec![Sample { value: 7.0, timestamp: 1_700_000_000_123 }]);
     }
 
     /// The bytes for a known request, checked by hand against the protobuf
@@ -144,14 +109,8 @@ mod tests {
     fn protobuf_bytes_are_the_documented_ones() {
         let req = WriteRequest {
             timeseries: vec![TimeSeries {
-                labels: vec![Label {
-                    name: "a".into(),
-                    value: "b".into(),
-                }],
-                samples: vec![Sample {
-                    value: 1.0,
-                    timestamp: 2,
-                }],
+                labels: vec![Label { name: "a".into(), value: "b".into() }],
+                samples: vec![Sample { value: 1.0, timestamp: 2 }],
             }],
         };
         let raw = prost::Message::encode_to_vec(&req);
@@ -166,9 +125,7 @@ mod tests {
 
     #[test]
     fn snappy_is_the_block_format() {
-        let body = encode(&WriteRequest {
-            timeseries: to_timeseries("d", &batch()),
-        });
+        let body = encode(&WriteRequest { timeseries: to_timeseries("d", &batch()) });
         // Block format starts with the uncompressed length as a varint; the
         // framed format would start with the stream identifier 0xff.
         assert_ne!(body[0], 0xff);

@@ -54,10 +54,7 @@ impl Probes {
                 .and_then(|root| TcpLifecycleProbe::attach(&root, &cfg.probes.tcp_lifecycle))
             {
                 Ok(p) => {
-                    tracing::info!(
-                        probe = "tcp_lifecycle",
-                        "attached to sock:inet_sock_set_state"
-                    );
+                    tracing::info!(probe = "tcp_lifecycle", "attached to sock:inet_sock_set_state");
                     (Some(p), ProbeState::Attached)
                 }
                 Err(e) => {
@@ -83,15 +80,9 @@ impl Probes {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (Jetson's 5.10).
 fn raise_memlock_limit() {
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
-        tracing::debug!(
-            "could not raise RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
+        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
     }
 }

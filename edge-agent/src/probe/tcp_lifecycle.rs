@@ -79,10 +79,7 @@ pub struct TcpCounters {
 
 impl Default for TcpCounters {
     fn default() -> Self {
-        TcpCounters {
-            values: [0; COUNTERS],
-            sock_map_full: 0,
-        }
+        TcpCounters { values: [0; COUNTERS], sock_map_full: 0 }
     }
 }
 
@@ -97,21 +94,12 @@ impl TcpCounters {
     /// Every counter with its labels.
     pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
         Kind::ALL.into_iter().flat_map(move |kind| {
-            DIR_NAMES
-                .iter()
-                .enumerate()
-                .flat_map(move |(dir, direction)| {
-                    (0..CLASSES).map(move |class| {
-                        let index = Self::index(kind, dir, class);
-                        Entry {
-                            index,
-                            kind,
-                            direction,
-                            class,
-                            value: self.values[index],
-                        }
-                    })
+            DIR_NAMES.iter().enumerate().flat_map(move |(dir, direction)| {
+                (0..CLASSES).map(move |class| {
+                    let index = Self::index(kind, dir, class);
+                    Entry { index, kind, direction, class, value: self.values[index] }
                 })
+            })
         })
     }
 }
@@ -140,20 +128,12 @@ pub struct TcpLifecycleProbe {
 /// sizes it reads them at, and returns the globals to set.
 pub fn layout_globals(layout: &Layout) -> Result<[(&'static str, u32); 8], String> {
     let need = |name: &str, sizes: &[u32]| -> Result<super::tracefs::Field, String> {
-        let f = layout
-            .field(name)
-            .ok_or_else(|| format!("field {name} missing"))?;
+        let f = layout.field(name).ok_or_else(|| format!("field {name} missing"))?;
         if !sizes.contains(&f.size) {
-            return Err(format!(
-                "field {name} has size {}, expected one of {sizes:?}",
-                f.size
-            ));
+            return Err(format!("field {name} has size {}, expected one of {sizes:?}", f.size));
         }
         if f.offset < 8 || f.offset % f.size.min(8) != 0 {
-            return Err(format!(
-                "field {name} at offset {} cannot be read",
-                f.offset
-            ));
+            return Err(format!("field {name} at offset {} cannot be read", f.offset));
         }
         Ok(f)
     };
@@ -163,15 +143,10 @@ pub fn layout_globals(layout: &Layout) -> Result<[(&'static str, u32); 8], Strin
     let sport = need("sport", &[2])?;
     let dport = need("dport", &[2])?;
     let protocol = need("protocol", &[1, 2])?;
-    let rec_len = [skaddr, oldstate, newstate, sport, dport, protocol]
-        .iter()
-        .map(|f| f.offset + f.size)
-        .max()
-        .unwrap_or(0);
+    let rec_len =
+        [skaddr, oldstate, newstate, sport, dport, protocol].iter().map(|f| f.offset + f.size).max().unwrap_or(0);
     if rec_len as usize > REC_MAX {
-        return Err(format!(
-            "fields end at byte {rec_len}, past the {REC_MAX} bytes the program copies"
-        ));
+        return Err(format!("fields end at byte {rec_len}, past the {REC_MAX} bytes the program copies"));
     }
     Ok([
         ("off_skaddr", skaddr.offset),
@@ -189,10 +164,8 @@ impl TcpLifecycleProbe {
     /// Loads and attaches the program. Needs CAP_BPF and CAP_PERFMON (or root).
     pub fn attach(tracefs_root: &Path, cfg: &TcpLifecycleConfig) -> Result<Self, ProbeError> {
         let layout = tracefs::layout(tracefs_root, GROUP, EVENT)?;
-        let globals = layout_globals(&layout).map_err(|m| ProbeError::Layout {
-            tracepoint: format!("{GROUP}:{EVENT}"),
-            message: m,
-        })?;
+        let globals = layout_globals(&layout)
+            .map_err(|m| ProbeError::Layout { tracepoint: format!("{GROUP}:{EVENT}"), message: m })?;
         let mut loader = EbpfLoader::new();
         // The baseline program has no CO-RE relocations: it must load on
         // kernels without BTF, so never ask for kernel BTF.
@@ -200,44 +173,30 @@ impl TcpLifecycleProbe {
         for (name, value) in &globals {
             loader.override_global(name, value, true);
         }
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|e| ProbeError::Load(e.to_string()))?;
+        let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
         let prog: &mut TracePoint = ebpf
             .program_mut("tcp_lifecycle")
             .ok_or_else(|| ProbeError::Load("program tcp_lifecycle missing from object".into()))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
-        prog.load()
-            .map_err(|e| ProbeError::Load(verifier_text(&e)))?;
-        prog.attach(GROUP, EVENT)
-            .map_err(|e| ProbeError::Attach(e.to_string()))?;
+        prog.load().map_err(|e| ProbeError::Load(verifier_text(&e)))?;
+        prog.attach(GROUP, EVENT).map_err(|e| ProbeError::Attach(e.to_string()))?;
 
         let classes = PortClasses::from_config(cfg);
         let mut port_map: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
-            ebpf.map_mut("tcpl_port_class")
-                .ok_or_else(|| ProbeError::Load("map tcpl_port_class missing".into()))?,
+            ebpf.map_mut("tcpl_port_class").ok_or_else(|| ProbeError::Load("map tcpl_port_class missing".into()))?,
         )
         .map_err(|e| ProbeError::Load(e.to_string()))?;
         for (port, class) in &classes.ports {
-            port_map
-                .insert(port, class, 0)
-                .map_err(|e| ProbeError::Load(e.to_string()))?;
+            port_map.insert(port, class, 0).map_err(|e| ProbeError::Load(e.to_string()))?;
         }
         let take = |ebpf: &mut Ebpf, name: &str| -> Result<PerCpuArray<MapData, u64>, ProbeError> {
-            let map = ebpf
-                .take_map(name)
-                .ok_or_else(|| ProbeError::Load(format!("map {name} missing")))?;
+            let map = ebpf.take_map(name).ok_or_else(|| ProbeError::Load(format!("map {name} missing")))?;
             PerCpuArray::try_from(map).map_err(|e| ProbeError::Load(e.to_string()))
         };
         let counters = take(&mut ebpf, "tcpl_counters")?;
         let stats = take(&mut ebpf, "tcpl_stats")?;
-        Ok(TcpLifecycleProbe {
-            counters,
-            stats,
-            classes,
-            _ebpf: ebpf,
-        })
+        Ok(TcpLifecycleProbe { counters, stats, classes, _ebpf: ebpf })
     }
 
     pub fn classes(&self) -> &PortClasses {
@@ -248,28 +207,18 @@ impl TcpLifecycleProbe {
     pub fn read(&self) -> Result<TcpCounters, ProbeError> {
         let mut out = TcpCounters::default();
         for (i, slot) in out.values.iter_mut().enumerate() {
-            let per_cpu = self
-                .counters
-                .get(&(i as u32), 0)
-                .map_err(|e| ProbeError::Read(e.to_string()))?;
+            let per_cpu = self.counters.get(&(i as u32), 0).map_err(|e| ProbeError::Read(e.to_string()))?;
             *slot = per_cpu.iter().sum();
         }
-        out.sock_map_full = self
-            .stats
-            .get(&STAT_SOCK_MAP_FULL, 0)
-            .map_err(|e| ProbeError::Read(e.to_string()))?
-            .iter()
-            .sum();
+        out.sock_map_full =
+            self.stats.get(&STAT_SOCK_MAP_FULL, 0).map_err(|e| ProbeError::Read(e.to_string()))?.iter().sum();
         Ok(out)
     }
 }
 
 fn verifier_text(e: &aya::programs::ProgramError) -> String {
     match e {
-        aya::programs::ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
             format!("{io_error}; verifier log:\n{verifier_log}")
         }
         other => other.to_string(),

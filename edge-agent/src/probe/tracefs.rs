@@ -54,21 +54,12 @@ impl Layout {
                 continue;
             };
             // The name is the last word of the declaration, less any array suffix.
-            let Some(name) = decl
-                .rsplit(|c: char| c.is_whitespace() || c == '*')
-                .next()
-                .map(|n| n.split('[').next().unwrap_or(n))
+            let Some(name) =
+                decl.rsplit(|c: char| c.is_whitespace() || c == '*').next().map(|n| n.split('[').next().unwrap_or(n))
             else {
                 continue;
             };
-            fields.insert(
-                name.to_owned(),
-                Field {
-                    offset,
-                    size,
-                    signed: signed.unwrap_or(0) != 0,
-                },
-            );
+            fields.insert(name.to_owned(), Field { offset, size, signed: signed.unwrap_or(0) != 0 });
         }
         Layout { fields }
     }
@@ -89,15 +80,7 @@ pub fn ensure_mounted() -> Result<PathBuf, TracefsError> {
     let target = c"/sys/kernel/tracing";
     let fstype = c"tracefs";
     // SAFETY: all pointers are valid NUL-terminated strings; data may be null.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(TracefsError::Mount(std::io::Error::last_os_error()));
     }
@@ -147,38 +130,10 @@ print fmt: \"family=%s ...\"
     #[test]
     fn parses_a_6x_layout() {
         let l = Layout::parse(SET_STATE_6X);
-        assert_eq!(
-            l.field("skaddr"),
-            Some(Field {
-                offset: 8,
-                size: 8,
-                signed: false
-            })
-        );
-        assert_eq!(
-            l.field("oldstate"),
-            Some(Field {
-                offset: 16,
-                size: 4,
-                signed: true
-            })
-        );
-        assert_eq!(
-            l.field("protocol"),
-            Some(Field {
-                offset: 30,
-                size: 2,
-                signed: false
-            })
-        );
-        assert_eq!(
-            l.field("daddr_v6"),
-            Some(Field {
-                offset: 56,
-                size: 16,
-                signed: false
-            })
-        );
+        assert_eq!(l.field("skaddr"), Some(Field { offset: 8, size: 8, signed: false }));
+        assert_eq!(l.field("oldstate"), Some(Field { offset: 16, size: 4, signed: true }));
+        assert_eq!(l.field("protocol"), Some(Field { offset: 30, size: 2, signed: false }));
+        assert_eq!(l.field("daddr_v6"), Some(Field { offset: 56, size: 16, signed: false }));
         assert_eq!(l.field("common_pid").map(|f| f.offset), Some(4));
         assert_eq!(l.field("print"), None);
     }
@@ -186,19 +141,11 @@ print fmt: \"family=%s ...\"
     #[test]
     fn parses_a_preempt_rt_style_shift_and_u8_protocol() {
         // PREEMPT_RT adds header fields; before 5.6 protocol was a u8.
-        let text = SET_STATE_6X.replace("offset:8;", "offset:16;").replace(
-            "__u16 protocol;\toffset:30;\tsize:2",
-            "__u8 protocol;\toffset:38;\tsize:1",
-        );
+        let text = SET_STATE_6X
+            .replace("offset:8;", "offset:16;")
+            .replace("__u16 protocol;\toffset:30;\tsize:2", "__u8 protocol;\toffset:38;\tsize:1");
         let l = Layout::parse(&text);
         assert_eq!(l.field("skaddr").map(|f| f.offset), Some(16));
-        assert_eq!(
-            l.field("protocol"),
-            Some(Field {
-                offset: 38,
-                size: 1,
-                signed: false
-            })
-        );
+        assert_eq!(l.field("protocol"), Some(Field { offset: 38, size: 1, signed: false }));
     }
 }

@@ -1,52 +1,58 @@
-//! Store stage: an append-only, segmented, checksummed log of window records
-//! on flash, bounded by bytes, with a persisted send position.
+//! Store stage: an append-only, segmented, checksummed log of window records,
+//! bounded by bytes and by age, with group commit and a persisted send
+//! position. Formats and recovery rules: docs/store-format.md.
 //!
-//! This is the first, honest version (issue 2): one fsync per append (one
-//! append per window), whole segments dropped oldest first when over the
-//! byte bound and counted. Formats: docs/store-format.md.
+//! Layers:
+//! * [`record`]: byte layouts (pure);
+//! * [`plan`]: what recovery cuts and what bounds drop (pure);
+//! * [`medium`]: the embedded-io storage seam ([`medium::FsMedium`] on
+//!   files; [`sim::SimMedium`] simulates power loss);
+//! * this module: carries the decisions out on a medium.
 //!
-//! Recovery rules on open:
-//! * the last segment is cut at its first torn or corrupt record (a write
-//!   interrupted by a crash or power cut) and the cut is counted;
-//! * in an older segment, records after the first corrupt one cannot be
-//!   found again (lengths are untrustworthy past it); they are counted as
-//!   corrupt and skipped, the intact prefix is kept;
-//! * a segment whose header is unreadable is renamed `*.corrupt` and left
-//!   for inspection;
-//! * a missing or corrupt send-position file means "nothing acknowledged":
-//!   records are sent again (duplicates are harmless downstream), never lost.
-//!
-//! Nothing on this path panics on what it reads from disk.
+//! Nothing read from the medium can make this code panic; corrupt data is
+//! cut, skipped or quarantined and counted.
 
+pub mod medium;
+pub mod plan;
 pub mod record;
+pub mod sim;
 
-use record::{Decoded, RECORD_HEADER, SEGMENT_HEADER};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use embedded_io::{Read, Seek, SeekFrom, Write};
+use medium::{FsMedium, Medium, SegmentIo};
+use plan::{DropReason, Entry, Recovery, Scan, SegmentSummary};
+use record::SEGMENT_HEADER;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store directory {path}: {source} (check that it exists, is writable, and the disk is not full)")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("store at {place}: {what}: {message} (check that it exists, is writable, and the disk is not full)")]
+    Io { place: String, what: &'static str, message: String },
+    #[error("store at {place} is full and nothing older can be dropped to make room")]
+    Full { place: String },
     #[error("store directory {0} is in use by another edge-agent process (each agent needs its own state_dir)")]
     Locked(PathBuf),
     #[error("record of {0} bytes is larger than a segment allows")]
     TooLarge(usize),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    #[error("the store was opened read-only")]
+    ReadOnly,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct StoreLimits {
     pub max_bytes: u64,
     pub segment_bytes: u64,
+    /// Records older than this are dropped (0: no age limit).
+    pub max_age_ms: u64,
+    /// Appends are made durable at most this long after they return
+    /// (0: every append is synced before it returns).
+    pub fsync_interval_ms: u64,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits { max_bytes: 64 << 20, segment_bytes: 4 << 20, max_age_ms: 0, fsync_interval_ms: 1000 }
+    }
 }
 
 /// Counters and gauges of the store, for `/metrics` and `store inspect`.
@@ -57,13 +63,19 @@ pub struct StoreStats {
     /// Oldest and newest sequence numbers held (0 when empty).
     pub first_seq: u64,
     pub last_seq: u64,
+    /// Everything up to here is durable.
+    pub durable_seq: u64,
     pub acked_seq: u64,
+    /// Times of the oldest and newest records held (0 when empty).
+    pub oldest_ms: i64,
+    pub newest_ms: i64,
     pub appended_records: u64,
-    /// Dropped to stay under the byte bound.
-    pub dropped_records: u64,
+    pub syncs: u64,
+    /// Dropped records by [`DropReason`] (index: `DropReason::ALL`).
+    pub dropped_records: [u64; 3],
     pub dropped_unsent_records: u64,
     pub dropped_bytes: u64,
-    /// Found corrupt at open or read and skipped.
+    /// Found corrupt at open or on read and skipped.
     pub corrupt_records: u64,
     pub truncated_bytes: u64,
     pub quarantined_segments: u64,
@@ -78,121 +90,160 @@ impl StoreStats {
         let from = self.acked_seq.max(self.first_seq.saturating_sub(1));
         self.last_seq.saturating_sub(from)
     }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_records.iter().sum()
+    }
 }
 
 #[derive(Debug)]
 struct Segment {
-    path: PathBuf,
-    #[allow(dead_code)] // kept for `store inspect` (issue 4)
-    first_seq: u64,
-    /// (seq, offset of record, total length) of every intact record.
-    index: Vec<(u64, u64, u32)>,
+    id: u64,
+    entries: Vec<Entry>,
     len: u64,
+}
+
+impl Segment {
+    fn summary(&self) -> SegmentSummary {
+        SegmentSummary { bytes: self.len, newest_ms: self.entries.last().map(|e| e.time_ms) }
+    }
 }
 
 /// A record read back from the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRecord {
     pub seq: u64,
+    pub time_ms: i64,
     pub payload: Vec<u8>,
 }
 
-pub struct Store {
-    dir: PathBuf,
+pub struct Store<M: Medium> {
+    medium: M,
     limits: StoreLimits,
     segments: Vec<Segment>,
-    active: Option<File>,
+    active: Option<M::Segment>,
     next_seq: u64,
+    last_sync: Instant,
+    read_only: bool,
     stats: StoreStats,
     scratch: Vec<u8>,
-    // Held for the store's lifetime: flock(LOCK_EX) on `LOCK`.
-    _lock: File,
+    // flock on <dir>/LOCK for file stores; released on drop.
+    _lock: Option<std::fs::File>,
 }
 
-const CURSOR_FILE: &str = "acked";
+const CURSOR: &str = "acked";
 
-impl Store {
-    /// Opens (creating if needed) the store in `dir` and recovers it.
-    pub fn open(dir: &Path, limits: StoreLimits) -> Result<Store, StoreError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+/// The store the agent runs: segments as files in a directory.
+pub type FileStore = Store<FsMedium>;
+
+impl Store<FsMedium> {
+    /// Opens (creating if needed) the store in `dir`, taking its lock.
+    pub fn open_dir(dir: &Path, limits: StoreLimits) -> Result<Self, StoreError> {
+        let medium = FsMedium::new(dir).map_err(|e| io_error(dir.display().to_string(), "create", e))?;
         let lock = lock_dir(dir)?;
-        let mut stats = StoreStats {
-            acked_seq: read_cursor(dir),
-            ..Default::default()
+        let mut s = Store::open(medium, limits)?;
+        s._lock = Some(lock);
+        Ok(s)
+    }
+
+    /// Reads a store without changing anything on disk and without the
+    /// lock, so it can look at the store of a running agent.
+    pub fn inspect_dir(dir: &Path) -> Result<Self, StoreError> {
+        let medium = FsMedium::new(dir).map_err(|e| io_error(dir.display().to_string(), "open", e))?;
+        Store::open_with(medium, StoreLimits::default(), true)
+    }
+}
+
+fn io_error(place: String, what: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io { place, what, message: e.to_string() }
+}
+
+impl<M: Medium> Store<M> {
+    /// Opens the store on `medium` and recovers it (plan::recovery).
+    pub fn open(medium: M, limits: StoreLimits) -> Result<Self, StoreError> {
+        Self::open_with(medium, limits, false)
+    }
+
+    fn open_with(mut medium: M, limits: StoreLimits, read_only: bool) -> Result<Self, StoreError> {
+        let place = medium.describe();
+        let err = |what| {
+            let place = place.clone();
+            move |e: M::Error| io_error(place, what, e)
         };
-
-        let mut names: Vec<(u64, PathBuf)> = Vec::new();
-        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-            let entry = entry.map_err(io_err(dir))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(seq) = name
-                .strip_prefix("seg-")
-                .and_then(|r| r.strip_suffix(".log"))
-            {
-                if let Ok(seq) = seq.parse::<u64>() {
-                    names.push((seq, entry.path()));
-                }
-            }
-        }
-        names.sort();
-
+        let mut stats = StoreStats { acked_seq: read_cursor(&mut medium), ..Default::default() };
+        let ids = medium.segments().map_err(err("list segments"))?;
         let mut segments: Vec<Segment> = Vec::new();
-        let count = names.len();
-        for (i, (name_seq, path)) in names.into_iter().enumerate() {
-            let is_last = i + 1 == count;
-            match scan_segment(&path, name_seq, is_last, &mut stats)? {
-                Scan::Removed => {}
-                Scan::Kept(seg) => {
-                    // Sequence numbers must keep rising across segments.
-                    let prev_last = segments.last().and_then(|s| s.index.last()).map(|r| r.0);
-                    if let (Some(prev), Some(first)) = (prev_last, seg.index.first()) {
-                        if first.0 <= prev {
-                            tracing::error!(segment = %path.display(), "sequence numbers go backwards; quarantined");
-                            quarantine(&path, &mut stats);
-                            continue;
+        for (i, &id) in ids.iter().enumerate() {
+            let is_newest = i + 1 == ids.len();
+            let bytes = read_all(&mut medium, id).map_err(err("read segment"))?;
+            let scanned = plan::scan(&bytes, id);
+            let action = plan::recovery(&scanned, is_newest, bytes.len() as u64);
+            // Sequence numbers must keep rising across segments.
+            let prev_last = segments.last().and_then(|s| s.entries.last()).map(|e| e.seq);
+            let backwards = prev_last.is_some_and(|p| id <= p);
+            let (entries, valid_len, bad) = match scanned {
+                Scan::Read { entries, valid_len, bad } if !backwards => (entries, valid_len, bad),
+                other => {
+                    if !matches!(action, Recovery::Remove) {
+                        tracing::error!(store = %place, segment = id, found = ?other, backwards, "segment unreadable; quarantined");
+                        stats.quarantined_segments += 1;
+                        if !read_only {
+                            medium.quarantine(id).map_err(err("quarantine segment"))?;
+                        }
+                    } else {
+                        stats.truncated_bytes += bytes.len() as u64;
+                        if !read_only {
+                            medium.remove(id).map_err(err("remove segment"))?;
                         }
                     }
-                    segments.push(seg);
+                    continue;
                 }
-                Scan::Unreadable => quarantine(&path, &mut stats),
+            };
+            let mut len = bytes.len() as u64;
+            match action {
+                Recovery::Truncate(at) => {
+                    let cut = len - at;
+                    tracing::warn!(store = %place, segment = id, at, bytes = cut, why = ?bad, "cut torn tail");
+                    stats.truncated_bytes += cut;
+                    if !read_only {
+                        medium.open(id).and_then(|mut s| s.truncate(at)).map_err(err("truncate segment"))?;
+                    }
+                    len = at;
+                }
+                Recovery::KeepPrefix => {
+                    tracing::error!(store = %place, segment = id, at = valid_len, why = ?bad, "corrupt record; rest of segment skipped");
+                    stats.corrupt_records += 1;
+                }
+                _ => {}
             }
+            segments.push(Segment { id, entries, len });
         }
 
-        let last = segments
-            .iter()
-            .rev()
-            .find_map(|s| s.index.last())
-            .map(|r| r.0);
+        let last = segments.iter().rev().find_map(|s| s.entries.last()).map(|e| e.seq);
         let next_seq = last.unwrap_or(0).max(stats.acked_seq) + 1;
-        // Keep appending to the newest segment (its tail was cut clean above).
+        // Keep appending to the newest segment while it has room.
         let active = match segments.last() {
-            Some(s) if s.len < limits.segment_bytes => Some(
-                OpenOptions::new()
-                    .append(true)
-                    .open(&s.path)
-                    .map_err(io_err(&s.path))?,
-            ),
+            Some(s) if !read_only && s.len < limits.segment_bytes => {
+                let mut f = medium.open(s.id).map_err(err("open segment"))?;
+                f.seek(SeekFrom::Start(s.len)).map_err(err("seek segment"))?;
+                Some(f)
+            }
             _ => None,
         };
         let mut store = Store {
-            dir: dir.to_owned(),
+            medium,
             limits,
             segments,
             active,
             next_seq,
+            last_sync: Instant::now(),
+            read_only,
             stats,
             scratch: Vec::new(),
-            _lock: lock,
+            _lock: None,
         };
+        store.stats.durable_seq = next_seq - 1;
         store.refresh_stats();
-        if store.stats.truncated_bytes > 0 || store.stats.corrupt_records > 0 {
-            tracing::warn!(
-                truncated_bytes = store.stats.truncated_bytes,
-                corrupt_records = store.stats.corrupt_records,
-                "store recovered from an interrupted write or corruption"
-            );
-        }
         Ok(store)
     }
 
@@ -200,85 +251,161 @@ impl Store {
         &self.stats
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    pub fn limits(&self) -> &StoreLimits {
+        &self.limits
     }
 
-    /// Appends a record and makes it durable (fsync) before returning its
-    /// sequence number. Drops the oldest segments if over the byte bound.
-    pub fn append(&mut self, payload: &[u8]) -> Result<u64, StoreError> {
-        let total = RECORD_HEADER + payload.len();
-        if payload.len() > record::MAX_PAYLOAD
-            || (total + SEGMENT_HEADER) as u64 > self.limits.segment_bytes
-        {
+    pub fn describe(&self) -> String {
+        self.medium.describe()
+    }
+
+    fn err(&self, what: &'static str) -> impl FnOnce(M::Error) -> StoreError + '_ {
+        move |e| io_error(self.medium.describe(), what, e)
+    }
+
+    /// Appends a record stamped `time_ms` and returns its sequence number.
+    /// Durable before returning when `fsync_interval_ms` is 0 or has
+    /// elapsed since the last sync; otherwise within that interval, by a
+    /// later append, [`Store::tick`] or [`Store::sync`].
+    pub fn append(&mut self, payload: &[u8], time_ms: i64) -> Result<u64, StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        let size = plan::record_size(payload.len());
+        if payload.len() > record::MAX_PAYLOAD || size + SEGMENT_HEADER as u64 > self.limits.segment_bytes {
             return Err(StoreError::TooLarge(payload.len()));
         }
+        self.enforce_bounds(time_ms, size)?;
         let seq = self.next_seq;
-        let needs_new = match self.segments.last() {
-            None => true,
-            Some(s) => self.active.is_none() || s.len + total as u64 > self.limits.segment_bytes,
-        };
-        if needs_new {
-            self.start_segment(seq)?;
-        }
         self.scratch.clear();
-        record::encode_record(seq, 0, payload, &mut self.scratch);
-        let seg = self.segments.last_mut().expect("start_segment pushed one");
-        let file = self.active.as_mut().expect("start_segment opened it");
-        let offset = seg.len;
-        let res = file.write_all(&self.scratch).and_then(|_| file.sync_data());
-        if let Err(e) = res {
-            // Cut back what may have been written so the segment stays clean.
-            let _ = file.set_len(offset);
-            self.active = None;
-            return Err(StoreError::Io {
-                path: seg.path.clone(),
-                source: e,
-            });
+        record::encode_record(seq, time_ms, 0, payload, &mut self.scratch);
+        let mut tried_dropping = false;
+        loop {
+            match self.write_record(seq) {
+                Ok(()) => break,
+                Err((e, full)) if full && !tried_dropping => {
+                    tried_dropping = true;
+                    if !self.drop_oldest(DropReason::DiskFull)? {
+                        return Err(StoreError::Full { place: self.medium.describe() });
+                    }
+                    tracing::warn!(error = %e, "medium full; dropped the oldest segment and retrying");
+                }
+                Err((e, true)) => {
+                    tracing::error!(error = %e, "medium still full after dropping");
+                    return Err(StoreError::Full { place: self.medium.describe() });
+                }
+                Err((e, false)) => return Err(e),
+            }
         }
-        seg.index.push((seq, offset, total as u32));
-        seg.len += total as u64;
+        let seg = self.segments.last_mut().expect("write_record ensured a segment");
+        seg.entries.push(Entry { seq, time_ms, offset: seg.len, len: self.scratch.len() as u32 });
+        seg.len += self.scratch.len() as u64;
         self.next_seq += 1;
         self.stats.appended_records += 1;
-        self.enforce_bound()?;
+        if self.limits.fsync_interval_ms == 0
+            || self.last_sync.elapsed() >= Duration::from_millis(self.limits.fsync_interval_ms)
+        {
+            self.sync()?;
+        }
         self.refresh_stats();
         Ok(seq)
+    }
+
+    /// Writes `self.scratch` as record `seq`, starting a segment if needed.
+    /// On failure the segment is cut back to where it was. The flag says
+    /// whether the medium was full.
+    fn write_record(&mut self, seq: u64) -> Result<(), (StoreError, bool)> {
+        // A segment holds consecutive sequence numbers from its id on (that
+        // is how recovery tells a stale or foreign record from a good one).
+        // After a power cut lost records that had been acknowledged, the
+        // next number skips ahead: start a new segment then.
+        let needs_new = match self.segments.last() {
+            None => true,
+            Some(s) => {
+                let expected = s.entries.last().map_or(s.id, |e| e.seq + 1);
+                self.active.is_none()
+                    || expected != seq
+                    || s.len + self.scratch.len() as u64 > self.limits.segment_bytes
+            }
+        };
+        if needs_new {
+            self.start_segment(seq).map_err(|e| (e, false))?;
+        }
+        let (Some(seg), Some(file)) = (self.segments.last(), self.active.as_mut()) else {
+            return Err((
+                StoreError::Io { place: self.medium.describe(), what: "write", message: "no active segment".into() },
+                false,
+            ));
+        };
+        let offset = seg.len;
+        if let Err(e) = file.write_all(&self.scratch) {
+            let full = is_full(&e);
+            // Cut back whatever part was written so the segment stays clean.
+            let _ = file.truncate(offset);
+            let _ = file.seek(SeekFrom::Start(offset));
+            return Err((io_error(self.medium.describe(), "append", e), full));
+        }
+        Ok(())
+    }
+
+    /// Makes every append so far durable.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.stats.durable_seq + 1 == self.next_seq {
+            return Ok(());
+        }
+        if let Some(f) = self.active.as_mut() {
+            f.flush().map_err(|e| io_error(String::new(), "sync", e))?;
+        }
+        self.last_sync = Instant::now();
+        self.stats.syncs += 1;
+        self.stats.durable_seq = self.next_seq - 1;
+        Ok(())
+    }
+
+    /// Syncs if appends are waiting and the interval has passed.
+    pub fn tick(&mut self) -> Result<(), StoreError> {
+        if self.last_sync.elapsed() >= Duration::from_millis(self.limits.fsync_interval_ms) {
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// Up to `max` records with sequence numbers above `after`, in order.
     /// Records found corrupt are skipped and counted.
     pub fn read_after(&mut self, after: u64, max: usize) -> Result<Vec<StoredRecord>, StoreError> {
         let mut out = Vec::new();
-        let start = self
-            .segments
-            .partition_point(|s| s.index.last().is_some_and(|r| r.0 <= after));
+        let start = self.segments.partition_point(|s| s.entries.last().is_some_and(|e| e.seq <= after));
         let mut corrupt = 0;
+        let place = self.medium.describe();
         for seg in &self.segments[start..] {
-            let from = seg.index.partition_point(|r| r.0 <= after);
-            if from == seg.index.len() {
+            if out.len() >= max {
+                break;
+            }
+            let from = seg.entries.partition_point(|e| e.seq <= after);
+            if from == seg.entries.len() {
                 continue;
             }
-            let file = File::open(&seg.path).map_err(io_err(&seg.path))?;
-            for &(seq, off, len) in &seg.index[from..] {
+            let mut file = self.medium.open(seg.id).map_err(|e| io_error(place.clone(), "open segment", e))?;
+            for e in &seg.entries[from..] {
                 if out.len() >= max {
                     break;
                 }
-                let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, off)
-                    .map_err(io_err(&seg.path))?;
+                let mut buf = vec![0u8; e.len as usize];
+                file.seek(SeekFrom::Start(e.offset)).map_err(|x| io_error(place.clone(), "seek", x))?;
+                if file.read_exact(&mut buf).is_err() {
+                    corrupt += 1;
+                    continue;
+                }
                 match record::decode_record(&buf) {
-                    Decoded::Record { seq: s, total, .. } if s == seq && total == buf.len() => {
-                        buf.drain(..RECORD_HEADER);
-                        out.push(StoredRecord { seq, payload: buf });
+                    record::Decoded::Record { seq, time_ms, total, .. } if seq == e.seq && total == buf.len() => {
+                        buf.drain(..record::RECORD_HEADER);
+                        out.push(StoredRecord { seq, time_ms, payload: buf });
                     }
                     _ => {
-                        tracing::error!(seq, segment = %seg.path.display(), "record corrupt on read; skipped");
+                        tracing::error!(store = %place, seq = e.seq, "record corrupt on read; skipped");
                         corrupt += 1;
                     }
                 }
-            }
-            if out.len() >= max {
-                break;
             }
         }
         self.stats.corrupt_records += corrupt;
@@ -286,207 +413,143 @@ impl Store {
     }
 
     /// Persists the send position: every record up to `seq` was delivered.
-    /// Atomic (write, fsync, rename, fsync directory).
     pub fn ack(&mut self, seq: u64) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
         if seq <= self.stats.acked_seq {
             return Ok(());
         }
-        let tmp = self.dir.join("acked.tmp");
-        let dst = self.dir.join(CURSOR_FILE);
-        let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&record::encode_cursor(seq))?;
-            f.sync_all()?;
-            fs::rename(&tmp, &dst)?;
-            File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(io_err(&self.dir))?;
+        self.medium.write_meta(CURSOR, &record::encode_cursor(seq)).map_err(self.err("persist send position"))?;
         self.stats.acked_seq = seq;
+        self.refresh_stats();
         Ok(())
     }
 
     fn start_segment(&mut self, first_seq: u64) -> Result<(), StoreError> {
-        let path = self.dir.join(format!("seg-{first_seq:020}.log"));
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        // The previous segment is finished: make all of it durable first.
+        self.sync()?;
+        let place = self.medium.describe();
+        let mut f = self.medium.create(first_seq).map_err(|e| io_error(place.clone(), "create segment", e))?;
         f.write_all(&record::encode_segment_header(first_seq))
-            .and_then(|_| f.sync_all())
-            .and_then(|_| File::open(&self.dir)?.sync_all())
-            .map_err(io_err(&path))?;
-        self.segments.push(Segment {
-            path,
-            first_seq,
-            index: Vec::new(),
-            len: SEGMENT_HEADER as u64,
-        });
+            .and_then(|_| f.flush())
+            .map_err(|e| io_error(place, "write segment header", e))?;
+        self.segments.push(Segment { id: first_seq, entries: Vec::new(), len: SEGMENT_HEADER as u64 });
         self.active = Some(f);
         Ok(())
     }
 
-    fn enforce_bound(&mut self) -> Result<(), StoreError> {
-        while self.total_bytes() > self.limits.max_bytes && self.segments.len() > 1 {
-            let seg = self.segments.remove(0);
-            fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
-            let n = seg.index.len() as u64;
-            let unsent = seg
-                .index
-                .iter()
-                .filter(|r| r.0 > self.stats.acked_seq)
-                .count() as u64;
-            self.stats.dropped_records += n;
-            self.stats.dropped_unsent_records += unsent;
-            self.stats.dropped_bytes += seg.len;
-            tracing::warn!(
-                segment = %seg.path.display(),
-                records = n,
-                unsent,
-                "store full: dropped the oldest segment"
-            );
+    /// Drops what the bounds require before `incoming` more bytes arrive.
+    fn enforce_bounds(&mut self, now_ms: i64, incoming: u64) -> Result<(), StoreError> {
+        let mut summaries: Vec<SegmentSummary> = self.segments.iter().map(Segment::summary).collect();
+        // Count the record about to be written against the byte bound, and a
+        // new segment if it will not fit in the active one.
+        match summaries.last_mut() {
+            Some(last) if self.active.is_some() && last.bytes + incoming <= self.limits.segment_bytes => {
+                last.bytes += incoming
+            }
+            _ => summaries.push(SegmentSummary { bytes: SEGMENT_HEADER as u64 + incoming, newest_ms: Some(now_ms) }),
+        }
+        let plan = plan::drops(&summaries, self.limits.max_bytes, self.limits.max_age_ms, now_ms);
+        for (_, reason) in plan {
+            self.drop_oldest(reason)?;
         }
         Ok(())
     }
 
-    fn total_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.len).sum()
+    /// Drops the oldest segment unless it is the only one being written.
+    fn drop_oldest(&mut self, reason: DropReason) -> Result<bool, StoreError> {
+        if self.segments.len() < 2 {
+            return Ok(false);
+        }
+        let seg = self.segments.remove(0);
+        self.medium.remove(seg.id).map_err(self.err("remove segment"))?;
+        let n = seg.entries.len() as u64;
+        let unsent = seg.entries.iter().filter(|e| e.seq > self.stats.acked_seq).count() as u64;
+        let idx = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.stats.dropped_records[idx] += n;
+        self.stats.dropped_unsent_records += unsent;
+        self.stats.dropped_bytes += seg.len;
+        let (first, last) = (seg.entries.first().map(|e| e.seq), seg.entries.last().map(|e| e.seq));
+        // The audit line: what went, why, and whether it had been sent.
+        tracing::warn!(
+            target: "edge_agent::audit",
+            store = %self.medium.describe(),
+            reason = reason.label(),
+            segment = seg.id,
+            records = n,
+            unsent,
+            first_seq = ?first,
+            last_seq = ?last,
+            bytes = seg.len,
+            "store dropped its oldest segment"
+        );
+        self.refresh_stats();
+        Ok(true)
     }
 
     fn refresh_stats(&mut self) {
-        self.stats.segments = self.segments.len();
-        self.stats.bytes = self.total_bytes();
-        self.stats.first_seq = self
-            .segments
-            .iter()
-            .find_map(|s| s.index.first())
-            .map_or(0, |r| r.0);
-        self.stats.last_seq = self
-            .segments
-            .iter()
-            .rev()
-            .find_map(|s| s.index.last())
-            .map_or(0, |r| r.0);
+        let s = &mut self.stats;
+        s.segments = self.segments.len();
+        s.bytes = self.segments.iter().map(|x| x.len).sum();
+        let first = self.segments.iter().find_map(|x| x.entries.first());
+        let last = self.segments.iter().rev().find_map(|x| x.entries.last());
+        s.first_seq = first.map_or(0, |e| e.seq);
+        s.last_seq = last.map_or(0, |e| e.seq);
+        s.oldest_ms = first.map_or(0, |e| e.time_ms);
+        s.newest_ms = last.map_or(0, |e| e.time_ms);
     }
 }
 
-fn lock_dir(dir: &Path) -> Result<File, StoreError> {
-    use std::os::fd::AsRawFd;
-    let path = dir.join("LOCK");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
-    // SAFETY: flock on a descriptor we own; released when `f` is closed.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return Err(StoreError::Locked(dir.to_owned()));
+fn is_full<E: embedded_io::Error>(e: &E) -> bool {
+    e.kind() == embedded_io::ErrorKind::OutOfMemory || e.to_string().contains("No space left")
+}
+
+fn read_all<M: Medium>(medium: &mut M, id: u64) -> Result<Vec<u8>, M::Error> {
+    let mut f = medium.open(id)?;
+    let len = f.size()? as usize;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        match f.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
         }
-        return Err(StoreError::Io { path, source: e });
     }
-    Ok(f)
+    buf.truncate(filled);
+    Ok(buf)
 }
 
-fn read_cursor(dir: &Path) -> u64 {
-    let path = dir.join(CURSOR_FILE);
-    match fs::read(&path) {
-        Ok(b) => match record::decode_cursor(&b) {
-            Ok(seq) => seq,
-            Err(why) => {
-                tracing::error!(file = %path.display(), why, "send position unreadable; resending everything held");
-                0
-            }
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+fn read_cursor<M: Medium>(medium: &mut M) -> u64 {
+    match medium.read_meta(CURSOR) {
+        Ok(None) => 0,
+        Ok(Some(b)) => record::decode_cursor(&b).unwrap_or_else(|why| {
+            tracing::error!(store = %medium.describe(), why, "send position unreadable; resending everything held");
+            0
+        }),
         Err(e) => {
-            tracing::error!(file = %path.display(), error = %e, "send position unreadable; resending everything held");
+            tracing::error!(store = %medium.describe(), error = %e, "send position unreadable; resending everything held");
             0
         }
     }
 }
 
-fn quarantine(path: &Path, stats: &mut StoreStats) {
-    let mut to = path.as_os_str().to_owned();
-    to.push(".corrupt");
-    if let Err(e) = fs::rename(path, &to) {
-        tracing::error!(segment = %path.display(), error = %e, "cannot quarantine corrupt segment");
-    }
-    stats.quarantined_segments += 1;
-}
-
-enum Scan {
-    Kept(Segment),
-    /// An empty segment left by a crash during its creation; deleted.
-    Removed,
-    /// Header unreadable: quarantine it.
-    Unreadable,
-}
-
-/// Reads a segment's records, cutting a torn tail if it is the last one.
-fn scan_segment(
-    path: &Path,
-    name_seq: u64,
-    is_last: bool,
-    stats: &mut StoreStats,
-) -> Result<Scan, StoreError> {
-    let data = fs::read(path).map_err(io_err(path))?;
-    match record::decode_segment_header(&data) {
-        Ok(seq) if seq == name_seq => {}
-        _ if is_last && data.len() < SEGMENT_HEADER => {
-            // Crashed while creating it: nothing was ever stored here.
-            fs::remove_file(path).map_err(io_err(path))?;
-            stats.truncated_bytes += data.len() as u64;
-            return Ok(Scan::Removed);
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("LOCK");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_error(path.display().to_string(), "open lock", e))?;
+    // SAFETY: flock on a descriptor we own; released when `f` is closed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(StoreError::Locked(dir.to_owned()));
         }
-        _ => {
-            tracing::error!(segment = %path.display(), "unreadable segment header");
-            return Ok(Scan::Unreadable);
-        }
+        return Err(io_error(path.display().to_string(), "lock", e));
     }
-    let mut index = Vec::new();
-    let mut off = SEGMENT_HEADER;
-    let mut expected = None;
-    while off < data.len() {
-        match record::decode_record(&data[off..]) {
-            Decoded::Record { seq, total, .. } if expected.is_none_or(|e| e == seq) => {
-                index.push((seq, off as u64, total as u32));
-                expected = Some(seq + 1);
-                off += total;
-            }
-            other => {
-                let rest = (data.len() - off) as u64;
-                if is_last {
-                    // Torn or corrupt tail of the segment being written.
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(path)
-                        .map_err(io_err(path))?;
-                    f.set_len(off as u64)
-                        .and_then(|_| f.sync_all())
-                        .map_err(io_err(path))?;
-                    stats.truncated_bytes += rest;
-                    tracing::warn!(segment = %path.display(), cut_at = off, bytes = rest, what = ?other, "cut torn tail");
-                } else {
-                    stats.corrupt_records += 1;
-                    tracing::error!(segment = %path.display(), at = off, bytes = rest, what = ?other, "corrupt record; rest of segment skipped");
-                }
-                break;
-            }
-        }
-    }
-    let len = if is_last {
-        off as u64
-    } else {
-        data.len() as u64
-    };
-    Ok(Scan::Kept(Segment {
-        path: path.to_owned(),
-        first_seq: name_seq,
-        index,
-        len,
-    }))
+    Ok(f)
 }

@@ -6,9 +6,9 @@ use crc::{Crc, CRC_32_ISCSI};
 pub const CRC32C: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 
 /// Version byte of records written by this build.
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 /// Bytes before the payload.
-pub const RECORD_HEADER: usize = 20;
+pub const RECORD_HEADER: usize = 28;
 /// Largest payload a record may carry.
 pub const MAX_PAYLOAD: usize = 16 * 1024 * 1024;
 
@@ -19,21 +19,23 @@ pub const SEGMENT_HEADER: usize = 16;
 /// Appends one record to `out`:
 ///
 /// ```text
-/// 0   u8      version (1)
+/// 0   u8      version (2)
 /// 1   u8      flags (0)
 /// 2   u16     reserved, 0
 /// 4   u32 LE  payload length N
 /// 8   u64 LE  sequence number
-/// 16  u32 LE  CRC-32C of bytes 0..16 and the payload
-/// 20  N bytes payload
+/// 16  i64 LE  time of the record (ms since the epoch, newest sample)
+/// 24  u32 LE  CRC-32C of bytes 0..24 and the payload
+/// 28  N bytes payload
 /// ```
-pub fn encode_record(seq: u64, flags: u8, payload: &[u8], out: &mut Vec<u8>) {
+pub fn encode_record(seq: u64, time_ms: i64, flags: u8, payload: &[u8], out: &mut Vec<u8>) {
     debug_assert!(payload.len() <= MAX_PAYLOAD);
-    let mut head = [0u8; 16];
+    let mut head = [0u8; 24];
     head[0] = RECORD_VERSION;
     head[1] = flags;
     head[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     head[8..16].copy_from_slice(&seq.to_le_bytes());
+    head[16..24].copy_from_slice(&time_ms.to_le_bytes());
     let mut d = CRC32C.digest();
     d.update(&head);
     d.update(payload);
@@ -47,7 +49,7 @@ pub fn encode_record(seq: u64, flags: u8, payload: &[u8], out: &mut Vec<u8>) {
 pub enum Decoded {
     /// A whole, intact record of `total` bytes whose payload is
     /// `buf[RECORD_HEADER..total]`.
-    Record { seq: u64, flags: u8, total: usize },
+    Record { seq: u64, time_ms: i64, flags: u8, total: usize },
     /// The buffer ends inside a record (a torn write at the tail).
     Incomplete,
     /// The bytes are not a record this build can read.
@@ -69,19 +71,16 @@ pub fn decode_record(buf: &[u8]) -> Decoded {
     if buf.len() < total {
         return Decoded::Incomplete;
     }
-    let stored = u32::from_le_bytes([buf[16], buf[17], buf[18], buf[19]]);
+    let stored = u32::from_le_bytes([buf[24], buf[25], buf[26], buf[27]]);
     let mut d = CRC32C.digest();
-    d.update(&buf[..16]);
+    d.update(&buf[..24]);
     d.update(&buf[RECORD_HEADER..total]);
     if d.finalize() != stored {
         return Decoded::Corrupt("checksum mismatch");
     }
     let seq = u64::from_le_bytes(buf[8..16].try_into().unwrap_or([0; 8]));
-    Decoded::Record {
-        seq,
-        flags: buf[1],
-        total,
-    }
+    let time_ms = i64::from_le_bytes(buf[16..24].try_into().unwrap_or([0; 8]));
+    Decoded::Record { seq, time_ms, flags: buf[1], total }
 }
 
 /// `EASG`, version, 3 reserved bytes, first sequence number (u64 LE).
@@ -152,26 +151,20 @@ mod tests {
     #[test]
     fn record_round_trip_and_layout() {
         let mut buf = Vec::new();
-        encode_record(7, 0, b"hello", &mut buf);
+        encode_record(7, -3, 0, b"hello", &mut buf);
         assert_eq!(buf.len(), RECORD_HEADER + 5);
         assert_eq!(buf[0], RECORD_VERSION);
         assert_eq!(&buf[4..8], &5u32.to_le_bytes());
         assert_eq!(&buf[8..16], &7u64.to_le_bytes());
-        assert_eq!(
-            decode_record(&buf),
-            Decoded::Record {
-                seq: 7,
-                flags: 0,
-                total: 25
-            }
-        );
+        assert_eq!(&buf[16..24], &(-3i64).to_le_bytes());
+        assert_eq!(decode_record(&buf), Decoded::Record { seq: 7, time_ms: -3, flags: 0, total: 33 });
         assert_eq!(&buf[RECORD_HEADER..], b"hello");
     }
 
     #[test]
     fn every_truncation_is_incomplete_and_every_bit_flip_is_caught() {
         let mut buf = Vec::new();
-        encode_record(1, 0, b"payload bytes", &mut buf);
+        encode_record(1, 1_700_000_000_000, 0, b"payload bytes", &mut buf);
         for n in 0..buf.len() {
             assert_eq!(decode_record(&buf[..n]), Decoded::Incomplete, "prefix {n}");
         }

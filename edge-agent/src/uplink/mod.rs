@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::metrics::AgentMetrics;
-use crate::store::Store;
+use crate::store::FileStore;
 use window::SendWindow;
 
 /// How often a moving send position is made durable, at most.
@@ -27,40 +27,25 @@ const POLL: Duration = Duration::from_millis(100);
 
 pub struct Uplink {
     cfg: Config,
-    store: Arc<Mutex<Store>>,
+    store: Arc<Mutex<FileStore>>,
     metrics: AgentMetrics,
     shutdown: Arc<AtomicBool>,
 }
 
 impl Uplink {
-    pub fn new(
-        cfg: Config,
-        store: Arc<Mutex<Store>>,
-        metrics: AgentMetrics,
-        shutdown: Arc<AtomicBool>,
-    ) -> Self {
-        Uplink {
-            cfg,
-            store,
-            metrics,
-            shutdown,
-        }
+    pub fn new(cfg: Config, store: Arc<Mutex<FileStore>>, metrics: AgentMetrics, shutdown: Arc<AtomicBool>) -> Self {
+        Uplink { cfg, store, metrics, shutdown }
     }
 
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("uplink".into())
-            .spawn(move || self.run())
+        std::thread::Builder::new().name("uplink".into()).spawn(move || self.run())
     }
 
     fn run(self) {
         let topic = edge_wire::metrics_topic(&self.cfg.mqtt.topic_prefix, &self.cfg.device_id);
         let acked = lock(&self.store).stats().acked_seq;
         let mut win = SendWindow::new(acked, self.cfg.mqtt.max_inflight as usize);
-        let mut backoff = Backoff::new(
-            self.cfg.mqtt.reconnect_min_ms,
-            self.cfg.mqtt.reconnect_max_ms,
-        );
+        let mut backoff = Backoff::new(self.cfg.mqtt.reconnect_min_ms, self.cfg.mqtt.reconnect_max_ms);
         while !self.shutdown.load(Ordering::Relaxed) {
             let connected = self.session(&topic, &mut win);
             self.metrics.uplink_connected.set(0);
@@ -157,15 +142,8 @@ impl Uplink {
     ) -> Result<(), crate::store::StoreError> {
         let records = lock(&self.store).read_after(win.last_sent(), win.room())?;
         for rec in records {
-            let env = edge_wire::Envelope {
-                device: &self.cfg.device_id,
-                seq: rec.seq,
-                batch: &rec.payload,
-            };
-            if client
-                .try_publish(topic, QoS::AtLeastOnce, false, env.encode())
-                .is_err()
-            {
+            let env = edge_wire::Envelope { device: &self.cfg.device_id, seq: rec.seq, batch: &rec.payload };
+            if client.try_publish(topic, QoS::AtLeastOnce, false, env.encode()).is_err() {
                 // Request queue full: try again on the next turn.
                 break;
             }
@@ -189,7 +167,7 @@ impl Uplink {
 /// A poisoned lock only means another thread panicked while holding it; the
 /// store's state is still consistent (every mutation is complete or not
 /// applied), so carry on.
-pub(crate) fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+pub(crate) fn lock(store: &Mutex<FileStore>) -> std::sync::MutexGuard<'_, FileStore> {
     store.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -208,12 +186,7 @@ impl Backoff {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             ^ u64::from(std::process::id()).rotate_left(32);
-        Backoff {
-            min: min_ms,
-            max: max_ms,
-            cur: min_ms,
-            rng: seed | 1,
-        }
+        Backoff { min: min_ms, max: max_ms, cur: min_ms, rng: seed | 1 }
     }
 
     fn reset(&mut self) {

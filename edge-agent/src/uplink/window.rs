@@ -18,12 +18,7 @@ pub struct SendWindow {
 impl SendWindow {
     /// `acked`: the persisted send position (0: nothing acknowledged yet).
     pub fn new(acked: u64, max_inflight: usize) -> Self {
-        SendWindow {
-            acked,
-            last_sent: acked,
-            inflight: VecDeque::new(),
-            max_inflight: max_inflight.max(1),
-        }
+        SendWindow { acked, last_sent: acked, inflight: VecDeque::new(), max_inflight: max_inflight.max(1) }
     }
 
     /// Everything up to here was acknowledged.
