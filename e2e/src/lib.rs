@@ -345,6 +345,10 @@ pub struct AgentSetup<'a> {
     pub window_ms: u64,
     /// Ports put in the port class "e2e".
     pub class_ports: &'a [u16],
+    /// Default: `<test dir>/agent-state`.
+    pub state_dir: Option<&'a Path>,
+    /// More TOML, appended after the other sections (e.g. a `[store]`).
+    pub extra: &'a str,
 }
 
 pub struct Agent {
@@ -365,12 +369,13 @@ impl Agent {
                 "device_id = \"{}\"\nstate_dir = \"{}\"\n[window]\nmillis = {}\n\
                  [mqtt]\nport = {}\nreconnect_max_ms = 500\n\
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
-                 [probes.tcp_lifecycle.port_classes]\ne2e = [{}]\n",
+                 [probes.tcp_lifecycle.port_classes]\ne2e = [{}]\n{}\n",
                 s.device,
-                dir.join("agent-state").display(),
+                s.state_dir.map_or_else(|| dir.join("agent-state"), Path::to_path_buf).display(),
                 s.window_ms,
                 s.broker_port,
-                ports.join(", ")
+                ports.join(", "),
+                s.extra,
             ),
         )
         .expect("agent config");

@@ -37,6 +37,8 @@ impl Stack {
                 broker_port: broker.port,
                 window_ms: WINDOW_MS,
                 class_ports: &[server.port, closed_port],
+                state_dir: None,
+                extra: "",
             },
         );
         Stack { dir, device, broker, prom, bridge, agent, server, closed_port }

@@ -329,7 +329,7 @@ impl<M: Medium> Store<M> {
             }
         };
         if needs_new {
-            self.start_segment(seq).map_err(|e| (e, false))?;
+            self.start_segment(seq)?;
         }
         let (Some(seg), Some(file)) = (self.segments.last(), self.active.as_mut()) else {
             return Err((
@@ -426,14 +426,20 @@ impl<M: Medium> Store<M> {
         Ok(())
     }
 
-    fn start_segment(&mut self, first_seq: u64) -> Result<(), StoreError> {
+    /// Starts segment `first_seq`. Errors carry whether the medium was full;
+    /// a segment that could not be set up is removed again.
+    fn start_segment(&mut self, first_seq: u64) -> Result<(), (StoreError, bool)> {
         // The previous segment is finished: make all of it durable first.
-        self.sync()?;
+        self.sync().map_err(|e| (e, false))?;
         let place = self.medium.describe();
-        let mut f = self.medium.create(first_seq).map_err(|e| io_error(place.clone(), "create segment", e))?;
-        f.write_all(&record::encode_segment_header(first_seq))
-            .and_then(|_| f.flush())
-            .map_err(|e| io_error(place, "write segment header", e))?;
+        let mut f =
+            self.medium.create(first_seq).map_err(|e| (io_error(place.clone(), "create segment", &e), is_full(&e)))?;
+        if let Err(e) = f.write_all(&record::encode_segment_header(first_seq)).and_then(|_| f.flush()) {
+            let full = is_full(&e);
+            drop(f);
+            let _ = self.medium.remove(first_seq);
+            return Err((io_error(place, "write segment header", e), full));
+        }
         self.segments.push(Segment { id: first_seq, entries: Vec::new(), len: SEGMENT_HEADER as u64 });
         self.active = Some(f);
         Ok(())
