@@ -1,60 +1,127 @@
-//! `edge-agent [--config FILE]`: see README.md and docs/configuration.md.
+//! `edge-agent`: see README.md and docs/configuration.md.
 
+use edge_agent::config::Config;
+use edge_agent::tools::{self, Format};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: edge-agent [run] [--config FILE]
        edge-agent check-config [--config FILE]
+       edge-agent store inspect [--config FILE | --dir STORE_DIR]
+       edge-agent store export  [--config FILE | --dir STORE_DIR]
+                                [--from TIME] [--to TIME] [--format openmetrics|csv] [--output FILE]
        edge-agent --version
 
 Without --config the built-in defaults are used (docs/configuration.md).
+TIME: 2026-11-21T10:00:00Z, Unix seconds, or relative: -2h, -30m, -7d.
+The store commands only read: they are safe next to a running agent.
 Logging: EDGE_AGENT_LOG=debug (tracing EnvFilter syntax).";
 
-fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let mut config: Option<PathBuf> = None;
-    let mut command = None;
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--config" | "-c" => match args.next() {
-                Some(p) => config = Some(PathBuf::from(p)),
-                None => return usage_error("--config needs a file name"),
-            },
+#[derive(Default)]
+struct Args {
+    command: Vec<String>,
+    config: Option<PathBuf>,
+    dir: Option<PathBuf>,
+    from: Option<String>,
+    to: Option<String>,
+    format: Option<String>,
+    output: Option<PathBuf>,
+}
+
+fn parse() -> Result<Option<Args>, String> {
+    let mut a = Args::default();
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--config" | "-c" => a.config = Some(PathBuf::from(value("--config")?)),
+            "--dir" => a.dir = Some(PathBuf::from(value("--dir")?)),
+            "--from" => a.from = Some(value("--from")?),
+            "--to" => a.to = Some(value("--to")?),
+            "--format" => a.format = Some(value("--format")?),
+            "--output" | "-o" => a.output = Some(PathBuf::from(value("--output")?)),
             "--version" | "-V" => {
                 println!("edge-agent {}", env!("CARGO_PKG_VERSION"));
-                return ExitCode::SUCCESS;
+                return Ok(None);
             }
             "--help" | "-h" => {
                 println!("{USAGE}");
-                return ExitCode::SUCCESS;
+                return Ok(None);
             }
-            "run" | "check-config" if command.is_none() => command = Some(a),
-            other => return usage_error(&format!("unknown argument {other:?}")),
+            s if !s.starts_with('-') => a.command.push(arg),
+            other => return Err(format!("unknown option {other:?}")),
         }
     }
-    edge_agent::init_logging("EDGE_AGENT_LOG");
-    let cfg = match edge_agent::config::Config::load(config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("edge-agent: {e}");
-            return ExitCode::from(2);
-        }
+    Ok(Some(a))
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(Some(a)) => a,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => return fail(2, &format!("{e}\n{USAGE}")),
     };
-    if command.as_deref() == Some("check-config") {
-        println!("configuration is valid (device_id = {})", cfg.device_id);
-        return ExitCode::SUCCESS;
-    }
-    match edge_agent::run(cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("edge-agent: {e}");
-            ExitCode::FAILURE
+    edge_agent::init_logging("EDGE_AGENT_LOG");
+    let cfg = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, &e.to_string()),
+    };
+    let cmd: Vec<&str> = args.command.iter().map(String::as_str).collect();
+    match cmd.as_slice() {
+        [] | ["run"] => match edge_agent::run(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                fail(1, &e.to_string())
+            }
+        },
+        ["check-config"] => {
+            println!("configuration is valid (device_id = {})", cfg.device_id);
+            ExitCode::SUCCESS
         }
+        ["store", "inspect"] => {
+            let dir = args.dir.unwrap_or_else(|| cfg.store_dir());
+            match tools::inspect(&dir) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &e.to_string()),
+            }
+        }
+        ["store", "export"] => match export(&args, &cfg) {
+            Ok(n) => {
+                eprintln!("edge-agent: exported {n} samples");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, &e),
+        },
+        _ => fail(2, &format!("unknown command {:?}\n{USAGE}", args.command.join(" "))),
     }
 }
 
-fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("edge-agent: {msg}\n{USAGE}");
-    ExitCode::from(2)
+fn export(args: &Args, cfg: &Config) -> Result<u64, String> {
+    let now = edge_agent::now_ms();
+    let from = args.from.as_deref().map_or(Ok(i64::MIN), |t| tools::parse_time(t, now))?;
+    let to = args.to.as_deref().map_or(Ok(i64::MAX), |t| tools::parse_time(t, now))?;
+    let format = match args.format.as_deref().unwrap_or("openmetrics") {
+        "openmetrics" => Format::OpenMetrics,
+        "csv" => Format::Csv,
+        f => return Err(format!("unknown --format {f:?}: use openmetrics or csv")),
+    };
+    let dir = args.dir.clone().unwrap_or_else(|| cfg.store_dir());
+    let mut out: Box<dyn std::io::Write> = match &args.output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let n = tools::export(&dir, from, to, format, &mut *out).map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| format!("cannot write the output: {e}"))?;
+    Ok(n)
+}
+
+fn fail(code: u8, msg: &str) -> ExitCode {
+    eprintln!("edge-agent: {msg}");
+    ExitCode::from(code)
 }

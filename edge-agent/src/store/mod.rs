@@ -132,6 +132,7 @@ pub struct Store<M: Medium> {
 }
 
 const CURSOR: &str = "acked";
+const DROPS: &str = "dropped";
 
 /// The store the agent runs: segments as files in a directory.
 pub type FileStore = Store<FsMedium>;
@@ -171,6 +172,16 @@ impl<M: Medium> Store<M> {
             move |e: M::Error| io_error(place, what, e)
         };
         let mut stats = StoreStats { acked_seq: read_cursor(&mut medium), ..Default::default() };
+        if let Ok(Some(b)) = medium.read_meta(DROPS) {
+            match record::decode_drops(&b) {
+                Ok([cap, age, full, unsent, bytes]) => {
+                    stats.dropped_records = [cap, age, full];
+                    stats.dropped_unsent_records = unsent;
+                    stats.dropped_bytes = bytes;
+                }
+                Err(why) => tracing::warn!(store = %place, why, "drop counters unreadable; starting them at 0"),
+            }
+        }
         let ids = medium.segments().map_err(err("list segments"))?;
         let mut segments: Vec<Segment> = Vec::new();
         for (i, &id) in ids.iter().enumerate() {
@@ -477,6 +488,12 @@ impl<M: Medium> Store<M> {
         self.stats.dropped_unsent_records += unsent;
         self.stats.dropped_bytes += seg.len;
         let (first, last) = (seg.entries.first().map(|e| e.seq), seg.entries.last().map(|e| e.seq));
+        let [cap, age, full] = self.stats.dropped_records;
+        let counters =
+            record::encode_drops([cap, age, full, self.stats.dropped_unsent_records, self.stats.dropped_bytes]);
+        if let Err(e) = self.medium.write_meta(DROPS, &counters) {
+            tracing::error!(error = %e, "cannot persist the drop counters");
+        }
         // The audit line: what went, why, and whether it had been sent.
         tracing::warn!(
             target: "edge_agent::audit",

@@ -138,8 +138,57 @@ pub fn decode_cursor(b: &[u8]) -> Result<u64, &'static str> {
     Ok(u64::from_le_bytes(b[8..16].try_into().unwrap_or([0; 8])))
 }
 
+/// The drop counters file (`dropped`), so that what a box lost stays
+/// visible across restarts (`store inspect`):
+///
+/// ```text
+/// 0   u8      version (1)
+/// 1   7 bytes reserved, 0
+/// 8   u64 LE  records dropped for capacity
+/// 16  u64 LE  records dropped for age
+/// 24  u64 LE  records dropped because the disk was full
+/// 32  u64 LE  of those, never acknowledged
+/// 40  u64 LE  bytes dropped
+/// 48  u32 LE  CRC-32C of bytes 0..48
+/// ```
+pub const DROPS_LEN: usize = 52;
+
+pub fn encode_drops(v: [u64; 5]) -> [u8; DROPS_LEN] {
+    let mut b = [0u8; DROPS_LEN];
+    b[0] = 1;
+    for (i, x) in v.iter().enumerate() {
+        b[8 + i * 8..16 + i * 8].copy_from_slice(&x.to_le_bytes());
+    }
+    let crc = CRC32C.checksum(&b[..48]);
+    b[48..52].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+pub fn decode_drops(b: &[u8]) -> Result<[u64; 5], &'static str> {
+    if b.len() != DROPS_LEN || b[0] != 1 {
+        return Err("wrong length or version");
+    }
+    if CRC32C.checksum(&b[..48]).to_le_bytes() != b[48..52] {
+        return Err("checksum mismatch");
+    }
+    let mut v = [0u64; 5];
+    for (i, x) in v.iter_mut().enumerate() {
+        *x = u64::from_le_bytes(b[8 + i * 8..16 + i * 8].try_into().unwrap_or([0; 8]));
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn drops_round_trip() {
+        let v = [1, 2, 3, 4, 5];
+        assert_eq!(super::decode_drops(&super::encode_drops(v)), Ok(v));
+        let mut b = super::encode_drops(v);
+        b[20] ^= 4;
+        assert!(super::decode_drops(&b).is_err());
+    }
+
     use super::*;
 
     #[test]
