@@ -31,8 +31,9 @@ fn agent_keeps_running_on_a_full_disk_and_reports_drops() {
         unsafe { libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=1m".as_ptr().cast()) };
     assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
     let _unmount = Tmpfs(state.clone());
-    // Fill it, leaving 12 KiB.
-    std::fs::write(state.join("filler"), vec![0u8; (1 << 20) - (12 << 10)]).unwrap();
+    // Fill it, leaving 8 KiB: two tmpfs pages, so the third segment file
+    // the agent creates runs out of space.
+    std::fs::write(state.join("filler"), vec![0u8; (1 << 20) - (8 << 10)]).unwrap();
 
     let server = Server::start();
     let mut agent = Agent::start(
@@ -43,7 +44,7 @@ fn agent_keeps_running_on_a_full_disk_and_reports_drops() {
             window_ms: 100,
             class_ports: &[server.port],
             state_dir: Some(&state),
-            extra: "[store]\nsegment_bytes = 4096\nmax_bytes = 1048576\nfsync_interval_ms = 0\n",
+            extra: "[store]\nsegment_bytes = 1024\nmax_bytes = 1048576\nfsync_interval_ms = 0\n",
         },
     );
     server.connections(3);

@@ -52,6 +52,11 @@ pub struct StoreConfig {
     /// appends once per window, so with windows longer than this every
     /// window is synced as it is stored.
     pub fsync_interval_ms: u64,
+    /// A block (the unit that is compressed and sent as one message) ends
+    /// after this many windows... (360: an hour of 10 s windows)
+    pub block_max_windows: u64,
+    /// ...or this many bytes of frames.
+    pub block_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,6 +71,10 @@ pub struct MqttConfig {
     pub keep_alive_secs: u64,
     /// Records published and not yet acknowledged, at most.
     pub max_inflight: u16,
+    /// While connected and caught up, the block being written is sent at
+    /// most this often (0: every window, lowest latency). Longer intervals
+    /// send fewer, better-compressed messages on metered links.
+    pub live_interval_ms: u64,
     /// Reconnect back-off bounds, in milliseconds.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -124,6 +133,8 @@ impl Default for StoreConfig {
             segment_bytes: 4 * 1024 * 1024,
             max_age_secs: 0,
             fsync_interval_ms: 1000,
+            block_max_windows: 360,
+            block_max_bytes: 1024 * 1024,
         }
     }
 }
@@ -137,6 +148,7 @@ impl Default for MqttConfig {
             topic_prefix: "edge".into(),
             keep_alive_secs: 30,
             max_inflight: 32,
+            live_interval_ms: 0,
             reconnect_min_ms: 200,
             reconnect_max_ms: 30_000,
         }
@@ -205,11 +217,17 @@ impl Config {
         if self.window.millis < 100 || self.window.millis > 3_600_000 {
             return Err("window.millis must be between 100 and 3600000".into());
         }
-        if self.store.segment_bytes < 4096 {
-            return Err("store.segment_bytes must be at least 4096".into());
+        if self.store.segment_bytes < 1024 {
+            return Err("store.segment_bytes must be at least 1024".into());
         }
         if self.store.max_bytes < 2 * self.store.segment_bytes {
             return Err("store.max_bytes must be at least twice store.segment_bytes".into());
+        }
+        if self.store.block_max_windows == 0 || self.store.block_max_windows > edge_wire::block::MAX_FRAMES as u64 {
+            return Err(format!("store.block_max_windows must be 1..={}", edge_wire::block::MAX_FRAMES));
+        }
+        if self.store.block_max_bytes < 1024 || self.store.block_max_bytes > (edge_wire::MAX_MESSAGE_BYTES / 2) as u64 {
+            return Err(format!("store.block_max_bytes must be 1024..={}", edge_wire::MAX_MESSAGE_BYTES / 2));
         }
         if self.store.fsync_interval_ms > 60_000 {
             return Err("store.fsync_interval_ms must be at most 60000".into());
@@ -282,6 +300,13 @@ impl Config {
             max_age_ms: self.store.max_age_secs.saturating_mul(1000),
             fsync_interval_ms: self.store.fsync_interval_ms,
         }
+    }
+
+    pub fn block_writer(&self) -> crate::store::blocks::BlockWriter {
+        crate::store::blocks::BlockWriter::new(
+            self.store.block_max_windows as usize,
+            self.store.block_max_bytes as usize,
+        )
     }
 
     pub fn store_dir(&self) -> PathBuf {

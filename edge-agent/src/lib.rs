@@ -80,7 +80,8 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
 
     // Store what the probes counted since the last window, then let the
     // uplink persist its position and disconnect.
-    close_window(&cfg, &probes, &store, &metrics, &mut window::WindowStage::new(), &mut TcpCounters::default());
+    let mut writer = cfg.block_writer();
+    close_window(&probes, &store, &metrics, &mut window::WindowStage::new(), &mut writer, &mut TcpCounters::default());
     shutdown.store(true, Ordering::Relaxed);
     let _ = uplink.join();
     result
@@ -88,6 +89,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
 
 async fn window_loop(cfg: &Config, probes: &Probes, store: &Arc<Mutex<FileStore>>, metrics: &AgentMetrics) {
     let mut stage = window::WindowStage::new();
+    let mut writer = cfg.block_writer();
     let mut prev = TcpCounters::default();
     let period = cfg.window();
     let mut next = Instant::now() + period;
@@ -99,16 +101,16 @@ async fn window_loop(cfg: &Config, probes: &Probes, store: &Arc<Mutex<FileStore>
         if next < Instant::now() {
             next = Instant::now() + period;
         }
-        close_window(cfg, probes, store, metrics, &mut stage, &mut prev);
+        close_window(probes, store, metrics, &mut stage, &mut writer, &mut prev);
     }
 }
 
 fn close_window(
-    _cfg: &Config,
     probes: &Probes,
     store: &Arc<Mutex<FileStore>>,
     metrics: &AgentMetrics,
     stage: &mut window::WindowStage,
+    writer: &mut store::blocks::BlockWriter,
     prev: &mut TcpCounters,
 ) {
     let reading = probes.read();
@@ -119,17 +121,18 @@ fn close_window(
         *prev = now.clone();
     }
     metrics.windows.inc();
-    let Some(batch) = stage.close(ts, &reading, classes) else {
-        return;
-    };
-    let bytes = batch.encode();
     let mut store = uplink::lock(store);
-    match store.append(&bytes, ts) {
-        Ok(seq) => tracing::debug!(seq, series = batch.series.len(), bytes = bytes.len(), "window stored"),
-        Err(e) => {
-            metrics.window_errors.inc();
-            tracing::error!(error = %e, "window could not be stored");
+    if let Some(window) = stage.close(ts, &reading, classes) {
+        match writer.write(&mut store, &window) {
+            Ok(seq) => tracing::debug!(seq, series = window.samples.len(), "window stored"),
+            Err(e) => {
+                metrics.window_errors.inc();
+                tracing::error!(error = %e, "window could not be stored");
+            }
         }
+    }
+    if let Err(e) = store.tick() {
+        tracing::error!(error = %e, "store sync failed");
     }
     metrics.observe_store(store.stats());
 }

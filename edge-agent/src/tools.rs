@@ -4,7 +4,6 @@
 
 use crate::store::plan::DropReason;
 use crate::store::{FileStore, StoreError};
-use edge_wire::Batch;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write;
@@ -82,12 +81,12 @@ pub fn export(dir: &Path, from_ms: i64, to_ms: i64, format: Format, out: &mut dy
     let mut after = 0;
     let mut undecodable = 0u64;
     loop {
-        let recs = store.read_after(after, 256)?;
-        let Some(last) = recs.last() else { break };
+        let blocks = store.read_blocks(after, 64, 4 << 20, true)?;
+        let Some(last) = blocks.last().and_then(|b| b.last()) else { break };
         after = last.seq;
-        for r in recs {
-            let Ok(batch) = Batch::decode(&r.payload) else {
-                undecodable += 1;
+        for block in blocks {
+            let Ok(batch) = edge_wire::block::decode_block(block.iter().map(|r| r.payload.as_slice())) else {
+                undecodable += block.len() as u64;
                 continue;
             };
             for s in batch.series {

@@ -3,7 +3,8 @@
 
 use crate::probe::tcp_lifecycle::{PortClasses, TcpCounters};
 use crate::probe::ProbeReading;
-use edge_wire::{Batch, Label, Sample, Series};
+use crate::store::blocks::Window;
+use edge_wire::{Label, SeriesKey};
 use std::collections::BTreeSet;
 
 /// Remembers which series have ever been non-zero, so that once a series
@@ -19,17 +20,22 @@ impl WindowStage {
         Self::default()
     }
 
-    /// The batch for the window ending at `timestamp_ms`, or `None` when
+    /// The samples of the window ending at `timestamp_ms`, or `None` when
     /// there is nothing to say.
-    pub fn close(&mut self, timestamp_ms: i64, reading: &ProbeReading, classes: Option<&PortClasses>) -> Option<Batch> {
-        let mut series = Vec::new();
+    pub fn close(
+        &mut self,
+        timestamp_ms: i64,
+        reading: &ProbeReading,
+        classes: Option<&PortClasses>,
+    ) -> Option<Window> {
+        let mut samples = Vec::new();
         if let (Some(tcp), Some(classes)) = (&reading.tcp, classes) {
-            self.tcp_series(timestamp_ms, tcp, classes, &mut series);
+            self.tcp_series(tcp, classes, &mut samples);
         }
-        (!series.is_empty()).then_some(Batch { series })
+        (!samples.is_empty()).then_some(Window { timestamp_ms, samples })
     }
 
-    fn tcp_series(&mut self, ts: i64, c: &TcpCounters, classes: &PortClasses, out: &mut Vec<Series>) {
+    fn tcp_series(&mut self, c: &TcpCounters, classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
         for e in c.entries() {
             if e.value == 0 && !self.live_tcp.contains(&e.index) {
                 continue;
@@ -38,11 +44,8 @@ impl WindowStage {
                 continue;
             };
             self.live_tcp.insert(e.index);
-            out.push(Series {
-                name: e.kind.metric().to_string(),
-                labels: vec![Label::new("direction", e.direction), Label::new("port_class", class_name)],
-                samples: vec![Sample { timestamp_ms: ts, value: e.value as f64 }],
-            });
+            let labels = vec![Label::new("direction", e.direction), Label::new("port_class", class_name)];
+            out.push((SeriesKey::new(e.kind.metric(), labels), e.value as f64));
         }
     }
 }
@@ -62,15 +65,16 @@ mod tests {
 
         c.values[TcpCounters::index(Kind::Opened, 0, 0)] = 3;
         let b = w.close(2, &ProbeReading { tcp: Some(c.clone()) }, Some(&classes)).unwrap();
-        assert_eq!(b.series.len(), 1);
-        let s = &b.series[0];
-        assert_eq!(s.name, "edge_tcp_connections_opened_total");
-        assert_eq!(s.labels, vec![Label::new("direction", "outbound"), Label::new("port_class", "other")]);
-        assert_eq!(s.samples, vec![Sample { timestamp_ms: 2, value: 3.0 }]);
-        b.validate().unwrap();
+        assert_eq!(b.timestamp_ms, 2);
+        assert_eq!(b.samples.len(), 1);
+        let (key, v) = &b.samples[0];
+        assert_eq!(key.name, "edge_tcp_connections_opened_total");
+        assert_eq!(key.labels, vec![Label::new("direction", "outbound"), Label::new("port_class", "other")]);
+        assert_eq!(*v, 3.0);
+        key.validate().unwrap();
 
         // Counter reset (agent restart, new kernel map): the series stays.
         let b = w.close(3, &ProbeReading { tcp: Some(TcpCounters::default()) }, Some(&classes)).unwrap();
-        assert_eq!(b.series[0].samples[0].value, 0.0);
+        assert_eq!(b.samples[0].1, 0.0);
     }
 }

@@ -176,3 +176,23 @@ proptest! {
         run(ops, seed)?;
     }
 }
+
+/// A medium with room for little more than one segment: the store must
+/// keep accepting records by dropping even the segment it was writing.
+#[test]
+fn a_medium_full_with_one_segment_keeps_accepting_newest_data() {
+    let sim = SimMedium::new(7);
+    sim.set_capacity(Some(5000));
+    let limits = StoreLimits { max_bytes: 1 << 20, segment_bytes: 4096, max_age_ms: 0, fsync_interval_ms: 0 };
+    let mut store = Store::open(sim.clone(), limits).unwrap();
+    for i in 0..500u64 {
+        let seq = store.append(&payload(i, 100), 0).unwrap_or_else(|e| panic!("append {i}: {e}"));
+        assert_eq!(seq, i + 1);
+    }
+    let st = store.stats().clone();
+    assert!(st.dropped_records[2] > 0, "{st:?}");
+    assert_eq!(st.last_seq, 500);
+    let held = store.read_after(0, usize::MAX).unwrap();
+    assert_eq!(held.last().map(|r| r.seq), Some(500));
+    assert_eq!(held.last().map(|r| r.payload.clone()), Some(payload(499, 100)));
+}

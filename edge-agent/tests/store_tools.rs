@@ -2,8 +2,9 @@
 //! would: the real binary on a real store directory. The OpenMetrics export
 //! is checked by backfilling it with Prometheus's own promtool.
 
+use edge_agent::store::blocks::{BlockWriter, Window};
 use edge_agent::store::{FileStore, StoreLimits};
-use edge_wire::{Batch, Label, Sample, Series};
+use edge_wire::{Label, SeriesKey};
 use std::process::Command;
 
 const T0: i64 = 1_700_000_000_000;
@@ -11,23 +12,23 @@ const T0: i64 = 1_700_000_000_000;
 fn fill(dir: &std::path::Path) {
     let limits = StoreLimits { max_bytes: 1 << 20, segment_bytes: 8 << 10, max_age_ms: 0, fsync_interval_ms: 0 };
     let mut s = FileStore::open_dir(dir, limits).unwrap();
+    let mut writer = BlockWriter::new(30, 1 << 20);
     for w in 0..100i64 {
         let ts = T0 + w * 10_000;
-        let b = Batch {
-            series: vec![
-                Series {
-                    name: "edge_tcp_connections_opened_total".into(),
-                    labels: vec![Label::new("direction", "outbound"), Label::new("port_class", "mqtt")],
-                    samples: vec![Sample { timestamp_ms: ts, value: (w * 3) as f64 }],
-                },
-                Series {
-                    name: "temperature_celsius".into(),
-                    labels: vec![Label::new("sensor", "a\"b")],
-                    samples: vec![Sample { timestamp_ms: ts, value: 20.5 + w as f64 / 10.0 }],
-                },
+        let window = Window {
+            timestamp_ms: ts,
+            samples: vec![
+                (
+                    SeriesKey::new(
+                        "edge_tcp_connections_opened_total",
+                        vec![Label::new("direction", "outbound"), Label::new("port_class", "mqtt")],
+                    ),
+                    (w * 3) as f64,
+                ),
+                (SeriesKey::new("temperature_celsius", vec![Label::new("sensor", "a\"b")]), 20.5 + w as f64 / 10.0),
             ],
         };
-        s.append(&b.encode(), ts).unwrap();
+        writer.write(&mut s, &window).unwrap();
     }
     s.ack(40).unwrap();
 }

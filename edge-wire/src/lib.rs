@@ -1,25 +1,27 @@
 //! Wire formats shared by `edge-agent` and `fleet-bridge`.
 //!
-//! Two layers, each with its own version byte so they can evolve separately
-//! (byte-by-byte description: `docs/wire-format.md`):
+//! Two layers (byte-by-byte description: `docs/wire-format.md`):
 //!
-//! * [`Batch`]: the measurements of one window. The agent encodes it once and
-//!   stores exactly these bytes as a store record's payload; the uplink sends
-//!   the same bytes, never re-encoding them.
-//! * [`Envelope`]: what travels as one MQTT message: device id, the store
-//!   sequence number of the record, and the batch bytes.
+//! * [`block`]: the measurements of a run of windows, Gorilla-compressed.
+//!   The agent stores one *frame* per window as a store record; a block is a
+//!   start frame and the continuation frames after it.
+//! * [`Envelope`]: one MQTT message: device id, the store sequence number of
+//!   the first frame, and the frames of one block, byte for byte as stored.
 //!
 //! Decoding is strict: every size, count, name and version is checked, so the
 //! bridge can hand the result to Prometheus without further validation.
 
 #![forbid(unsafe_code)]
 
+pub mod bits;
+pub mod block;
+
+pub use block::{BlockDecoder, BlockEncoder, EncodeError, SeriesKey};
+
 use serde::{Deserialize, Serialize};
 
 /// Version byte of [`Envelope`] encodings produced by this crate.
-pub const ENVELOPE_VERSION: u8 = 1;
-/// Version byte of [`Batch`] encodings produced by this crate.
-pub const BATCH_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
 
 /// Largest accepted MQTT payload (envelope), in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -56,29 +58,32 @@ pub enum DecodeError {
     Invalid(String),
 }
 
-/// One MQTT message: a stored batch on its way to the fleet.
+/// One MQTT message: a stored block on its way to the fleet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<'a> {
     /// The sending device. The bridge checks it against the topic (and, with
     /// authentication, against the client identity).
     pub device: &'a str,
-    /// Sequence number of the store record carrying `batch`.
-    pub seq: u64,
-    /// A [`Batch`] encoding, exactly as stored (version byte first).
-    pub batch: &'a [u8],
+    /// Sequence number of the store record holding the first frame; frame
+    /// `i` was record `first_seq + i`.
+    pub first_seq: u64,
+    /// The block's frames, each exactly as stored.
+    #[serde(borrow)]
+    pub frames: Vec<&'a [u8]>,
 }
 
 impl<'a> Envelope<'a> {
     /// Encodes `[ENVELOPE_VERSION][postcard(self)]`.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.batch.len() + self.device.len() + 16);
+        let size: usize = self.frames.iter().map(|f| f.len() + 3).sum();
+        let mut out = Vec::with_capacity(size + self.device.len() + 16);
         out.push(ENVELOPE_VERSION);
         // Serializing borrowed strings and bytes to a Vec cannot fail.
         out.extend_from_slice(&postcard::to_allocvec(self).unwrap_or_default());
         out
     }
 
-    /// Decodes and validates an envelope (not yet the batch inside).
+    /// Decodes and validates an envelope (not yet the frames inside).
     pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(DecodeError::TooLarge(bytes.len()));
@@ -90,11 +95,19 @@ impl<'a> Envelope<'a> {
             return Err(DecodeError::Trailing(rest.len(), "envelope"));
         }
         validate_device_id(env.device).map_err(DecodeError::Invalid)?;
+        if env.frames.is_empty() || env.frames.len() > block::MAX_FRAMES {
+            return Err(DecodeError::Invalid(format!("an envelope carries 1..={} frames", block::MAX_FRAMES)));
+        }
         Ok(env)
+    }
+
+    /// Decodes the block the frames make up.
+    pub fn block(&self) -> Result<Batch, DecodeError> {
+        block::decode_block(self.frames.iter().copied())
     }
 }
 
-/// The measurements of one window.
+/// Decoded measurements: series, each with its samples in time order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
     pub series: Vec<Series>,
@@ -109,7 +122,7 @@ pub struct Series {
     pub samples: Vec<Sample>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Label {
     pub name: String,
     pub value: String,
@@ -129,83 +142,9 @@ impl Label {
 }
 
 impl Batch {
-    /// Encodes `[BATCH_VERSION][postcard(self)]`. Validate first: the encoder
-    /// does not check what it writes.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![BATCH_VERSION];
-        out.extend_from_slice(&postcard::to_allocvec(self).unwrap_or_default());
-        out
-    }
-
-    /// Decodes and validates a batch.
-    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(DecodeError::TooLarge(bytes.len()));
-        }
-        let body = versioned(bytes, "batch", BATCH_VERSION)?;
-        let (batch, rest): (Batch, _) = postcard::take_from_bytes(body)
-            .map_err(|e| DecodeError::Malformed { what: "batch", reason: e.to_string() })?;
-        if !rest.is_empty() {
-            return Err(DecodeError::Trailing(rest.len(), "batch"));
-        }
-        batch.validate().map_err(DecodeError::Invalid)?;
-        Ok(batch)
-    }
-
-    /// Checks every limit and naming rule of `docs/wire-format.md`.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.series.len() > MAX_SERIES {
-            return Err(format!("{} series, limit {MAX_SERIES}", self.series.len()));
-        }
-        for s in &self.series {
-            s.validate().map_err(|e| format!("series {:?}: {e}", s.name))?;
-        }
-        Ok(())
-    }
-
     /// Number of samples over all series.
     pub fn sample_count(&self) -> usize {
         self.series.iter().map(|s| s.samples.len()).sum()
-    }
-}
-
-impl Series {
-    fn validate(&self) -> Result<(), String> {
-        if !is_metric_name(&self.name) {
-            return Err("metric name must match [a-zA-Z_:][a-zA-Z0-9_:]* (≤128 bytes)".into());
-        }
-        if self.labels.len() > MAX_LABELS {
-            return Err(format!("{} labels, limit {MAX_LABELS}", self.labels.len()));
-        }
-        let mut prev: Option<&str> = None;
-        for l in &self.labels {
-            if !is_label_name(&l.name) {
-                return Err(format!("label name {:?} is not a valid name", l.name));
-            }
-            if RESERVED_LABELS.contains(&l.name.as_str()) {
-                return Err(format!("label {:?} is reserved for the bridge", l.name));
-            }
-            if l.value.is_empty() || l.value.len() > MAX_LABEL_VALUE {
-                return Err(format!("label {:?}: value must be 1..={MAX_LABEL_VALUE} bytes", l.name));
-            }
-            if let Some(p) = prev {
-                if p >= l.name.as_str() {
-                    return Err("labels must be sorted by name and unique".into());
-                }
-            }
-            prev = Some(&l.name);
-        }
-        if self.samples.is_empty() || self.samples.len() > MAX_SAMPLES_PER_SERIES {
-            return Err(format!("sample count must be 1..={MAX_SAMPLES_PER_SERIES}"));
-        }
-        let mut last = i64::MIN;
-        for s in &self.samples {
-            if s.timestamp_ms <= last {
-                return Err("sample timestamps must be strictly increasing".into());
-            }
-            last = s.timestamp_ms;
-        }
-        Ok(())
     }
 }
 
@@ -242,7 +181,7 @@ pub fn device_of_topic<'t>(prefix: &str, topic: &'t str) -> Option<&'t str> {
     (!device.contains('/')).then_some(device)
 }
 
-fn is_metric_name(s: &str) -> bool {
+pub(crate) fn is_metric_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= MAX_NAME
@@ -250,7 +189,7 @@ fn is_metric_name(s: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b':')
 }
 
-fn is_label_name(s: &str) -> bool {
+pub(crate) fn is_label_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= MAX_NAME
@@ -263,81 +202,63 @@ fn is_label_name(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn batch() -> Batch {
-        Batch {
-            series: vec![Series {
-                name: "edge_tcp_connections_opened_total".into(),
-                labels: vec![Label::new("direction", "outbound"), Label::new("port_class", "mqtt")],
-                samples: vec![
-                    Sample { timestamp_ms: 1_700_000_000_000, value: 3.0 },
-                    Sample { timestamp_ms: 1_700_000_010_000, value: 5.0 },
-                ],
-            }],
-        }
+    fn frames() -> Vec<Vec<u8>> {
+        let k = SeriesKey::new("edge_tcp_connections_opened_total", vec![Label::new("direction", "outbound")]);
+        let mut e = BlockEncoder::new();
+        (0..3).map(|w| e.frame(1_700_000_000_000 + w * 10_000, &[(k.clone(), w as f64)]).unwrap()).collect()
     }
 
     #[test]
-    fn batch_round_trips_with_version_first() {
-        let b = batch();
-        let bytes = b.encode();
-        assert_eq!(bytes[0], BATCH_VERSION);
-        assert_eq!(Batch::decode(&bytes).unwrap(), b);
-    }
-
-    #[test]
-    fn envelope_round_trips_and_carries_stored_bytes_verbatim() {
-        let stored = batch().encode();
-        let env = Envelope { device: "press-07", seq: 42, batch: &stored };
+    fn envelope_round_trips_and_carries_stored_frames_verbatim() {
+        let f = frames();
+        let env = Envelope { device: "press-07", first_seq: seq_hint(), frames: f.iter().map(Vec::as_slice).collect() };
         let bytes = env.encode();
         assert_eq!(bytes[0], ENVELOPE_VERSION);
         let back = Envelope::decode(&bytes).unwrap();
         assert_eq!(back, env);
-        assert_eq!(back.batch, &stored[..]);
+        assert_eq!(back.frames[1], &f[1][..]);
+        let b = back.block().unwrap();
+        assert_eq!(b.sample_count(), 3);
+        assert_eq!(b.series[0].samples[2], Sample { timestamp_ms: 1_700_000_020_000, value: 2.0 });
+    }
+
+    fn seq_hint() -> u64 {
+        42
     }
 
     #[test]
     fn unknown_versions_are_named() {
-        let mut bytes = batch().encode();
+        let f = frames();
+        let mut bytes = Envelope { device: "d", first_seq: 1, frames: vec![&f[0]] }.encode();
         bytes[0] = 9;
-        assert_eq!(Batch::decode(&bytes), Err(DecodeError::Version { what: "batch", found: 9, supported: 1 }));
+        assert_eq!(
+            Envelope::decode(&bytes),
+            Err(DecodeError::Version { what: "envelope", found: 9, supported: ENVELOPE_VERSION })
+        );
         assert_eq!(Envelope::decode(&[]), Err(DecodeError::Empty));
     }
 
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
-        let stored = batch().encode();
-        let bytes = Envelope { device: "d1", seq: 1, batch: &stored }.encode();
+        let f = frames();
+        let bytes = Envelope { device: "d1", first_seq: 1, frames: f.iter().map(Vec::as_slice).collect() }.encode();
         for n in 0..bytes.len() {
-            assert!(Envelope::decode(&bytes[..n]).is_err(), "prefix {n} decoded");
+            if let Ok(env) = Envelope::decode(&bytes[..n]) {
+                let _ = env.block();
+            }
         }
-        for n in 0..stored.len() {
-            assert!(Batch::decode(&stored[..n]).is_err(), "prefix {n} decoded");
-        }
+        let mut more = bytes.clone();
+        more.push(0);
+        assert!(matches!(Envelope::decode(&more), Err(DecodeError::Trailing(1, "envelope"))));
     }
 
     #[test]
-    fn trailing_bytes_are_rejected() {
-        let mut stored = batch().encode();
-        stored.push(0);
-        assert!(matches!(Batch::decode(&stored), Err(DecodeError::Trailing(1, "batch"))));
-    }
-
-    #[test]
-    fn invalid_content_is_rejected() {
-        let mut b = batch();
-        b.series[0].labels.reverse();
-        assert!(b.validate().unwrap_err().contains("sorted"));
-        let mut b = batch();
-        b.series[0].labels[0].name = "device".into();
-        assert!(b.validate().unwrap_err().contains("reserved"));
-        let mut b = batch();
-        b.series[0].samples[1].timestamp_ms = b.series[0].samples[0].timestamp_ms;
-        assert!(b.validate().unwrap_err().contains("increasing"));
-        let mut b = batch();
-        b.series[0].name = "1bad".into();
-        assert!(b.validate().is_err());
-        let bad = Envelope { device: "a/b", seq: 1, batch: &[1] }.encode();
+    fn bad_envelopes_are_refused() {
+        let f = frames();
+        let bad = Envelope { device: "a/b", first_seq: 1, frames: vec![&f[0]] }.encode();
         assert!(matches!(Envelope::decode(&bad), Err(DecodeError::Invalid(_))));
+        let empty = Envelope { device: "a", first_seq: 1, frames: vec![] }.encode();
+        assert!(matches!(Envelope::decode(&empty), Err(DecodeError::Invalid(_))));
     }
 
     #[test]
@@ -357,36 +278,15 @@ mod golden {
     /// The worked example of docs/wire-format.md, byte for byte.
     #[test]
     fn documented_example() {
-        let batch = Batch {
-            series: vec![Series {
-                name: "m".into(),
-                labels: vec![Label::new("k", "v")],
-                samples: vec![Sample { timestamp_ms: 1000, value: 1.0 }],
-            }],
-        }
-        .encode();
-        assert_eq!(
-            batch,
-            [
-                0x01, // batch version
-                0x01, // 1 series
-                0x01, b'm', // name
-                0x01, 0x01, b'k', 0x01, b'v', // 1 label: k=v
-                0x01, 0xd0, 0x0f, // 1 sample, timestamp 1000 (zigzag varint 2000)
-                0, 0, 0, 0, 0, 0, 0xf0, 0x3f, // value 1.0 (f64 LE)
-            ]
-        );
-        let env = Envelope { device: "d1", seq: 300, batch: &batch }.encode();
-        let mut expected = vec![
-            0x01, // envelope version
-            0x02,
-            b'd',
-            b'1', // device
-            0xac,
-            0x02,              // seq 300 (varint)
-            batch.len() as u8, // batch length
-        ];
-        expected.extend_from_slice(&batch);
-        assert_eq!(env, expected);
+        let k = SeriesKey::new("m", vec![Label::new("k", "v")]);
+        let mut e = BlockEncoder::new();
+        let f0 = e.frame(1000, &[(k.clone(), 1.0)]).unwrap();
+        let f1 = e.frame(11000, &[(k.clone(), 2.0)]).unwrap();
+        let f2 = e.frame(21001, &[(k, 3.0)]).unwrap();
+        let env = Envelope { device: "d1", first_seq: 300, frames: vec![&f0, &f1, &f2] }.encode();
+        let hex: Vec<String> = env.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex.join(" "), GOLDEN);
     }
+
+    const GOLDEN: &str = "02 02 64 31 ac 02 03 17 21 01 d0 0f 01 00 01 6d 01 00 01 6b 00 01 76 3f f0 00 00 00 00 00 00 08 22 01 a0 9c 01 00 80 80 05 22 01 02 00 00";
 }

@@ -2,13 +2,15 @@
 //! is a device's valid batch, and build the remote-write body for it.
 
 use crate::remote_write::{self, WriteRequest};
-use edge_wire::{Batch, Envelope};
+use edge_wire::Envelope;
 
 /// A message ready to be written.
 #[derive(Debug)]
 pub struct Write {
     pub device: String,
-    pub seq: u64,
+    /// Store sequence numbers of the block's first and last frames.
+    pub first_seq: u64,
+    pub last_seq: u64,
     pub samples: usize,
     /// Snappy-compressed protobuf WriteRequest.
     pub body: Vec<u8>,
@@ -43,9 +45,15 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8]) -> Result<Write, Refus
     if env.device != device {
         return Err(Refusal::WrongDevice { topic: device.into(), claimed: env.device.into() });
     }
-    let batch = Batch::decode(env.batch).map_err(|e| Refusal::Undecodable(e.to_string()))?;
+    let batch = env.block().map_err(|e| Refusal::Undecodable(e.to_string()))?;
     let req = WriteRequest { timeseries: remote_write::to_timeseries(device, &batch) };
-    Ok(Write { device: device.into(), seq: env.seq, samples: batch.sample_count(), body: remote_write::encode(&req) })
+    Ok(Write {
+        device: device.into(),
+        first_seq: env.first_seq,
+        last_seq: env.first_seq + env.frames.len() as u64 - 1,
+        samples: batch.sample_count(),
+        body: remote_write::encode(&req),
+    })
 }
 
 /// How to treat a remote-write HTTP status.
@@ -72,26 +80,22 @@ pub fn verdict(status: u16) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edge_wire::{Label, Sample, Series};
+    use edge_wire::{BlockEncoder, Label, SeriesKey};
 
     fn payload(device: &str) -> Vec<u8> {
-        let b = Batch {
-            series: vec![Series {
-                name: "m".into(),
-                labels: vec![Label::new("k", "v")],
-                samples: vec![Sample { timestamp_ms: 5, value: 1.5 }],
-            }],
-        }
-        .encode();
-        Envelope { device, seq: 3, batch: &b }.encode()
+        let k = SeriesKey::new("m", vec![Label::new("k", "v")]);
+        let mut e = BlockEncoder::new();
+        let frames = [e.frame(5, &[(k.clone(), 1.5)]).unwrap(), e.frame(15, &[(k, 2.5)]).unwrap()];
+        Envelope { device, first_seq: 3, frames: frames.iter().map(Vec::as_slice).collect() }.encode()
     }
 
     #[test]
     fn valid_message_becomes_a_write() {
         let w = prepare("edge", "edge/d1/metrics", &payload("d1")).unwrap();
-        assert_eq!((w.device.as_str(), w.seq, w.samples), ("d1", 3, 1));
+        assert_eq!((w.device.as_str(), w.first_seq, w.last_seq, w.samples), ("d1", 3, 4, 2));
         let req = remote_write::decode(&w.body).unwrap();
-        assert_eq!(req.timeseries[0].samples[0].timestamp, 5);
+        let ts: Vec<i64> = req.timeseries[0].samples.iter().map(|s| s.timestamp).collect();
+        assert_eq!(ts, [5, 15]);
     }
 
     #[test]

@@ -134,21 +134,21 @@ impl Writer {
                     Verdict::Written => {
                         self.metrics.messages.get_or_create(&metrics::ResultLabels::new("written")).inc();
                         self.metrics.samples.inc_by(w.samples as u64);
-                        tracing::debug!(device = %w.device, seq = w.seq, samples = w.samples, "written");
+                        tracing::debug!(device = %w.device, seq = w.first_seq, samples = w.samples, "written");
                         return;
                     }
                     Verdict::Refused => {
                         self.metrics.messages.get_or_create(&metrics::ResultLabels::new("refused_by_store")).inc();
                         self.metrics.samples_refused.inc_by(w.samples as u64);
-                        tracing::warn!(device = %w.device, seq = w.seq, status = status.0, body = %status.1, "store refused samples");
+                        tracing::warn!(device = %w.device, seq = w.first_seq, status = status.0, body = %status.1, "store refused samples");
                         return;
                     }
                     Verdict::Retry => {
-                        tracing::warn!(device = %w.device, seq = w.seq, status = status.0, body = %status.1, "store busy or failing; retrying");
+                        tracing::warn!(device = %w.device, seq = w.first_seq, status = status.0, body = %status.1, "store busy or failing; retrying");
                     }
                 },
                 Err(e) => {
-                    tracing::warn!(device = %w.device, seq = w.seq, error = %e, "remote write failed; retrying")
+                    tracing::warn!(device = %w.device, seq = w.first_seq, error = %e, "remote write failed; retrying")
                 }
             }
             self.metrics.retries.inc();

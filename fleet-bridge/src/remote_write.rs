@@ -46,7 +46,7 @@ pub const HEADERS: [(&str, &str); 4] = [
 
 /// The time series of one device's batch, with the bridge-owned `device`
 /// label added. Labels come out sorted by name, as the spec requires.
-/// The batch must have been validated (edge_wire::Batch::decode does).
+/// The batch must have been validated (edge_wire's decoders do).
 pub fn to_timeseries(device: &str, batch: &Batch) -> Vec<TimeSeries> {
     batch
         .series

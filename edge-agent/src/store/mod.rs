@@ -12,6 +12,7 @@
 //! Nothing read from the medium can make this code panic; corrupt data is
 //! cut, skipped or quarantined and counted.
 
+pub mod blocks;
 pub mod medium;
 pub mod plan;
 pub mod record;
@@ -125,6 +126,10 @@ pub struct Store<M: Medium> {
     next_seq: u64,
     last_sync: Instant,
     read_only: bool,
+    /// The uplink sent the open block: the next record must start a new one.
+    block_start_requested: bool,
+    /// Drop counters changed and are not yet persisted.
+    drops_dirty: bool,
     stats: StoreStats,
     scratch: Vec<u8>,
     // flock on <dir>/LOCK for file stores; released on drop.
@@ -249,6 +254,8 @@ impl<M: Medium> Store<M> {
             next_seq,
             last_sync: Instant::now(),
             read_only,
+            block_start_requested: true,
+            drops_dirty: false,
             stats,
             scratch: Vec::new(),
             _lock: None,
@@ -279,6 +286,27 @@ impl<M: Medium> Store<M> {
     /// elapsed since the last sync; otherwise within that interval, by a
     /// later append, [`Store::tick`] or [`Store::sync`].
     pub fn append(&mut self, payload: &[u8], time_ms: i64) -> Result<u64, StoreError> {
+        self.append_flagged(payload, time_ms, 0)
+    }
+
+    /// Whether a record with `payload_len` bytes would begin a new segment.
+    /// A block never spans segments (dropping a segment must not orphan the
+    /// rest of a block), so the writer starts a block then.
+    pub fn would_start_segment(&self, payload_len: usize) -> bool {
+        match self.segments.last() {
+            None => true,
+            Some(s) => self.active.is_none() || s.len + plan::record_size(payload_len) > self.limits.segment_bytes,
+        }
+    }
+
+    /// True once after the uplink has taken the open block for sending (or
+    /// after a restart): the next frame written must start a new block.
+    pub fn take_block_start_request(&mut self) -> bool {
+        std::mem::take(&mut self.block_start_requested)
+    }
+
+    /// Appends a record with header `flags` (see [`record::FLAG_BLOCK_START`]).
+    pub fn append_flagged(&mut self, payload: &[u8], time_ms: i64, flags: u8) -> Result<u64, StoreError> {
         if self.read_only {
             return Err(StoreError::ReadOnly);
         }
@@ -289,30 +317,30 @@ impl<M: Medium> Store<M> {
         self.enforce_bounds(time_ms, size)?;
         let seq = self.next_seq;
         self.scratch.clear();
-        record::encode_record(seq, time_ms, 0, payload, &mut self.scratch);
-        let mut tried_dropping = false;
+        record::encode_record(seq, time_ms, flags, payload, &mut self.scratch);
+        // A full medium: drop oldest segments (the active one too, if it is
+        // all that is left) until the record fits or nothing is left.
         loop {
             match self.write_record(seq) {
                 Ok(()) => break,
-                Err((e, full)) if full && !tried_dropping => {
-                    tried_dropping = true;
+                Err((e, true)) => {
                     if !self.drop_oldest(DropReason::DiskFull)? {
+                        tracing::error!(error = %e, "medium full and the store holds nothing more to drop");
                         return Err(StoreError::Full { place: self.medium.describe() });
                     }
                     tracing::warn!(error = %e, "medium full; dropped the oldest segment and retrying");
-                }
-                Err((e, true)) => {
-                    tracing::error!(error = %e, "medium still full after dropping");
-                    return Err(StoreError::Full { place: self.medium.describe() });
                 }
                 Err((e, false)) => return Err(e),
             }
         }
         let seg = self.segments.last_mut().expect("write_record ensured a segment");
-        seg.entries.push(Entry { seq, time_ms, offset: seg.len, len: self.scratch.len() as u32 });
+        seg.entries.push(Entry { seq, time_ms, flags, offset: seg.len, len: self.scratch.len() as u32 });
         seg.len += self.scratch.len() as u64;
         self.next_seq += 1;
         self.stats.appended_records += 1;
+        if std::mem::take(&mut self.drops_dirty) {
+            self.persist_drops();
+        }
         if self.limits.fsync_interval_ms == 0
             || self.last_sync.elapsed() >= Duration::from_millis(self.limits.fsync_interval_ms)
         {
@@ -423,6 +451,68 @@ impl<M: Medium> Store<M> {
         Ok(out)
     }
 
+    /// Whole blocks after record `after`, oldest first: at most `max_blocks`
+    /// and, beyond the first block, at most `max_bytes` of payload. The
+    /// block still being written is included only with `include_open`, and
+    /// is then closed: the next record will start a new block. A block with
+    /// a record that reads back corrupt is cut before that record (the frames
+    /// after it cannot be decoded without it); the rest is counted corrupt.
+    pub fn read_blocks(
+        &mut self,
+        after: u64,
+        max_blocks: usize,
+        max_bytes: usize,
+        include_open: bool,
+    ) -> Result<Vec<Vec<StoredRecord>>, StoreError> {
+        // Plan from the index: the records of each block, in order.
+        let mut plan: Vec<Vec<Entry>> = Vec::new();
+        let mut bytes = 0usize;
+        let mut open = false;
+        let last_seq = self.stats.last_seq;
+        'segments: for seg in &self.segments {
+            for e in seg.entries.iter().filter(|e| e.seq > after) {
+                if e.flags & record::FLAG_BLOCK_START != 0 {
+                    if plan.len() == max_blocks || (!plan.is_empty() && bytes >= max_bytes) {
+                        break 'segments;
+                    }
+                    plan.push(Vec::new());
+                }
+                match plan.last_mut() {
+                    Some(block) if block.last().is_none_or(|p| p.seq + 1 == e.seq) => {
+                        block.push(*e);
+                        bytes += e.len as usize;
+                    }
+                    // A continuation without its block start (skipped as
+                    // corrupt before): undecodable.
+                    _ => self.stats.corrupt_records += 1,
+                }
+            }
+        }
+        if let Some(last) = plan.last() {
+            // The newest block may still grow unless a start follows it.
+            open = last.last().map(|e| e.seq) == Some(last_seq);
+        }
+        if open && !include_open {
+            plan.pop();
+        }
+        let mut out = Vec::with_capacity(plan.len());
+        for block in plan {
+            let first = block[0].seq;
+            let recs = self.read_after(first - 1, block.len())?;
+            let whole = recs.iter().zip(&block).take_while(|(r, e)| r.seq == e.seq).count();
+            if whole < block.len() {
+                self.stats.corrupt_records += (block.len() - whole) as u64;
+            }
+            if whole > 0 {
+                out.push(recs.into_iter().take(whole).collect());
+            }
+        }
+        if open && include_open {
+            self.block_start_requested = true;
+        }
+        Ok(out)
+    }
+
     /// Persists the send position: every record up to `seq` was delivered.
     pub fn ack(&mut self, seq: u64) -> Result<(), StoreError> {
         if self.read_only {
@@ -476,8 +566,13 @@ impl<M: Medium> Store<M> {
 
     /// Drops the oldest segment unless it is the only one being written.
     fn drop_oldest(&mut self, reason: DropReason) -> Result<bool, StoreError> {
-        if self.segments.len() < 2 {
+        // The segment being written goes only when the medium is full and it
+        // is all that is left: it holds the oldest data then.
+        if self.segments.is_empty() || (self.segments.len() < 2 && reason != DropReason::DiskFull) {
             return Ok(false);
+        }
+        if self.segments.len() == 1 {
+            self.active = None;
         }
         let seg = self.segments.remove(0);
         self.medium.remove(seg.id).map_err(self.err("remove segment"))?;
@@ -488,12 +583,9 @@ impl<M: Medium> Store<M> {
         self.stats.dropped_unsent_records += unsent;
         self.stats.dropped_bytes += seg.len;
         let (first, last) = (seg.entries.first().map(|e| e.seq), seg.entries.last().map(|e| e.seq));
-        let [cap, age, full] = self.stats.dropped_records;
-        let counters =
-            record::encode_drops([cap, age, full, self.stats.dropped_unsent_records, self.stats.dropped_bytes]);
-        if let Err(e) = self.medium.write_meta(DROPS, &counters) {
-            tracing::error!(error = %e, "cannot persist the drop counters");
-        }
+        // Persisted after the next record is written: on a full medium the
+        // counters' file must not take the room just made.
+        self.drops_dirty = true;
         // The audit line: what went, why, and whether it had been sent.
         tracing::warn!(
             target: "edge_agent::audit",
@@ -509,6 +601,16 @@ impl<M: Medium> Store<M> {
         );
         self.refresh_stats();
         Ok(true)
+    }
+
+    fn persist_drops(&mut self) {
+        let [cap, age, full] = self.stats.dropped_records;
+        let counters =
+            record::encode_drops([cap, age, full, self.stats.dropped_unsent_records, self.stats.dropped_bytes]);
+        if let Err(e) = self.medium.write_meta(DROPS, &counters) {
+            tracing::error!(error = %e, "cannot persist the drop counters");
+            self.drops_dirty = true;
+        }
     }
 
     fn refresh_stats(&mut self) {

@@ -9,6 +9,7 @@ use super::record::{self, Decoded, RECORD_HEADER, SEGMENT_HEADER};
 pub struct Entry {
     pub seq: u64,
     pub time_ms: i64,
+    pub flags: u8,
     pub offset: u64,
     pub len: u32,
 }
@@ -42,8 +43,8 @@ pub fn scan(bytes: &[u8], id: u64) -> Scan {
     let mut bad = None;
     while off < bytes.len() {
         match record::decode_record(&bytes[off..]) {
-            Decoded::Record { seq, time_ms, total, .. } if seq == next_seq => {
-                entries.push(Entry { seq, time_ms, offset: off as u64, len: total as u32 });
+            Decoded::Record { seq, time_ms, flags, total } if seq == next_seq => {
+                entries.push(Entry { seq, time_ms, flags, offset: off as u64, len: total as u32 });
                 next_seq = seq + 1;
                 off += total;
             }

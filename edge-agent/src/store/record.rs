@@ -5,6 +5,9 @@ use crc::{Crc, CRC_32_ISCSI};
 
 pub const CRC32C: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 
+/// Record flag: this record starts a block (its payload is a start frame).
+pub const FLAG_BLOCK_START: u8 = 0x01;
+
 /// Version byte of records written by this build.
 pub const RECORD_VERSION: u8 = 2;
 /// Bytes before the payload.
@@ -20,7 +23,7 @@ pub const SEGMENT_HEADER: usize = 16;
 ///
 /// ```text
 /// 0   u8      version (2)
-/// 1   u8      flags (0)
+/// 1   u8      flags (bit 0: starts a block)
 /// 2   u16     reserved, 0
 /// 4   u32 LE  payload length N
 /// 8   u64 LE  sequence number

@@ -1,5 +1,6 @@
-//! Uplink stage: publishes stored records to MQTT (QoS 1) and advances the
-//! persisted send position only over records the broker acknowledged.
+//! Uplink stage: publishes stored blocks to MQTT (QoS 1), one message per
+//! block, and advances the persisted send position only over blocks the
+//! broker acknowledged.
 //!
 //! rumqttc drives its connection on a private tokio runtime, so this stage
 //! runs on its own thread, beside the smol executor. The store is the only
@@ -24,6 +25,8 @@ use window::SendWindow;
 /// How often a moving send position is made durable, at most.
 const PERSIST_EVERY: Duration = Duration::from_millis(250);
 const POLL: Duration = Duration::from_millis(100);
+/// Payload bytes read from the store for one round of publishing.
+const READ_BYTES: usize = 4 << 20;
 
 pub struct Uplink {
     cfg: Config,
@@ -78,6 +81,9 @@ impl Uplink {
         let mut connected = false;
         let mut dirty = false;
         let mut persisted_at = Instant::now();
+        // Send the open block at once on connecting.
+        let now = Instant::now();
+        let mut last_live = now.checked_sub(Duration::from_millis(self.cfg.mqtt.live_interval_ms)).unwrap_or(now);
 
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
@@ -85,7 +91,7 @@ impl Uplink {
                 break;
             }
             if connected && win.room() > 0 {
-                if let Err(e) = self.publish_more(&client, topic, win, &mut awaiting_pkid) {
+                if let Err(e) = self.publish_more(&client, topic, win, &mut awaiting_pkid, &mut last_live) {
                     tracing::error!(error = %e, "reading the store failed");
                 }
             }
@@ -133,22 +139,35 @@ impl Uplink {
         connected
     }
 
+    /// Publishes whole blocks, one message each, while the window has room.
+    /// The block still being written goes out only when `live_interval_ms`
+    /// has passed since the last time it did; taking it closes it.
     fn publish_more(
         &self,
         client: &Client,
         topic: &str,
         win: &mut SendWindow,
         awaiting_pkid: &mut VecDeque<u64>,
+        last_live: &mut Instant,
     ) -> Result<(), crate::store::StoreError> {
-        let records = lock(&self.store).read_after(win.last_sent(), win.room())?;
-        for rec in records {
-            let env = edge_wire::Envelope { device: &self.cfg.device_id, seq: rec.seq, batch: &rec.payload };
+        let include_open = last_live.elapsed() >= Duration::from_millis(self.cfg.mqtt.live_interval_ms);
+        let blocks = lock(&self.store).read_blocks(win.last_sent(), win.room(), READ_BYTES, include_open)?;
+        if include_open && !blocks.is_empty() {
+            *last_live = Instant::now();
+        }
+        for block in blocks {
+            let (Some(first), Some(last)) = (block.first(), block.last()) else { continue };
+            let env = edge_wire::Envelope {
+                device: &self.cfg.device_id,
+                first_seq: first.seq,
+                frames: block.iter().map(|r| r.payload.as_slice()).collect(),
+            };
             if client.try_publish(topic, QoS::AtLeastOnce, false, env.encode()).is_err() {
-                // Request queue full: try again on the next turn.
+                // Request queue full: the block is read again next turn.
                 break;
             }
-            win.sent(rec.seq);
-            awaiting_pkid.push_back(rec.seq);
+            win.sent(last.seq);
+            awaiting_pkid.push_back(last.seq);
             self.metrics.uplink_published.inc();
         }
         Ok(())

@@ -1,0 +1,639 @@
+//! Blocks (batch format version 2): Gorilla-style compression of the
+//! windows a device stores and sends. Byte-level specification:
+//! docs/wire-format.md. The agent stores one frame per window; a block is a
+//! start frame and the continuation frames after it; the same frame bytes
+//! travel on the wire.
+//!
+//! Per frame: one timestamp shared by all series (delta-of-delta), the
+//! series first seen in this frame (a dictionary with a string table), then a
+//! bitstream with one value code per series present:
+//! * integral values (counters, histogram buckets, gauges of whole numbers):
+//!   delta-of-delta of the integers, `0` when the rate is steady;
+//! * other values: Gorilla XOR against the previous value, `0` when equal.
+
+use crate::bits::{BitReader, BitWriter};
+use crate::{is_label_name, is_metric_name, Batch, DecodeError, Label, Sample, Series};
+use crate::{MAX_LABELS, MAX_LABEL_VALUE, MAX_SAMPLES_PER_SERIES, MAX_SERIES, RESERVED_LABELS};
+use std::collections::HashMap;
+
+/// First byte of a frame that starts a block (version 2, kind 1).
+pub const FRAME_START: u8 = 0x21;
+/// First byte of a frame that continues a block (version 2, kind 2).
+pub const FRAME_CONTINUE: u8 = 0x22;
+const FLAG_ALL_PRESENT: u8 = 0x01;
+/// Most frames in one block.
+pub const MAX_FRAMES: usize = MAX_SAMPLES_PER_SERIES;
+/// Largest integral value coded as an integer (beyond it f64 loses units).
+const INT_LIMIT: f64 = 9_007_199_254_740_992.0; // 2^53
+
+/// A series' identity: metric name and labels (sorted by name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeriesKey {
+    pub name: String,
+    pub labels: Vec<Label>,
+}
+
+impl SeriesKey {
+    pub fn new(name: impl Into<String>, labels: Vec<Label>) -> Self {
+        SeriesKey { name: name.into(), labels }
+    }
+
+    /// The naming rules of docs/wire-format.md.
+    pub fn validate(&self) -> Result<(), String> {
+        if !is_metric_name(&self.name) {
+            return Err(format!("metric name {:?} must match [a-zA-Z_:][a-zA-Z0-9_:]* (≤128 bytes)", self.name));
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(format!("{}: {} labels, limit {MAX_LABELS}", self.name, self.labels.len()));
+        }
+        let mut prev: Option<&str> = None;
+        for l in &self.labels {
+            if !is_label_name(&l.name) {
+                return Err(format!("{}: label name {:?} is not a valid name", self.name, l.name));
+            }
+            if RESERVED_LABELS.contains(&l.name.as_str()) {
+                return Err(format!("{}: label {:?} is reserved for the bridge", self.name, l.name));
+            }
+            if l.value.is_empty() || l.value.len() > MAX_LABEL_VALUE {
+                return Err(format!("{}: label {:?}: value must be 1..={MAX_LABEL_VALUE} bytes", self.name, l.name));
+            }
+            if prev.is_some_and(|p| p >= l.name.as_str()) {
+                return Err(format!("{}: labels must be sorted by name and unique", self.name));
+            }
+            prev = Some(&l.name);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Value {
+    Int { prev: i64, delta: i64 },
+    Float { prev: u64, lead: u8, trail: u8 },
+}
+
+fn as_int(v: f64) -> Option<i64> {
+    (v.fract() == 0.0 && v.abs() <= INT_LIMIT && !(v == 0.0 && v.is_sign_negative())).then_some(v as i64)
+}
+
+fn first_value(v: f64) -> Value {
+    match as_int(v) {
+        Some(i) => Value::Int { prev: i, delta: 0 },
+        None => Value::Float { prev: v.to_bits(), lead: u8::MAX, trail: 0 },
+    }
+}
+
+fn put_value(w: &mut BitWriter, state: &mut Value, v: f64) {
+    match *state {
+        Value::Int { prev, delta } => match as_int(v) {
+            Some(i) => {
+                let d = i - prev;
+                let dod = d.wrapping_sub(delta);
+                if dod == 0 {
+                    w.bit(false);
+                } else if (-64..64).contains(&dod) {
+                    w.bits(0b10, 2);
+                    w.bits(dod as u64, 7);
+                } else if (-2048..2048).contains(&dod) {
+                    w.bits(0b110, 3);
+                    w.bits(dod as u64, 12);
+                } else if (-(1 << 19)..(1 << 19)).contains(&dod) {
+                    w.bits(0b1110, 4);
+                    w.bits(dod as u64, 20);
+                } else {
+                    w.bits(0b11110, 5);
+                    w.bits(dod as u64, 64);
+                }
+                *state = Value::Int { prev: i, delta: d };
+            }
+            None => {
+                w.bits(0b11111, 5);
+                w.bits(v.to_bits(), 64);
+                *state = Value::Float { prev: v.to_bits(), lead: u8::MAX, trail: 0 };
+            }
+        },
+        Value::Float { prev, lead, trail } => {
+            let bits = v.to_bits();
+            let x = bits ^ prev;
+            if x == 0 {
+                w.bit(false);
+                return;
+            }
+            let l = (x.leading_zeros() as u8).min(31);
+            let t = x.trailing_zeros() as u8;
+            if lead != u8::MAX && l >= lead && t >= trail {
+                w.bits(0b10, 2);
+                w.bits(x >> trail, 64 - lead - trail);
+                *state = Value::Float { prev: bits, lead, trail };
+            } else {
+                let len = 64 - l - t;
+                w.bits(0b11, 2);
+                w.bits(u64::from(l), 5);
+                w.bits(u64::from(len - 1), 6);
+                w.bits(x >> t, len);
+                *state = Value::Float { prev: bits, lead: l, trail: t };
+            }
+        }
+    }
+}
+
+fn sign_extend(v: u64, n: u8) -> i64 {
+    let shift = 64 - n;
+    ((v << shift) as i64) >> shift
+}
+
+fn get_value(r: &mut BitReader, state: &mut Value) -> Result<f64, &'static str> {
+    const SHORT: &str = "value bits end early";
+    match *state {
+        Value::Int { prev, delta } => {
+            let mut prefix = 0;
+            while prefix < 5 && r.bit().map_err(|_| SHORT)? {
+                prefix += 1;
+            }
+            let dod = match prefix {
+                0 => 0,
+                1 => sign_extend(r.bits(7).map_err(|_| SHORT)?, 7),
+                2 => sign_extend(r.bits(12).map_err(|_| SHORT)?, 12),
+                3 => sign_extend(r.bits(20).map_err(|_| SHORT)?, 20),
+                4 => r.bits(64).map_err(|_| SHORT)? as i64,
+                _ => {
+                    let bits = r.bits(64).map_err(|_| SHORT)?;
+                    *state = Value::Float { prev: bits, lead: u8::MAX, trail: 0 };
+                    return Ok(f64::from_bits(bits));
+                }
+            };
+            let d = delta.wrapping_add(dod);
+            let i = prev.wrapping_add(d);
+            if (i as f64).abs() > INT_LIMIT {
+                return Err("integer value out of range");
+            }
+            *state = Value::Int { prev: i, delta: d };
+            Ok(i as f64)
+        }
+        Value::Float { prev, lead, trail } => {
+            if !r.bit().map_err(|_| SHORT)? {
+                return Ok(f64::from_bits(prev));
+            }
+            let (x, lead, trail) = if !r.bit().map_err(|_| SHORT)? {
+                if lead == u8::MAX {
+                    return Err("value reuses a window that was never set");
+                }
+                (r.bits(64 - lead - trail).map_err(|_| SHORT)? << trail, lead, trail)
+            } else {
+                let l = r.bits(5).map_err(|_| SHORT)? as u8;
+                let len = r.bits(6).map_err(|_| SHORT)? as u8 + 1;
+                if l + len > 64 {
+                    return Err("value window wider than 64 bits");
+                }
+                let t = 64 - l - len;
+                (r.bits(len).map_err(|_| SHORT)? << t, l, t)
+            };
+            let bits = prev ^ x;
+            *state = Value::Float { prev: bits, lead, trail };
+            Ok(f64::from_bits(bits))
+        }
+    }
+}
+
+// LEB128 varints and zigzag, as postcard writes them.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    (v >> 1) as i64 ^ -((v & 1) as i64)
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn byte(&mut self) -> Result<u8, &'static str> {
+        let v = *self.b.get(self.pos).ok_or("frame ends early")?;
+        self.pos += 1;
+        Ok(v)
+    }
+
+    fn varint(&mut self) -> Result<u64, &'static str> {
+        let mut v = 0u64;
+        for shift in (0..70).step_by(7) {
+            let byte = self.byte()?;
+            if shift == 63 && byte > 1 {
+                return Err("varint overflows 64 bits");
+            }
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long")
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+        let end = self.pos.checked_add(n).filter(|e| *e <= self.b.len()).ok_or("frame ends early")?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EncodeError {
+    #[error("invalid series: {0}")]
+    Invalid(String),
+    #[error("series {0} appears twice in one window")]
+    Duplicate(String),
+    #[error("window time {ts} is not after the previous window's {prev}")]
+    TimeOrder { ts: i64, prev: i64 },
+    #[error("a block holds at most {MAX_SERIES} series and {MAX_FRAMES} frames; start a new block")]
+    Full,
+}
+
+/// Encodes the frames of one block. Start a new encoder for every block.
+#[derive(Debug, Default)]
+pub struct BlockEncoder {
+    index: HashMap<SeriesKey, usize>,
+    values: Vec<Value>,
+    strings: HashMap<String, u64>,
+    prev_ts: i64,
+    prev_delta: i64,
+    frames: usize,
+}
+
+impl BlockEncoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Frames encoded so far.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    pub fn series(&self) -> usize {
+        self.values.len()
+    }
+
+    /// The frame for the window at `ts`: the first one is a start frame.
+    pub fn frame(&mut self, ts: i64, samples: &[(SeriesKey, f64)]) -> Result<Vec<u8>, EncodeError> {
+        if self.frames > 0 && ts <= self.prev_ts {
+            return Err(EncodeError::TimeOrder { ts, prev: self.prev_ts });
+        }
+        if self.frames >= MAX_FRAMES {
+            return Err(EncodeError::Full);
+        }
+        // Which series are new, and each sample's slot.
+        let mut slots: Vec<(usize, f64)> = Vec::with_capacity(samples.len());
+        let mut new: Vec<&SeriesKey> = Vec::new();
+        let mut seen = vec![false; self.values.len()];
+        for (key, v) in samples {
+            match self.index.get(key) {
+                Some(&i) => {
+                    if std::mem::replace(&mut seen[i], true) {
+                        return Err(EncodeError::Duplicate(key.name.clone()));
+                    }
+                    slots.push((i, *v));
+                }
+                None => {
+                    key.validate().map_err(EncodeError::Invalid)?;
+                    if new.contains(&key) {
+                        return Err(EncodeError::Duplicate(key.name.clone()));
+                    }
+                    slots.push((self.values.len() + new.len(), *v));
+                    new.push(key);
+                }
+            }
+        }
+        if self.values.len() + new.len() > MAX_SERIES {
+            return Err(EncodeError::Full);
+        }
+        let all_present = seen.iter().all(|s| *s);
+
+        let mut out = Vec::with_capacity(16 + new.len() * 24 + samples.len() / 2);
+        out.push(if self.frames == 0 { FRAME_START } else { FRAME_CONTINUE });
+        out.push(if all_present { FLAG_ALL_PRESENT } else { 0 });
+        if self.frames == 0 {
+            put_varint(&mut out, zigzag(ts));
+            self.prev_delta = 0;
+        } else {
+            let d = ts - self.prev_ts;
+            put_varint(&mut out, zigzag(d.wrapping_sub(self.prev_delta)));
+            self.prev_delta = d;
+        }
+        self.prev_ts = ts;
+        put_varint(&mut out, new.len() as u64);
+        for key in &new {
+            self.put_str(&mut out, &key.name);
+            put_varint(&mut out, key.labels.len() as u64);
+            for l in &key.labels {
+                self.put_str(&mut out, &l.name);
+                self.put_str(&mut out, &l.value);
+            }
+        }
+        let old = self.values.len();
+        for key in new {
+            self.index.insert(key.clone(), self.index.len());
+        }
+        let mut bits = BitWriter::new();
+        if !all_present {
+            for s in &seen {
+                bits.bit(*s);
+            }
+        }
+        // Values in slot order: old series first, then new ones in order.
+        slots.sort_unstable_by_key(|s| s.0);
+        for (slot, v) in slots {
+            if slot < old {
+                put_value(&mut bits, &mut self.values[slot], v);
+            } else {
+                bits.bits(v.to_bits(), 64);
+                self.values.push(first_value(v));
+            }
+        }
+        out.extend_from_slice(&bits.finish());
+        self.frames += 1;
+        Ok(out)
+    }
+
+    fn put_str(&mut self, out: &mut Vec<u8>, s: &str) {
+        if let Some(&i) = self.strings.get(s) {
+            put_varint(out, i + 1);
+        } else {
+            put_varint(out, 0);
+            put_varint(out, s.len() as u64);
+            out.extend_from_slice(s.as_bytes());
+            let n = self.strings.len() as u64;
+            self.strings.insert(s.to_owned(), n);
+        }
+    }
+}
+
+/// Decodes the frames of one block into series with their samples.
+#[derive(Debug, Default)]
+pub struct BlockDecoder {
+    series: Vec<Series>,
+    values: Vec<Value>,
+    strings: Vec<String>,
+    prev_ts: i64,
+    prev_delta: i64,
+    frames: usize,
+    keys: std::collections::HashSet<SeriesKey>,
+}
+
+fn bad(reason: &'static str) -> DecodeError {
+    DecodeError::Malformed { what: "frame", reason: reason.into() }
+}
+
+impl BlockDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn frame(&mut self, frame: &[u8]) -> Result<(), DecodeError> {
+        let mut c = Cursor { b: frame, pos: 0 };
+        let kind = c.byte().map_err(bad)?;
+        match (kind, self.frames) {
+            (FRAME_START, 0) | (FRAME_CONTINUE, 1..) => {}
+            (FRAME_START, _) => return Err(bad("a start frame inside a block")),
+            (FRAME_CONTINUE, 0) => return Err(bad("a block must begin with a start frame")),
+            (found, _) => return Err(DecodeError::Version { what: "frame", found, supported: FRAME_START }),
+        }
+        if self.frames >= MAX_FRAMES {
+            return Err(DecodeError::Invalid(format!("more than {MAX_FRAMES} frames in a block")));
+        }
+        let flags = c.byte().map_err(bad)?;
+        if flags & !FLAG_ALL_PRESENT != 0 {
+            return Err(bad("unknown frame flags"));
+        }
+        let raw_ts = unzigzag(c.varint().map_err(bad)?);
+        let ts = if self.frames == 0 {
+            self.prev_delta = 0;
+            raw_ts
+        } else {
+            let d = self.prev_delta.checked_add(raw_ts).ok_or_else(|| bad("timestamp overflow"))?;
+            if d <= 0 {
+                return Err(DecodeError::Invalid("window times must strictly increase".into()));
+            }
+            self.prev_delta = d;
+            self.prev_ts.checked_add(d).ok_or_else(|| bad("timestamp overflow"))?
+        };
+        self.prev_ts = ts;
+        let new = c.varint().map_err(bad)? as usize;
+        if self.series.len().saturating_add(new) > MAX_SERIES {
+            return Err(DecodeError::Invalid(format!("more than {MAX_SERIES} series in a block")));
+        }
+        let old = self.series.len();
+        for _ in 0..new {
+            let name = self.get_str(&mut c)?;
+            let n = c.varint().map_err(bad)? as usize;
+            if n > MAX_LABELS {
+                return Err(DecodeError::Invalid(format!("{name}: more than {MAX_LABELS} labels")));
+            }
+            let mut labels = Vec::with_capacity(n);
+            for _ in 0..n {
+                let k = self.get_str(&mut c)?;
+                let v = self.get_str(&mut c)?;
+                labels.push(Label { name: k, value: v });
+            }
+            let key = SeriesKey { name, labels };
+            key.validate().map_err(DecodeError::Invalid)?;
+            if !self.keys.insert(key.clone()) {
+                return Err(DecodeError::Invalid(format!("series {} defined twice", key.name)));
+            }
+            self.series.push(Series { name: key.name, labels: key.labels, samples: Vec::new() });
+        }
+        let mut r = BitReader::new(&frame[c.pos..]);
+        let present: Vec<bool> = if flags & FLAG_ALL_PRESENT != 0 {
+            vec![true; old]
+        } else {
+            (0..old).map(|_| r.bit().map_err(|_| bad("presence bits end early"))).collect::<Result<_, _>>()?
+        };
+        for (i, p) in present.iter().enumerate() {
+            if *p {
+                let v = get_value(&mut r, &mut self.values[i]).map_err(bad)?;
+                self.series[i].samples.push(Sample { timestamp_ms: ts, value: v });
+            }
+        }
+        for i in old..self.series.len() {
+            let v = f64::from_bits(r.bits(64).map_err(|_| bad("value bits end early"))?);
+            self.values.push(first_value(v));
+            self.series[i].samples.push(Sample { timestamp_ms: ts, value: v });
+        }
+        if r.remaining() >= 8 {
+            return Err(DecodeError::Trailing(r.remaining() / 8, "frame"));
+        }
+        self.frames += 1;
+        Ok(())
+    }
+
+    fn get_str(&mut self, c: &mut Cursor) -> Result<String, DecodeError> {
+        let tag = c.varint().map_err(bad)?;
+        if tag > 0 {
+            return self.strings.get(tag as usize - 1).cloned().ok_or_else(|| bad("string reference out of range"));
+        }
+        let len = c.varint().map_err(bad)? as usize;
+        if len > MAX_LABEL_VALUE {
+            return Err(bad("string too long"));
+        }
+        let s = std::str::from_utf8(c.bytes(len).map_err(bad)?).map_err(|_| bad("string is not UTF-8"))?;
+        self.strings.push(s.to_owned());
+        Ok(s.to_owned())
+    }
+
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// The series decoded so far, each with its samples in time order.
+    pub fn finish(self) -> Batch {
+        Batch { series: self.series }
+    }
+}
+
+/// Decodes a whole block from its frames.
+pub fn decode_block<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> Result<Batch, DecodeError> {
+    let mut d = BlockDecoder::new();
+    for f in frames {
+        d.frame(f)?;
+    }
+    if d.frames() == 0 {
+        return Err(DecodeError::Empty);
+    }
+    Ok(d.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, l: &[(&str, &str)]) -> SeriesKey {
+        SeriesKey::new(name, l.iter().map(|(k, v)| Label::new(*k, *v)).collect())
+    }
+
+    fn round_trip(windows: &[(i64, Vec<(SeriesKey, f64)>)]) -> (Batch, usize) {
+        let mut e = BlockEncoder::new();
+        let frames: Vec<Vec<u8>> = windows.iter().map(|(ts, s)| e.frame(*ts, s).unwrap()).collect();
+        let bytes = frames.iter().map(Vec::len).sum();
+        (decode_block(frames.iter().map(Vec::as_slice)).unwrap(), bytes)
+    }
+
+    #[test]
+    fn every_kind_of_value_comes_back_exactly() {
+        let a = key("c_total", &[("k", "v")]);
+        let b = key("g", &[]);
+        let values = [
+            0.0,
+            1.0,
+            2.0,
+            3.0,
+            3.0,
+            1e6,
+            -5.0,
+            2f64.powi(53),
+            0.5,
+            f64::NAN,
+            f64::INFINITY,
+            -0.0,
+            1e-300,
+            7.0,
+            f64::NEG_INFINITY,
+            9_007_199_254_740_993.0,
+            42.0,
+            -1e18,
+        ];
+        let windows: Vec<_> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                (1_700_000_000_000 + i as i64 * 10_000 + (i as i64 % 3), vec![(a.clone(), *v), (b.clone(), -*v)])
+            })
+            .collect();
+        let (batch, _) = round_trip(&windows);
+        assert_eq!(batch.series.len(), 2);
+        for (s, negate) in batch.series.iter().zip([false, true]) {
+            assert_eq!(s.samples.len(), values.len());
+            for (i, (p, v)) in s.samples.iter().zip(values).enumerate() {
+                assert_eq!(p.timestamp_ms, windows[i].0);
+                let want = if negate { -v } else { v };
+                assert_eq!(p.value.to_bits(), want.to_bits(), "sample {i} of {}", s.name);
+            }
+        }
+    }
+
+    #[test]
+    fn steady_counters_cost_one_bit_and_constant_floats_too() {
+        let keys: Vec<SeriesKey> = (0..100).map(|i| key("x_total", &[("i", &i.to_string())])).collect();
+        let mut e = BlockEncoder::new();
+        let mut sizes = vec![];
+        for w in 0..10i64 {
+            let s: Vec<_> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.clone(), (i as i64 * w) as f64 + 0.5 * (i % 2) as f64 * 0.0))
+                .collect();
+            sizes.push(e.frame(w * 10_000, &s).unwrap().len());
+        }
+        // 100 series: 2 header bytes + 1 timestamp byte + 1 new-series byte + 100 bits.
+        assert_eq!(sizes[5], 4 + 13, "{sizes:?}");
+    }
+
+    #[test]
+    fn series_can_appear_and_be_missing() {
+        let (a, b) = (key("a", &[]), key("b", &[]));
+        let (batch, _) = round_trip(&[
+            (10, vec![(a.clone(), 1.0)]),
+            (20, vec![(a.clone(), 2.0), (b.clone(), 5.5)]),
+            (30, vec![(b.clone(), 6.5)]),
+            (40, vec![(b.clone(), 7.5), (a.clone(), 4.0)]),
+        ]);
+        assert_eq!(
+            batch.series[0].samples.iter().map(|s| (s.timestamp_ms, s.value)).collect::<Vec<_>>(),
+            [(10, 1.0), (20, 2.0), (40, 4.0)]
+        );
+        assert_eq!(batch.series[1].samples.len(), 3);
+    }
+
+    #[test]
+    fn encoder_refuses_bad_input() {
+        let mut e = BlockEncoder::new();
+        assert!(matches!(e.frame(1, &[(key("bad name", &[]), 1.0)]), Err(EncodeError::Invalid(_))));
+        assert!(matches!(e.frame(1, &[(key("m", &[("device", "x")]), 1.0)]), Err(EncodeError::Invalid(_))));
+        let k = key("m", &[]);
+        assert!(matches!(e.frame(1, &[(k.clone(), 1.0), (k.clone(), 2.0)]), Err(EncodeError::Duplicate(_))));
+        e.frame(5, &[(k.clone(), 1.0)]).unwrap();
+        assert_eq!(e.frame(5, &[(k, 1.0)]), Err(EncodeError::TimeOrder { ts: 5, prev: 5 }));
+    }
+
+    #[test]
+    fn decoder_never_panics_on_truncation_or_flips() {
+        let k = key("m_total", &[("a", "b")]);
+        let mut e = BlockEncoder::new();
+        let frames: Vec<Vec<u8>> =
+            (0..5).map(|w| e.frame(w * 1000, &[(k.clone(), (w * w) as f64 * 1.5)]).unwrap()).collect();
+        for f in 0..frames.len() {
+            for cut in 0..frames[f].len() {
+                let mut fs = frames.clone();
+                fs[f].truncate(cut);
+                let _ = decode_block(fs.iter().map(Vec::as_slice));
+            }
+            for byte in 0..frames[f].len() {
+                for bit in 0..8 {
+                    let mut fs = frames.clone();
+                    fs[f][byte] ^= 1 << bit;
+                    let _ = decode_block(fs.iter().map(Vec::as_slice));
+                }
+            }
+        }
+        assert!(decode_block(frames[1..].iter().map(Vec::as_slice)).is_err(), "continuation first");
+    }
+}
