@@ -52,6 +52,9 @@ if [[ $demo_only -eq 0 ]]; then
   for t in "${targets[@]}"; do
     grep -qx "$t" <<<"$installed" || { say "rustup target add $t"; rustup target add "$t"; }
   done
+  # Fuzzing (cargo fuzz) needs a nightly toolchain and cargo-fuzz.
+  rustup toolchain list | grep -q '^nightly' || { say "rustup toolchain install nightly"; rustup toolchain install nightly --profile minimal; }
+  command -v cargo-fuzz >/dev/null || { say "cargo install cargo-fuzz"; cargo install cargo-fuzz --locked -q; }
   command -v rustfmt >/dev/null || rustup component add rustfmt
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 fi

@@ -30,5 +30,20 @@ for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   run_tests cargo test --locked --target "$target" -p edge-agent -p edge-wire --lib --tests
 done
 
+step "fuzzing, ${FUZZ_SECONDS:-20} s per target (corpus in fuzz/corpus)"
+fuzz_log=$(mktemp)
+fuzz_runs=0
+for target in record block store_open; do
+  if ! (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}") > "$fuzz_log" 2>&1; then
+    tail -60 "$fuzz_log"
+    echo "fuzz target $target failed; the input is in fuzz/artifacts/$target" >&2
+    exit 1
+  fi
+  echo "fuzz $target: $(grep -E '^Done [0-9]+ runs' "$fuzz_log" | tail -1)"
+  fuzz_runs=$((fuzz_runs + 1))
+done
+rm -f "$fuzz_log"
+echo "test result: ok. $fuzz_runs passed; 0 failed; (fuzz targets, no crash)" >> "$log"
+
 grep '^test result:' "$log" | awk '{ for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
      END { printf "\ntotal: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }'

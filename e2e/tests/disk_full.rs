@@ -48,7 +48,7 @@ fn agent_keeps_running_on_a_full_disk_and_reports_drops() {
         },
     );
     server.connections(3);
-    let dropped = "edge_agent_store_dropped_records_total{reason=\"disk_full\"}";
+    let dropped = "edge_agent_store_dropped_records_total{lane=\"routine\",reason=\"disk_full\"}";
     wait_for("disk_full drops", Duration::from_secs(60), || {
         agent.proc.assert_running();
         match agent.metric(dropped) {
@@ -57,7 +57,7 @@ fn agent_keeps_running_on_a_full_disk_and_reports_drops() {
         }
     });
     // Still storing windows after the disk filled up.
-    let appended = "edge_agent_store_appended_records_total";
+    let appended = "edge_agent_store_appended_records_total{lane=\"routine\"}";
     let a0 = agent.metric(appended).unwrap_or(0.0);
     wait_for("windows stored after the disk filled", Duration::from_secs(30), || match agent.metric(appended) {
         Some(v) if v >= a0 + 10.0 => Ok(()),

@@ -231,7 +231,7 @@ fn agent_killed_while_offline_still_delivers_what_it_stored() {
 impl Stack {
     /// Waits until `n` more windows have been stored (appended and fsynced).
     fn wait_appended(&self, n: u64) {
-        let series = "edge_agent_store_appended_records_total";
+        let series = "edge_agent_store_appended_records_total{lane=\"routine\"}";
         let a0 = self.agent.metric(series).unwrap_or(0.0);
         wait_for(&format!("{n} more windows stored"), Duration::from_secs(30), || match self.agent.metric(series) {
             Some(v) if v >= a0 + n as f64 => Ok(()),

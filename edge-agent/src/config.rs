@@ -57,6 +57,11 @@ pub struct StoreConfig {
     pub block_max_windows: u64,
     /// ...or this many bytes of frames.
     pub block_max_bytes: u64,
+    /// The priority lane (alarms, anomaly records) has its own budget, on
+    /// top of max_bytes: routine data can never push it out.
+    pub priority_max_bytes: u64,
+    /// Priority records older than this are dropped (0: only for space).
+    pub priority_max_age_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -135,6 +140,8 @@ impl Default for StoreConfig {
             fsync_interval_ms: 1000,
             block_max_windows: 360,
             block_max_bytes: 1024 * 1024,
+            priority_max_bytes: 8 * 1024 * 1024,
+            priority_max_age_secs: 0,
         }
     }
 }
@@ -229,6 +236,9 @@ impl Config {
         if self.store.block_max_bytes < 1024 || self.store.block_max_bytes > (edge_wire::MAX_MESSAGE_BYTES / 2) as u64 {
             return Err(format!("store.block_max_bytes must be 1024..={}", edge_wire::MAX_MESSAGE_BYTES / 2));
         }
+        if self.store.priority_max_bytes < 8192 {
+            return Err("store.priority_max_bytes must be at least 8192".into());
+        }
         if self.store.fsync_interval_ms > 60_000 {
             return Err("store.fsync_interval_ms must be at most 60000".into());
         }
@@ -299,6 +309,17 @@ impl Config {
             segment_bytes: self.store.segment_bytes,
             max_age_ms: self.store.max_age_secs.saturating_mul(1000),
             fsync_interval_ms: self.store.fsync_interval_ms,
+        }
+    }
+
+    /// Bounds of the priority lane: segments of at most a quarter of its
+    /// budget, so dropping one never takes more than that.
+    pub fn priority_limits(&self) -> crate::store::StoreLimits {
+        crate::store::StoreLimits {
+            max_bytes: self.store.priority_max_bytes,
+            segment_bytes: self.store.segment_bytes.min(self.store.priority_max_bytes / 4).max(1024),
+            max_age_ms: self.store.priority_max_age_secs.saturating_mul(1000),
+            fsync_interval_ms: 0, // rare and precious: every record is synced as it is stored
         }
     }
 

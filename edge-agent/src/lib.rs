@@ -21,7 +21,7 @@ use config::Config;
 use metrics::AgentMetrics;
 use probe::tcp_lifecycle::TcpCounters;
 use probe::Probes;
-use store::FileStore;
+use store::Lanes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -42,12 +42,12 @@ pub fn now_ms() -> i64 {
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> Result<(), RunError> {
     let (metrics, registry) = AgentMetrics::new();
-    let store = FileStore::open_dir(&cfg.store_dir(), cfg.store_limits())?;
-    metrics.observe_store(store.stats());
+    let store = Lanes::open(&cfg.store_dir(), cfg.store_limits(), cfg.priority_limits())?;
+    metrics.observe_lanes(&store);
     tracing::info!(
         dir = %cfg.store_dir().display(),
-        records = store.stats().last_seq.saturating_sub(store.stats().first_seq.saturating_sub(1)),
-        backlog = store.stats().backlog(),
+        backlog = store.routine.stats().backlog(),
+        priority_backlog = store.priority.stats().backlog(),
         "store opened"
     );
     let store = Arc::new(Mutex::new(store));
@@ -87,7 +87,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     result
 }
 
-async fn window_loop(cfg: &Config, probes: &Probes, store: &Arc<Mutex<FileStore>>, metrics: &AgentMetrics) {
+async fn window_loop(cfg: &Config, probes: &Probes, store: &Arc<Mutex<Lanes>>, metrics: &AgentMetrics) {
     let mut stage = window::WindowStage::new();
     let mut writer = cfg.block_writer();
     let mut prev = TcpCounters::default();
@@ -107,7 +107,7 @@ async fn window_loop(cfg: &Config, probes: &Probes, store: &Arc<Mutex<FileStore>
 
 fn close_window(
     probes: &Probes,
-    store: &Arc<Mutex<FileStore>>,
+    store: &Arc<Mutex<Lanes>>,
     metrics: &AgentMetrics,
     stage: &mut window::WindowStage,
     writer: &mut store::blocks::BlockWriter,
@@ -121,9 +121,9 @@ fn close_window(
         *prev = now.clone();
     }
     metrics.windows.inc();
-    let mut store = uplink::lock(store);
+    let mut lanes = uplink::lock(store);
     if let Some(window) = stage.close(ts, &reading, classes) {
-        match writer.write(&mut store, &window) {
+        match writer.write(&mut lanes.routine, &window) {
             Ok(seq) => tracing::debug!(seq, series = window.samples.len(), "window stored"),
             Err(e) => {
                 metrics.window_errors.inc();
@@ -131,10 +131,10 @@ fn close_window(
             }
         }
     }
-    if let Err(e) = store.tick() {
+    if let Err(e) = lanes.routine.tick() {
         tracing::error!(error = %e, "store sync failed");
     }
-    metrics.observe_store(store.stats());
+    metrics.observe_lanes(&lanes);
 }
 
 /// Tracing to stderr; `EDGE_AGENT_LOG` (or `RUST_LOG`) filters, default info.

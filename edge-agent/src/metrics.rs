@@ -18,7 +18,13 @@ pub struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    pub lane: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
+    pub lane: String,
     pub reason: String,
 }
 
@@ -38,22 +44,22 @@ pub struct AgentMetrics {
     pub tcp_failed: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sock_map_full: Counter,
-    pub store_bytes: Gauge,
-    pub store_segments: Gauge,
-    pub store_backlog: Gauge,
-    pub store_appended: Counter,
+    pub store_bytes: Family<LaneLabels, Gauge>,
+    pub store_segments: Family<LaneLabels, Gauge>,
+    pub store_backlog: Family<LaneLabels, Gauge>,
+    pub store_appended: Family<LaneLabels, Counter>,
     pub store_dropped: Family<ReasonLabels, Counter>,
-    pub store_syncs: Counter,
-    pub store_oldest_seconds: Gauge,
-    pub store_dropped_unsent: Counter,
-    pub store_corrupt: Counter,
-    pub store_truncated_bytes: Counter,
+    pub store_syncs: Family<LaneLabels, Counter>,
+    pub store_oldest_seconds: Family<LaneLabels, Gauge>,
+    pub store_dropped_unsent: Family<LaneLabels, Counter>,
+    pub store_corrupt: Family<LaneLabels, Counter>,
+    pub store_truncated_bytes: Family<LaneLabels, Counter>,
     pub uplink_connected: Gauge,
     pub uplink_published: Counter,
     pub uplink_acked: Counter,
     pub uplink_connects: Counter,
     pub uplink_errors: Counter,
-    pub uplink_acked_seq: Gauge,
+    pub uplink_acked_seq: Family<LaneLabels, Gauge>,
 }
 
 impl AgentMetrics {
@@ -155,12 +161,14 @@ impl AgentMetrics {
         self.tcp_sock_map_full.inc_by(now.sock_map_full.saturating_sub(prev.sock_map_full));
     }
 
-    /// Brings the store metrics up to date with its statistics.
-    pub fn observe_store(&self, s: &StoreStats) {
-        self.store_bytes.set(s.bytes as i64);
-        self.store_segments.set(s.segments as i64);
-        self.store_backlog.set(s.backlog() as i64);
-        self.uplink_acked_seq.set(s.acked_seq as i64);
+    /// Brings a lane's store metrics up to date with its statistics.
+    pub fn observe_store(&self, lane: crate::store::Lane, s: &StoreStats) {
+        let l = LaneLabels { lane: lane.label().into() };
+        self.store_bytes.get_or_create(&l).set(s.bytes as i64);
+        self.store_segments.get_or_create(&l).set(s.segments as i64);
+        self.store_backlog.get_or_create(&l).set(s.backlog() as i64);
+        self.uplink_acked_seq.get_or_create(&l).set(s.acked_seq as i64);
+        self.store_oldest_seconds.get_or_create(&l).set(s.oldest_ms / 1000);
         for (c, v) in [
             (&self.store_appended, s.appended_records),
             (&self.store_syncs, s.syncs),
@@ -168,13 +176,19 @@ impl AgentMetrics {
             (&self.store_corrupt, s.corrupt_records),
             (&self.store_truncated_bytes, s.truncated_bytes),
         ] {
+            let c = c.get_or_create(&l);
             c.inc_by(v.saturating_sub(c.get()));
         }
         for (reason, v) in crate::store::plan::DropReason::ALL.iter().zip(s.dropped_records) {
-            let c = self.store_dropped.get_or_create(&ReasonLabels { reason: reason.label().into() });
+            let c =
+                self.store_dropped.get_or_create(&ReasonLabels { lane: l.lane.clone(), reason: reason.label().into() });
             c.inc_by(v.saturating_sub(c.get()));
         }
-        self.store_oldest_seconds.set(s.oldest_ms / 1000);
+    }
+
+    pub fn observe_lanes(&self, lanes: &crate::store::Lanes) {
+        self.observe_store(crate::store::Lane::Routine, lanes.routine.stats());
+        self.observe_store(crate::store::Lane::Priority, lanes.priority.stats());
     }
 }
 

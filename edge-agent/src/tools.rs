@@ -3,7 +3,7 @@
 //! lock, so they work next to a running agent and never change the store.
 
 use crate::store::plan::DropReason;
-use crate::store::{FileStore, StoreError};
+use crate::store::{FileStore, Lane, StoreError};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write;
@@ -28,14 +28,27 @@ fn open(dir: &Path) -> Result<FileStore, ToolError> {
     Ok(FileStore::inspect_dir(dir)?)
 }
 
-/// A summary of the store, one fact per line.
+/// A summary of the store, one fact per line, lane by lane.
 pub fn inspect(dir: &Path) -> Result<String, ToolError> {
+    let mut o = String::new();
+    for lane in [Lane::Routine, Lane::Priority] {
+        let lane_dir = lane.dir(dir);
+        if lane == Lane::Priority && !lane_dir.is_dir() {
+            continue;
+        }
+        let _ = writeln!(o, "[{} lane]", lane.label());
+        o.push_str(&inspect_lane(&lane_dir)?);
+    }
+    Ok(o)
+}
+
+fn inspect_lane(dir: &Path) -> Result<String, ToolError> {
     let store = open(dir)?;
     let s = store.stats();
     let mut o = String::new();
     let records = if s.last_seq == 0 { 0 } else { s.last_seq - s.first_seq + 1 };
     let _ = writeln!(o, "store        {}", dir.display());
-    let _ = writeln!(o, "segments     {} ({} bytes, limit {})", s.segments, s.bytes, store.limits().max_bytes);
+    let _ = writeln!(o, "segments     {} ({} bytes)", s.segments, s.bytes);
     if records == 0 {
         let _ = writeln!(o, "records      0");
     } else {
@@ -74,30 +87,35 @@ pub enum Format {
 
 /// Writes every sample with `from_ms <= t < to_ms`.
 pub fn export(dir: &Path, from_ms: i64, to_ms: i64, format: Format, out: &mut dyn Write) -> Result<u64, ToolError> {
-    let mut store = open(dir)?;
+    let mut stores = vec![open(dir)?];
+    if Lane::Priority.dir(dir).is_dir() {
+        stores.push(open(&Lane::Priority.dir(dir))?);
+    }
     // name -> labels -> samples: OpenMetrics wants each family together and
     // each series' samples in time order.
     let mut families: BTreeMap<String, Family> = BTreeMap::new();
-    let mut after = 0;
     let mut undecodable = 0u64;
-    loop {
-        let blocks = store.read_blocks(after, 64, 4 << 20, true)?;
-        let Some(last) = blocks.last().and_then(|b| b.last()) else { break };
-        after = last.seq;
-        for block in blocks {
-            let Ok(batch) = edge_wire::block::decode_block(block.iter().map(|r| r.payload.as_slice())) else {
-                undecodable += block.len() as u64;
-                continue;
-            };
-            for s in batch.series {
-                let labels = s.labels.into_iter().map(|l| (l.name, l.value)).collect();
-                let dst = families.entry(s.name).or_default().entry(labels).or_default();
-                dst.extend(
-                    s.samples
-                        .iter()
-                        .filter(|p| p.timestamp_ms >= from_ms && p.timestamp_ms < to_ms)
-                        .map(|p| (p.timestamp_ms, p.value)),
-                );
+    for store in &mut stores {
+        let mut after = 0;
+        loop {
+            let blocks = store.read_blocks(after, 64, 4 << 20, true)?;
+            let Some(last) = blocks.last().and_then(|b| b.last()) else { break };
+            after = last.seq;
+            for block in blocks {
+                let Ok(batch) = edge_wire::block::decode_block(block.iter().map(|r| r.payload.as_slice())) else {
+                    undecodable += block.len() as u64;
+                    continue;
+                };
+                for s in batch.series {
+                    let labels = s.labels.into_iter().map(|l| (l.name, l.value)).collect();
+                    let dst = families.entry(s.name).or_default().entry(labels).or_default();
+                    dst.extend(
+                        s.samples
+                            .iter()
+                            .filter(|p| p.timestamp_ms >= from_ms && p.timestamp_ms < to_ms)
+                            .map(|p| (p.timestamp_ms, p.value)),
+                    );
+                }
             }
         }
     }

@@ -178,3 +178,24 @@ fn a_second_opener_is_refused_with_a_clear_error() {
     let e = Store::open_dir(dir.path(), LIMITS).err().expect("second open must fail");
     assert!(e.to_string().contains("in use by another edge-agent"), "{e}");
 }
+
+#[test]
+fn routine_pressure_never_drops_priority_records() {
+    use edge_agent::store::Lanes;
+    let dir = tempfile::tempdir().unwrap();
+    let priority = StoreLimits { max_bytes: 16 * 1024, segment_bytes: 4096, max_age_ms: 0, fsync_interval_ms: 0 };
+    let mut lanes = Lanes::open(dir.path(), LIMITS, priority).unwrap();
+    for i in 0..5 {
+        lanes.priority.append(format!("alarm {i}").as_bytes(), 0).unwrap();
+    }
+    // Ten times the routine lane's budget.
+    for i in 1..=2500 {
+        lanes.routine.append(&payload(i), 0).unwrap();
+    }
+    assert!(lanes.routine.stats().dropped_total() > 0);
+    assert_eq!(lanes.priority.stats().dropped_total(), 0);
+    let alarms = lanes.priority.read_after(0, 100).unwrap();
+    assert_eq!(alarms.len(), 5);
+    assert_eq!(alarms[4].payload, b"alarm 4");
+    assert!(dir.path().join("priority").is_dir());
+}

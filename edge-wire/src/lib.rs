@@ -64,6 +64,9 @@ pub struct Envelope<'a> {
     /// The sending device. The bridge checks it against the topic (and, with
     /// authentication, against the client identity).
     pub device: &'a str,
+    /// 0: routine measurements; 1: priority (alarms, anomaly records). Each
+    /// lane has its own sequence numbers.
+    pub lane: u8,
     /// Sequence number of the store record holding the first frame; frame
     /// `i` was record `first_seq + i`.
     pub first_seq: u64,
@@ -95,6 +98,9 @@ impl<'a> Envelope<'a> {
             return Err(DecodeError::Trailing(rest.len(), "envelope"));
         }
         validate_device_id(env.device).map_err(DecodeError::Invalid)?;
+        if env.lane > 1 {
+            return Err(DecodeError::Invalid(format!("unknown lane {}", env.lane)));
+        }
         if env.frames.is_empty() || env.frames.len() > block::MAX_FRAMES {
             return Err(DecodeError::Invalid(format!("an envelope carries 1..={} frames", block::MAX_FRAMES)));
         }
@@ -211,7 +217,12 @@ mod tests {
     #[test]
     fn envelope_round_trips_and_carries_stored_frames_verbatim() {
         let f = frames();
-        let env = Envelope { device: "press-07", first_seq: seq_hint(), frames: f.iter().map(Vec::as_slice).collect() };
+        let env = Envelope {
+            device: "press-07",
+            lane: 0,
+            first_seq: seq_hint(),
+            frames: f.iter().map(Vec::as_slice).collect(),
+        };
         let bytes = env.encode();
         assert_eq!(bytes[0], ENVELOPE_VERSION);
         let back = Envelope::decode(&bytes).unwrap();
@@ -229,7 +240,7 @@ mod tests {
     #[test]
     fn unknown_versions_are_named() {
         let f = frames();
-        let mut bytes = Envelope { device: "d", first_seq: 1, frames: vec![&f[0]] }.encode();
+        let mut bytes = Envelope { device: "d", lane: 0, first_seq: 1, frames: vec![&f[0]] }.encode();
         bytes[0] = 9;
         assert_eq!(
             Envelope::decode(&bytes),
@@ -241,7 +252,8 @@ mod tests {
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let f = frames();
-        let bytes = Envelope { device: "d1", first_seq: 1, frames: f.iter().map(Vec::as_slice).collect() }.encode();
+        let bytes =
+            Envelope { device: "d1", lane: 0, first_seq: 1, frames: f.iter().map(Vec::as_slice).collect() }.encode();
         for n in 0..bytes.len() {
             if let Ok(env) = Envelope::decode(&bytes[..n]) {
                 let _ = env.block();
@@ -255,9 +267,9 @@ mod tests {
     #[test]
     fn bad_envelopes_are_refused() {
         let f = frames();
-        let bad = Envelope { device: "a/b", first_seq: 1, frames: vec![&f[0]] }.encode();
+        let bad = Envelope { device: "a/b", lane: 0, first_seq: 1, frames: vec![&f[0]] }.encode();
         assert!(matches!(Envelope::decode(&bad), Err(DecodeError::Invalid(_))));
-        let empty = Envelope { device: "a", first_seq: 1, frames: vec![] }.encode();
+        let empty = Envelope { device: "a", lane: 0, first_seq: 1, frames: vec![] }.encode();
         assert!(matches!(Envelope::decode(&empty), Err(DecodeError::Invalid(_))));
     }
 
@@ -283,10 +295,10 @@ mod golden {
         let f0 = e.frame(1000, &[(k.clone(), 1.0)]).unwrap();
         let f1 = e.frame(11000, &[(k.clone(), 2.0)]).unwrap();
         let f2 = e.frame(21001, &[(k, 3.0)]).unwrap();
-        let env = Envelope { device: "d1", first_seq: 300, frames: vec![&f0, &f1, &f2] }.encode();
+        let env = Envelope { device: "d1", lane: 1, first_seq: 300, frames: vec![&f0, &f1, &f2] }.encode();
         let hex: Vec<String> = env.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex.join(" "), GOLDEN);
     }
 
-    const GOLDEN: &str = "02 02 64 31 ac 02 03 17 21 01 d0 0f 01 00 01 6d 01 00 01 6b 00 01 76 3f f0 00 00 00 00 00 00 08 22 01 a0 9c 01 00 80 80 05 22 01 02 00 00";
+    const GOLDEN: &str = "02 02 64 31 01 ac 02 03 17 21 01 d0 0f 01 00 01 6d 01 00 01 6b 00 01 76 3f f0 00 00 00 00 00 00 08 22 01 a0 9c 01 00 80 80 05 22 01 02 00 00";
 }

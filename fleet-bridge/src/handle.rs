@@ -8,6 +8,7 @@ use edge_wire::Envelope;
 #[derive(Debug)]
 pub struct Write {
     pub device: String,
+    pub lane: u8,
     /// Store sequence numbers of the block's first and last frames.
     pub first_seq: u64,
     pub last_seq: u64,
@@ -49,6 +50,7 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8]) -> Result<Write, Refus
     let req = WriteRequest { timeseries: remote_write::to_timeseries(device, &batch) };
     Ok(Write {
         device: device.into(),
+        lane: env.lane,
         first_seq: env.first_seq,
         last_seq: env.first_seq + env.frames.len() as u64 - 1,
         samples: batch.sample_count(),
@@ -86,7 +88,7 @@ mod tests {
         let k = SeriesKey::new("m", vec![Label::new("k", "v")]);
         let mut e = BlockEncoder::new();
         let frames = [e.frame(5, &[(k.clone(), 1.5)]).unwrap(), e.frame(15, &[(k, 2.5)]).unwrap()];
-        Envelope { device, first_seq: 3, frames: frames.iter().map(Vec::as_slice).collect() }.encode()
+        Envelope { device, lane: 0, first_seq: 3, frames: frames.iter().map(Vec::as_slice).collect() }.encode()
     }
 
     #[test]

@@ -102,6 +102,8 @@ struct Segment {
     id: u64,
     entries: Vec<Entry>,
     len: u64,
+    /// Ends at its last intact record (appends may follow).
+    clean_tail: bool,
 }
 
 impl Segment {
@@ -141,6 +143,57 @@ const DROPS: &str = "dropped";
 
 /// The store the agent runs: segments as files in a directory.
 pub type FileStore = Store<FsMedium>;
+
+/// A class of data with its own store and bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Window measurements.
+    Routine = 0,
+    /// Alarms and anomaly records: their own, separate byte and age budget,
+    /// so no amount of routine data can push them out, and sent first.
+    Priority = 1,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Priority, Lane::Routine];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Lane::Routine => "routine",
+            Lane::Priority => "priority",
+        }
+    }
+
+    /// Where the lane lives under the store directory.
+    pub fn dir(self, store_dir: &Path) -> PathBuf {
+        match self {
+            Lane::Routine => store_dir.to_owned(),
+            Lane::Priority => store_dir.join("priority"),
+        }
+    }
+}
+
+/// Both lanes of the agent's store.
+pub struct Lanes {
+    pub routine: FileStore,
+    pub priority: FileStore,
+}
+
+impl Lanes {
+    pub fn open(store_dir: &Path, routine: StoreLimits, priority: StoreLimits) -> Result<Lanes, StoreError> {
+        Ok(Lanes {
+            routine: FileStore::open_dir(&Lane::Routine.dir(store_dir), routine)?,
+            priority: FileStore::open_dir(&Lane::Priority.dir(store_dir), priority)?,
+        })
+    }
+
+    pub fn get(&mut self, lane: Lane) -> &mut FileStore {
+        match lane {
+            Lane::Routine => &mut self.routine,
+            Lane::Priority => &mut self.priority,
+        }
+    }
+}
 
 impl Store<FsMedium> {
     /// Opens (creating if needed) the store in `dir`, taking its lock.
@@ -187,7 +240,21 @@ impl<M: Medium> Store<M> {
                 Err(why) => tracing::warn!(store = %place, why, "drop counters unreadable; starting them at 0"),
             }
         }
-        let ids = medium.segments().map_err(err("list segments"))?;
+        let mut ids = medium.segments().map_err(err("list segments"))?;
+        // A crash while creating a segment leaves it shorter than its header:
+        // nothing was ever stored there. Remove such leftovers first, so that
+        // "newest" below means the newest segment that holds data.
+        while let Some(&id) = ids.last() {
+            let bytes = read_all(&mut medium, id).map_err(err("read segment"))?;
+            if plan::recovery(&plan::scan(&bytes, id), true, bytes.len() as u64) != Recovery::Remove {
+                break;
+            }
+            stats.truncated_bytes += bytes.len() as u64;
+            if !read_only {
+                medium.remove(id).map_err(err("remove segment"))?;
+            }
+            ids.pop();
+        }
         let mut segments: Vec<Segment> = Vec::new();
         for (i, &id) in ids.iter().enumerate() {
             let is_newest = i + 1 == ids.len();
@@ -216,6 +283,7 @@ impl<M: Medium> Store<M> {
                 }
             };
             let mut len = bytes.len() as u64;
+            let clean_tail = matches!(action, Recovery::Keep | Recovery::Truncate(_));
             match action {
                 Recovery::Truncate(at) => {
                     let cut = len - at;
@@ -232,14 +300,16 @@ impl<M: Medium> Store<M> {
                 }
                 _ => {}
             }
-            segments.push(Segment { id, entries, len });
+            segments.push(Segment { id, entries, len, clean_tail });
         }
 
         let last = segments.iter().rev().find_map(|s| s.entries.last()).map(|e| e.seq);
         let next_seq = last.unwrap_or(0).max(stats.acked_seq) + 1;
-        // Keep appending to the newest segment while it has room.
+        // Keep appending to the newest segment while it has room, but only if
+        // it ends cleanly: a record after unreadable bytes could never be
+        // found again.
         let active = match segments.last() {
-            Some(s) if !read_only && s.len < limits.segment_bytes => {
+            Some(s) if !read_only && s.clean_tail && s.len < limits.segment_bytes => {
                 let mut f = medium.open(s.id).map_err(err("open segment"))?;
                 f.seek(SeekFrom::Start(s.len)).map_err(err("seek segment"))?;
                 Some(f)
@@ -541,7 +611,12 @@ impl<M: Medium> Store<M> {
             let _ = self.medium.remove(first_seq);
             return Err((io_error(place, "write segment header", e), full));
         }
-        self.segments.push(Segment { id: first_seq, entries: Vec::new(), len: SEGMENT_HEADER as u64 });
+        self.segments.push(Segment {
+            id: first_seq,
+            entries: Vec::new(),
+            len: SEGMENT_HEADER as u64,
+            clean_tail: true,
+        });
         self.active = Some(f);
         Ok(())
     }

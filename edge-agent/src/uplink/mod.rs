@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::metrics::AgentMetrics;
-use crate::store::FileStore;
+use crate::store::{Lane, Lanes};
 use window::SendWindow;
 
 /// How often a moving send position is made durable, at most.
@@ -30,13 +30,21 @@ const READ_BYTES: usize = 4 << 20;
 
 pub struct Uplink {
     cfg: Config,
-    store: Arc<Mutex<FileStore>>,
+    store: Arc<Mutex<Lanes>>,
     metrics: AgentMetrics,
     shutdown: Arc<AtomicBool>,
 }
 
+/// One lane's sending state.
+struct LaneSend {
+    lane: Lane,
+    win: SendWindow,
+    /// The send position moved and is not yet persisted.
+    dirty: bool,
+}
+
 impl Uplink {
-    pub fn new(cfg: Config, store: Arc<Mutex<FileStore>>, metrics: AgentMetrics, shutdown: Arc<AtomicBool>) -> Self {
+    pub fn new(cfg: Config, store: Arc<Mutex<Lanes>>, metrics: AgentMetrics, shutdown: Arc<AtomicBool>) -> Self {
         Uplink { cfg, store, metrics, shutdown }
     }
 
@@ -46,11 +54,22 @@ impl Uplink {
 
     fn run(self) {
         let topic = edge_wire::metrics_topic(&self.cfg.mqtt.topic_prefix, &self.cfg.device_id);
-        let acked = lock(&self.store).stats().acked_seq;
-        let mut win = SendWindow::new(acked, self.cfg.mqtt.max_inflight as usize);
+        let max = self.cfg.mqtt.max_inflight as usize;
+        // Priority first: every round serves it before routine data.
+        let mut lanes: Vec<LaneSend> = {
+            let mut store = lock(&self.store);
+            Lane::ALL
+                .iter()
+                .map(|&lane| LaneSend {
+                    lane,
+                    win: SendWindow::new(store.get(lane).stats().acked_seq, max),
+                    dirty: false,
+                })
+                .collect()
+        };
         let mut backoff = Backoff::new(self.cfg.mqtt.reconnect_min_ms, self.cfg.mqtt.reconnect_max_ms);
         while !self.shutdown.load(Ordering::Relaxed) {
-            let connected = self.session(&topic, &mut win);
+            let connected = self.session(&topic, &mut lanes);
             self.metrics.uplink_connected.set(0);
             if connected {
                 backoff.reset();
@@ -66,7 +85,7 @@ impl Uplink {
 
     /// One MQTT connection, from connect to error or shutdown. Returns
     /// whether the broker accepted the connection.
-    fn session(&self, topic: &str, win: &mut SendWindow) -> bool {
+    fn session(&self, topic: &str, lanes: &mut [LaneSend]) -> bool {
         let m = &self.cfg.mqtt;
         let mut opts = MqttOptions::new(self.cfg.client_id(), m.host.clone(), m.port);
         opts.set_keep_alive(Duration::from_secs(m.keep_alive_secs.max(5)))
@@ -74,24 +93,25 @@ impl Uplink {
             .set_inflight(m.max_inflight)
             .set_max_packet_size(64 * 1024, edge_wire::MAX_MESSAGE_BYTES + 1024);
         let (client, mut conn) = Client::new(opts, m.max_inflight as usize + 8);
-        win.reset();
+        for l in lanes.iter_mut() {
+            l.win.reset();
+        }
         // Publishes whose packet id rumqttc has not reported yet, in order.
-        let mut awaiting_pkid: VecDeque<u64> = VecDeque::new();
-        let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+        let mut awaiting_pkid: VecDeque<(usize, u64)> = VecDeque::new();
+        let mut by_pkid: HashMap<u16, (usize, u64)> = HashMap::new();
         let mut connected = false;
-        let mut dirty = false;
         let mut persisted_at = Instant::now();
-        // Send the open block at once on connecting.
+        // Send the open routine block at once on connecting.
         let now = Instant::now();
-        let mut last_live = now.checked_sub(Duration::from_millis(self.cfg.mqtt.live_interval_ms)).unwrap_or(now);
+        let mut last_live = now.checked_sub(Duration::from_millis(m.live_interval_ms)).unwrap_or(now);
 
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
                 let _ = client.try_disconnect();
                 break;
             }
-            if connected && win.room() > 0 {
-                if let Err(e) = self.publish_more(&client, topic, win, &mut awaiting_pkid, &mut last_live) {
+            if connected {
+                if let Err(e) = self.publish_more(&client, topic, lanes, &mut awaiting_pkid, &mut last_live) {
                     tracing::error!(error = %e, "reading the store failed");
                 }
             }
@@ -100,18 +120,18 @@ impl Uplink {
                     connected = true;
                     self.metrics.uplink_connects.inc();
                     self.metrics.uplink_connected.set(1);
-                    tracing::info!(host = %m.host, port = m.port, resume_after = win.acked(), "connected to broker");
+                    tracing::info!(host = %m.host, port = m.port, "connected to broker");
                 }
                 Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                    if let Some(seq) = awaiting_pkid.pop_front() {
-                        by_pkid.insert(pkid, seq);
+                    if let Some(sent) = awaiting_pkid.pop_front() {
+                        by_pkid.insert(pkid, sent);
                     }
                 }
                 Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                    if let Some(seq) = by_pkid.remove(&ack.pkid) {
+                    if let Some((i, seq)) = by_pkid.remove(&ack.pkid) {
                         self.metrics.uplink_acked.inc();
-                        if win.ack(seq).is_some() {
-                            dirty = true;
+                        if lanes[i].win.ack(seq).is_some() {
+                            lanes[i].dirty = true;
                         }
                     }
                 }
@@ -127,66 +147,83 @@ impl Uplink {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            if dirty && persisted_at.elapsed() >= PERSIST_EVERY {
-                self.persist(win.acked());
-                dirty = false;
+            if persisted_at.elapsed() >= PERSIST_EVERY {
+                self.persist(lanes);
                 persisted_at = Instant::now();
             }
         }
-        if dirty {
-            self.persist(win.acked());
-        }
+        self.persist(lanes);
         connected
     }
 
-    /// Publishes whole blocks, one message each, while the window has room.
-    /// The block still being written goes out only when `live_interval_ms`
-    /// has passed since the last time it did; taking it closes it.
+    /// Publishes whole blocks, one message each, while the in-flight budget
+    /// (shared by the lanes) has room: the priority lane first, its open
+    /// block at once; the routine lane's open block only when
+    /// `live_interval_ms` has passed since it last went out. Taking an open
+    /// block closes it.
     fn publish_more(
         &self,
         client: &Client,
         topic: &str,
-        win: &mut SendWindow,
-        awaiting_pkid: &mut VecDeque<u64>,
+        lanes: &mut [LaneSend],
+        awaiting_pkid: &mut VecDeque<(usize, u64)>,
         last_live: &mut Instant,
     ) -> Result<(), crate::store::StoreError> {
-        let include_open = last_live.elapsed() >= Duration::from_millis(self.cfg.mqtt.live_interval_ms);
-        let blocks = lock(&self.store).read_blocks(win.last_sent(), win.room(), READ_BYTES, include_open)?;
-        if include_open && !blocks.is_empty() {
-            *last_live = Instant::now();
-        }
-        for block in blocks {
-            let (Some(first), Some(last)) = (block.first(), block.last()) else { continue };
-            let env = edge_wire::Envelope {
-                device: &self.cfg.device_id,
-                first_seq: first.seq,
-                frames: block.iter().map(|r| r.payload.as_slice()).collect(),
-            };
-            if client.try_publish(topic, QoS::AtLeastOnce, false, env.encode()).is_err() {
-                // Request queue full: the block is read again next turn.
-                break;
+        let max = self.cfg.mqtt.max_inflight as usize;
+        for i in 0..lanes.len() {
+            let inflight: usize = lanes.iter().map(|l| l.win.inflight()).sum();
+            let room = max.saturating_sub(inflight).min(lanes[i].win.room());
+            if room == 0 {
+                return Ok(());
             }
-            win.sent(last.seq);
-            awaiting_pkid.push_back(last.seq);
-            self.metrics.uplink_published.inc();
+            let lane = lanes[i].lane;
+            let live_due = last_live.elapsed() >= Duration::from_millis(self.cfg.mqtt.live_interval_ms);
+            let include_open = lane == Lane::Priority || live_due;
+            let blocks =
+                lock(&self.store).get(lane).read_blocks(lanes[i].win.last_sent(), room, READ_BYTES, include_open)?;
+            if lane == Lane::Routine && include_open && !blocks.is_empty() {
+                *last_live = Instant::now();
+            }
+            for block in blocks {
+                let (Some(first), Some(last)) = (block.first(), block.last()) else { continue };
+                let env = edge_wire::Envelope {
+                    device: &self.cfg.device_id,
+                    lane: lane as u8,
+                    first_seq: first.seq,
+                    frames: block.iter().map(|r| r.payload.as_slice()).collect(),
+                };
+                if client.try_publish(topic, QoS::AtLeastOnce, false, env.encode()).is_err() {
+                    // Request queue full: the block is read again next turn.
+                    return Ok(());
+                }
+                lanes[i].win.sent(last.seq);
+                awaiting_pkid.push_back((i, last.seq));
+                self.metrics.uplink_published.inc();
+            }
         }
         Ok(())
     }
 
-    fn persist(&self, acked: u64) {
-        let mut store = lock(&self.store);
-        match store.ack(acked) {
-            Ok(()) => self.metrics.observe_store(store.stats()),
-            // Not fatal: the records will be sent again after a restart.
-            Err(e) => tracing::error!(error = %e, "cannot persist the send position"),
+    fn persist(&self, lanes: &mut [LaneSend]) {
+        if !lanes.iter().any(|l| l.dirty) {
+            return;
         }
+        let mut store = lock(&self.store);
+        for l in lanes.iter_mut().filter(|l| l.dirty) {
+            match store.get(l.lane).ack(l.win.acked()) {
+                Ok(()) => l.dirty = false,
+                // Not fatal: the records will be sent again after a restart.
+                Err(e) => tracing::error!(lane = l.lane.label(), error = %e, "cannot persist the send position"),
+            }
+        }
+        self.metrics.observe_lanes(&store);
     }
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the
 /// store's state is still consistent (every mutation is complete or not
 /// applied), so carry on.
-pub(crate) fn lock(store: &Mutex<FileStore>) -> std::sync::MutexGuard<'_, FileStore> {
+pub(crate) fn lock(store: &Mutex<Lanes>) -> std::sync::MutexGuard<'_, Lanes> {
     store.lock().unwrap_or_else(|p| p.into_inner())
 }
 
