@@ -155,6 +155,36 @@ impl SimMedium {
     }
 }
 
+impl SimMedium {
+    /// A medium built from arbitrary bytes, for fuzzing and for replaying
+    /// what a fuzzer found: up to 4 segments of `[id byte][len u16 LE][bytes]`
+    /// (segment id = id byte / 2 + 1; a valid segment header is put in front
+    /// when the id byte is even, so scans reach the records); whatever is
+    /// left becomes the send-position file.
+    pub fn from_fuzz_input(data: &[u8]) -> SimMedium {
+        use embedded_io::Write as _;
+        let mut sim = SimMedium::new(1);
+        let mut rest = data;
+        let mut n = 0;
+        while rest.len() >= 3 && n < 4 {
+            let id = u64::from(rest[0] / 2) + 1;
+            let len = (u16::from_le_bytes([rest[1], rest[2]]) as usize).min(rest.len() - 3);
+            if let Ok(mut seg) = sim.create(id) {
+                if rest[0].is_multiple_of(2) {
+                    let _ = seg.write_all(&super::record::encode_segment_header(id));
+                }
+                let _ = seg.write_all(&rest[3..3 + len]);
+            }
+            rest = &rest[3 + len..];
+            n += 1;
+        }
+        if !rest.is_empty() {
+            let _ = sim.write_meta("acked", rest);
+        }
+        sim
+    }
+}
+
 impl Medium for SimMedium {
     type Error = SimError;
     type Segment = SimSegment;
