@@ -335,6 +335,16 @@ pub fn bridge(dir: &Path, broker_port: u16, write_url: &str, client_id: &str) ->
         &["--config".into(), conf.display().to_string()],
         &[("FLEET_BRIDGE_LOG", "info,fleet_bridge=debug")],
     );
+    // Until the broker confirmed the subscription, messages for the bridge
+    // would find no session to be queued for.
+    let mut p = p;
+    wait_for("the bridge's subscription", Duration::from_secs(30), || {
+        p.assert_running();
+        match scrape(metrics, "fleet_bridge_subscribed") {
+            Ok(Some(1.0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
     (p, metrics)
 }
 

@@ -32,6 +32,9 @@ pub struct MqttConfig {
     /// Devices publish on `<topic_prefix>/<device>/metrics`.
     pub topic_prefix: String,
     pub keep_alive_secs: u64,
+    /// Messages that can never be written are republished on
+    /// `<dead_letter_prefix>/<why>` ("" disables it).
+    pub dead_letter_prefix: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +62,7 @@ impl Default for MqttConfig {
             client_id: "fleet-bridge".into(),
             topic_prefix: "edge".into(),
             keep_alive_secs: 30,
+            dead_letter_prefix: "fleet/deadletter".into(),
         }
     }
 }

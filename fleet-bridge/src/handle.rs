@@ -13,8 +13,8 @@ pub struct Write {
     pub first_seq: u64,
     pub last_seq: u64,
     pub samples: usize,
-    /// Snappy-compressed protobuf WriteRequest.
-    pub body: Vec<u8>,
+    /// What to write; split on refusal (see [`split`]).
+    pub req: WriteRequest,
 }
 
 /// Why a message will never be written. Such messages are acknowledged (so
@@ -54,8 +54,44 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8]) -> Result<Write, Refus
         first_seq: env.first_seq,
         last_seq: env.first_seq + env.frames.len() as u64 - 1,
         samples: batch.sample_count(),
-        body: remote_write::encode(&req),
+        req,
     })
+}
+
+/// Samples in a request.
+pub fn sample_count(req: &WriteRequest) -> usize {
+    req.timeseries.iter().map(|t| t.samples.len()).sum()
+}
+
+/// Splits a request of two or more samples into two halves: by series when
+/// there are several, else by the one series' samples. Used to isolate the
+/// samples a store refuses: Prometheus rejects a whole request for one
+/// out-of-order or too-old sample.
+pub fn split(mut req: WriteRequest) -> (WriteRequest, WriteRequest) {
+    if req.timeseries.len() > 1 {
+        let tail = req.timeseries.split_off(req.timeseries.len() / 2);
+        return (req, WriteRequest { timeseries: tail });
+    }
+    let mut ts = req.timeseries.pop().unwrap_or_default();
+    let tail = ts.samples.split_off(ts.samples.len() / 2);
+    let other = remote_write::TimeSeries { labels: ts.labels.clone(), samples: tail };
+    (WriteRequest { timeseries: vec![ts] }, WriteRequest { timeseries: vec![other] })
+}
+
+/// Why a store refused samples, from its error text (Prometheus's wording).
+pub fn refusal_reason(body: &str) -> &'static str {
+    let b = body.to_ascii_lowercase();
+    if b.contains("out of order") {
+        "out_of_order"
+    } else if b.contains("out of bounds") || b.contains("too old") {
+        "out_of_bounds"
+    } else if b.contains("duplicate sample") {
+        "duplicate_timestamp"
+    } else if b.contains("label") {
+        "invalid_labels"
+    } else {
+        "other"
+    }
 }
 
 /// How to treat a remote-write HTTP status.
@@ -70,11 +106,21 @@ pub enum Verdict {
     Retry,
 }
 
-pub fn verdict(status: u16) -> Verdict {
+/// Errors a Prometheus-compatible store gives for a sample it will never
+/// accept, whatever the status code: Prometheus 2.42 answers a sample older
+/// than its out-of-order window with HTTP 500 "too old sample", so a
+/// sender that trusted the status alone would retry it forever and block
+/// the device's stream.
+const PERMANENT: [&str; 5] =
+    ["too old sample", "out of bounds", "out of order sample", "duplicate sample for timestamp", "invalid label"];
+
+pub fn verdict(status: u16, body: &str) -> Verdict {
+    let b = body.to_ascii_lowercase();
     match status {
         200..=299 => Verdict::Written,
         429 => Verdict::Retry,
         400..=499 => Verdict::Refused,
+        _ if PERMANENT.iter().any(|p| b.contains(p)) => Verdict::Refused,
         _ => Verdict::Retry,
     }
 }
@@ -95,7 +141,7 @@ mod tests {
     fn valid_message_becomes_a_write() {
         let w = prepare("edge", "edge/d1/metrics", &payload("d1")).unwrap();
         assert_eq!((w.device.as_str(), w.first_seq, w.last_seq, w.samples), ("d1", 3, 4, 2));
-        let req = remote_write::decode(&w.body).unwrap();
+        let req = w.req;
         let ts: Vec<i64> = req.timeseries[0].samples.iter().map(|s| s.timestamp).collect();
         assert_eq!(ts, [5, 15]);
     }
@@ -119,10 +165,49 @@ mod tests {
     }
 
     #[test]
+    fn split_halves_until_one_sample() {
+        let mut e = BlockEncoder::new();
+        let keys: Vec<SeriesKey> = (0..3).map(|i| SeriesKey::new("m", vec![Label::new("i", i.to_string())])).collect();
+        let frames: Vec<Vec<u8>> = (0..5)
+            .map(|w| e.frame(w * 10, &keys.iter().map(|k| (k.clone(), w as f64)).collect::<Vec<_>>()).unwrap())
+            .collect();
+        let p = Envelope { device: "d", lane: 0, first_seq: 1, frames: frames.iter().map(Vec::as_slice).collect() }
+            .encode();
+        let req = prepare("edge", "edge/d/metrics", &p).unwrap().req;
+        assert_eq!(sample_count(&req), 15);
+        // Split all the way down: every sample ends up alone, none lost.
+        let mut todo = vec![req];
+        let mut singles = 0;
+        while let Some(r) = todo.pop() {
+            if sample_count(&r) == 1 {
+                singles += 1;
+                assert_eq!(r.timeseries[0].labels.len(), 3);
+            } else {
+                let (a, b) = split(r);
+                assert!(sample_count(&a) > 0 && sample_count(&b) > 0);
+                todo.push(a);
+                todo.push(b);
+            }
+        }
+        assert_eq!(singles, 15);
+    }
+
+    #[test]
+    fn refusal_reasons_from_prometheus_text() {
+        assert_eq!(refusal_reason("out of order sample"), "out_of_order");
+        assert_eq!(refusal_reason("out of bounds"), "out_of_bounds");
+        assert_eq!(refusal_reason("duplicate sample for timestamp"), "duplicate_timestamp");
+        assert_eq!(refusal_reason("?"), "other");
+    }
+
+    #[test]
     fn statuses() {
-        assert_eq!(verdict(204), Verdict::Written);
-        assert_eq!(verdict(400), Verdict::Refused);
-        assert_eq!(verdict(429), Verdict::Retry);
-        assert_eq!(verdict(503), Verdict::Retry);
+        assert_eq!(verdict(204, ""), Verdict::Written);
+        assert_eq!(verdict(400, "x"), Verdict::Refused);
+        assert_eq!(verdict(429, ""), Verdict::Retry);
+        assert_eq!(verdict(503, "unavailable"), Verdict::Retry);
+        // What Prometheus 2.42 actually answers for a sample beyond its
+        // out-of-order window (seen in the e2e test).
+        assert_eq!(verdict(500, "too old sample"), Verdict::Refused);
     }
 }

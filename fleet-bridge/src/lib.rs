@@ -18,6 +18,7 @@ use std::time::Duration;
 use config::Config;
 use handle::Verdict;
 use metrics::BridgeMetrics;
+use remote_write::WriteRequest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -56,6 +57,9 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                     tracing::error!(error = %e, "subscribe failed");
                 }
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                metrics.subscribed.set(1);
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if tx.send(p).is_err() {
                     break; // writer gone
@@ -64,6 +68,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             Ok(_) => {}
             Err(e) => {
                 metrics.mqtt_connected.set(0);
+                metrics.subscribed.set(0);
                 failures = failures.saturating_add(1);
                 tracing::warn!(error = %e, "broker connection failed; retrying");
                 // rumqttc reconnects on the next poll; pace it.
@@ -82,6 +87,7 @@ struct Writer {
     metrics: BridgeMetrics,
     retry_min: Duration,
     retry_max: Duration,
+    dead_letter_prefix: String,
 }
 
 impl Writer {
@@ -99,6 +105,7 @@ impl Writer {
             metrics,
             retry_min: Duration::from_millis(cfg.remote_write.retry_min_ms),
             retry_max: Duration::from_millis(cfg.remote_write.retry_max_ms),
+            dead_letter_prefix: cfg.mqtt.dead_letter_prefix.clone(),
         }
     }
 
@@ -111,49 +118,88 @@ impl Writer {
         }
     }
 
-    /// Returns once the message may be acknowledged.
+    /// Returns once the message may be acknowledged: every sample is either
+    /// written or refused for good by the store (and counted).
     fn handle(&self, publish: &Publish) {
         let w = match handle::prepare(&self.prefix, &publish.topic, &publish.payload) {
             Ok(w) => w,
             Err(refusal) => {
                 self.metrics.messages.get_or_create(&metrics::ResultLabels::new(refusal.label())).inc();
                 tracing::warn!(topic = %publish.topic, why = ?refusal, "message refused");
+                self.dead_letter(publish, refusal.label());
                 return;
             }
         };
+        let mut refused = 0;
+        let written = self.write(w.req, &w.device, &mut refused);
+        let result = if refused == 0 { "written" } else { "partly_refused" };
+        self.metrics.messages.get_or_create(&metrics::ResultLabels::new(result)).inc();
+        tracing::debug!(device = %w.device, lane = w.lane, first_seq = w.first_seq, last_seq = w.last_seq, written, refused, "block handled");
+    }
+
+    /// Writes a request; on a refusal (4xx) splits it and writes the halves,
+    /// down to single samples, so that only the samples the store refuses are
+    /// lost. Retries 429, 5xx and network errors with back-off until they
+    /// succeed. Returns the samples written.
+    fn write(&self, req: WriteRequest, device: &str, refused: &mut usize) -> usize {
+        let n = handle::sample_count(&req);
+        let body = remote_write::encode(&req);
         let mut wait = self.retry_min;
         loop {
-            let outcome = self.post(&w.body);
+            let outcome = self.post(&body);
             let label = match &outcome {
                 Ok(s) => metrics::status_class(s.0),
                 Err(_) => "error",
             };
             self.metrics.requests.get_or_create(&metrics::StatusLabels { status: label.into() }).inc();
             match outcome {
-                Ok(status) => match handle::verdict(status.0) {
+                Ok((status, text)) => match handle::verdict(status, &text) {
                     Verdict::Written => {
-                        self.metrics.messages.get_or_create(&metrics::ResultLabels::new("written")).inc();
-                        self.metrics.samples.inc_by(w.samples as u64);
-                        tracing::debug!(device = %w.device, seq = w.first_seq, samples = w.samples, "written");
-                        return;
+                        self.metrics.samples.inc_by(n as u64);
+                        return n;
+                    }
+                    Verdict::Refused if n > 1 => {
+                        let (a, b) = handle::split(req);
+                        return self.write(a, device, refused) + self.write(b, device, refused);
                     }
                     Verdict::Refused => {
-                        self.metrics.messages.get_or_create(&metrics::ResultLabels::new("refused_by_store")).inc();
-                        self.metrics.samples_refused.inc_by(w.samples as u64);
-                        tracing::warn!(device = %w.device, seq = w.first_seq, status = status.0, body = %status.1, "store refused samples");
-                        return;
+                        let reason = handle::refusal_reason(&text);
+                        self.metrics
+                            .samples_refused
+                            .get_or_create(&metrics::ReasonLabels { reason: reason.into() })
+                            .inc();
+                        *refused += 1;
+                        let ts = req.timeseries.first().and_then(|t| t.samples.first()).map(|s| s.timestamp);
+                        tracing::warn!(device, status, reason, timestamp = ?ts, body = %text, "store refused a sample");
+                        return 0;
                     }
                     Verdict::Retry => {
-                        tracing::warn!(device = %w.device, seq = w.first_seq, status = status.0, body = %status.1, "store busy or failing; retrying");
+                        tracing::warn!(device, status, body = %text, "store busy or failing; retrying");
                     }
                 },
-                Err(e) => {
-                    tracing::warn!(device = %w.device, seq = w.first_seq, error = %e, "remote write failed; retrying")
-                }
+                Err(e) => tracing::warn!(device, error = %e, "remote write failed; retrying"),
             }
             self.metrics.retries.inc();
             std::thread::sleep(wait);
             wait = (wait * 2).min(self.retry_max);
+        }
+    }
+
+    /// Republishes a message that can never be written on the dead-letter
+    /// topic, so it can be looked at; it never blocks the device's stream.
+    fn dead_letter(&self, publish: &Publish, why: &str) {
+        let topic = format!("{}/{}", self.dead_letter_prefix, why);
+        if self.dead_letter_prefix.is_empty() {
+            return;
+        }
+        // QoS 0, on purpose: rumqttc takes no request at all, our manual
+        // PUBACKs included, while its outgoing QoS 1 window is full
+        // (eventloop.rs, `!inflight_full`), and the broker sends us nothing
+        // new until we acknowledge. With QoS 1 dead letters a burst of
+        // garbage could wedge the bridge on a slow broker. Dead letters are
+        // diagnostics: best effort.
+        if let Err(e) = self.client.publish(topic, QoS::AtMostOnce, false, publish.payload.to_vec()) {
+            tracing::warn!(error = %e, "dead-letter publish failed");
         }
     }
 
@@ -165,7 +211,7 @@ impl Writer {
         let mut resp = req.send(body)?;
         let status = resp.status().as_u16();
         let text = if status / 100 == 2 {
-            String::new()
+            String::new() // not read: a 2xx body says nothing we use
         } else {
             resp.body_mut().with_config().limit(4096).read_to_string().unwrap_or_default()
         };

@@ -22,6 +22,11 @@ impl ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
 }
@@ -30,10 +35,11 @@ pub struct StatusLabels {
 pub struct BridgeMetrics {
     pub messages: Family<ResultLabels, Counter>,
     pub samples: Counter,
-    pub samples_refused: Counter,
+    pub samples_refused: Family<ReasonLabels, Counter>,
     pub requests: Family<StatusLabels, Counter>,
     pub retries: Counter,
     pub mqtt_connected: Gauge,
+    pub subscribed: Gauge,
 }
 
 impl BridgeMetrics {
@@ -44,7 +50,7 @@ impl BridgeMetrics {
         r.register("fleet_bridge_samples_written", "Samples the store accepted", m.samples.clone());
         r.register(
             "fleet_bridge_samples_refused",
-            "Samples in requests the store refused for good (4xx)",
+            "Samples the store refused for good, isolated by splitting requests, by reason",
             m.samples_refused.clone(),
         );
         r.register(
@@ -58,6 +64,11 @@ impl BridgeMetrics {
             m.retries.clone(),
         );
         r.register("fleet_bridge_mqtt_connected", "1 while connected to the broker", m.mqtt_connected.clone());
+        r.register(
+            "fleet_bridge_subscribed",
+            "1 once the broker confirmed the subscription (SUBACK) on the current connection",
+            m.subscribed.clone(),
+        );
         (m, Arc::new(r))
     }
 }
