@@ -149,7 +149,7 @@ fn garbage_never_stops_the_bridge_or_other_devices() {
     });
     wait_for("1000 refusals counted", Duration::from_secs(30), || {
         match scrape(r.bridge_metrics, "fleet_bridge_messages_total{result=\"undecodable\"}") {
-            Ok(Some(v)) if v == 1000.0 => Ok(()),
+            Ok(Some(1000.0)) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     });
