@@ -121,6 +121,15 @@ impl Proc {
         }
     }
 
+    /// SIGSTOP / SIGCONT: the process hangs, holding its connections.
+    pub fn pause(&mut self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&mut self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// SIGKILL: no chance to clean up, as in a crash or power cut.
     pub fn kill(&mut self) {
         self.signal(libc::SIGKILL);
@@ -199,6 +208,13 @@ impl Broker {
         let port = self.port;
         wait_for("mosquitto to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)));
         self.proc = Some(proc);
+    }
+
+    /// SIGKILL: whatever mosquitto had not yet saved is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
     }
 
     /// Clean stop (SIGTERM): mosquitto saves its persistence file.
@@ -377,7 +393,7 @@ impl Agent {
             &conf,
             format!(
                 "device_id = \"{}\"\nstate_dir = \"{}\"\n[window]\nmillis = {}\n\
-                 [mqtt]\nport = {}\nreconnect_max_ms = 500\n\
+                 [mqtt]\nport = {}\nreconnect_max_ms = 500\ndelivery_timeout_ms = 2000\n\
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
                  [probes.tcp_lifecycle.port_classes]\ne2e = [{}]\n{}\n",
                 s.device,

@@ -183,6 +183,62 @@ fn broker_outage_loses_nothing_and_keeps_timestamps() {
 }
 
 #[test]
+fn broker_killed_mid_drain_loses_nothing() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let mut s = Stack::start("brokerkill");
+    s.wait_for_uplink();
+    s.broker.stop();
+    let t_down = now_ms();
+    // A backlog: connections spread over many windows while the broker is away.
+    for _ in 0..12 {
+        s.server.connections(1);
+        s.wait_appended(1);
+    }
+    let t_backlog = now_ms();
+    // The bridge is gone (its session stays with the broker): the backlog
+    // can only sit in the broker's queue.
+    s.bridge.kill();
+    s.broker.restart();
+    let acked = "edge_agent_uplink_acked_records_total";
+    let before = s.agent.metric(acked).unwrap_or(0.0);
+    wait_for("the broker to take the backlog", Duration::from_secs(30), || match s.agent.metric(acked) {
+        Some(v) if v > before => Ok(()),
+        other => Err(other),
+    });
+    // The broker acknowledged it but saves its queue only once a second:
+    // killed now, it loses the backlog. An agent that trusted the broker's
+    // PUBACK would have let go of it.
+    s.broker.kill();
+    s.broker.restart();
+    s.bridge = bridge(&s.dir, s.broker.port, &s.prom.write_url(), &format!("bridge-{}", s.device)).0;
+    // Everything stored arrives: no gap from the outage to the end, and the
+    // count reaches all 12 connections.
+    let sel = s.selector("edge_tcp_connections_opened_total", "outbound");
+    let out = wait_for("the whole backlog in Prometheus", ARRIVAL, || {
+        let v = s.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
+        match v.last() {
+            Some(&(ts, 12.0)) if ts > t_down => Ok(v),
+            other => Err(format!("latest {other:?}")),
+        }
+    });
+    // The windows stored during the outage, one by one, counting up to 12.
+    let outage: Vec<_> = out.iter().copied().filter(|x| x.0 > t_down && x.0 < t_backlog).collect();
+    assert!(outage.len() >= 12, "windows of the outage missing: {outage:?}\n{}", s.dump_logs());
+    assert_eq!(outage.last().map(|x| x.1), Some(12.0), "{outage:?}");
+    assert_no_gaps(&out, outage[0].0, out[out.len() - 1].0);
+    assert_monotonic_up_to(&out, 12.0);
+    // And the agent's send position caught up: nothing left unconfirmed.
+    wait_for("the agent's backlog to clear", Duration::from_secs(30), || {
+        match s.agent.metric("edge_agent_store_backlog_records{lane=\"routine\"}") {
+            Some(v) if v <= 1.0 => Ok(()),
+            other => Err(other),
+        }
+    });
+}
+
+#[test]
 fn agent_killed_while_offline_still_delivers_what_it_stored() {
     if !require_root_and_tools() {
         return;

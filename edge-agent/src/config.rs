@@ -80,6 +80,10 @@ pub struct MqttConfig {
     /// most this often (0: every window, lowest latency). Longer intervals
     /// send fewer, better-compressed messages on metered links.
     pub live_interval_ms: u64,
+    /// How long to wait for the bridge's end-to-end confirmation of blocks
+    /// the broker took before sending them again; doubles (up to 32x) while
+    /// nothing is confirmed.
+    pub delivery_timeout_ms: u64,
     /// Reconnect back-off bounds, in milliseconds.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -156,6 +160,7 @@ impl Default for MqttConfig {
             keep_alive_secs: 30,
             max_inflight: 32,
             live_interval_ms: 0,
+            delivery_timeout_ms: 30_000,
             reconnect_min_ms: 200,
             reconnect_max_ms: 30_000,
         }
@@ -241,6 +246,9 @@ impl Config {
         }
         if self.store.fsync_interval_ms > 60_000 {
             return Err("store.fsync_interval_ms must be at most 60000".into());
+        }
+        if self.mqtt.delivery_timeout_ms < 500 {
+            return Err("mqtt.delivery_timeout_ms must be at least 500".into());
         }
         if self.mqtt.max_inflight == 0 {
             return Err("mqtt.max_inflight must be at least 1".into());

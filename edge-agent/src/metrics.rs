@@ -57,6 +57,8 @@ pub struct AgentMetrics {
     pub uplink_connected: Gauge,
     pub uplink_published: Counter,
     pub uplink_acked: Counter,
+    pub uplink_confirmed: Counter,
+    pub uplink_resends: Counter,
     pub uplink_connects: Counter,
     pub uplink_errors: Counter,
     pub uplink_acked_seq: Family<LaneLabels, Gauge>,
@@ -126,6 +128,16 @@ impl AgentMetrics {
             m.uplink_published.clone(),
         );
         r.register("edge_agent_uplink_acked_records", "Records acknowledged by the broker", m.uplink_acked.clone());
+        r.register(
+            "edge_agent_uplink_confirmed_blocks",
+            "Blocks the fleet bridge confirmed as written to the central store",
+            m.uplink_confirmed.clone(),
+        );
+        r.register(
+            "edge_agent_uplink_resends",
+            "Times unconfirmed blocks were sent again after the delivery timeout",
+            m.uplink_resends.clone(),
+        );
         r.register("edge_agent_uplink_connects", "Successful MQTT connections", m.uplink_connects.clone());
         r.register("edge_agent_uplink_errors", "MQTT connection errors", m.uplink_errors.clone());
         r.register(

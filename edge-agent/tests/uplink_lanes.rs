@@ -1,6 +1,7 @@
-//! The uplink against a real mosquitto: a routine backlog and one priority
-//! block wait in the store; the priority block must arrive first, and every
-//! block must be acknowledged and the send positions persisted.
+//! The uplink against a real mosquitto, fleet-bridge and Prometheus: a
+//! routine backlog and one priority block wait in the store; the priority
+//! block must arrive first, and every block must be confirmed end to end and
+//! the send positions persisted.
 
 use edge_agent::config::Config;
 use edge_agent::metrics::AgentMetrics;
@@ -17,12 +18,15 @@ fn window(ts: i64, name: &str) -> Window {
 }
 
 #[test]
-fn priority_blocks_go_first_and_everything_is_acknowledged() {
+fn priority_blocks_go_first_and_everything_is_confirmed() {
     if !e2e::require_root_and_tools() {
         return;
     }
     let dir = e2e::tempdir("lanes");
     let broker = e2e::Broker::start(&dir);
+    // The send positions move only on the bridge's end-to-end confirmations.
+    let prom = e2e::Prom::start(&dir);
+    let (_bridge, _) = e2e::bridge(&dir, broker.port, &prom.write_url(), "lanes-bridge");
     let mut cfg = Config { device_id: "lanes-test".into(), state_dir: dir.join("state"), ..Default::default() };
     cfg.mqtt.port = broker.port;
     cfg.mqtt.max_inflight = 1; // one message at a time: the order is observable
@@ -77,7 +81,7 @@ fn priority_blocks_go_first_and_everything_is_acknowledged() {
     assert_eq!(routine_frames, 50, "{got:?}");
     assert_eq!(got.iter().filter(|g| g.0 == 0).count(), 10, "routine blocks of 5 frames: {got:?}");
 
-    // Acknowledged and persisted: both lanes' backlogs drain to zero.
+    // Confirmed end to end and persisted: both lanes' backlogs drain to zero.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (r, p) = {

@@ -113,6 +113,46 @@ impl<'a> Envelope<'a> {
     }
 }
 
+/// Version byte of [`DeliveryAck`] encodings.
+pub const ACK_VERSION: u8 = 1;
+
+/// Sent by the bridge to `<prefix>/<device>/ack` once the samples of a block
+/// are in the central store (or refused by it for good): the end-to-end
+/// confirmation the agent's send position waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryAck {
+    pub lane: u8,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+impl DeliveryAck {
+    /// `[ACK_VERSION][postcard(self)]`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![ACK_VERSION];
+        out.extend_from_slice(&postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let body = versioned(bytes, "delivery ack", ACK_VERSION)?;
+        let (ack, rest): (DeliveryAck, _) = postcard::take_from_bytes(body)
+            .map_err(|e| DecodeError::Malformed { what: "delivery ack", reason: e.to_string() })?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Trailing(rest.len(), "delivery ack"));
+        }
+        if ack.lane > 1 || ack.first_seq == 0 || ack.first_seq > ack.last_seq {
+            return Err(DecodeError::Invalid(format!("delivery ack {ack:?} is not a valid range")));
+        }
+        Ok(ack)
+    }
+}
+
+/// The topic the bridge confirms a device's deliveries on.
+pub fn ack_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/{device}/ack")
+}
+
 /// Decoded measurements: series, each with its samples in time order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
@@ -271,6 +311,16 @@ mod tests {
         assert!(matches!(Envelope::decode(&bad), Err(DecodeError::Invalid(_))));
         let empty = Envelope { device: "a", lane: 0, first_seq: 1, frames: vec![] }.encode();
         assert!(matches!(Envelope::decode(&empty), Err(DecodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn delivery_acks_round_trip_and_are_checked() {
+        let a = DeliveryAck { lane: 1, first_seq: 10, last_seq: 14 };
+        assert_eq!(DeliveryAck::decode(&a.encode()), Ok(a));
+        assert!(DeliveryAck::decode(&DeliveryAck { lane: 0, first_seq: 5, last_seq: 4 }.encode()).is_err());
+        assert!(DeliveryAck::decode(&DeliveryAck { lane: 2, first_seq: 1, last_seq: 1 }.encode()).is_err());
+        assert!(DeliveryAck::decode(&[1]).is_err());
+        assert_eq!(ack_topic("edge", "d1"), "edge/d1/ack");
     }
 
     #[test]

@@ -131,10 +131,19 @@ impl Writer {
             }
         };
         let mut refused = 0;
-        let written = self.write(w.req, &w.device, &mut refused);
+        let (device, lane, first_seq, last_seq) = (w.device.clone(), w.lane, w.first_seq, w.last_seq);
+        let written = self.write(w.req, &device, &mut refused);
+        // Every sample is now in the store or refused by it for good: confirm
+        // the block end to end, so the device may let go of it. QoS 0 (see
+        // dead_letter): a lost confirmation only means a re-send.
+        let ack = edge_wire::DeliveryAck { lane, first_seq, last_seq }.encode();
+        let topic = edge_wire::ack_topic(&self.prefix, &device);
+        if let Err(e) = self.client.publish(topic, QoS::AtMostOnce, false, ack) {
+            tracing::warn!(error = %e, "delivery confirmation not sent");
+        }
         let result = if refused == 0 { "written" } else { "partly_refused" };
         self.metrics.messages.get_or_create(&metrics::ResultLabels::new(result)).inc();
-        tracing::debug!(device = %w.device, lane = w.lane, first_seq = w.first_seq, last_seq = w.last_seq, written, refused, "block handled");
+        tracing::debug!(device, lane, first_seq, last_seq, written, refused, "block handled");
     }
 
     /// Writes a request; on a refusal (4xx) splits it and writes the halves,

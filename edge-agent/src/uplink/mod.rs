@@ -1,6 +1,10 @@
 //! Uplink stage: publishes stored blocks to MQTT (QoS 1), one message per
-//! block, and advances the persisted send position only over blocks the
-//! broker acknowledged.
+//! block. The broker's PUBACK only frees a slot in the in-flight window; the
+//! persisted send position advances only over blocks the fleet bridge
+//! confirmed (on `<prefix>/<device>/ack`) after writing them to the central
+//! store, so a broker that crashes with messages in its queue loses nothing:
+//! what is not confirmed is sent again, on reconnect or after
+//! `mqtt.delivery_timeout_ms` (doubling while nothing is confirmed).
 //!
 //! rumqttc drives its connection on a private tokio runtime, so this stage
 //! runs on its own thread, beside the smol executor. The store is the only
@@ -9,6 +13,7 @@
 //! and a new one resumes from the send position. The pure acknowledgement
 //! logic lives in [`window::SendWindow`].
 
+pub mod delivery;
 pub mod window;
 
 use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS, RecvTimeoutError};
@@ -20,6 +25,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::metrics::AgentMetrics;
 use crate::store::{Lane, Lanes};
+use delivery::Delivery;
 use window::SendWindow;
 
 /// How often a moving send position is made durable, at most.
@@ -38,7 +44,12 @@ pub struct Uplink {
 /// One lane's sending state.
 struct LaneSend {
     lane: Lane,
+    /// Flow control: what the broker has acknowledged.
     win: SendWindow,
+    /// End to end: what the bridge confirmed; the persisted position.
+    delivery: Delivery,
+    /// Since when blocks the broker took wait for confirmation.
+    waiting_since: Option<Instant>,
     /// The send position moved and is not yet persisted.
     dirty: bool,
 }
@@ -60,10 +71,15 @@ impl Uplink {
             let mut store = lock(&self.store);
             Lane::ALL
                 .iter()
-                .map(|&lane| LaneSend {
-                    lane,
-                    win: SendWindow::new(store.get(lane).stats().acked_seq, max),
-                    dirty: false,
+                .map(|&lane| {
+                    let pos = store.get(lane).stats().acked_seq;
+                    LaneSend {
+                        lane,
+                        win: SendWindow::new(pos, max),
+                        delivery: Delivery::new(pos, Duration::from_millis(self.cfg.mqtt.delivery_timeout_ms)),
+                        waiting_since: None,
+                        dirty: false,
+                    }
                 })
                 .collect()
         };
@@ -93,9 +109,12 @@ impl Uplink {
             .set_inflight(m.max_inflight)
             .set_max_packet_size(64 * 1024, edge_wire::MAX_MESSAGE_BYTES + 1024);
         let (client, mut conn) = Client::new(opts, m.max_inflight as usize + 8);
+        // Resend everything not confirmed end to end.
         for l in lanes.iter_mut() {
-            l.win.reset();
+            l.win.reset_to(l.delivery.delivered());
+            l.waiting_since = None;
         }
+        let ack_topic = edge_wire::ack_topic(&m.topic_prefix, &self.cfg.device_id);
         // Publishes whose packet id rumqttc has not reported yet, in order.
         let mut awaiting_pkid: VecDeque<(usize, u64)> = VecDeque::new();
         let mut by_pkid: HashMap<u16, (usize, u64)> = HashMap::new();
@@ -120,6 +139,10 @@ impl Uplink {
                     connected = true;
                     self.metrics.uplink_connects.inc();
                     self.metrics.uplink_connected.set(1);
+                    // QoS 0: a lost confirmation only means a re-send.
+                    if let Err(e) = client.try_subscribe(ack_topic.clone(), QoS::AtMostOnce) {
+                        tracing::error!(error = %e, "cannot subscribe to delivery confirmations");
+                    }
                     tracing::info!(host = %m.host, port = m.port, "connected to broker");
                 }
                 Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
@@ -130,9 +153,21 @@ impl Uplink {
                 Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
                     if let Some((i, seq)) = by_pkid.remove(&ack.pkid) {
                         self.metrics.uplink_acked.inc();
-                        if lanes[i].win.ack(seq).is_some() {
-                            lanes[i].dirty = true;
+                        lanes[i].win.ack(seq);
+                    }
+                }
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == ack_topic => {
+                    match edge_wire::DeliveryAck::decode(&p.payload) {
+                        Ok(a) => {
+                            self.metrics.uplink_confirmed.inc();
+                            if let Some(l) = lanes.iter_mut().find(|l| l.lane as u8 == a.lane) {
+                                if l.delivery.confirm(a.first_seq, a.last_seq).is_some() {
+                                    l.dirty = true;
+                                    l.waiting_since = None;
+                                }
+                            }
                         }
+                        Err(e) => tracing::warn!(error = %e, "malformed delivery confirmation ignored"),
                     }
                 }
                 Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
@@ -146,6 +181,27 @@ impl Uplink {
                     break;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
+            }
+            for l in lanes.iter_mut() {
+                let waiting = l.win.acked() > l.delivery.delivered();
+                match l.waiting_since {
+                    _ if !waiting => l.waiting_since = None,
+                    None => l.waiting_since = Some(Instant::now()),
+                    Some(t) if t.elapsed() >= l.delivery.timeout() => {
+                        tracing::warn!(
+                            lane = l.lane.label(),
+                            confirmed = l.delivery.delivered(),
+                            broker_acked = l.win.acked(),
+                            waited = ?l.delivery.timeout(),
+                            "no delivery confirmation; sending again from the confirmed position"
+                        );
+                        self.metrics.uplink_resends.inc();
+                        l.win.reset_to(l.delivery.delivered());
+                        l.delivery.expired();
+                        l.waiting_since = None;
+                    }
+                    Some(_) => {}
+                }
             }
             if persisted_at.elapsed() >= PERSIST_EVERY {
                 self.persist(lanes);
@@ -210,7 +266,7 @@ impl Uplink {
         }
         let mut store = lock(&self.store);
         for l in lanes.iter_mut().filter(|l| l.dirty) {
-            match store.get(l.lane).ack(l.win.acked()) {
+            match store.get(l.lane).ack(l.delivery.delivered()) {
                 Ok(()) => l.dirty = false,
                 // Not fatal: the records will be sent again after a restart.
                 Err(e) => tracing::error!(lane = l.lane.label(), error = %e, "cannot persist the send position"),

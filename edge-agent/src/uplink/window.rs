@@ -67,6 +67,14 @@ impl SendWindow {
         self.inflight.clear();
         self.last_sent = self.acked;
     }
+
+    /// Forget everything after `pos` and send again from there (the
+    /// end-to-end confirmed position).
+    pub fn reset_to(&mut self, pos: u64) {
+        self.inflight.clear();
+        self.acked = pos;
+        self.last_sent = pos;
+    }
 }
 
 #[cfg(test)]
