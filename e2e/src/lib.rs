@@ -393,7 +393,7 @@ impl Agent {
             &conf,
             format!(
                 "device_id = \"{}\"\nstate_dir = \"{}\"\n[window]\nmillis = {}\n\
-                 [mqtt]\nport = {}\nreconnect_max_ms = 500\ndelivery_timeout_ms = 2000\n\
+                 [mqtt]\nport = {}\nreconnect_max_ms = 500\ndelivery_timeout_ms = 2000\nkeep_alive_secs = 5\n\
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
                  [probes.tcp_lifecycle.port_classes]\ne2e = [{}]\n{}\n",
                 s.device,

@@ -239,6 +239,32 @@ fn broker_killed_mid_drain_loses_nothing() {
 }
 
 #[test]
+fn device_presence_follows_the_agent() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let mut s = Stack::start("presence");
+    let sel = format!("edge_device_online{{device=\"{}\"}}", s.device);
+    let latest = |s: &Stack| s.prom.raw_samples(&sel, 600).ok().and_then(|v| v.last().map(|x| x.1));
+    wait_for("online (the retained birth message)", ARRIVAL, || match latest(&s) {
+        Some(1.0) => Ok(()),
+        other => Err(other),
+    });
+    // No goodbye: the broker notices after 1.5 keep-alives (5 s here) and
+    // publishes the agent's last will.
+    s.agent.proc.kill();
+    wait_for("offline (the last will)", ARRIVAL, || match latest(&s) {
+        Some(0.0) => Ok(()),
+        other => Err(other),
+    });
+    s.agent.restart();
+    wait_for("online again", ARRIVAL, || match latest(&s) {
+        Some(1.0) => Ok(()),
+        other => Err(other),
+    });
+}
+
+#[test]
 fn agent_killed_while_offline_still_delivers_what_it_stored() {
     if !require_root_and_tools() {
         return;

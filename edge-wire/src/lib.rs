@@ -222,9 +222,20 @@ pub fn metrics_topic(prefix: &str, device: &str) -> String {
 /// The device id in a metrics topic `<prefix>/<device>/metrics`, if the topic
 /// has that shape.
 pub fn device_of_topic<'t>(prefix: &str, topic: &'t str) -> Option<&'t str> {
+    device_of(prefix, topic, "metrics")
+}
+
+/// The device id in `<prefix>/<device>/<leaf>`, if the topic has that shape.
+pub fn device_of<'t>(prefix: &str, topic: &'t str, leaf: &str) -> Option<&'t str> {
     let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
-    let device = rest.strip_suffix("/metrics")?;
+    let device = rest.strip_suffix(leaf)?.strip_suffix('/')?;
     (!device.contains('/')).then_some(device)
+}
+
+/// Retained `online` while the device is connected; its MQTT last will sets
+/// `offline` when the connection dies without a goodbye.
+pub fn presence_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/{device}/presence")
 }
 
 pub(crate) fn is_metric_name(s: &str) -> bool {

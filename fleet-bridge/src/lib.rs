@@ -41,6 +41,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         .set_max_packet_size(edge_wire::MAX_MESSAGE_BYTES + 1024, 64 * 1024);
     let (client, mut connection) = Client::new(opts, 64);
     let filter = format!("{}/+/metrics", cfg.mqtt.topic_prefix);
+    let presence_filter = format!("{}/+/presence", cfg.mqtt.topic_prefix);
 
     let (tx, rx) = mpsc::channel::<Publish>();
     let writer = Writer::new(&cfg, client.clone(), metrics.clone());
@@ -53,7 +54,9 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                 failures = 0;
                 metrics.mqtt_connected.set(1);
                 tracing::info!(session_present = ack.session_present, filter, "connected to broker");
-                if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                let filters = [filter.clone(), presence_filter.clone()]
+                    .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(filters) {
                     tracing::error!(error = %e, "subscribe failed");
                 }
             }
@@ -121,6 +124,10 @@ impl Writer {
     /// Returns once the message may be acknowledged: every sample is either
     /// written or refused for good by the store (and counted).
     fn handle(&self, publish: &Publish) {
+        if let Some(device) = edge_wire::device_of(&self.prefix, &publish.topic, "presence") {
+            self.presence(device, &publish.payload);
+            return;
+        }
         let w = match handle::prepare(&self.prefix, &publish.topic, &publish.payload) {
             Ok(w) => w,
             Err(refusal) => {
@@ -192,6 +199,34 @@ impl Writer {
             std::thread::sleep(wait);
             wait = (wait * 2).min(self.retry_max);
         }
+    }
+
+    /// A device's retained birth (`online`) or last will (`offline`) becomes
+    /// a sample of `edge_device_online{device}`, 1 or 0, stamped when it
+    /// arrived. Written on every change and every bridge (re)subscription,
+    /// so query it with `last_over_time(edge_device_online[1d])`.
+    fn presence(&self, device: &str, payload: &[u8]) {
+        let value = match payload {
+            b"online" => 1.0,
+            b"offline" => 0.0,
+            _ => {
+                self.metrics.messages.get_or_create(&metrics::ResultLabels::new("bad_presence")).inc();
+                return;
+            }
+        };
+        if edge_wire::validate_device_id(device).is_err() {
+            self.metrics.messages.get_or_create(&metrics::ResultLabels::new("bad_topic")).inc();
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let req = WriteRequest { timeseries: vec![remote_write::presence(device, value, now)] };
+        let mut refused = 0;
+        self.write(req, device, &mut refused);
+        self.metrics.messages.get_or_create(&metrics::ResultLabels::new("presence")).inc();
+        tracing::info!(device, online = value == 1.0, "device presence");
     }
 
     /// Republishes a message that can never be written on the dead-letter

@@ -65,6 +65,17 @@ pub fn to_timeseries(device: &str, batch: &Batch) -> Vec<TimeSeries> {
         .collect()
 }
 
+/// `edge_device_online{device}` = `value` at `timestamp_ms`.
+pub fn presence(device: &str, value: f64, timestamp_ms: i64) -> TimeSeries {
+    TimeSeries {
+        labels: vec![
+            Label { name: "__name__".into(), value: "edge_device_online".into() },
+            Label { name: "device".into(), value: device.into() },
+        ],
+        samples: vec![Sample { value, timestamp: timestamp_ms }],
+    }
+}
+
 /// Protobuf-encodes and snappy-compresses (block format) a request body.
 pub fn encode(req: &WriteRequest) -> Vec<u8> {
     let raw = prost::Message::encode_to_vec(req);

@@ -31,6 +31,8 @@ use window::SendWindow;
 /// How often a moving send position is made durable, at most.
 const PERSIST_EVERY: Duration = Duration::from_millis(250);
 const POLL: Duration = Duration::from_millis(100);
+/// Marks a publish that is not a block (the presence birth message).
+const NOT_A_BLOCK: usize = usize::MAX;
 /// Payload bytes read from the store for one round of publishing.
 const READ_BYTES: usize = 4 << 20;
 
@@ -108,6 +110,11 @@ impl Uplink {
             .set_clean_session(true)
             .set_inflight(m.max_inflight)
             .set_max_packet_size(64 * 1024, edge_wire::MAX_MESSAGE_BYTES + 1024);
+        // Presence: the broker publishes the will (retained `offline`) when
+        // this connection dies without a DISCONNECT, which includes our own
+        // shutdown (we never send one): `offline` whenever we are gone.
+        let presence = edge_wire::presence_topic(&m.topic_prefix, &self.cfg.device_id);
+        opts.set_last_will(rumqttc::LastWill::new(presence.clone(), "offline", QoS::AtLeastOnce, true));
         let (client, mut conn) = Client::new(opts, m.max_inflight as usize + 8);
         // Resend everything not confirmed end to end.
         for l in lanes.iter_mut() {
@@ -143,6 +150,11 @@ impl Uplink {
                     if let Err(e) = client.try_subscribe(ack_topic.clone(), QoS::AtMostOnce) {
                         tracing::error!(error = %e, "cannot subscribe to delivery confirmations");
                     }
+                    // Birth message. It takes a packet id like the blocks do:
+                    // hold its place in the publish order with no block.
+                    if client.try_publish(presence.clone(), QoS::AtLeastOnce, true, "online").is_ok() {
+                        awaiting_pkid.push_back((NOT_A_BLOCK, 0));
+                    }
                     tracing::info!(host = %m.host, port = m.port, "connected to broker");
                 }
                 Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
@@ -151,7 +163,7 @@ impl Uplink {
                     }
                 }
                 Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                    if let Some((i, seq)) = by_pkid.remove(&ack.pkid) {
+                    if let Some((i, seq)) = by_pkid.remove(&ack.pkid).filter(|(i, _)| *i != NOT_A_BLOCK) {
                         self.metrics.uplink_acked.inc();
                         lanes[i].win.ack(seq);
                     }
