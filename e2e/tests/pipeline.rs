@@ -137,6 +137,10 @@ fn exact_counts_arrive_with_the_time_they_happened() {
         s.dump_logs()
     );
     assert_monotonic_up_to(&out, 7.0);
+    // The agent's own health arrives with the measurements (for the fleet's
+    // alert rules).
+    let health = format!("edge_agent_store_backlog_records{{device=\"{}\",lane=\"routine\"}}", s.device);
+    assert!(!s.prom.raw_samples(&health, 600).unwrap_or_default().is_empty(), "no self-telemetry in Prometheus");
 }
 
 #[test]

@@ -122,13 +122,16 @@ fn close_window(
     }
     metrics.windows.inc();
     let mut lanes = uplink::lock(store);
-    if let Some(window) = stage.close(ts, &reading, classes) {
-        match writer.write(&mut lanes.routine, &window) {
-            Ok(seq) => tracing::debug!(seq, series = window.samples.len(), "window stored"),
-            Err(e) => {
-                metrics.window_errors.inc();
-                tracing::error!(error = %e, "window could not be stored");
-            }
+    let mut window = stage.close(ts, &reading, classes).unwrap_or_default();
+    window.timestamp_ms = ts;
+    // The store stage's own health travels with the measurements, so the
+    // fleet can alert on backlogs and drops (configs/rules/).
+    window.samples.extend(store::self_telemetry(&lanes));
+    match writer.write(&mut lanes.routine, &window) {
+        Ok(seq) => tracing::debug!(seq, series = window.samples.len(), "window stored"),
+        Err(e) => {
+            metrics.window_errors.inc();
+            tracing::error!(error = %e, "window could not be stored");
         }
     }
     if let Err(e) = lanes.routine.tick() {

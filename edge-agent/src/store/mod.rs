@@ -179,6 +179,22 @@ pub struct Lanes {
     pub priority: FileStore,
 }
 
+/// Series describing both lanes, added to every window.
+pub fn self_telemetry(lanes: &Lanes) -> Vec<(edge_wire::SeriesKey, f64)> {
+    use edge_wire::{Label, SeriesKey};
+    let mut out = Vec::new();
+    for (lane, st) in [(Lane::Routine, lanes.routine.stats()), (Lane::Priority, lanes.priority.stats())] {
+        let l = || vec![Label::new("lane", lane.label())];
+        out.push((SeriesKey::new("edge_agent_store_backlog_records", l()), st.backlog() as f64));
+        out.push((SeriesKey::new("edge_agent_store_bytes", l()), st.bytes as f64));
+        for (reason, n) in plan::DropReason::ALL.iter().zip(st.dropped_records) {
+            let labels = vec![Label::new("lane", lane.label()), Label::new("reason", reason.label())];
+            out.push((SeriesKey::new("edge_agent_store_dropped_records_total", labels), n as f64));
+        }
+    }
+    out
+}
+
 impl Lanes {
     pub fn open(store_dir: &Path, routine: StoreLimits, priority: StoreLimits) -> Result<Lanes, StoreError> {
         Ok(Lanes {
