@@ -333,12 +333,17 @@ pub fn scrape(port: u16, series: &str) -> Result<Option<f64>> {
 }
 
 pub fn bridge(dir: &Path, broker_port: u16, write_url: &str, client_id: &str) -> (Proc, u16) {
+    bridge_with(dir, broker_port, write_url, client_id, "")
+}
+
+/// A bridge with more `[mqtt]` settings (TOML lines).
+pub fn bridge_with(dir: &Path, broker_port: u16, write_url: &str, client_id: &str, mqtt: &str) -> (Proc, u16) {
     let metrics = free_port();
-    let conf = dir.join("bridge.toml");
+    let conf = dir.join(format!("{client_id}.toml"));
     std::fs::write(
         &conf,
         format!(
-            "[mqtt]\nport = {broker_port}\nclient_id = \"{client_id}\"\n\
+            "[mqtt]\nport = {broker_port}\nclient_id = \"{client_id}\"\n{mqtt}\n\
              [remote_write]\nurl = \"{write_url}\"\nretry_max_ms = 1000\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
         ),

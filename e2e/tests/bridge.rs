@@ -8,7 +8,7 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::time::Duration;
 
 struct Rig {
-    _broker: Broker,
+    broker: Broker,
     prom: Prom,
     bridge: Proc,
     bridge_metrics: u16,
@@ -17,10 +17,14 @@ struct Rig {
 }
 
 fn rig(name: &str) -> Rig {
+    rig_with(name, "")
+}
+
+fn rig_with(name: &str, mqtt: &str) -> Rig {
     let dir = tempdir(name);
     let broker = Broker::start(&dir);
     let prom = Prom::start(&dir);
-    let (bridge, bridge_metrics) = bridge(&dir, broker.port, &prom.write_url(), &format!("bridge-{name}"));
+    let (bridge, bridge_metrics) = bridge_with(&dir, broker.port, &prom.write_url(), &format!("bridge-{name}"), mqtt);
     let mut opts = MqttOptions::new(format!("pub-{name}"), "127.0.0.1", broker.port);
     opts.set_max_packet_size(1 << 22, 1 << 22);
     let (client, mut conn) = Client::new(opts, 64);
@@ -37,7 +41,7 @@ fn rig(name: &str) -> Rig {
             }
         }
     });
-    Rig { _broker: broker, prom, bridge, bridge_metrics, client, dead }
+    Rig { broker, prom, bridge, bridge_metrics, client, dead }
 }
 
 fn block(device: &str, series: &[(&str, Vec<(i64, f64)>)]) -> Vec<u8> {
@@ -161,4 +165,36 @@ fn garbage_never_stops_the_bridge_or_other_devices() {
     // all of them arrive on loopback, never more than were refused.
     assert!((990..=1000).contains(&dead), "{dead} dead-lettered");
     r.bridge.assert_running();
+}
+
+#[test]
+fn bridges_in_a_share_group_split_the_fleet() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let group = "share_group = \"fleet\"";
+    let mut r = rig_with("share", group);
+    let dir = tempdir("share2");
+    let (mut second, second_metrics) = bridge_with(&dir, r.broker.port, &r.prom.write_url(), "bridge-share-2", group);
+    let now = now_ms();
+    for d in 0..40 {
+        let msg = block(&format!("dev-{d}"), &[("shared", vec![(now - 10_000, d as f64)])]);
+        r.client.publish(format!("edge/dev-{d}/metrics"), QoS::AtLeastOnce, false, msg).unwrap();
+    }
+    wait_for("all 40 devices' samples", Duration::from_secs(60), || {
+        r.bridge.assert_running();
+        second.assert_running();
+        match count_series(&r.prom, "shared") {
+            40 => Ok(()),
+            n => Err(n),
+        }
+    });
+    let written = |port| scrape(port, "fleet_bridge_messages_total{result=\"written\"}").ok().flatten().unwrap_or(0.0);
+    let (a, b) = (written(r.bridge_metrics), written(second_metrics));
+    assert_eq!(a + b, 40.0, "each message written once: {a} + {b}");
+    assert!(a > 0.0 && b > 0.0, "both bridges took part: {a} / {b}");
+}
+
+fn count_series(prom: &Prom, name: &str) -> usize {
+    (0..40).filter(|d| count(prom, &format!("{name}{{device=\"dev-{d}\"}}")) == 1).count()
 }

@@ -35,6 +35,13 @@ pub struct MqttConfig {
     /// Messages that can never be written are republished on
     /// `<dead_letter_prefix>/<why>` ("" disables it).
     pub dead_letter_prefix: String,
+    /// Bridges with the same group split the fleet's messages between them
+    /// (MQTT shared subscription `$share/<group>/...`). Default "": a plain
+    /// subscription, for which the broker queues messages while the bridge
+    /// is away. mosquitto 2.0 does not queue for a shared subscription whose
+    /// members are all offline after a broker restart: those messages come
+    /// again only when the device's delivery timeout resends them.
+    pub share_group: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +70,7 @@ impl Default for MqttConfig {
             topic_prefix: "edge".into(),
             keep_alive_secs: 30,
             dead_letter_prefix: "fleet/deadletter".into(),
+            share_group: String::new(),
         }
     }
 }
@@ -106,6 +114,9 @@ impl Config {
         }
         if self.remote_write.url.starts_with("https://") {
             return Err("remote_write.url: https is not built into this version yet; use a local TLS proxy".into());
+        }
+        if self.mqtt.share_group.contains(['/', '+', '#']) {
+            return Err("mqtt.share_group may not contain / + or #".into());
         }
         if self.mqtt.client_id.is_empty() {
             return Err("mqtt.client_id must not be empty".into());

@@ -40,8 +40,12 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         .set_manual_acks(true)
         .set_max_packet_size(edge_wire::MAX_MESSAGE_BYTES + 1024, 64 * 1024);
     let (client, mut connection) = Client::new(opts, 64);
-    let filter = format!("{}/+/metrics", cfg.mqtt.topic_prefix);
-    let presence_filter = format!("{}/+/presence", cfg.mqtt.topic_prefix);
+    // With a share group, the broker hands each message to one bridge of the
+    // group; the topic of the message stays the device's.
+    let share =
+        if cfg.mqtt.share_group.is_empty() { String::new() } else { format!("$share/{}/", cfg.mqtt.share_group) };
+    let filter = format!("{share}{}/+/metrics", cfg.mqtt.topic_prefix);
+    let presence_filter = format!("{share}{}/+/presence", cfg.mqtt.topic_prefix);
 
     let (tx, rx) = mpsc::channel::<Publish>();
     let writer = Writer::new(&cfg, client.clone(), metrics.clone());
