@@ -244,11 +244,27 @@ pub struct Prom {
     pub port: u16,
     pub proc: Proc,
     http: ureq::Agent,
+    dir: PathBuf,
 }
 
 impl Prom {
     pub fn start(dir: &Path) -> Prom {
-        let port = free_port();
+        Self::start_on(dir, free_port())
+    }
+
+    /// Stops it (SIGTERM) and starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        let again = Self::start_on(&self.dir, self.port);
+        *self = again;
+    }
+
+    /// Stops it (SIGTERM); `restart` brings it back.
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    fn start_on(dir: &Path, port: u16) -> Prom {
         let data = dir.join("prometheus");
         std::fs::create_dir_all(&data).expect("prometheus dir");
         let bin = which("prometheus").expect("prometheus");
@@ -264,7 +280,7 @@ impl Prom {
             .timeout_global(Some(Duration::from_secs(10)))
             .build()
             .into();
-        let p = Prom { port, proc, http };
+        let p = Prom { port, proc, http, dir: dir.to_owned() };
         wait_for("prometheus to be ready", Duration::from_secs(60), || {
             p.get("/-/ready").and_then(|(s, _)| if s == 200 { Ok(()) } else { Err(format!("status {s}").into()) })
         });

@@ -243,6 +243,75 @@ fn broker_killed_mid_drain_loses_nothing() {
 }
 
 #[test]
+fn prometheus_down_then_back_loses_nothing() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let mut s = Stack::start("promdown");
+    s.wait_for_uplink();
+    s.server.connections(1);
+    s.wait_latest("edge_tcp_connections_opened_total", "outbound", 1.0);
+    s.prom.stop();
+    let t_down = now_ms();
+    for _ in 0..5 {
+        s.server.connections(1);
+        s.wait_appended(1);
+    }
+    let t_back = now_ms();
+    s.prom.restart();
+    let sel = s.selector("edge_tcp_connections_opened_total", "outbound");
+    let out = wait_for("the windows of the outage", ARRIVAL, || {
+        let v = s.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
+        match v.last() {
+            Some(&(ts, 6.0)) if ts > t_back => Ok(v),
+            other => Err(format!("latest {other:?}")),
+        }
+    });
+    let outage: Vec<_> = out.iter().copied().filter(|x| x.0 > t_down && x.0 < t_back).collect();
+    assert!(outage.len() >= 5, "windows of the outage missing: {outage:?}\n{}", s.dump_logs());
+    assert_no_gaps(&out, out[0].0, out[out.len() - 1].0);
+    assert_monotonic_up_to(&out, 6.0);
+}
+
+#[test]
+fn bridge_killed_mid_drain_loses_nothing() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let mut s = Stack::start("bridgekill");
+    s.wait_for_uplink();
+    s.broker.stop();
+    let t_down = now_ms();
+    for _ in 0..6 {
+        s.server.connections(1);
+        s.wait_appended(1);
+    }
+    let t_backlog = now_ms();
+    s.broker.restart();
+    // Kill the bridge as the backlog reaches it, then start a new one with
+    // the same session.
+    let acked = "edge_agent_uplink_acked_records_total";
+    wait_for("the broker to take the backlog", Duration::from_secs(30), || match s.agent.metric(acked) {
+        Some(v) if v > 0.0 => Ok(()),
+        other => Err(other),
+    });
+    s.bridge.kill();
+    s.bridge = bridge(&s.dir, s.broker.port, &s.prom.write_url(), &format!("bridge-{}", s.device)).0;
+    let sel = s.selector("edge_tcp_connections_opened_total", "outbound");
+    let out = wait_for("the whole backlog", ARRIVAL, || {
+        let v = s.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
+        match v.last() {
+            Some(&(ts, 6.0)) if ts > t_backlog => Ok(v),
+            other => Err(format!("latest {other:?}")),
+        }
+    });
+    let outage: Vec<_> = out.iter().copied().filter(|x| x.0 > t_down && x.0 < t_backlog).collect();
+    assert!(outage.len() >= 6, "windows of the outage missing: {outage:?}\n{}", s.dump_logs());
+    assert_no_gaps(&out, outage[0].0, out[out.len() - 1].0);
+    assert_monotonic_up_to(&out, 6.0);
+}
+
+#[test]
 fn device_presence_follows_the_agent() {
     if !require_root_and_tools() {
         return;
