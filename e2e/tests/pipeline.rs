@@ -196,40 +196,24 @@ fn broker_killed_mid_drain_loses_nothing() {
     s.broker.stop();
     let t_down = now_ms();
     // A backlog: connections spread over many windows while the broker is away.
-    for _ in 0..12 {
-        s.server.connections(1);
-        s.wait_appended(1);
-    }
+    s.backlog_windows(12);
     let t_backlog = now_ms();
     // The bridge is gone (its session stays with the broker): the backlog
     // can only sit in the broker's queue.
     s.bridge.kill();
     s.broker.restart();
-    let acked = "edge_agent_uplink_acked_records_total";
-    let before = s.agent.metric(acked).unwrap_or(0.0);
-    wait_for("the broker to take the backlog", Duration::from_secs(30), || match s.agent.metric(acked) {
-        Some(v) if v > before => Ok(()),
-        other => Err(other),
-    });
+    s.wait_broker_took(s.agent.metric("edge_agent_uplink_acked_records_total").unwrap_or(0.0));
     // The broker acknowledged it but saves its queue only once a second:
     // killed now, it loses the backlog. An agent that trusted the broker's
     // PUBACK would have let go of it.
     s.broker.kill();
     s.broker.restart();
-    s.bridge = bridge(&s.dir, s.broker.port, &s.prom.write_url(), &format!("bridge-{}", s.device)).0;
+    s.new_bridge();
     // Everything stored arrives: no gap from the outage to the end, and the
     // count reaches all 12 connections.
-    let sel = s.selector("edge_tcp_connections_opened_total", "outbound");
-    let out = wait_for("the whole backlog in Prometheus", ARRIVAL, || {
-        let v = s.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
-        match v.last() {
-            Some(&(ts, 12.0)) if ts > t_down => Ok(v),
-            other => Err(format!("latest {other:?}")),
-        }
-    });
+    let out = s.wait_count_after(12.0, t_down);
     // The windows stored during the outage, one by one, counting up to 12.
-    let outage: Vec<_> = out.iter().copied().filter(|x| x.0 > t_down && x.0 < t_backlog).collect();
-    assert!(outage.len() >= 12, "windows of the outage missing: {outage:?}\n{}", s.dump_logs());
+    let outage = s.outage_windows(&out, t_down, t_backlog, 12);
     assert_eq!(outage.last().map(|x| x.1), Some(12.0), "{outage:?}");
     assert_no_gaps(&out, outage[0].0, out[out.len() - 1].0);
     assert_monotonic_up_to(&out, 12.0);
@@ -253,22 +237,11 @@ fn prometheus_down_then_back_loses_nothing() {
     s.wait_latest("edge_tcp_connections_opened_total", "outbound", 1.0);
     s.prom.stop();
     let t_down = now_ms();
-    for _ in 0..5 {
-        s.server.connections(1);
-        s.wait_appended(1);
-    }
+    s.backlog_windows(5);
     let t_back = now_ms();
     s.prom.restart();
-    let sel = s.selector("edge_tcp_connections_opened_total", "outbound");
-    let out = wait_for("the windows of the outage", ARRIVAL, || {
-        let v = s.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
-        match v.last() {
-            Some(&(ts, 6.0)) if ts > t_back => Ok(v),
-            other => Err(format!("latest {other:?}")),
-        }
-    });
-    let outage: Vec<_> = out.iter().copied().filter(|x| x.0 > t_down && x.0 < t_back).collect();
-    assert!(outage.len() >= 5, "windows of the outage missing: {outage:?}\n{}", s.dump_logs());
+    let out = s.wait_count_after(6.0, t_back);
+    s.outage_windows(&out, t_down, t_back, 5);
     assert_no_gaps(&out, out[0].0, out[out.len() - 1].0);
     assert_monotonic_up_to(&out, 6.0);
 }
@@ -282,31 +255,16 @@ fn bridge_killed_mid_drain_loses_nothing() {
     s.wait_for_uplink();
     s.broker.stop();
     let t_down = now_ms();
-    for _ in 0..6 {
-        s.server.connections(1);
-        s.wait_appended(1);
-    }
+    s.backlog_windows(6);
     let t_backlog = now_ms();
     s.broker.restart();
     // Kill the bridge as the backlog reaches it, then start a new one with
     // the same session.
-    let acked = "edge_agent_uplink_acked_records_total";
-    wait_for("the broker to take the backlog", Duration::from_secs(30), || match s.agent.metric(acked) {
-        Some(v) if v > 0.0 => Ok(()),
-        other => Err(other),
-    });
+    s.wait_broker_took(0.0);
     s.bridge.kill();
-    s.bridge = bridge(&s.dir, s.broker.port, &s.prom.write_url(), &format!("bridge-{}", s.device)).0;
-    let sel = s.selector("edge_tcp_connections_opened_total", "outbound");
-    let out = wait_for("the whole backlog", ARRIVAL, || {
-        let v = s.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
-        match v.last() {
-            Some(&(ts, 6.0)) if ts > t_backlog => Ok(v),
-            other => Err(format!("latest {other:?}")),
-        }
-    });
-    let outage: Vec<_> = out.iter().copied().filter(|x| x.0 > t_down && x.0 < t_backlog).collect();
-    assert!(outage.len() >= 6, "windows of the outage missing: {outage:?}\n{}", s.dump_logs());
+    s.new_bridge();
+    let out = s.wait_count_after(6.0, t_backlog);
+    let outage = s.outage_windows(&out, t_down, t_backlog, 6);
     assert_no_gaps(&out, outage[0].0, out[out.len() - 1].0);
     assert_monotonic_up_to(&out, 6.0);
 }
@@ -384,6 +342,49 @@ fn agent_killed_while_offline_still_delivers_what_it_stored() {
 }
 
 impl Stack {
+    /// One connection in each of `n` windows, each window stored before the
+    /// next: a backlog while something downstream is away.
+    fn backlog_windows(&self, n: usize) {
+        for _ in 0..n {
+            self.server.connections(1);
+            self.wait_appended(1);
+        }
+    }
+
+    /// Waits until the broker has acknowledged more blocks than `before`.
+    fn wait_broker_took(&self, before: f64) {
+        let acked = "edge_agent_uplink_acked_records_total";
+        wait_for("the broker to take the backlog", Duration::from_secs(30), || match self.agent.metric(acked) {
+            Some(v) if v > before => Ok(()),
+            other => Err(other),
+        });
+    }
+
+    /// A new bridge with the old one's session (client id).
+    fn new_bridge(&mut self) {
+        self.bridge = bridge(&self.dir, self.broker.port, &self.prom.write_url(), &format!("bridge-{}", self.device)).0;
+    }
+
+    /// Waits until the outbound opened counter reads `count` in a sample
+    /// stamped after `after`, and returns the series' samples.
+    fn wait_count_after(&self, count: f64, after: i64) -> Vec<(i64, f64)> {
+        let sel = self.selector("edge_tcp_connections_opened_total", "outbound");
+        wait_for(&format!("{sel} == {count} after {after}"), ARRIVAL, || {
+            let v = self.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
+            match v.last() {
+                Some(&(ts, c)) if c == count && ts > after => Ok(v),
+                other => Err(format!("latest {other:?}")),
+            }
+        })
+    }
+
+    /// The samples stamped during `(from, to)`: at least `min` of them.
+    fn outage_windows(&self, out: &[(i64, f64)], from: i64, to: i64, min: usize) -> Vec<(i64, f64)> {
+        let outage: Vec<_> = out.iter().copied().filter(|x| x.0 > from && x.0 < to).collect();
+        assert!(outage.len() >= min, "windows of the outage missing: {outage:?}\n{}", self.dump_logs());
+        outage
+    }
+
     /// Waits until `n` more windows have been stored (appended and fsynced).
     fn wait_appended(&self, n: u64) {
         let series = "edge_agent_store_appended_records_total{lane=\"routine\"}";

@@ -78,20 +78,29 @@ pub fn split(mut req: WriteRequest) -> (WriteRequest, WriteRequest) {
     (WriteRequest { timeseries: vec![ts] }, WriteRequest { timeseries: vec![other] })
 }
 
-/// Why a store refused samples, from its error text (Prometheus's wording).
-pub fn refusal_reason(body: &str) -> &'static str {
+/// Errors a Prometheus-compatible store gives for a sample it will never
+/// accept (Prometheus's wording), and the reason label each is counted
+/// under. They count whatever the status code: Prometheus 2.42 answers a
+/// sample older than its out-of-order window with HTTP 500 "too old sample",
+/// so a sender that trusted the status alone would retry it forever and
+/// block the device's stream.
+const PERMANENT: [(&str, &str); 5] = [
+    ("out of order", "out_of_order"),
+    ("out of bounds", "out_of_bounds"),
+    ("too old sample", "out_of_bounds"),
+    ("duplicate sample", "duplicate_timestamp"),
+    ("invalid label", "invalid_labels"),
+];
+
+/// The permanent per-sample error named in a store's answer, if any.
+fn permanent_error(body: &str) -> Option<&'static str> {
     let b = body.to_ascii_lowercase();
-    if b.contains("out of order") {
-        "out_of_order"
-    } else if b.contains("out of bounds") || b.contains("too old") {
-        "out_of_bounds"
-    } else if b.contains("duplicate sample") {
-        "duplicate_timestamp"
-    } else if b.contains("label") {
-        "invalid_labels"
-    } else {
-        "other"
-    }
+    PERMANENT.iter().find(|(text, _)| b.contains(text)).map(|(_, reason)| *reason)
+}
+
+/// Why a store refused samples, from its error text.
+pub fn refusal_reason(body: &str) -> &'static str {
+    permanent_error(body).unwrap_or("other")
 }
 
 /// How to treat a remote-write HTTP status.
@@ -106,21 +115,12 @@ pub enum Verdict {
     Retry,
 }
 
-/// Errors a Prometheus-compatible store gives for a sample it will never
-/// accept, whatever the status code: Prometheus 2.42 answers a sample older
-/// than its out-of-order window with HTTP 500 "too old sample", so a
-/// sender that trusted the status alone would retry it forever and block
-/// the device's stream.
-const PERMANENT: [&str; 5] =
-    ["too old sample", "out of bounds", "out of order sample", "duplicate sample for timestamp", "invalid label"];
-
 pub fn verdict(status: u16, body: &str) -> Verdict {
-    let b = body.to_ascii_lowercase();
     match status {
         200..=299 => Verdict::Written,
         429 => Verdict::Retry,
         400..=499 => Verdict::Refused,
-        _ if PERMANENT.iter().any(|p| b.contains(p)) => Verdict::Refused,
+        _ if permanent_error(body).is_some() => Verdict::Refused,
         _ => Verdict::Retry,
     }
 }

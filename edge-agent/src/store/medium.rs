@@ -40,6 +40,10 @@ pub trait Medium {
     fn quarantine(&mut self, id: u64) -> Result<(), Self::Error>;
     fn read_meta(&mut self, name: &str) -> Result<Option<Vec<u8>>, Self::Error>;
     fn write_meta(&mut self, name: &str, bytes: &[u8]) -> Result<(), Self::Error>;
+    /// Whether `e` means the medium has no space left.
+    fn is_full(e: &Self::Error) -> bool {
+        embedded_io::Error::kind(e) == embedded_io::ErrorKind::OutOfMemory
+    }
     /// Free bytes left on the medium, if it can tell.
     fn free_bytes(&mut self) -> Option<u64> {
         None
@@ -140,6 +144,10 @@ impl Medium for FsMedium {
         f.sync_all()?;
         fs::rename(&tmp, self.dir.join(name))?;
         self.sync_dir()
+    }
+
+    fn is_full(e: &io::Error) -> bool {
+        e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == io::ErrorKind::StorageFull
     }
 
     fn free_bytes(&mut self) -> Option<u64> {

@@ -261,6 +261,10 @@ impl<M: Medium> Store<M> {
         // nothing was ever stored there. Remove such leftovers first, so that
         // "newest" below means the newest segment that holds data.
         while let Some(&id) = ids.last() {
+            let size = medium.open(id).and_then(|mut f| f.size()).map_err(err("read segment"))?;
+            if size >= SEGMENT_HEADER as u64 {
+                break; // the common case: nothing to read twice
+            }
             let bytes = read_all(&mut medium, id).map_err(err("read segment"))?;
             if plan::recovery(&plan::scan(&bytes, id), true, bytes.len() as u64) != Recovery::Remove {
                 break;
@@ -282,18 +286,12 @@ impl<M: Medium> Store<M> {
             let backwards = prev_last.is_some_and(|p| id <= p);
             let (entries, valid_len, bad) = match scanned {
                 Scan::Read { entries, valid_len, bad } if !backwards => (entries, valid_len, bad),
+                // (Crash leftovers, the only segments to remove, went above.)
                 other => {
-                    if !matches!(action, Recovery::Remove) {
-                        tracing::error!(store = %place, segment = id, found = ?other, backwards, "segment unreadable; quarantined");
-                        stats.quarantined_segments += 1;
-                        if !read_only {
-                            medium.quarantine(id).map_err(err("quarantine segment"))?;
-                        }
-                    } else {
-                        stats.truncated_bytes += bytes.len() as u64;
-                        if !read_only {
-                            medium.remove(id).map_err(err("remove segment"))?;
-                        }
+                    tracing::error!(store = %place, segment = id, found = ?other, backwards, "segment unreadable; quarantined");
+                    stats.quarantined_segments += 1;
+                    if !read_only {
+                        medium.quarantine(id).map_err(err("quarantine segment"))?;
                     }
                     continue;
                 }
@@ -464,7 +462,7 @@ impl<M: Medium> Store<M> {
         };
         let offset = seg.len;
         if let Err(e) = file.write_all(&self.scratch) {
-            let full = is_full(&e);
+            let full = M::is_full(&e);
             // Cut back whatever part was written so the segment stays clean.
             let _ = file.truncate(offset);
             let _ = file.seek(SeekFrom::Start(offset));
@@ -555,8 +553,12 @@ impl<M: Medium> Store<M> {
         let mut bytes = 0usize;
         let mut open = false;
         let last_seq = self.stats.last_seq;
-        'segments: for seg in &self.segments {
-            for e in seg.entries.iter().filter(|e| e.seq > after) {
+        // Called on every uplink poll: skip straight to the first record after
+        // `after` rather than walking the whole index.
+        let start = self.segments.partition_point(|s| s.entries.last().is_some_and(|e| e.seq <= after));
+        'segments: for seg in &self.segments[start..] {
+            let from = seg.entries.partition_point(|e| e.seq <= after);
+            for e in &seg.entries[from..] {
                 if e.flags & record::FLAG_BLOCK_START != 0 {
                     if plan.len() == max_blocks || (!plan.is_empty() && bytes >= max_bytes) {
                         break 'segments;
@@ -619,10 +621,12 @@ impl<M: Medium> Store<M> {
         // The previous segment is finished: make all of it durable first.
         self.sync().map_err(|e| (e, false))?;
         let place = self.medium.describe();
-        let mut f =
-            self.medium.create(first_seq).map_err(|e| (io_error(place.clone(), "create segment", &e), is_full(&e)))?;
+        let mut f = self
+            .medium
+            .create(first_seq)
+            .map_err(|e| (io_error(place.clone(), "create segment", &e), M::is_full(&e)))?;
         if let Err(e) = f.write_all(&record::encode_segment_header(first_seq)).and_then(|_| f.flush()) {
-            let full = is_full(&e);
+            let full = M::is_full(&e);
             drop(f);
             let _ = self.medium.remove(first_seq);
             return Err((io_error(place, "write segment header", e), full));
@@ -715,10 +719,6 @@ impl<M: Medium> Store<M> {
         s.oldest_ms = first.map_or(0, |e| e.time_ms);
         s.newest_ms = last.map_or(0, |e| e.time_ms);
     }
-}
-
-fn is_full<E: embedded_io::Error>(e: &E) -> bool {
-    e.kind() == embedded_io::ErrorKind::OutOfMemory || e.to_string().contains("No space left")
 }
 
 fn read_all<M: Medium>(medium: &mut M, id: u64) -> Result<Vec<u8>, M::Error> {
