@@ -6,9 +6,14 @@
 #   scripts/demo.sh                 run until Ctrl-C
 #   scripts/demo.sh --for 60        run 60 s, then print what arrived and stop
 #
-# Ports (the defaults): mosquitto 1883, Prometheus 9090, agent /metrics 9464,
-# bridge /metrics 9465. Working files: ./.demo/ (logs, broker and Prometheus
-# data); the agent's store lives at its default /var/lib/edge-agent/store.
+# Ports (the defaults): mosquitto 8883 (devices, TLS client certificates),
+# 8884 (devices, passwords), 8885 (bridges), Prometheus 9090, agent /metrics
+# 9464, bridge /metrics 9465. Working files: ./.demo/ (logs, certificates,
+# broker and Prometheus data); the agent's store lives at its default
+# /var/lib/edge-agent/store. The broker runs the shipped config
+# (configs/mosquitto/: TLS and ACL); the demo makes a CA and certificates
+# with scripts/fleet-certs.sh and puts the agent's and the bridge's where
+# their defaults look: /etc/edge-agent/tls and /etc/fleet-bridge/tls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +27,7 @@ scripts/setup.sh --demo
 say "building release binaries"
 cargo build --release --locked --bins -p edge-agent -p fleet-bridge
 
-for port in 1883 9090 9464 9465; do
+for port in 8883 8884 8885 9090 9464 9465; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "port $port on 127.0.0.1 is in use (a packaged mosquitto/prometheus service? stop it first: systemctl stop mosquitto prometheus)"
   fi
@@ -30,7 +35,28 @@ done
 
 work="$PWD/.demo"
 mkdir -p "$work/mosquitto" "$work/prometheus"
-chown mosquitto: "$work/mosquitto" 2>/dev/null || true
+
+# Certificates: the device id is the agent's default (from the host name).
+device=$( (target/release/edge-agent check-config 2>/dev/null || true) | sed -n "s/^device_id = //p")
+[[ -n "$device" ]] || die "edge-agent check-config printed no device_id"
+pki="$work/pki"
+scripts/fleet-certs.sh "$pki" ca
+scripts/fleet-certs.sh "$pki" server localhost
+scripts/fleet-certs.sh "$pki" device "$device"
+scripts/fleet-certs.sh "$pki" bridge
+cp configs/mosquitto/acl "$pki/acl"
+touch "$pki/passwd"
+chown -R mosquitto: "$work/mosquitto" "$pki" 2>/dev/null || true
+install_tls() { # dir cert key name
+  if [[ -e "$1/ca.crt" && ! -e "$1/.made-by-edge-demo" ]]; then
+    die "$1 holds TLS files not made by this demo; move them away or run the agent and bridge with a config"
+  fi
+  mkdir -p "$1"
+  cp "$pki/ca.crt" "$1/ca.crt"; cp "$2" "$1/$4.crt"; cp "$3" "$1/$4.key"
+  chmod 600 "$1/$4.key"; touch "$1/.made-by-edge-demo"
+}
+install_tls /etc/edge-agent/tls "$pki/devices/$device.crt" "$pki/devices/$device.key" device
+install_tls /etc/fleet-bridge/tls "$pki/bridge.crt" "$pki/bridge.key" bridge
 pids=()
 cleanup() {
   say "stopping"
@@ -44,9 +70,11 @@ wait_port() {
   die "$2 did not start listening on port $1; see $work/$2.log"
 }
 
-{ printf 'listener 1883 127.0.0.1\npersistence_location %s/mosquitto/\n' "$work"; cat configs/mosquitto.conf; } > "$work/mosquitto.conf"
+{ printf 'persistence_location %s/mosquitto/\n' "$work"
+  sed -e "s#/etc/mosquitto/edge/#$pki/#" -e 's/^listener \(888[345]\)$/listener \1 127.0.0.1/' configs/mosquitto/mosquitto.conf
+} > "$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 & pids+=($!)
-wait_port 1883 mosquitto
+wait_port 8883 mosquitto
 
 prometheus --config.file=configs/prometheus.yml --storage.tsdb.path="$work/prometheus" \
   --web.listen-address=127.0.0.1:9090 --web.enable-remote-write-receiver > "$work/prometheus.log" 2>&1 & pids+=($!)

@@ -114,7 +114,7 @@ impl Proc {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
 
-    fn signal(&mut self, sig: i32) {
+    pub fn signal(&mut self, sig: i32) {
         if let Some(c) = &self.child {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(c.id() as i32, sig) };
@@ -177,36 +177,142 @@ impl Drop for Proc {
     }
 }
 
-/// mosquitto with configs/mosquitto.conf on a free loopback port.
+/// mosquitto with configs/mosquitto/mosquitto.conf (TLS, ACL) on free
+/// loopback ports, with a fresh PKI from scripts/fleet-certs.sh.
 pub struct Broker {
+    /// Devices with client certificates (8883 in the shipped config).
     pub port: u16,
+    /// Devices with user name and password (8884).
+    pub password_port: u16,
+    /// Bridges (8885).
+    pub bridge_port: u16,
+    /// Certificates and keys: ca.crt, bridge.{crt,key}, devices/<id>.{crt,key}.
+    pub pki: PathBuf,
     dir: PathBuf,
     pub proc: Option<Proc>,
 }
 
+/// Who an MQTT client of a test authenticates as.
+#[derive(Clone, Copy, Debug)]
+pub enum Who<'a> {
+    /// A device with its client certificate (CN = the id).
+    Device(&'a str),
+    /// A fleet bridge (certificate from the bridge CA).
+    Bridge,
+    /// User name and password on the password listener (no client
+    /// certificate); see [`Broker::add_password`].
+    User(&'a str, &'a str),
+}
+
 impl Broker {
     pub fn start(dir: &Path) -> Broker {
-        let mut b = Broker { port: free_port(), dir: dir.join("mosquitto"), proc: None };
-        std::fs::create_dir_all(&b.dir).expect("broker dir");
+        let dir = dir.join("mosquitto");
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki).expect("broker dir");
+        certs(&pki, &["ca"]);
+        certs(&pki, &["server", "localhost"]);
+        certs(&pki, &["bridge"]);
+        std::fs::copy(repo_dir().join("configs/mosquitto/acl"), pki.join("acl")).expect("acl");
+        std::fs::write(pki.join("passwd"), "").expect("passwd");
+        let mut b =
+            Broker { port: free_port(), password_port: free_port(), bridge_port: free_port(), pki, dir, proc: None };
         give_to_user(&b.dir, "mosquitto");
         b.restart();
         b
     }
 
-    /// Starts it again on the same port with the same persistence directory.
+    /// A device's certificate (made on first use): (cert, key) paths.
+    pub fn device_cert(&self, id: &str) -> (PathBuf, PathBuf) {
+        let base = self.pki.join("devices").join(id);
+        if !base.with_extension("crt").exists() {
+            certs(&self.pki, &["device", id]);
+        }
+        (base.with_extension("crt"), base.with_extension("key"))
+    }
+
+    /// Adds a user name and password for the password listener (a running
+    /// broker reloads its password file on SIGHUP).
+    pub fn add_password(&mut self, user: &str, password: &str) {
+        let file = self.pki.join("passwd");
+        let ok = Command::new("mosquitto_passwd")
+            .args(["-b", &file.display().to_string(), user, password])
+            .status()
+            .expect("mosquitto_passwd");
+        assert!(ok.success(), "mosquitto_passwd failed");
+        let _ = Command::new("chown").args(["mosquitto:", &file.display().to_string()]).status();
+        if let Some(p) = &mut self.proc {
+            p.signal(libc::SIGHUP);
+        }
+    }
+
+    /// `[mqtt]`-table TOML (keys, then the `[mqtt.tls]` table) for an agent
+    /// or bridge connecting as `who`.
+    pub fn client_toml(&self, who: Who) -> String {
+        let (port, cert, key, auth) = match who {
+            Who::Device(id) => {
+                let (c, k) = self.device_cert(id);
+                (self.port, c, k, String::new())
+            }
+            Who::Bridge => (self.bridge_port, self.pki.join("bridge.crt"), self.pki.join("bridge.key"), String::new()),
+            Who::User(user, password) => {
+                let file = self.pki.join(format!("{user}.password"));
+                std::fs::write(&file, format!("{password}\n")).expect("password file");
+                let auth = format!("[mqtt.auth]\nusername = \"{user}\"\npassword_file = \"{}\"\n", file.display());
+                (self.password_port, PathBuf::new(), PathBuf::new(), auth)
+            }
+        };
+        format!(
+            "port = {port}\n[mqtt.tls]\nenabled = true\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n{auth}",
+            self.pki.join("ca.crt").display(),
+            cert.display(),
+            key.display()
+        )
+    }
+
+    /// MQTT options for a test's own client, authenticated as `who`.
+    pub fn mqtt_options(&self, client_id: &str, who: Who) -> rumqttc::MqttOptions {
+        let ca_file = self.pki.join("ca.crt");
+        let (tls, port) = match who {
+            Who::Device(id) => {
+                let (cert_file, key_file) = self.device_cert(id);
+                (edge_wire::tls::TlsConfig { enabled: true, ca_file, cert_file, key_file }, self.port)
+            }
+            Who::Bridge => (edge_wire::tls::TlsConfig::in_dir(&self.pki, "bridge"), self.bridge_port),
+            Who::User(..) => {
+                (edge_wire::tls::TlsConfig { enabled: true, ca_file, ..Default::default() }, self.password_port)
+            }
+        };
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+        if let Who::User(user, password) = who {
+            o.set_credentials(user, password);
+        }
+        let cfg = tls.client_config().expect("test TLS files");
+        o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(cfg)));
+        o
+    }
+
+    /// Starts it again on the same ports with the same persistence directory.
     pub fn restart(&mut self) {
         assert!(self.proc.is_none(), "broker already running");
-        let base = std::fs::read_to_string(repo_dir().join("configs/mosquitto.conf")).expect("configs/mosquitto.conf");
+        let base = std::fs::read_to_string(repo_dir().join("configs/mosquitto/mosquitto.conf"))
+            .expect("configs/mosquitto/mosquitto.conf");
         let conf = self.dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {} 127.0.0.1\npersistence_location {}/\n{base}", self.port, self.dir.display()),
-        )
-        .expect("write broker config");
+        let text = base
+            .replace("/etc/mosquitto/edge/", &format!("{}/", self.pki.display()))
+            .replace("\nlistener 8883\n", &format!("\nlistener {} 127.0.0.1\n", self.port))
+            .replace("\nlistener 8884\n", &format!("\nlistener {} 127.0.0.1\n", self.password_port))
+            .replace("\nlistener 8885\n", &format!("\nlistener {} 127.0.0.1\n", self.bridge_port));
+        assert_eq!(text.matches(" 127.0.0.1\n").count(), 3, "listeners of the shipped config not found");
+        std::fs::write(&conf, format!("persistence_location {}/\n{text}", self.dir.display()))
+            .expect("write broker config");
         let bin = which("mosquitto").expect("mosquitto");
-        let proc = Proc::spawn("mosquitto", &self.dir, &bin, &["-c".into(), conf.display().to_string()], &[]);
-        let port = self.port;
-        wait_for("mosquitto to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)));
+        let mut proc = Proc::spawn("mosquitto", &self.dir, &bin, &["-c".into(), conf.display().to_string()], &[]);
+        for port in [self.port, self.password_port, self.bridge_port] {
+            wait_for("mosquitto to listen", Duration::from_secs(10), || {
+                proc.assert_running();
+                std::net::TcpStream::connect(("127.0.0.1", port))
+            });
+        }
         self.proc = Some(proc);
     }
 
@@ -222,6 +328,24 @@ impl Broker {
         if let Some(mut p) = self.proc.take() {
             p.stop();
         }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+}
+
+/// scripts/fleet-certs.sh <dir> <args>.
+fn certs(dir: &Path, args: &[&str]) {
+    let ok = Command::new(repo_dir().join("scripts/fleet-certs.sh"))
+        .arg(dir)
+        .args(args)
+        .status()
+        .expect("scripts/fleet-certs.sh");
+    assert!(ok.success(), "scripts/fleet-certs.sh {args:?} failed");
+    // mosquitto drops root before it reads some of these.
+    if which("mosquitto").is_some() {
+        let _ = Command::new("chown").args(["-R", "mosquitto:", &dir.display().to_string()]).status();
     }
 }
 
@@ -348,20 +472,21 @@ pub fn scrape(port: u16, series: &str) -> Result<Option<f64>> {
     Ok(None)
 }
 
-pub fn bridge(dir: &Path, broker_port: u16, write_url: &str, client_id: &str) -> (Proc, u16) {
-    bridge_with(dir, broker_port, write_url, client_id, "")
+pub fn bridge(dir: &Path, broker: &Broker, write_url: &str, client_id: &str) -> (Proc, u16) {
+    bridge_with(dir, broker, write_url, client_id, "")
 }
 
 /// A bridge with more `[mqtt]` settings (TOML lines).
-pub fn bridge_with(dir: &Path, broker_port: u16, write_url: &str, client_id: &str, mqtt: &str) -> (Proc, u16) {
+pub fn bridge_with(dir: &Path, broker: &Broker, write_url: &str, client_id: &str, mqtt: &str) -> (Proc, u16) {
     let metrics = free_port();
     let conf = dir.join(format!("{client_id}.toml"));
     std::fs::write(
         &conf,
         format!(
-            "[mqtt]\nport = {broker_port}\nclient_id = \"{client_id}\"\n{mqtt}\n\
+            "[mqtt]\nclient_id = \"{client_id}\"\n{mqtt}\n{}\
              [remote_write]\nurl = \"{write_url}\"\nretry_max_ms = 1000\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+            broker.client_toml(Who::Bridge)
         ),
     )
     .expect("bridge config");
@@ -388,7 +513,11 @@ pub fn bridge_with(dir: &Path, broker_port: u16, write_url: &str, client_id: &st
 /// Agent settings a test varies.
 pub struct AgentSetup<'a> {
     pub device: &'a str,
-    pub broker_port: u16,
+    /// The broker to connect to with this device's certificate; `None`:
+    /// a closed port, everything stays in the store.
+    pub broker: Option<&'a Broker>,
+    /// How the agent authenticates; `None`: its own device certificate.
+    pub identity: Option<Who<'a>>,
     pub window_ms: u64,
     /// Ports put in the port class "e2e".
     pub class_ports: &'a [u16],
@@ -414,13 +543,16 @@ impl Agent {
             &conf,
             format!(
                 "device_id = \"{}\"\nstate_dir = \"{}\"\n[window]\nmillis = {}\n\
-                 [mqtt]\nport = {}\nreconnect_max_ms = 500\ndelivery_timeout_ms = 2000\nkeep_alive_secs = 5\n\
+                 [mqtt]\nreconnect_max_ms = 500\ndelivery_timeout_ms = 2000\nkeep_alive_secs = 5\n{}\
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
                  [probes.tcp_lifecycle.port_classes]\ne2e = [{}]\n{}\n",
                 s.device,
                 s.state_dir.map_or_else(|| dir.join("agent-state"), Path::to_path_buf).display(),
                 s.window_ms,
-                s.broker_port,
+                s.broker.map_or_else(
+                    || format!("port = {}\n[mqtt.tls]\nenabled = false\n", free_port()),
+                    |b| b.client_toml(s.identity.unwrap_or(Who::Device(s.device)))
+                ),
                 ports.join(", "),
                 s.extra,
             ),

@@ -4,7 +4,9 @@
 
 use e2e::*;
 use edge_wire::{BlockEncoder, Envelope, Label, SeriesKey};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, Event, Packet, QoS};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::time::Duration;
 
 struct Rig {
@@ -12,8 +14,47 @@ struct Rig {
     prom: Prom,
     bridge: Proc,
     bridge_metrics: u16,
-    client: Client,
+    /// One MQTT client per device, each with its own certificate: the
+    /// broker's ACL lets a device publish only on its own topic.
+    devices: RefCell<HashMap<String, Client>>,
     dead: std::sync::mpsc::Receiver<String>,
+}
+
+impl Rig {
+    /// Publishes `payload` on `device`'s metrics topic, as that device.
+    fn publish(&self, device: &str, payload: Vec<u8>) {
+        let mut devices = self.devices.borrow_mut();
+        let client = devices.entry(device.to_owned()).or_insert_with(|| {
+            let mut opts = self.broker.mqtt_options(device, Who::Device(device));
+            opts.set_max_packet_size(1 << 22, 1 << 22);
+            connect(opts)
+        });
+        client.publish(edge_wire::metrics_topic("edge", device), QoS::AtLeastOnce, false, payload).unwrap();
+    }
+}
+
+/// A client whose connection is driven by its own thread; incoming
+/// publishes' topics go to `incoming` if given.
+fn connect_with(opts: rumqttc::MqttOptions, incoming: Option<std::sync::mpsc::Sender<String>>) -> Client {
+    let (client, mut conn) = Client::new(opts, 64);
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Some(tx) = &incoming {
+                        let _ = tx.send(p.topic.clone());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    client
+}
+
+fn connect(opts: rumqttc::MqttOptions) -> Client {
+    connect_with(opts, None)
 }
 
 fn rig(name: &str) -> Rig {
@@ -24,24 +65,13 @@ fn rig_with(name: &str, mqtt: &str) -> Rig {
     let dir = tempdir(name);
     let broker = Broker::start(&dir);
     let prom = Prom::start(&dir);
-    let (bridge, bridge_metrics) = bridge_with(&dir, broker.port, &prom.write_url(), &format!("bridge-{name}"), mqtt);
-    let mut opts = MqttOptions::new(format!("pub-{name}"), "127.0.0.1", broker.port);
-    opts.set_max_packet_size(1 << 22, 1 << 22);
-    let (client, mut conn) = Client::new(opts, 64);
-    client.subscribe("fleet/deadletter/#", QoS::AtLeastOnce).unwrap();
+    let (bridge, bridge_metrics) = bridge_with(&dir, &broker, &prom.write_url(), &format!("bridge-{name}"), mqtt);
+    // Dead letters are readable with a bridge certificate (configs/mosquitto/acl).
     let (tx, dead) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            match ev {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send(p.topic.clone());
-                }
-                Ok(_) => {}
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    });
-    Rig { broker, prom, bridge, bridge_metrics, client, dead }
+    let reader = connect_with(broker.mqtt_options(&format!("dead-{name}"), Who::Bridge), Some(tx));
+    reader.subscribe("fleet/deadletter/#", QoS::AtLeastOnce).unwrap();
+    std::mem::forget(reader); // lives as long as the test process
+    Rig { broker, prom, bridge, bridge_metrics, devices: RefCell::default(), dead }
 }
 
 fn block(device: &str, series: &[(&str, Vec<(i64, f64)>)]) -> Vec<u8> {
@@ -79,9 +109,7 @@ fn a_refused_sample_does_not_void_its_block() {
     let now = now_ms();
     // Give the TSDB a recent head first, so a 10-day-old sample is out of
     // its bounds (older than the 7-day out-of-order window).
-    r.client
-        .publish("edge/dev-b/metrics", QoS::AtLeastOnce, false, block("dev-b", &[("warm", vec![(now - 1000, 1.0)])]))
-        .unwrap();
+    r.publish("dev-b", block("dev-b", &[("warm", vec![(now - 1000, 1.0)])]));
     wait_for("the warm-up sample", Duration::from_secs(30), || match count(&r.prom, "warm{device=\"dev-b\"}") {
         1 => Ok(()),
         n => Err(n),
@@ -94,7 +122,7 @@ fn a_refused_sample_does_not_void_its_block() {
             ("other", vec![(now - 25_000, 7.0), (now - 15_000, 8.0)]),
         ],
     );
-    r.client.publish("edge/dev-b/metrics", QoS::AtLeastOnce, false, msg).unwrap();
+    r.publish("dev-b", msg);
     wait_for("the good samples of the mixed block", Duration::from_secs(30), || {
         r.bridge.assert_running();
         match (count(&r.prom, "mixed{device=\"dev-b\"}"), count(&r.prom, "other{device=\"dev-b\"}")) {
@@ -133,11 +161,11 @@ fn garbage_never_stops_the_bridge_or_other_devices() {
             g[0] = if g[0] == 2 { 3 } else { g[0] };
             g
         };
-        r.client.publish("edge/dev-bad/metrics", QoS::AtLeastOnce, false, garbage).unwrap();
+        r.publish("dev-bad", garbage);
         if i % 100 == 0 {
             let t = now - 100_000 + i as i64 * 10;
             let good = block("dev-good", &[("good", vec![(t, i as f64)])]);
-            r.client.publish("edge/dev-good/metrics", QoS::AtLeastOnce, false, good).unwrap();
+            r.publish("dev-good", good);
             sent_good += 1;
         }
         if i % 50 == 0 {
@@ -175,11 +203,11 @@ fn bridges_in_a_share_group_split_the_fleet() {
     let group = "share_group = \"fleet\"";
     let mut r = rig_with("share", group);
     let dir = tempdir("share2");
-    let (mut second, second_metrics) = bridge_with(&dir, r.broker.port, &r.prom.write_url(), "bridge-share-2", group);
+    let (mut second, second_metrics) = bridge_with(&dir, &r.broker, &r.prom.write_url(), "bridge-share-2", group);
     let now = now_ms();
     for d in 0..40 {
         let msg = block(&format!("dev-{d}"), &[("shared", vec![(now - 10_000, d as f64)])]);
-        r.client.publish(format!("edge/dev-{d}/metrics"), QoS::AtLeastOnce, false, msg).unwrap();
+        r.publish(&format!("dev-{d}"), msg);
     }
     wait_for("all 40 devices' samples", Duration::from_secs(60), || {
         r.bridge.assert_running();

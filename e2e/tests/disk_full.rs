@@ -40,10 +40,11 @@ fn agent_keeps_running_on_a_full_disk_and_reports_drops() {
         &dir,
         &AgentSetup {
             device: "diskfull",
-            broker_port: free_port(), // no broker: everything stays in the store
+            broker: None, // no broker: everything stays in the store
             window_ms: 100,
             class_ports: &[server.port],
             state_dir: Some(&state),
+            identity: None,
             extra: "[store]\nsegment_bytes = 1024\nmax_bytes = 1048576\nfsync_interval_ms = 0\n",
         },
     );

@@ -27,17 +27,18 @@ impl Stack {
         let device = format!("e2e-{name}-{}", std::process::id());
         let broker = Broker::start(&dir);
         let prom = Prom::start(&dir);
-        let (bridge, _) = bridge(&dir, broker.port, &prom.write_url(), &format!("bridge-{device}"));
+        let (bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
         let server = Server::start();
         let closed_port = free_port();
         let agent = Agent::start(
             &dir,
             &AgentSetup {
                 device: &device,
-                broker_port: broker.port,
+                broker: Some(&broker),
                 window_ms: WINDOW_MS,
                 class_ports: &[server.port, closed_port],
                 state_dir: None,
+                identity: None,
                 extra: "",
             },
         );
@@ -362,7 +363,7 @@ impl Stack {
 
     /// A new bridge with the old one's session (client id).
     fn new_bridge(&mut self) {
-        self.bridge = bridge(&self.dir, self.broker.port, &self.prom.write_url(), &format!("bridge-{}", self.device)).0;
+        self.bridge = bridge(&self.dir, &self.broker, &self.prom.write_url(), &format!("bridge-{}", self.device)).0;
     }
 
     /// Waits until the outbound opened counter reads `count` in a sample

@@ -87,6 +87,11 @@ pub struct MqttConfig {
     /// Reconnect back-off bounds, in milliseconds.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// TLS to the broker. Default: on, with the files of
+    /// /etc/edge-agent/tls (ca.crt, device.crt, device.key).
+    pub tls: edge_wire::tls::TlsConfig,
+    /// User name and password (e.g. without a client certificate).
+    pub auth: edge_wire::tls::Credentials,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +116,9 @@ pub struct TcpLifecycleConfig {
     /// into "other". At most 15 classes and 256 ports (kernel map sizes).
     pub port_classes: BTreeMap<String, Vec<u16>>,
 }
+
+/// Where the default config looks for the device's TLS files.
+pub const DEFAULT_TLS_DIR: &str = "/etc/edge-agent/tls";
 
 pub const MAX_PORT_CLASSES: usize = 15;
 pub const MAX_CLASSED_PORTS: usize = 256;
@@ -154,7 +162,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             host: "127.0.0.1".into(),
-            port: 1883,
+            port: 8883,
             client_id: None,
             topic_prefix: "edge".into(),
             keep_alive_secs: 30,
@@ -163,6 +171,8 @@ impl Default for MqttConfig {
             delivery_timeout_ms: 30_000,
             reconnect_min_ms: 200,
             reconnect_max_ms: 30_000,
+            tls: edge_wire::tls::TlsConfig::in_dir(Path::new(DEFAULT_TLS_DIR), "device"),
+            auth: edge_wire::tls::Credentials::default(),
         }
     }
 }
@@ -250,6 +260,7 @@ impl Config {
         if self.mqtt.delivery_timeout_ms < 500 {
             return Err("mqtt.delivery_timeout_ms must be at least 500".into());
         }
+        self.mqtt.tls.validate("mqtt.tls")?;
         if self.mqtt.max_inflight == 0 {
             return Err("mqtt.max_inflight must be at least 1".into());
         }

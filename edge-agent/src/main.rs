@@ -76,8 +76,25 @@ fn main() -> ExitCode {
             }
         },
         ["check-config"] => {
-            println!("configuration is valid (device_id = {})", cfg.device_id);
-            ExitCode::SUCCESS
+            println!("device_id = {}", cfg.device_id);
+            let m = &cfg.mqtt;
+            let how = match (m.tls.enabled, m.tls.cert_file.as_os_str().is_empty()) {
+                (false, _) => "plain TCP (no TLS)".to_string(),
+                (true, true) => format!("TLS, CA {}", m.tls.ca_file.display()),
+                (true, false) => {
+                    format!("TLS, CA {}, client certificate {}", m.tls.ca_file.display(), m.tls.cert_file.display())
+                }
+            };
+            println!("mqtt = {}:{}, {how}", m.host, m.port);
+            // The files are read as the uplink will read them.
+            let files = if m.tls.enabled { m.tls.client_config().map(drop) } else { Ok(()) };
+            match files.and_then(|()| m.auth.load().map(drop)) {
+                Ok(()) => {
+                    println!("configuration is valid");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &e.to_string()),
+            }
         }
         ["store", "inspect"] => {
             let dir = args.dir.unwrap_or_else(|| cfg.store_dir());

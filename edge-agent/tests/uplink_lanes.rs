@@ -8,7 +8,7 @@ use edge_agent::metrics::AgentMetrics;
 use edge_agent::store::blocks::{BlockWriter, Window};
 use edge_agent::store::{Lane, Lanes};
 use edge_wire::{Envelope, Label, SeriesKey};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, Event, Packet, QoS};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,9 +26,11 @@ fn priority_blocks_go_first_and_everything_is_confirmed() {
     let broker = e2e::Broker::start(&dir);
     // The send positions move only on the bridge's end-to-end confirmations.
     let prom = e2e::Prom::start(&dir);
-    let (_bridge, _) = e2e::bridge(&dir, broker.port, &prom.write_url(), "lanes-bridge");
+    let (_bridge, _) = e2e::bridge(&dir, &broker, &prom.write_url(), "lanes-bridge");
     let mut cfg = Config { device_id: "lanes-test".into(), state_dir: dir.join("state"), ..Default::default() };
     cfg.mqtt.port = broker.port;
+    let (cert_file, key_file) = broker.device_cert("lanes-test");
+    cfg.mqtt.tls = edge_wire::tls::TlsConfig { enabled: true, ca_file: broker.pki.join("ca.crt"), cert_file, key_file };
     cfg.mqtt.max_inflight = 1; // one message at a time: the order is observable
     cfg.mqtt.live_interval_ms = 0;
 
@@ -42,7 +44,7 @@ fn priority_blocks_go_first_and_everything_is_confirmed() {
     let store = Arc::new(Mutex::new(lanes));
 
     // Subscribe before the uplink starts.
-    let mut opts = MqttOptions::new("lanes-sub", "127.0.0.1", broker.port);
+    let mut opts = broker.mqtt_options("lanes-sub", e2e::Who::Bridge);
     opts.set_max_packet_size(1 << 22, 1 << 16);
     let (sub, mut conn) = Client::new(opts, 16);
     sub.subscribe("edge/+/metrics", QoS::AtLeastOnce).unwrap();

@@ -15,6 +15,8 @@
 
 pub mod bits;
 pub mod block;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use block::{BlockDecoder, BlockEncoder, EncodeError, SeriesKey};
 

@@ -13,6 +13,9 @@ pub enum ConfigError {
     Invalid { origin: String, message: String },
 }
 
+/// Where the default config looks for the bridge's TLS files.
+pub const DEFAULT_TLS_DIR: &str = "/etc/fleet-bridge/tls";
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -42,6 +45,11 @@ pub struct MqttConfig {
     /// members are all offline after a broker restart: those messages come
     /// again only when the device's delivery timeout resends them.
     pub share_group: String,
+    /// TLS to the broker. Default: on, with the files of
+    /// /etc/fleet-bridge/tls (ca.crt, bridge.crt, bridge.key), on the
+    /// broker's bridge listener (8885 in configs/mosquitto/mosquitto.conf).
+    pub tls: edge_wire::tls::TlsConfig,
+    pub auth: edge_wire::tls::Credentials,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,12 +73,14 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             host: "127.0.0.1".into(),
-            port: 1883,
+            port: 8885,
             client_id: "fleet-bridge".into(),
             topic_prefix: "edge".into(),
             keep_alive_secs: 30,
             dead_letter_prefix: "fleet/deadletter".into(),
             share_group: String::new(),
+            tls: edge_wire::tls::TlsConfig::in_dir(Path::new(DEFAULT_TLS_DIR), "bridge"),
+            auth: edge_wire::tls::Credentials::default(),
         }
     }
 }
@@ -118,6 +128,7 @@ impl Config {
         if self.mqtt.share_group.contains(['/', '+', '#']) {
             return Err("mqtt.share_group may not contain / + or #".into());
         }
+        self.mqtt.tls.validate("mqtt.tls")?;
         if self.mqtt.client_id.is_empty() {
             return Err("mqtt.client_id must not be empty".into());
         }

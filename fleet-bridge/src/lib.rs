@@ -11,7 +11,7 @@ pub mod handle;
 pub mod metrics;
 pub mod remote_write;
 
-use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ use remote_write::WriteRequest;
 pub enum RunError {
     #[error("cannot start: {0}")]
     Start(#[from] std::io::Error),
+    #[error("cannot start: {0}")]
+    Tls(#[from] edge_wire::tls::TlsError),
 }
 
 pub fn run(cfg: Config) -> Result<(), RunError> {
@@ -39,6 +41,15 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_max_packet_size(edge_wire::MAX_MESSAGE_BYTES + 1024, 64 * 1024);
+    // Read once at start: a bridge with unusable TLS files stops at once,
+    // naming the file, instead of retrying forever.
+    if cfg.mqtt.tls.enabled {
+        let tls = cfg.mqtt.tls.client_config()?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    }
+    if let Some((user, password)) = cfg.mqtt.auth.load()? {
+        opts.set_credentials(user, password);
+    }
     let (client, mut connection) = Client::new(opts, 64);
     // With a share group, the broker hands each message to one bridge of the
     // group; the topic of the message stays the device's.

@@ -16,7 +16,7 @@
 pub mod delivery;
 pub mod window;
 
-use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS, RecvTimeoutError};
+use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS, RecvTimeoutError, TlsConfiguration, Transport};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -115,6 +115,13 @@ impl Uplink {
         // shutdown (we never send one): `offline` whenever we are gone.
         let presence = edge_wire::presence_topic(&m.topic_prefix, &self.cfg.device_id);
         opts.set_last_will(rumqttc::LastWill::new(presence.clone(), "offline", QoS::AtLeastOnce, true));
+        if let Err(e) = self.secure(&mut opts) {
+            // Not fatal: the agent keeps measuring and storing; the files
+            // are read again on the next attempt.
+            self.metrics.uplink_errors.inc();
+            tracing::error!(error = %e, "cannot connect to the broker");
+            return false;
+        }
         let (client, mut conn) = Client::new(opts, m.max_inflight as usize + 8);
         // Resend everything not confirmed end to end.
         for l in lanes.iter_mut() {
@@ -187,6 +194,13 @@ impl Uplink {
                     self.metrics.uplink_errors.inc();
                     if connected {
                         tracing::warn!(error = %e, "connection to broker lost");
+                    } else if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
+                        tracing::error!(
+                            error = %e,
+                            device = %self.cfg.device_id,
+                            "broker refused the connection: check mqtt.tls / mqtt.auth against the broker's \
+                             certificates, password file and ACL (docs/configuration.md)"
+                        );
                     } else {
                         tracing::debug!(error = %e, "cannot connect to broker");
                     }
@@ -222,6 +236,20 @@ impl Uplink {
         }
         self.persist(lanes);
         connected
+    }
+
+    /// TLS and credentials, read from their files on every connection, so
+    /// renewed certificates are picked up without a restart.
+    fn secure(&self, opts: &mut MqttOptions) -> Result<(), edge_wire::tls::TlsError> {
+        let m = &self.cfg.mqtt;
+        if m.tls.enabled {
+            let tls = m.tls.client_config()?;
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        }
+        if let Some((user, password)) = m.auth.load()? {
+            opts.set_credentials(user, password);
+        }
+        Ok(())
     }
 
     /// Publishes whole blocks, one message each, while the in-flight budget

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Certificates for a fleet: the broker's server certificate, one client
+# certificate per device, and the bridges' client certificate. ECDSA P-256,
+# PKCS#8 keys, X.509 v3 (rustls refuses v1 certificates).
+#
+#   scripts/fleet-certs.sh DIR ca                    fleet CA and bridge CA (once)
+#   scripts/fleet-certs.sh DIR server NAME [IP...]   DIR/server.{crt,key}, SANs NAME, localhost, IPs
+#   scripts/fleet-certs.sh DIR device ID             DIR/devices/ID.{crt,key}, CN=ID
+#   scripts/fleet-certs.sh DIR bridge [CN]           DIR/bridge.{crt,key}, CN=fleet-bridge
+#
+# Two CAs on purpose (configs/mosquitto/mosquitto.conf): the fleet CA signs
+# the server and the devices; the bridge CA signs only bridges. The bridge
+# listener trusts only the bridge CA, so a device's certificate (whose CN the
+# broker uses as its user name and client id) can never log in there.
+# Existing files are kept: running a command twice changes nothing.
+set -euo pipefail
+
+dir="${1:?usage: fleet-certs.sh DIR ca|server|device|bridge ...}"
+cmd="${2:?usage: fleet-certs.sh DIR ca|server|device|bridge ...}"
+shift 2
+mkdir -p "$dir"
+days=3650
+
+key() { [[ -f "$1" ]] || openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; chmod 600 "$1"; }
+
+ca() { # name subject
+  [[ -f "$dir/$1.crt" ]] && return 0
+  key "$dir/$1.key"
+  openssl req -x509 -new -key "$dir/$1.key" -subj "$2" -days "$days" -out "$dir/$1.crt" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+}
+
+sign() { # ca out cn ext
+  [[ -f "$2.crt" ]] && return 0
+  key "$2.key"
+  local ext; ext=$(mktemp); printf '%s\n' "$4" > "$ext"
+  openssl req -new -key "$2.key" -subj "/CN=$3" 2>/dev/null \
+    | openssl x509 -req -CA "$dir/$1.crt" -CAkey "$dir/$1.key" -CAcreateserial -days "$days" \
+        -extfile "$ext" -out "$2.crt" 2>/dev/null
+  rm -f "$ext"
+}
+
+client_ext="basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=clientAuth"
+
+case "$cmd" in
+  ca)
+    ca ca "/CN=edge fleet CA"
+    ca bridge-ca "/CN=edge fleet bridge CA"
+    ;;
+  server)
+    name="${1:?server needs a host name}"; shift
+    san="DNS:$name,DNS:localhost,IP:127.0.0.1"
+    for ip in "$@"; do san+=",IP:$ip"; done
+    sign ca "$dir/server" "$name" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=serverAuth
+subjectAltName=$san"
+    ;;
+  device)
+    id="${1:?device needs an id}"
+    [[ "$id" =~ ^[A-Za-z0-9._-]{1,64}$ ]] || { echo "device id '$id': 1..64 of [A-Za-z0-9._-]" >&2; exit 2; }
+    mkdir -p "$dir/devices"
+    sign ca "$dir/devices/$id" "$id" "$client_ext"
+    ;;
+  bridge)
+    sign bridge-ca "$dir/bridge" "${1:-fleet-bridge}" "$client_ext"
+    ;;
+  *)
+    echo "unknown command '$cmd' (ca, server, device, bridge)" >&2; exit 2 ;;
+esac
