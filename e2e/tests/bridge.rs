@@ -93,7 +93,8 @@ fn block(device: &str, series: &[(&str, Vec<(i64, f64)>)]) -> Vec<u8> {
             enc.frame(*t, &samples).unwrap()
         })
         .collect();
-    Envelope { device, lane: 0, first_seq: 1, frames: frames.iter().map(Vec::as_slice).collect() }.encode()
+    Envelope { device, lane: 0, first_seq: 1, clock_shift_ms: 0, frames: frames.iter().map(Vec::as_slice).collect() }
+        .encode()
 }
 
 fn count(prom: &Prom, sel: &str) -> usize {

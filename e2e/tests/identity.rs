@@ -13,7 +13,7 @@ use std::time::Duration;
 fn block(device: &str, name: &str, t: i64, v: f64) -> Vec<u8> {
     let mut enc = BlockEncoder::new();
     let frame = enc.frame(t, &[(SeriesKey::new(name, vec![Label::new("k", "v")]), v)]).unwrap();
-    Envelope { device, lane: 0, first_seq: 1, frames: vec![&frame] }.encode()
+    Envelope { device, lane: 0, first_seq: 1, clock_shift_ms: 0, frames: vec![&frame] }.encode()
 }
 
 /// What a test client's connection saw.

@@ -396,10 +396,13 @@ impl Stack {
         });
     }
 
+    /// Waits for the steady state: connected, and a block confirmed end to
+    /// end (so an unsynchronized clock has learned the true time from the
+    /// bridge: docs/clock.md).
     fn wait_for_uplink(&self) {
-        wait_for("the agent's uplink to connect", Duration::from_secs(30), || {
-            match self.agent.metric("edge_agent_uplink_connected") {
-                Some(1.0) => Ok(()),
+        wait_for("the agent's first confirmed block", Duration::from_secs(30), || {
+            match self.agent.metric("edge_agent_uplink_confirmed_blocks_total") {
+                Some(n) if n >= 1.0 => Ok(()),
                 other => Err(other),
             }
         });

@@ -6,6 +6,7 @@
 //! * [`store`]: the batch, encoded once, becomes a durable record;
 //! * [`uplink`]: records go to MQTT; acknowledgements move the send position.
 
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod probe;
@@ -51,12 +52,25 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         "store opened"
     );
     let store = Arc::new(Mutex::new(store));
+    let (clock, clock_err) = clock::Clock::open(&cfg.state_dir, cfg.clock.tolerance_ms as i64);
+    if let Some(e) = clock_err {
+        tracing::error!(error = %e, "clock journal damaged: blocks of its eras go as stamped");
+    }
+    let clock = Arc::new(Mutex::new(clock));
 
     let probes = Probes::start(&cfg);
     metrics.set_probe("tcp_lifecycle", &probes.tcp_state);
 
     let shutdown = Arc::new(AtomicBool::new(false));
-    let uplink = uplink::Uplink::new(cfg.clone(), store.clone(), metrics.clone(), shutdown.clone()).spawn()?;
+    let uplink =
+        uplink::Uplink::new(cfg.clone(), store.clone(), clock.clone(), metrics.clone(), shutdown.clone()).spawn()?;
+    let sh = Shared {
+        probes: &probes,
+        store: &store,
+        metrics: &metrics,
+        clock: &clock,
+        test_offset_ms: cfg.clock.test_offset_ms,
+    };
 
     let result = smol::block_on(async {
         if !cfg.metrics.listen.is_empty() {
@@ -67,7 +81,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             smol::spawn(metrics::serve(listener, registry)).detach();
         }
         let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
-        let windows = window_loop(&cfg, &probes, &store, &metrics);
+        let windows = window_loop(&cfg, &sh);
         let stop = async {
             use futures_lite::StreamExt;
             let mut signals = signals;
@@ -81,13 +95,22 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     // Store what the probes counted since the last window, then let the
     // uplink persist its position and disconnect.
     let mut writer = cfg.block_writer();
-    close_window(&probes, &store, &metrics, &mut window::WindowStage::new(), &mut writer, &mut TcpCounters::default());
+    close_window(&sh, &mut window::WindowStage::new(), &mut writer, &mut TcpCounters::default());
     shutdown.store(true, Ordering::Relaxed);
     let _ = uplink.join();
     result
 }
 
-async fn window_loop(cfg: &Config, probes: &Probes, store: &Arc<Mutex<Lanes>>, metrics: &AgentMetrics) {
+/// What the window loop works with.
+struct Shared<'a> {
+    probes: &'a Probes,
+    store: &'a Arc<Mutex<Lanes>>,
+    metrics: &'a AgentMetrics,
+    clock: &'a Mutex<clock::Clock>,
+    test_offset_ms: i64,
+}
+
+async fn window_loop(cfg: &Config, sh: &Shared<'_>) {
     let mut stage = window::WindowStage::new();
     let mut writer = cfg.block_writer();
     let mut prev = TcpCounters::default();
@@ -101,20 +124,20 @@ async fn window_loop(cfg: &Config, probes: &Probes, store: &Arc<Mutex<Lanes>>, m
         if next < Instant::now() {
             next = Instant::now() + period;
         }
-        close_window(probes, store, metrics, &mut stage, &mut writer, &mut prev);
+        close_window(sh, &mut stage, &mut writer, &mut prev);
     }
 }
 
 fn close_window(
-    probes: &Probes,
-    store: &Arc<Mutex<Lanes>>,
-    metrics: &AgentMetrics,
+    sh: &Shared<'_>,
     stage: &mut window::WindowStage,
     writer: &mut store::blocks::BlockWriter,
     prev: &mut TcpCounters,
 ) {
+    let (probes, store, metrics) = (sh.probes, sh.store, sh.metrics);
     let reading = probes.read();
-    let ts = now_ms();
+    let clocks = clock::read(sh.test_offset_ms);
+    let ts = clocks.wall_ms;
     let classes = probes.tcp.as_ref().map(|p| p.classes());
     if let (Some(now), Some(classes)) = (&reading.tcp, classes) {
         metrics.observe_tcp(prev, now, classes);
@@ -122,6 +145,22 @@ fn close_window(
     }
     metrics.windows.inc();
     let mut lanes = uplink::lock(store);
+    // A new clock era (step, sync state, boot) starts a new block.
+    let next = [lanes.routine.next_seq(), lanes.priority.next_seq()];
+    match uplink::lock(sh.clock).observe(&clocks, next) {
+        Ok(true) => {
+            writer.end_block();
+            tracing::info!(
+                boot = %clocks.boot_id,
+                synced = clocks.synced,
+                wall_minus_monotonic_ms = clocks.offset_ms(),
+                first_seq = next[0],
+                "new clock era"
+            );
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "clock journal not saved"),
+    }
     let mut window = stage.close(ts, &reading, classes).unwrap_or_default();
     window.timestamp_ms = ts;
     // The store stage's own health travels with the measurements, so the

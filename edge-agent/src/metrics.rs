@@ -62,6 +62,9 @@ pub struct AgentMetrics {
     pub uplink_connects: Counter,
     pub uplink_errors: Counter,
     pub uplink_acked_seq: Family<LaneLabels, Gauge>,
+    pub clock_replies: Counter,
+    pub clock_uncorrected: Counter,
+    pub clock_error_ms: Gauge,
 }
 
 impl AgentMetrics {
@@ -144,6 +147,21 @@ impl AgentMetrics {
             "edge_agent_uplink_acked_seq",
             "Persisted send position (store sequence number)",
             m.uplink_acked_seq.clone(),
+        );
+        r.register(
+            "edge_agent_clock_time_replies",
+            "Bridge answers to time requests used to correct the wall clock",
+            m.clock_replies.clone(),
+        );
+        r.register(
+            "edge_agent_clock_uncorrected_blocks",
+            "Blocks of an unsynchronized clock sent without correction (true time never learned)",
+            m.clock_uncorrected.clone(),
+        );
+        r.register(
+            "edge_agent_clock_error_ms",
+            "How far the wall clock was from the learned true time (true - wall), ms",
+            m.clock_error_ms.clone(),
         );
         (m, Arc::new(r))
     }

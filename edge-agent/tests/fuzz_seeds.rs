@@ -30,6 +30,7 @@ fn write_fuzz_seeds() {
             device: "press-1",
             lane: (n % 2) as u8,
             first_seq: b[0].seq,
+            clock_shift_ms: 0,
             frames: b.iter().map(|r| r.payload.as_slice()).collect(),
         };
         write(&corpus.join("block"), n, &env.encode());

@@ -67,9 +67,10 @@ fn priority_blocks_go_first_and_everything_is_confirmed() {
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().0, u8::MAX, "no SUBACK");
 
     let shutdown = Arc::new(AtomicBool::new(false));
+    let clock = Arc::new(Mutex::new(edge_agent::clock::Clock::open(&cfg.state_dir, 1000).0));
     let (metrics, _) = AgentMetrics::new();
     let uplink =
-        edge_agent::uplink::Uplink::new(cfg.clone(), store.clone(), metrics, shutdown.clone()).spawn().unwrap();
+        edge_agent::uplink::Uplink::new(cfg.clone(), store.clone(), clock, metrics, shutdown.clone()).spawn().unwrap();
 
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -23,7 +23,7 @@ pub use block::{BlockDecoder, BlockEncoder, EncodeError, SeriesKey};
 use serde::{Deserialize, Serialize};
 
 /// Version byte of [`Envelope`] encodings produced by this crate.
-pub const ENVELOPE_VERSION: u8 = 2;
+pub const ENVELOPE_VERSION: u8 = 3;
 
 /// Largest accepted MQTT payload (envelope), in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -72,6 +72,10 @@ pub struct Envelope<'a> {
     /// Sequence number of the store record holding the first frame; frame
     /// `i` was record `first_seq + i`.
     pub first_seq: u64,
+    /// Add this to every timestamp of the block: the device's correction
+    /// of a wall clock that was wrong when the block was recorded (before
+    /// NTP, after an RTC reset; docs/clock.md). 0 when the clock was right.
+    pub clock_shift_ms: i64,
     /// The block's frames, each exactly as stored.
     #[serde(borrow)]
     pub frames: Vec<&'a [u8]>,
@@ -106,13 +110,94 @@ impl<'a> Envelope<'a> {
         if env.frames.is_empty() || env.frames.len() > block::MAX_FRAMES {
             return Err(DecodeError::Invalid(format!("an envelope carries 1..={} frames", block::MAX_FRAMES)));
         }
+        if env.clock_shift_ms.unsigned_abs() > MAX_CLOCK_SHIFT_MS as u64 {
+            return Err(DecodeError::Invalid(format!("clock shift of {} ms is beyond 100 years", env.clock_shift_ms)));
+        }
         Ok(env)
     }
 
-    /// Decodes the block the frames make up.
+    /// Decodes the block the frames make up, with the clock shift applied.
     pub fn block(&self) -> Result<Batch, DecodeError> {
-        block::decode_block(self.frames.iter().copied())
+        let mut batch = block::decode_block(self.frames.iter().copied())?;
+        if self.clock_shift_ms != 0 {
+            for s in &mut batch.series {
+                for p in &mut s.samples {
+                    p.timestamp_ms = p.timestamp_ms.saturating_add(self.clock_shift_ms);
+                }
+            }
+        }
+        Ok(batch)
     }
+}
+
+/// Largest clock correction an envelope may carry (100 years).
+pub const MAX_CLOCK_SHIFT_MS: i64 = 100 * 366 * 86_400_000;
+
+/// Version byte of [`TimeRequest`] and [`TimeReply`] encodings.
+pub const TIME_VERSION: u8 = 1;
+
+/// Sent by a device on `<prefix>/<device>/time` (QoS 0) when it does not
+/// trust its wall clock; any bridge answers with a [`TimeReply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeRequest {
+    /// Echoed back: the device matches the reply to its request.
+    pub nonce: u64,
+}
+
+/// A bridge's answer on `<prefix>/<device>/time/reply`: its wall clock when
+/// the request arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeReply {
+    pub nonce: u64,
+    /// Unix milliseconds.
+    pub bridge_ms: i64,
+}
+
+impl TimeRequest {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![TIME_VERSION];
+        out.extend_from_slice(&postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        exact(versioned(bytes, "time request", TIME_VERSION)?, "time request")
+    }
+}
+
+impl TimeReply {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![TIME_VERSION];
+        out.extend_from_slice(&postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let r: TimeReply = exact(versioned(bytes, "time reply", TIME_VERSION)?, "time reply")?;
+        if r.bridge_ms <= 0 {
+            return Err(DecodeError::Invalid(format!("time reply with bridge time {}", r.bridge_ms)));
+        }
+        Ok(r)
+    }
+}
+
+/// A postcard value that must fill `body` exactly.
+fn exact<T: serde::de::DeserializeOwned>(body: &[u8], what: &'static str) -> Result<T, DecodeError> {
+    let (v, rest): (T, _) =
+        postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed { what, reason: e.to_string() })?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len(), what));
+    }
+    Ok(v)
+}
+
+/// Where a device asks for the time, and where the answer goes.
+pub fn time_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/{device}/time")
+}
+
+pub fn time_reply_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/{device}/time/reply")
 }
 
 /// Version byte of [`DeliveryAck`] encodings.
@@ -274,6 +359,7 @@ mod tests {
             device: "press-07",
             lane: 0,
             first_seq: seq_hint(),
+            clock_shift_ms: 0,
             frames: f.iter().map(Vec::as_slice).collect(),
         };
         let bytes = env.encode();
@@ -293,7 +379,8 @@ mod tests {
     #[test]
     fn unknown_versions_are_named() {
         let f = frames();
-        let mut bytes = Envelope { device: "d", lane: 0, first_seq: 1, frames: vec![&f[0]] }.encode();
+        let mut bytes =
+            Envelope { device: "d", lane: 0, first_seq: 1, clock_shift_ms: 0, frames: vec![&f[0]] }.encode();
         bytes[0] = 9;
         assert_eq!(
             Envelope::decode(&bytes),
@@ -305,8 +392,14 @@ mod tests {
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let f = frames();
-        let bytes =
-            Envelope { device: "d1", lane: 0, first_seq: 1, frames: f.iter().map(Vec::as_slice).collect() }.encode();
+        let bytes = Envelope {
+            device: "d1",
+            lane: 0,
+            first_seq: 1,
+            clock_shift_ms: 0,
+            frames: f.iter().map(Vec::as_slice).collect(),
+        }
+        .encode();
         for n in 0..bytes.len() {
             if let Ok(env) = Envelope::decode(&bytes[..n]) {
                 let _ = env.block();
@@ -320,10 +413,41 @@ mod tests {
     #[test]
     fn bad_envelopes_are_refused() {
         let f = frames();
-        let bad = Envelope { device: "a/b", lane: 0, first_seq: 1, frames: vec![&f[0]] }.encode();
+        let bad = Envelope { device: "a/b", lane: 0, first_seq: 1, clock_shift_ms: 0, frames: vec![&f[0]] }.encode();
         assert!(matches!(Envelope::decode(&bad), Err(DecodeError::Invalid(_))));
-        let empty = Envelope { device: "a", lane: 0, first_seq: 1, frames: vec![] }.encode();
+        let empty = Envelope { device: "a", lane: 0, first_seq: 1, clock_shift_ms: 0, frames: vec![] }.encode();
         assert!(matches!(Envelope::decode(&empty), Err(DecodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn the_clock_shift_moves_every_sample() {
+        let f = frames();
+        let env = Envelope {
+            device: "d",
+            lane: 0,
+            first_seq: 1,
+            clock_shift_ms: 3 * 3_600_000,
+            frames: f.iter().map(Vec::as_slice).collect(),
+        };
+        let bytes = env.encode();
+        let back = Envelope::decode(&bytes).unwrap();
+        let ts: Vec<i64> = back.block().unwrap().series[0].samples.iter().map(|s| s.timestamp_ms).collect();
+        assert_eq!(ts, [1_700_010_800_000, 1_700_010_810_000, 1_700_010_820_000]);
+        let wild = Envelope { clock_shift_ms: i64::MIN, ..env };
+        assert!(matches!(Envelope::decode(&wild.encode()), Err(DecodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn time_messages_round_trip_and_are_checked() {
+        let q = TimeRequest { nonce: 77 };
+        assert_eq!(TimeRequest::decode(&q.encode()), Ok(q));
+        let r = TimeReply { nonce: 77, bridge_ms: 1_795_000_000_000 };
+        assert_eq!(TimeReply::decode(&r.encode()), Ok(r));
+        assert!(TimeReply::decode(&TimeReply { nonce: 1, bridge_ms: 0 }.encode()).is_err());
+        let mut long = r.encode();
+        long.push(0);
+        assert!(TimeReply::decode(&long).is_err());
+        assert_eq!(time_reply_topic("edge", "d1"), "edge/d1/time/reply");
     }
 
     #[test]
@@ -358,10 +482,11 @@ mod golden {
         let f0 = e.frame(1000, &[(k.clone(), 1.0)]).unwrap();
         let f1 = e.frame(11000, &[(k.clone(), 2.0)]).unwrap();
         let f2 = e.frame(21001, &[(k, 3.0)]).unwrap();
-        let env = Envelope { device: "d1", lane: 1, first_seq: 300, frames: vec![&f0, &f1, &f2] }.encode();
+        let env =
+            Envelope { device: "d1", lane: 1, first_seq: 300, clock_shift_ms: 0, frames: vec![&f0, &f1, &f2] }.encode();
         let hex: Vec<String> = env.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex.join(" "), GOLDEN);
     }
 
-    const GOLDEN: &str = "02 02 64 31 01 ac 02 03 17 21 01 d0 0f 01 00 01 6d 01 00 01 6b 00 01 76 3f f0 00 00 00 00 00 00 08 22 01 a0 9c 01 00 80 80 05 22 01 02 00 00";
+    const GOLDEN: &str = "03 02 64 31 01 ac 02 00 03 17 21 01 d0 0f 01 00 01 6d 01 00 01 6b 00 01 76 3f f0 00 00 00 00 00 00 08 22 01 a0 9c 01 00 80 80 05 22 01 02 00 00";
 }

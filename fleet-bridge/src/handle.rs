@@ -134,7 +134,14 @@ mod tests {
         let k = SeriesKey::new("m", vec![Label::new("k", "v")]);
         let mut e = BlockEncoder::new();
         let frames = [e.frame(5, &[(k.clone(), 1.5)]).unwrap(), e.frame(15, &[(k, 2.5)]).unwrap()];
-        Envelope { device, lane: 0, first_seq: 3, frames: frames.iter().map(Vec::as_slice).collect() }.encode()
+        Envelope {
+            device,
+            lane: 0,
+            first_seq: 3,
+            clock_shift_ms: 0,
+            frames: frames.iter().map(Vec::as_slice).collect(),
+        }
+        .encode()
     }
 
     #[test]
@@ -171,8 +178,14 @@ mod tests {
         let frames: Vec<Vec<u8>> = (0..5)
             .map(|w| e.frame(w * 10, &keys.iter().map(|k| (k.clone(), w as f64)).collect::<Vec<_>>()).unwrap())
             .collect();
-        let p = Envelope { device: "d", lane: 0, first_seq: 1, frames: frames.iter().map(Vec::as_slice).collect() }
-            .encode();
+        let p = Envelope {
+            device: "d",
+            lane: 0,
+            first_seq: 1,
+            clock_shift_ms: 0,
+            frames: frames.iter().map(Vec::as_slice).collect(),
+        }
+        .encode();
         let req = prepare("edge", "edge/d/metrics", &p).unwrap().req;
         assert_eq!(sample_count(&req), 15);
         // Split all the way down: every sample ends up alone, none lost.

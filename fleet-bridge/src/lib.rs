@@ -57,6 +57,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         if cfg.mqtt.share_group.is_empty() { String::new() } else { format!("$share/{}/", cfg.mqtt.share_group) };
     let filter = format!("{share}{}/+/metrics", cfg.mqtt.topic_prefix);
     let presence_filter = format!("{share}{}/+/presence", cfg.mqtt.topic_prefix);
+    let time_filter = format!("{share}{}/+/time", cfg.mqtt.topic_prefix);
 
     let (tx, rx) = mpsc::channel::<Publish>();
     let writer = Writer::new(&cfg, client.clone(), metrics.clone());
@@ -69,14 +70,26 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                 failures = 0;
                 metrics.mqtt_connected.set(1);
                 tracing::info!(session_present = ack.session_present, filter, "connected to broker");
-                let filters = [filter.clone(), presence_filter.clone()]
-                    .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                let filters = [
+                    (filter.clone(), QoS::AtLeastOnce),
+                    (presence_filter.clone(), QoS::AtLeastOnce),
+                    // Time requests are answered at once or not at all.
+                    (time_filter.clone(), QoS::AtMostOnce),
+                ]
+                .map(|(f, q)| rumqttc::SubscribeFilter::new(f, q));
                 if let Err(e) = client.try_subscribe_many(filters) {
                     tracing::error!(error = %e, "subscribe failed");
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 metrics.subscribed.set(1);
+            }
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if edge_wire::device_of(&cfg.mqtt.topic_prefix, &p.topic, "time").is_some() =>
+            {
+                // Answered here, not behind the writer's queue: the device
+                // measures the round trip.
+                answer_time(&client, &cfg.mqtt.topic_prefix, &p, &metrics);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if tx.send(p).is_err() {
@@ -95,6 +108,23 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         }
     }
     Ok(())
+}
+
+/// Answers a device's time request with this bridge's wall clock.
+fn answer_time(client: &Client, prefix: &str, p: &Publish, metrics: &BridgeMetrics) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64);
+    let device = edge_wire::device_of(prefix, &p.topic, "time").unwrap_or_default();
+    let result = match (edge_wire::validate_device_id(device), edge_wire::TimeRequest::decode(&p.payload), now) {
+        (Ok(()), Ok(req), Ok(bridge_ms)) => {
+            let reply = edge_wire::TimeReply { nonce: req.nonce, bridge_ms }.encode();
+            match client.try_publish(edge_wire::time_reply_topic(prefix, device), QoS::AtMostOnce, false, reply) {
+                Ok(()) => "time",
+                Err(_) => "time_dropped",
+            }
+        }
+        _ => "bad_time_request",
+    };
+    metrics.messages.get_or_create(&metrics::ResultLabels::new(result)).inc();
 }
 
 struct Writer {

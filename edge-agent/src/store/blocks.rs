@@ -38,6 +38,12 @@ impl BlockWriter {
         BlockWriter { enc: BlockEncoder::new(), bytes: 0, max_frames: max_frames.max(1), max_bytes }
     }
 
+    /// The next window starts a new block (e.g. at a clock step: a block
+    /// never spans two clock eras).
+    pub fn end_block(&mut self) {
+        self.restart();
+    }
+
     fn restart(&mut self) {
         self.enc = BlockEncoder::new();
         self.bytes = 0;

@@ -353,6 +353,11 @@ impl<M: Medium> Store<M> {
         &self.stats
     }
 
+    /// The sequence number the next append will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     pub fn limits(&self) -> &StoreLimits {
         &self.limits
     }

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::clock::{Clock, Shift};
 use crate::config::Config;
 use crate::metrics::AgentMetrics;
 use crate::store::{Lane, Lanes};
@@ -39,9 +40,29 @@ const READ_BYTES: usize = 4 << 20;
 pub struct Uplink {
     cfg: Config,
     store: Arc<Mutex<Lanes>>,
+    clock: Arc<Mutex<Clock>>,
+    /// This boot's id: blocks of an unsynchronized era of this boot wait
+    /// for the true time (crate::clock).
+    boot: String,
     metrics: AgentMetrics,
     shutdown: Arc<AtomicBool>,
 }
+
+/// Time requests of one connection.
+#[derive(Default)]
+struct TimeAsk {
+    /// Nonce (= monotonic ms when sent) of the outstanding request.
+    pending: Option<i64>,
+    last: Option<Instant>,
+    connected_at: Option<Instant>,
+    /// Gave up waiting for an answer on this connection.
+    gave_up: bool,
+}
+
+/// Requests again after this long without an answer (QoS 0 may be lost).
+const TIME_ASK_EVERY: Duration = Duration::from_secs(5);
+/// Answers slower than this are not precise enough to use.
+const TIME_MAX_RTT_MS: i64 = 5_000;
 
 /// One lane's sending state.
 struct LaneSend {
@@ -57,8 +78,15 @@ struct LaneSend {
 }
 
 impl Uplink {
-    pub fn new(cfg: Config, store: Arc<Mutex<Lanes>>, metrics: AgentMetrics, shutdown: Arc<AtomicBool>) -> Self {
-        Uplink { cfg, store, metrics, shutdown }
+    pub fn new(
+        cfg: Config,
+        store: Arc<Mutex<Lanes>>,
+        clock: Arc<Mutex<Clock>>,
+        metrics: AgentMetrics,
+        shutdown: Arc<AtomicBool>,
+    ) -> Self {
+        let boot = crate::clock::read(0).boot_id;
+        Uplink { cfg, store, clock, boot, metrics, shutdown }
     }
 
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -129,6 +157,8 @@ impl Uplink {
             l.waiting_since = None;
         }
         let ack_topic = edge_wire::ack_topic(&m.topic_prefix, &self.cfg.device_id);
+        let reply_topic = edge_wire::time_reply_topic(&m.topic_prefix, &self.cfg.device_id);
+        let mut time = TimeAsk::default();
         // Publishes whose packet id rumqttc has not reported yet, in order.
         let mut awaiting_pkid: VecDeque<(usize, u64)> = VecDeque::new();
         let mut by_pkid: HashMap<u16, (usize, u64)> = HashMap::new();
@@ -144,7 +174,9 @@ impl Uplink {
                 break;
             }
             if connected {
-                if let Err(e) = self.publish_more(&client, topic, lanes, &mut awaiting_pkid, &mut last_live) {
+                self.ask_time(&client, &mut time);
+                if let Err(e) = self.publish_more(&client, topic, lanes, &mut awaiting_pkid, &mut last_live, &mut time)
+                {
                     tracing::error!(error = %e, "reading the store failed");
                 }
             }
@@ -153,10 +185,14 @@ impl Uplink {
                     connected = true;
                     self.metrics.uplink_connects.inc();
                     self.metrics.uplink_connected.set(1);
-                    // QoS 0: a lost confirmation only means a re-send.
-                    if let Err(e) = client.try_subscribe(ack_topic.clone(), QoS::AtMostOnce) {
+                    // QoS 0: a lost confirmation only means a re-send, a lost
+                    // time reply another request.
+                    let filters = [ack_topic.clone(), reply_topic.clone()]
+                        .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtMostOnce));
+                    if let Err(e) = client.try_subscribe_many(filters) {
                         tracing::error!(error = %e, "cannot subscribe to delivery confirmations");
                     }
+                    time.connected_at = Some(Instant::now());
                     // Birth message. It takes a packet id like the blocks do:
                     // hold its place in the publish order with no block.
                     if client.try_publish(presence.clone(), QoS::AtLeastOnce, true, "online").is_ok() {
@@ -174,6 +210,9 @@ impl Uplink {
                         self.metrics.uplink_acked.inc();
                         lanes[i].win.ack(seq);
                     }
+                }
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == reply_topic => {
+                    self.time_reply(&p.payload, &mut time);
                 }
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == ack_topic => {
                     match edge_wire::DeliveryAck::decode(&p.payload) {
@@ -264,6 +303,7 @@ impl Uplink {
         lanes: &mut [LaneSend],
         awaiting_pkid: &mut VecDeque<(usize, u64)>,
         last_live: &mut Instant,
+        time: &mut TimeAsk,
     ) -> Result<(), crate::store::StoreError> {
         let max = self.cfg.mqtt.max_inflight as usize;
         for i in 0..lanes.len() {
@@ -282,10 +322,14 @@ impl Uplink {
             }
             for block in blocks {
                 let (Some(first), Some(last)) = (block.first(), block.last()) else { continue };
+                let Some(clock_shift_ms) = self.shift_for(lane, first.seq, time) else {
+                    break; // this boot's true time is not known yet: hold the lane
+                };
                 let env = edge_wire::Envelope {
                     device: &self.cfg.device_id,
                     lane: lane as u8,
                     first_seq: first.seq,
+                    clock_shift_ms,
                     frames: block.iter().map(|r| r.payload.as_slice()).collect(),
                 };
                 if client.try_publish(topic, QoS::AtLeastOnce, false, env.encode()).is_err() {
@@ -298,6 +342,81 @@ impl Uplink {
             }
         }
         Ok(())
+    }
+
+    /// The clock correction for the block starting at `seq`, or `None`
+    /// while it must wait for this boot's true time.
+    fn shift_for(&self, lane: Lane, seq: u64, time: &mut TimeAsk) -> Option<i64> {
+        let shift = lock(&self.clock).shift(lane as usize, seq, &self.boot);
+        match shift {
+            Shift::Known(d) => Some(d),
+            Shift::Pending if !time.gave_up => {
+                let waited = time.connected_at.map_or(Duration::ZERO, |t| t.elapsed());
+                if waited < Duration::from_secs(self.cfg.clock.sync_wait_secs) {
+                    return None;
+                }
+                tracing::warn!(
+                    waited = ?waited,
+                    "no answer to time requests (is the bridge older than this agent?): \
+                     sending blocks of the unsynchronized clock as stamped"
+                );
+                time.gave_up = true;
+                self.metrics.clock_uncorrected.inc();
+                Some(0)
+            }
+            Shift::Pending | Shift::Unknowable => {
+                self.metrics.clock_uncorrected.inc();
+                Some(0)
+            }
+        }
+    }
+
+    /// Asks any bridge for the time while this boot's true time is unknown
+    /// and the wall clock is not synchronized.
+    fn ask_time(&self, client: &Client, time: &mut TimeAsk) {
+        if !lock(&self.clock).needs_time(&self.boot) {
+            return;
+        }
+        if time.last.is_some_and(|t| t.elapsed() < TIME_ASK_EVERY) {
+            return;
+        }
+        let nonce = crate::clock::read(0).mono_ms;
+        let topic = edge_wire::time_topic(&self.cfg.mqtt.topic_prefix, &self.cfg.device_id);
+        let msg = edge_wire::TimeRequest { nonce: nonce as u64 }.encode();
+        if client.try_publish(topic, QoS::AtMostOnce, false, msg).is_ok() {
+            time.pending = Some(nonce);
+            time.last = Some(Instant::now());
+        }
+    }
+
+    /// A bridge's answer: its wall clock when our request arrived, which
+    /// was between sending and now on our monotonic clock.
+    fn time_reply(&self, payload: &[u8], time: &mut TimeAsk) {
+        let reply = match edge_wire::TimeReply::decode(payload) {
+            Ok(r) => r,
+            Err(e) => return tracing::warn!(error = %e, "malformed time reply ignored"),
+        };
+        let Some(sent) = time.pending.filter(|n| *n as u64 == reply.nonce) else {
+            return; // an answer to an earlier request, or to another bridge's copy
+        };
+        let now = crate::clock::read(self.cfg.clock.test_offset_ms);
+        let rtt = now.mono_ms - sent;
+        if !(0..=TIME_MAX_RTT_MS).contains(&rtt) {
+            return tracing::debug!(rtt, "time reply too slow to use");
+        }
+        time.pending = None;
+        let truth = reply.bridge_ms - (sent + now.mono_ms) / 2;
+        self.metrics.clock_replies.inc();
+        self.metrics.clock_error_ms.set(truth - now.offset_ms());
+        match lock(&self.clock).learn(&self.boot, truth) {
+            Ok(true) => tracing::info!(
+                error_ms = truth - now.offset_ms(),
+                round_trip_ms = rtt,
+                "learned the true time from the bridge; blocks of this boot are corrected"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "clock journal not saved"),
+        }
     }
 
     fn persist(&self, lanes: &mut [LaneSend]) {
@@ -319,8 +438,8 @@ impl Uplink {
 /// A poisoned lock only means another thread panicked while holding it; the
 /// store's state is still consistent (every mutation is complete or not
 /// applied), so carry on.
-pub(crate) fn lock(store: &Mutex<Lanes>) -> std::sync::MutexGuard<'_, Lanes> {
-    store.lock().unwrap_or_else(|p| p.into_inner())
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Exponential back-off with full jitter.

@@ -1,0 +1,73 @@
+//! A device whose wall clock is 3 hours behind (and not synchronized), with
+//! a backlog recorded offline: once it reaches a bridge it learns the true
+//! time, and every sample lands at the time it was really taken.
+
+use e2e::*;
+use std::time::Duration;
+
+const THREE_HOURS_MS: i64 = 3 * 3_600_000;
+
+#[test]
+fn a_clock_three_hours_behind_lands_at_the_true_time() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("clock");
+    let mut broker = Broker::start(&dir);
+    let prom = Prom::start(&dir);
+    let (mut bridge, _) = bridge(&dir, &broker, &prom.write_url(), "bridge-clock");
+    // Offline first: the backlog is stamped 3 h behind.
+    broker.stop();
+    let server = Server::start();
+    let t_start = now_ms();
+    let extra = format!("[clock]\ntest_offset_ms = {}\n", -THREE_HOURS_MS);
+    let ports = [server.port];
+    let mut agent = Agent::start(
+        &dir,
+        &AgentSetup {
+            device: "skewed",
+            broker: Some(&broker),
+            identity: None,
+            window_ms: 500,
+            class_ports: &ports,
+            state_dir: None,
+            extra: &extra,
+        },
+    );
+    server.connections(3);
+    wait_for("a backlog of windows", Duration::from_secs(30), || {
+        agent.proc.assert_running();
+        match agent.metric("edge_agent_store_appended_records_total{lane=\"routine\"}") {
+            Some(n) if n >= 6.0 => Ok(()),
+            other => Err(other),
+        }
+    });
+    let t_online = now_ms();
+    broker.restart();
+    server.connections(2);
+
+    let sel = "edge_tcp_connections_opened_total{device=\"skewed\",direction=\"outbound\",port_class=\"e2e\"}";
+    let samples = wait_for("all 5 connections in Prometheus", Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        bridge.assert_running();
+        let s = prom.raw_samples(sel, 4 * 3600).map_err(|e| e.to_string())?;
+        match s.last() {
+            Some((_, v)) if *v == 5.0 => Ok(s),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let t_end = now_ms();
+    // Every sample at its true time (the correction's error is half a
+    // loopback round trip, under the 1 s tolerance), none 3 h back.
+    for (t, v) in &samples {
+        assert!((t_start - 1000..=t_end + 1000).contains(t), "sample {v} at {t}, test ran {t_start}..{t_end}");
+    }
+    assert!(
+        samples.iter().any(|(t, v)| *t < t_online && *v == 3.0),
+        "the backlog recorded offline is there, corrected: {samples:?}"
+    );
+    let error = agent.metric("edge_agent_clock_error_ms").unwrap();
+    assert!((error - THREE_HOURS_MS as f64).abs() < 1000.0, "learned clock error {error}");
+    assert!(agent.metric("edge_agent_clock_time_replies_total").unwrap() >= 1.0);
+    assert_eq!(agent.metric("edge_agent_clock_uncorrected_blocks_total"), Some(0.0));
+}
