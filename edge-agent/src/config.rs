@@ -108,6 +108,10 @@ pub struct MqttConfig {
     /// Reconnect back-off bounds, in milliseconds.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Pace of the backlog drain after a reconnect, bytes of messages per
+    /// second (0: as fast as the broker takes them). Live data and the
+    /// priority lane are not paced.
+    pub drain_bytes_per_sec: u64,
     /// TLS to the broker. Default: on, with the files of
     /// /etc/edge-agent/tls (ca.crt, device.crt, device.key).
     pub tls: edge_wire::tls::TlsConfig,
@@ -193,6 +197,7 @@ impl Default for MqttConfig {
             delivery_timeout_ms: 30_000,
             reconnect_min_ms: 200,
             reconnect_max_ms: 30_000,
+            drain_bytes_per_sec: 0,
             tls: edge_wire::tls::TlsConfig::in_dir(Path::new(DEFAULT_TLS_DIR), "device"),
             auth: edge_wire::tls::Credentials::default(),
         }

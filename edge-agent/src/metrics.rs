@@ -18,6 +18,11 @@ pub struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub stream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LaneLabels {
     pub lane: String,
 }
@@ -62,6 +67,7 @@ pub struct AgentMetrics {
     pub uplink_connects: Counter,
     pub uplink_errors: Counter,
     pub uplink_acked_seq: Family<LaneLabels, Gauge>,
+    pub uplink_bytes: Family<StreamLabels, Counter>,
     pub clock_replies: Counter,
     pub clock_uncorrected: Counter,
     pub clock_error_ms: Gauge,
@@ -149,6 +155,11 @@ impl AgentMetrics {
             m.uplink_acked_seq.clone(),
         );
         r.register(
+            "edge_agent_uplink_published_bytes",
+            "Message bytes published, by stream: priority, live, backlog (re-sends included)",
+            m.uplink_bytes.clone(),
+        );
+        r.register(
             "edge_agent_clock_time_replies",
             "Bridge answers to time requests used to correct the wall clock",
             m.clock_replies.clone(),
@@ -164,6 +175,10 @@ impl AgentMetrics {
             m.clock_error_ms.clone(),
         );
         (m, Arc::new(r))
+    }
+
+    pub fn published_bytes(&self, stream: &str) -> Counter {
+        self.uplink_bytes.get_or_create(&StreamLabels { stream: stream.into() }).clone()
     }
 
     pub fn set_probe(&self, name: &str, state: &ProbeState) {

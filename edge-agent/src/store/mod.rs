@@ -353,6 +353,12 @@ impl<M: Medium> Store<M> {
         &self.stats
     }
 
+    /// The next record starts a new block (the uplink's live data begins
+    /// there).
+    pub fn end_open_block(&mut self) {
+        self.block_start_requested = true;
+    }
+
     /// The sequence number the next append will get.
     pub fn next_seq(&self) -> u64 {
         self.next_seq

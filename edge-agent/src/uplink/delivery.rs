@@ -39,6 +39,8 @@ impl Delivery {
         if last <= self.delivered || first > last {
             return None;
         }
+        // Any new confirmation is progress: the wait starts over.
+        self.timeout = self.base_timeout;
         let e = self.ahead.entry(first).or_insert(last);
         *e = (*e).max(last);
         let before = self.delivered;
@@ -49,18 +51,24 @@ impl Delivery {
             self.delivered = self.delivered.max(l);
             self.ahead.remove(&f);
         }
-        if self.delivered != before {
-            self.timeout = self.base_timeout;
-            Some(self.delivered)
-        } else {
-            None
-        }
+        (self.delivered != before).then_some(self.delivered)
     }
 
-    /// How long to wait for a confirmation before sending again from the
-    /// position: doubles each time it expires (a bridge that is down must
-    /// not be answered with a flood of copies), back to the base on
-    /// progress.
+    /// The end of the unbroken run of confirmed records after `pos` (`pos`
+    /// itself when the next one is not confirmed), counting everything up
+    /// to the delivered position as confirmed. A cursor that started at
+    /// `pos` may resend from here.
+    pub fn confirmed_from(&self, pos: u64) -> u64 {
+        let mut end = pos.max(self.delivered);
+        for (&f, &l) in &self.ahead {
+            if f > end + 1 {
+                break;
+            }
+            end = end.max(l);
+        }
+        end
+    }
+
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -82,6 +90,21 @@ mod tests {
         assert_eq!(d.confirm(1, 5), Some(5));
         assert_eq!(d.confirm(6, 6), Some(6));
         assert_eq!(d.confirm(3, 6), None, "a repeat changes nothing");
+    }
+
+    #[test]
+    fn a_cursor_ahead_of_the_position_sees_its_own_run() {
+        let mut d = Delivery::new(10, T);
+        assert_eq!(d.confirmed_from(20), 20);
+        d.confirm(21, 25);
+        d.confirm(26, 30);
+        d.confirm(40, 41);
+        assert_eq!(d.confirmed_from(20), 30, "the live cursor's run");
+        assert_eq!(d.confirmed_from(10), 10, "the backlog cursor: nothing yet");
+        assert_eq!(d.confirmed_from(5), 10);
+        d.confirm(11, 20);
+        assert_eq!(d.delivered(), 30);
+        assert_eq!(d.confirmed_from(20), 30);
     }
 
     #[test]

@@ -64,17 +64,80 @@ const TIME_ASK_EVERY: Duration = Duration::from_secs(5);
 /// Answers slower than this are not precise enough to use.
 const TIME_MAX_RTT_MS: i64 = 5_000;
 
-/// One lane's sending state.
+/// One lane's end-to-end state.
 struct LaneSend {
     lane: Lane,
-    /// Flow control: what the broker has acknowledged.
-    win: SendWindow,
-    /// End to end: what the bridge confirmed; the persisted position.
+    /// What the bridge confirmed; `delivered()` is the persisted position.
     delivery: Delivery,
-    /// Since when blocks the broker took wait for confirmation.
-    waiting_since: Option<Instant>,
     /// The send position moved and is not yet persisted.
     dirty: bool,
+}
+
+/// A cursor over a run of one lane's records, with its own flow-control
+/// window. A connection has one per lane, or two for a routine lane with a
+/// backlog: live data (records from the connection on) first, the backlog
+/// behind it, paced by `mqtt.drain_bytes_per_sec`. Prometheus takes the
+/// backlog's older samples after newer ones within its out-of-order
+/// window; within each cursor a series' samples stay in order.
+struct Stream {
+    /// Index into the lanes.
+    lane: usize,
+    /// The cursor's records are after `base`...
+    base: u64,
+    /// ...and before `until`.
+    until: u64,
+    kind: StreamKind,
+    /// Flow control: what the broker has acknowledged.
+    win: SendWindow,
+    /// Since when blocks the broker took wait for confirmation.
+    waiting_since: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    Priority,
+    Live,
+    Backlog,
+}
+
+impl StreamKind {
+    fn label(self) -> &'static str {
+        match self {
+            StreamKind::Priority => "priority",
+            StreamKind::Live => "live",
+            StreamKind::Backlog => "backlog",
+        }
+    }
+}
+
+/// Bytes per second for the backlog, as a token bucket that may go into
+/// debt by one block (blocks are not split), with one second of burst.
+struct Budget {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Budget {
+    fn new(bytes_per_sec: u64) -> Self {
+        Budget { rate: bytes_per_sec as f64, tokens: bytes_per_sec as f64, at: Instant::now() }
+    }
+
+    fn allows(&mut self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        self.tokens = (self.tokens + self.rate * (now - self.at).as_secs_f64()).min(self.rate);
+        self.at = now;
+        self.tokens > 0.0
+    }
+
+    fn spend(&mut self, bytes: usize) {
+        if self.rate > 0.0 {
+            self.tokens -= bytes as f64;
+        }
+    }
 }
 
 impl Uplink {
@@ -95,7 +158,6 @@ impl Uplink {
 
     fn run(self) {
         let topic = edge_wire::metrics_topic(&self.cfg.mqtt.topic_prefix, &self.cfg.device_id);
-        let max = self.cfg.mqtt.max_inflight as usize;
         // Priority first: every round serves it before routine data.
         let mut lanes: Vec<LaneSend> = {
             let mut store = lock(&self.store);
@@ -103,13 +165,8 @@ impl Uplink {
                 .iter()
                 .map(|&lane| {
                     let pos = store.get(lane).stats().acked_seq;
-                    LaneSend {
-                        lane,
-                        win: SendWindow::new(pos, max),
-                        delivery: Delivery::new(pos, Duration::from_millis(self.cfg.mqtt.delivery_timeout_ms)),
-                        waiting_since: None,
-                        dirty: false,
-                    }
+                    let timeout = Duration::from_millis(self.cfg.mqtt.delivery_timeout_ms);
+                    LaneSend { lane, delivery: Delivery::new(pos, timeout), dirty: false }
                 })
                 .collect()
         };
@@ -152,10 +209,8 @@ impl Uplink {
         }
         let (client, mut conn) = Client::new(opts, m.max_inflight as usize + 8);
         // Resend everything not confirmed end to end.
-        for l in lanes.iter_mut() {
-            l.win.reset_to(l.delivery.delivered());
-            l.waiting_since = None;
-        }
+        let mut streams = self.streams(lanes);
+        let mut budget = Budget::new(m.drain_bytes_per_sec);
         let ack_topic = edge_wire::ack_topic(&m.topic_prefix, &self.cfg.device_id);
         let reply_topic = edge_wire::time_reply_topic(&m.topic_prefix, &self.cfg.device_id);
         let mut time = TimeAsk::default();
@@ -175,8 +230,8 @@ impl Uplink {
             }
             if connected {
                 self.ask_time(&client, &mut time);
-                if let Err(e) = self.publish_more(&client, topic, lanes, &mut awaiting_pkid, &mut last_live, &mut time)
-                {
+                let mut out = Outbox { client: &client, topic, awaiting_pkid: &mut awaiting_pkid, budget: &mut budget };
+                if let Err(e) = self.publish_more(&mut out, &mut streams, &mut last_live, &mut time) {
                     tracing::error!(error = %e, "reading the store failed");
                 }
             }
@@ -208,7 +263,7 @@ impl Uplink {
                 Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
                     if let Some((i, seq)) = by_pkid.remove(&ack.pkid).filter(|(i, _)| *i != NOT_A_BLOCK) {
                         self.metrics.uplink_acked.inc();
-                        lanes[i].win.ack(seq);
+                        streams[i].win.ack(seq);
                     }
                 }
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == reply_topic => {
@@ -221,7 +276,6 @@ impl Uplink {
                             if let Some(l) = lanes.iter_mut().find(|l| l.lane as u8 == a.lane) {
                                 if l.delivery.confirm(a.first_seq, a.last_seq).is_some() {
                                     l.dirty = true;
-                                    l.waiting_since = None;
                                 }
                             }
                         }
@@ -247,23 +301,25 @@ impl Uplink {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            for l in lanes.iter_mut() {
-                let waiting = l.win.acked() > l.delivery.delivered();
-                match l.waiting_since {
-                    _ if !waiting => l.waiting_since = None,
-                    None => l.waiting_since = Some(Instant::now()),
-                    Some(t) if t.elapsed() >= l.delivery.timeout() => {
+            for s in streams.iter_mut() {
+                let delivery = &mut lanes[s.lane].delivery;
+                let confirmed = delivery.confirmed_from(s.base);
+                let waiting = s.win.acked() > confirmed;
+                match s.waiting_since {
+                    _ if !waiting => s.waiting_since = None,
+                    None => s.waiting_since = Some(Instant::now()),
+                    Some(t) if t.elapsed() >= delivery.timeout() => {
                         tracing::warn!(
-                            lane = l.lane.label(),
-                            confirmed = l.delivery.delivered(),
-                            broker_acked = l.win.acked(),
-                            waited = ?l.delivery.timeout(),
+                            stream = s.kind.label(),
+                            confirmed,
+                            broker_acked = s.win.acked(),
+                            waited = ?delivery.timeout(),
                             "no delivery confirmation; sending again from the confirmed position"
                         );
                         self.metrics.uplink_resends.inc();
-                        l.win.reset_to(l.delivery.delivered());
-                        l.delivery.expired();
-                        l.waiting_since = None;
+                        s.win.reset_to(confirmed);
+                        delivery.expired();
+                        s.waiting_since = None;
                     }
                     Some(_) => {}
                 }
@@ -291,37 +347,77 @@ impl Uplink {
         Ok(())
     }
 
+    /// The cursors of a new connection, from the confirmed positions: the
+    /// priority lane; the routine lane's live data, and behind it its
+    /// backlog (when there is one). The store's open block is closed, so
+    /// live data starts a block of its own.
+    fn streams(&self, lanes: &[LaneSend]) -> Vec<Stream> {
+        let max = self.cfg.mqtt.max_inflight as usize;
+        let mut store = lock(&self.store);
+        let mut out = Vec::new();
+        for (i, l) in lanes.iter().enumerate() {
+            let d = l.delivery.delivered();
+            let stream = |kind, base, until| Stream {
+                lane: i,
+                base,
+                until,
+                kind,
+                win: SendWindow::new(base, max),
+                waiting_since: None,
+            };
+            if l.lane == Lane::Priority {
+                out.push(stream(StreamKind::Priority, d, u64::MAX));
+                continue;
+            }
+            let routine = store.get(Lane::Routine);
+            let live_from = routine.next_seq();
+            if live_from > d + 1 {
+                routine.end_open_block();
+                out.push(stream(StreamKind::Live, live_from - 1, u64::MAX));
+                out.push(stream(StreamKind::Backlog, d, live_from));
+                tracing::info!(backlog_from = d + 1, live_from, "draining the backlog behind live data");
+            } else {
+                out.push(stream(StreamKind::Live, d, u64::MAX));
+            }
+        }
+        out
+    }
+
     /// Publishes whole blocks, one message each, while the in-flight budget
-    /// (shared by the lanes) has room: the priority lane first, its open
-    /// block at once; the routine lane's open block only when
-    /// `live_interval_ms` has passed since it last went out. Taking an open
-    /// block closes it.
+    /// (shared by the cursors) has room: the priority lane first, its open
+    /// block at once; then live routine data, its open block only when
+    /// `live_interval_ms` has passed since it last went out; then the
+    /// backlog within the drain budget. Taking an open block closes it.
     fn publish_more(
         &self,
-        client: &Client,
-        topic: &str,
-        lanes: &mut [LaneSend],
-        awaiting_pkid: &mut VecDeque<(usize, u64)>,
+        out: &mut Outbox<'_>,
+        streams: &mut [Stream],
         last_live: &mut Instant,
         time: &mut TimeAsk,
     ) -> Result<(), crate::store::StoreError> {
         let max = self.cfg.mqtt.max_inflight as usize;
-        for i in 0..lanes.len() {
-            let inflight: usize = lanes.iter().map(|l| l.win.inflight()).sum();
-            let room = max.saturating_sub(inflight).min(lanes[i].win.room());
+        for i in 0..streams.len() {
+            let inflight: usize = streams.iter().map(|s| s.win.inflight()).sum();
+            let room = max.saturating_sub(inflight).min(streams[i].win.room());
             if room == 0 {
                 return Ok(());
             }
-            let lane = lanes[i].lane;
+            let s = &mut streams[i];
+            if s.kind == StreamKind::Backlog && (s.win.last_sent() + 1 >= s.until || !out.budget.allows()) {
+                continue;
+            }
+            let lane = if s.kind == StreamKind::Priority { Lane::Priority } else { Lane::Routine };
             let live_due = last_live.elapsed() >= Duration::from_millis(self.cfg.mqtt.live_interval_ms);
-            let include_open = lane == Lane::Priority || live_due;
-            let blocks =
-                lock(&self.store).get(lane).read_blocks(lanes[i].win.last_sent(), room, READ_BYTES, include_open)?;
-            if lane == Lane::Routine && include_open && !blocks.is_empty() {
+            let include_open = s.kind != StreamKind::Live || live_due;
+            let blocks = lock(&self.store).get(lane).read_blocks(s.win.last_sent(), room, READ_BYTES, include_open)?;
+            if s.kind == StreamKind::Live && include_open && !blocks.is_empty() {
                 *last_live = Instant::now();
             }
             for block in blocks {
                 let (Some(first), Some(last)) = (block.first(), block.last()) else { continue };
+                if first.seq >= s.until || (s.kind == StreamKind::Backlog && !out.budget.allows()) {
+                    break;
+                }
                 let Some(clock_shift_ms) = self.shift_for(lane, first.seq, time) else {
                     break; // this boot's true time is not known yet: hold the lane
                 };
@@ -332,13 +428,19 @@ impl Uplink {
                     clock_shift_ms,
                     frames: block.iter().map(|r| r.payload.as_slice()).collect(),
                 };
-                if client.try_publish(topic, QoS::AtLeastOnce, false, env.encode()).is_err() {
+                let payload = env.encode();
+                let bytes = payload.len();
+                if out.client.try_publish(out.topic, QoS::AtLeastOnce, false, payload).is_err() {
                     // Request queue full: the block is read again next turn.
                     return Ok(());
                 }
-                lanes[i].win.sent(last.seq);
-                awaiting_pkid.push_back((i, last.seq));
+                s.win.sent(last.seq);
+                out.awaiting_pkid.push_back((i, last.seq));
+                if s.kind == StreamKind::Backlog {
+                    out.budget.spend(bytes);
+                }
                 self.metrics.uplink_published.inc();
+                self.metrics.published_bytes(s.kind.label()).inc_by(bytes as u64);
             }
         }
         Ok(())
@@ -440,6 +542,15 @@ impl Uplink {
 /// applied), so carry on.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where `publish_more` puts blocks.
+struct Outbox<'a> {
+    client: &'a Client,
+    topic: &'a str,
+    /// Publishes whose packet id rumqttc has not reported yet: (stream, seq).
+    awaiting_pkid: &'a mut VecDeque<(usize, u64)>,
+    budget: &'a mut Budget,
 }
 
 /// Exponential back-off with full jitter.
