@@ -421,6 +421,21 @@ impl Prom {
         Ok((s, r.body_mut().read_to_string()?))
     }
 
+    /// The value of an instant query that yields one number (e.g.
+    /// `sum(count_over_time(m[2h]))`); `None` when it yields nothing.
+    pub fn scalar(&self, query: &str) -> Result<Option<f64>> {
+        let path = format!("/api/v1/query?query={}&time={:.3}", urlencode(query), now_ms() as f64 / 1000.0);
+        let (status, body) = self.get(&path)?;
+        if status != 200 {
+            return Err(format!("query {query}: HTTP {status}: {body}").into());
+        }
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        match v["data"]["result"].as_array().and_then(|r| r.first()) {
+            None => Ok(None),
+            Some(r) => Ok(Some(r["value"][1].as_str().ok_or("bad value")?.parse()?)),
+        }
+    }
+
     /// Raw samples `(timestamp_ms, value)` of every series matching
     /// `selector` over the last `range_s` seconds, as stored (no
     /// interpolation): `selector[range]` evaluated now.
@@ -536,6 +551,14 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path, s: &AgentSetup) -> Agent {
+        let mut a = Agent::launch(dir, s);
+        a.wait_attached();
+        a
+    }
+
+    /// Starts the agent without waiting for its probe (for agents run with
+    /// `[probes.tcp_lifecycle] enabled = false`).
+    pub fn launch(dir: &Path, s: &AgentSetup) -> Agent {
         let metrics_port = free_port();
         let conf = dir.join("agent.toml");
         let ports: Vec<String> = s.class_ports.iter().map(u16::to_string).collect();
@@ -558,9 +581,7 @@ impl Agent {
             ),
         )
         .expect("agent config");
-        let mut a = Agent { proc: Agent::spawn(dir, &conf), metrics_port, conf, dir: dir.to_owned() };
-        a.wait_attached();
-        a
+        Agent { proc: Agent::spawn(dir, &conf), metrics_port, conf, dir: dir.to_owned() }
     }
 
     fn spawn(dir: &Path, conf: &Path) -> Proc {
