@@ -252,6 +252,12 @@ impl Clock {
         self.eras.last().is_some_and(|e| !e.synced) && !self.learned.contains_key(boot)
     }
 
+    /// How far the wall clock of reading `r` is from its boot's true time
+    /// (true - wall), once that is known.
+    pub fn error_ms(&self, r: &Reading) -> Option<i64> {
+        self.learned.get(&r.boot_id).map(|truth| truth - r.offset_ms())
+    }
+
     /// How to stamp the block starting at record `seq` of `lane`.
     pub fn shift(&self, lane: usize, seq: u64, current_boot: &str) -> Shift {
         let Some(era) = self.eras.iter().rev().find(|e| e.first_seq[lane] <= seq) else {
@@ -297,6 +303,7 @@ mod tests {
         // The bridge tells the truth: wall should be mono + (t0 - 5000).
         assert!(c.learn("b1", t0 - 5_000).unwrap());
         assert_eq!(c.shift(0, 2, "b1"), Shift::Known(H3));
+        assert_eq!(c.error_ms(&reading("b1", 16_000, t0 - H3 + 11_000, false)), Some(H3));
         // NTP steps the clock: a new, synchronized era; no shift there.
         assert!(c.observe(&reading("b1", 25_000, t0 + 20_000, true), [3, 1]).unwrap());
         assert_eq!(c.shift(0, 3, "b1"), Shift::Known(0));

@@ -161,7 +161,12 @@ fn close_window(
         Ok(false) => {}
         Err(e) => tracing::error!(error = %e, "clock journal not saved"),
     }
+    let clock_error = uplink::lock(sh.clock).error_ms(&clocks);
     let mut window = stage.close(ts, &reading, classes).unwrap_or_default();
+    // How wrong the box's clock is travels too (docs/clock.md).
+    if let Some(e) = clock_error {
+        window.samples.push((edge_wire::SeriesKey::new("edge_agent_clock_error_ms", vec![]), e as f64));
+    }
     window.timestamp_ms = ts;
     // The store stage's own health travels with the measurements, so the
     // fleet can alert on backlogs and drops (configs/rules/).
