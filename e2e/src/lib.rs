@@ -493,13 +493,25 @@ pub fn bridge(dir: &Path, broker: &Broker, write_url: &str, client_id: &str) -> 
 
 /// A bridge with more `[mqtt]` settings (TOML lines).
 pub fn bridge_with(dir: &Path, broker: &Broker, write_url: &str, client_id: &str, mqtt: &str) -> (Proc, u16) {
+    bridge_full(dir, broker, write_url, client_id, mqtt, "")
+}
+
+/// A bridge with more `[mqtt]` and `[remote_write]` settings (TOML lines).
+pub fn bridge_full(
+    dir: &Path,
+    broker: &Broker,
+    write_url: &str,
+    client_id: &str,
+    mqtt: &str,
+    remote_write: &str,
+) -> (Proc, u16) {
     let metrics = free_port();
     let conf = dir.join(format!("{client_id}.toml"));
     std::fs::write(
         &conf,
         format!(
             "[mqtt]\nclient_id = \"{client_id}\"\n{mqtt}\n{}\
-             [remote_write]\nurl = \"{write_url}\"\nretry_max_ms = 1000\n\
+             [remote_write]\nurl = \"{write_url}\"\nretry_max_ms = 1000\n{remote_write}\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
             broker.client_toml(Who::Bridge)
         ),

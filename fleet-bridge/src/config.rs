@@ -60,6 +60,9 @@ pub struct RemoteWriteConfig {
     pub timeout_ms: u64,
     pub retry_min_ms: u64,
     pub retry_max_ms: u64,
+    /// A block's series are written by up to this many requests at once
+    /// (each series whole, in one of them).
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +95,7 @@ impl Default for RemoteWriteConfig {
             timeout_ms: 30_000,
             retry_min_ms: 100,
             retry_max_ms: 30_000,
+            concurrency: 2,
         }
     }
 }
@@ -134,6 +138,9 @@ impl Config {
         }
         if self.mqtt.topic_prefix.is_empty() || self.mqtt.topic_prefix.contains(['+', '#']) {
             return Err("mqtt.topic_prefix must be non-empty, without + or #".into());
+        }
+        if !(1..=16).contains(&self.remote_write.concurrency) {
+            return Err("remote_write.concurrency must be 1..=16".into());
         }
         if self.remote_write.retry_min_ms == 0 || self.remote_write.retry_min_ms > self.remote_write.retry_max_ms {
             return Err("remote_write.retry_min_ms must be > 0 and <= retry_max_ms".into());

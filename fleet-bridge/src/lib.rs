@@ -136,6 +136,7 @@ struct Writer {
     retry_min: Duration,
     retry_max: Duration,
     dead_letter_prefix: String,
+    concurrency: usize,
 }
 
 impl Writer {
@@ -154,6 +155,7 @@ impl Writer {
             retry_min: Duration::from_millis(cfg.remote_write.retry_min_ms),
             retry_max: Duration::from_millis(cfg.remote_write.retry_max_ms),
             dead_letter_prefix: cfg.mqtt.dead_letter_prefix.clone(),
+            concurrency: cfg.remote_write.concurrency,
         }
     }
 
@@ -184,7 +186,7 @@ impl Writer {
         };
         let mut refused = 0;
         let (device, lane, first_seq, last_seq) = (w.device.clone(), w.lane, w.first_seq, w.last_seq);
-        let written = self.write(w.req, &device, &mut refused);
+        let written = self.write_parallel(w.req, &device, &mut refused);
         // Every sample is now in the store or refused by it for good: confirm
         // the block end to end, so the device may let go of it. QoS 0 (see
         // dead_letter): a lost confirmation only means a re-send.
@@ -196,6 +198,32 @@ impl Writer {
         let result = if refused == 0 { "written" } else { "partly_refused" };
         self.metrics.messages.get_or_create(&metrics::ResultLabels::new(result)).inc();
         tracing::debug!(device, lane, first_seq, last_seq, written, refused, "block handled");
+    }
+
+    /// Writes a block's request as up to `remote_write.concurrency`
+    /// requests at once, each with a share of the series: a series is in
+    /// one part only, so its samples still arrive in order, and a block is
+    /// confirmed only after every part is written. One device's drain then
+    /// keeps several of the store's cores busy.
+    fn write_parallel(&self, req: WriteRequest, device: &str, refused: &mut usize) -> usize {
+        let parts = handle::split_series(req, self.concurrency);
+        if parts.len() == 1 {
+            return parts.into_iter().map(|p| self.write(p, device, refused)).sum();
+        }
+        let results: Vec<(usize, usize)> = std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|p| {
+                    s.spawn(move || {
+                        let mut r = 0;
+                        (self.write(p, device, &mut r), r)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or((0, 0))).collect()
+        });
+        *refused += results.iter().map(|r| r.1).sum::<usize>();
+        results.iter().map(|r| r.0).sum()
     }
 
     /// Writes a request; on a refusal (4xx) splits it and writes the halves,

@@ -89,8 +89,11 @@ struct Stream {
     kind: StreamKind,
     /// Flow control: what the broker has acknowledged.
     win: SendWindow,
-    /// Since when blocks the broker took wait for confirmation.
+    /// Since when blocks the broker took wait for confirmation (restarts
+    /// whenever a confirmation moves this cursor's confirmed run).
     waiting_since: Option<Instant>,
+    /// The confirmed run's end when last looked at.
+    confirmed_seen: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,8 +308,10 @@ impl Uplink {
                 let delivery = &mut lanes[s.lane].delivery;
                 let confirmed = delivery.confirmed_from(s.base);
                 let waiting = s.win.acked() > confirmed;
+                let progress = confirmed > s.confirmed_seen;
+                s.confirmed_seen = confirmed;
                 match s.waiting_since {
-                    _ if !waiting => s.waiting_since = None,
+                    _ if !waiting || progress => s.waiting_since = None,
                     None => s.waiting_since = Some(Instant::now()),
                     Some(t) if t.elapsed() >= delivery.timeout() => {
                         tracing::warn!(
@@ -364,6 +369,7 @@ impl Uplink {
                 kind,
                 win: SendWindow::new(base, max),
                 waiting_since: None,
+                confirmed_seen: base,
             };
             if l.lane == Lane::Priority {
                 out.push(stream(StreamKind::Priority, d, u64::MAX));
