@@ -545,6 +545,8 @@ pub struct AgentSetup<'a> {
     pub broker: Option<&'a Broker>,
     /// How the agent authenticates; `None`: its own device certificate.
     pub identity: Option<Who<'a>>,
+    /// More `[mqtt]` keys (TOML lines), e.g. `protocol = "3.1.1"`.
+    pub mqtt: &'a str,
     pub window_ms: u64,
     /// Ports put in the port class "e2e".
     pub class_ports: &'a [u16],
@@ -578,12 +580,13 @@ impl Agent {
             &conf,
             format!(
                 "device_id = \"{}\"\nstate_dir = \"{}\"\n[window]\nmillis = {}\n\
-                 [mqtt]\nreconnect_max_ms = 500\ndelivery_timeout_ms = 2000\nkeep_alive_secs = 5\n{}\
+                 [mqtt]\nreconnect_max_ms = 500\ndelivery_timeout_ms = 2000\nkeep_alive_secs = 5\n{}\n{}\
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
                  [probes.tcp_lifecycle.port_classes]\ne2e = [{}]\n{}\n",
                 s.device,
                 s.state_dir.map_or_else(|| dir.join("agent-state"), Path::to_path_buf).display(),
                 s.window_ms,
+                s.mqtt,
                 s.broker.map_or_else(
                     || format!("port = {}\n[mqtt.tls]\nenabled = false\n", free_port()),
                     |b| b.client_toml(s.identity.unwrap_or(Who::Device(s.device)))

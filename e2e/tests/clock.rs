@@ -28,6 +28,7 @@ fn a_clock_three_hours_behind_lands_at_the_true_time() {
             device: "skewed",
             broker: Some(&broker),
             identity: None,
+            mqtt: "",
             window_ms: 500,
             class_ports: &ports,
             state_dir: None,

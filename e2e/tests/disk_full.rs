@@ -45,6 +45,7 @@ fn agent_keeps_running_on_a_full_disk_and_reports_drops() {
             class_ports: &[server.port],
             state_dir: Some(&state),
             identity: None,
+            mqtt: "",
             extra: "[store]\nsegment_bytes = 1024\nmax_bytes = 1048576\nfsync_interval_ms = 0\n",
         },
     );

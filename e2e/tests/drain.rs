@@ -35,6 +35,7 @@ fn outage(name: &str) -> Outage {
             device: "drainer",
             broker: Some(&broker),
             identity: None,
+            mqtt: "",
             window_ms: WINDOW_MS as u64,
             class_ports: &ports,
             state_dir: None,

@@ -160,10 +160,11 @@ fn a_device_with_a_password_delivers_and_a_wrong_password_is_refused() {
     let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), "bridge-password");
     let server = Server::start();
     let ports = [server.port];
-    let setup = |device, identity| AgentSetup {
+    let setup = |device, identity, mqtt| AgentSetup {
         device,
         broker: Some(&broker),
         identity: Some(identity),
+        mqtt,
         window_ms: 500,
         class_ports: &ports,
         state_dir: None,
@@ -173,8 +174,10 @@ fn a_device_with_a_password_delivers_and_a_wrong_password_is_refused() {
     let bad_dir = dir.join("bad");
     std::fs::create_dir_all(&good_dir).unwrap();
     std::fs::create_dir_all(&bad_dir).unwrap();
-    let mut good = Agent::start(&good_dir, &setup("dev-pw", Who::User("dev-pw", "correct horse")));
-    let mut bad = Agent::start(&bad_dir, &setup("dev-bad-pw", Who::User("dev-bad-pw", "wrong")));
+    // The good one speaks MQTT 3.1.1 (for brokers without 5), the other 5.
+    let v311 = "protocol = \"3.1.1\"";
+    let mut good = Agent::start(&good_dir, &setup("dev-pw", Who::User("dev-pw", "correct horse"), v311));
+    let mut bad = Agent::start(&bad_dir, &setup("dev-bad-pw", Who::User("dev-bad-pw", "wrong"), ""));
     server.connections(4);
     // Both agents count the 4 outbound connections; only one may deliver.
     let sel = |d: &str| {
@@ -204,4 +207,44 @@ fn a_device_with_a_password_delivers_and_a_wrong_password_is_refused() {
         }
     });
     assert!(bad.proc.log_text().contains("broker refused the connection"), "the refusal is reported");
+}
+
+#[test]
+fn an_agent_publishing_as_another_device_is_refused_and_counts_it() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("impostor");
+    let broker = Broker::start(&dir);
+    let prom = Prom::start(&dir);
+    let (_bridge, bridge_metrics) = bridge(&dir, &broker, &prom.write_url(), "bridge-impostor");
+    // Configured as dev-victim, holding dev-mallory's certificate: the ACL
+    // refuses its publishes, MQTT 5 tells it so (PUBACK "not authorized"),
+    // and mosquitto closes the connection.
+    let mut agent = Agent::start(
+        &dir,
+        &AgentSetup {
+            device: "dev-victim",
+            broker: Some(&broker),
+            identity: Some(Who::Device("dev-mallory")),
+            mqtt: "",
+            window_ms: 300,
+            class_ports: &[],
+            state_dir: None,
+            extra: "",
+        },
+    );
+    wait_for("the broker's refusals to be counted", Duration::from_secs(30), || {
+        agent.proc.assert_running();
+        match agent.metric("edge_agent_uplink_refused_total") {
+            Some(n) if n >= 2.0 => Ok(()),
+            other => Err(other),
+        }
+    });
+    assert!(agent.proc.log_text().contains("broker refused a publish"), "the refusal is reported");
+    assert_eq!(agent.metric("edge_agent_uplink_confirmed_blocks_total"), Some(0.0));
+    let written = scrape(bridge_metrics, "fleet_bridge_messages_total{result=\"written\"}").unwrap();
+    assert_eq!(written.unwrap_or(0.0), 0.0, "nothing reached the bridge");
+    // It keeps its data: the backlog only grows.
+    assert!(agent.metric("edge_agent_store_backlog_records{lane=\"routine\"}").unwrap_or(0.0) >= 1.0);
 }

@@ -39,6 +39,7 @@ impl Stack {
                 class_ports: &[server.port, closed_port],
                 state_dir: None,
                 identity: None,
+                mqtt: "",
                 extra: "",
             },
         );

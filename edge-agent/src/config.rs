@@ -88,6 +88,8 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
+    /// "5" (default) or "3.1.1".
+    pub protocol: crate::uplink::mqtt::Protocol,
     pub host: String,
     pub port: u16,
     /// Default: `edge-agent-<device_id>`.
@@ -187,6 +189,7 @@ impl Default for StoreConfig {
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
+            protocol: crate::uplink::mqtt::Protocol::V5,
             host: "127.0.0.1".into(),
             port: 8883,
             client_id: None,

@@ -66,6 +66,7 @@ pub struct AgentMetrics {
     pub uplink_resends: Counter,
     pub uplink_connects: Counter,
     pub uplink_errors: Counter,
+    pub uplink_refused: Counter,
     pub uplink_acked_seq: Family<LaneLabels, Gauge>,
     pub uplink_bytes: Family<StreamLabels, Counter>,
     pub clock_replies: Counter,
@@ -149,6 +150,11 @@ impl AgentMetrics {
         );
         r.register("edge_agent_uplink_connects", "Successful MQTT connections", m.uplink_connects.clone());
         r.register("edge_agent_uplink_errors", "MQTT connection errors", m.uplink_errors.clone());
+        r.register(
+            "edge_agent_uplink_refused",
+            "Blocks the broker refused (MQTT 5 PUBACK reason code, e.g. not authorized)",
+            m.uplink_refused.clone(),
+        );
         r.register(
             "edge_agent_uplink_acked_seq",
             "Persisted send position (store sequence number)",

@@ -55,6 +55,7 @@ fn fifty_devices_with_an_hour_of_backlog_reconnect_at_once() {
             device,
             broker: Some(&broker),
             identity: Some(Who::Device(device)),
+            mqtt: "",
             window_ms: 10_000,
             class_ports: &[],
             state_dir: None,

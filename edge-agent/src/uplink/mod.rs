@@ -14,9 +14,11 @@
 //! logic lives in [`window::SendWindow`].
 
 pub mod delivery;
+pub mod mqtt;
 pub mod window;
 
-use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS, RecvTimeoutError, TlsConfiguration, Transport};
+use mqtt::{Conn, Ev};
+use rumqttc::{TlsConfiguration, Transport};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -190,27 +192,35 @@ impl Uplink {
     }
 
     /// One MQTT connection, from connect to error or shutdown. Returns
-    /// whether the broker accepted the connection.
+    /// whether the broker accepted the connection and its publishes.
     fn session(&self, topic: &str, lanes: &mut [LaneSend]) -> bool {
         let m = &self.cfg.mqtt;
-        let mut opts = MqttOptions::new(self.cfg.client_id(), m.host.clone(), m.port);
-        opts.set_keep_alive(Duration::from_secs(m.keep_alive_secs.max(5)))
-            .set_clean_session(true)
-            .set_inflight(m.max_inflight)
-            .set_max_packet_size(64 * 1024, edge_wire::MAX_MESSAGE_BYTES + 1024);
         // Presence: the broker publishes the will (retained `offline`) when
         // this connection dies without a DISCONNECT, which includes our own
         // shutdown (we never send one): `offline` whenever we are gone.
         let presence = edge_wire::presence_topic(&m.topic_prefix, &self.cfg.device_id);
-        opts.set_last_will(rumqttc::LastWill::new(presence.clone(), "offline", QoS::AtLeastOnce, true));
-        if let Err(e) = self.secure(&mut opts) {
-            // Not fatal: the agent keeps measuring and storing; the files
-            // are read again on the next attempt.
-            self.metrics.uplink_errors.inc();
-            tracing::error!(error = %e, "cannot connect to the broker");
-            return false;
-        }
-        let (client, mut conn) = Client::new(opts, m.max_inflight as usize + 8);
+        let (transport, credentials) = match self.secure() {
+            Ok(x) => x,
+            Err(e) => {
+                // Not fatal: the agent keeps measuring and storing; the files
+                // are read again on the next attempt.
+                self.metrics.uplink_errors.inc();
+                tracing::error!(error = %e, "cannot connect to the broker");
+                return false;
+            }
+        };
+        let settings = mqtt::Settings {
+            client_id: self.cfg.client_id(),
+            host: m.host.clone(),
+            port: m.port,
+            keep_alive: Duration::from_secs(m.keep_alive_secs.max(5)),
+            inflight: m.max_inflight,
+            max_incoming: 64 * 1024,
+            will: (presence.clone(), "offline"),
+            transport,
+            credentials,
+        };
+        let mut conn = Conn::open(m.protocol, settings, m.max_inflight as usize + 8);
         // Resend everything not confirmed end to end.
         let mut streams = self.streams(lanes);
         let mut budget = Budget::new(m.drain_bytes_per_sec);
@@ -221,6 +231,7 @@ impl Uplink {
         let mut awaiting_pkid: VecDeque<(usize, u64)> = VecDeque::new();
         let mut by_pkid: HashMap<u16, (usize, u64)> = HashMap::new();
         let mut connected = false;
+        let mut refusals = 0u32;
         let mut persisted_at = Instant::now();
         // Send the open routine block at once on connecting.
         let now = Instant::now();
@@ -228,81 +239,96 @@ impl Uplink {
 
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
-                let _ = client.try_disconnect();
+                conn.disconnect();
                 break;
             }
             if connected {
-                self.ask_time(&client, &mut time);
-                let mut out = Outbox { client: &client, topic, awaiting_pkid: &mut awaiting_pkid, budget: &mut budget };
+                self.ask_time(&conn, &mut time);
+                let mut out = Outbox { conn: &conn, topic, awaiting_pkid: &mut awaiting_pkid, budget: &mut budget };
                 if let Err(e) = self.publish_more(&mut out, &mut streams, &mut last_live, &mut time) {
                     tracing::error!(error = %e, "reading the store failed");
                 }
             }
-            match conn.recv_timeout(POLL) {
-                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+            match conn.recv(POLL) {
+                Ev::ConnAck => {
                     connected = true;
                     self.metrics.uplink_connects.inc();
                     self.metrics.uplink_connected.set(1);
                     // QoS 0: a lost confirmation only means a re-send, a lost
                     // time reply another request.
-                    let filters = [ack_topic.clone(), reply_topic.clone()]
-                        .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtMostOnce));
-                    if let Err(e) = client.try_subscribe_many(filters) {
-                        tracing::error!(error = %e, "cannot subscribe to delivery confirmations");
+                    if !conn.subscribe(&[ack_topic.clone(), reply_topic.clone()]) {
+                        tracing::error!("cannot subscribe to delivery confirmations");
                     }
                     time.connected_at = Some(Instant::now());
                     // Birth message. It takes a packet id like the blocks do:
                     // hold its place in the publish order with no block.
-                    if client.try_publish(presence.clone(), QoS::AtLeastOnce, true, "online").is_ok() {
+                    if conn.publish(&presence, true, true, b"online".to_vec()) {
                         awaiting_pkid.push_back((NOT_A_BLOCK, 0));
                     }
-                    tracing::info!(host = %m.host, port = m.port, "connected to broker");
+                    tracing::info!(host = %m.host, port = m.port, protocol = ?m.protocol, "connected to broker");
                 }
-                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                Ev::OutgoingPublish(pkid) => {
                     if let Some(sent) = awaiting_pkid.pop_front() {
                         by_pkid.insert(pkid, sent);
                     }
                 }
-                Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                    if let Some((i, seq)) = by_pkid.remove(&ack.pkid).filter(|(i, _)| *i != NOT_A_BLOCK) {
-                        self.metrics.uplink_acked.inc();
+                Ev::PubAck { pkid, refused } => {
+                    let sent = by_pkid.remove(&pkid);
+                    if let Some(reason) = &refused {
+                        // mosquitto then closes the connection; reconnect
+                        // with growing back-off rather than at once.
+                        refusals += 1;
+                        self.metrics.uplink_refused.inc();
+                        let what = if sent.is_some_and(|(i, _)| i != NOT_A_BLOCK) { "a block" } else { "presence" };
+                        tracing::error!(
+                            reason,
+                            what,
+                            device = %self.cfg.device_id,
+                            "broker refused a publish: with the shipped ACL, device_id must equal the \
+                             certificate's CN or the user name (docs/configuration.md)"
+                        );
+                    }
+                    if let Some((i, seq)) = sent.filter(|(i, _)| *i != NOT_A_BLOCK) {
+                        if refused.is_none() {
+                            self.metrics.uplink_acked.inc();
+                        }
+                        // A refused block stays unconfirmed and goes again
+                        // after the delivery timeout (doubling).
                         streams[i].win.ack(seq);
                     }
                 }
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == reply_topic => {
-                    self.time_reply(&p.payload, &mut time);
+                Ev::Publish { topic: t, payload } if t == reply_topic => {
+                    self.time_reply(&payload, &mut time);
                 }
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == ack_topic => {
-                    match edge_wire::DeliveryAck::decode(&p.payload) {
-                        Ok(a) => {
-                            self.metrics.uplink_confirmed.inc();
-                            if let Some(l) = lanes.iter_mut().find(|l| l.lane as u8 == a.lane) {
-                                if l.delivery.confirm(a.first_seq, a.last_seq).is_some() {
-                                    l.dirty = true;
-                                }
+                Ev::Publish { topic: t, payload } if t == ack_topic => match edge_wire::DeliveryAck::decode(&payload) {
+                    Ok(a) => {
+                        self.metrics.uplink_confirmed.inc();
+                        if let Some(l) = lanes.iter_mut().find(|l| l.lane as u8 == a.lane) {
+                            if l.delivery.confirm(a.first_seq, a.last_seq).is_some() {
+                                l.dirty = true;
                             }
                         }
-                        Err(e) => tracing::warn!(error = %e, "malformed delivery confirmation ignored"),
                     }
-                }
-                Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
-                Ok(Err(e)) => {
+                    Err(e) => tracing::warn!(error = %e, "malformed delivery confirmation ignored"),
+                },
+                Ev::Publish { .. } | Ev::Other | Ev::Timeout => {}
+                Ev::Error { message, refused } => {
                     self.metrics.uplink_errors.inc();
                     if connected {
-                        tracing::warn!(error = %e, "connection to broker lost");
-                    } else if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
+                        tracing::warn!(error = message, "connection to broker lost");
+                    } else if refused {
                         tracing::error!(
-                            error = %e,
+                            error = message,
                             device = %self.cfg.device_id,
                             "broker refused the connection: check mqtt.tls / mqtt.auth against the broker's \
                              certificates, password file and ACL (docs/configuration.md)"
                         );
                     } else {
-                        tracing::debug!(error = %e, "cannot connect to broker");
+                        tracing::debug!(error = message, "cannot connect to broker");
                     }
                     break;
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
+                Ev::Closed => break,
             }
             for s in streams.iter_mut() {
                 let delivery = &mut lanes[s.lane].delivery;
@@ -335,21 +361,22 @@ impl Uplink {
             }
         }
         self.persist(lanes);
-        connected
+        // A connection the broker took but whose publishes it refused does
+        // not reset the back-off.
+        connected && refusals == 0
     }
 
     /// TLS and credentials, read from their files on every connection, so
     /// renewed certificates are picked up without a restart.
-    fn secure(&self, opts: &mut MqttOptions) -> Result<(), edge_wire::tls::TlsError> {
+    #[allow(clippy::type_complexity)]
+    fn secure(&self) -> Result<(Option<Transport>, Option<(String, String)>), edge_wire::tls::TlsError> {
         let m = &self.cfg.mqtt;
-        if m.tls.enabled {
-            let tls = m.tls.client_config()?;
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        }
-        if let Some((user, password)) = m.auth.load()? {
-            opts.set_credentials(user, password);
-        }
-        Ok(())
+        let transport = if m.tls.enabled {
+            Some(Transport::tls_with_config(TlsConfiguration::Rustls(m.tls.client_config()?)))
+        } else {
+            None
+        };
+        Ok((transport, m.auth.load()?))
     }
 
     /// The cursors of a new connection, from the confirmed positions: the
@@ -436,7 +463,7 @@ impl Uplink {
                 };
                 let payload = env.encode();
                 let bytes = payload.len();
-                if out.client.try_publish(out.topic, QoS::AtLeastOnce, false, payload).is_err() {
+                if !out.conn.publish(out.topic, true, false, payload) {
                     // Request queue full: the block is read again next turn.
                     return Ok(());
                 }
@@ -481,7 +508,7 @@ impl Uplink {
 
     /// Asks any bridge for the time while this boot's true time is unknown
     /// and the wall clock is not synchronized.
-    fn ask_time(&self, client: &Client, time: &mut TimeAsk) {
+    fn ask_time(&self, conn: &Conn, time: &mut TimeAsk) {
         if !lock(&self.clock).needs_time(&self.boot) {
             return;
         }
@@ -491,7 +518,7 @@ impl Uplink {
         let nonce = crate::clock::read(0).mono_ms;
         let topic = edge_wire::time_topic(&self.cfg.mqtt.topic_prefix, &self.cfg.device_id);
         let msg = edge_wire::TimeRequest { nonce: nonce as u64 }.encode();
-        if client.try_publish(topic, QoS::AtMostOnce, false, msg).is_ok() {
+        if conn.publish(&topic, false, false, msg) {
             time.pending = Some(nonce);
             time.last = Some(Instant::now());
         }
@@ -552,7 +579,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Where `publish_more` puts blocks.
 struct Outbox<'a> {
-    client: &'a Client,
+    conn: &'a Conn,
     topic: &'a str,
     /// Publishes whose packet id rumqttc has not reported yet: (stream, seq).
     awaiting_pkid: &'a mut VecDeque<(usize, u64)>,
