@@ -155,9 +155,7 @@ pub struct TimeReply {
 
 impl TimeRequest {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![TIME_VERSION];
-        out.extend_from_slice(&postcard::to_allocvec(self).unwrap_or_default());
-        out
+        with_version(TIME_VERSION, self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
@@ -167,9 +165,7 @@ impl TimeRequest {
 
 impl TimeReply {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![TIME_VERSION];
-        out.extend_from_slice(&postcard::to_allocvec(self).unwrap_or_default());
-        out
+        with_version(TIME_VERSION, self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
@@ -179,6 +175,14 @@ impl TimeReply {
         }
         Ok(r)
     }
+}
+
+/// `[version][postcard(value)]`. Serializing plain values into a Vec
+/// cannot fail.
+fn with_version<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![version];
+    out.extend_from_slice(&postcard::to_allocvec(value).unwrap_or_default());
+    out
 }
 
 /// A postcard value that must fill `body` exactly.
@@ -216,18 +220,11 @@ pub struct DeliveryAck {
 impl DeliveryAck {
     /// `[ACK_VERSION][postcard(self)]`.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![ACK_VERSION];
-        out.extend_from_slice(&postcard::to_allocvec(self).unwrap_or_default());
-        out
+        with_version(ACK_VERSION, self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let body = versioned(bytes, "delivery ack", ACK_VERSION)?;
-        let (ack, rest): (DeliveryAck, _) = postcard::take_from_bytes(body)
-            .map_err(|e| DecodeError::Malformed { what: "delivery ack", reason: e.to_string() })?;
-        if !rest.is_empty() {
-            return Err(DecodeError::Trailing(rest.len(), "delivery ack"));
-        }
+        let ack: DeliveryAck = exact(versioned(bytes, "delivery ack", ACK_VERSION)?, "delivery ack")?;
         if ack.lane > 1 || ack.first_seq == 0 || ack.first_seq > ack.last_seq {
             return Err(DecodeError::Invalid(format!("delivery ack {ack:?} is not a valid range")));
         }

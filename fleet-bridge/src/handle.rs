@@ -192,11 +192,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn split_halves_until_one_sample() {
+    /// The request for a block of `series` series over `windows` windows.
+    fn request(series: usize, windows: i64) -> WriteRequest {
         let mut e = BlockEncoder::new();
-        let keys: Vec<SeriesKey> = (0..3).map(|i| SeriesKey::new("m", vec![Label::new("i", i.to_string())])).collect();
-        let frames: Vec<Vec<u8>> = (0..5)
+        let keys: Vec<SeriesKey> =
+            (0..series).map(|i| SeriesKey::new("m", vec![Label::new("i", i.to_string())])).collect();
+        let frames: Vec<Vec<u8>> = (0..windows)
             .map(|w| e.frame(w * 10, &keys.iter().map(|k| (k.clone(), w as f64)).collect::<Vec<_>>()).unwrap())
             .collect();
         let p = Envelope {
@@ -207,7 +208,12 @@ mod tests {
             frames: frames.iter().map(Vec::as_slice).collect(),
         }
         .encode();
-        let req = prepare("edge", "edge/d/metrics", &p).unwrap().req;
+        prepare("edge", "edge/d/metrics", &p).unwrap().req
+    }
+
+    #[test]
+    fn split_halves_until_one_sample() {
+        let req = request(3, 5);
         assert_eq!(sample_count(&req), 15);
         // Split all the way down: every sample ends up alone, none lost.
         let mut todo = vec![req];
@@ -228,20 +234,7 @@ mod tests {
 
     #[test]
     fn split_series_keeps_each_series_whole() {
-        let mut e = BlockEncoder::new();
-        let keys: Vec<SeriesKey> = (0..7).map(|i| SeriesKey::new("m", vec![Label::new("i", i.to_string())])).collect();
-        let frames: Vec<Vec<u8>> = (0..3000)
-            .map(|w| e.frame(w * 10, &keys.iter().map(|k| (k.clone(), w as f64)).collect::<Vec<_>>()).unwrap())
-            .collect();
-        let p = Envelope {
-            device: "d",
-            lane: 0,
-            first_seq: 1,
-            clock_shift_ms: 0,
-            frames: frames.iter().map(Vec::as_slice).collect(),
-        }
-        .encode();
-        let req = prepare("edge", "edge/d/metrics", &p).unwrap().req;
+        let req = request(7, 3000);
         let parts = split_series(req.clone(), 3);
         assert_eq!(parts.len(), 2, "21,000 samples: two parts of at least 10,000");
         let mut names: Vec<String> =
