@@ -234,14 +234,19 @@ fn an_agent_publishing_as_another_device_is_refused_and_counts_it() {
             extra: "",
         },
     );
-    wait_for("the broker's refusals to be counted", Duration::from_secs(30), || {
+    // mosquitto closes the connection right after its refusal, mostly
+    // before the PUBACK carrying the reason is read: each such connection
+    // is counted as ending unacknowledged (and, when the reason was read,
+    // as refused).
+    wait_for("three unacknowledged connections", Duration::from_secs(30), || {
         agent.proc.assert_running();
-        match agent.metric("edge_agent_uplink_refused_total") {
-            Some(n) if n >= 2.0 => Ok(()),
+        match agent.metric("edge_agent_uplink_unacknowledged_sessions_total") {
+            Some(n) if n >= 3.0 => Ok(()),
             other => Err(other),
         }
     });
-    assert!(agent.proc.log_text().contains("broker refused a publish"), "the refusal is reported");
+    let log = agent.proc.log_text();
+    assert!(log.contains("refused by its ACL?") || log.contains("broker refused a publish"), "reported in the log");
     assert_eq!(agent.metric("edge_agent_uplink_confirmed_blocks_total"), Some(0.0));
     let written = scrape(bridge_metrics, "fleet_bridge_messages_total{result=\"written\"}").unwrap();
     assert_eq!(written.unwrap_or(0.0), 0.0, "nothing reached the bridge");

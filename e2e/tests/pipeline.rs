@@ -130,6 +130,26 @@ fn exact_counts_arrive_with_the_time_they_happened() {
     s.wait_latest("edge_tcp_connections_closed_total", "outbound", 7.0);
     s.wait_latest("edge_tcp_connections_closed_total", "inbound", 7.0);
     assert!(s.samples("edge_tcp_connections_failed_total", "inbound").is_empty());
+    // The 3 attempts on the closed port: refused (a reset answered the SYN),
+    // one reset sent by the box's closed port, one received by the client.
+    s.wait_latest("edge_tcp_connections_refused_total", "outbound", 3.0);
+    s.wait_latest("edge_tcp_resets_sent_total", "inbound", 3.0);
+    s.wait_latest("edge_tcp_resets_received_total", "outbound", 3.0);
+    // Every handshake timed, every connection's duration observed.
+    s.wait_latest("edge_tcp_connect_latency_seconds_count", "outbound", 7.0);
+    s.wait_latest("edge_tcp_connection_duration_seconds_count", "outbound", 7.0);
+    s.wait_latest("edge_tcp_connection_duration_seconds_count", "inbound", 7.0);
+    let le_inf = format!(
+        "edge_tcp_connect_latency_seconds_bucket{{device=\"{}\",direction=\"outbound\",le=\"+Inf\",port_class=\"e2e\"}}",
+        s.device
+    );
+    assert_eq!(s.prom.raw_samples(&le_inf, 600).unwrap().last().map(|x| x.1), Some(7.0));
+    let latency_sum = format!(
+        "edge_tcp_connect_latency_seconds_sum{{device=\"{}\",direction=\"outbound\",port_class=\"e2e\"}}",
+        s.device
+    );
+    let sum = s.prom.raw_samples(&latency_sum, 600).unwrap().last().map(|x| x.1).unwrap();
+    assert!(sum > 0.0 && sum < 7.0, "7 loopback handshakes took {sum} s in all");
 
     // Stamped when counted on the device, not when Prometheus got them.
     let (ts, _) = first_reaching(&out, 7.0);

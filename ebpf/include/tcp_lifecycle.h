@@ -4,10 +4,15 @@
 #ifndef TCP_LIFECYCLE_H
 #define TCP_LIFECYCLE_H
 
+/* Counter kinds: one u64 each in a tcpl_counters value. */
 #define TCPL_KIND_OPENED 0
-#define TCPL_KIND_FAILED 1
+#define TCPL_KIND_FAILED 1   /* handshake never completed (refused included) */
 #define TCPL_KIND_CLOSED 2
-#define TCPL_KINDS 3
+#define TCPL_KIND_REFUSED 3  /* outbound handshake ended by a reset */
+#define TCPL_KIND_RETRANS 4  /* retransmitted segments (skbs) */
+#define TCPL_KIND_RST_SENT 5
+#define TCPL_KIND_RST_RECV 6
+#define TCPL_KINDS 7
 
 #define TCPL_DIR_OUT 0
 #define TCPL_DIR_IN 1
@@ -15,7 +20,17 @@
 #define TCPL_DIRS 3
 
 #define TCPL_CLASSES 16
-#define TCPL_COUNTERS 144 /* TCPL_KINDS * TCPL_DIRS * TCPL_CLASSES */
+/* tcpl_counters keys: dir * TCPL_CLASSES + class. */
+#define TCPL_SLOTS 48 /* TCPL_DIRS * TCPL_CLASSES */
+
+/* Histograms: log2 buckets; bucket b < TCPL_BUCKETS - 1 holds values below
+ * 2^(b+1) units (and at least 2^b for b > 0); the last holds the rest. */
+#define TCPL_HIST_CONNECT_US 0  /* SYN_SENT -> ESTABLISHED, microseconds */
+#define TCPL_HIST_DURATION_MS 1 /* ESTABLISHED -> CLOSE, milliseconds */
+#define TCPL_HISTS 2
+#define TCPL_BUCKETS 24
+/* tcpl_hist keys: (hist * 2 + dir) * TCPL_CLASSES + class, dir out or in. */
+#define TCPL_HIST_SLOTS 64
 
 #define TCPL_STAT_SOCK_MAP_FULL 0
 #define TCPL_STATS 1
@@ -25,7 +40,7 @@
 
 #define TCPL_IPPROTO_TCP 6
 
-/* Largest tracepoint record prefix the program copies. */
+/* Largest tracepoint record prefix a program copies. */
 #define TCPL_REC_MAX 128
 
 /* include/net/tcp_states.h */
@@ -34,5 +49,8 @@
 #define TCPL_SYN_RECV 3
 #define TCPL_CLOSE 7
 #define TCPL_LISTEN 10
+
+/* tcpl_sock.flags */
+#define TCPL_SOCK_RST_RECEIVED 1
 
 #endif

@@ -1,23 +1,22 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 //
-// TCP connection lifecycle counters from sock:inet_sock_set_state.
+// TCP connection lifecycle, retransmits and resets, from five classic
+// tracepoints: sock:inet_sock_set_state, tcp:tcp_retransmit_skb,
+// tcp:tcp_retransmit_synack, tcp:tcp_receive_reset and tcp:tcp_send_reset.
 //
-// Portable by construction: no vmlinux.h and no CO-RE. The tracepoint's field
-// offsets are read by the agent from
-// /sys/kernel/tracing/events/sock/inet_sock_set_state/format at start-up and
-// written into the `const volatile` globals below before load. The loader
-// freezes .rodata, so the verifier sees them as constants and the context
-// reads below are ordinary fixed-offset tracepoint context accesses. This is
-// what lets the same object load on 5.10 (no BTF, `protocol` is a u8 before
+// Portable by construction: no vmlinux.h and no CO-RE. Each tracepoint's
+// field offsets are read by the agent from its tracefs format file at
+// start-up and written into the `const volatile` globals below before load.
+// The loader freezes .rodata, so the verifier sees them as constants. This
+// is what lets the same object load on 5.10 (no BTF, `protocol` a u8 before
 // 5.6) and on PREEMPT_RT kernels (every offset shifted).
 //
 // The verifier allows tracepoint context reads only at offsets fixed in the
-// instruction, not through a ctx pointer moved by a (known) value, so the
-// record's first `rec_len` bytes are copied once onto the stack and the
-// fields are read from there at the configured offsets.
+// instruction, so each program copies the first `*_rec_len` bytes of its
+// record onto the stack once and reads the fields from there.
 //
-// Everything is aggregated in the kernel: one per-CPU array of counters that
-// user space sums once per window. No events, no wake-ups.
+// Everything is aggregated in the kernel: per-CPU arrays of counters and
+// histograms that user space sums once per window. No events, no wake-ups.
 
 #include <linux/bpf.h>
 #include <linux/types.h>
@@ -25,7 +24,7 @@
 
 #include "tcp_lifecycle.h"
 
-// Field layout of the tracepoint record (defaults: x86_64/aarch64 6.x).
+// sock:inet_sock_set_state (defaults: x86_64/aarch64 6.x).
 const volatile __u32 off_skaddr = 8;
 const volatile __u32 off_oldstate = 16;
 const volatile __u32 off_newstate = 20;
@@ -33,16 +32,60 @@ const volatile __u32 off_sport = 24;
 const volatile __u32 off_dport = 26;
 const volatile __u32 off_protocol = 30;
 const volatile __u32 size_protocol = 2;
-// Bytes of the record to copy: the end of the last field we read.
 const volatile __u32 rec_len = 32;
 
-// Counters, indexed by counter_index(kind, dir, class).
+// tcp:tcp_retransmit_skb
+const volatile __u32 rt_off_skaddr = 16;
+const volatile __u32 rt_off_state = 24;
+const volatile __u32 rt_off_sport = 28;
+const volatile __u32 rt_off_dport = 30;
+// Kernels with the `err` field trace failed attempts too (e.g. -EBUSY, the
+// packet still queued below): only successful ones are retransmissions.
+const volatile __u32 rt_off_err = 0; // 0: no such field
+const volatile __u32 rt_rec_len = 32;
+
+// tcp:tcp_retransmit_synack (a listener's handshake answer sent again)
+const volatile __u32 ra_off_sport = 24;
+const volatile __u32 ra_rec_len = 26;
+
+// tcp:tcp_receive_reset
+const volatile __u32 rr_off_skaddr = 8;
+const volatile __u32 rr_off_sport = 16;
+const volatile __u32 rr_off_dport = 18;
+const volatile __u32 rr_rec_len = 20;
+
+// tcp:tcp_send_reset. Older kernels have sport/dport fields (host order);
+// newer ones sockaddr saddr/daddr, whose port (network order) is at +2.
+const volatile __u32 rs_off_skaddr = 16;
+const volatile __u32 rs_off_sport = 34;
+const volatile __u32 rs_off_dport = 62;
+const volatile __u32 rs_ports_be = 1;
+const volatile __u32 rs_rec_len = 64;
+
+// Counters per (direction, port class): one u64 per TCPL_KIND_*.
+struct tcpl_kinds {
+	__u64 n[TCPL_KINDS];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, TCPL_COUNTERS);
+	__uint(max_entries, TCPL_SLOTS);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct tcpl_kinds);
 } tcpl_counters SEC(".maps");
+
+// Histograms per (histogram, direction, port class).
+struct tcpl_hist {
+	__u64 sum;
+	__u64 buckets[TCPL_BUCKETS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TCPL_HIST_SLOTS);
+	__type(key, __u32);
+	__type(value, struct tcpl_hist);
+} tcpl_hist SEC(".maps");
 
 // Probe self-telemetry, indexed by TCPL_STAT_*.
 struct {
@@ -61,13 +104,16 @@ struct {
 	__type(value, __u8);
 } tcpl_port_class SEC(".maps");
 
-// Established sockets we saw open: socket address -> (direction, class), so
-// the close is counted under the same labels. Bounded; a full map is counted
-// in TCPL_STAT_SOCK_MAP_FULL and that socket's close becomes "unknown".
+// Connections in progress or established: socket address -> labels and the
+// time of the last state we time from (connect start, then establishment).
+// Bounded; a full map is counted in TCPL_STAT_SOCK_MAP_FULL and that
+// socket's later events fall back to "unknown".
 struct tcpl_sock {
+	__u64 since_ns;
 	__u8 dir;
 	__u8 class;
-	__u8 pad[6];
+	__u8 flags;
+	__u8 pad[5];
 };
 
 struct {
@@ -77,11 +123,47 @@ struct {
 	__type(value, struct tcpl_sock);
 } tcpl_socks SEC(".maps");
 
-static __always_inline void bump(void *map, __u32 idx)
+static __always_inline void count(__u32 kind, __u32 dir, __u32 class)
 {
-	__u64 *v = bpf_map_lookup_elem(map, &idx);
+	__u32 slot = dir * TCPL_CLASSES + class;
+	struct tcpl_kinds *k = bpf_map_lookup_elem(&tcpl_counters, &slot);
+	if (k && kind < TCPL_KINDS)
+		k->n[kind] += 1; // per-CPU slot: no atomics needed
+}
+
+static __always_inline void stat(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&tcpl_stats, &idx);
 	if (v)
-		*v += 1; // per-CPU slot: no atomics needed
+		*v += 1;
+}
+
+// Index of the highest set bit: log2 bucket of v (0 for 0 and 1).
+static __always_inline __u32 log2_bucket(__u64 v)
+{
+	__u32 b = 0;
+#pragma unroll
+	for (int i = 32; i > 0; i /= 2) {
+		if (v >> i) {
+			v >>= i;
+			b += i;
+		}
+	}
+	return b < TCPL_BUCKETS ? b : TCPL_BUCKETS - 1;
+}
+
+static __always_inline void observe(__u32 hist, __u32 dir, __u32 class, __u64 v)
+{
+	if (dir > TCPL_DIR_IN)
+		return;
+	__u32 slot = (hist * 2 + dir) * TCPL_CLASSES + class;
+	struct tcpl_hist *h = bpf_map_lookup_elem(&tcpl_hist, &slot);
+	if (!h)
+		return;
+	h->sum += v;
+	__u32 b = log2_bucket(v);
+	if (b < TCPL_BUCKETS)
+		h->buckets[b] += 1;
 }
 
 static __always_inline __u8 port_class(__u16 port)
@@ -92,22 +174,30 @@ static __always_inline __u8 port_class(__u16 port)
 	return 0;
 }
 
-static __always_inline __u32 counter_index(__u32 kind, __u32 dir, __u32 class)
+static __always_inline void remember(__u64 skaddr, __u8 dir, __u8 class, __u64 now)
 {
-	return (kind * TCPL_DIRS + dir) * TCPL_CLASSES + class;
+	struct tcpl_sock s = { .since_ns = now, .dir = dir, .class = class };
+	if (bpf_map_update_elem(&tcpl_socks, &skaddr, &s, BPF_ANY) != 0)
+		stat(TCPL_STAT_SOCK_MAP_FULL);
 }
 
 #define FIELD(type, off) (*(type *)((char *)rec + (off)))
 
+// Copies the first `len` bytes of the tracepoint record to `rec`.
+#define COPY_RECORD(rec, len)                                            \
+	__u64 rec[TCPL_REC_MAX / 8];                                     \
+	do {                                                             \
+		__u32 n__ = (len);                                       \
+		if (n__ > TCPL_REC_MAX)                                  \
+			n__ = TCPL_REC_MAX;                              \
+		if (bpf_probe_read_kernel(rec, n__, ctx) != 0)           \
+			return 0;                                        \
+	} while (0)
+
 SEC("tracepoint/sock/inet_sock_set_state")
 int tcp_lifecycle(void *ctx)
 {
-	__u64 rec[TCPL_REC_MAX / 8];
-	__u32 n = rec_len;
-	if (n > TCPL_REC_MAX)
-		n = TCPL_REC_MAX;
-	if (bpf_probe_read_kernel(rec, n, ctx) != 0)
-		return 0;
+	COPY_RECORD(rec, rec_len);
 
 	__u32 protocol;
 	if (size_protocol == 1)
@@ -120,21 +210,32 @@ int tcp_lifecycle(void *ctx)
 	int oldstate = FIELD(int, off_oldstate);
 	int newstate = FIELD(int, off_newstate);
 	__u64 skaddr = FIELD(__u64, off_skaddr);
+	__u64 now = bpf_ktime_get_ns();
 
-	if (newstate == TCPL_ESTABLISHED &&
-	    (oldstate == TCPL_SYN_SENT || oldstate == TCPL_SYN_RECV)) {
-		struct tcpl_sock s = {};
-		// Outbound: the class of the remote port. Inbound: of our port.
-		if (oldstate == TCPL_SYN_SENT) {
-			s.dir = TCPL_DIR_OUT;
-			s.class = port_class(FIELD(__u16, off_dport));
+	if (newstate == TCPL_SYN_SENT) {
+		// connect(): time the handshake from here.
+		remember(skaddr, TCPL_DIR_OUT, port_class(FIELD(__u16, off_dport)), now);
+		return 0;
+	}
+
+	if (newstate == TCPL_ESTABLISHED && oldstate == TCPL_SYN_SENT) {
+		struct tcpl_sock *s = bpf_map_lookup_elem(&tcpl_socks, &skaddr);
+		__u8 class = port_class(FIELD(__u16, off_dport));
+		count(TCPL_KIND_OPENED, TCPL_DIR_OUT, class);
+		if (s) {
+			observe(TCPL_HIST_CONNECT_US, TCPL_DIR_OUT, class, (now - s->since_ns) / 1000);
+			s->since_ns = now;
 		} else {
-			s.dir = TCPL_DIR_IN;
-			s.class = port_class(FIELD(__u16, off_sport));
+			remember(skaddr, TCPL_DIR_OUT, class, now);
 		}
-		bump(&tcpl_counters, counter_index(TCPL_KIND_OPENED, s.dir, s.class));
-		if (bpf_map_update_elem(&tcpl_socks, &skaddr, &s, BPF_ANY) != 0)
-			bump(&tcpl_stats, TCPL_STAT_SOCK_MAP_FULL);
+		return 0;
+	}
+
+	if (newstate == TCPL_ESTABLISHED && oldstate == TCPL_SYN_RECV) {
+		// Outbound: the class of the remote port. Inbound: of our port.
+		__u8 class = port_class(FIELD(__u16, off_sport));
+		count(TCPL_KIND_OPENED, TCPL_DIR_IN, class);
+		remember(skaddr, TCPL_DIR_IN, class, now);
 		return 0;
 	}
 
@@ -142,14 +243,19 @@ int tcp_lifecycle(void *ctx)
 		return 0;
 
 	if (oldstate == TCPL_SYN_SENT) {
-		// Refused, timed out or reset during the handshake.
+		// Refused (a reset came), timed out, or aborted by the application.
 		__u8 class = port_class(FIELD(__u16, off_dport));
-		bump(&tcpl_counters, counter_index(TCPL_KIND_FAILED, TCPL_DIR_OUT, class));
+		count(TCPL_KIND_FAILED, TCPL_DIR_OUT, class);
+		struct tcpl_sock *s = bpf_map_lookup_elem(&tcpl_socks, &skaddr);
+		if (s) {
+			if (s->flags & TCPL_SOCK_RST_RECEIVED)
+				count(TCPL_KIND_REFUSED, TCPL_DIR_OUT, class);
+			bpf_map_delete_elem(&tcpl_socks, &skaddr);
+		}
 		return 0;
 	}
 	if (oldstate == TCPL_SYN_RECV) {
-		__u8 class = port_class(FIELD(__u16, off_sport));
-		bump(&tcpl_counters, counter_index(TCPL_KIND_FAILED, TCPL_DIR_IN, class));
+		count(TCPL_KIND_FAILED, TCPL_DIR_IN, port_class(FIELD(__u16, off_sport)));
 		return 0;
 	}
 	if (oldstate == TCPL_LISTEN || oldstate == TCPL_CLOSE)
@@ -157,12 +263,89 @@ int tcp_lifecycle(void *ctx)
 
 	struct tcpl_sock *s = bpf_map_lookup_elem(&tcpl_socks, &skaddr);
 	if (s) {
-		bump(&tcpl_counters, counter_index(TCPL_KIND_CLOSED, s->dir, s->class));
+		count(TCPL_KIND_CLOSED, s->dir, s->class);
+		observe(TCPL_HIST_DURATION_MS, s->dir, s->class, (now - s->since_ns) / 1000000);
 		bpf_map_delete_elem(&tcpl_socks, &skaddr);
 	} else {
 		// Opened before the probe was attached (or the map was full).
-		bump(&tcpl_counters, counter_index(TCPL_KIND_CLOSED, TCPL_DIR_UNKNOWN, 0));
+		count(TCPL_KIND_CLOSED, TCPL_DIR_UNKNOWN, 0);
 	}
+	return 0;
+}
+
+// Labels of an event on a socket: from the map when we saw it open, else
+// from its state and ports.
+static __always_inline void labels(__u64 skaddr, __u16 sport, __u16 dport, __u8 *dir, __u8 *class)
+{
+	struct tcpl_sock *s = skaddr ? bpf_map_lookup_elem(&tcpl_socks, &skaddr) : 0;
+	if (s) {
+		*dir = s->dir;
+		*class = s->class;
+		return;
+	}
+	*dir = TCPL_DIR_UNKNOWN;
+	*class = port_class(dport);
+	if (*class == 0)
+		*class = port_class(sport);
+}
+
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int tcp_retransmit(void *ctx)
+{
+	COPY_RECORD(rec, rt_rec_len);
+	if (rt_off_err && FIELD(int, rt_off_err) != 0)
+		return 0;
+	__u64 skaddr = FIELD(__u64, rt_off_skaddr);
+	__u8 dir, class;
+	labels(skaddr, FIELD(__u16, rt_off_sport), FIELD(__u16, rt_off_dport), &dir, &class);
+	count(TCPL_KIND_RETRANS, dir, class);
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_retransmit_synack")
+int tcp_retransmit_synack(void *ctx)
+{
+	COPY_RECORD(rec, ra_rec_len);
+	// Traced only when sent: the kernel counts it in RetransSegs too.
+	count(TCPL_KIND_RETRANS, TCPL_DIR_IN, port_class(FIELD(__u16, ra_off_sport)));
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_receive_reset")
+int tcp_receive_reset(void *ctx)
+{
+	COPY_RECORD(rec, rr_rec_len);
+	__u64 skaddr = FIELD(__u64, rr_off_skaddr);
+	__u8 dir, class;
+	labels(skaddr, FIELD(__u16, rr_off_sport), FIELD(__u16, rr_off_dport), &dir, &class);
+	count(TCPL_KIND_RST_RECV, dir, class);
+	struct tcpl_sock *s = bpf_map_lookup_elem(&tcpl_socks, &skaddr);
+	if (s)
+		s->flags |= TCPL_SOCK_RST_RECEIVED; // a handshake ending now was refused
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_send_reset")
+int tcp_send_reset(void *ctx)
+{
+	COPY_RECORD(rec, rs_rec_len);
+	__u64 skaddr = FIELD(__u64, rs_off_skaddr);
+	__u16 sport = FIELD(__u16, rs_off_sport);
+	__u16 dport = FIELD(__u16, rs_off_dport);
+	if (rs_ports_be) {
+		sport = __builtin_bswap16(sport);
+		dport = __builtin_bswap16(dport);
+	}
+	__u8 dir, class;
+	if (!skaddr) {
+		// No socket: someone knocked on a port nobody listens on; the
+		// reset answers an inbound attempt on our port.
+		dir = TCPL_DIR_IN;
+		class = port_class(sport);
+	} else {
+		labels(skaddr, sport, dport, &dir, &class);
+	}
+	count(TCPL_KIND_RST_SENT, dir, class);
 	return 0;
 }
 

@@ -59,7 +59,9 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     let clock = Arc::new(Mutex::new(clock));
 
     let probes = Probes::start(&cfg);
-    metrics.set_probe("tcp_lifecycle", &probes.tcp_state);
+    for (name, state) in &probes.states {
+        metrics.set_probe(name, state);
+    }
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let uplink =

@@ -45,9 +45,8 @@ pub struct AgentMetrics {
     pub probe_attached: Family<ProbeLabels, Gauge>,
     pub windows: Counter,
     pub window_errors: Counter,
-    pub tcp_opened: Family<TcpLabels, Counter>,
-    pub tcp_failed: Family<TcpLabels, Counter>,
-    pub tcp_closed: Family<TcpLabels, Counter>,
+    /// By [`Kind`], in `Kind::ALL` order.
+    pub tcp: Vec<Family<TcpLabels, Counter>>,
     pub tcp_sock_map_full: Counter,
     pub store_bytes: Family<LaneLabels, Gauge>,
     pub store_segments: Family<LaneLabels, Gauge>,
@@ -67,6 +66,7 @@ pub struct AgentMetrics {
     pub uplink_connects: Counter,
     pub uplink_errors: Counter,
     pub uplink_refused: Counter,
+    pub uplink_unacknowledged: Counter,
     pub uplink_acked_seq: Family<LaneLabels, Gauge>,
     pub uplink_bytes: Family<StreamLabels, Counter>,
     pub clock_replies: Counter,
@@ -76,7 +76,7 @@ pub struct AgentMetrics {
 
 impl AgentMetrics {
     pub fn new() -> (AgentMetrics, Arc<Registry>) {
-        let m = AgentMetrics::default();
+        let m = AgentMetrics { tcp: Kind::ALL.iter().map(|_| Family::default()).collect(), ..Default::default() };
         let mut r = Registry::default();
         r.register(
             "edge_agent_probe_attached",
@@ -85,17 +85,19 @@ impl AgentMetrics {
         );
         r.register("edge_agent_windows", "Windows closed", m.windows.clone());
         r.register("edge_agent_window_errors", "Windows whose record could not be stored", m.window_errors.clone());
-        r.register(
-            "edge_tcp_connections_opened",
-            "TCP connections established, by direction and port class",
-            m.tcp_opened.clone(),
-        );
-        r.register(
-            "edge_tcp_connections_failed",
-            "TCP connection attempts that failed during the handshake",
-            m.tcp_failed.clone(),
-        );
-        r.register("edge_tcp_connections_closed", "Established TCP connections closed", m.tcp_closed.clone());
+        for kind in Kind::ALL {
+            let help = match kind {
+                Kind::Opened => "TCP connections established, by direction and port class",
+                Kind::Failed => "TCP connection attempts that failed during the handshake (refused included)",
+                Kind::Closed => "Established TCP connections closed",
+                Kind::Refused => "Outbound TCP connection attempts answered with a reset",
+                Kind::Retransmits => "TCP segments retransmitted",
+                Kind::ResetsSent => "TCP resets sent",
+                Kind::ResetsReceived => "TCP resets received",
+            };
+            let name = kind.metric().trim_end_matches("_total");
+            r.register(name, help, m.tcp[kind as usize].clone());
+        }
         r.register(
             "edge_agent_tcp_sock_map_full",
             "Connections whose open the kernel map could not remember",
@@ -151,6 +153,11 @@ impl AgentMetrics {
         r.register("edge_agent_uplink_connects", "Successful MQTT connections", m.uplink_connects.clone());
         r.register("edge_agent_uplink_errors", "MQTT connection errors", m.uplink_errors.clone());
         r.register(
+            "edge_agent_uplink_unacknowledged_sessions",
+            "Connections that ended before the broker acknowledged anything (e.g. refused by its ACL)",
+            m.uplink_unacknowledged.clone(),
+        );
+        r.register(
             "edge_agent_uplink_refused",
             "Blocks the broker refused (MQTT 5 PUBACK reason code, e.g. not authorized)",
             m.uplink_refused.clone(),
@@ -201,11 +208,7 @@ impl AgentMetrics {
             let Some(name) = classes.name(e.class) else {
                 continue;
             };
-            let fam = match e.kind {
-                Kind::Opened => &self.tcp_opened,
-                Kind::Failed => &self.tcp_failed,
-                Kind::Closed => &self.tcp_closed,
-            };
+            let fam = &self.tcp[e.kind as usize];
             let l = TcpLabels { direction: e.direction.into(), port_class: name.into() };
             fam.get_or_create(&l).inc_by(e.value - was.value);
         }

@@ -1,7 +1,7 @@
 //! Window stage: turns one reading of the probes into the batch of samples
 //! stored for that window. Pure; owns only which series it has emitted.
 
-use crate::probe::tcp_lifecycle::{PortClasses, TcpCounters};
+use crate::probe::tcp_lifecycle::{Hist, PortClasses, TcpCounters, TcpHists, BUCKETS, CLASSES, DIR_NAMES};
 use crate::probe::ProbeReading;
 use crate::store::blocks::Window;
 use edge_wire::{Label, SeriesKey};
@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 #[derive(Debug, Default)]
 pub struct WindowStage {
     live_tcp: BTreeSet<usize>,
+    live_hist: BTreeSet<usize>,
 }
 
 impl WindowStage {
@@ -47,6 +48,46 @@ impl WindowStage {
             let labels = vec![Label::new("direction", e.direction), Label::new("port_class", class_name)];
             out.push((SeriesKey::new(e.kind.metric(), labels), e.value as f64));
         }
+        self.hist_series(&c.hists, classes, out);
+    }
+
+    /// Prometheus histograms: cumulative `_bucket{le}` (log2 bounds), `_sum`
+    /// in seconds, `_count`.
+    fn hist_series(&mut self, h: &TcpHists, classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
+        for hist in Hist::ALL {
+            for (dir, direction) in DIR_NAMES.iter().enumerate().take(2) {
+                for class in 0..CLASSES {
+                    let i = TcpHists::index(hist, dir, class);
+                    let slot = &h.slots[i];
+                    let count = slot.count();
+                    if count == 0 && !self.live_hist.contains(&i) {
+                        continue;
+                    }
+                    let Some(class_name) = classes.name(class) else { continue };
+                    self.live_hist.insert(i);
+                    let labels = || vec![Label::new("direction", *direction), Label::new("port_class", class_name)];
+                    // Labels sorted by name: direction, le, port_class.
+                    let with_le = |le: String| {
+                        let mut l = labels();
+                        l.insert(1, Label::new("le", le));
+                        l
+                    };
+                    let name = hist.metric();
+                    let mut cumulative = 0;
+                    for (b, n) in slot.buckets.iter().enumerate().take(BUCKETS - 1) {
+                        cumulative += n;
+                        let le = (1u64 << (b + 1)) as f64 * hist.unit_seconds();
+                        out.push((
+                            SeriesKey::new(format!("{name}_bucket"), with_le(format!("{le}"))),
+                            cumulative as f64,
+                        ));
+                    }
+                    out.push((SeriesKey::new(format!("{name}_bucket"), with_le("+Inf".into())), count as f64));
+                    out.push((SeriesKey::new(format!("{name}_sum"), labels()), slot.sum as f64 * hist.unit_seconds()));
+                    out.push((SeriesKey::new(format!("{name}_count"), labels()), count as f64));
+                }
+            }
+        }
     }
 }
 
@@ -76,5 +117,36 @@ mod tests {
         // Counter reset (agent restart, new kernel map): the series stays.
         let b = w.close(3, &ProbeReading { tcp: Some(TcpCounters::default()) }, Some(&classes)).unwrap();
         assert_eq!(b.samples[0].1, 0.0);
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_log2_bounds_in_seconds() {
+        let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
+        let mut w = WindowStage::new();
+        let mut c = TcpCounters::default();
+        let slot = &mut c.hists.slots[TcpHists::index(Hist::ConnectLatency, 0, 0)];
+        slot.buckets[5] = 2; // 32..64 us
+        slot.buckets[7] = 1; // 128..256 us
+        slot.sum = 40 + 50 + 200;
+        let b = w.close(1, &ProbeReading { tcp: Some(c) }, Some(&classes)).unwrap();
+        let get = |name: &str, le: Option<&str>| {
+            b.samples
+                .iter()
+                .find(|(k, _)| {
+                    k.name == name && le.is_none_or(|le| k.labels.iter().any(|l| l.name == "le" && l.value == le))
+                })
+                .map(|(_, v)| *v)
+        };
+        let m = "edge_tcp_connect_latency_seconds";
+        assert_eq!(get(&format!("{m}_bucket"), Some("0.000032")), Some(0.0));
+        assert_eq!(get(&format!("{m}_bucket"), Some("0.000064")), Some(2.0));
+        assert_eq!(get(&format!("{m}_bucket"), Some("0.000256")), Some(3.0));
+        assert_eq!(get(&format!("{m}_bucket"), Some("+Inf")), Some(3.0));
+        assert_eq!(get(&format!("{m}_count"), None), Some(3.0));
+        assert!((get(&format!("{m}_sum"), None).unwrap() - 0.00029).abs() < 1e-12);
+        for (k, _) in &b.samples {
+            k.validate().unwrap();
+        }
+        assert_eq!(b.samples.len(), 26, "23 finite buckets, +Inf, sum, count");
     }
 }

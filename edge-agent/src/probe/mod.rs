@@ -33,6 +33,8 @@ pub enum ProbeState {
 pub struct Probes {
     pub tcp: Option<TcpLifecycleProbe>,
     pub tcp_state: ProbeState,
+    /// Every probe (tracepoint program) by name, for `/metrics`.
+    pub states: Vec<(&'static str, ProbeState)>,
 }
 
 /// One reading of every attached probe.
@@ -54,7 +56,9 @@ impl Probes {
                 .and_then(|root| TcpLifecycleProbe::attach(&root, &cfg.probes.tcp_lifecycle))
             {
                 Ok(p) => {
-                    tracing::info!(probe = "tcp_lifecycle", "attached to sock:inet_sock_set_state");
+                    let attached: Vec<&str> =
+                        p.states.iter().filter(|(_, s)| *s == ProbeState::Attached).map(|(n, _)| *n).collect();
+                    tracing::info!(probes = ?attached, "TCP probes attached");
                     (Some(p), ProbeState::Attached)
                 }
                 Err(e) => {
@@ -63,7 +67,16 @@ impl Probes {
                 }
             }
         };
-        Probes { tcp, tcp_state }
+        let states = match &tcp {
+            Some(p) => p.states.clone(),
+            None => tcp_lifecycle::TRACEPOINTS.iter().map(|t| (t.probe, tcp_state.clone())).collect(),
+        };
+        for (name, st) in &states {
+            if let ProbeState::Unavailable(why) = st {
+                tracing::warn!(probe = name, reason = %why, "probe unavailable");
+            }
+        }
+        Probes { tcp, tcp_state, states }
     }
 
     pub fn read(&self) -> ProbeReading {

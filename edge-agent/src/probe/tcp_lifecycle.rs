@@ -1,6 +1,6 @@
-//! User-space side of `ebpf/src/tcp_lifecycle.bpf.c`: fills in the tracepoint
-//! layout, loads and attaches the program, writes the port classes, and reads
-//! the in-kernel counters once per window.
+//! User-space side of `ebpf/src/tcp_lifecycle.bpf.c`: fills in the four
+//! tracepoints' layouts, loads and attaches the programs, writes the port
+//! classes, and reads the in-kernel counters and histograms once per window.
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::TracePoint;
@@ -8,21 +8,46 @@ use aya::{Ebpf, EbpfLoader};
 use std::path::Path;
 
 use super::tracefs::{self, Layout};
-use super::ProbeError;
+use super::{ProbeError, ProbeState};
 use crate::config::TcpLifecycleConfig;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
 
 // Mirrors ebpf/include/tcp_lifecycle.h (a test below checks they agree).
-pub const KINDS: usize = 3;
+pub const KINDS: usize = 7;
 pub const DIRS: usize = 3;
 pub const CLASSES: usize = 16;
+pub const SLOTS: usize = DIRS * CLASSES;
 pub const COUNTERS: usize = KINDS * DIRS * CLASSES;
+pub const HISTS: usize = 2;
+pub const BUCKETS: usize = 24;
+pub const HIST_SLOTS: usize = HISTS * 2 * CLASSES;
 const STAT_SOCK_MAP_FULL: u32 = 0;
 const REC_MAX: usize = 128;
 
-pub const GROUP: &str = "sock";
-pub const EVENT: &str = "inet_sock_set_state";
+/// The tracepoints, each with its program. The first is the baseline:
+/// without it the probe is unavailable; the others report on their own.
+pub const TRACEPOINTS: [Tracepoint; 5] = [
+    Tracepoint { probe: "tcp_lifecycle", group: "sock", event: "inet_sock_set_state", program: "tcp_lifecycle" },
+    Tracepoint { probe: "tcp_retransmits", group: "tcp", event: "tcp_retransmit_skb", program: "tcp_retransmit" },
+    Tracepoint {
+        probe: "tcp_synack_retransmits",
+        group: "tcp",
+        event: "tcp_retransmit_synack",
+        program: "tcp_retransmit_synack",
+    },
+    Tracepoint { probe: "tcp_resets_received", group: "tcp", event: "tcp_receive_reset", program: "tcp_receive_reset" },
+    Tracepoint { probe: "tcp_resets_sent", group: "tcp", event: "tcp_send_reset", program: "tcp_send_reset" },
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracepoint {
+    /// Name in `edge_agent_probe_attached{probe}`.
+    pub probe: &'static str,
+    pub group: &'static str,
+    pub event: &'static str,
+    pub program: &'static str,
+}
 
 /// What happened to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,15 +55,57 @@ pub enum Kind {
     Opened = 0,
     Failed = 1,
     Closed = 2,
+    Refused = 3,
+    Retransmits = 4,
+    ResetsSent = 5,
+    ResetsReceived = 6,
 }
 
 impl Kind {
-    pub const ALL: [Kind; KINDS] = [Kind::Opened, Kind::Failed, Kind::Closed];
+    pub const ALL: [Kind; KINDS] = [
+        Kind::Opened,
+        Kind::Failed,
+        Kind::Closed,
+        Kind::Refused,
+        Kind::Retransmits,
+        Kind::ResetsSent,
+        Kind::ResetsReceived,
+    ];
     pub fn metric(self) -> &'static str {
         match self {
             Kind::Opened => "edge_tcp_connections_opened_total",
             Kind::Failed => "edge_tcp_connections_failed_total",
             Kind::Closed => "edge_tcp_connections_closed_total",
+            Kind::Refused => "edge_tcp_connections_refused_total",
+            Kind::Retransmits => "edge_tcp_retransmits_total",
+            Kind::ResetsSent => "edge_tcp_resets_sent_total",
+            Kind::ResetsReceived => "edge_tcp_resets_received_total",
+        }
+    }
+}
+
+/// The histograms, in the kernel's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hist {
+    /// SYN_SENT -> ESTABLISHED, microseconds.
+    ConnectLatency = 0,
+    /// ESTABLISHED -> CLOSE, milliseconds.
+    Duration = 1,
+}
+
+impl Hist {
+    pub const ALL: [Hist; HISTS] = [Hist::ConnectLatency, Hist::Duration];
+    pub fn metric(self) -> &'static str {
+        match self {
+            Hist::ConnectLatency => "edge_tcp_connect_latency_seconds",
+            Hist::Duration => "edge_tcp_connection_duration_seconds",
+        }
+    }
+    /// Seconds per unit the kernel counts in.
+    pub fn unit_seconds(self) -> f64 {
+        match self {
+            Hist::ConnectLatency => 1e-6,
+            Hist::Duration => 1e-3,
         }
     }
 }
@@ -69,17 +136,18 @@ impl PortClasses {
     }
 }
 
-/// Cumulative counters since the probe was attached.
+/// Cumulative counters and histograms since the probe was attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpCounters {
     pub values: [u64; COUNTERS],
+    pub hists: TcpHists,
     /// Sockets whose open could not be remembered (kernel map full).
     pub sock_map_full: u64,
 }
 
 impl Default for TcpCounters {
     fn default() -> Self {
-        TcpCounters { values: [0; COUNTERS], sock_map_full: 0 }
+        TcpCounters { values: [0; COUNTERS], hists: TcpHists::default(), sock_map_full: 0 }
     }
 }
 
@@ -115,72 +183,219 @@ pub struct Entry {
     pub value: u64,
 }
 
-/// The attached probe. Dropping it detaches the program and frees its maps.
+/// One histogram of one (direction, port class): log2 buckets of the
+/// kernel's unit (bucket b < BUCKETS-1 counts values below 2^(b+1)), and
+/// the sum of the values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct HistSlot {
+    pub sum: u64,
+    pub buckets: [u64; BUCKETS],
+}
+
+impl Default for HistSlot {
+    fn default() -> Self {
+        HistSlot { sum: 0, buckets: [0; BUCKETS] }
+    }
+}
+
+impl HistSlot {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+// SAFETY: plain old data, laid out as the C struct tcpl_hist.
+unsafe impl aya::Pod for HistSlot {}
+
+/// The kernel's counters of one (direction, port class), by kind.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct KindSlot([u64; KINDS]);
+
+// SAFETY: plain old data, laid out as the C struct tcpl_kinds.
+unsafe impl aya::Pod for KindSlot {}
+
+/// Histograms since the probe was attached, indexed by
+/// [`TcpHists::index`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpHists {
+    pub slots: Vec<HistSlot>,
+}
+
+impl Default for TcpHists {
+    fn default() -> Self {
+        TcpHists { slots: vec![HistSlot::default(); HIST_SLOTS] }
+    }
+}
+
+impl TcpHists {
+    /// `dir` is 0 (outbound) or 1 (inbound).
+    pub fn index(hist: Hist, dir: usize, class: usize) -> usize {
+        (hist as usize * 2 + dir) * CLASSES + class
+    }
+}
+
+/// The attached probe. Dropping it detaches the programs and frees their maps.
 pub struct TcpLifecycleProbe {
-    counters: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, KindSlot>,
+    hists: PerCpuArray<MapData, HistSlot>,
     stats: PerCpuArray<MapData, u64>,
     classes: PortClasses,
-    // Owns the program and its link; must outlive the maps' use.
+    /// Each tracepoint's state (the baseline is attached).
+    pub states: Vec<(&'static str, ProbeState)>,
+    // Owns the programs and their links; must outlive the maps' use.
     _ebpf: Ebpf,
 }
 
-/// Checks that a tracefs layout has every field the program reads, with the
-/// sizes it reads them at, and returns the globals to set.
-pub fn layout_globals(layout: &Layout) -> Result<[(&'static str, u32); 8], String> {
+/// Checks that a tracefs layout has every field a program reads, with the
+/// sizes it reads them at, and returns the globals to set for it.
+pub fn layout_globals(tp: &Tracepoint, layout: &Layout) -> Result<Vec<(&'static str, u32)>, String> {
     let need = |name: &str, sizes: &[u32]| -> Result<super::tracefs::Field, String> {
         let f = layout.field(name).ok_or_else(|| format!("field {name} missing"))?;
         if !sizes.contains(&f.size) {
             return Err(format!("field {name} has size {}, expected one of {sizes:?}", f.size));
         }
-        if f.offset < 8 || f.offset % f.size.min(8) != 0 {
+        // Scalars must be naturally aligned; of a sockaddr we read a u16.
+        let align = if f.size > 8 { 2 } else { f.size };
+        if f.offset < 8 || f.offset % align != 0 {
             return Err(format!("field {name} at offset {} cannot be read", f.offset));
         }
         Ok(f)
     };
-    let skaddr = need("skaddr", &[8])?;
-    let oldstate = need("oldstate", &[4])?;
-    let newstate = need("newstate", &[4])?;
-    let sport = need("sport", &[2])?;
-    let dport = need("dport", &[2])?;
-    let protocol = need("protocol", &[1, 2])?;
-    let rec_len =
-        [skaddr, oldstate, newstate, sport, dport, protocol].iter().map(|f| f.offset + f.size).max().unwrap_or(0);
-    if rec_len as usize > REC_MAX {
-        return Err(format!("fields end at byte {rec_len}, past the {REC_MAX} bytes the program copies"));
+    let end = |fields: &[(u32, u32)]| -> Result<u32, String> {
+        let len = fields.iter().map(|(off, size)| off + size).max().unwrap_or(0);
+        if len as usize > REC_MAX {
+            return Err(format!("fields end at byte {len}, past the {REC_MAX} bytes the program copies"));
+        }
+        Ok(len)
+    };
+    let at = |f: &super::tracefs::Field| (f.offset, f.size);
+    match tp.program {
+        "tcp_lifecycle" => {
+            let skaddr = need("skaddr", &[8])?;
+            let oldstate = need("oldstate", &[4])?;
+            let newstate = need("newstate", &[4])?;
+            let sport = need("sport", &[2])?;
+            let dport = need("dport", &[2])?;
+            let protocol = need("protocol", &[1, 2])?;
+            let rec_len = end(&[skaddr, oldstate, newstate, sport, dport, protocol].map(|f| at(&f)))?;
+            Ok(vec![
+                ("off_skaddr", skaddr.offset),
+                ("off_oldstate", oldstate.offset),
+                ("off_newstate", newstate.offset),
+                ("off_sport", sport.offset),
+                ("off_dport", dport.offset),
+                ("off_protocol", protocol.offset),
+                ("size_protocol", protocol.size),
+                ("rec_len", rec_len),
+            ])
+        }
+        "tcp_retransmit" => {
+            let skaddr = need("skaddr", &[8])?;
+            let state = need("state", &[4])?;
+            let sport = need("sport", &[2])?;
+            let dport = need("dport", &[2])?;
+            let mut fields = vec![at(&skaddr), at(&state), at(&sport), at(&dport)];
+            // Since 6.x: failed attempts are traced too, with their error.
+            let err = match layout.field("err") {
+                Some(_) => {
+                    let e = need("err", &[4])?;
+                    fields.push(at(&e));
+                    e.offset
+                }
+                None => 0,
+            };
+            let rec_len = end(&fields)?;
+            Ok(vec![
+                ("rt_off_skaddr", skaddr.offset),
+                ("rt_off_state", state.offset),
+                ("rt_off_sport", sport.offset),
+                ("rt_off_dport", dport.offset),
+                ("rt_off_err", err),
+                ("rt_rec_len", rec_len),
+            ])
+        }
+        "tcp_retransmit_synack" => {
+            let sport = need("sport", &[2])?;
+            Ok(vec![("ra_off_sport", sport.offset), ("ra_rec_len", end(&[at(&sport)])?)])
+        }
+        "tcp_receive_reset" => {
+            let skaddr = need("skaddr", &[8])?;
+            let sport = need("sport", &[2])?;
+            let dport = need("dport", &[2])?;
+            let rec_len = end(&[skaddr, sport, dport].map(|f| at(&f)))?;
+            Ok(vec![
+                ("rr_off_skaddr", skaddr.offset),
+                ("rr_off_sport", sport.offset),
+                ("rr_off_dport", dport.offset),
+                ("rr_rec_len", rec_len),
+            ])
+        }
+        "tcp_send_reset" => {
+            let skaddr = need("skaddr", &[8])?;
+            // Kernels before 6.10 have host-order sport/dport; later ones
+            // a sockaddr_in/in6 per side, port in network order at +2.
+            let (sport, dport, be, fields) = match (layout.field("sport"), layout.field("dport")) {
+                (Some(_), Some(_)) => {
+                    let (sp, dp) = (need("sport", &[2])?, need("dport", &[2])?);
+                    (sp.offset, dp.offset, 0, vec![at(&skaddr), at(&sp), at(&dp)])
+                }
+                _ => {
+                    let (sa, da) = (need("saddr", &[28])?, need("daddr", &[28])?);
+                    (sa.offset + 2, da.offset + 2, 1, vec![at(&skaddr), (sa.offset, 4), (da.offset, 4)])
+                }
+            };
+            let rec_len = end(&fields)?;
+            Ok(vec![
+                ("rs_off_skaddr", skaddr.offset),
+                ("rs_off_sport", sport),
+                ("rs_off_dport", dport),
+                ("rs_ports_be", be),
+                ("rs_rec_len", rec_len),
+            ])
+        }
+        other => Err(format!("no layout rules for program {other}")),
     }
-    Ok([
-        ("off_skaddr", skaddr.offset),
-        ("off_oldstate", oldstate.offset),
-        ("off_newstate", newstate.offset),
-        ("off_sport", sport.offset),
-        ("off_dport", dport.offset),
-        ("off_protocol", protocol.offset),
-        ("size_protocol", protocol.size),
-        ("rec_len", rec_len),
-    ])
 }
 
 impl TcpLifecycleProbe {
-    /// Loads and attaches the program. Needs CAP_BPF and CAP_PERFMON (or root).
+    /// Loads and attaches the programs. Needs CAP_BPF and CAP_PERFMON (or
+    /// root). Fails only when the baseline tracepoint cannot be used; each
+    /// other one is attached or reported unavailable with the reason.
     pub fn attach(tracefs_root: &Path, cfg: &TcpLifecycleConfig) -> Result<Self, ProbeError> {
-        let layout = tracefs::layout(tracefs_root, GROUP, EVENT)?;
-        let globals = layout_globals(&layout)
-            .map_err(|m| ProbeError::Layout { tracepoint: format!("{GROUP}:{EVENT}"), message: m })?;
+        let mut usable = Vec::new();
+        let mut states = Vec::new();
+        let mut globals = Vec::new();
+        for tp in &TRACEPOINTS {
+            let g = tracefs::layout(tracefs_root, tp.group, tp.event).map_err(ProbeError::from).and_then(|layout| {
+                layout_globals(tp, &layout)
+                    .map_err(|m| ProbeError::Layout { tracepoint: format!("{}:{}", tp.group, tp.event), message: m })
+            });
+            match g {
+                Ok(g) => {
+                    globals.extend(g);
+                    usable.push(*tp);
+                }
+                Err(e) if tp.program == "tcp_lifecycle" => return Err(e),
+                Err(e) => states.push((tp.probe, ProbeState::Unavailable(e.to_string()))),
+            }
+        }
         let mut loader = EbpfLoader::new();
-        // The baseline program has no CO-RE relocations: it must load on
+        // The baseline programs have no CO-RE relocations: they must load on
         // kernels without BTF, so never ask for kernel BTF.
         loader.btf(None);
         for (name, value) in &globals {
             loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
-        let prog: &mut TracePoint = ebpf
-            .program_mut("tcp_lifecycle")
-            .ok_or_else(|| ProbeError::Load("program tcp_lifecycle missing from object".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
-        prog.load().map_err(|e| ProbeError::Load(verifier_text(&e)))?;
-        prog.attach(GROUP, EVENT).map_err(|e| ProbeError::Attach(e.to_string()))?;
+        for tp in usable {
+            match attach_one(&mut ebpf, &tp) {
+                Ok(()) => states.push((tp.probe, ProbeState::Attached)),
+                Err(e) if tp.program == "tcp_lifecycle" => return Err(e),
+                Err(e) => states.push((tp.probe, ProbeState::Unavailable(e.to_string()))),
+            }
+        }
 
         let classes = PortClasses::from_config(cfg);
         let mut port_map: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
@@ -190,30 +405,52 @@ impl TcpLifecycleProbe {
         for (port, class) in &classes.ports {
             port_map.insert(port, class, 0).map_err(|e| ProbeError::Load(e.to_string()))?;
         }
-        let take = |ebpf: &mut Ebpf, name: &str| -> Result<PerCpuArray<MapData, u64>, ProbeError> {
-            let map = ebpf.take_map(name).ok_or_else(|| ProbeError::Load(format!("map {name} missing")))?;
-            PerCpuArray::try_from(map).map_err(|e| ProbeError::Load(e.to_string()))
-        };
-        let counters = take(&mut ebpf, "tcpl_counters")?;
-        let stats = take(&mut ebpf, "tcpl_stats")?;
-        Ok(TcpLifecycleProbe { counters, stats, classes, _ebpf: ebpf })
+        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| ProbeError::Load(format!("map {name} missing")));
+        let load = |e: aya::maps::MapError| ProbeError::Load(e.to_string());
+        let counters = PerCpuArray::try_from(take("tcpl_counters")?).map_err(load)?;
+        let hists = PerCpuArray::try_from(take("tcpl_hist")?).map_err(load)?;
+        let stats = PerCpuArray::try_from(take("tcpl_stats")?).map_err(load)?;
+        Ok(TcpLifecycleProbe { counters, hists, stats, classes, states, _ebpf: ebpf })
     }
 
     pub fn classes(&self) -> &PortClasses {
         &self.classes
     }
 
-    /// Sums the per-CPU counters: one map lookup per counter.
+    /// Sums the per-CPU counters and histograms: one map lookup per
+    /// (direction, port class).
     pub fn read(&self) -> Result<TcpCounters, ProbeError> {
+        let err = |e: aya::maps::MapError| ProbeError::Read(e.to_string());
         let mut out = TcpCounters::default();
-        for (i, slot) in out.values.iter_mut().enumerate() {
-            let per_cpu = self.counters.get(&(i as u32), 0).map_err(|e| ProbeError::Read(e.to_string()))?;
-            *slot = per_cpu.iter().sum();
+        for slot in 0..SLOTS {
+            let per_cpu = self.counters.get(&(slot as u32), 0).map_err(err)?;
+            let (dir, class) = (slot / CLASSES, slot % CLASSES);
+            for k in Kind::ALL {
+                out.values[TcpCounters::index(k, dir, class)] = per_cpu.iter().map(|c| c.0[k as usize]).sum();
+            }
         }
-        out.sock_map_full =
-            self.stats.get(&STAT_SOCK_MAP_FULL, 0).map_err(|e| ProbeError::Read(e.to_string()))?.iter().sum();
+        for (i, h) in out.hists.slots.iter_mut().enumerate() {
+            for cpu in self.hists.get(&(i as u32), 0).map_err(err)?.iter() {
+                h.sum += cpu.sum;
+                for (b, n) in h.buckets.iter_mut().zip(cpu.buckets) {
+                    *b += n;
+                }
+            }
+        }
+        out.sock_map_full = self.stats.get(&STAT_SOCK_MAP_FULL, 0).map_err(err)?.iter().sum();
         Ok(out)
     }
+}
+
+fn attach_one(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), ProbeError> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(tp.program)
+        .ok_or_else(|| ProbeError::Load(format!("program {} missing from object", tp.program)))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
+    prog.load().map_err(|e| ProbeError::Load(verifier_text(&e)))?;
+    prog.attach(tp.group, tp.event).map_err(|e| ProbeError::Attach(e.to_string()))?;
+    Ok(())
 }
 
 fn verifier_text(e: &aya::programs::ProgramError) -> String {
@@ -240,9 +477,18 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} not in header"))
         };
         assert_eq!(def("TCPL_KINDS"), KINDS);
+        assert_eq!(def("TCPL_SLOTS"), SLOTS);
+        assert_eq!(def("TCPL_HISTS"), HISTS);
+        assert_eq!(def("TCPL_BUCKETS"), BUCKETS);
+        assert_eq!(def("TCPL_HIST_SLOTS"), HIST_SLOTS);
+        assert_eq!(def("TCPL_HIST_CONNECT_US"), Hist::ConnectLatency as usize);
+        assert_eq!(def("TCPL_HIST_DURATION_MS"), Hist::Duration as usize);
+        assert_eq!(def("TCPL_KIND_REFUSED"), Kind::Refused as usize);
+        assert_eq!(def("TCPL_KIND_RETRANS"), Kind::Retransmits as usize);
+        assert_eq!(def("TCPL_KIND_RST_SENT"), Kind::ResetsSent as usize);
+        assert_eq!(def("TCPL_KIND_RST_RECV"), Kind::ResetsReceived as usize);
         assert_eq!(def("TCPL_DIRS"), DIRS);
         assert_eq!(def("TCPL_CLASSES"), CLASSES);
-        assert_eq!(def("TCPL_COUNTERS"), COUNTERS);
         assert_eq!(def("TCPL_KIND_OPENED"), Kind::Opened as usize);
         assert_eq!(def("TCPL_KIND_FAILED"), Kind::Failed as usize);
         assert_eq!(def("TCPL_KIND_CLOSED"), Kind::Closed as usize);
@@ -263,7 +509,7 @@ mod tests {
 \tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
 \tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
 \tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;\n";
-        let g = layout_globals(&Layout::parse(text)).unwrap();
+        let g = layout_globals(&TRACEPOINTS[0], &Layout::parse(text)).unwrap();
         assert!(g.contains(&("off_protocol", 30)));
         assert!(g.contains(&("rec_len", 32)));
     }
@@ -271,7 +517,29 @@ mod tests {
     #[test]
     fn layout_checks_name_the_problem() {
         let l = Layout::parse("\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n");
-        assert!(layout_globals(&l).unwrap_err().contains("skaddr"));
+        assert!(layout_globals(&TRACEPOINTS[0], &l).unwrap_err().contains("skaddr"));
+    }
+
+    #[test]
+    fn send_reset_layouts_old_and_new() {
+        // 6.10+: sockaddr per side, ports in network order.
+        let new = "\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:__u8 saddr[28];\toffset:32;\tsize:28;\tsigned:0;
+\tfield:__u8 daddr[28];\toffset:60;\tsize:28;\tsigned:0;\n";
+        let g = layout_globals(&TRACEPOINTS[4], &Layout::parse(new)).unwrap();
+        assert_eq!(
+            g,
+            [("rs_off_skaddr", 16), ("rs_off_sport", 34), ("rs_off_dport", 62), ("rs_ports_be", 1), ("rs_rec_len", 64)]
+        );
+        // 5.10: sport/dport fields, host order.
+        let old = "\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;\n";
+        let g = layout_globals(&TRACEPOINTS[4], &Layout::parse(old)).unwrap();
+        assert!(g.contains(&("rs_ports_be", 0)) && g.contains(&("rs_off_dport", 26)), "{g:?}");
     }
 
     #[test]

@@ -232,6 +232,9 @@ impl Uplink {
         let mut by_pkid: HashMap<u16, (usize, u64)> = HashMap::new();
         let mut connected = false;
         let mut refusals = 0u32;
+        // The broker acknowledged something on this connection (the birth
+        // message at least, on a healthy one).
+        let mut acked_any = false;
         let mut persisted_at = Instant::now();
         // Send the open routine block at once on connecting.
         let now = Instant::now();
@@ -274,6 +277,7 @@ impl Uplink {
                 }
                 Ev::PubAck { pkid, refused } => {
                     let sent = by_pkid.remove(&pkid);
+                    acked_any |= refused.is_none();
                     if let Some(reason) = &refused {
                         // mosquitto then closes the connection; reconnect
                         // with growing back-off rather than at once.
@@ -361,9 +365,20 @@ impl Uplink {
             }
         }
         self.persist(lanes);
-        // A connection the broker took but whose publishes it refused does
-        // not reset the back-off.
-        connected && refusals == 0
+        // mosquitto closes a connection right after refusing a publish, often
+        // before its PUBACK (with the reason) is read: a connection that
+        // ended before the broker acknowledged anything is counted, and like
+        // one with refusals it does not reset the back-off.
+        let stopping = self.shutdown.load(Ordering::Relaxed);
+        if connected && !acked_any && !stopping {
+            self.metrics.uplink_unacknowledged.inc();
+            tracing::warn!(
+                device = %self.cfg.device_id,
+                "connection ended before the broker acknowledged anything: refused by its ACL? \
+                 (device_id must equal the certificate's CN or the user name)"
+            );
+        }
+        connected && refusals == 0 && acked_any
     }
 
     /// TLS and credentials, read from their files on every connection, so

@@ -1,0 +1,212 @@
+//! The TCP probes against ground truth the test makes: retransmits under
+//! packet loss injected by nftables on a veth pair between two private
+//! network namespaces, and the duration of a connection held idle.
+
+use e2e::*;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A private network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("netns file");
+            // SAFETY: setns on a valid namespace fd; affects this thread only.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            f()
+        })
+    }
+
+    /// TcpExt/Tcp counters of the namespace (/proc/net/snmp inside it).
+    fn retrans_segs(&self) -> u64 {
+        let out = Command::new("ip").args(["netns", "exec", &self.0, "cat", "/proc/net/snmp"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tcp: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
+        let names: Vec<&str> = tcp[0].split_whitespace().collect();
+        let values: Vec<&str> = tcp[1].split_whitespace().collect();
+        let i = names.iter().position(|n| *n == "RetransSegs").expect("RetransSegs");
+        values[i].parse().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn agent(dir: &std::path::Path, port: u16) -> Agent {
+    let ports = [port];
+    Agent::start(
+        dir,
+        &AgentSetup {
+            device: "probes",
+            broker: None,
+            identity: None,
+            mqtt: "",
+            window_ms: 200,
+            class_ports: &ports,
+            state_dir: None,
+            extra: "",
+        },
+    )
+}
+
+fn metric(a: &Agent, name: &str, direction: &str) -> f64 {
+    a.metric(&format!("{name}{{direction=\"{direction}\",port_class=\"e2e\"}}")).unwrap_or(0.0)
+}
+
+#[test]
+fn retransmits_under_injected_packet_loss_are_counted() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let tag = std::process::id() % 100_000;
+    let (a, b) = (Netns::new(format!("edge-a-{tag}")), Netns::new(format!("edge-b-{tag}")));
+    let (va, vb) = (format!("eva{tag}"), format!("evb{tag}"));
+    run(&["ip", "link", "add", &va, "netns", &a.0, "type", "veth", "peer", "name", &vb, "netns", &b.0]);
+    run(&["ip", "-n", &a.0, "addr", "add", "10.231.0.1/24", "dev", &va]);
+    run(&["ip", "-n", &b.0, "addr", "add", "10.231.0.2/24", "dev", &vb]);
+    // One segment per packet (no GSO), so that the kernel's segment count
+    // and the tracepoint's packet count are the same thing.
+    run(&["ip", "-n", &a.0, "link", "set", &va, "gso_max_segs", "1", "up"]);
+    run(&["ip", "-n", &b.0, "link", "set", &vb, "gso_max_segs", "1", "up"]);
+    let port = 15020u16;
+    // 10 % of the packets of this connection dropped, both ways.
+    for (ns, dir) in [(&b.0, "dport"), (&a.0, "sport")] {
+        let nft = |args: &[&str]| run(&[&["ip", "netns", "exec", ns, "nft"], args].concat());
+        nft(&["add", "table", "inet", "edge_loss"]);
+        nft(&["add", "chain", "inet", "edge_loss", "input", "{ type filter hook input priority 0; policy accept; }"]);
+        let p = port.to_string();
+        nft(&[
+            "add",
+            "rule",
+            "inet",
+            "edge_loss",
+            "input",
+            "tcp",
+            dir,
+            &p,
+            "numgen",
+            "random",
+            "mod",
+            "100",
+            "<",
+            "10",
+            "drop",
+        ]);
+    }
+    let dir = tempdir("retrans");
+    let agent = agent(&dir, port);
+    let before = a.retrans_segs() + b.retrans_segs();
+
+    let server = b.spawn(move || {
+        let l = std::net::TcpListener::bind(("10.231.0.2", port)).expect("bind in netns");
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).unwrap();
+        c.write_all(&buf[..256 * 1024]).unwrap();
+        buf.len()
+    });
+    std::thread::sleep(Duration::from_millis(200)); // the listener is up
+    let client = a.spawn(move || {
+        let mut c = std::net::TcpStream::connect(("10.231.0.2", port)).expect("connect across the veth");
+        c.write_all(&vec![7u8; 1 << 20]).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        back.len()
+    });
+    assert_eq!(client.join().unwrap(), 256 * 1024);
+    assert_eq!(server.join().unwrap(), 1 << 20);
+    // Both ends closed (a lost FIN is retransmitted after the applications
+    // are done): from then on nothing more is sent in these namespaces.
+    wait_for("both ends closed", Duration::from_secs(30), || {
+        let closed = (
+            metric(&agent, "edge_tcp_connections_closed_total", "outbound"),
+            metric(&agent, "edge_tcp_connections_closed_total", "inbound"),
+        );
+        if closed == (1.0, 1.0) {
+            Ok(())
+        } else {
+            Err(closed)
+        }
+    });
+    let kernel = (a.retrans_segs() + b.retrans_segs() - before) as f64;
+    assert!(kernel > 0.0, "no retransmits under 10 % loss?");
+    // One segment per packet here: the agent's count is the kernel's own
+    // (RetransSegs of both namespaces; only this connection runs there).
+    let counted = wait_for("the agent's count to equal the kernel's", Duration::from_secs(10), || {
+        let n = metric(&agent, "edge_tcp_retransmits_total", "outbound")
+            + metric(&agent, "edge_tcp_retransmits_total", "inbound");
+        if n == kernel {
+            Ok(n)
+        } else {
+            Err(format!("agent {n}, kernel {kernel}"))
+        }
+    });
+    eprintln!("retransmits: agent {counted}, kernel {kernel} segments");
+    assert_eq!(metric(&agent, "edge_tcp_connections_opened_total", "outbound"), 1.0);
+    assert_eq!(metric(&agent, "edge_tcp_connections_opened_total", "inbound"), 1.0);
+}
+
+#[test]
+fn an_idle_connection_closed_later_lands_in_its_duration_bucket() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let dir = tempdir("duration");
+    let agent = agent(&dir, port);
+    let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (s, _) = l.accept().unwrap();
+    // Held idle 1.2 s: the 1.024 s .. 2.048 s bucket.
+    std::thread::sleep(Duration::from_millis(1200));
+    drop(c);
+    drop(s);
+    wait_for("the connection's close", Duration::from_secs(10), || {
+        match metric(&agent, "edge_tcp_connections_closed_total", "outbound") {
+            n if n >= 1.0 => Ok(()),
+            n => Err(n),
+        }
+    });
+    // Histograms travel in the windows (not on /metrics): read the store.
+    let out = Command::new(bin_dir().join("edge-agent"))
+        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    let last = |le: &str| -> f64 {
+        csv.lines()
+            .filter(|l| {
+                l.contains("edge_tcp_connection_duration_seconds_bucket")
+                    && l.contains("direction=\"\"outbound\"\"")
+                    && l.contains("port_class=\"\"e2e\"\"")
+                    && l.contains(&format!("le=\"\"{le}\"\""))
+            })
+            .filter_map(|l| l.rsplit(',').next().and_then(|v| v.trim().parse().ok()))
+            .next_back()
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(last("1.024"), 0.0, "not below 1.024 s");
+    assert_eq!(last("2.048"), 1.0, "below 2.048 s");
+}
