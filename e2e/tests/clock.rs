@@ -48,13 +48,15 @@ fn a_clock_three_hours_behind_lands_at_the_true_time() {
     server.connections(2);
 
     let sel = "edge_tcp_connections_opened_total{device=\"skewed\",direction=\"outbound\",port_class=\"e2e\"}";
-    let samples = wait_for("all 5 connections in Prometheus", Duration::from_secs(60), || {
+    // Live data goes first: wait for it and for the backlog to be confirmed.
+    let samples = wait_for("all 5 connections and the backlog in Prometheus", Duration::from_secs(60), || {
         agent.proc.assert_running();
         bridge.assert_running();
         let s = prom.raw_samples(sel, 4 * 3600).map_err(|e| e.to_string())?;
+        let left = agent.metric("edge_agent_store_backlog_records{lane=\"routine\"}").unwrap_or(f64::MAX);
         match s.last() {
-            Some((_, v)) if *v == 5.0 => Ok(s),
-            other => Err(format!("{other:?}")),
+            Some((_, v)) if *v == 5.0 && left <= 2.0 => Ok(s),
+            other => Err(format!("{other:?}, backlog {left}")),
         }
     });
     let t_end = now_ms();

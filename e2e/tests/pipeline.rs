@@ -183,14 +183,16 @@ fn broker_outage_loses_nothing_and_keeps_timestamps() {
     let t_up = now_ms();
     s.broker.restart();
 
-    // Drained: a window stamped after the broker came back has arrived, and
-    // records are delivered in order, so everything before it has too.
+    // Drained: a window stamped after the broker came back has arrived
+    // (live data goes first), and the agent's backlog is confirmed.
     let sel = s.selector("edge_tcp_connections_opened_total", "outbound");
+    let backlog = "edge_agent_store_backlog_records{lane=\"routine\"}";
     let out = wait_for("the backlog to drain into Prometheus", ARRIVAL, || {
         let v = s.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
+        let left = s.agent.metric(backlog).unwrap_or(f64::MAX);
         match v.last() {
-            Some(&(ts, 7.0)) if ts > t_up => Ok(v),
-            other => Err(format!("latest {other:?}")),
+            Some(&(ts, 7.0)) if ts > t_up && left <= 2.0 => Ok(v),
+            other => Err(format!("latest {other:?}, backlog {left}")),
         }
     });
     let (ts, _) = first_reaching(&out, 7.0);
@@ -389,13 +391,18 @@ impl Stack {
 
     /// Waits until the outbound opened counter reads `count` in a sample
     /// stamped after `after`, and returns the series' samples.
+    /// Live data goes first after an outage: also waits until the agent's
+    /// backlog is confirmed (all but the newest windows), so the outage's
+    /// windows are in Prometheus too.
     fn wait_count_after(&self, count: f64, after: i64) -> Vec<(i64, f64)> {
         let sel = self.selector("edge_tcp_connections_opened_total", "outbound");
-        wait_for(&format!("{sel} == {count} after {after}"), ARRIVAL, || {
+        let backlog = "edge_agent_store_backlog_records{lane=\"routine\"}";
+        wait_for(&format!("{sel} == {count} after {after}, backlog drained"), ARRIVAL, || {
             let v = self.prom.raw_samples(&sel, 600).map_err(|e| e.to_string())?;
+            let left = self.agent.metric(backlog).unwrap_or(f64::MAX);
             match v.last() {
-                Some(&(ts, c)) if c == count && ts > after => Ok(v),
-                other => Err(format!("latest {other:?}")),
+                Some(&(ts, c)) if c == count && ts > after && left <= 2.0 => Ok(v),
+                other => Err(format!("latest {other:?}, backlog {left}")),
             }
         })
     }

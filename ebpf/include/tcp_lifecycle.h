@@ -33,7 +33,9 @@
 #define TCPL_HIST_SLOTS 64
 
 #define TCPL_STAT_SOCK_MAP_FULL 0
-#define TCPL_STATS 1
+#define TCPL_STAT_SOCKS_ADDED 1   /* tcpl_socks entries created... */
+#define TCPL_STAT_SOCKS_REMOVED 2 /* ...and deleted: the difference is its fill */
+#define TCPL_STATS 3
 
 #define TCPL_MAX_PORTS 256
 #define TCPL_MAX_SOCKS 65536

@@ -177,8 +177,19 @@ static __always_inline __u8 port_class(__u16 port)
 static __always_inline void remember(__u64 skaddr, __u8 dir, __u8 class, __u64 now)
 {
 	struct tcpl_sock s = { .since_ns = now, .dir = dir, .class = class };
-	if (bpf_map_update_elem(&tcpl_socks, &skaddr, &s, BPF_ANY) != 0)
+	if (bpf_map_update_elem(&tcpl_socks, &skaddr, &s, BPF_NOEXIST) == 0) {
+		stat(TCPL_STAT_SOCKS_ADDED);
+		return;
+	}
+	// Already there (a reused address whose close we missed), or full.
+	if (bpf_map_update_elem(&tcpl_socks, &skaddr, &s, BPF_EXIST) != 0)
 		stat(TCPL_STAT_SOCK_MAP_FULL);
+}
+
+static __always_inline void forget(__u64 skaddr)
+{
+	if (bpf_map_delete_elem(&tcpl_socks, &skaddr) == 0)
+		stat(TCPL_STAT_SOCKS_REMOVED);
 }
 
 #define FIELD(type, off) (*(type *)((char *)rec + (off)))
@@ -209,6 +220,10 @@ int tcp_lifecycle(void *ctx)
 
 	int oldstate = FIELD(int, off_oldstate);
 	int newstate = FIELD(int, off_newstate);
+	// Only these transitions matter; the rest (FIN_WAIT*, CLOSE_WAIT,
+	// LAST_ACK, ...) leave at once.
+	if (newstate != TCPL_SYN_SENT && newstate != TCPL_ESTABLISHED && newstate != TCPL_CLOSE)
+		return 0;
 	__u64 skaddr = FIELD(__u64, off_skaddr);
 	__u64 now = bpf_ktime_get_ns();
 
@@ -250,7 +265,7 @@ int tcp_lifecycle(void *ctx)
 		if (s) {
 			if (s->flags & TCPL_SOCK_RST_RECEIVED)
 				count(TCPL_KIND_REFUSED, TCPL_DIR_OUT, class);
-			bpf_map_delete_elem(&tcpl_socks, &skaddr);
+			forget(skaddr);
 		}
 		return 0;
 	}
@@ -265,7 +280,7 @@ int tcp_lifecycle(void *ctx)
 	if (s) {
 		count(TCPL_KIND_CLOSED, s->dir, s->class);
 		observe(TCPL_HIST_DURATION_MS, s->dir, s->class, (now - s->since_ns) / 1000000);
-		bpf_map_delete_elem(&tcpl_socks, &skaddr);
+		forget(skaddr);
 	} else {
 		// Opened before the probe was attached (or the map was full).
 		count(TCPL_KIND_CLOSED, TCPL_DIR_UNKNOWN, 0);

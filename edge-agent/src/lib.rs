@@ -146,6 +146,10 @@ fn close_window(
         *prev = now.clone();
     }
     metrics.windows.inc();
+    if let Some(p) = &probes.tcp {
+        metrics.observe_programs(&p.program_stats());
+    }
+    metrics.observe_process();
     let mut lanes = uplink::lock(store);
     // A new clock era (step, sync state, boot) starts a new block.
     let next = [lanes.routine.next_seq(), lanes.priority.next_seq()];

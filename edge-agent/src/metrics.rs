@@ -6,9 +6,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use crate::probe::tcp_lifecycle::{Kind, PortClasses, TcpCounters};
+use crate::probe::tcp_lifecycle::{Kind, PortClasses, ProgramStats, TcpCounters};
 use crate::probe::ProbeState;
 use crate::store::StoreStats;
 
@@ -48,6 +49,12 @@ pub struct AgentMetrics {
     /// By [`Kind`], in `Kind::ALL` order.
     pub tcp: Vec<Family<TcpLabels, Counter>>,
     pub tcp_sock_map_full: Counter,
+    pub tcp_tracked: Gauge,
+    pub tcp_tracked_capacity: Gauge,
+    pub probe_runs: Family<ProbeLabels, Counter>,
+    pub probe_run_seconds: Family<ProbeLabels, Counter<f64, AtomicU64>>,
+    pub cpu_seconds: Counter<f64, AtomicU64>,
+    pub rss_bytes: Gauge,
     pub store_bytes: Family<LaneLabels, Gauge>,
     pub store_segments: Family<LaneLabels, Gauge>,
     pub store_backlog: Family<LaneLabels, Gauge>,
@@ -98,6 +105,28 @@ impl AgentMetrics {
             let name = kind.metric().trim_end_matches("_total");
             r.register(name, help, m.tcp[kind as usize].clone());
         }
+        r.register(
+            "edge_agent_tcp_connections_tracked",
+            "Connections the kernel's connection map holds now (map fill)",
+            m.tcp_tracked.clone(),
+        );
+        r.register(
+            "edge_agent_tcp_connections_tracked_capacity",
+            "Capacity of the kernel's connection map",
+            m.tcp_tracked_capacity.clone(),
+        );
+        r.register(
+            "edge_agent_probe_runs",
+            "Times the probe's eBPF program ran (kernel BPF statistics)",
+            m.probe_runs.clone(),
+        );
+        r.register(
+            "edge_agent_probe_run_seconds",
+            "Time spent in the probe's eBPF program (kernel BPF statistics)",
+            m.probe_run_seconds.clone(),
+        );
+        r.register("edge_agent_cpu_seconds", "CPU time of the agent process (user + system)", m.cpu_seconds.clone());
+        r.register("edge_agent_resident_memory_bytes", "Resident memory of the agent process", m.rss_bytes.clone());
         r.register(
             "edge_agent_tcp_sock_map_full",
             "Connections whose open the kernel map could not remember",
@@ -194,6 +223,41 @@ impl AgentMetrics {
         self.uplink_bytes.get_or_create(&StreamLabels { stream: stream.into() }).clone()
     }
 
+    /// Brings the programs' run counters up to the kernel's cumulative ones.
+    pub fn observe_programs(&self, stats: &[ProgramStats]) {
+        for s in stats {
+            let l = ProbeLabels { probe: s.probe.into() };
+            let runs = self.probe_runs.get_or_create(&l);
+            runs.inc_by(s.runs.saturating_sub(runs.get()));
+            let secs = self.probe_run_seconds.get_or_create(&l);
+            let now = s.run_ns as f64 / 1e9;
+            if now > secs.get() {
+                secs.inc_by(now - secs.get());
+            }
+        }
+    }
+
+    /// The agent's own CPU time and resident memory (/proc/self).
+    pub fn observe_process(&self) {
+        // SAFETY: sysconf has no preconditions.
+        let (hz, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // After the command name (which may hold spaces): utime, stime
+            // are the 12th and 13th fields.
+            let f: Vec<&str> = stat.rsplit_once(')').map_or("", |x| x.1).split_whitespace().collect();
+            let ticks: f64 = [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<f64>().ok()).sum();
+            let secs = ticks / hz.max(1) as f64;
+            if secs > self.cpu_seconds.get() {
+                self.cpu_seconds.inc_by(secs - self.cpu_seconds.get());
+            }
+        }
+        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+            if let Some(pages) = statm.split_whitespace().nth(1).and_then(|v| v.parse::<i64>().ok()) {
+                self.rss_bytes.set(pages * page);
+            }
+        }
+    }
+
     pub fn set_probe(&self, name: &str, state: &ProbeState) {
         let v = i64::from(matches!(state, ProbeState::Attached));
         self.probe_attached.get_or_create(&ProbeLabels { probe: name.into() }).set(v);
@@ -213,6 +277,8 @@ impl AgentMetrics {
             fam.get_or_create(&l).inc_by(e.value - was.value);
         }
         self.tcp_sock_map_full.inc_by(now.sock_map_full.saturating_sub(prev.sock_map_full));
+        self.tcp_tracked.set(now.socks_tracked as i64);
+        self.tcp_tracked_capacity.set(crate::probe::tcp_lifecycle::MAX_SOCKS as i64);
     }
 
     /// Brings a lane's store metrics up to date with its statistics.

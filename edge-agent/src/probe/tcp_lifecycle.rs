@@ -23,6 +23,10 @@ pub const HISTS: usize = 2;
 pub const BUCKETS: usize = 24;
 pub const HIST_SLOTS: usize = HISTS * 2 * CLASSES;
 const STAT_SOCK_MAP_FULL: u32 = 0;
+const STAT_SOCKS_ADDED: u32 = 1;
+const STAT_SOCKS_REMOVED: u32 = 2;
+/// Capacity of the kernel's connection map (TCPL_MAX_SOCKS).
+pub const MAX_SOCKS: u64 = 65536;
 const REC_MAX: usize = 128;
 
 /// The tracepoints, each with its program. The first is the baseline:
@@ -143,12 +147,22 @@ pub struct TcpCounters {
     pub hists: TcpHists,
     /// Sockets whose open could not be remembered (kernel map full).
     pub sock_map_full: u64,
+    /// Connections the kernel map holds now.
+    pub socks_tracked: u64,
 }
 
 impl Default for TcpCounters {
     fn default() -> Self {
-        TcpCounters { values: [0; COUNTERS], hists: TcpHists::default(), sock_map_full: 0 }
+        TcpCounters { values: [0; COUNTERS], hists: TcpHists::default(), sock_map_full: 0, socks_tracked: 0 }
     }
+}
+
+/// What the kernel says about one attached program (BPF_ENABLE_STATS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub probe: &'static str,
+    pub runs: u64,
+    pub run_ns: u64,
 }
 
 impl TcpCounters {
@@ -244,8 +258,11 @@ pub struct TcpLifecycleProbe {
     classes: PortClasses,
     /// Each tracepoint's state (the baseline is attached).
     pub states: Vec<(&'static str, ProbeState)>,
+    /// Keeps the kernel's run-time statistics on while the probe lives
+    /// (None: the kernel refused, e.g. before 5.8).
+    _stats_on: Option<std::os::fd::OwnedFd>,
     // Owns the programs and their links; must outlive the maps' use.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 /// Checks that a tracefs layout has every field a program reads, with the
@@ -410,7 +427,32 @@ impl TcpLifecycleProbe {
         let counters = PerCpuArray::try_from(take("tcpl_counters")?).map_err(load)?;
         let hists = PerCpuArray::try_from(take("tcpl_hist")?).map_err(load)?;
         let stats = PerCpuArray::try_from(take("tcpl_stats")?).map_err(load)?;
-        Ok(TcpLifecycleProbe { counters, hists, stats, classes, states, _ebpf: ebpf })
+        let stats_on = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8?)");
+                None
+            }
+        };
+        Ok(TcpLifecycleProbe { counters, hists, stats, classes, states, _stats_on: stats_on, ebpf })
+    }
+
+    /// Run count and run time of every attached program (cumulative, while
+    /// statistics are on).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        TRACEPOINTS
+            .iter()
+            .filter(|tp| self.states.iter().any(|(n, s)| *n == tp.probe && *s == ProbeState::Attached))
+            .filter_map(|tp| {
+                let prog: &TracePoint = self.ebpf.program(tp.program)?.try_into().ok()?;
+                let info = prog.info().ok()?;
+                Some(ProgramStats {
+                    probe: tp.probe,
+                    runs: info.run_count(),
+                    run_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
     }
 
     pub fn classes(&self) -> &PortClasses {
@@ -437,7 +479,9 @@ impl TcpLifecycleProbe {
                 }
             }
         }
-        out.sock_map_full = self.stats.get(&STAT_SOCK_MAP_FULL, 0).map_err(err)?.iter().sum();
+        let stat = |i: u32| -> Result<u64, ProbeError> { Ok(self.stats.get(&i, 0).map_err(err)?.iter().sum()) };
+        out.sock_map_full = stat(STAT_SOCK_MAP_FULL)?;
+        out.socks_tracked = stat(STAT_SOCKS_ADDED)?.saturating_sub(stat(STAT_SOCKS_REMOVED)?);
         Ok(out)
     }
 }
@@ -496,6 +540,9 @@ mod tests {
         assert_eq!(def("TCPL_DIR_IN"), 1);
         assert_eq!(def("TCPL_DIR_UNKNOWN"), 2);
         assert_eq!(def("TCPL_STAT_SOCK_MAP_FULL"), STAT_SOCK_MAP_FULL as usize);
+        assert_eq!(def("TCPL_STAT_SOCKS_ADDED"), STAT_SOCKS_ADDED as usize);
+        assert_eq!(def("TCPL_STAT_SOCKS_REMOVED"), STAT_SOCKS_REMOVED as usize);
+        assert_eq!(def("TCPL_MAX_SOCKS") as u64, MAX_SOCKS);
         assert_eq!(def("TCPL_MAX_PORTS"), crate::config::MAX_CLASSED_PORTS);
         assert_eq!(def("TCPL_REC_MAX"), REC_MAX);
         assert_eq!(def("TCPL_CLASSES") - 1, crate::config::MAX_PORT_CLASSES);

@@ -1,0 +1,160 @@
+//! Probe overhead benchmarks (issue 3). Prints a table; results go to
+//! BENCHMARKS.md. Needs root (loads the eBPF programs).
+//!
+//!   cargo build --release --bins && cargo bench -p edge-agent --bench probes
+//!
+//! Every cost is a difference measured in the same run: the same workload
+//! with the probes attached and detached (detached measured before and
+//! after, to bracket drift).
+
+use edge_agent::config::{Config, TcpLifecycleConfig};
+use edge_agent::probe::tcp_lifecycle::TcpLifecycleProbe;
+use edge_agent::probe::tracefs;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+const LIFECYCLES: usize = 20_000;
+const READS: usize = 2_000_000;
+
+/// ns per loopback connect + accept + close of both ends.
+fn lifecycles(l: &TcpListener, n: usize) -> f64 {
+    let port = l.local_addr().unwrap().port();
+    let start = Instant::now();
+    for _ in 0..n {
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        drop(c);
+        drop(s);
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// ns per read(2) of one byte from /dev/null (a syscall no probe watches).
+fn reads(n: usize) -> f64 {
+    let mut f = std::fs::File::open("/dev/null").unwrap();
+    let mut b = [0u8; 1];
+    let start = Instant::now();
+    for _ in 0..n {
+        let _ = f.read(&mut b).unwrap();
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// CPU seconds and resident bytes of a process.
+fn cpu_rss(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit_once(')').map_or("", |x| x.1).split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let (hz, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK) as f64, libc::sysconf(libc::_SC_PAGESIZE) as u64) };
+    let cpu = [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<f64>().ok()).sum::<f64>() / hz;
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    let rss = statm.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * page;
+    (cpu, rss)
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("probes benchmark: needs root (eBPF); skipped");
+        return;
+    }
+    let root = tracefs::ensure_mounted().expect("tracefs");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut cfg = TcpLifecycleConfig::default();
+    cfg.port_classes.insert("bench".into(), vec![port]);
+
+    // Warm up the TCP stack and the allocator.
+    lifecycles(&l, 2000);
+    let (mut off, mut on, mut r_off, mut r_on) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut prog = Vec::new();
+    for _ in 0..3 {
+        off.push(lifecycles(&l, LIFECYCLES));
+        r_off.push(reads(READS));
+        let probe = TcpLifecycleProbe::attach(&root, &cfg).expect("attach");
+        let before = probe.program_stats();
+        on.push(lifecycles(&l, LIFECYCLES));
+        let after = probe.program_stats();
+        r_on.push(reads(READS));
+        for (a, b) in after.iter().zip(&before) {
+            prog.push((a.probe, a.runs - b.runs, a.run_ns - b.run_ns));
+        }
+        drop(probe);
+    }
+    off.push(lifecycles(&l, LIFECYCLES));
+    r_off.push(reads(READS));
+    let (off, on, r_off, r_on) = (median(off), median(on), median(r_off), median(r_on));
+
+    println!("## Probe overhead ({LIFECYCLES} loopback TCP lifecycles and {READS} reads of /dev/null per run; medians of 3 runs attached, 4 detached)\n");
+    println!("| workload | detached | attached | added | ratio |");
+    println!("|---|---|---|---|---|");
+    println!("| connect + accept + close, both ends (ns) | {off:.0} | {on:.0} | {:.0} | {:.3} |", on - off, on / off);
+    println!(
+        "| read(2) of /dev/null, an unwatched syscall (ns) | {r_off:.1} | {r_on:.1} | {:.1} | {:.3} |",
+        r_on - r_off,
+        r_on / r_off
+    );
+    println!("\n| program (kernel BPF statistics, attached runs) | runs per lifecycle | ns per run |");
+    println!("|---|---|---|");
+    for name in ["tcp_lifecycle", "tcp_retransmits", "tcp_synack_retransmits", "tcp_resets_received", "tcp_resets_sent"]
+    {
+        let (runs, ns): (u64, u64) =
+            prog.iter().filter(|p| p.0 == name).fold((0, 0), |acc, p| (acc.0 + p.1, acc.1 + p.2));
+        let per = if runs > 0 { format!("{:.0}", ns as f64 / runs as f64) } else { "-".into() };
+        println!("| {name} | {:.2} | {per} |", runs as f64 / (3 * LIFECYCLES) as f64);
+    }
+
+    // The agent itself (release binary), probes on, at 1,000 connections/s.
+    let bin = std::env::current_exe().unwrap().parent().and_then(|d| d.parent()).unwrap().join("edge-agent");
+    if !bin.exists() {
+        println!("\n(agent CPU and RSS: build the release binaries first: cargo build --release --bins)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("agent.toml");
+    let c = Config { state_dir: dir.path().join("state"), ..Default::default() };
+    std::fs::write(
+        &conf,
+        format!(
+            "state_dir = \"{}\"\n[window]\nmillis = 1000\n[mqtt]\nport = 1\n[mqtt.tls]\nenabled = false\n\
+             [metrics]\nlisten = \"\"\n[probes.tcp_lifecycle.port_classes]\nbench = [{port}]\n",
+            c.state_dir.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = std::process::Command::new(&bin)
+        .args(["--config", &conf.display().to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu0, _) = cpu_rss(agent.id());
+    let secs = 10;
+    let start = Instant::now();
+    for s in 0..secs {
+        for _ in 0..1000 {
+            let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (a, _) = l.accept().unwrap();
+            drop(c);
+            drop(a);
+        }
+        let next = Duration::from_secs(s + 1);
+        if let Some(wait) = next.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let (cpu1, rss) = cpu_rss(agent.id());
+    let _ = agent.kill();
+    let _ = agent.wait();
+    println!("\n| agent (release), probes on, 1,000 TCP connections/s for {secs} s | value |");
+    println!("|---|---|");
+    println!("| CPU, % of one core | {:.2} % |", 100.0 * (cpu1 - cpu0) / wall);
+    println!("| resident memory | {:.1} MB |", rss as f64 / 1e6);
+}
