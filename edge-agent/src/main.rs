@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: edge-agent [run] [--config FILE]
        edge-agent check-config [--config FILE]
+       edge-agent probes [--config FILE]      attach every enabled probe, report each, detach
        edge-agent store inspect [--config FILE | --dir STORE_DIR]
        edge-agent store export  [--config FILE | --dir STORE_DIR]
                                 [--from TIME] [--to TIME] [--format openmetrics|csv] [--output FILE]
@@ -75,6 +76,10 @@ fn main() -> ExitCode {
                 fail(1, &e.to_string())
             }
         },
+        ["probes"] => {
+            print!("{}", edge_agent::probe::report(&cfg));
+            ExitCode::SUCCESS
+        }
         ["check-config"] => {
             println!("device_id = {}", cfg.device_id);
             let m = &cfg.mqtt;

@@ -99,3 +99,32 @@ fn raise_memlock_limit() {
         tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
     }
 }
+
+/// `edge-agent probes`: the kernel's facts, then every probe attached (and
+/// detached again) with its state and, when unavailable, the reason.
+pub fn report(cfg: &Config) -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    let mut out = format!(
+        "kernel {}, BTF {} (not needed: the programs read tracefs layouts)\n",
+        release.trim(),
+        if btf { "present" } else { "absent" }
+    );
+    match tracefs::ensure_mounted() {
+        Ok(root) => out += &format!("tracefs at {}\n", root.display()),
+        Err(e) => out += &format!("tracefs: {e}\n"),
+    }
+    let probes = Probes::start(cfg);
+    out += &format!("{:<24} {:<36} state\n", "probe", "tracepoint");
+    for (name, state) in &probes.states {
+        let tp = tcp_lifecycle::TRACEPOINTS.iter().find(|t| t.probe == *name);
+        let where_ = tp.map(|t| format!("{}:{}", t.group, t.event)).unwrap_or_default();
+        let state = match state {
+            ProbeState::Attached => "attached".to_string(),
+            ProbeState::Disabled => "disabled (config)".to_string(),
+            ProbeState::Unavailable(why) => format!("unavailable: {why}"),
+        };
+        out += &format!("{name:<24} {where_:<36} {state}\n");
+    }
+    out
+}
