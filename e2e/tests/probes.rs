@@ -210,3 +210,28 @@ fn an_idle_connection_closed_later_lands_in_its_duration_bucket() {
     assert_eq!(last("1.024"), 0.0, "not below 1.024 s");
     assert_eq!(last("2.048"), 1.0, "below 2.048 s");
 }
+
+#[test]
+fn a_socket_the_application_does_not_close_shows_in_close_wait() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let dir = tempdir("closewait");
+    let agent = agent(&dir, port);
+    let gauge = || agent.metric("edge_tcp_connections_close_wait{direction=\"inbound\",port_class=\"e2e\"}");
+    let clients: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let servers: Vec<_> = (0..3).map(|_| l.accept().unwrap().0).collect();
+    // The peers close; our "application" (the test) keeps its three sockets.
+    drop(clients);
+    wait_for("three connections in CLOSE_WAIT", Duration::from_secs(10), || match gauge() {
+        Some(3.0) => Ok(()),
+        other => Err(other),
+    });
+    drop(servers);
+    wait_for("none once closed", Duration::from_secs(10), || match gauge() {
+        Some(0.0) => Ok(()),
+        other => Err(other),
+    });
+}

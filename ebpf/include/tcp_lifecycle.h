@@ -12,7 +12,9 @@
 #define TCPL_KIND_RETRANS 4  /* retransmitted segments (skbs) */
 #define TCPL_KIND_RST_SENT 5
 #define TCPL_KIND_RST_RECV 6
-#define TCPL_KINDS 7
+#define TCPL_KIND_CW_ENTERED 7 /* the peer closed, our application not yet... */
+#define TCPL_KIND_CW_LEFT 8    /* ...until it did: the difference is a gauge */
+#define TCPL_KINDS 9
 
 #define TCPL_DIR_OUT 0
 #define TCPL_DIR_IN 1
@@ -50,6 +52,7 @@
 #define TCPL_SYN_SENT 2
 #define TCPL_SYN_RECV 3
 #define TCPL_CLOSE 7
+#define TCPL_CLOSE_WAIT 8
 #define TCPL_LISTEN 10
 
 /* tcpl_sock.flags */

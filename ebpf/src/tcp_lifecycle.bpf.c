@@ -220,11 +220,24 @@ int tcp_lifecycle(void *ctx)
 
 	int oldstate = FIELD(int, off_oldstate);
 	int newstate = FIELD(int, off_newstate);
-	// Only these transitions matter; the rest (FIN_WAIT*, CLOSE_WAIT,
-	// LAST_ACK, ...) leave at once.
-	if (newstate != TCPL_SYN_SENT && newstate != TCPL_ESTABLISHED && newstate != TCPL_CLOSE)
+	// Only these transitions matter; the rest (FIN_WAIT*, TIME_WAIT, ...)
+	// leave at once.
+	if (newstate != TCPL_SYN_SENT && newstate != TCPL_ESTABLISHED && newstate != TCPL_CLOSE &&
+	    newstate != TCPL_CLOSE_WAIT && oldstate != TCPL_CLOSE_WAIT)
 		return 0;
 	__u64 skaddr = FIELD(__u64, off_skaddr);
+
+	if (newstate == TCPL_CLOSE_WAIT || oldstate == TCPL_CLOSE_WAIT) {
+		// The peer closed; the connection waits for our application to
+		// close too. Entries and exits per labels: their difference is
+		// how many wait now (an application leaking sockets shows here).
+		struct tcpl_sock *s = bpf_map_lookup_elem(&tcpl_socks, &skaddr);
+		__u8 dir = s ? s->dir : TCPL_DIR_UNKNOWN;
+		__u8 class = s ? s->class : 0;
+		count(newstate == TCPL_CLOSE_WAIT ? TCPL_KIND_CW_ENTERED : TCPL_KIND_CW_LEFT, dir, class);
+		if (newstate != TCPL_CLOSE)
+			return 0;
+	}
 	__u64 now = bpf_ktime_get_ns();
 
 	if (newstate == TCPL_SYN_SENT) {

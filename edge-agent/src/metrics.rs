@@ -9,7 +9,7 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use crate::probe::tcp_lifecycle::{Kind, PortClasses, ProgramStats, TcpCounters};
+use crate::probe::tcp_lifecycle::{Kind, PortClasses, ProgramStats, TcpCounters, CLASSES, DIRS};
 use crate::probe::ProbeState;
 use crate::store::StoreStats;
 
@@ -50,6 +50,7 @@ pub struct AgentMetrics {
     pub tcp: Vec<Family<TcpLabels, Counter>>,
     pub tcp_sock_map_full: Counter,
     pub tcp_tracked: Gauge,
+    pub tcp_close_wait: Family<TcpLabels, Gauge>,
     pub tcp_tracked_capacity: Gauge,
     pub probe_runs: Family<ProbeLabels, Counter>,
     pub probe_run_seconds: Family<ProbeLabels, Counter<f64, AtomicU64>>,
@@ -92,7 +93,7 @@ impl AgentMetrics {
         );
         r.register("edge_agent_windows", "Windows closed", m.windows.clone());
         r.register("edge_agent_window_errors", "Windows whose record could not be stored", m.window_errors.clone());
-        for kind in Kind::ALL {
+        for kind in Kind::ALL.into_iter().filter(|k| k.is_counter()) {
             let help = match kind {
                 Kind::Opened => "TCP connections established, by direction and port class",
                 Kind::Failed => "TCP connection attempts that failed during the handshake (refused included)",
@@ -101,10 +102,16 @@ impl AgentMetrics {
                 Kind::Retransmits => "TCP segments retransmitted",
                 Kind::ResetsSent => "TCP resets sent",
                 Kind::ResetsReceived => "TCP resets received",
+                Kind::CloseWaitEntered | Kind::CloseWaitLeft => continue,
             };
             let name = kind.metric().trim_end_matches("_total");
             r.register(name, help, m.tcp[kind as usize].clone());
         }
+        r.register(
+            "edge_tcp_connections_close_wait",
+            "TCP connections the peer closed and our application has not (CLOSE_WAIT) now",
+            m.tcp_close_wait.clone(),
+        );
         r.register(
             "edge_agent_tcp_connections_tracked",
             "Connections the kernel's connection map holds now (map fill)",
@@ -266,12 +273,17 @@ impl AgentMetrics {
     /// Moves the TCP counters forward to a new cumulative reading.
     pub fn observe_tcp(&self, prev: &TcpCounters, now: &TcpCounters, classes: &PortClasses) {
         for (was, e) in prev.entries().zip(now.entries()) {
-            if e.value <= was.value {
-                continue;
-            }
             let Some(name) = classes.name(e.class) else {
                 continue;
             };
+            if e.kind == Kind::CloseWaitEntered && e.value > 0 {
+                let dir = e.index / CLASSES % DIRS;
+                let l = TcpLabels { direction: e.direction.into(), port_class: name.into() };
+                self.tcp_close_wait.get_or_create(&l).set(now.close_wait(dir, e.class) as i64);
+            }
+            if e.value <= was.value || !e.kind.is_counter() {
+                continue;
+            }
             let fam = &self.tcp[e.kind as usize];
             let l = TcpLabels { direction: e.direction.into(), port_class: name.into() };
             fam.get_or_create(&l).inc_by(e.value - was.value);

@@ -1,7 +1,7 @@
 //! Window stage: turns one reading of the probes into the batch of samples
 //! stored for that window. Pure; owns only which series it has emitted.
 
-use crate::probe::tcp_lifecycle::{Hist, PortClasses, TcpCounters, TcpHists, BUCKETS, CLASSES, DIR_NAMES};
+use crate::probe::tcp_lifecycle::{Hist, Kind, PortClasses, TcpCounters, TcpHists, BUCKETS, CLASSES, DIRS, DIR_NAMES};
 use crate::probe::ProbeReading;
 use crate::store::blocks::Window;
 use edge_wire::{Label, SeriesKey};
@@ -46,7 +46,13 @@ impl WindowStage {
             };
             self.live_tcp.insert(e.index);
             let labels = vec![Label::new("direction", e.direction), Label::new("port_class", class_name)];
-            out.push((SeriesKey::new(e.kind.metric(), labels), e.value as f64));
+            // CLOSE_WAIT: one gauge from the entries (sent with them) and exits.
+            let value = match e.kind {
+                Kind::CloseWaitLeft => continue,
+                Kind::CloseWaitEntered => c.close_wait(e.index / CLASSES % DIRS, e.class),
+                _ => e.value,
+            };
+            out.push((SeriesKey::new(e.kind.metric(), labels), value as f64));
         }
         self.hist_series(&c.hists, classes, out);
     }
@@ -95,7 +101,6 @@ impl WindowStage {
 mod tests {
     use super::*;
     use crate::config::TcpLifecycleConfig;
-    use crate::probe::tcp_lifecycle::Kind;
 
     #[test]
     fn emits_nonzero_series_and_keeps_them_once_seen() {
@@ -117,6 +122,19 @@ mod tests {
         // Counter reset (agent restart, new kernel map): the series stays.
         let b = w.close(3, &ProbeReading { tcp: Some(TcpCounters::default()) }, Some(&classes)).unwrap();
         assert_eq!(b.samples[0].1, 0.0);
+    }
+
+    #[test]
+    fn close_wait_is_one_gauge_of_entries_minus_exits() {
+        let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
+        let mut w = WindowStage::new();
+        let mut c = TcpCounters::default();
+        c.values[TcpCounters::index(Kind::CloseWaitEntered, 1, 0)] = 5;
+        c.values[TcpCounters::index(Kind::CloseWaitLeft, 1, 0)] = 3;
+        let b = w.close(1, &ProbeReading { tcp: Some(c) }, Some(&classes)).unwrap();
+        assert_eq!(b.samples.len(), 1);
+        assert_eq!(b.samples[0].0.name, "edge_tcp_connections_close_wait");
+        assert_eq!(b.samples[0].1, 2.0);
     }
 
     #[test]

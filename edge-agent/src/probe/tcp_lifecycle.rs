@@ -14,7 +14,7 @@ use crate::config::TcpLifecycleConfig;
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
 
 // Mirrors ebpf/include/tcp_lifecycle.h (a test below checks they agree).
-pub const KINDS: usize = 7;
+pub const KINDS: usize = 9;
 pub const DIRS: usize = 3;
 pub const CLASSES: usize = 16;
 pub const SLOTS: usize = DIRS * CLASSES;
@@ -63,6 +63,9 @@ pub enum Kind {
     Retransmits = 4,
     ResetsSent = 5,
     ResetsReceived = 6,
+    /// Entered CLOSE_WAIT (not exported alone: see [`TcpCounters::close_wait`]).
+    CloseWaitEntered = 7,
+    CloseWaitLeft = 8,
 }
 
 impl Kind {
@@ -74,7 +77,13 @@ impl Kind {
         Kind::Retransmits,
         Kind::ResetsSent,
         Kind::ResetsReceived,
+        Kind::CloseWaitEntered,
+        Kind::CloseWaitLeft,
     ];
+    /// The kinds exported as counters.
+    pub fn is_counter(self) -> bool {
+        !matches!(self, Kind::CloseWaitEntered | Kind::CloseWaitLeft)
+    }
     pub fn metric(self) -> &'static str {
         match self {
             Kind::Opened => "edge_tcp_connections_opened_total",
@@ -84,6 +93,7 @@ impl Kind {
             Kind::Retransmits => "edge_tcp_retransmits_total",
             Kind::ResetsSent => "edge_tcp_resets_sent_total",
             Kind::ResetsReceived => "edge_tcp_resets_received_total",
+            Kind::CloseWaitEntered | Kind::CloseWaitLeft => "edge_tcp_connections_close_wait",
         }
     }
 }
@@ -171,6 +181,11 @@ impl TcpCounters {
     }
     pub fn get(&self, kind: Kind, dir: usize, class: usize) -> u64 {
         self.values[Self::index(kind, dir, class)]
+    }
+
+    /// Connections in CLOSE_WAIT now (since the probe was attached).
+    pub fn close_wait(&self, dir: usize, class: usize) -> u64 {
+        self.get(Kind::CloseWaitEntered, dir, class).saturating_sub(self.get(Kind::CloseWaitLeft, dir, class))
     }
 
     /// Every counter with its labels.
@@ -531,6 +546,8 @@ mod tests {
         assert_eq!(def("TCPL_KIND_RETRANS"), Kind::Retransmits as usize);
         assert_eq!(def("TCPL_KIND_RST_SENT"), Kind::ResetsSent as usize);
         assert_eq!(def("TCPL_KIND_RST_RECV"), Kind::ResetsReceived as usize);
+        assert_eq!(def("TCPL_KIND_CW_ENTERED"), Kind::CloseWaitEntered as usize);
+        assert_eq!(def("TCPL_KIND_CW_LEFT"), Kind::CloseWaitLeft as usize);
         assert_eq!(def("TCPL_DIRS"), DIRS);
         assert_eq!(def("TCPL_CLASSES"), CLASSES);
         assert_eq!(def("TCPL_KIND_OPENED"), Kind::Opened as usize);
