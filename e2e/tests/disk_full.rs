@@ -31,9 +31,9 @@ fn agent_keeps_running_on_a_full_disk_and_reports_drops() {
         unsafe { libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=1m".as_ptr().cast()) };
     assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
     let _unmount = Tmpfs(state.clone());
-    // Fill it, leaving 8 KiB: two tmpfs pages, so the third segment file
-    // the agent creates runs out of space.
-    std::fs::write(state.join("filler"), vec![0u8; (1 << 20) - (8 << 10)]).unwrap();
+    // Fill it, leaving 64 KiB: a few of the agent's 16 KiB segments, then
+    // the disk is full.
+    std::fs::write(state.join("filler"), vec![0u8; (1 << 20) - (64 << 10)]).unwrap();
 
     let server = Server::start();
     let mut agent = Agent::start(
@@ -46,7 +46,7 @@ fn agent_keeps_running_on_a_full_disk_and_reports_drops() {
             state_dir: Some(&state),
             identity: None,
             mqtt: "",
-            extra: "[store]\nsegment_bytes = 1024\nmax_bytes = 1048576\nfsync_interval_ms = 0\n",
+            extra: "[store]\nsegment_bytes = 16384\nmax_bytes = 1048576\nfsync_interval_ms = 0\n",
         },
     );
     server.connections(3);

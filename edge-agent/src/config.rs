@@ -269,8 +269,10 @@ impl Config {
         if self.window.millis < 100 || self.window.millis > 3_600_000 {
             return Err("window.millis must be between 100 and 3600000".into());
         }
-        if self.store.segment_bytes < 1024 {
-            return Err("store.segment_bytes must be at least 1024".into());
+        // A segment holds whole windows: a window's frame (its series'
+        // names when it starts a block, histograms included) must fit.
+        if self.store.segment_bytes < 16 * 1024 {
+            return Err("store.segment_bytes must be at least 16384 (a window must fit in a segment)".into());
         }
         if self.store.max_bytes < 2 * self.store.segment_bytes {
             return Err("store.max_bytes must be at least twice store.segment_bytes".into());
