@@ -70,6 +70,23 @@ fn agent(dir: &std::path::Path, port: u16) -> Agent {
     )
 }
 
+/// The newest stored value of a series the agent keeps in its windows (not
+/// on /metrics, like histograms): `edge-agent store export` of its store.
+/// `labels`: `name="value"` pairs the series must carry.
+fn stored(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Option<f64> {
+    let out = Command::new(bin_dir().join("edge-agent"))
+        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    // CSV quotes double the label values' quotes.
+    let wanted: Vec<String> = labels.iter().map(|l| l.replace('"', "\"\"")).collect();
+    csv.lines()
+        .filter(|l| l.split(',').nth(2) == Some(metric) && wanted.iter().all(|w| l.contains(w.as_str())))
+        .filter_map(|l| l.rsplit(',').next().and_then(|v| v.trim().parse().ok()))
+        .next_back()
+}
+
 fn metric(a: &Agent, name: &str, direction: &str) -> f64 {
     a.metric(&format!("{name}{{direction=\"{direction}\",port_class=\"e2e\"}}")).unwrap_or(0.0)
 }
@@ -166,6 +183,22 @@ fn retransmits_under_injected_packet_loss_are_counted() {
     eprintln!("retransmits: agent {counted}, kernel {kernel} segments");
     assert_eq!(metric(&agent, "edge_tcp_connections_opened_total", "outbound"), 1.0);
     assert_eq!(metric(&agent, "edge_tcp_connections_opened_total", "inbound"), 1.0);
+    // RTT and cwnd seen on the received segments of the watched port (from
+    // tcp:tcp_probe), in the windows.
+    let both = |m: &str, d: &str| stored(&dir, m, &[&format!("direction=\"{d}\""), "port_class=\"e2e\""]);
+    wait_for("RTT histograms stored", Duration::from_secs(10), || {
+        match (both("edge_tcp_rtt_seconds_count", "outbound"), both("edge_tcp_rtt_seconds_count", "inbound")) {
+            (Some(a), Some(b)) if a > 0.0 && b > 0.0 => Ok(()),
+            other => Err(other),
+        }
+    });
+    let (n, sum) = (
+        both("edge_tcp_rtt_seconds_count", "outbound").unwrap(),
+        both("edge_tcp_rtt_seconds_sum", "outbound").unwrap(),
+    );
+    assert!(sum / n > 0.0 && sum / n < 1.0, "mean smoothed RTT on a veth: {} s", sum / n);
+    let cwnd = both("edge_tcp_cwnd_segments_count", "outbound").unwrap();
+    assert_eq!(cwnd, n, "one cwnd observation per RTT observation");
 }
 
 #[test]
@@ -190,22 +223,10 @@ fn an_idle_connection_closed_later_lands_in_its_duration_bucket() {
         }
     });
     // Histograms travel in the windows (not on /metrics): read the store.
-    let out = Command::new(bin_dir().join("edge-agent"))
-        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
-        .output()
-        .unwrap();
-    let csv = String::from_utf8_lossy(&out.stdout);
-    let last = |le: &str| -> f64 {
-        csv.lines()
-            .filter(|l| {
-                l.contains("edge_tcp_connection_duration_seconds_bucket")
-                    && l.contains("direction=\"\"outbound\"\"")
-                    && l.contains("port_class=\"\"e2e\"\"")
-                    && l.contains(&format!("le=\"\"{le}\"\""))
-            })
-            .filter_map(|l| l.rsplit(',').next().and_then(|v| v.trim().parse().ok()))
-            .next_back()
-            .unwrap_or(-1.0)
+    let bucket = "edge_tcp_connection_duration_seconds_bucket";
+    let last = |le: &str| {
+        let le = format!("le=\"{le}\"");
+        stored(&dir, bucket, &["direction=\"outbound\"", "port_class=\"e2e\"", &le]).unwrap_or(-1.0)
     };
     assert_eq!(last("1.024"), 0.0, "not below 1.024 s");
     assert_eq!(last("2.048"), 1.0, "below 2.048 s");

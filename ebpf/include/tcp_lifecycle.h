@@ -29,10 +29,12 @@
  * 2^(b+1) units (and at least 2^b for b > 0); the last holds the rest. */
 #define TCPL_HIST_CONNECT_US 0  /* SYN_SENT -> ESTABLISHED, microseconds */
 #define TCPL_HIST_DURATION_MS 1 /* ESTABLISHED -> CLOSE, milliseconds */
-#define TCPL_HISTS 2
+#define TCPL_HIST_RTT_US 2      /* smoothed RTT per received segment, microseconds */
+#define TCPL_HIST_CWND 3        /* congestion window per received segment, segments */
+#define TCPL_HISTS 4
 #define TCPL_BUCKETS 24
 /* tcpl_hist keys: (hist * 2 + dir) * TCPL_CLASSES + class, dir out or in. */
-#define TCPL_HIST_SLOTS 64
+#define TCPL_HIST_SLOTS 128
 
 #define TCPL_STAT_SOCK_MAP_FULL 0
 #define TCPL_STAT_SOCKS_ADDED 1   /* tcpl_socks entries created... */
@@ -45,7 +47,7 @@
 #define TCPL_IPPROTO_TCP 6
 
 /* Largest tracepoint record prefix a program copies. */
-#define TCPL_REC_MAX 128
+#define TCPL_REC_MAX 160
 
 /* include/net/tcp_states.h */
 #define TCPL_ESTABLISHED 1

@@ -62,6 +62,15 @@ const volatile __u32 rs_off_dport = 62;
 const volatile __u32 rs_ports_be = 1;
 const volatile __u32 rs_rec_len = 64;
 
+// tcp:tcp_probe (every received segment of an established connection;
+// only watched ports are looked at). skaddr is absent on old kernels (0).
+const volatile __u32 tp_off_sport = 64;
+const volatile __u32 tp_off_dport = 66;
+const volatile __u32 tp_off_cwnd = 88;
+const volatile __u32 tp_off_srtt = 100;
+const volatile __u32 tp_off_skaddr = 128;
+const volatile __u32 tp_rec_len = 136;
+
 // Counters per (direction, port class): one u64 per TCPL_KIND_*.
 struct tcpl_kinds {
 	__u64 n[TCPL_KINDS];
@@ -336,6 +345,33 @@ int tcp_retransmit_synack(void *ctx)
 	COPY_RECORD(rec, ra_rec_len);
 	// Traced only when sent: the kernel counts it in RetransSegs too.
 	count(TCPL_KIND_RETRANS, TCPL_DIR_IN, port_class(FIELD(__u16, ra_off_sport)));
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_probe")
+int tcp_rtt(void *ctx)
+{
+	COPY_RECORD(rec, tp_rec_len);
+	__u16 sport = FIELD(__u16, tp_off_sport);
+	__u16 dport = FIELD(__u16, tp_off_dport);
+	// Watched ports only: everything else leaves after two lookups.
+	__u8 out_class = port_class(dport);
+	__u8 in_class = port_class(sport);
+	if (!out_class && !in_class)
+		return 0;
+	__u8 dir = out_class ? TCPL_DIR_OUT : TCPL_DIR_IN;
+	__u8 class = out_class ? out_class : in_class;
+	if (tp_off_skaddr) {
+		// A connection we saw open knows its direction.
+		__u64 skaddr = FIELD(__u64, tp_off_skaddr);
+		struct tcpl_sock *s = bpf_map_lookup_elem(&tcpl_socks, &skaddr);
+		if (s && s->dir <= TCPL_DIR_IN) {
+			dir = s->dir;
+			class = s->class;
+		}
+	}
+	observe(TCPL_HIST_RTT_US, dir, class, FIELD(__u32, tp_off_srtt));
+	observe(TCPL_HIST_CWND, dir, class, FIELD(__u32, tp_off_cwnd));
 	return 0;
 }
 

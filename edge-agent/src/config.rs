@@ -138,6 +138,10 @@ pub struct ProbesConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TcpLifecycleConfig {
     pub enabled: bool,
+    /// RTT and congestion window histograms from tcp:tcp_probe, which runs
+    /// on every received TCP segment of the box (watched ports are looked
+    /// at, the rest leave after two map lookups).
+    pub rtt: bool,
     /// Port class name -> ports. A connection is classed by the remote port
     /// when outbound and by the local port when inbound; other ports fold
     /// into "other". At most 15 classes and 256 ports (kernel map sizes).
@@ -225,6 +229,7 @@ impl Default for TcpLifecycleConfig {
         ];
         TcpLifecycleConfig {
             enabled: true,
+            rtt: true,
             port_classes: classes.iter().map(|(n, p)| (n.to_string(), p.to_vec())).collect(),
         }
     }

@@ -82,14 +82,14 @@ impl WindowStage {
                     let mut cumulative = 0;
                     for (b, n) in slot.buckets.iter().enumerate().take(BUCKETS - 1) {
                         cumulative += n;
-                        let le = (1u64 << (b + 1)) as f64 * hist.unit_seconds();
+                        let le = (1u64 << (b + 1)) as f64 * hist.unit();
                         out.push((
                             SeriesKey::new(format!("{name}_bucket"), with_le(format!("{le}"))),
                             cumulative as f64,
                         ));
                     }
                     out.push((SeriesKey::new(format!("{name}_bucket"), with_le("+Inf".into())), count as f64));
-                    out.push((SeriesKey::new(format!("{name}_sum"), labels()), slot.sum as f64 * hist.unit_seconds()));
+                    out.push((SeriesKey::new(format!("{name}_sum"), labels()), slot.sum as f64 * hist.unit()));
                     out.push((SeriesKey::new(format!("{name}_count"), labels()), count as f64));
                 }
             }

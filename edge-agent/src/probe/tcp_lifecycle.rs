@@ -19,7 +19,7 @@ pub const DIRS: usize = 3;
 pub const CLASSES: usize = 16;
 pub const SLOTS: usize = DIRS * CLASSES;
 pub const COUNTERS: usize = KINDS * DIRS * CLASSES;
-pub const HISTS: usize = 2;
+pub const HISTS: usize = 4;
 pub const BUCKETS: usize = 24;
 pub const HIST_SLOTS: usize = HISTS * 2 * CLASSES;
 const STAT_SOCK_MAP_FULL: u32 = 0;
@@ -27,11 +27,11 @@ const STAT_SOCKS_ADDED: u32 = 1;
 const STAT_SOCKS_REMOVED: u32 = 2;
 /// Capacity of the kernel's connection map (TCPL_MAX_SOCKS).
 pub const MAX_SOCKS: u64 = 65536;
-const REC_MAX: usize = 128;
+const REC_MAX: usize = 160;
 
 /// The tracepoints, each with its program. The first is the baseline:
 /// without it the probe is unavailable; the others report on their own.
-pub const TRACEPOINTS: [Tracepoint; 5] = [
+pub const TRACEPOINTS: [Tracepoint; 6] = [
     Tracepoint { probe: "tcp_lifecycle", group: "sock", event: "inet_sock_set_state", program: "tcp_lifecycle" },
     Tracepoint { probe: "tcp_retransmits", group: "tcp", event: "tcp_retransmit_skb", program: "tcp_retransmit" },
     Tracepoint {
@@ -41,6 +41,7 @@ pub const TRACEPOINTS: [Tracepoint; 5] = [
         program: "tcp_retransmit_synack",
     },
     Tracepoint { probe: "tcp_resets_received", group: "tcp", event: "tcp_receive_reset", program: "tcp_receive_reset" },
+    Tracepoint { probe: "tcp_rtt", group: "tcp", event: "tcp_probe", program: "tcp_rtt" },
     Tracepoint { probe: "tcp_resets_sent", group: "tcp", event: "tcp_send_reset", program: "tcp_send_reset" },
 ];
 
@@ -105,21 +106,28 @@ pub enum Hist {
     ConnectLatency = 0,
     /// ESTABLISHED -> CLOSE, milliseconds.
     Duration = 1,
+    /// Smoothed RTT at each received segment, microseconds.
+    Rtt = 2,
+    /// Congestion window at each received segment, segments.
+    Cwnd = 3,
 }
 
 impl Hist {
-    pub const ALL: [Hist; HISTS] = [Hist::ConnectLatency, Hist::Duration];
+    pub const ALL: [Hist; HISTS] = [Hist::ConnectLatency, Hist::Duration, Hist::Rtt, Hist::Cwnd];
     pub fn metric(self) -> &'static str {
         match self {
             Hist::ConnectLatency => "edge_tcp_connect_latency_seconds",
             Hist::Duration => "edge_tcp_connection_duration_seconds",
+            Hist::Rtt => "edge_tcp_rtt_seconds",
+            Hist::Cwnd => "edge_tcp_cwnd_segments",
         }
     }
-    /// Seconds per unit the kernel counts in.
-    pub fn unit_seconds(self) -> f64 {
+    /// The exported unit (seconds, segments) per unit the kernel counts in.
+    pub fn unit(self) -> f64 {
         match self {
-            Hist::ConnectLatency => 1e-6,
+            Hist::ConnectLatency | Hist::Rtt => 1e-6,
             Hist::Duration => 1e-3,
+            Hist::Cwnd => 1.0,
         }
     }
 }
@@ -352,6 +360,29 @@ pub fn layout_globals(tp: &Tracepoint, layout: &Layout) -> Result<Vec<(&'static 
             let sport = need("sport", &[2])?;
             Ok(vec![("ra_off_sport", sport.offset), ("ra_rec_len", end(&[at(&sport)])?)])
         }
+        "tcp_rtt" => {
+            let sport = need("sport", &[2])?;
+            let dport = need("dport", &[2])?;
+            let cwnd = need("snd_cwnd", &[4])?;
+            let srtt = need("srtt", &[4])?;
+            let mut fields = vec![at(&sport), at(&dport), at(&cwnd), at(&srtt)];
+            let skaddr = match layout.field("skaddr") {
+                Some(_) => {
+                    let f = need("skaddr", &[8])?;
+                    fields.push(at(&f));
+                    f.offset
+                }
+                None => 0,
+            };
+            Ok(vec![
+                ("tp_off_sport", sport.offset),
+                ("tp_off_dport", dport.offset),
+                ("tp_off_cwnd", cwnd.offset),
+                ("tp_off_srtt", srtt.offset),
+                ("tp_off_skaddr", skaddr),
+                ("tp_rec_len", end(&fields)?),
+            ])
+        }
         "tcp_receive_reset" => {
             let skaddr = need("skaddr", &[8])?;
             let sport = need("sport", &[2])?;
@@ -400,6 +431,10 @@ impl TcpLifecycleProbe {
         let mut states = Vec::new();
         let mut globals = Vec::new();
         for tp in &TRACEPOINTS {
+            if tp.program == "tcp_rtt" && !cfg.rtt {
+                states.push((tp.probe, ProbeState::Disabled));
+                continue;
+            }
             let g = tracefs::layout(tracefs_root, tp.group, tp.event).map_err(ProbeError::from).and_then(|layout| {
                 layout_globals(tp, &layout)
                     .map_err(|m| ProbeError::Layout { tracepoint: format!("{}:{}", tp.group, tp.event), message: m })
@@ -542,6 +577,8 @@ mod tests {
         assert_eq!(def("TCPL_HIST_SLOTS"), HIST_SLOTS);
         assert_eq!(def("TCPL_HIST_CONNECT_US"), Hist::ConnectLatency as usize);
         assert_eq!(def("TCPL_HIST_DURATION_MS"), Hist::Duration as usize);
+        assert_eq!(def("TCPL_HIST_RTT_US"), Hist::Rtt as usize);
+        assert_eq!(def("TCPL_HIST_CWND"), Hist::Cwnd as usize);
         assert_eq!(def("TCPL_KIND_REFUSED"), Kind::Refused as usize);
         assert_eq!(def("TCPL_KIND_RETRANS"), Kind::Retransmits as usize);
         assert_eq!(def("TCPL_KIND_RST_SENT"), Kind::ResetsSent as usize);
@@ -592,7 +629,7 @@ mod tests {
 \tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
 \tfield:__u8 saddr[28];\toffset:32;\tsize:28;\tsigned:0;
 \tfield:__u8 daddr[28];\toffset:60;\tsize:28;\tsigned:0;\n";
-        let g = layout_globals(&TRACEPOINTS[4], &Layout::parse(new)).unwrap();
+        let g = layout_globals(&TRACEPOINTS[5], &Layout::parse(new)).unwrap();
         assert_eq!(
             g,
             [("rs_off_skaddr", 16), ("rs_off_sport", 34), ("rs_off_dport", 62), ("rs_ports_be", 1), ("rs_rec_len", 64)]
@@ -602,7 +639,7 @@ mod tests {
 \tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
 \tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
 \tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;\n";
-        let g = layout_globals(&TRACEPOINTS[4], &Layout::parse(old)).unwrap();
+        let g = layout_globals(&TRACEPOINTS[5], &Layout::parse(old)).unwrap();
         assert!(g.contains(&("rs_ports_be", 0)) && g.contains(&("rs_off_dport", 26)), "{g:?}");
     }
 
