@@ -53,6 +53,7 @@ impl Drop for Netns {
     }
 }
 
+/// The agent with every TCP probe on (RTT included) and `port` watched.
 fn agent(dir: &std::path::Path, port: u16) -> Agent {
     let ports = [port];
     Agent::start(
@@ -65,7 +66,7 @@ fn agent(dir: &std::path::Path, port: u16) -> Agent {
             window_ms: 200,
             class_ports: &ports,
             state_dir: None,
-            extra: "",
+            extra: "[probes.tcp_lifecycle]\nrtt = true\n",
         },
     )
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 const LIFECYCLES: usize = 20_000;
 const READS: usize = 2_000_000;
+const STREAM_MIB: usize = 256;
 
 /// ns per loopback connect + accept + close of both ends.
 fn lifecycles(l: &TcpListener, n: usize) -> f64 {
@@ -28,6 +29,33 @@ fn lifecycles(l: &TcpListener, n: usize) -> f64 {
         drop(s);
     }
     start.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// ns per MiB streamed over one loopback connection to `l` (every segment
+/// received passes tcp:tcp_probe).
+fn stream(l: &TcpListener, mib: usize) -> f64 {
+    use std::io::Write;
+    let port = l.local_addr().unwrap().port();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0usize;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return n,
+                Ok(k) => n += k,
+            }
+        }
+    });
+    let chunk = vec![1u8; 16 << 10];
+    let start = Instant::now();
+    for _ in 0..mib * 64 {
+        c.write_all(&chunk).unwrap();
+    }
+    drop(c);
+    assert_eq!(reader.join().unwrap(), mib << 20);
+    start.elapsed().as_nanos() as f64 / mib as f64
 }
 
 /// ns per read(2) of one byte from /dev/null (a syscall no probe watches).
@@ -69,27 +97,49 @@ fn main() {
     let port = l.local_addr().unwrap().port();
     let mut cfg = TcpLifecycleConfig::default();
     cfg.port_classes.insert("bench".into(), vec![port]);
+    // RTT (tcp:tcp_probe) is off by default; measured both ways.
+    let cfg_rtt = TcpLifecycleConfig { rtt: true, ..cfg.clone() };
 
     // Warm up the TCP stack and the allocator.
     lifecycles(&l, 2000);
     let (mut off, mut on, mut r_off, mut r_on) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut s_off, mut s_on, mut u_off, mut u_on) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut d_on = Vec::new();
+    // An unwatched port: tcp_probe leaves after its two lookups.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut prog = Vec::new();
     for _ in 0..3 {
         off.push(lifecycles(&l, LIFECYCLES));
         r_off.push(reads(READS));
+        s_off.push(stream(&l, STREAM_MIB));
+        u_off.push(stream(&other, STREAM_MIB));
         let probe = TcpLifecycleProbe::attach(&root, &cfg).expect("attach");
         let before = probe.program_stats();
         on.push(lifecycles(&l, LIFECYCLES));
         let after = probe.program_stats();
         r_on.push(reads(READS));
+        d_on.push(stream(&l, STREAM_MIB));
         for (a, b) in after.iter().zip(&before) {
+            prog.push((a.probe, a.runs - b.runs, a.run_ns - b.run_ns));
+        }
+        drop(probe);
+        let probe = TcpLifecycleProbe::attach(&root, &cfg_rtt).expect("attach with rtt");
+        let before = probe.program_stats();
+        s_on.push(stream(&l, STREAM_MIB));
+        let after = probe.program_stats();
+        u_on.push(stream(&other, STREAM_MIB));
+        for (a, b) in after.iter().zip(&before).filter(|(a, _)| a.probe == "tcp_rtt") {
             prog.push((a.probe, a.runs - b.runs, a.run_ns - b.run_ns));
         }
         drop(probe);
     }
     off.push(lifecycles(&l, LIFECYCLES));
     r_off.push(reads(READS));
+    s_off.push(stream(&l, STREAM_MIB));
+    u_off.push(stream(&other, STREAM_MIB));
     let (off, on, r_off, r_on) = (median(off), median(on), median(r_off), median(r_on));
+    let (s_off, s_on, u_off, u_on) = (median(s_off), median(s_on), median(u_off), median(u_on));
+    let d_on = median(d_on);
 
     println!("## Probe overhead ({LIFECYCLES} loopback TCP lifecycles and {READS} reads of /dev/null per run; medians of 3 runs attached, 4 detached)\n");
     println!("| workload | detached | attached | added | ratio |");
@@ -100,14 +150,41 @@ fn main() {
         r_on - r_off,
         r_on / r_off
     );
+    println!(
+        "| stream over loopback, watched port, default probes (ns per MiB) | {s_off:.0} | {d_on:.0} | {:.0} | {:.3} |",
+        d_on - s_off,
+        d_on / s_off
+    );
+    println!(
+        "| stream over loopback, watched port, with rtt (tcp_probe) (ns per MiB) | {s_off:.0} | {s_on:.0} | {:.0} | {:.3} |",
+        s_on - s_off,
+        s_on / s_off
+    );
+    println!(
+        "| stream over loopback, unwatched port, with rtt (tcp_probe) (ns per MiB) | {u_off:.0} | {u_on:.0} | {:.0} | {:.3} |",
+        u_on - u_off,
+        u_on / u_off
+    );
     println!("\n| program (kernel BPF statistics, attached runs) | runs per lifecycle | ns per run |");
     println!("|---|---|---|");
-    for name in ["tcp_lifecycle", "tcp_retransmits", "tcp_synack_retransmits", "tcp_resets_received", "tcp_resets_sent"]
-    {
+    for name in [
+        "tcp_lifecycle",
+        "tcp_retransmits",
+        "tcp_synack_retransmits",
+        "tcp_resets_received",
+        "tcp_resets_sent",
+        "tcp_rtt",
+    ] {
         let (runs, ns): (u64, u64) =
             prog.iter().filter(|p| p.0 == name).fold((0, 0), |acc, p| (acc.0 + p.1, acc.1 + p.2));
         let per = if runs > 0 { format!("{:.0}", ns as f64 / runs as f64) } else { "-".into() };
-        println!("| {name} | {:.2} | {per} |", runs as f64 / (3 * LIFECYCLES) as f64);
+        // tcp_rtt's runs were counted over the streams, not the lifecycles.
+        let per_unit = if name == "tcp_rtt" {
+            format!("{:.1} per MiB", runs as f64 / (3 * STREAM_MIB) as f64)
+        } else {
+            format!("{:.2}", runs as f64 / (3 * LIFECYCLES) as f64)
+        };
+        println!("| {name} | {per_unit} | {per} |");
     }
 
     // The agent itself (release binary), probes on, at 1,000 connections/s.

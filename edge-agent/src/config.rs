@@ -138,9 +138,11 @@ pub struct ProbesConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TcpLifecycleConfig {
     pub enabled: bool,
-    /// RTT and congestion window histograms from tcp:tcp_probe, which runs
-    /// on every received TCP segment of the box (watched ports are looked
-    /// at, the rest leave after two map lookups).
+    /// RTT and congestion window histograms from tcp:tcp_probe. Off by
+    /// default: that tracepoint fires on every received TCP segment of the
+    /// box and the kernel fills its record before any filter can run, which
+    /// slowed a loopback stream by about half (BENCHMARKS.md), watched port
+    /// or not.
     pub rtt: bool,
     /// Port class name -> ports. A connection is classed by the remote port
     /// when outbound and by the local port when inbound; other ports fold
@@ -229,7 +231,7 @@ impl Default for TcpLifecycleConfig {
         ];
         TcpLifecycleConfig {
             enabled: true,
-            rtt: true,
+            rtt: false,
             port_classes: classes.iter().map(|(n, p)| (n.to_string(), p.to_vec())).collect(),
         }
     }

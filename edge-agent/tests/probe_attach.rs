@@ -87,16 +87,18 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
         n
     };
     // One cycle first: lazily created kernel objects are not leaks.
-    drop(TcpLifecycleProbe::attach(&real, &TcpLifecycleConfig::default()).unwrap());
+    // Every probe, RTT (off by default) included.
+    let all = TcpLifecycleConfig { rtt: true, ..Default::default() };
+    drop(TcpLifecycleProbe::attach(&real, &all).unwrap());
     let before = count();
     for _ in 0..100 {
-        let p = TcpLifecycleProbe::attach(&real, &TcpLifecycleConfig::default()).unwrap();
+        let p = TcpLifecycleProbe::attach(&real, &all).unwrap();
         assert!(p.states.iter().all(|(_, s)| *s == ProbeState::Attached), "{:?}", p.states);
         drop(p);
     }
     assert_eq!(count(), before, "BPF and perf-event descriptors before and after 100 cycles");
     // And while attached there are some: the count is not vacuous.
-    let p = TcpLifecycleProbe::attach(&real, &TcpLifecycleConfig::default()).unwrap();
+    let p = TcpLifecycleProbe::attach(&real, &all).unwrap();
     let held: usize = count().values().sum();
     assert!(held >= 10, "an attached probe holds {held} descriptors");
     drop(p);
