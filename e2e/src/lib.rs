@@ -619,6 +619,11 @@ impl Agent {
         assert_eq!(attached, 1.0, "probe not attached; agent log:\n{}", self.proc.log_text());
     }
 
+    /// The agent's config file (tests rewrite it before a SIGHUP).
+    pub fn config_path(&self) -> &Path {
+        &self.conf
+    }
+
     /// Starts the agent again with the same config and state directory.
     pub fn restart(&mut self) {
         self.proc = Agent::spawn(&self.dir, &self.conf);

@@ -257,3 +257,83 @@ fn a_socket_the_application_does_not_close_shows_in_close_wait() {
         other => Err(other),
     });
 }
+
+/// The process's BPF objects and tracepoint perf events, by descriptor.
+fn bpf_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|t| {
+                    let t = t.display().to_string();
+                    t.contains("bpf") || t.contains("perf_event")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn sighup_reconfigures_the_probes_without_a_restart() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let second = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (p1, p2) = (first.local_addr().unwrap().port(), second.local_addr().unwrap().port());
+    let dir = tempdir("sighup");
+    let mut agent = agent(&dir, p1);
+    let pid = agent.proc.pid();
+    let conf = agent.config_path().to_owned();
+    let original = std::fs::read_to_string(&conf).unwrap();
+    let attached = |a: &Agent| a.metric("edge_agent_probe_attached{probe=\"tcp_lifecycle\"}");
+    let held = bpf_fds(pid);
+    assert!(held >= 10, "the attached probes hold {held} descriptors");
+
+    // Disabled: every program, map and link is let go, the process lives on.
+    std::fs::write(&conf, original.replace("[probes.tcp_lifecycle]\n", "[probes.tcp_lifecycle]\nenabled = false\n"))
+        .unwrap();
+    agent.proc.signal(libc::SIGHUP);
+    wait_for("the probes detached and freed", Duration::from_secs(10), || {
+        agent.proc.assert_running();
+        match (attached(&agent), bpf_fds(pid)) {
+            (Some(0.0), 0) => Ok(()),
+            other => Err(other),
+        }
+    });
+
+    // Enabled again, watching another port: counts under the new filter.
+    std::fs::write(&conf, original.replace(&format!("e2e = [{p1}]"), &format!("e2e = [{p2}]"))).unwrap();
+    agent.proc.signal(libc::SIGHUP);
+    wait_for("the probes attached again", Duration::from_secs(10), || match attached(&agent) {
+        Some(1.0) => Ok(()),
+        other => Err(other),
+    });
+    let before = metric(&agent, "edge_tcp_connections_opened_total", "outbound");
+    for l in [&second, &second, &first] {
+        let port = l.local_addr().unwrap().port();
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        drop((c, s));
+    }
+    wait_for("two connections to the newly watched port", Duration::from_secs(10), || {
+        match metric(&agent, "edge_tcp_connections_opened_total", "outbound") - before {
+            2.0 => Ok(()),
+            n => Err(n),
+        }
+    });
+
+    // A broken file changes nothing and stops nothing.
+    std::fs::write(&conf, "this is not toml [").unwrap();
+    agent.proc.signal(libc::SIGHUP);
+    wait_for("the refusal logged", Duration::from_secs(10), || {
+        agent.proc.assert_running();
+        if agent.proc.log_text().contains("config not reloaded") {
+            Ok(())
+        } else {
+            Err(())
+        }
+    });
+    assert_eq!(attached(&agent), Some(1.0));
+    assert!(bpf_fds(pid) >= 10);
+}

@@ -40,8 +40,10 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub fn run(cfg: Config) -> Result<(), RunError> {
+/// Runs the agent until SIGTERM or SIGINT. SIGHUP reads `config_path`
+/// again and applies what can change at run time: the probes (enabled,
+/// disabled, port classes), detached and freed before the new ones attach.
+pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), RunError> {
     let (metrics, registry) = AgentMetrics::new();
     let store = Lanes::open(&cfg.store_dir(), cfg.store_limits(), cfg.priority_limits())?;
     metrics.observe_lanes(&store);
@@ -62,6 +64,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     for (name, state) in &probes.states {
         metrics.set_probe(name, state);
     }
+    let probes = std::cell::RefCell::new(probes);
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let uplink =
@@ -83,7 +86,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             smol::spawn(metrics::serve(listener, registry)).detach();
         }
         let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
-        let windows = window_loop(&cfg, &sh);
+        let windows = window_loop(&cfg, config_path.as_deref(), &sh);
         let stop = async {
             use futures_lite::StreamExt;
             let mut signals = signals;
@@ -105,21 +108,40 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
 
 /// What the window loop works with.
 struct Shared<'a> {
-    probes: &'a Probes,
+    /// Replaced on SIGHUP (the window loop is the only user).
+    probes: &'a std::cell::RefCell<Probes>,
     store: &'a Arc<Mutex<Lanes>>,
     metrics: &'a AgentMetrics,
     clock: &'a Mutex<clock::Clock>,
     test_offset_ms: i64,
 }
 
-async fn window_loop(cfg: &Config, sh: &Shared<'_>) {
+async fn window_loop(cfg: &Config, config_path: Option<&std::path::Path>, sh: &Shared<'_>) {
+    use futures_lite::StreamExt;
     let mut stage = window::WindowStage::new();
     let mut writer = cfg.block_writer();
     let mut prev = TcpCounters::default();
     let period = cfg.window();
     let mut next = Instant::now() + period;
+    let mut hup = async_signal::Signals::new([async_signal::Signal::Hup]).ok();
+    let mut probe_cfg = cfg.probes.clone();
     loop {
-        smol::Timer::at(next).await;
+        let tick = async {
+            smol::Timer::at(next).await;
+            false
+        };
+        let reload = async {
+            match hup.as_mut() {
+                Some(h) => h.next().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        if futures_lite::future::or(tick, reload).await {
+            // Count what the old probes saw into a window first.
+            close_window(sh, &mut stage, &mut writer, &mut prev);
+            reload_probes(cfg, config_path, sh, &mut probe_cfg, &mut prev);
+            continue;
+        }
         next += period;
         // After a long stall (suspend, overload) skip missed windows rather
         // than firing a burst of them.
@@ -130,13 +152,65 @@ async fn window_loop(cfg: &Config, sh: &Shared<'_>) {
     }
 }
 
+/// SIGHUP: reads the config file again; new probe settings replace the
+/// probes (old programs and maps detached and freed first). A bad file
+/// changes nothing. Other sections need a restart and say so.
+fn reload_probes(
+    running: &Config,
+    path: Option<&std::path::Path>,
+    sh: &Shared<'_>,
+    probe_cfg: &mut config::ProbesConfig,
+    prev: &mut TcpCounters,
+) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: the agent runs on its defaults (no --config): nothing to reload");
+        return;
+    };
+    let new = match Config::load(Some(path)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: config not reloaded; the agent keeps its current settings");
+            return;
+        }
+    };
+    let mut others = Vec::new();
+    if format!("{:?}", new.mqtt) != format!("{:?}", running.mqtt) {
+        others.push("mqtt");
+    }
+    if format!("{:?}", new.store) != format!("{:?}", running.store) {
+        others.push("store");
+    }
+    if new.window.millis != running.window.millis || new.device_id != running.device_id {
+        others.push("window/device_id");
+    }
+    if !others.is_empty() {
+        tracing::warn!(sections = ?others, "SIGHUP: these settings changed and apply only after a restart");
+    }
+    if format!("{:?}", new.probes) == format!("{probe_cfg:?}") {
+        tracing::info!("SIGHUP: probe settings unchanged");
+        return;
+    }
+    let mut probes = sh.probes.borrow_mut();
+    // Detach and free the old programs and maps before attaching anew.
+    *probes = Probes::none();
+    *probes = Probes::start(&new);
+    for (name, state) in &probes.states {
+        sh.metrics.set_probe(name, state);
+    }
+    // The new maps count from zero.
+    *prev = TcpCounters::default();
+    *probe_cfg = new.probes.clone();
+    tracing::info!(probes = ?probes.states.iter().map(|(n, s)| format!("{n}: {s:?}")).collect::<Vec<_>>(), "SIGHUP: probes reloaded");
+}
+
 fn close_window(
     sh: &Shared<'_>,
     stage: &mut window::WindowStage,
     writer: &mut store::blocks::BlockWriter,
     prev: &mut TcpCounters,
 ) {
-    let (probes, store, metrics) = (sh.probes, sh.store, sh.metrics);
+    let probes = sh.probes.borrow();
+    let (store, metrics) = (sh.store, sh.metrics);
     let reading = probes.read();
     let clocks = clock::read(sh.test_offset_ms);
     let ts = clocks.wall_ms;

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
     };
     let cmd: Vec<&str> = args.command.iter().map(String::as_str).collect();
     match cmd.as_slice() {
-        [] | ["run"] => match edge_agent::run(cfg) {
+        [] | ["run"] => match edge_agent::run(cfg, args.config.clone()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");

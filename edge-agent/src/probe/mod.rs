@@ -44,6 +44,11 @@ pub struct ProbeReading {
 }
 
 impl Probes {
+    /// No probes (between a detach and the next attach).
+    pub fn none() -> Probes {
+        Probes { tcp: None, tcp_state: ProbeState::Disabled, states: Vec::new() }
+    }
+
     /// Attaches what the config enables. A probe that cannot attach is
     /// reported unavailable with the reason; the agent runs on without it.
     pub fn start(cfg: &Config) -> Probes {
