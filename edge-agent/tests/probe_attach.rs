@@ -103,3 +103,25 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
     assert!(held >= 10, "an attached probe holds {held} descriptors");
     drop(p);
 }
+
+#[test]
+fn the_probes_command_reports_every_probe() {
+    if !root_or_skip() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .arg("probes")
+        .env("EDGE_AGENT_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for tp in TRACEPOINTS {
+        let line =
+            text.lines().find(|l| l.starts_with(tp.probe)).unwrap_or_else(|| panic!("{} missing:\n{text}", tp.probe));
+        let want = if tp.probe == "tcp_rtt" { "disabled (config)" } else { "attached" };
+        assert!(line.contains(&format!("{}:{}", tp.group, tp.event)) && line.ends_with(want), "{line}");
+    }
+    assert!(text.starts_with("kernel "), "{text}");
+}
