@@ -49,8 +49,8 @@ impl Reading {
 /// far off and not synchronized (`clock.test_offset_ms`, for tests).
 pub fn read(test_offset_ms: i64) -> Reading {
     Reading {
-        boot_id: boot_id(),
-        mono_ms: clock_ms(libc::CLOCK_BOOTTIME),
+        boot_id: boot_id().to_owned(),
+        mono_ms: mono_ms(),
         wall_ms: clock_ms(libc::CLOCK_REALTIME) + test_offset_ms,
         synced: test_offset_ms == 0 && kernel_synced(),
     }
@@ -73,10 +73,20 @@ fn kernel_synced() -> bool {
     state >= 0 && state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0
 }
 
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+/// CLOCK_BOOTTIME in ms: never stepped, counts suspend.
+pub fn mono_ms() -> i64 {
+    clock_ms(libc::CLOCK_BOOTTIME)
+}
+
+/// This boot's id; it cannot change while the process lives, so it is read
+/// once.
+pub fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into())
+    })
 }
 
 /// A run of records with one clock offset.

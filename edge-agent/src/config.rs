@@ -59,7 +59,7 @@ pub struct WindowConfig {
     pub millis: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Upper bound of the store on disk; oldest segments go first.
@@ -85,7 +85,7 @@ pub struct StoreConfig {
     pub priority_max_age_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// "5" (default) or "3.1.1".
@@ -128,13 +128,13 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbesConfig {
     pub tcp_lifecycle: TcpLifecycleConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TcpLifecycleConfig {
     pub enabled: bool,

@@ -174,10 +174,10 @@ fn reload_probes(
         }
     };
     let mut others = Vec::new();
-    if format!("{:?}", new.mqtt) != format!("{:?}", running.mqtt) {
+    if new.mqtt != running.mqtt {
         others.push("mqtt");
     }
-    if format!("{:?}", new.store) != format!("{:?}", running.store) {
+    if new.store != running.store {
         others.push("store");
     }
     if new.window.millis != running.window.millis || new.device_id != running.device_id {
@@ -186,7 +186,7 @@ fn reload_probes(
     if !others.is_empty() {
         tracing::warn!(sections = ?others, "SIGHUP: these settings changed and apply only after a restart");
     }
-    if format!("{:?}", new.probes) == format!("{probe_cfg:?}") {
+    if new.probes == *probe_cfg {
         tracing::info!("SIGHUP: probe settings unchanged");
         return;
     }

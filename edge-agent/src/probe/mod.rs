@@ -32,7 +32,6 @@ pub enum ProbeState {
 /// All probes of the agent. Owns the kernel objects.
 pub struct Probes {
     pub tcp: Option<TcpLifecycleProbe>,
-    pub tcp_state: ProbeState,
     /// Every probe (tracepoint program) by name, for `/metrics`.
     pub states: Vec<(&'static str, ProbeState)>,
 }
@@ -46,7 +45,7 @@ pub struct ProbeReading {
 impl Probes {
     /// No probes (between a detach and the next attach).
     pub fn none() -> Probes {
-        Probes { tcp: None, tcp_state: ProbeState::Disabled, states: Vec::new() }
+        Probes { tcp: None, states: Vec::new() }
     }
 
     /// Attaches what the config enables. A probe that cannot attach is
@@ -81,7 +80,7 @@ impl Probes {
                 tracing::warn!(probe = name, reason = %why, "probe unavailable");
             }
         }
-        Probes { tcp, tcp_state, states }
+        Probes { tcp, states }
     }
 
     pub fn read(&self) -> ProbeReading {

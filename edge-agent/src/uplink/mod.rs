@@ -153,7 +153,7 @@ impl Uplink {
         metrics: AgentMetrics,
         shutdown: Arc<AtomicBool>,
     ) -> Self {
-        let boot = crate::clock::read(0).boot_id;
+        let boot = crate::clock::boot_id().to_owned();
         Uplink { cfg, store, clock, boot, metrics, shutdown }
     }
 
@@ -530,7 +530,7 @@ impl Uplink {
         if time.last.is_some_and(|t| t.elapsed() < TIME_ASK_EVERY) {
             return;
         }
-        let nonce = crate::clock::read(0).mono_ms;
+        let nonce = crate::clock::mono_ms();
         let topic = edge_wire::time_topic(&self.cfg.mqtt.topic_prefix, &self.cfg.device_id);
         let msg = edge_wire::TimeRequest { nonce: nonce as u64 }.encode();
         if conn.publish(&topic, false, false, msg) {
