@@ -673,3 +673,33 @@ pub fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// The Modbus RTU frame check (CRC-16, polynomial 0xA001, initial 0xFFFF),
+/// sent low byte first.
+pub fn modbus_crc16(data: &[u8]) -> u16 {
+    let mut crc = 0xffffu16;
+    for b in data {
+        crc ^= u16::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xa001 } else { crc >> 1 };
+        }
+    }
+    crc
+}
+
+/// The newest stored value of a series the agent keeps in its windows (not
+/// on /metrics, like histograms): `edge-agent store export` of its store.
+/// `labels`: `name="value"` pairs the series must carry.
+pub fn stored(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Option<f64> {
+    let out = Command::new(bin_dir().join("edge-agent"))
+        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    // CSV quotes double the label values' quotes.
+    let wanted: Vec<String> = labels.iter().map(|l| l.replace('"', "\"\"")).collect();
+    csv.lines()
+        .filter(|l| l.split(',').nth(2) == Some(metric) && wanted.iter().all(|w| l.contains(w.as_str())))
+        .filter_map(|l| l.rsplit(',').next().and_then(|v| v.trim().parse().ok()))
+        .next_back()
+}

@@ -71,23 +71,6 @@ fn agent(dir: &std::path::Path, port: u16) -> Agent {
     )
 }
 
-/// The newest stored value of a series the agent keeps in its windows (not
-/// on /metrics, like histograms): `edge-agent store export` of its store.
-/// `labels`: `name="value"` pairs the series must carry.
-fn stored(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Option<f64> {
-    let out = Command::new(bin_dir().join("edge-agent"))
-        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
-        .output()
-        .unwrap();
-    let csv = String::from_utf8_lossy(&out.stdout);
-    // CSV quotes double the label values' quotes.
-    let wanted: Vec<String> = labels.iter().map(|l| l.replace('"', "\"\"")).collect();
-    csv.lines()
-        .filter(|l| l.split(',').nth(2) == Some(metric) && wanted.iter().all(|w| l.contains(w.as_str())))
-        .filter_map(|l| l.rsplit(',').next().and_then(|v| v.trim().parse().ok()))
-        .next_back()
-}
-
 fn metric(a: &Agent, name: &str, direction: &str) -> f64 {
     a.metric(&format!("{name}{{direction=\"{direction}\",port_class=\"e2e\"}}")).unwrap_or(0.0)
 }

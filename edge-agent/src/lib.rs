@@ -209,8 +209,13 @@ fn close_window(
     writer: &mut store::blocks::BlockWriter,
     prev: &mut TcpCounters,
 ) {
-    let probes = sh.probes.borrow();
+    let mut probes = sh.probes.borrow_mut();
     let (store, metrics) = (sh.store, sh.metrics);
+    if probes.refresh() {
+        for (name, state) in &probes.states {
+            metrics.set_probe(name, state);
+        }
+    }
     let reading = probes.read();
     let clocks = clock::read(sh.test_offset_ms);
     let ts = clocks.wall_ms;
@@ -222,6 +227,12 @@ fn close_window(
     metrics.windows.inc();
     if let Some(p) = &probes.tcp {
         metrics.observe_programs(&p.program_stats());
+    }
+    if let Some(p) = &probes.devices {
+        metrics.observe_programs(&p.program_stats().into_iter().collect::<Vec<_>>());
+    }
+    if let Some(d) = &reading.devices {
+        metrics.observe_devices(d);
     }
     metrics.observe_process();
     let mut lanes = uplink::lock(store);

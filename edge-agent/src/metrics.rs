@@ -80,6 +80,21 @@ pub struct AgentMetrics {
     pub clock_replies: Counter,
     pub clock_uncorrected: Counter,
     pub clock_error_ms: Gauge,
+    pub devices_watched: Gauge,
+    pub devices_over_cap: Gauge,
+    pub device_files_open: Gauge,
+    pub device_files_found: Family<HowLabels, Counter>,
+    pub device_map_full: Family<MapLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HowLabels {
+    pub how: String,
 }
 
 impl AgentMetrics {
@@ -223,6 +238,31 @@ impl AgentMetrics {
             "How far the wall clock was from the learned true time (true - wall), ms",
             m.clock_error_ms.clone(),
         );
+        r.register(
+            "edge_agent_devices_watched",
+            "Watched devices present now (probes.devices.watch matches)",
+            m.devices_watched.clone(),
+        );
+        r.register(
+            "edge_agent_devices_over_cap",
+            "Devices matched past the probe's cap of 128, not watched",
+            m.devices_over_cap.clone(),
+        );
+        r.register(
+            "edge_agent_device_files_open",
+            "Watched device files open now, over all processes (kernel table entries)",
+            m.device_files_open.clone(),
+        );
+        r.register(
+            "edge_agent_device_files_found",
+            "Watched open files registered, by how: open (the open hook) or scan (/proc)",
+            m.device_files_found.clone(),
+        );
+        r.register(
+            "edge_agent_device_map_full",
+            "Device events a bounded kernel table could not hold, by map: files, inflight, series, errors",
+            m.device_map_full.clone(),
+        );
         (m, Arc::new(r))
     }
 
@@ -241,6 +281,24 @@ impl AgentMetrics {
             if now > secs.get() {
                 secs.inc_by(now - secs.get());
             }
+        }
+    }
+
+    /// The device probe's own health: devices and open files watched, and
+    /// what its bounded kernel tables could not hold (cumulative counts).
+    pub fn observe_devices(&self, d: &crate::probe::device_io::DeviceReading) {
+        self.devices_watched.set(d.devices_present as i64);
+        self.devices_over_cap.set(d.devices_over_cap as i64);
+        self.device_files_open.set(d.files_open as i64);
+        let up = |c: &Counter, v: u64| {
+            c.inc_by(v.saturating_sub(c.get()));
+        };
+        up(&self.device_files_found.get_or_create(&HowLabels { how: "open".into() }), d.files_from_open);
+        up(&self.device_files_found.get_or_create(&HowLabels { how: "scan".into() }), d.files_from_scan);
+        for (map, v) in
+            [("files", d.fds_full), ("inflight", d.inflight_full), ("series", d.series_full), ("errors", d.errors_full)]
+        {
+            up(&self.device_map_full.get_or_create(&MapLabels { map: map.into() }), v);
         }
     }
 

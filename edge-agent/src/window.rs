@@ -1,7 +1,8 @@
 //! Window stage: turns one reading of the probes into the batch of samples
 //! stored for that window. Pure; owns only which series it has emitted.
 
-use crate::probe::tcp_lifecycle::{Hist, Kind, PortClasses, TcpCounters, TcpHists, BUCKETS, CLASSES, DIRS, DIR_NAMES};
+use crate::probe::device_io::{self, DeviceReading};
+use crate::probe::tcp_lifecycle::{Hist, Kind, PortClasses, TcpCounters, TcpHists, CLASSES, DIRS, DIR_NAMES};
 use crate::probe::ProbeReading;
 use crate::store::blocks::Window;
 use edge_wire::{Label, SeriesKey};
@@ -14,6 +15,28 @@ use std::collections::BTreeSet;
 pub struct WindowStage {
     live_tcp: BTreeSet<usize>,
     live_hist: BTreeSet<usize>,
+}
+
+/// A histogram's samples: cumulative `_bucket{le}` for log2 bounds of
+/// `unit` (seconds per kernel unit), `_sum`, `_count`. `labels` must be
+/// sorted by name; `le` is put in its place.
+fn histogram(name: &str, labels: &[Label], buckets: &[u64], sum: u64, unit: f64, out: &mut Vec<(SeriesKey, f64)>) {
+    let with_le = |le: String| {
+        let mut l = labels.to_vec();
+        let at = l.iter().position(|x| x.name.as_str() > "le").unwrap_or(l.len());
+        l.insert(at, Label::new("le", le));
+        l
+    };
+    let count: u64 = buckets.iter().sum();
+    let mut cumulative = 0;
+    for (b, n) in buckets.iter().enumerate().take(buckets.len() - 1) {
+        cumulative += n;
+        let le = (1u64 << (b + 1)) as f64 * unit;
+        out.push((SeriesKey::new(format!("{name}_bucket"), with_le(format!("{le}"))), cumulative as f64));
+    }
+    out.push((SeriesKey::new(format!("{name}_bucket"), with_le("+Inf".into())), count as f64));
+    out.push((SeriesKey::new(format!("{name}_sum"), labels.to_vec()), sum as f64 * unit));
+    out.push((SeriesKey::new(format!("{name}_count"), labels.to_vec()), count as f64));
 }
 
 impl WindowStage {
@@ -32,6 +55,9 @@ impl WindowStage {
         let mut samples = Vec::new();
         if let (Some(tcp), Some(classes)) = (&reading.tcp, classes) {
             self.tcp_series(tcp, classes, &mut samples);
+        }
+        if let Some(d) = &reading.devices {
+            device_series(d, &mut samples);
         }
         (!samples.is_empty()).then_some(Window { timestamp_ms, samples })
     }
@@ -71,29 +97,35 @@ impl WindowStage {
                     }
                     let Some(class_name) = classes.name(class) else { continue };
                     self.live_hist.insert(i);
-                    let labels = || vec![Label::new("direction", *direction), Label::new("port_class", class_name)];
-                    // Labels sorted by name: direction, le, port_class.
-                    let with_le = |le: String| {
-                        let mut l = labels();
-                        l.insert(1, Label::new("le", le));
-                        l
-                    };
-                    let name = hist.metric();
-                    let mut cumulative = 0;
-                    for (b, n) in slot.buckets.iter().enumerate().take(BUCKETS - 1) {
-                        cumulative += n;
-                        let le = (1u64 << (b + 1)) as f64 * hist.unit();
-                        out.push((
-                            SeriesKey::new(format!("{name}_bucket"), with_le(format!("{le}"))),
-                            cumulative as f64,
-                        ));
-                    }
-                    out.push((SeriesKey::new(format!("{name}_bucket"), with_le("+Inf".into())), count as f64));
-                    out.push((SeriesKey::new(format!("{name}_sum"), labels()), slot.sum as f64 * hist.unit()));
-                    out.push((SeriesKey::new(format!("{name}_count"), labels()), count as f64));
+                    let labels = [Label::new("direction", *direction), Label::new("port_class", class_name)];
+                    histogram(hist.metric(), &labels, &slot.buckets, slot.sum, hist.unit(), out);
                 }
             }
         }
+    }
+}
+
+/// Device-file I/O: per (device, op, process) a latency histogram (its
+/// `_count` is the number of operations), bytes for reads and writes, and
+/// errors by errno. The kernel never drops a series once made, so every
+/// series seen is in every later reading of the same probe.
+fn device_series(d: &DeviceReading, out: &mut Vec<(SeriesKey, f64)>) {
+    for s in &d.series {
+        // "device" is the bridge's label (the box); the file is "file".
+        let labels = [Label::new("file", &s.device), Label::new("op", s.op.name()), Label::new("process", &s.process)];
+        histogram("edge_device_operation_seconds", &labels, &s.buckets, s.sum_us, 1e-6, out);
+        if matches!(s.op, device_io::Op::Read | device_io::Op::Write) {
+            out.push((SeriesKey::new("edge_device_bytes_total", labels.to_vec()), s.bytes as f64));
+        }
+    }
+    for e in &d.errors {
+        let labels = vec![
+            Label::new("errno", device_io::errno_name(e.errno)),
+            Label::new("file", &e.device),
+            Label::new("op", e.op.name()),
+            Label::new("process", &e.process),
+        ];
+        out.push((SeriesKey::new("edge_device_errors_total", labels), e.count as f64));
     }
 }
 
@@ -107,10 +139,10 @@ mod tests {
         let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
         let mut w = WindowStage::new();
         let mut c = TcpCounters::default();
-        assert!(w.close(1, &ProbeReading { tcp: Some(c.clone()) }, Some(&classes)).is_none());
+        assert!(w.close(1, &ProbeReading { tcp: Some(c.clone()), devices: None }, Some(&classes)).is_none());
 
         c.values[TcpCounters::index(Kind::Opened, 0, 0)] = 3;
-        let b = w.close(2, &ProbeReading { tcp: Some(c.clone()) }, Some(&classes)).unwrap();
+        let b = w.close(2, &ProbeReading { tcp: Some(c.clone()), devices: None }, Some(&classes)).unwrap();
         assert_eq!(b.timestamp_ms, 2);
         assert_eq!(b.samples.len(), 1);
         let (key, v) = &b.samples[0];
@@ -120,7 +152,7 @@ mod tests {
         key.validate().unwrap();
 
         // Counter reset (agent restart, new kernel map): the series stays.
-        let b = w.close(3, &ProbeReading { tcp: Some(TcpCounters::default()) }, Some(&classes)).unwrap();
+        let b = w.close(3, &ProbeReading { tcp: Some(TcpCounters::default()), devices: None }, Some(&classes)).unwrap();
         assert_eq!(b.samples[0].1, 0.0);
     }
 
@@ -131,7 +163,7 @@ mod tests {
         let mut c = TcpCounters::default();
         c.values[TcpCounters::index(Kind::CloseWaitEntered, 1, 0)] = 5;
         c.values[TcpCounters::index(Kind::CloseWaitLeft, 1, 0)] = 3;
-        let b = w.close(1, &ProbeReading { tcp: Some(c) }, Some(&classes)).unwrap();
+        let b = w.close(1, &ProbeReading { tcp: Some(c), devices: None }, Some(&classes)).unwrap();
         assert_eq!(b.samples.len(), 1);
         assert_eq!(b.samples[0].0.name, "edge_tcp_connections_close_wait");
         assert_eq!(b.samples[0].1, 2.0);
@@ -146,7 +178,7 @@ mod tests {
         slot.buckets[5] = 2; // 32..64 us
         slot.buckets[7] = 1; // 128..256 us
         slot.sum = 40 + 50 + 200;
-        let b = w.close(1, &ProbeReading { tcp: Some(c) }, Some(&classes)).unwrap();
+        let b = w.close(1, &ProbeReading { tcp: Some(c), devices: None }, Some(&classes)).unwrap();
         let get = |name: &str, le: Option<&str>| {
             b.samples
                 .iter()
@@ -166,5 +198,55 @@ mod tests {
             k.validate().unwrap();
         }
         assert_eq!(b.samples.len(), 26, "23 finite buckets, +Inf, sum, count");
+    }
+
+    #[test]
+    fn device_series_are_histograms_bytes_and_errors_by_errno() {
+        use crate::probe::device_io::{DeviceErrors, DeviceSeries, Op};
+        let mut buckets = [0; device_io::BUCKETS];
+        buckets[3] = 4; // 8..16 us
+        buckets[18] = 1; // ~0.26..0.52 s: a stalled sensor
+        let d = DeviceReading {
+            series: vec![DeviceSeries {
+                device: "/dev/ttyUSB0".into(),
+                op: Op::Read,
+                process: "modbus-poller".into(),
+                ops: 5,
+                bytes: 40,
+                errors: 1,
+                sum_us: 4 * 10 + 300_000,
+                buckets,
+            }],
+            errors: vec![DeviceErrors {
+                device: "/dev/ttyUSB0".into(),
+                op: Op::Read,
+                process: "modbus-poller".into(),
+                errno: libc::EAGAIN,
+                count: 1,
+            }],
+            ..Default::default()
+        };
+        let mut w = WindowStage::new();
+        let b = w.close(1, &ProbeReading { tcp: None, devices: Some(d) }, None).unwrap();
+        for (k, _) in &b.samples {
+            k.validate().unwrap();
+        }
+        let get = |name: &str, le: Option<&str>| {
+            b.samples
+                .iter()
+                .find(|(k, _)| {
+                    k.name == name && le.is_none_or(|le| k.labels.iter().any(|l| l.name == "le" && l.value == le))
+                })
+                .map(|(_, v)| *v)
+        };
+        let m = "edge_device_operation_seconds";
+        assert_eq!(get(&format!("{m}_count"), None), Some(5.0));
+        assert_eq!(get(&format!("{m}_bucket"), Some("0.000016")), Some(4.0));
+        assert_eq!(get(&format!("{m}_bucket"), Some("0.262144")), Some(4.0));
+        assert_eq!(get(&format!("{m}_bucket"), Some("0.524288")), Some(5.0));
+        assert_eq!(get("edge_device_bytes_total", None), Some(40.0));
+        let err = b.samples.iter().find(|(k, _)| k.name == "edge_device_errors_total").unwrap();
+        assert!(err.0.labels.iter().any(|l| l.name == "errno" && l.value == "EAGAIN"));
+        assert_eq!(err.1, 1.0);
     }
 }

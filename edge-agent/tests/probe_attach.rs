@@ -1,8 +1,10 @@
-//! Attaching the TCP probes on the real kernel: a tracepoint whose layout
+//! Attaching the probes on the real kernel: a tracepoint whose layout
 //! cannot be read is reported with the reason while the others attach, and
-//! 100 attach/detach cycles leave no program, map or link behind.
+//! 100 attach/detach cycles (TCP and device probes) leave no program, map,
+//! link or mapping behind.
 
-use edge_agent::config::TcpLifecycleConfig;
+use edge_agent::config::{DevicesConfig, TcpLifecycleConfig};
+use edge_agent::probe::device_io::{self, DeviceIoProbe};
 use edge_agent::probe::tcp_lifecycle::{TcpLifecycleProbe, TRACEPOINTS};
 use edge_agent::probe::{tracefs, ProbeState};
 use std::path::Path;
@@ -89,19 +91,62 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
     // One cycle first: lazily created kernel objects are not leaks.
     // Every probe, RTT (off by default) included.
     let all = TcpLifecycleConfig { rtt: true, ..Default::default() };
+    // The device probe with a device present: every syscall hook attached.
+    let dev = DevicesConfig { watch: vec!["/dev/null".into()], ..Default::default() };
     drop(TcpLifecycleProbe::attach(&real, &all).unwrap());
+    drop(DeviceIoProbe::load(&real, &dev).unwrap());
     let before = count();
+    let maps_before = mappings();
     for _ in 0..100 {
         let p = TcpLifecycleProbe::attach(&real, &all).unwrap();
         assert!(p.states.iter().all(|(_, s)| *s == ProbeState::Attached), "{:?}", p.states);
+        let d = DeviceIoProbe::load(&real, &dev).unwrap();
+        assert_eq!(d.state, ProbeState::Attached);
         drop(p);
+        drop(d);
     }
+    assert_eq!(mappings(), maps_before, "memory mappings (the device filter map) before and after");
     assert_eq!(count(), before, "BPF and perf-event descriptors before and after 100 cycles");
     // And while attached there are some: the count is not vacuous.
     let p = TcpLifecycleProbe::attach(&real, &all).unwrap();
     let held: usize = count().values().sum();
     assert!(held >= 10, "an attached probe holds {held} descriptors");
     drop(p);
+}
+
+/// How many memory mappings this process has.
+fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
+}
+
+#[test]
+fn device_probe_layout_errors_name_the_call() {
+    if !root_or_skip() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let real = tracefs::ensure_mounted().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for h in device_io::HOOKS {
+        let rel = Path::new("events/syscalls").join(h.event);
+        std::fs::create_dir_all(dir.path().join(&rel)).unwrap();
+        std::fs::copy(real.join(&rel).join("format"), dir.path().join(&rel).join("format")).unwrap();
+    }
+    let dev = DevicesConfig { watch: vec!["/dev/null".into()], ..Default::default() };
+    // An optional call missing (dup2, as on arm64): the probe attaches.
+    std::fs::remove_dir_all(dir.path().join("events/syscalls/sys_enter_dup2")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("events/syscalls/sys_exit_dup2")).unwrap();
+    assert_eq!(DeviceIoProbe::load(dir.path(), &dev).unwrap().state, ProbeState::Attached);
+    // ioctl's fd somewhere else than the other calls': refused, named.
+    let f = dir.path().join("events/syscalls/sys_enter_ioctl/format");
+    let text = std::fs::read_to_string(&f).unwrap().replace("fd;\toffset:16;", "fd;\toffset:24;");
+    std::fs::write(&f, text).unwrap();
+    let e = DeviceIoProbe::load(dir.path(), &dev).err().unwrap().to_string();
+    assert!(e.contains("sys_enter_ioctl") && e.contains("offset 24"), "{e}");
+    // A required call missing: unavailable, naming it.
+    std::fs::remove_dir_all(dir.path().join("events/syscalls/sys_exit_read")).unwrap();
+    let e = DeviceIoProbe::load(dir.path(), &dev).err().unwrap().to_string();
+    assert!(e.contains("sys_exit_read"), "{e}");
 }
 
 #[test]
@@ -123,5 +168,9 @@ fn the_probes_command_reports_every_probe() {
         let want = if tp.probe == "tcp_rtt" { "disabled (config)" } else { "attached" };
         assert!(line.contains(&format!("{}:{}", tp.group, tp.event)) && line.ends_with(want), "{line}");
     }
+    // No watched device on a build machine (or one: then attached).
+    let line =
+        text.lines().find(|l| l.starts_with("device_io")).unwrap_or_else(|| panic!("device_io missing:\n{text}"));
+    assert!(line.contains("waiting: no device matches /dev/ttyUSB*") || line.ends_with("attached"), "{line}");
     assert!(text.starts_with("kernel "), "{text}");
 }

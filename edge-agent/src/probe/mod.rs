@@ -1,10 +1,12 @@
 //! Probe stage: kernel programs and the in-kernel aggregates they keep.
 //! Each probe reports whether it is attached, and why not.
 
+pub mod device_io;
 pub mod tcp_lifecycle;
 pub mod tracefs;
 
 use crate::config::Config;
+use device_io::{DeviceIoProbe, DeviceReading};
 use tcp_lifecycle::{TcpCounters, TcpLifecycleProbe};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +28,15 @@ pub enum ProbeError {
 pub enum ProbeState {
     Attached,
     Disabled,
+    /// Loaded but not attached, and why (nothing to watch yet).
+    Waiting(String),
     Unavailable(String),
 }
 
 /// All probes of the agent. Owns the kernel objects.
 pub struct Probes {
     pub tcp: Option<TcpLifecycleProbe>,
+    pub devices: Option<DeviceIoProbe>,
     /// Every probe (tracepoint program) by name, for `/metrics`.
     pub states: Vec<(&'static str, ProbeState)>,
 }
@@ -40,12 +45,13 @@ pub struct Probes {
 #[derive(Debug, Clone, Default)]
 pub struct ProbeReading {
     pub tcp: Option<TcpCounters>,
+    pub devices: Option<DeviceReading>,
 }
 
 impl Probes {
     /// No probes (between a detach and the next attach).
     pub fn none() -> Probes {
-        Probes { tcp: None, states: Vec::new() }
+        Probes { tcp: None, devices: None, states: Vec::new() }
     }
 
     /// Attaches what the config enables. A probe that cannot attach is
@@ -71,16 +77,48 @@ impl Probes {
                 }
             }
         };
-        let states = match &tcp {
+        let mut states = match &tcp {
             Some(p) => p.states.clone(),
             None => tcp_lifecycle::TRACEPOINTS.iter().map(|t| (t.probe, tcp_state.clone())).collect(),
+        };
+        let devices = if !cfg.probes.devices.enabled {
+            states.push((DEVICE_IO, ProbeState::Disabled));
+            None
+        } else {
+            match tracefs::ensure_mounted()
+                .map_err(ProbeError::from)
+                .and_then(|root| DeviceIoProbe::load(&root, &cfg.probes.devices))
+            {
+                Ok(p) => {
+                    states.push((DEVICE_IO, p.state.clone()));
+                    Some(p)
+                }
+                Err(e) => {
+                    states.push((DEVICE_IO, ProbeState::Unavailable(e.to_string())));
+                    None
+                }
+            }
         };
         for (name, st) in &states {
             if let ProbeState::Unavailable(why) = st {
                 tracing::warn!(probe = name, reason = %why, "probe unavailable");
             }
         }
-        Probes { tcp, states }
+        Probes { tcp, devices, states }
+    }
+
+    /// Once per window, before [`Probes::read`]: lets the device probe
+    /// follow devices that appeared or vanished. Returns whether any
+    /// probe's state changed.
+    pub fn refresh(&mut self) -> bool {
+        let Some(d) = self.devices.as_mut() else { return false };
+        d.refresh();
+        let Some(slot) = self.states.iter_mut().find(|(n, _)| *n == DEVICE_IO) else { return false };
+        if slot.1 == d.state {
+            return false;
+        }
+        slot.1 = d.state.clone();
+        true
     }
 
     pub fn read(&self) -> ProbeReading {
@@ -91,9 +129,19 @@ impl Probes {
                 None
             }
         });
-        ProbeReading { tcp }
+        let devices = self.devices.as_ref().and_then(|p| match p.read() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(probe = DEVICE_IO, error = %e, "read failed; window skipped");
+                None
+            }
+        });
+        ProbeReading { tcp, devices }
     }
 }
+
+/// The device-file probe's name in `edge_agent_probe_attached{probe}`.
+pub const DEVICE_IO: &str = "device_io";
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (Jetson's 5.10).
 fn raise_memlock_limit() {
@@ -122,10 +170,15 @@ pub fn report(cfg: &Config) -> String {
     out += &format!("{:<24} {:<36} state\n", "probe", "tracepoint");
     for (name, state) in &probes.states {
         let tp = tcp_lifecycle::TRACEPOINTS.iter().find(|t| t.probe == *name);
-        let where_ = tp.map(|t| format!("{}:{}", t.group, t.event)).unwrap_or_default();
+        let where_ = match tp {
+            Some(t) => format!("{}:{}", t.group, t.event),
+            None if *name == DEVICE_IO => "syscalls:sys_{enter,exit}_{read,...}".to_string(),
+            None => String::new(),
+        };
         let state = match state {
             ProbeState::Attached => "attached".to_string(),
             ProbeState::Disabled => "disabled (config)".to_string(),
+            ProbeState::Waiting(why) => format!("waiting: {why}"),
             ProbeState::Unavailable(why) => format!("unavailable: {why}"),
         };
         out += &format!("{name:<24} {where_:<36} {state}\n");

@@ -547,7 +547,7 @@ fn attach_one(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), ProbeError> {
     Ok(())
 }
 
-fn verifier_text(e: &aya::programs::ProgramError) -> String {
+pub(crate) fn verifier_text(e: &aya::programs::ProgramError) -> String {
     match e {
         aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
             format!("{io_error}; verifier log:\n{verifier_log}")

@@ -1,0 +1,182 @@
+//! The device-file probe against ground truth: a simulated serial sensor
+//! (Modbus RTU over a pseudo-terminal, e2e/src/bin/rtu_sensor.rs) read by
+//! another process that counts every system call it makes on the port
+//! (rtu_reader.rs). The agent's operations, bytes, errors by errno and
+//! latency histogram must equal what the reader did; a stalled reply must
+//! show in the slow buckets. And the probe pays only for what it watches:
+//! no syscall hook while no watched device exists, hooks as soon as one
+//! appears, gone again when it vanishes.
+
+use e2e::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// The simulated sensor; its pseudo-terminal's path.
+fn sensor(dir: &Path, stall_request: u32, stall_ms: u32) -> (Proc, String) {
+    let mut p = Proc::spawn(
+        "rtu_sensor",
+        dir,
+        &bin_dir().join("rtu_sensor"),
+        &[stall_request.to_string(), stall_ms.to_string()],
+        &[],
+    );
+    let path = wait_for("the sensor's pty", Duration::from_secs(10), || {
+        p.assert_running();
+        p.log_text().lines().next().map(str::to_owned).filter(|l| l.starts_with("/dev/pts/")).ok_or("not yet")
+    });
+    (p, path)
+}
+
+/// Runs the reader on `tty` and returns what it counted.
+fn read_sensor(tty: &str, polls: u32, slow_us: u64) -> serde_json::Value {
+    let out = Command::new(bin_dir().join("rtu_reader"))
+        .args([tty, &polls.to_string(), &slow_us.to_string()])
+        .output()
+        .expect("rtu_reader");
+    assert!(out.status.success(), "rtu_reader: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("rtu_reader prints JSON")
+}
+
+fn agent(dir: &Path, watch: &str, tcp: bool) -> Agent {
+    let setup = AgentSetup {
+        device: "devices",
+        broker: None,
+        identity: None,
+        mqtt: "",
+        window_ms: 200,
+        class_ports: &[],
+        state_dir: None,
+        extra: &format!(
+            "[probes.tcp_lifecycle]\nenabled = {tcp}\n[probes.devices]\nwatch = [\"{watch}\"]\nrescan_secs = 1\n"
+        ),
+    };
+    let mut a = if tcp { Agent::start(dir, &setup) } else { Agent::launch(dir, &setup) };
+    a.proc.assert_running();
+    a
+}
+
+fn device_io_attached(a: &Agent) -> Option<f64> {
+    a.metric("edge_agent_probe_attached{probe=\"device_io\"}")
+}
+
+/// The tracepoint attachments the agent holds: its BPF link descriptors
+/// (perf event ones on kernels before 5.15), one per attached tracepoint.
+/// The TCP probes are off in the test that counts them, so these are the
+/// syscall hooks.
+fn perf_events(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|t| {
+                        let t = t.to_string_lossy();
+                        t.contains("bpf_link") || t.contains("perf_event")
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn serial_sensor_ops_bytes_errors_and_stall_match_the_reader() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("devices-serial");
+    // The 3rd reply comes 400 ms late: one read between 2^18 and 2^19 us.
+    let (_sensor, tty) = sensor(&dir, 3, 400);
+    let a = agent(&dir, &tty, true);
+    wait_for("the device hooks to attach", Duration::from_secs(20), || {
+        (device_io_attached(&a) == Some(1.0)).then_some(()).ok_or("not attached")
+    });
+    // Counted exactly, like the kernel's fence: > 2^18 us.
+    let truth = read_sensor(&tty, 20, 262_144);
+    let n = |k: &str| truth[k].as_u64().unwrap() as f64;
+    assert_eq!(n("slow_reads"), 1.0, "the stall did not happen: {truth}");
+    assert_eq!(n("exceptions"), 1.0, "{truth}");
+
+    let labels =
+        |op: &'static str| [format!("file=\"{tty}\""), format!("op=\"{op}\""), "process=\"rtu_reader\"".to_string()];
+    let get = |metric: &str, op: &'static str, extra: &[&str]| {
+        let l = labels(op);
+        let mut all: Vec<&str> = l.iter().map(String::as_str).collect();
+        all.extend_from_slice(extra);
+        stored(&dir, metric, &all)
+    };
+    let count = |op| get("edge_device_operation_seconds_count", op, &[]);
+    // The reader has exited; wait for a window that has all of it.
+    wait_for("the reader's operations in a stored window", Duration::from_secs(20), || {
+        (count("read") == Some(n("reads")) && count("open") == Some(1.0)).then_some(()).ok_or(format!(
+            "read {:?} open {:?}, reader did {truth}",
+            count("read"),
+            count("open")
+        ))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count("open"), Some(n("opens")));
+    assert_eq!(count("ioctl"), Some(n("ioctls")));
+    assert_eq!(count("read"), Some(n("reads")));
+    assert_eq!(count("write"), Some(n("writes")));
+    assert_eq!(get("edge_device_bytes_total", "read", &[]), Some(n("read_bytes")));
+    assert_eq!(get("edge_device_bytes_total", "write", &[]), Some(n("write_bytes")));
+    assert_eq!(get("edge_device_errors_total", "read", &["errno=\"EAGAIN\""]), Some(n("eagain")));
+    // No other errors: the writes and ioctls all succeeded.
+    assert_eq!(get("edge_device_errors_total", "write", &[]), None);
+    assert_eq!(get("edge_device_errors_total", "ioctl", &[]), None);
+    // The stalled read: above the 0.262144 s bound, within 0.524288 s.
+    let bucket = |le: &str| {
+        let le = format!("le=\"{le}\"");
+        get("edge_device_operation_seconds_bucket", "read", &[&le])
+    };
+    assert_eq!(bucket("+Inf").unwrap() - bucket("0.262144").unwrap(), 1.0, "one slow read");
+    assert_eq!(bucket("0.524288"), bucket("+Inf"));
+    let sum = get("edge_device_operation_seconds_sum", "read", &[]).unwrap();
+    assert!((0.39..2.0).contains(&sum), "read latency sum {sum} s holds the 400 ms stall");
+    // The sensor's own descriptor of the line was found by the /proc scan
+    // (it opened it before the agent started); it did no I/O on it.
+    assert!(a.metric("edge_agent_device_files_found_total{how=\"scan\"}").unwrap_or(0.0) >= 1.0);
+    assert_eq!(stored(&dir, "edge_device_operation_seconds_count", &["process=\"rtu_sensor\""]), None);
+}
+
+#[test]
+fn hooks_attach_only_while_a_watched_device_exists() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("devices-appear");
+    let (_sensor, tty) = sensor(&dir, 0, 0);
+    // Watched by a name that does not exist yet (as a USB adapter not
+    // plugged in): the probe waits, with no syscall hook attached.
+    let link = dir.join("ttyFIELD0");
+    let a = agent(&dir, &format!("{}/ttyFIELD*", dir.display()), false);
+    wait_for("the device probe to report waiting", Duration::from_secs(20), || {
+        (device_io_attached(&a) == Some(0.0)).then_some(()).ok_or("no state")
+    });
+    assert_eq!(perf_events(a.proc.pid()), 0, "no tracepoint attached while nothing is watched");
+    assert_eq!(a.metric("edge_agent_devices_watched"), Some(0.0));
+
+    // The device appears: hooks within a window, and the reader's open by
+    // the new name is seen by the open hook.
+    std::os::unix::fs::symlink(&tty, &link).unwrap();
+    wait_for("the device hooks to attach", Duration::from_secs(20), || {
+        (device_io_attached(&a) == Some(1.0)).then_some(()).ok_or("not attached")
+    });
+    // read, pread64, readv, write, pwrite64, writev, ioctl, openat, dup3,
+    // dup2 (where it exists) in and out, and close.
+    let hooks = perf_events(a.proc.pid());
+    assert!((19..=21).contains(&hooks), "{hooks} syscall hooks");
+    let truth = read_sensor(&link.display().to_string(), 3, 10_000_000);
+    let file = format!("file=\"{}\"", link.display());
+    wait_for("the reads through the new name", Duration::from_secs(20), || {
+        let got = stored(&dir, "edge_device_operation_seconds_count", &[&file, "op=\"read\""]);
+        (got == truth["reads"].as_f64()).then_some(()).ok_or(format!("{got:?} vs {truth}"))
+    });
+
+    // It vanishes: hooks detached again.
+    std::fs::remove_file(&link).unwrap();
+    wait_for("the device hooks to detach", Duration::from_secs(20), || {
+        (device_io_attached(&a) == Some(0.0) && perf_events(a.proc.pid()) == 0).then_some(()).ok_or("still attached")
+    });
+}

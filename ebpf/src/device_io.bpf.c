@@ -1,0 +1,358 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+//
+// Device-file I/O (serial ports, i2c-dev, spidev, gpiochip, IIO sysfs and any
+// other watched file) from the classic syscall tracepoints, filtered in the
+// kernel to watched open files.
+//
+// A watched file is a (tgid, fd) pair in dio_fds. Pairs come from two places:
+// the open hook (sys_enter/exit_openat) matches the opened path against
+// dio_paths, which the agent fills with every name of every watched device;
+// the agent adds files opened before it started, inherited or duplicated,
+// from a scan of /proc/<pid>/fd. close() removes a pair; the agent removes
+// those of exited processes.
+//
+// Every read/write/ioctl of every process on the box reaches these programs,
+// so the reject path is two byte loads from one mmapable array (dio_filter):
+// is any watched file held by a process whose tgid falls in this slot, and
+// has any watched file a descriptor number in this slot? Only when both say
+// maybe does the program look up the hash. The exit hook's reject path is one
+// load of the per-thread-slot in-flight count.
+//
+// Portable like tcp_lifecycle.bpf.c: no vmlinux.h, no CO-RE; the offsets of
+// `fd`, `filename` and `ret` come from the tracefs format files at start-up.
+//
+// Aggregated in the kernel per (device, operation, process name): count,
+// bytes, errors, a log2 latency histogram; errors also by errno. User space
+// reads the maps once per window. No events, no wake-ups.
+
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include <bpf/bpf_helpers.h>
+
+#include "device_io.h"
+
+// First syscall argument (the fd, or openat's dfd: filename is the second).
+const volatile __u32 off_fd = 16;
+const volatile __u32 off_filename = 24;
+// dup2/dup3: the descriptor duplicated.
+const volatile __u32 off_oldfd = 16;
+// sys_exit_*: the return value.
+const volatile __u32 off_ret = 16;
+
+struct dio_filter {
+	__u8 pid[DIO_PID_SLOTS];
+	__u8 fd[DIO_FD_SLOTS];
+	__u32 inflight[DIO_TID_SLOTS];
+};
+
+// One element, mmapped by the agent: it sets and clears filter bytes with
+// plain stores, so neither side's writes can undo the other's.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct dio_filter);
+} dio_filter SEC(".maps");
+
+struct dio_file {
+	__u32 dev;
+	__u32 pad;
+	char comm[DIO_COMM_LEN]; // process name when the file was found
+};
+
+// (tgid << 32 | fd) -> watched file.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DIO_MAX_FDS);
+	__type(key, __u64);
+	__type(value, struct dio_file);
+} dio_fds SEC(".maps");
+
+struct dio_path {
+	char path[DIO_PATH_MAX];
+};
+
+// Watched path (NUL-padded) -> device index.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DIO_MAX_PATHS);
+	__type(key, struct dio_path);
+	__type(value, __u32);
+} dio_paths SEC(".maps");
+
+struct dio_op {
+	__u64 start_ns;
+	struct dio_file file;
+	__u32 op;
+	__u32 pad;
+};
+
+// Thread id -> the watched operation it is inside.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DIO_MAX_INFLIGHT);
+	__type(key, __u32);
+	__type(value, struct dio_op);
+} dio_inflight SEC(".maps");
+
+struct dio_key {
+	__u32 dev;
+	__u32 op;
+	char comm[DIO_COMM_LEN];
+};
+
+struct dio_agg {
+	__u64 ops;
+	__u64 bytes;
+	__u64 errors;
+	__u64 sum_us;
+	__u64 buckets[DIO_BUCKETS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, DIO_MAX_AGG);
+	__type(key, struct dio_key);
+	__type(value, struct dio_agg);
+} dio_agg SEC(".maps");
+
+struct dio_err_key {
+	__u32 dev;
+	__u32 op;
+	__u32 err; // errno, positive
+	char comm[DIO_COMM_LEN];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, DIO_MAX_ERRS);
+	__type(key, struct dio_err_key);
+	__type(value, __u64);
+} dio_errs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DIO_STATS);
+	__type(key, __u32);
+	__type(value, __u64);
+} dio_stats SEC(".maps");
+
+static __always_inline void stat(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&dio_stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+// A u64 of the tracepoint record at a load-time constant offset. The
+// verifier allows context reads only at offsets fixed in the instruction;
+// the frozen globals make the usual offsets such branches, and any other
+// layout goes through a helper.
+static __always_inline __u64 rec_u64(void *ctx, __u32 off)
+{
+	if (off == 16)
+		return *(__u64 *)((char *)ctx + 16);
+	if (off == 24)
+		return *(__u64 *)((char *)ctx + 24);
+	__u64 v = 0;
+	if (off <= DIO_REC_MAX - 8)
+		bpf_probe_read_kernel(&v, sizeof(v), (char *)ctx + off);
+	return v;
+}
+
+static __always_inline struct dio_filter *filter(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&dio_filter, &zero);
+}
+
+static __always_inline void begin(struct dio_filter *f, __u32 tid, struct dio_file *file, __u32 op)
+{
+	struct dio_op o = { .start_ns = bpf_ktime_get_ns(), .op = op };
+	__builtin_memcpy(&o.file, file, sizeof(o.file));
+	if (bpf_map_update_elem(&dio_inflight, &tid, &o, BPF_ANY) != 0) {
+		stat(DIO_STAT_INFLIGHT_FULL);
+		return;
+	}
+	__sync_fetch_and_add(&f->inflight[tid % DIO_TID_SLOTS], 1);
+}
+
+// sys_enter of read/write/ioctl-like calls (and dup2/dup3): the watched
+// file behind the descriptor at `off` of the record, timed until exit.
+static __always_inline int enter_fd(void *ctx, __u32 off, __u32 op)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	struct dio_filter *f = filter();
+	if (!f || !f->pid[tgid % DIO_PID_SLOTS])
+		return 0;
+	__u32 fd = (__u32)rec_u64(ctx, off);
+	if (!f->fd[fd % DIO_FD_SLOTS])
+		return 0;
+	__u64 key = ((__u64)tgid << 32) | fd;
+	struct dio_file *file = bpf_map_lookup_elem(&dio_fds, &key);
+	if (!file)
+		return 0;
+	begin(f, (__u32)id, file, op);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_read")
+int dio_enter_read(void *ctx)
+{
+	return enter_fd(ctx, off_fd, DIO_OP_READ);
+}
+
+SEC("tracepoint/syscalls/sys_enter_write")
+int dio_enter_write(void *ctx)
+{
+	return enter_fd(ctx, off_fd, DIO_OP_WRITE);
+}
+
+SEC("tracepoint/syscalls/sys_enter_ioctl")
+int dio_enter_ioctl(void *ctx)
+{
+	return enter_fd(ctx, off_fd, DIO_OP_IOCTL);
+}
+
+// A shell's `< /dev/ttyUSB0`, dd and daemons move a device onto another
+// descriptor number: the new number is watched too.
+SEC("tracepoint/syscalls/sys_enter_dup3")
+int dio_enter_dup(void *ctx)
+{
+	return enter_fd(ctx, off_oldfd, DIO_OP_DUP);
+}
+
+// The open hook: every openat on the box copies its path (at most
+// DIO_PATH_MAX bytes) and looks it up; a watched path is timed like an
+// operation and its descriptor registered on exit.
+SEC("tracepoint/syscalls/sys_enter_openat")
+int dio_enter_openat(void *ctx)
+{
+	struct dio_path p = {};
+	const char *name = (const char *)rec_u64(ctx, off_filename);
+	if (bpf_probe_read_user_str(p.path, sizeof(p.path), name) <= 0)
+		return 0;
+	__u32 *dev = bpf_map_lookup_elem(&dio_paths, &p);
+	if (!dev)
+		return 0;
+	struct dio_filter *f = filter();
+	if (!f)
+		return 0;
+	struct dio_file file = { .dev = *dev };
+	bpf_get_current_comm(file.comm, sizeof(file.comm));
+	begin(f, (__u32)bpf_get_current_pid_tgid(), &file, DIO_OP_OPEN);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_close")
+int dio_enter_close(void *ctx)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct dio_filter *f = filter();
+	if (!f || !f->pid[tgid % DIO_PID_SLOTS])
+		return 0;
+	__u32 fd = (__u32)rec_u64(ctx, off_fd);
+	if (!f->fd[fd % DIO_FD_SLOTS])
+		return 0;
+	__u64 key = ((__u64)tgid << 32) | fd;
+	bpf_map_delete_elem(&dio_fds, &key);
+	// Filter bytes stay set; the agent clears stale ones.
+	return 0;
+}
+
+// Index of the highest set bit: log2 bucket of v (0 for 0 and 1).
+static __always_inline __u32 log2_bucket(__u64 v)
+{
+	__u32 b = 0;
+#pragma unroll
+	for (int i = 32; i > 0; i /= 2) {
+		if (v >> i) {
+			v >>= i;
+			b += i;
+		}
+	}
+	return b < DIO_BUCKETS ? b : DIO_BUCKETS - 1;
+}
+
+static __always_inline void count_error(struct dio_key *k, __s64 ret)
+{
+	struct dio_err_key ek = { .dev = k->dev, .op = k->op, .err = (__u32)(-ret) };
+	__builtin_memcpy(ek.comm, k->comm, sizeof(ek.comm));
+	__u64 *n = bpf_map_lookup_elem(&dio_errs, &ek);
+	if (!n) {
+		__u64 zero = 0;
+		bpf_map_update_elem(&dio_errs, &ek, &zero, BPF_NOEXIST);
+		n = bpf_map_lookup_elem(&dio_errs, &ek);
+		if (!n) {
+			stat(DIO_STAT_ERRS_FULL);
+			return;
+		}
+	}
+	*n += 1; // per-CPU value: no atomics needed
+}
+
+// Every sys_exit of a hooked call (openat included).
+SEC("tracepoint/syscalls/sys_exit_read")
+int dio_exit(void *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)id;
+	struct dio_filter *f = filter();
+	if (!f || !f->inflight[tid % DIO_TID_SLOTS])
+		return 0;
+	struct dio_op *o = bpf_map_lookup_elem(&dio_inflight, &tid);
+	if (!o)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	__s64 ret = (__s64)rec_u64(ctx, off_ret);
+	struct dio_key k = { .dev = o->file.dev, .op = o->op };
+	__builtin_memcpy(k.comm, o->file.comm, sizeof(k.comm));
+	__u64 us = (now - o->start_ns) / 1000;
+	bpf_map_delete_elem(&dio_inflight, &tid);
+	__sync_fetch_and_add(&f->inflight[tid % DIO_TID_SLOTS], -1);
+
+	if ((k.op == DIO_OP_OPEN || k.op == DIO_OP_DUP) && ret >= 0) {
+		__u32 tgid = id >> 32;
+		__u64 key = ((__u64)tgid << 32) | (__u32)ret;
+		struct dio_file file = { .dev = k.dev };
+		__builtin_memcpy(file.comm, k.comm, sizeof(file.comm));
+		if (bpf_map_update_elem(&dio_fds, &key, &file, BPF_ANY) == 0) {
+			// Hash entry first, filter bytes after: the agent's
+			// clearing of stale bytes relies on this order.
+			f->pid[tgid % DIO_PID_SLOTS] = 1;
+			f->fd[(__u32)ret % DIO_FD_SLOTS] = 1;
+			stat(DIO_STAT_FDS_ADDED);
+		} else {
+			stat(DIO_STAT_FDS_FULL);
+		}
+	}
+	if (k.op >= DIO_OPS)
+		return 0;
+
+	struct dio_agg *a = bpf_map_lookup_elem(&dio_agg, &k);
+	if (!a) {
+		struct dio_agg zero = {};
+		bpf_map_update_elem(&dio_agg, &k, &zero, BPF_NOEXIST);
+		a = bpf_map_lookup_elem(&dio_agg, &k);
+		if (!a) {
+			stat(DIO_STAT_AGG_FULL);
+			return 0;
+		}
+	}
+	a->ops += 1;
+	if (ret < 0) {
+		a->errors += 1;
+		count_error(&k, ret);
+	} else if (k.op == DIO_OP_READ || k.op == DIO_OP_WRITE) {
+		a->bytes += ret;
+	}
+	a->sum_us += us;
+	__u32 b = log2_bucket(us);
+	if (b < DIO_BUCKETS)
+		a->buckets[b] += 1;
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
