@@ -29,6 +29,8 @@
 #include <linux/types.h>
 #include <bpf/bpf_helpers.h>
 
+#include "log2.h"
+
 #include "device_io.h"
 
 // First syscall argument (the fd, or openat's dfd: filename is the second).
@@ -262,18 +264,9 @@ int dio_enter_close(void *ctx)
 	return 0;
 }
 
-// Index of the highest set bit: log2 bucket of v (0 for 0 and 1).
 static __always_inline __u32 log2_bucket(__u64 v)
 {
-	__u32 b = 0;
-#pragma unroll
-	for (int i = 32; i > 0; i /= 2) {
-		if (v >> i) {
-			v >>= i;
-			b += i;
-		}
-	}
-	return b < DIO_BUCKETS ? b : DIO_BUCKETS - 1;
+	return log2_bucket_of(v, DIO_BUCKETS - 1);
 }
 
 static __always_inline void count_error(struct dio_key *k, __s64 ret)

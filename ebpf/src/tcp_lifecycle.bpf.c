@@ -22,6 +22,8 @@
 #include <linux/types.h>
 #include <bpf/bpf_helpers.h>
 
+#include "log2.h"
+
 #include "tcp_lifecycle.h"
 
 // sock:inet_sock_set_state (defaults: x86_64/aarch64 6.x).
@@ -147,18 +149,9 @@ static __always_inline void stat(__u32 idx)
 		*v += 1;
 }
 
-// Index of the highest set bit: log2 bucket of v (0 for 0 and 1).
 static __always_inline __u32 log2_bucket(__u64 v)
 {
-	__u32 b = 0;
-#pragma unroll
-	for (int i = 32; i > 0; i /= 2) {
-		if (v >> i) {
-			v >>= i;
-			b += i;
-		}
-	}
-	return b < TCPL_BUCKETS ? b : TCPL_BUCKETS - 1;
+	return log2_bucket_of(v, TCPL_BUCKETS - 1);
 }
 
 static __always_inline void observe(__u32 hist, __u32 dir, __u32 class, __u64 v)

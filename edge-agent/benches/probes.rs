@@ -7,12 +7,15 @@
 //! with the probes attached and detached (detached measured before and
 //! after, to bracket drift).
 
+mod measure;
+
 use edge_agent::config::{Config, TcpLifecycleConfig};
 use edge_agent::probe::tcp_lifecycle::TcpLifecycleProbe;
 use edge_agent::probe::tracefs;
+use measure::{agent_under_load, lifecycle, median};
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const LIFECYCLES: usize = 20_000;
 const READS: usize = 2_000_000;
@@ -23,10 +26,7 @@ fn lifecycles(l: &TcpListener, n: usize) -> f64 {
     let port = l.local_addr().unwrap().port();
     let start = Instant::now();
     for _ in 0..n {
-        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (s, _) = l.accept().unwrap();
-        drop(c);
-        drop(s);
+        lifecycle(l, port);
     }
     start.elapsed().as_nanos() as f64 / n as f64
 }
@@ -67,23 +67,6 @@ fn reads(n: usize) -> f64 {
         let _ = f.read(&mut b).unwrap();
     }
     start.elapsed().as_nanos() as f64 / n as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// CPU seconds and resident bytes of a process.
-fn cpu_rss(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit_once(')').map_or("", |x| x.1).split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let (hz, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK) as f64, libc::sysconf(libc::_SC_PAGESIZE) as u64) };
-    let cpu = [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<f64>().ok()).sum::<f64>() / hz;
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
-    let rss = statm.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * page;
-    (cpu, rss)
 }
 
 fn main() {
@@ -205,33 +188,14 @@ fn main() {
         ),
     )
     .unwrap();
-    let mut agent = std::process::Command::new(&bin)
-        .args(["--config", &conf.display().to_string()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    let (cpu0, _) = cpu_rss(agent.id());
     let secs = 10;
-    let start = Instant::now();
-    for s in 0..secs {
+    let (cpu, rss) = agent_under_load(&bin, &conf, secs, || {
         for _ in 0..1000 {
-            let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let (a, _) = l.accept().unwrap();
-            drop(c);
-            drop(a);
+            lifecycle(&l, port);
         }
-        let next = Duration::from_secs(s + 1);
-        if let Some(wait) = next.checked_sub(start.elapsed()) {
-            std::thread::sleep(wait);
-        }
-    }
-    let wall = start.elapsed().as_secs_f64();
-    let (cpu1, rss) = cpu_rss(agent.id());
-    let _ = agent.kill();
-    let _ = agent.wait();
+    });
     println!("\n| agent (release), probes on, 1,000 TCP connections/s for {secs} s | value |");
     println!("|---|---|");
-    println!("| CPU, % of one core | {:.2} % |", 100.0 * (cpu1 - cpu0) / wall);
+    println!("| CPU, % of one core | {cpu:.2} % |");
     println!("| resident memory | {:.1} MB |", rss as f64 / 1e6);
 }

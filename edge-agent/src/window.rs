@@ -134,6 +134,16 @@ mod tests {
     use super::*;
     use crate::config::TcpLifecycleConfig;
 
+    /// The value of the first sample named `name` (with `le`, if given).
+    fn sample(b: &Window, name: &str, le: Option<&str>) -> Option<f64> {
+        b.samples
+            .iter()
+            .find(|(k, _)| {
+                k.name == name && le.is_none_or(|le| k.labels.iter().any(|l| l.name == "le" && l.value == le))
+            })
+            .map(|(_, v)| *v)
+    }
+
     #[test]
     fn emits_nonzero_series_and_keeps_them_once_seen() {
         let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
@@ -179,14 +189,7 @@ mod tests {
         slot.buckets[7] = 1; // 128..256 us
         slot.sum = 40 + 50 + 200;
         let b = w.close(1, &ProbeReading { tcp: Some(c), devices: None }, Some(&classes)).unwrap();
-        let get = |name: &str, le: Option<&str>| {
-            b.samples
-                .iter()
-                .find(|(k, _)| {
-                    k.name == name && le.is_none_or(|le| k.labels.iter().any(|l| l.name == "le" && l.value == le))
-                })
-                .map(|(_, v)| *v)
-        };
+        let get = |name: &str, le: Option<&str>| sample(&b, name, le);
         let m = "edge_tcp_connect_latency_seconds";
         assert_eq!(get(&format!("{m}_bucket"), Some("0.000032")), Some(0.0));
         assert_eq!(get(&format!("{m}_bucket"), Some("0.000064")), Some(2.0));
@@ -231,14 +234,7 @@ mod tests {
         for (k, _) in &b.samples {
             k.validate().unwrap();
         }
-        let get = |name: &str, le: Option<&str>| {
-            b.samples
-                .iter()
-                .find(|(k, _)| {
-                    k.name == name && le.is_none_or(|le| k.labels.iter().any(|l| l.name == "le" && l.value == le))
-                })
-                .map(|(_, v)| *v)
-        };
+        let get = |name: &str, le: Option<&str>| sample(&b, name, le);
         let m = "edge_device_operation_seconds";
         assert_eq!(get(&format!("{m}_count"), None), Some(5.0));
         assert_eq!(get(&format!("{m}_bucket"), Some("0.000016")), Some(4.0));

@@ -847,13 +847,7 @@ mod tests {
     #[test]
     fn constants_match_the_c_header() {
         let h = include_str!("../../../ebpf/include/device_io.h");
-        let def = |name: &str| -> usize {
-            h.lines()
-                .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{name} not in header"))
-        };
+        let def = |name: &str| crate::probe::header_define(h, name);
         assert_eq!(def("DIO_OPS"), OPS);
         assert_eq!(def("DIO_OP_READ"), Op::Read as usize);
         assert_eq!(def("DIO_OP_WRITE"), Op::Write as usize);

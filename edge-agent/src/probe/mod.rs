@@ -140,6 +140,18 @@ impl Probes {
     }
 }
 
+/// The value of `#define name <number>` in a C header of ebpf/include
+/// (tests: the Rust mirrors of the kernel side's constants).
+#[cfg(test)]
+pub(crate) fn header_define(header: &str, name: &str) -> usize {
+    header
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in header"))
+}
+
 /// The device-file probe's name in `edge_agent_probe_attached{probe}`.
 pub const DEVICE_IO: &str = "device_io";
 
