@@ -273,9 +273,10 @@ fn sighup_reconfigures_the_probes_without_a_restart() {
     let held = bpf_fds(pid);
     assert!(held >= 10, "the attached probes hold {held} descriptors");
 
-    // Disabled: every program, map and link is let go, the process lives on.
-    std::fs::write(&conf, original.replace("[probes.tcp_lifecycle]\n", "[probes.tcp_lifecycle]\nenabled = false\n"))
-        .unwrap();
+    // Disabled (the device probe, loaded and waiting for a device, too):
+    // every program, map and link is let go, the process lives on.
+    let off = original.replace("[probes.tcp_lifecycle]\n", "[probes.tcp_lifecycle]\nenabled = false\n");
+    std::fs::write(&conf, format!("{off}\n[probes.devices]\nenabled = false\n")).unwrap();
     agent.proc.signal(libc::SIGHUP);
     wait_for("the probes detached and freed", Duration::from_secs(10), || {
         agent.proc.assert_running();
