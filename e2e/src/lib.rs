@@ -703,3 +703,20 @@ pub fn stored(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Option<f6
         .filter_map(|l| l.rsplit(',').next().and_then(|v| v.trim().parse().ok()))
         .next_back()
 }
+
+/// How many of a process's descriptors are kernel objects whose link text
+/// (`anon_inode:bpf-map`, `anon_inode:bpf_link`, `anon_inode:[perf_event]`,
+/// ...) contains one of `kinds`.
+pub fn kernel_objects(pid: i32, kinds: &[&str]) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|t| {
+                    let t = t.to_string_lossy();
+                    kinds.iter().any(|k| t.contains(k))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}

@@ -65,18 +65,7 @@ fn device_io_attached(a: &Agent) -> Option<f64> {
 /// The TCP probes are off in the test that counts them, so these are the
 /// syscall hooks.
 fn perf_events(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| {
-                    std::fs::read_link(e.path()).is_ok_and(|t| {
-                        let t = t.to_string_lossy();
-                        t.contains("bpf_link") || t.contains("perf_event")
-                    })
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    kernel_objects(pid, &["bpf_link", "perf_event"])
 }
 
 #[test]

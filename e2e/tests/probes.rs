@@ -243,17 +243,7 @@ fn a_socket_the_application_does_not_close_shows_in_close_wait() {
 
 /// The process's BPF objects and tracepoint perf events, by descriptor.
 fn bpf_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter(|t| {
-                    let t = t.display().to_string();
-                    t.contains("bpf") || t.contains("perf_event")
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    kernel_objects(pid, &["bpf", "perf_event"])
 }
 
 #[test]

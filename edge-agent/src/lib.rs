@@ -229,7 +229,7 @@ fn close_window(
         metrics.observe_programs(&p.program_stats());
     }
     if let Some(p) = &probes.devices {
-        metrics.observe_programs(&p.program_stats().into_iter().collect::<Vec<_>>());
+        metrics.observe_programs(p.program_stats().as_slice());
     }
     if let Some(d) = &reading.devices {
         metrics.observe_devices(d);

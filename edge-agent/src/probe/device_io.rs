@@ -281,11 +281,12 @@ impl Filter {
         unsafe { &*(self.ptr.add(i) as *const std::sync::atomic::AtomicU8) }
     }
 
-    fn set(&self, key: u64, on: bool) {
+    /// Marks the slots of a watched (tgid << 32 | fd).
+    fn mark(&self, key: u64) {
         use std::sync::atomic::Ordering::SeqCst;
         let (tgid, fd) = ((key >> 32) as usize, (key & 0xffff_ffff) as usize);
-        self.byte(tgid % PID_SLOTS).store(u8::from(on), SeqCst);
-        self.byte(PID_SLOTS + fd % FD_SLOTS).store(u8::from(on), SeqCst);
+        self.byte(tgid % PID_SLOTS).store(1, SeqCst);
+        self.byte(PID_SLOTS + fd % FD_SLOTS).store(1, SeqCst);
     }
 
     fn clear_all(&self) {
@@ -504,28 +505,22 @@ impl DeviceIoProbe {
     pub fn refresh(&mut self) {
         let found = resolve(&self.patterns);
         let changed = self.update_devices(&found);
-        let present = !self.table.names.is_empty();
-        match (present, self.links.is_empty()) {
-            (true, true) => {
-                if let Err(e) = self.attach() {
-                    tracing::error!(probe = "device_io", error = %e, "attaching the syscall hooks failed");
-                    self.state = ProbeState::Unavailable(e.to_string());
-                    return;
-                }
-                self.state = ProbeState::Attached;
-                tracing::info!(devices = found.len(), "watched device present: device I/O hooks attached");
-            }
-            (false, false) => {
+        if self.table.names.is_empty() {
+            if !self.links.is_empty() {
                 self.detach();
-                self.state = ProbeState::Waiting(format!("no device matches {}", self.patterns.join(" ")));
                 tracing::info!("no watched device present: device I/O hooks detached");
+            }
+            self.state = ProbeState::Waiting(format!("no device matches {}", self.patterns.join(" ")));
+            return;
+        }
+        if self.links.is_empty() {
+            if let Err(e) = self.attach() {
+                tracing::error!(probe = "device_io", error = %e, "attaching the syscall hooks failed");
+                self.state = ProbeState::Unavailable(e.to_string());
                 return;
             }
-            (false, true) => {
-                self.state = ProbeState::Waiting(format!("no device matches {}", self.patterns.join(" ")));
-                return;
-            }
-            (true, false) => {}
+            self.state = ProbeState::Attached;
+            tracing::info!(devices = found.len(), "watched device present: device I/O hooks attached");
         }
         let due = self.last_scan.is_none_or(|t| t.elapsed() >= self.rescan);
         if changed || due {
@@ -659,7 +654,7 @@ impl DeviceIoProbe {
             if self.fds.insert(*key, FileVal { dev: *dev, pad: 0, comm }, 1).is_ok() {
                 self.files_from_scan += 1;
             }
-            self.filter.set(*key, true);
+            self.filter.mark(*key);
         }
         // Entries that no longer point at a watched device (checked again
         // now, so that a file opened since the scan stays).
@@ -702,7 +697,7 @@ impl DeviceIoProbe {
             self.filter.byte(PID_SLOTS + *f).store(0, SeqCst);
         }
         for k in self.fds.keys().flatten().collect::<Vec<_>>() {
-            self.filter.set(k, true);
+            self.filter.mark(k);
         }
     }
 
