@@ -60,6 +60,17 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     }
     let clock = Arc::new(Mutex::new(clock));
 
+    // Bound before the probes load (which takes a while): a taken address
+    // fails the start at once, with nothing attached yet.
+    let listener = if cfg.metrics.listen.is_empty() {
+        None
+    } else {
+        let bound = std::net::TcpListener::bind(cfg.metrics.listen.as_str())
+            .and_then(async_net::TcpListener::try_from)
+            .map_err(|source| RunError::Metrics { addr: cfg.metrics.listen.clone(), source })?;
+        Some(bound)
+    };
+
     let probes = Probes::start(&cfg);
     for (name, state) in &probes.states {
         metrics.set_probe(name, state);
@@ -78,10 +89,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     };
 
     let result = smol::block_on(async {
-        if !cfg.metrics.listen.is_empty() {
-            let listener = async_net::TcpListener::bind(cfg.metrics.listen.as_str())
-                .await
-                .map_err(|source| RunError::Metrics { addr: cfg.metrics.listen.clone(), source })?;
+        if let Some(listener) = listener {
             tracing::info!(addr = %cfg.metrics.listen, "serving /metrics");
             smol::spawn(metrics::serve(listener, registry)).detach();
         }
