@@ -133,6 +133,39 @@ pub struct MetricsConfig {
 pub struct ProbesConfig {
     pub tcp_lifecycle: TcpLifecycleConfig,
     pub devices: DevicesConfig,
+    pub protocols: ProtocolsConfig,
+}
+
+/// Industrial protocols on TCP (docs/probes.md, "Industrial protocols"):
+/// the ports each protocol is expected on. A connection to one of them is
+/// checked by its first client bytes; Modbus/TCP requests and replies are
+/// timed and counted by function code.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtocolsConfig {
+    pub enabled: bool,
+    pub modbus_ports: Vec<u16>,
+    pub mqtt_ports: Vec<u16>,
+    pub opcua_ports: Vec<u16>,
+    /// The cgroup v2 directory the programs attach to: they see the
+    /// sockets of every process in it and below. Default: the root of the
+    /// cgroup v2 hierarchy (found in /proc/self/mountinfo, mounted under
+    /// /run/edge-agent when nothing mounts it), i.e. the whole box.
+    pub cgroup: Option<PathBuf>,
+}
+
+pub const MAX_PROTOCOL_PORTS: usize = 64;
+
+impl Default for ProtocolsConfig {
+    fn default() -> Self {
+        ProtocolsConfig {
+            enabled: true,
+            modbus_ports: vec![502],
+            mqtt_ports: vec![1883, 8883],
+            opcua_ports: vec![4840],
+            cgroup: None,
+        }
+    }
 }
 
 /// Sensor I/O through device files (docs/probes.md, "Device files").
@@ -372,6 +405,30 @@ impl Config {
         if d.rescan_secs == 0 || d.rescan_secs > 86_400 {
             return Err("probes.devices.rescan_secs must be 1..=86400".into());
         }
+        let p = &self.probes.protocols;
+        let mut seen = BTreeMap::new();
+        for (name, ports) in
+            [("modbus_ports", &p.modbus_ports), ("mqtt_ports", &p.mqtt_ports), ("opcua_ports", &p.opcua_ports)]
+        {
+            for port in ports {
+                if *port == 0 {
+                    return Err(format!("probes.protocols.{name}: port 0 is not a port"));
+                }
+                if let Some(prev) = seen.insert(*port, name) {
+                    if prev != name {
+                        return Err(format!("probes.protocols: port {port} is in both {prev} and {name}"));
+                    }
+                }
+            }
+        }
+        if seen.len() > MAX_PROTOCOL_PORTS {
+            return Err(format!("probes.protocols lists {} ports, at most {MAX_PROTOCOL_PORTS}", seen.len()));
+        }
+        if let Some(c) = &p.cgroup {
+            if !c.is_absolute() {
+                return Err(format!("probes.protocols.cgroup {}: must be an absolute path", c.display()));
+            }
+        }
         let t = &self.probes.tcp_lifecycle;
         if t.port_classes.len() > MAX_PORT_CLASSES {
             return Err(format!(
@@ -475,5 +532,30 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("port 80"));
         let c = Config { device_id: "a/b".into(), ..Default::default() };
         assert!(c.validate().unwrap_err().starts_with("device_id"));
+    }
+
+    #[test]
+    fn protocol_ports_are_checked() {
+        let c = Config::parse(
+            "[probes.protocols]
+modbus_ports = [502, 1502]
+",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.probes.protocols.mqtt_ports, vec![1883, 8883], "others keep their defaults");
+        c.validate().unwrap();
+        let mut c = Config::default();
+        c.probes.protocols.opcua_ports.push(502);
+        assert_eq!(c.validate().unwrap_err(), "probes.protocols: port 502 is in both modbus_ports and opcua_ports");
+        let mut c = Config::default();
+        c.probes.protocols.modbus_ports = vec![0];
+        assert!(c.validate().unwrap_err().contains("port 0"));
+        let mut c = Config::default();
+        c.probes.protocols.modbus_ports = (1..=100).collect();
+        assert!(c.validate().unwrap_err().contains("at most 64"));
+        let mut c = Config::default();
+        c.probes.protocols.cgroup = Some("sys/fs/cgroup".into());
+        assert!(c.validate().unwrap_err().contains("absolute"));
     }
 }

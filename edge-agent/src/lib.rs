@@ -233,12 +233,7 @@ fn close_window(
         *prev = now.clone();
     }
     metrics.windows.inc();
-    if let Some(p) = &probes.tcp {
-        metrics.observe_programs(&p.program_stats());
-    }
-    if let Some(p) = &probes.devices {
-        metrics.observe_programs(p.program_stats().as_slice());
-    }
+    metrics.observe_programs(&probes.program_stats());
     if let Some(d) = &reading.devices {
         metrics.observe_devices(d);
     }

@@ -2,6 +2,7 @@
 //! stored for that window. Pure; owns only which series it has emitted.
 
 use crate::probe::device_io::{self, DeviceReading};
+use crate::probe::protocols::{self, ProtocolReading};
 use crate::probe::tcp_lifecycle::{Hist, Kind, PortClasses, TcpCounters, TcpHists, CLASSES, DIRS, DIR_NAMES};
 use crate::probe::ProbeReading;
 use crate::store::blocks::Window;
@@ -58,6 +59,9 @@ impl WindowStage {
         }
         if let Some(d) = &reading.devices {
             device_series(d, &mut samples);
+        }
+        if let Some(p) = &reading.protocols {
+            protocol_series(p, &mut samples);
         }
         (!samples.is_empty()).then_some(Window { timestamp_ms, samples })
     }
@@ -129,6 +133,48 @@ fn device_series(d: &DeviceReading, out: &mut Vec<(SeriesKey, f64)>) {
     }
 }
 
+/// Industrial protocols: connections by what their first client bytes
+/// were; Modbus/TCP requests, reply latency (its `_count` is the replies
+/// matched to a request) and exception replies by function code. Cells
+/// never decrease while the probe is attached, so a series once seen is in
+/// every later reading.
+fn protocol_series(p: &ProtocolReading, out: &mut Vec<(SeriesKey, f64)>) {
+    for &(proto, side, payload, n) in &p.connections {
+        let labels = vec![
+            Label::new("payload", protocols::PAYLOAD_NAMES[payload]),
+            Label::new("protocol", protocols::PROTO_NAMES[proto]),
+            Label::new("side", protocols::SIDE_NAMES[side]),
+        ];
+        out.push((SeriesKey::new("edge_protocol_connections_total", labels), n as f64));
+    }
+    for s in &p.modbus {
+        let labels = [
+            Label::new("function", protocols::function_name(s.function)),
+            Label::new("side", protocols::SIDE_NAMES[s.side]),
+        ];
+        out.push((SeriesKey::new("edge_modbus_requests_total", labels.to_vec()), s.requests as f64));
+        histogram("edge_modbus_reply_seconds", &labels, &s.buckets, s.sum_us, 1e-6, out);
+    }
+    for &(side, function, code, n) in &p.exceptions {
+        let labels = vec![
+            Label::new("code", protocols::exception_name(code)),
+            Label::new("function", protocols::function_name(function)),
+            Label::new("side", protocols::SIDE_NAMES[side]),
+        ];
+        out.push((SeriesKey::new("edge_modbus_exceptions_total", labels), n as f64));
+    }
+    for (side, name) in protocols::SIDE_NAMES.iter().enumerate() {
+        for (metric, v) in [
+            ("edge_modbus_unmatched_replies_total", p.unmatched[side]),
+            ("edge_modbus_reused_transactions_total", p.reused[side]),
+        ] {
+            if v > 0 {
+                out.push((SeriesKey::new(metric, vec![Label::new("side", *name)]), v as f64));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,10 +195,13 @@ mod tests {
         let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
         let mut w = WindowStage::new();
         let mut c = TcpCounters::default();
-        assert!(w.close(1, &ProbeReading { tcp: Some(c.clone()), devices: None }, Some(&classes)).is_none());
+        assert!(w
+            .close(1, &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None }, Some(&classes))
+            .is_none());
 
         c.values[TcpCounters::index(Kind::Opened, 0, 0)] = 3;
-        let b = w.close(2, &ProbeReading { tcp: Some(c.clone()), devices: None }, Some(&classes)).unwrap();
+        let b =
+            w.close(2, &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None }, Some(&classes)).unwrap();
         assert_eq!(b.timestamp_ms, 2);
         assert_eq!(b.samples.len(), 1);
         let (key, v) = &b.samples[0];
@@ -162,7 +211,13 @@ mod tests {
         key.validate().unwrap();
 
         // Counter reset (agent restart, new kernel map): the series stays.
-        let b = w.close(3, &ProbeReading { tcp: Some(TcpCounters::default()), devices: None }, Some(&classes)).unwrap();
+        let b = w
+            .close(
+                3,
+                &ProbeReading { tcp: Some(TcpCounters::default()), devices: None, protocols: None },
+                Some(&classes),
+            )
+            .unwrap();
         assert_eq!(b.samples[0].1, 0.0);
     }
 
@@ -173,7 +228,7 @@ mod tests {
         let mut c = TcpCounters::default();
         c.values[TcpCounters::index(Kind::CloseWaitEntered, 1, 0)] = 5;
         c.values[TcpCounters::index(Kind::CloseWaitLeft, 1, 0)] = 3;
-        let b = w.close(1, &ProbeReading { tcp: Some(c), devices: None }, Some(&classes)).unwrap();
+        let b = w.close(1, &ProbeReading { tcp: Some(c), devices: None, protocols: None }, Some(&classes)).unwrap();
         assert_eq!(b.samples.len(), 1);
         assert_eq!(b.samples[0].0.name, "edge_tcp_connections_close_wait");
         assert_eq!(b.samples[0].1, 2.0);
@@ -188,7 +243,7 @@ mod tests {
         slot.buckets[5] = 2; // 32..64 us
         slot.buckets[7] = 1; // 128..256 us
         slot.sum = 40 + 50 + 200;
-        let b = w.close(1, &ProbeReading { tcp: Some(c), devices: None }, Some(&classes)).unwrap();
+        let b = w.close(1, &ProbeReading { tcp: Some(c), devices: None, protocols: None }, Some(&classes)).unwrap();
         let get = |name: &str, le: Option<&str>| sample(&b, name, le);
         let m = "edge_tcp_connect_latency_seconds";
         assert_eq!(get(&format!("{m}_bucket"), Some("0.000032")), Some(0.0));
@@ -230,7 +285,7 @@ mod tests {
             ..Default::default()
         };
         let mut w = WindowStage::new();
-        let b = w.close(1, &ProbeReading { tcp: None, devices: Some(d) }, None).unwrap();
+        let b = w.close(1, &ProbeReading { tcp: None, devices: Some(d), protocols: None }, None).unwrap();
         for (k, _) in &b.samples {
             k.validate().unwrap();
         }
@@ -244,5 +299,40 @@ mod tests {
         let err = b.samples.iter().find(|(k, _)| k.name == "edge_device_errors_total").unwrap();
         assert!(err.0.labels.iter().any(|l| l.name == "errno" && l.value == "EAGAIN"));
         assert_eq!(err.1, 1.0);
+    }
+
+    #[test]
+    fn protocol_series_carry_function_side_and_code_names() {
+        use crate::probe::protocols::ModbusSeries;
+        let mut buckets = [0; protocols::BUCKETS];
+        buckets[6] = 2; // 64..128 us
+        let p = ProtocolReading {
+            connections: vec![(1, 0, 0, 3), (2, 1, 1, 1)],
+            modbus: vec![ModbusSeries { side: 0, function: 3, requests: 3, sum_us: 200, buckets }],
+            exceptions: vec![(0, 3, 2, 1)],
+            unmatched: [0, 4],
+            reused: [0, 0],
+        };
+        let mut w = WindowStage::new();
+        let b = w.close(1, &ProbeReading { tcp: None, devices: None, protocols: Some(p) }, None).unwrap();
+        for (k, _) in &b.samples {
+            k.validate().unwrap();
+        }
+        let find = |name: &str, labels: &[(&str, &str)]| {
+            b.samples
+                .iter()
+                .find(|(k, _)| k.name == name && labels.iter().all(|(n, v)| k.labels.contains(&Label::new(*n, *v))))
+                .map(|(_, v)| *v)
+        };
+        let conn = [("payload", "matched"), ("protocol", "modbus"), ("side", "client")];
+        assert_eq!(find("edge_protocol_connections_total", &conn), Some(3.0));
+        assert_eq!(find("edge_protocol_connections_total", &[("payload", "tls"), ("protocol", "mqtt")]), Some(1.0));
+        let f = [("function", "read_holding_registers"), ("side", "client")];
+        assert_eq!(find("edge_modbus_requests_total", &f), Some(3.0));
+        assert_eq!(find("edge_modbus_reply_seconds_count", &f), Some(2.0));
+        assert_eq!(find("edge_modbus_reply_seconds_bucket", &[("le", "0.000128")]), Some(2.0));
+        assert_eq!(find("edge_modbus_exceptions_total", &[("code", "illegal_data_address")]), Some(1.0));
+        assert_eq!(find("edge_modbus_unmatched_replies_total", &[("side", "server")]), Some(4.0));
+        assert_eq!(find("edge_modbus_unmatched_replies_total", &[("side", "client")]), None, "zero: not sent");
     }
 }

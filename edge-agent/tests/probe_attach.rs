@@ -1,10 +1,11 @@
 //! Attaching the probes on the real kernel: a tracepoint whose layout
 //! cannot be read is reported with the reason while the others attach, and
-//! 100 attach/detach cycles (TCP and device probes) leave no program, map,
+//! 100 attach/detach cycles (TCP, device and protocol probes) leave no program, map,
 //! link or mapping behind.
 
-use edge_agent::config::{DevicesConfig, TcpLifecycleConfig};
+use edge_agent::config::{DevicesConfig, ProtocolsConfig, TcpLifecycleConfig};
 use edge_agent::probe::device_io::{self, DeviceIoProbe};
+use edge_agent::probe::protocols::ProtocolsProbe;
 use edge_agent::probe::tcp_lifecycle::{TcpLifecycleProbe, TRACEPOINTS};
 use edge_agent::probe::{tracefs, ProbeState};
 use std::path::Path;
@@ -95,6 +96,8 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
     let dev = DevicesConfig { watch: vec!["/dev/null".into()], ..Default::default() };
     drop(TcpLifecycleProbe::attach(&real, &all).unwrap());
     drop(DeviceIoProbe::load(&real, &dev).unwrap());
+    let protocols = ProtocolsConfig::default();
+    drop(ProtocolsProbe::attach(&protocols).unwrap());
     let before = count();
     let maps_before = mappings();
     for _ in 0..100 {
@@ -102,10 +105,12 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
         assert!(p.states.iter().all(|(_, s)| *s == ProbeState::Attached), "{:?}", p.states);
         let d = DeviceIoProbe::load(&real, &dev).unwrap();
         assert_eq!(d.state, ProbeState::Attached);
+        let i = ProtocolsProbe::attach(&protocols).unwrap();
         drop(p);
         drop(d);
+        drop(i);
     }
-    assert_eq!(mappings(), maps_before, "memory mappings (the device filter map) before and after");
+    assert_eq!(mappings(), maps_before, "memory mappings (device filter, protocol cells) before and after");
     assert_eq!(count(), before, "BPF and perf-event descriptors before and after 100 cycles");
     // And while attached there are some: the count is not vacuous.
     let p = TcpLifecycleProbe::attach(&real, &all).unwrap();
@@ -172,5 +177,8 @@ fn the_probes_command_reports_every_probe() {
     let line =
         text.lines().find(|l| l.starts_with("device_io")).unwrap_or_else(|| panic!("device_io missing:\n{text}"));
     assert!(line.contains("waiting: no device matches /dev/ttyUSB*") || line.ends_with("attached"), "{line}");
+    let line =
+        text.lines().find(|l| l.starts_with("protocols")).unwrap_or_else(|| panic!("protocols missing:\n{text}"));
+    assert!(line.contains("cgroup_skb /") && line.ends_with("attached"), "{line}");
     assert!(text.starts_with("kernel "), "{text}");
 }

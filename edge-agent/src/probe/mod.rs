@@ -2,11 +2,13 @@
 //! Each probe reports whether it is attached, and why not.
 
 pub mod device_io;
+pub mod protocols;
 pub mod tcp_lifecycle;
 pub mod tracefs;
 
 use crate::config::Config;
 use device_io::{DeviceIoProbe, DeviceReading};
+use protocols::{ProtocolReading, ProtocolsProbe};
 use tcp_lifecycle::{TcpCounters, TcpLifecycleProbe};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,7 @@ pub enum ProbeState {
 pub struct Probes {
     pub tcp: Option<TcpLifecycleProbe>,
     pub devices: Option<DeviceIoProbe>,
+    pub protocols: Option<ProtocolsProbe>,
     /// Every probe (tracepoint program) by name, for `/metrics`.
     pub states: Vec<(&'static str, ProbeState)>,
 }
@@ -46,12 +49,13 @@ pub struct Probes {
 pub struct ProbeReading {
     pub tcp: Option<TcpCounters>,
     pub devices: Option<DeviceReading>,
+    pub protocols: Option<ProtocolReading>,
 }
 
 impl Probes {
     /// No probes (between a detach and the next attach).
     pub fn none() -> Probes {
-        Probes { tcp: None, devices: None, states: Vec::new() }
+        Probes { tcp: None, devices: None, protocols: None, states: Vec::new() }
     }
 
     /// Attaches what the config enables. A probe that cannot attach is
@@ -99,12 +103,28 @@ impl Probes {
                 }
             }
         };
+        let protocols = if !cfg.probes.protocols.enabled {
+            states.push((protocols::PROBE, ProbeState::Disabled));
+            None
+        } else {
+            match ProtocolsProbe::attach(&cfg.probes.protocols) {
+                Ok(p) => {
+                    tracing::info!(cgroup = %p.cgroup.display(), "protocol probe attached");
+                    states.push((protocols::PROBE, ProbeState::Attached));
+                    Some(p)
+                }
+                Err(e) => {
+                    states.push((protocols::PROBE, ProbeState::Unavailable(e.to_string())));
+                    None
+                }
+            }
+        };
         for (name, st) in &states {
             if let ProbeState::Unavailable(why) = st {
                 tracing::warn!(probe = name, reason = %why, "probe unavailable");
             }
         }
-        Probes { tcp, devices, states }
+        Probes { tcp, devices, protocols, states }
     }
 
     /// Once per window, before [`Probes::read`]: lets the device probe
@@ -136,7 +156,23 @@ impl Probes {
                 None
             }
         });
-        ProbeReading { tcp, devices }
+        let protocols = self.protocols.as_ref().map(ProtocolsProbe::read);
+        ProbeReading { tcp, devices, protocols }
+    }
+
+    /// Run count and time of every attached program, by probe.
+    pub fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
+        let mut s = Vec::new();
+        if let Some(p) = &self.tcp {
+            s.extend(p.program_stats());
+        }
+        if let Some(p) = &self.devices {
+            s.extend(p.program_stats());
+        }
+        if let Some(p) = &self.protocols {
+            s.extend(p.program_stats());
+        }
+        s
     }
 }
 
@@ -185,6 +221,10 @@ pub fn report(cfg: &Config) -> String {
         let where_ = match tp {
             Some(t) => format!("{}:{}", t.group, t.event),
             None if *name == DEVICE_IO => "syscalls:sys_{enter,exit}_{read,...}".to_string(),
+            None if *name == protocols::PROBE => match &probes.protocols {
+                Some(p) => format!("cgroup_skb {}", p.cgroup.display()),
+                None => "cgroup_skb (cgroup v2 root)".to_string(),
+            },
             None => String::new(),
         };
         let state = match state {

@@ -1,0 +1,58 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/* Shared constants of protocols.bpf.c. edge-agent/src/probe/protocols.rs
+ * mirrors them; a unit test there parses this file so the two cannot drift. */
+#ifndef PROTOCOLS_H
+#define PROTOCOLS_H
+
+/* Protocols a port may be configured for (ipp_port_proto values). */
+#define IPP_PROTO_NONE 0
+#define IPP_PROTO_MODBUS 1
+#define IPP_PROTO_MQTT 2
+#define IPP_PROTO_OPCUA 3
+#define IPP_PROTOS 4
+
+/* Which end of the connection the socket is: the client sends to the
+ * protocol's port, the server listens on it. */
+#define IPP_SIDE_CLIENT 0
+#define IPP_SIDE_SERVER 1
+#define IPP_SIDES 2
+
+/* What a connection's first payload from the client looked like. */
+#define IPP_PAYLOAD_MATCHED 0 /* the protocol's opening bytes */
+#define IPP_PAYLOAD_TLS 1     /* a TLS handshake record: encrypted */
+#define IPP_PAYLOAD_OTHER 2   /* something else on that port */
+#define IPP_PAYLOADS 3
+
+/* Modbus function codes are 1..127 (bit 7 marks an exception reply). */
+#define IPP_FUNCTIONS 128
+/* Exception codes 1..15 count under their own number, others under 0. */
+#define IPP_EXC_CODES 16
+/* Latency histogram: log2 buckets of microseconds; bucket b < IPP_BUCKETS - 1
+ * holds values below 2^(b+1) us (and at least 2^b for b > 0). */
+#define IPP_BUCKETS 24
+/* Modbus ADUs parsed per TCP segment (pipelined requests). */
+#define IPP_MAX_ADUS 4
+
+/* Cells (u64) of the ipp_cells array, which the agent maps into memory.
+ * conn[proto][side][payload]: connections by their first client payload. */
+#define IPP_CELL_CONN 0
+/* per (side, function): requests, then the latency sum (us), then the
+ * buckets of the replies matched to a request. */
+#define IPP_FN_REQUESTS 0
+#define IPP_FN_SUM_US 1
+#define IPP_FN_BUCKET0 2
+#define IPP_FN_CELLS 26 /* 2 + IPP_BUCKETS */
+#define IPP_CELL_FN 32  /* IPP_PROTOS * IPP_SIDES * IPP_PAYLOADS = 24, rounded up */
+/* exc[side][function][code] */
+#define IPP_CELL_EXC 6688 /* IPP_CELL_FN + IPP_SIDES * IPP_FUNCTIONS * IPP_FN_CELLS */
+/* Probe health: per side, replies no pending request matched (the request
+ * went before the probe attached, or was pushed out of ipp_pending), then
+ * requests whose transaction id was still pending (a reply never came). */
+#define IPP_CELL_UNMATCHED 10784 /* IPP_CELL_EXC + IPP_SIDES * IPP_FUNCTIONS * IPP_EXC_CODES */
+#define IPP_CELL_REPLACED 10786
+#define IPP_CELLS 10788
+
+#define IPP_MAX_CONNS 16384  /* connections classified (LRU) */
+#define IPP_MAX_PENDING 8192 /* Modbus requests awaiting their reply (LRU) */
+
+#endif

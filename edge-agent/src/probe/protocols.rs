@@ -1,0 +1,411 @@
+//! User-space side of `ebpf/src/protocols.bpf.c`: writes the port table,
+//! attaches the two cgroup_skb programs to the cgroup v2 root, and reads
+//! the counts (an mmapped array of u64 cells) once per window.
+
+use aya::maps::{Map, MapData};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+use aya::{Ebpf, EbpfLoader};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::tcp_lifecycle::ProgramStats;
+use super::ProbeError;
+use crate::config::ProtocolsConfig;
+
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/protocols.bpf.o"));
+
+// Mirrors ebpf/include/protocols.h (a test below checks they agree).
+pub const PROTOS: usize = 4;
+pub const SIDES: usize = 2;
+pub const PAYLOADS: usize = 3;
+pub const FUNCTIONS: usize = 128;
+pub const EXC_CODES: usize = 16;
+pub const BUCKETS: usize = 24;
+const FN_REQUESTS: usize = 0;
+const FN_SUM_US: usize = 1;
+const FN_BUCKET0: usize = 2;
+const FN_CELLS: usize = 2 + BUCKETS;
+const CELL_CONN: usize = 0;
+const CELL_FN: usize = 32;
+const CELL_EXC: usize = CELL_FN + SIDES * FUNCTIONS * FN_CELLS;
+const CELL_UNMATCHED: usize = CELL_EXC + SIDES * FUNCTIONS * EXC_CODES;
+const CELL_REPLACED: usize = CELL_UNMATCHED + SIDES;
+const CELLS: usize = CELL_REPLACED + SIDES;
+const _: () = assert!(PROTOS * SIDES * PAYLOADS <= CELL_FN, "connection cells overlap the function cells");
+
+/// The probe's name in `edge_agent_probe_attached{probe}`.
+pub const PROBE: &str = "protocols";
+const PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
+    [("ipp_ingress", CgroupSkbAttachType::Ingress), ("ipp_egress", CgroupSkbAttachType::Egress)];
+
+/// A protocol the port table can name (index = IPP_PROTO_*).
+pub const PROTO_NAMES: [&str; PROTOS] = ["none", "modbus", "mqtt", "opcua"];
+/// IPP_SIDE_*: the client connects to the protocol's port.
+pub const SIDE_NAMES: [&str; SIDES] = ["client", "server"];
+/// IPP_PAYLOAD_*: what the connection's first client bytes were.
+pub const PAYLOAD_NAMES: [&str; PAYLOADS] = ["matched", "tls", "other"];
+
+/// Modbus function code -> label (the specification's names).
+pub fn function_name(code: usize) -> String {
+    let name = match code {
+        1 => "read_coils",
+        2 => "read_discrete_inputs",
+        3 => "read_holding_registers",
+        4 => "read_input_registers",
+        5 => "write_single_coil",
+        6 => "write_single_register",
+        7 => "read_exception_status",
+        8 => "diagnostics",
+        11 => "get_comm_event_counter",
+        12 => "get_comm_event_log",
+        15 => "write_multiple_coils",
+        16 => "write_multiple_registers",
+        17 => "report_server_id",
+        20 => "read_file_record",
+        21 => "write_file_record",
+        22 => "mask_write_register",
+        23 => "read_write_multiple_registers",
+        24 => "read_fifo_queue",
+        43 => "encapsulated_interface_transport",
+        other => return format!("function_{other}"),
+    };
+    name.to_string()
+}
+
+/// Modbus exception code -> label. Code 0 collects codes 0 and >= 16.
+pub fn exception_name(code: usize) -> String {
+    let name = match code {
+        0 => "other",
+        1 => "illegal_function",
+        2 => "illegal_data_address",
+        3 => "illegal_data_value",
+        4 => "server_device_failure",
+        5 => "acknowledge",
+        6 => "server_device_busy",
+        7 => "negative_acknowledge",
+        8 => "memory_parity_error",
+        10 => "gateway_path_unavailable",
+        11 => "gateway_target_failed",
+        other => return format!("code_{other}"),
+    };
+    name.to_string()
+}
+
+/// One Modbus (side, function) with any request or reply.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModbusSeries {
+    pub side: usize,
+    pub function: usize,
+    pub requests: u64,
+    /// Replies matched to their request: latency sum and log2 buckets (us).
+    pub sum_us: u64,
+    pub buckets: [u64; BUCKETS],
+}
+
+/// Everything the probe counted since it was attached (cumulative).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProtocolReading {
+    /// Connections by (protocol, side, payload), non-zero only.
+    pub connections: Vec<(usize, usize, usize, u64)>,
+    pub modbus: Vec<ModbusSeries>,
+    /// Exception replies by (side, function, exception code), non-zero only.
+    pub exceptions: Vec<(usize, usize, usize, u64)>,
+    /// Per side: replies no pending request matched; requests that reused a
+    /// transaction id still pending (the earlier one was never answered).
+    pub unmatched: [u64; SIDES],
+    pub reused: [u64; SIDES],
+}
+
+/// The mmapped cells, read-only for the agent.
+struct Cells {
+    ptr: *const AtomicU64,
+    len: usize,
+}
+
+impl Cells {
+    fn map(map: &MapData) -> Result<Cells, ProbeError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = (CELLS * 8).div_ceil(page) * page;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: maps an mmapable BPF array of CELLS u64 (rounded up to
+        // pages, as the kernel requires) read-only; unmapped in Drop.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(ProbeError::Load(format!(
+                "mmap of the protocol counters failed: {} (kernel before 5.5?)",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Cells { ptr: ptr.cast(), len })
+    }
+
+    fn get(&self, i: usize) -> u64 {
+        assert!(i < CELLS);
+        // SAFETY: within the mapping, 8-byte aligned (page start + 8 i);
+        // the kernel only adds to cells atomically.
+        unsafe { (*self.ptr.add(i)).load(Ordering::Relaxed) }
+    }
+}
+
+impl Drop for Cells {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+pub struct ProtocolsProbe {
+    cells: Cells,
+    /// Where the programs are attached, for the logs and `edge-agent probes`.
+    pub cgroup: PathBuf,
+    _cells_map: MapData,
+    _stats_on: Option<std::os::fd::OwnedFd>,
+    // Owns the programs and their links; dropping it detaches them.
+    ebpf: Ebpf,
+}
+
+/// The causes below an error's own message (aya's name the call only).
+fn source_text(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
+
+/// The port table the kernel side reads (index: port, value: IPP_PROTO_*).
+pub fn port_table(cfg: &ProtocolsConfig) -> Box<[u8; 65536]> {
+    let mut t = Box::new([0u8; 65536]);
+    for (proto, ports) in [(1u8, &cfg.modbus_ports), (2, &cfg.mqtt_ports), (3, &cfg.opcua_ports)] {
+        for p in ports {
+            t[*p as usize] = proto;
+        }
+    }
+    t
+}
+
+/// The cgroup v2 root: where /proc/self/mountinfo says it is mounted (a
+/// mount of the hierarchy's root), or a new mount under /run/edge-agent.
+pub fn cgroup2_root() -> Result<PathBuf, ProbeError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if let Some(p) = find_cgroup2(&info) {
+        return Ok(p);
+    }
+    let dir = PathBuf::from("/run/edge-agent/cgroup2");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ProbeError::Attach(format!("no cgroup v2 mount, and creating {} failed: {e}", dir.display())))?;
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let target = c(dir.to_str().unwrap_or_default());
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(c("cgroup2").as_ptr(), target.as_ptr(), c("cgroup2").as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(ProbeError::Attach(format!(
+            "no cgroup v2 mount, and mounting one at {} failed: {} (needs CAP_SYS_ADMIN, or set probes.protocols.cgroup)",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    tracing::info!(at = %dir.display(), "mounted the cgroup v2 hierarchy");
+    Ok(dir)
+}
+
+/// The mount point of the cgroup v2 hierarchy's root in a mountinfo text.
+fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let f: Vec<&str> = pre.split(' ').collect();
+        let mount = f.get(4)?;
+        (post.split(' ').next() == Some("cgroup2") && f.get(3) == Some(&"/")).then(|| PathBuf::from(mount))
+    })
+}
+
+impl ProtocolsProbe {
+    /// Loads both programs with the port table and attaches them to the
+    /// configured cgroup (default: the v2 root, i.e. every socket).
+    pub fn attach(cfg: &ProtocolsConfig) -> Result<Self, ProbeError> {
+        let cgroup = match &cfg.cgroup {
+            Some(p) => p.clone(),
+            None => cgroup2_root()?,
+        };
+        let dir = std::fs::File::open(&cgroup)
+            .map_err(|e| ProbeError::Attach(format!("cgroup {}: {e}", cgroup.display())))?;
+        let table = port_table(cfg);
+        let mut loader = EbpfLoader::new();
+        // No CO-RE in this object: it loads on kernels without BTF.
+        loader.btf(None);
+        loader.override_global("ipp_port_proto", table.as_ref(), true);
+        let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
+        for (name, attach_type) in PROGRAMS {
+            let prog: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or_else(|| ProbeError::Load(format!("program {name} missing from object")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| ProbeError::Load(e.to_string()))?;
+            prog.load().map_err(|e| ProbeError::Load(super::tcp_lifecycle::verifier_text(&e)))?;
+            // On 5.7+ aya attaches with a bpf_link, which always runs
+            // alongside whatever else is attached there (systemd's own
+            // programs, container runtimes') and takes no flags: the kernel
+            // refuses BPF_F_ALLOW_MULTI on a link with EINVAL, so "Single"
+            // is the mode that works. Before 5.7 it would be an exclusive
+            // attach; the oldest kernel we target (Jetson's 5.10) has links.
+            prog.attach(&dir, attach_type, CgroupAttachMode::Single)
+                .map_err(|e| ProbeError::Attach(format!("cgroup {}: {e}: {}", cgroup.display(), source_text(&e))))?;
+        }
+        let cells_map = match ebpf.take_map("ipp_cells") {
+            Some(Map::Array(m)) => m,
+            _ => return Err(ProbeError::Load("map ipp_cells missing or not an array".into())),
+        };
+        let cells = Cells::map(&cells_map)?;
+        Ok(ProtocolsProbe {
+            cells,
+            cgroup,
+            _cells_map: cells_map,
+            _stats_on: aya::sys::enable_stats(aya::sys::Stats::RunTime).ok(),
+            ebpf,
+        })
+    }
+
+    /// Run count and time of both programs together.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        let mut s = ProgramStats { probe: PROBE, runs: 0, run_ns: 0 };
+        for (name, _) in PROGRAMS {
+            let Some(info) =
+                self.ebpf.program(name).and_then(|p| <&CgroupSkb>::try_from(p).ok()).and_then(|p| p.info().ok())
+            else {
+                continue;
+            };
+            s.runs += info.run_count();
+            s.run_ns += info.run_time().as_nanos() as u64;
+        }
+        vec![s]
+    }
+
+    pub fn read(&self) -> ProtocolReading {
+        read_cells(|i| self.cells.get(i))
+    }
+}
+
+/// Decodes the cells (`get(i)` is cell i) into a reading.
+pub fn read_cells(get: impl Fn(usize) -> u64) -> ProtocolReading {
+    let mut r = ProtocolReading::default();
+    for proto in 1..PROTOS {
+        for side in 0..SIDES {
+            for payload in 0..PAYLOADS {
+                let n = get(CELL_CONN + (proto * SIDES + side) * PAYLOADS + payload);
+                if n > 0 {
+                    r.connections.push((proto, side, payload, n));
+                }
+            }
+        }
+    }
+    for side in 0..SIDES {
+        for function in 0..FUNCTIONS {
+            let base = CELL_FN + (side * FUNCTIONS + function) * FN_CELLS;
+            let mut s = ModbusSeries {
+                side,
+                function,
+                requests: get(base + FN_REQUESTS),
+                sum_us: get(base + FN_SUM_US),
+                ..Default::default()
+            };
+            for (b, v) in s.buckets.iter_mut().enumerate() {
+                *v = get(base + FN_BUCKET0 + b);
+            }
+            if s.requests > 0 || s.buckets.iter().any(|&b| b > 0) {
+                r.modbus.push(s);
+            }
+            for code in 0..EXC_CODES {
+                let n = get(CELL_EXC + (side * FUNCTIONS + function) * EXC_CODES + code);
+                if n > 0 {
+                    r.exceptions.push((side, function, code, n));
+                }
+            }
+        }
+        r.unmatched[side] = get(CELL_UNMATCHED + side);
+        r.reused[side] = get(CELL_REPLACED + side);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::header_define;
+
+    #[test]
+    fn constants_match_the_c_header() {
+        let h = include_str!("../../../ebpf/include/protocols.h");
+        for (name, v) in [
+            ("IPP_PROTOS", PROTOS),
+            ("IPP_SIDES", SIDES),
+            ("IPP_PAYLOADS", PAYLOADS),
+            ("IPP_FUNCTIONS", FUNCTIONS),
+            ("IPP_EXC_CODES", EXC_CODES),
+            ("IPP_BUCKETS", BUCKETS),
+            ("IPP_FN_REQUESTS", FN_REQUESTS),
+            ("IPP_FN_SUM_US", FN_SUM_US),
+            ("IPP_FN_BUCKET0", FN_BUCKET0),
+            ("IPP_FN_CELLS", FN_CELLS),
+            ("IPP_CELL_CONN", CELL_CONN),
+            ("IPP_CELL_FN", CELL_FN),
+            ("IPP_CELL_EXC", CELL_EXC),
+            ("IPP_CELL_UNMATCHED", CELL_UNMATCHED),
+            ("IPP_CELL_REPLACED", CELL_REPLACED),
+            ("IPP_CELLS", CELLS),
+            ("IPP_PROTO_MODBUS", 1),
+            ("IPP_PROTO_MQTT", 2),
+            ("IPP_PROTO_OPCUA", 3),
+            ("IPP_SIDE_CLIENT", 0),
+            ("IPP_SIDE_SERVER", 1),
+            ("IPP_PAYLOAD_MATCHED", 0),
+            ("IPP_PAYLOAD_TLS", 1),
+            ("IPP_PAYLOAD_OTHER", 2),
+        ] {
+            assert_eq!(header_define(h, name), v, "{name}");
+        }
+    }
+
+    #[test]
+    fn port_table_marks_each_protocols_ports() {
+        let t = port_table(&ProtocolsConfig::default());
+        assert_eq!((t[502], t[1883], t[8883], t[4840]), (1, 2, 2, 3));
+        assert_eq!(t.iter().filter(|&&p| p != 0).count(), 4);
+    }
+
+    #[test]
+    fn finds_the_cgroup2_root_mount_only() {
+        let info = "\
+30 24 0:26 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs rw,mode=755
+35 30 0:30 /machine.slice /sys/fs/cgroup/sub rw - cgroup2 cgroup2 rw
+36 30 0:30 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+";
+        assert_eq!(find_cgroup2(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(find_cgroup2("30 24 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+    }
+
+    #[test]
+    fn cells_decode_to_series() {
+        let mut cells = vec![0u64; CELLS];
+        cells[CELL_CONN + (SIDES + 1) * PAYLOADS + 2] = 4; // modbus, server, other
+        let base = CELL_FN + 3 * FN_CELLS; // client, read_holding_registers
+        cells[base + FN_REQUESTS] = 5;
+        cells[base + FN_SUM_US] = 1234;
+        cells[base + FN_BUCKET0 + 7] = 5;
+        cells[CELL_EXC + (FUNCTIONS + 6) * EXC_CODES + 2] = 1; // server, fc 6, code 2
+        cells[CELL_UNMATCHED + 1] = 9;
+        let r = read_cells(|i| cells[i]);
+        assert_eq!(r.connections, vec![(1, 1, 2, 4)]);
+        assert_eq!(r.modbus.len(), 1);
+        assert_eq!((r.modbus[0].side, r.modbus[0].function, r.modbus[0].requests, r.modbus[0].sum_us), (0, 3, 5, 1234));
+        assert_eq!(r.modbus[0].buckets[7], 5);
+        assert_eq!(r.exceptions, vec![(1, 6, 2, 1)]);
+        assert_eq!(r.unmatched, [0, 9]);
+        assert_eq!(function_name(3), "read_holding_registers");
+        assert_eq!(function_name(100), "function_100");
+        assert_eq!(exception_name(2), "illegal_data_address");
+    }
+}
