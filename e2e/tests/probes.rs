@@ -263,15 +263,20 @@ fn sighup_reconfigures_the_probes_without_a_restart() {
     let held = bpf_fds(pid);
     assert!(held >= 10, "the attached probes hold {held} descriptors");
 
-    // Disabled (the device probe, loaded and waiting for a device, too):
-    // every program, map and link is let go, the process lives on.
+    let protocols = |a: &Agent| a.metric("edge_agent_probe_attached{probe=\"protocols\"}");
+    assert_eq!(protocols(&agent), Some(1.0));
+
+    // Disabled (the device probe, loaded and waiting for a device, and the
+    // protocol probe's cgroup programs too): every program, map and link is
+    // let go, the process lives on.
     let off = original.replace("[probes.tcp_lifecycle]\n", "[probes.tcp_lifecycle]\nenabled = false\n");
-    std::fs::write(&conf, format!("{off}\n[probes.devices]\nenabled = false\n")).unwrap();
+    std::fs::write(&conf, format!("{off}\n[probes.devices]\nenabled = false\n[probes.protocols]\nenabled = false\n"))
+        .unwrap();
     agent.proc.signal(libc::SIGHUP);
     wait_for("the probes detached and freed", Duration::from_secs(10), || {
         agent.proc.assert_running();
-        match (attached(&agent), bpf_fds(pid)) {
-            (Some(0.0), 0) => Ok(()),
+        match (attached(&agent), protocols(&agent), bpf_fds(pid)) {
+            (Some(0.0), Some(0.0), 0) => Ok(()),
             other => Err(other),
         }
     });
@@ -279,8 +284,8 @@ fn sighup_reconfigures_the_probes_without_a_restart() {
     // Enabled again, watching another port: counts under the new filter.
     std::fs::write(&conf, original.replace(&format!("e2e = [{p1}]"), &format!("e2e = [{p2}]"))).unwrap();
     agent.proc.signal(libc::SIGHUP);
-    wait_for("the probes attached again", Duration::from_secs(10), || match attached(&agent) {
-        Some(1.0) => Ok(()),
+    wait_for("the probes attached again", Duration::from_secs(10), || match (attached(&agent), protocols(&agent)) {
+        (Some(1.0), Some(1.0)) => Ok(()),
         other => Err(other),
     });
     let before = metric(&agent, "edge_tcp_connections_opened_total", "outbound");

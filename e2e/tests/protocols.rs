@@ -1,7 +1,8 @@
 //! The industrial-protocol probe against ground truth: a small Modbus/TCP
 //! server and client in the test (normal replies, exception replies, a
 //! stalled reply, two requests pipelined in one segment, a function code
-//! the server does not know), a client that speaks HTTP to the Modbus
+//! the server does not know, a request never answered whose transaction id
+//! the client then uses again), a client that speaks HTTP to the Modbus
 //! port, and MQTT, TLS and OPC UA openings to their ports. Both ends run
 //! on this box, so each count appears once on the client side and once on
 //! the server side, and must equal what the test did.
@@ -13,10 +14,11 @@ use std::path::Path;
 use std::time::Duration;
 
 /// What the server does with a request's PDU: the reply PDU and how long
-/// to wait before sending it.
-fn answer(pdu: &[u8]) -> (Vec<u8>, Duration) {
+/// to wait before sending it; `None`: no reply (a hung diagnostics call).
+fn answer(pdu: &[u8]) -> Option<(Vec<u8>, Duration)> {
     let (fc, addr, qty) = (pdu[0], u16::from_be_bytes([pdu[1], pdu[2]]), u16::from_be_bytes([pdu[3], pdu[4]]));
-    match fc {
+    Some(match fc {
+        8 => return None,
         3 | 4 if addr >= 100 => (vec![fc | 0x80, 2], Duration::ZERO), // illegal data address
         3 | 4 => {
             let mut r = vec![fc, (qty * 2) as u8];
@@ -27,7 +29,7 @@ fn answer(pdu: &[u8]) -> (Vec<u8>, Duration) {
         // Register 42 sits behind a slow gateway: a 400 ms stall.
         16 => (pdu[..5].to_vec(), if addr == 42 { Duration::from_millis(400) } else { Duration::ZERO }),
         _ => (vec![fc | 0x80, 1], Duration::ZERO), // illegal function
-    }
+    })
 }
 
 /// A Modbus/TCP server: one thread per connection; a connection whose
@@ -48,7 +50,7 @@ fn modbus_server(listener: TcpListener) {
                     if s.read_exact(&mut pdu).is_err() {
                         return;
                     }
-                    let (reply, delay) = answer(&pdu);
+                    let Some((reply, delay)) = answer(&pdu) else { continue };
                     std::thread::sleep(delay);
                     let mut adu = head[..4].to_vec();
                     adu.extend(((reply.len() + 1) as u16).to_be_bytes());
@@ -93,6 +95,12 @@ impl Client {
         let mut pdu = vec![0; u16::from_be_bytes([head[4], head[5]]) as usize - 1];
         self.s.read_exact(&mut pdu).unwrap();
         pdu
+    }
+
+    /// Sends a request and expects no reply.
+    fn send(&mut self, pdu: &[u8]) {
+        let adu = self.adu(pdu);
+        self.s.write_all(&adu).unwrap();
     }
 
     /// Sends the requests in one write (one segment), then reads a reply
@@ -188,6 +196,12 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
     for _ in 0..2 {
         assert_eq!(c.call(&[&[65, 0, 0, 0, 0]])[0], vec![0xc1, 1]);
     }
+    // A diagnostics request that never gets its reply; the client gives up
+    // and uses the transaction id again for a read (answered).
+    c.send(&[8, 0, 0, 0x12, 0x34]);
+    std::thread::sleep(Duration::from_millis(100));
+    c.tid -= 1;
+    assert_eq!(c.call(&[&[3, 0, 0, 0, 1]])[0][0], 3);
     // A second connection pipelines two requests in one segment.
     let mut c2 = Client::connect(modbus);
     let replies = c2.call(&[&[4, 0, 1, 0, 1], &[4, 0, 2, 0, 1]]);
@@ -202,7 +216,7 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
     say(opcua, &[b'H', b'E', b'L', b'F', 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
 
     let requests = [
-        ("read_holding_registers", 13.0),
+        ("read_holding_registers", 14.0),
         ("write_single_register", 5.0),
         ("write_multiple_registers", 3.0),
         ("function_65", 2.0),
@@ -228,6 +242,9 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
             assert_eq!(get("edge_modbus_requests_total", side, &[&func(f)]), Some(n), "{side} {f} requests");
             assert_eq!(get("edge_modbus_reply_seconds_count", side, &[&func(f)]), Some(n), "{side} {f} replies");
         }
+        assert_eq!(get("edge_modbus_requests_total", side, &[&func("diagnostics")]), Some(1.0), "{side}");
+        assert_eq!(get("edge_modbus_reply_seconds_count", side, &[&func("diagnostics")]), Some(0.0), "{side}");
+        assert_eq!(get("edge_modbus_abandoned_requests_total", side, &[]), Some(1.0), "{side}: the hung request");
         let exc = |f: &str, code: &str| {
             let code = format!("code=\"{code}\"");
             get("edge_modbus_exceptions_total", side, &[&func(f), &code])
@@ -255,7 +272,6 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
         assert_eq!(conns("opcua", "matched"), Some(1.0), "{side}");
         assert_eq!(conns("opcua", "other"), None, "{side}");
         assert_eq!(get("edge_modbus_unmatched_replies_total", side, &[]), None, "{side}");
-        assert_eq!(get("edge_modbus_reused_transactions_total", side, &[]), None, "{side}");
     }
     assert!(a.metric("edge_agent_probe_runs_total{probe=\"protocols\"}").unwrap_or(0.0) > 0.0);
 }

@@ -45,14 +45,18 @@
 #define IPP_CELL_FN 32  /* IPP_PROTOS * IPP_SIDES * IPP_PAYLOADS = 24, rounded up */
 /* exc[side][function][code] */
 #define IPP_CELL_EXC 6688 /* IPP_CELL_FN + IPP_SIDES * IPP_FUNCTIONS * IPP_FN_CELLS */
-/* Probe health: per side, replies no pending request matched (the request
- * went before the probe attached, or was pushed out of ipp_pending), then
- * requests whose transaction id was still pending (a reply never came). */
+/* Per side: replies no pending request matched (the request went before
+ * the probe attached, or was given up), then requests given up without a
+ * reply (their transaction id used again, or pushed out by
+ * IPP_PENDING newer requests still pending on the socket). */
 #define IPP_CELL_UNMATCHED 10784 /* IPP_CELL_EXC + IPP_SIDES * IPP_FUNCTIONS * IPP_EXC_CODES */
-#define IPP_CELL_REPLACED 10786
+#define IPP_CELL_ABANDONED 10786
 #define IPP_CELLS 10788
 
-#define IPP_MAX_CONNS 16384  /* connections classified (LRU) */
-#define IPP_MAX_PENDING 8192 /* Modbus requests awaiting their reply (LRU) */
+/* Modbus requests awaiting their reply, per socket. */
+#define IPP_PENDING 8
+
+/* ipp_sock.payload before the client's first bytes were seen. */
+#define IPP_PAYLOAD_UNSEEN 255
 
 #endif

@@ -8,13 +8,14 @@
 // Two cgroup_skb programs (ingress and egress) attached to the root of the
 // cgroup v2 hierarchy see every IP packet of every socket on the box after
 // the IP layer: on loopback and on every interface, in containers too, with
-// the socket at hand (its cookie keys the per-connection state). The
-// payload of a segment is read with bpf_skb_load_bytes, which also reads
-// the paged part of an skb. No syscall hook, no BTF, no CO-RE: loads on
-// 5.10 (cgroup_skb 4.10, socket cookie 4.12, bounded loops are unrolled).
+// the socket at hand (its local storage holds the per-connection state).
+// The headers are read in place; the payload with bpf_skb_load_bytes, which
+// also reads the paged part of an skb. No syscall hook, no kernel BTF, no
+// CO-RE: loads on 5.10 (direct packet reads in cgroup_skb 5.2, socket
+// storage 5.2, links 5.7; the loops are unrolled).
 //
-// The reject path (a packet to or from no configured port) is three small
-// loads from the packet and two byte loads from a read-only table. The
+// The reject path (a packet to or from no configured port) is a few loads
+// from the packet's headers and two byte loads from a read-only table. The
 // programs never change a packet and always let it pass.
 //
 // Counts live in one array of u64 cells (ipp_cells) that the agent maps
@@ -42,36 +43,29 @@ struct {
 	__type(value, __u64);
 } ipp_cells SEC(".maps");
 
-// Socket cookie -> IPP_PAYLOAD_* of that connection (after its first
-// client payload). Least recently used entries make room: a connection
-// idle past IPP_MAX_CONNS newer ones is classified again at its next packet.
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, IPP_MAX_CONNS);
-	__type(key, __u64);
-	__type(value, __u8);
-} ipp_conns SEC(".maps");
-
-struct ipp_txn {
-	__u64 cookie; // the socket: client and server ends are separate
-	__u16 tid;    // MBAP transaction identifier
+// Per socket of a configured port (socket local storage: created at its
+// first payload, freed with the socket, no table to fill or evict): what
+// its client sent first, and the Modbus requests awaiting their reply.
+struct ipp_pending {
+	__u64 sent_ns; // 0: free
+	__u16 tid;     // MBAP transaction identifier
 	__u8 unit;
-	__u8 pad[5];
-};
-
-struct ipp_req {
-	__u64 sent_ns;
 	__u8 function;
-	__u8 pad[7];
+	__u32 pad;
 };
 
-// Modbus requests seen and not yet answered.
+struct ipp_sock {
+	__u8 payload; // IPP_PAYLOAD_*, IPP_PAYLOAD_UNSEEN at first
+	__u8 pad[7];
+	struct ipp_pending pending[IPP_PENDING];
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, IPP_MAX_PENDING);
-	__type(key, struct ipp_txn);
-	__type(value, struct ipp_req);
-} ipp_pending SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ipp_sock);
+} ipp_socks SEC(".maps");
 
 static __always_inline void add(__u32 cell, __u64 v)
 {
@@ -139,9 +133,60 @@ static __always_inline __u8 classify(struct __sk_buff *skb, __u32 off, __u8 prot
 	return IPP_PAYLOAD_OTHER;
 }
 
+// A request: into the socket's pending slots. The slot of the same
+// (transaction, unit) if one is pending (that request is given up), else a
+// free one, else the oldest (given up).
+static __always_inline void remember(struct ipp_sock *st, __u32 side, __u16 tid, __u8 unit, __u8 function, __u64 now)
+{
+	__u32 at = IPP_PENDING, free = IPP_PENDING, oldest = 0;
+	__u64 oldest_ns = ~0ULL;
+#pragma unroll
+	for (__u32 i = 0; i < IPP_PENDING; i++) {
+		struct ipp_pending *p = &st->pending[i];
+		if (!p->sent_ns) {
+			if (free == IPP_PENDING)
+				free = i;
+			continue;
+		}
+		if (p->tid == tid && p->unit == unit)
+			at = i;
+		if (p->sent_ns < oldest_ns) {
+			oldest_ns = p->sent_ns;
+			oldest = i;
+		}
+	}
+	if (at == IPP_PENDING)
+		at = free;
+	if (at == IPP_PENDING)
+		at = oldest;
+	if (at >= IPP_PENDING)
+		return;
+	struct ipp_pending *p = &st->pending[at];
+	if (p->sent_ns)
+		add(IPP_CELL_ABANDONED + side, 1);
+	p->sent_ns = now;
+	p->tid = tid;
+	p->unit = unit;
+	p->function = function;
+}
+
+// A reply: its pending request, or IPP_PENDING.
+static __always_inline __u32 find(struct ipp_sock *st, __u16 tid, __u8 unit, __u8 function)
+{
+	__u32 at = IPP_PENDING;
+#pragma unroll
+	for (__u32 i = 0; i < IPP_PENDING; i++) {
+		struct ipp_pending *p = &st->pending[i];
+		if (p->sent_ns && p->tid == tid && p->unit == unit && p->function == function)
+			at = i;
+	}
+	return at;
+}
+
 // Every Modbus/TCP ADU of the segment (up to IPP_MAX_ADUS): requests are
-// remembered by (socket, transaction id, unit) and timed to their reply.
-static __always_inline void modbus(struct __sk_buff *skb, __u32 off, __u64 cookie, __u32 side, int request)
+// remembered by (transaction id, unit) on their socket and timed to their
+// reply.
+static __always_inline void modbus(struct __sk_buff *skb, __u32 off, struct ipp_sock *st, __u32 side, int request)
 {
 	__u64 now = bpf_ktime_get_ns();
 #pragma unroll
@@ -155,21 +200,18 @@ static __always_inline void modbus(struct __sk_buff *skb, __u32 off, __u64 cooki
 		if (h[2] != 0 || h[3] != 0 || len < 2 || len > 254)
 			return; // not (or no longer) an MBAP header
 		__u8 function = h[7] & 0x7f;
-		struct ipp_txn key = { .cookie = cookie, .tid = (__u16)h[0] << 8 | h[1], .unit = h[6] };
+		__u16 tid = (__u16)h[0] << 8 | h[1];
 		if (request) {
-			struct ipp_req r = { .sent_ns = now, .function = function };
 			add(fn_cell(side, function, IPP_FN_REQUESTS), 1);
-			if (bpf_map_update_elem(&ipp_pending, &key, &r, BPF_NOEXIST) != 0) {
-				// Same transaction id still pending: its reply never came.
-				add(IPP_CELL_REPLACED + side, 1);
-				bpf_map_update_elem(&ipp_pending, &key, &r, BPF_ANY);
-			}
+			remember(st, side, tid, h[6], function, now);
 		} else {
-			struct ipp_req *r = bpf_map_lookup_elem(&ipp_pending, &key);
-			if (!r || r->function != function) {
+			__u32 at = find(st, tid, h[6], function);
+			if (at >= IPP_PENDING) {
 				add(IPP_CELL_UNMATCHED + side, 1);
 			} else {
-				__u64 us = (now - r->sent_ns) / 1000;
+				struct ipp_pending *p = &st->pending[at];
+				__u64 us = (now - p->sent_ns) / 1000;
+				p->sent_ns = 0;
 				add(fn_cell(side, function, IPP_FN_SUM_US), us);
 				add(fn_cell(side, function, IPP_FN_BUCKET0 + log2_bucket_of(us, IPP_BUCKETS - 1)), 1);
 				if (h[7] & 0x80) {
@@ -180,7 +222,6 @@ static __always_inline void modbus(struct __sk_buff *skb, __u32 off, __u64 cooki
 						code = 0;
 					add(IPP_CELL_EXC + (side * IPP_FUNCTIONS + function) * IPP_EXC_CODES + code, 1);
 				}
-				bpf_map_delete_elem(&ipp_pending, &key);
 			}
 		}
 		off += 6 + len;
@@ -189,27 +230,28 @@ static __always_inline void modbus(struct __sk_buff *skb, __u32 off, __u64 cooki
 
 static __always_inline int inspect(struct __sk_buff *skb, int egress)
 {
-	// skb data starts at the network header in cgroup_skb programs.
-	__u8 ip[20];
+	// skb data starts at the network header in cgroup_skb programs, and
+	// the IP and TCP headers are in the linear part: read them in place.
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u8 *ip = data;
 	__u32 l4;
-	if (bpf_skb_load_bytes(skb, 0, ip, 1))
+	if ((void *)(ip + 20) > end)
 		return 1;
 	if ((ip[0] >> 4) == 4) {
-		if (bpf_skb_load_bytes(skb, 0, ip, 20))
-			return 1;
 		if (ip[9] != 6 /* TCP */ || ((ip[6] & 0x3f) | ip[7]) != 0 /* a fragment */)
 			return 1;
 		l4 = (ip[0] & 0xf) * 4;
 	} else if ((ip[0] >> 4) == 6) {
 		// Extension headers are not followed (TCP directly after is the rule).
-		if (bpf_skb_load_bytes(skb, 6, ip, 1) || ip[0] != 6)
+		if (ip[6] != 6)
 			return 1;
 		l4 = 40;
 	} else {
 		return 1;
 	}
-	__u8 th[13];
-	if (bpf_skb_load_bytes(skb, l4, th, sizeof(th)))
+	__u8 *th = data + l4;
+	if ((void *)(th + 13) > end)
 		return 1;
 	__u16 sport = (__u16)th[0] << 8 | th[1];
 	__u16 dport = (__u16)th[2] << 8 | th[3];
@@ -227,21 +269,29 @@ static __always_inline int inspect(struct __sk_buff *skb, int egress)
 	if (proto >= IPP_PROTOS)
 		return 1;
 
-	__u64 cookie = bpf_get_socket_cookie(skb);
-	__u8 *seen = bpf_map_lookup_elem(&ipp_conns, &cookie);
-	__u8 payload;
-	if (seen) {
-		payload = *seen;
-	} else {
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 1;
+	struct ipp_sock *st = bpf_sk_storage_get(&ipp_socks, sk, 0, 0);
+	if (!st) {
 		if (!request)
 			return 1; // the client speaks first
-		payload = classify(skb, off, proto);
-		bpf_map_update_elem(&ipp_conns, &cookie, &payload, BPF_ANY);
+		st = bpf_sk_storage_get(&ipp_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!st)
+			return 1;
+		st->payload = IPP_PAYLOAD_UNSEEN;
+	}
+	if (st->payload == IPP_PAYLOAD_UNSEEN) {
+		__u8 payload = classify(skb, off, proto);
+		st->payload = payload;
 		if (payload < IPP_PAYLOADS)
 			add(IPP_CELL_CONN + (proto * IPP_SIDES + side) * IPP_PAYLOADS + payload, 1);
 	}
-	if (proto == IPP_PROTO_MODBUS && payload == IPP_PAYLOAD_MATCHED)
-		modbus(skb, off, cookie, side, request);
+	if (proto == IPP_PROTO_MODBUS && st->payload == IPP_PAYLOAD_MATCHED)
+		modbus(skb, off, st, side, request);
 	return 1;
 }
 

@@ -166,7 +166,7 @@ fn protocol_series(p: &ProtocolReading, out: &mut Vec<(SeriesKey, f64)>) {
     for (side, name) in protocols::SIDE_NAMES.iter().enumerate() {
         for (metric, v) in [
             ("edge_modbus_unmatched_replies_total", p.unmatched[side]),
-            ("edge_modbus_reused_transactions_total", p.reused[side]),
+            ("edge_modbus_abandoned_requests_total", p.abandoned[side]),
         ] {
             if v > 0 {
                 out.push((SeriesKey::new(metric, vec![Label::new("side", *name)]), v as f64));
@@ -311,7 +311,7 @@ mod tests {
             modbus: vec![ModbusSeries { side: 0, function: 3, requests: 3, sum_us: 200, buckets }],
             exceptions: vec![(0, 3, 2, 1)],
             unmatched: [0, 4],
-            reused: [0, 0],
+            abandoned: [0, 0],
         };
         let mut w = WindowStage::new();
         let b = w.close(1, &ProbeReading { tcp: None, devices: None, protocols: Some(p) }, None).unwrap();

@@ -37,7 +37,10 @@ fn fifty_devices_with_an_hour_of_backlog_reconnect_at_once() {
     let (mut bridge, _) = e2e::bridge(&dir, &broker, &prom.write_url(), "bridge-fleet50");
     // Whole seconds, an hour ago: the windows' timestamps.
     let t0 = (e2e::now_ms() / 1000 - 3700) * 1000;
-    let probe_off = "[probes.tcp_lifecycle]\nenabled = false\n";
+    // The uplink is under test: no probes (50 agents' programs on every
+    // packet of the box would only slow the run).
+    let probe_off = "[probes.tcp_lifecycle]\nenabled = false\n[probes.devices]\nenabled = false\n\
+                     [probes.protocols]\nenabled = false\n";
     let mut agents = Vec::new();
     let mut setups = Vec::new();
     for d in 0..DEVICES {

@@ -30,8 +30,10 @@ const CELL_CONN: usize = 0;
 const CELL_FN: usize = 32;
 const CELL_EXC: usize = CELL_FN + SIDES * FUNCTIONS * FN_CELLS;
 const CELL_UNMATCHED: usize = CELL_EXC + SIDES * FUNCTIONS * EXC_CODES;
-const CELL_REPLACED: usize = CELL_UNMATCHED + SIDES;
-const CELLS: usize = CELL_REPLACED + SIDES;
+const CELL_ABANDONED: usize = CELL_UNMATCHED + SIDES;
+const CELLS: usize = CELL_ABANDONED + SIDES;
+/// Modbus requests awaiting their reply per connection (IPP_PENDING).
+pub const PENDING: usize = 8;
 const _: () = assert!(PROTOS * SIDES * PAYLOADS <= CELL_FN, "connection cells overlap the function cells");
 
 /// The probe's name in `edge_agent_probe_attached{probe}`.
@@ -111,10 +113,11 @@ pub struct ProtocolReading {
     pub modbus: Vec<ModbusSeries>,
     /// Exception replies by (side, function, exception code), non-zero only.
     pub exceptions: Vec<(usize, usize, usize, u64)>,
-    /// Per side: replies no pending request matched; requests that reused a
-    /// transaction id still pending (the earlier one was never answered).
+    /// Per side: replies no pending request matched; requests given up
+    /// without a reply (their transaction id used again, or pushed out by
+    /// newer requests pending on the same connection).
     pub unmatched: [u64; SIDES],
-    pub reused: [u64; SIDES],
+    pub abandoned: [u64; SIDES],
 }
 
 /// The mmapped cells, read-only for the agent.
@@ -326,7 +329,7 @@ pub fn read_cells(get: impl Fn(usize) -> u64) -> ProtocolReading {
             }
         }
         r.unmatched[side] = get(CELL_UNMATCHED + side);
-        r.reused[side] = get(CELL_REPLACED + side);
+        r.abandoned[side] = get(CELL_ABANDONED + side);
     }
     r
 }
@@ -354,11 +357,12 @@ mod tests {
             ("IPP_CELL_FN", CELL_FN),
             ("IPP_CELL_EXC", CELL_EXC),
             ("IPP_CELL_UNMATCHED", CELL_UNMATCHED),
-            ("IPP_CELL_REPLACED", CELL_REPLACED),
+            ("IPP_CELL_ABANDONED", CELL_ABANDONED),
             ("IPP_CELLS", CELLS),
             ("IPP_PROTO_MODBUS", 1),
             ("IPP_PROTO_MQTT", 2),
             ("IPP_PROTO_OPCUA", 3),
+            ("IPP_PENDING", PENDING),
             ("IPP_SIDE_CLIENT", 0),
             ("IPP_SIDE_SERVER", 1),
             ("IPP_PAYLOAD_MATCHED", 0),
