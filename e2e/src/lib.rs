@@ -556,6 +556,23 @@ pub struct AgentSetup<'a> {
     pub extra: &'a str,
 }
 
+impl<'a> AgentSetup<'a> {
+    /// An agent with no broker (everything stays in its store), its own
+    /// device certificate, 200 ms windows, no port class: `extra` says the rest.
+    pub fn offline(device: &'a str, extra: &'a str) -> Self {
+        AgentSetup {
+            device,
+            broker: None,
+            identity: None,
+            mqtt: "",
+            window_ms: 200,
+            class_ports: &[],
+            state_dir: None,
+            extra,
+        }
+    }
+}
+
 pub struct Agent {
     pub proc: Proc,
     pub metrics_port: u16,

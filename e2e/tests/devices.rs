@@ -39,18 +39,12 @@ fn read_sensor(tty: &str, polls: u32, slow_us: u64) -> serde_json::Value {
 }
 
 fn agent(dir: &Path, watch: &str, tcp: bool) -> Agent {
-    let setup = AgentSetup {
-        device: "devices",
-        broker: None,
-        identity: None,
-        mqtt: "",
-        window_ms: 200,
-        class_ports: &[],
-        state_dir: None,
-        extra: &format!(
-            "[probes.tcp_lifecycle]\nenabled = {tcp}\n[probes.devices]\nwatch = [\"{watch}\"]\nrescan_secs = 1\n"
-        ),
-    };
+    // The protocol probe's cgroup links would count as attachments too.
+    let extra = format!(
+        "[probes.tcp_lifecycle]\nenabled = {tcp}\n[probes.devices]\nwatch = [\"{watch}\"]\nrescan_secs = 1\n\
+         [probes.protocols]\nenabled = false\n"
+    );
+    let setup = AgentSetup::offline("devices", &extra);
     let mut a = if tcp { Agent::start(dir, &setup) } else { Agent::launch(dir, &setup) };
     a.proc.assert_running();
     a
@@ -62,8 +56,8 @@ fn device_io_attached(a: &Agent) -> Option<f64> {
 
 /// The tracepoint attachments the agent holds: its BPF link descriptors
 /// (perf event ones on kernels before 5.15), one per attached tracepoint.
-/// The TCP probes are off in the test that counts them, so these are the
-/// syscall hooks.
+/// The TCP and protocol probes are off in the test that counts them, so
+/// these are the syscall hooks.
 fn perf_events(pid: i32) -> usize {
     kernel_objects(pid, &["bpf_link", "perf_event"])
 }

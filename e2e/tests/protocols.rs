@@ -133,22 +133,11 @@ fn sink_server(listener: TcpListener) {
 }
 
 fn agent(dir: &Path, modbus: u16, mqtt: u16, opcua: u16) -> Agent {
-    let a = Agent::start(
-        dir,
-        &AgentSetup {
-            device: "protocols",
-            broker: None,
-            identity: None,
-            mqtt: "",
-            window_ms: 200,
-            class_ports: &[],
-            state_dir: None,
-            extra: &format!(
-                "[probes.devices]\nenabled = false\n[probes.protocols]\nmodbus_ports = [{modbus}]\n\
-                 mqtt_ports = [{mqtt}]\nopcua_ports = [{opcua}]\n"
-            ),
-        },
+    let extra = format!(
+        "[probes.devices]\nenabled = false\n[probes.protocols]\nmodbus_ports = [{modbus}]\n\
+         mqtt_ports = [{mqtt}]\nopcua_ports = [{opcua}]\n"
     );
+    let a = Agent::start(dir, &AgentSetup::offline("protocols", &extra));
     assert_eq!(
         a.metric("edge_agent_probe_attached{probe=\"protocols\"}"),
         Some(1.0),
@@ -274,4 +263,32 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
         assert_eq!(get("edge_modbus_unmatched_replies_total", side, &[]), None, "{side}");
     }
     assert!(a.metric("edge_agent_probe_runs_total{probe=\"protocols\"}").unwrap_or(0.0) > 0.0);
+
+    // SIGHUP moves Modbus to another port: the new programs count there
+    // (from 0: new kernel objects), and no longer on the old one.
+    let (ml2, modbus2) = listen();
+    modbus_server(ml2);
+    let conf = a.config_path().to_owned();
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, text.replace(&format!("modbus_ports = [{modbus}]"), &format!("modbus_ports = [{modbus2}]")))
+        .unwrap();
+    let mut a = a;
+    a.proc.signal(libc::SIGHUP);
+    wait_for("the probes reloaded", Duration::from_secs(10), || {
+        a.proc.assert_running();
+        a.proc.log_text().contains("SIGHUP: probes reloaded").then_some(()).ok_or("not yet")
+    });
+    let (mut old, mut new) = (Client::connect(modbus), Client::connect(modbus2));
+    for _ in 0..4 {
+        assert_eq!(old.call(&[&[6, 0, 1, 0, 1]])[0][0], 6);
+    }
+    for _ in 0..3 {
+        assert_eq!(new.call(&[&[6, 0, 1, 0, 1]])[0][0], 6);
+    }
+    wait_for("the new port's requests stored", Duration::from_secs(20), || {
+        let n = get("edge_modbus_requests_total", "client", &[&func("write_single_register")]);
+        (n == Some(3.0)).then_some(()).ok_or(n)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(get("edge_modbus_requests_total", "server", &[&func("write_single_register")]), Some(3.0));
 }

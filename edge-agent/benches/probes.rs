@@ -12,51 +12,14 @@ mod measure;
 use edge_agent::config::{Config, TcpLifecycleConfig};
 use edge_agent::probe::tcp_lifecycle::TcpLifecycleProbe;
 use edge_agent::probe::tracefs;
-use measure::{agent_under_load, lifecycle, median};
+use measure::{agent_under_load, lifecycle, lifecycles, median, stream};
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::Instant;
 
 const LIFECYCLES: usize = 20_000;
 const READS: usize = 2_000_000;
 const STREAM_MIB: usize = 256;
-
-/// ns per loopback connect + accept + close of both ends.
-fn lifecycles(l: &TcpListener, n: usize) -> f64 {
-    let port = l.local_addr().unwrap().port();
-    let start = Instant::now();
-    for _ in 0..n {
-        lifecycle(l, port);
-    }
-    start.elapsed().as_nanos() as f64 / n as f64
-}
-
-/// ns per MiB streamed over one loopback connection to `l` (every segment
-/// received passes tcp:tcp_probe).
-fn stream(l: &TcpListener, mib: usize) -> f64 {
-    use std::io::Write;
-    let port = l.local_addr().unwrap().port();
-    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let (mut s, _) = l.accept().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 16];
-        let mut n = 0usize;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return n,
-                Ok(k) => n += k,
-            }
-        }
-    });
-    let chunk = vec![1u8; 16 << 10];
-    let start = Instant::now();
-    for _ in 0..mib * 64 {
-        c.write_all(&chunk).unwrap();
-    }
-    drop(c);
-    assert_eq!(reader.join().unwrap(), mib << 20);
-    start.elapsed().as_nanos() as f64 / mib as f64
-}
 
 /// ns per read(2) of one byte from /dev/null (a syscall no probe watches).
 fn reads(n: usize) -> f64 {

@@ -16,13 +16,12 @@
 //! trip at a time; a bulk stream on the unwatched port; and connection
 //! lifecycles (connect, accept, close) to the unwatched port.
 
-#[allow(dead_code)] // the agent CPU helpers are for the other benches
 mod measure;
 
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use edge_agent::config::ProtocolsConfig;
 use edge_agent::probe::protocols::{cgroup2_root, ProtocolsProbe};
-use measure::{lifecycle, median};
+use measure::{lifecycles, median, stream};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
@@ -75,43 +74,6 @@ fn round_trips(c: &mut TcpStream, n: usize) -> f64 {
     start.elapsed().as_nanos() as f64 / n as f64
 }
 
-/// ns per MiB streamed to a reader that discards it, on a new connection
-/// to an unwatched port.
-fn stream(mib: usize) -> f64 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let p = l.local_addr().unwrap().port();
-    let reader = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut n = 0usize;
-        while let Ok(k) = s.read(&mut buf) {
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
-        n
-    });
-    let mut c = TcpStream::connect(("127.0.0.1", p)).unwrap();
-    let chunk = vec![1u8; 16 << 10];
-    let start = Instant::now();
-    for _ in 0..mib * 64 {
-        c.write_all(&chunk).unwrap();
-    }
-    drop(c);
-    assert_eq!(reader.join().unwrap(), mib << 20);
-    start.elapsed().as_nanos() as f64 / mib as f64
-}
-
-fn lifecycles(l: &TcpListener, n: usize) -> f64 {
-    let port = l.local_addr().unwrap().port();
-    let start = Instant::now();
-    for _ in 0..n {
-        lifecycle(l, port);
-    }
-    start.elapsed().as_nanos() as f64 / n as f64
-}
-
 /// Runs and run time (ns) of the empty programs so far.
 fn empty_stats(e: &aya::Ebpf) -> (u64, u64) {
     ["empty_skb_ingress", "empty_skb_egress"]
@@ -152,11 +114,12 @@ fn main() {
     let cfg = ProtocolsConfig { modbus_ports: vec![watched_port], ..Default::default() };
     let (mut w, mut u) = (client(watched_port), client(unwatched_port));
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap(); // the stream's unwatched port
 
     let measure = |runs: &mut Runs, w: &mut TcpStream, u: &mut TcpStream| {
         runs.watched.push(round_trips(w, ROUND_TRIPS));
         runs.unwatched.push(round_trips(u, ROUND_TRIPS));
-        runs.stream.push(stream(STREAM_MIB));
+        runs.stream.push(stream(&sink, STREAM_MIB));
         runs.lifecycle.push(lifecycles(&l, LIFECYCLES));
     };
     let (mut detached, mut empty, mut attached) = (Runs::default(), Runs::default(), Runs::default());
@@ -183,7 +146,7 @@ fn main() {
         prog.0 += after.runs - before.runs;
         prog.1 += after.run_ns - before.run_ns;
         attached.unwatched.push(round_trips(&mut u, ROUND_TRIPS));
-        attached.stream.push(stream(STREAM_MIB));
+        attached.stream.push(stream(&sink, STREAM_MIB));
         attached.lifecycle.push(lifecycles(&l, LIFECYCLES));
         let end = p.program_stats()[0].clone();
         unwatched_prog.0 += end.runs - after.runs;

@@ -1,4 +1,5 @@
-//! Measuring helpers shared by the probe benchmarks.
+//! Measuring helpers shared by the probe benchmarks (each uses some).
+#![allow(dead_code)]
 
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -54,4 +55,41 @@ pub fn lifecycle(l: &std::net::TcpListener, port: u16) {
     let (a, _) = l.accept().unwrap();
     drop(c);
     drop(a);
+}
+
+/// ns per loopback connect + accept + close of both ends.
+pub fn lifecycles(l: &std::net::TcpListener, n: usize) -> f64 {
+    let port = l.local_addr().unwrap().port();
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        lifecycle(l, port);
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// ns per MiB streamed over one loopback connection to `l` (every segment
+/// received passes tcp:tcp_probe).
+pub fn stream(l: &std::net::TcpListener, mib: usize) -> f64 {
+    use std::io::{Read, Write};
+    let port = l.local_addr().unwrap().port();
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0usize;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return n,
+                Ok(k) => n += k,
+            }
+        }
+    });
+    let chunk = vec![1u8; 16 << 10];
+    let start = std::time::Instant::now();
+    for _ in 0..mib * 64 {
+        c.write_all(&chunk).unwrap();
+    }
+    drop(c);
+    assert_eq!(reader.join().unwrap(), mib << 20);
+    start.elapsed().as_nanos() as f64 / mib as f64
 }
