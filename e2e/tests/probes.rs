@@ -1,6 +1,7 @@
 //! The TCP probes against ground truth the test makes: retransmits under
 //! packet loss injected by nftables on a veth pair between two private
-//! network namespaces, and the duration of a connection held idle.
+//! network namespaces, the duration of a connection held idle, and idle
+//! connections counted until they talk.
 
 use e2e::*;
 use std::io::{Read, Write};
@@ -315,4 +316,55 @@ fn sighup_reconfigures_the_probes_without_a_restart() {
     });
     assert_eq!(attached(&agent), Some(1.0));
     assert!(bpf_fds(pid) >= 10);
+}
+
+#[test]
+fn idle_connections_are_counted_until_they_talk() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let dir = tempdir("idle");
+    let ports = [port];
+    let _a = Agent::start(
+        &dir,
+        &AgentSetup {
+            class_ports: &ports,
+            extra: "[probes.tcp_lifecycle]\nidle_secs = 1\n",
+            ..AgentSetup::offline("idle", "")
+        },
+    );
+    let mut conns: Vec<_> = (0..2)
+        .map(|_| {
+            let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            (c, l.accept().unwrap().0)
+        })
+        .collect();
+    let get = |metric: &str, direction: &str| {
+        stored(&dir, metric, &[&format!("direction=\"{direction}\""), "port_class=\"e2e\""])
+    };
+    let both = |metric: &str| (get(metric, "outbound"), get(metric, "inbound"));
+    // Quiet for over a second: both connections idle, at both ends.
+    wait_for("two idle connections at both ends", Duration::from_secs(20), || {
+        (both("edge_tcp_connections_idle") == (Some(2.0), Some(2.0)))
+            .then_some(())
+            .ok_or(both("edge_tcp_connections_idle"))
+    });
+    assert_eq!(both("edge_tcp_connections_established"), (Some(2.0), Some(2.0)));
+    // One talks (a byte each way every 100 ms): one idle left, at both ends.
+    wait_for("one idle connection at both ends", Duration::from_secs(20), || {
+        conns[0].0.write_all(b"x").unwrap();
+        conns[0].1.write_all(b"y").unwrap();
+        (both("edge_tcp_connections_idle") == (Some(1.0), Some(1.0)))
+            .then_some(())
+            .ok_or(both("edge_tcp_connections_idle"))
+    });
+    assert_eq!(both("edge_tcp_connections_established"), (Some(2.0), Some(2.0)));
+    // Closed: the gauges go to 0 (sent, not dropped).
+    conns.clear();
+    wait_for("no connection left", Duration::from_secs(20), || {
+        let now = (both("edge_tcp_connections_established"), both("edge_tcp_connections_idle"));
+        (now == ((Some(0.0), Some(0.0)), (Some(0.0), Some(0.0)))).then_some(()).ok_or(now)
+    });
 }

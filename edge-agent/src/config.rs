@@ -198,6 +198,10 @@ pub struct TcpLifecycleConfig {
     /// slowed a loopback stream by about half (BENCHMARKS.md), watched port
     /// or not.
     pub rtt: bool,
+    /// Established connections that neither sent nor received data for this
+    /// many seconds count as idle (`edge_tcp_connections_idle`), read once
+    /// per window from the kernel's socket diagnostics. 0: no census.
+    pub idle_secs: u64,
     /// Port class name -> ports. A connection is classed by the remote port
     /// when outbound and by the local port when inbound; other ports fold
     /// into "other". At most 15 classes and 256 ports (kernel map sizes).
@@ -307,6 +311,7 @@ impl Default for TcpLifecycleConfig {
         TcpLifecycleConfig {
             enabled: true,
             rtt: false,
+            idle_secs: 300,
             port_classes: classes.iter().map(|(n, p)| (n.to_string(), p.to_vec())).collect(),
         }
     }
@@ -430,6 +435,9 @@ impl Config {
             }
         }
         let t = &self.probes.tcp_lifecycle;
+        if t.idle_secs > 7 * 86_400 {
+            return Err("probes.tcp_lifecycle.idle_secs must be at most 604800 (a week); 0 turns the census off".into());
+        }
         if t.port_classes.len() > MAX_PORT_CLASSES {
             return Err(format!(
                 "probes.tcp_lifecycle.port_classes has {} classes, at most {MAX_PORT_CLASSES}",

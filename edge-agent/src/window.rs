@@ -3,6 +3,7 @@
 
 use crate::probe::device_io::{self, DeviceReading};
 use crate::probe::protocols::{self, ProtocolReading};
+use crate::probe::tcp_idle::IdleCensus as TcpIdleCensus;
 use crate::probe::tcp_lifecycle::{Hist, Kind, PortClasses, TcpCounters, TcpHists, CLASSES, DIRS, DIR_NAMES};
 use crate::probe::ProbeReading;
 use crate::store::blocks::Window;
@@ -16,6 +17,8 @@ use std::collections::BTreeSet;
 pub struct WindowStage {
     live_tcp: BTreeSet<usize>,
     live_hist: BTreeSet<usize>,
+    /// (metric, direction, class) of the connection gauges once non-zero.
+    live_conns: BTreeSet<(usize, usize, usize)>,
 }
 
 /// A histogram's samples: cumulative `_bucket{le}` for log2 bounds of
@@ -57,6 +60,9 @@ impl WindowStage {
         if let (Some(tcp), Some(classes)) = (&reading.tcp, classes) {
             self.tcp_series(tcp, classes, &mut samples);
         }
+        if let (Some(c), Some(classes)) = (&reading.tcp_idle, classes) {
+            self.conn_series(c, classes, &mut samples);
+        }
         if let Some(d) = &reading.devices {
             device_series(d, &mut samples);
         }
@@ -85,6 +91,26 @@ impl WindowStage {
             out.push((SeriesKey::new(e.kind.metric(), labels), value as f64));
         }
         self.hist_series(&c.hists, classes, out);
+    }
+
+    /// Gauges of established and idle connections: a series once non-zero
+    /// is sent every window after, 0 included (a gauge that vanished would
+    /// read as "no data", not as "none idle").
+    fn conn_series(&mut self, c: &TcpIdleCensus, classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
+        let metrics = [("edge_tcp_connections_established", &c.established), ("edge_tcp_connections_idle", &c.idle)];
+        for (m, (name, values)) in metrics.iter().enumerate() {
+            for (dir, row) in values.iter().enumerate() {
+                for (class, &v) in row.iter().enumerate() {
+                    if v == 0 && !self.live_conns.contains(&(m, dir, class)) {
+                        continue;
+                    }
+                    let Some(class_name) = classes.name(class) else { continue };
+                    self.live_conns.insert((m, dir, class));
+                    let labels = vec![Label::new("direction", DIR_NAMES[dir]), Label::new("port_class", class_name)];
+                    out.push((SeriesKey::new(*name, labels), v as f64));
+                }
+            }
+        }
     }
 
     /// Prometheus histograms: cumulative `_bucket{le}` (log2 bounds), `_sum`
@@ -196,12 +222,21 @@ mod tests {
         let mut w = WindowStage::new();
         let mut c = TcpCounters::default();
         assert!(w
-            .close(1, &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None }, Some(&classes))
+            .close(
+                1,
+                &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None, tcp_idle: None },
+                Some(&classes)
+            )
             .is_none());
 
         c.values[TcpCounters::index(Kind::Opened, 0, 0)] = 3;
-        let b =
-            w.close(2, &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None }, Some(&classes)).unwrap();
+        let b = w
+            .close(
+                2,
+                &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None, tcp_idle: None },
+                Some(&classes),
+            )
+            .unwrap();
         assert_eq!(b.timestamp_ms, 2);
         assert_eq!(b.samples.len(), 1);
         let (key, v) = &b.samples[0];
@@ -214,7 +249,7 @@ mod tests {
         let b = w
             .close(
                 3,
-                &ProbeReading { tcp: Some(TcpCounters::default()), devices: None, protocols: None },
+                &ProbeReading { tcp: Some(TcpCounters::default()), devices: None, protocols: None, tcp_idle: None },
                 Some(&classes),
             )
             .unwrap();
@@ -228,7 +263,9 @@ mod tests {
         let mut c = TcpCounters::default();
         c.values[TcpCounters::index(Kind::CloseWaitEntered, 1, 0)] = 5;
         c.values[TcpCounters::index(Kind::CloseWaitLeft, 1, 0)] = 3;
-        let b = w.close(1, &ProbeReading { tcp: Some(c), devices: None, protocols: None }, Some(&classes)).unwrap();
+        let b = w
+            .close(1, &ProbeReading { tcp: Some(c), devices: None, protocols: None, tcp_idle: None }, Some(&classes))
+            .unwrap();
         assert_eq!(b.samples.len(), 1);
         assert_eq!(b.samples[0].0.name, "edge_tcp_connections_close_wait");
         assert_eq!(b.samples[0].1, 2.0);
@@ -243,7 +280,9 @@ mod tests {
         slot.buckets[5] = 2; // 32..64 us
         slot.buckets[7] = 1; // 128..256 us
         slot.sum = 40 + 50 + 200;
-        let b = w.close(1, &ProbeReading { tcp: Some(c), devices: None, protocols: None }, Some(&classes)).unwrap();
+        let b = w
+            .close(1, &ProbeReading { tcp: Some(c), devices: None, protocols: None, tcp_idle: None }, Some(&classes))
+            .unwrap();
         let get = |name: &str, le: Option<&str>| sample(&b, name, le);
         let m = "edge_tcp_connect_latency_seconds";
         assert_eq!(get(&format!("{m}_bucket"), Some("0.000032")), Some(0.0));
@@ -285,7 +324,8 @@ mod tests {
             ..Default::default()
         };
         let mut w = WindowStage::new();
-        let b = w.close(1, &ProbeReading { tcp: None, devices: Some(d), protocols: None }, None).unwrap();
+        let b =
+            w.close(1, &ProbeReading { tcp: None, devices: Some(d), protocols: None, tcp_idle: None }, None).unwrap();
         for (k, _) in &b.samples {
             k.validate().unwrap();
         }
@@ -314,7 +354,8 @@ mod tests {
             abandoned: [0, 0],
         };
         let mut w = WindowStage::new();
-        let b = w.close(1, &ProbeReading { tcp: None, devices: None, protocols: Some(p) }, None).unwrap();
+        let b =
+            w.close(1, &ProbeReading { tcp: None, devices: None, protocols: Some(p), tcp_idle: None }, None).unwrap();
         for (k, _) in &b.samples {
             k.validate().unwrap();
         }
@@ -334,5 +375,24 @@ mod tests {
         assert_eq!(find("edge_modbus_exceptions_total", &[("code", "illegal_data_address")]), Some(1.0));
         assert_eq!(find("edge_modbus_unmatched_replies_total", &[("side", "server")]), Some(4.0));
         assert_eq!(find("edge_modbus_unmatched_replies_total", &[("side", "client")]), None, "zero: not sent");
+    }
+
+    #[test]
+    fn idle_gauges_stay_once_seen_and_go_back_to_zero() {
+        let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
+        let mut w = WindowStage::new();
+        let mut c = TcpIdleCensus::default();
+        c.established[1][0] = 2;
+        c.idle[1][0] = 1;
+        let reading = |c: &TcpIdleCensus| ProbeReading { tcp_idle: Some(c.clone()), ..Default::default() };
+        let b = w.close(1, &reading(&c), Some(&classes)).unwrap();
+        assert_eq!(b.samples.len(), 2);
+        assert_eq!(sample(&b, "edge_tcp_connections_idle", None), Some(1.0));
+        c.idle[1][0] = 0;
+        let b = w.close(2, &reading(&c), Some(&classes)).unwrap();
+        assert_eq!(sample(&b, "edge_tcp_connections_idle", None), Some(0.0), "sent as 0, not dropped");
+        assert_eq!(sample(&b, "edge_tcp_connections_established", None), Some(2.0));
+        let idle = b.samples.iter().find(|(k, _)| k.name == "edge_tcp_connections_idle").unwrap();
+        assert_eq!(idle.0.labels, vec![Label::new("direction", "inbound"), Label::new("port_class", "other")]);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod device_io;
 pub mod protocols;
+pub mod tcp_idle;
 pub mod tcp_lifecycle;
 pub mod tracefs;
 
@@ -50,6 +51,8 @@ pub struct ProbeReading {
     pub tcp: Option<TcpCounters>,
     pub devices: Option<DeviceReading>,
     pub protocols: Option<ProtocolReading>,
+    /// Established and idle connections now (with the TCP probe).
+    pub tcp_idle: Option<tcp_idle::IdleCensus>,
 }
 
 impl Probes {
@@ -157,7 +160,14 @@ impl Probes {
             }
         });
         let protocols = self.protocols.as_ref().map(ProtocolsProbe::read);
-        ProbeReading { tcp, devices, protocols }
+        let tcp_idle = self.tcp.as_ref().filter(|p| p.idle_ms > 0).and_then(|p| match tcp_idle::dump() {
+            Ok((conns, listening)) => Some(tcp_idle::census(&conns, &listening, p.classes(), p.idle_ms)),
+            Err(e) => {
+                tracing::warn!(error = %e, "socket diagnostics dump failed; no idle census this window");
+                None
+            }
+        });
+        ProbeReading { tcp, devices, protocols, tcp_idle }
     }
 
     /// Run count and time of every attached program, by probe.

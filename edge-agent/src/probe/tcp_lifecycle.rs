@@ -156,6 +156,11 @@ impl PortClasses {
     pub fn name(&self, class: usize) -> Option<&str> {
         self.names.get(class).map(String::as_str)
     }
+
+    /// The class of a port (0, "other", when unclassed).
+    pub fn class_of(&self, port: u16) -> usize {
+        self.ports.iter().find(|(p, _)| *p == port).map_or(0, |(_, c)| usize::from(*c))
+    }
 }
 
 /// Cumulative counters and histograms since the probe was attached.
@@ -279,6 +284,8 @@ pub struct TcpLifecycleProbe {
     hists: PerCpuArray<MapData, HistSlot>,
     stats: PerCpuArray<MapData, u64>,
     classes: PortClasses,
+    /// Connections idle this long count as idle (0: no idle census).
+    pub idle_ms: u64,
     /// Each tracepoint's state (the baseline is attached).
     pub states: Vec<(&'static str, ProbeState)>,
     /// Keeps the kernel's run-time statistics on while the probe lives
@@ -484,7 +491,16 @@ impl TcpLifecycleProbe {
                 None
             }
         };
-        Ok(TcpLifecycleProbe { counters, hists, stats, classes, states, _stats_on: stats_on, ebpf })
+        Ok(TcpLifecycleProbe {
+            counters,
+            hists,
+            stats,
+            classes,
+            idle_ms: cfg.idle_secs * 1000,
+            states,
+            _stats_on: stats_on,
+            ebpf,
+        })
     }
 
     /// Run count and run time of every attached program (cumulative, while
