@@ -40,9 +40,10 @@ fn read_sensor(tty: &str, polls: u32, slow_us: u64) -> serde_json::Value {
 
 fn agent(dir: &Path, watch: &str, tcp: bool) -> Agent {
     // The protocol probe's cgroup links would count as attachments too.
+    // BPF run-time statistics go with the TCP probe here, to see the switch.
     let extra = format!(
         "[probes.tcp_lifecycle]\nenabled = {tcp}\n[probes.devices]\nwatch = [\"{watch}\"]\nrescan_secs = 1\n\
-         [probes.protocols]\nenabled = false\n"
+         [probes.protocols]\nenabled = false\n[probes]\nprogram_stats = {tcp}\n"
     );
     let setup = AgentSetup::offline("devices", &extra);
     let mut a = if tcp { Agent::start(dir, &setup) } else { Agent::launch(dir, &setup) };
@@ -76,6 +77,7 @@ fn serial_sensor_ops_bytes_errors_and_stall_match_the_reader() {
     });
     // Counted exactly, like the kernel's fence: > 2^18 us.
     let truth = read_sensor(&tty, 20, 262_144);
+    assert_eq!(kernel_objects(a.proc.pid(), &["bpf-stats"]), 1, "the agent keeps BPF statistics on");
     let n = |k: &str| truth[k].as_u64().unwrap() as f64;
     assert_eq!(n("slow_reads"), 1.0, "the stall did not happen: {truth}");
     assert_eq!(n("exceptions"), 1.0, "{truth}");
@@ -138,6 +140,7 @@ fn hooks_attach_only_while_a_watched_device_exists() {
         (device_io_attached(&a) == Some(0.0)).then_some(()).ok_or("no state")
     });
     assert_eq!(perf_events(a.proc.pid()), 0, "no tracepoint attached while nothing is watched");
+    assert_eq!(kernel_objects(a.proc.pid(), &["bpf-stats"]), 0, "probes.program_stats = false: no statistics held");
     assert_eq!(a.metric("edge_agent_devices_watched"), Some(0.0));
 
     // The device appears: hooks within a window, and the reader's open by

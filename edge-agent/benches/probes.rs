@@ -38,6 +38,9 @@ fn main() {
         println!("probes benchmark: needs root (eBPF); skipped");
         return;
     }
+    // Run-time statistics on for the whole run, as the agent has them by
+    // default (probes.program_stats): the per-program figures below.
+    let _stats_on = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let root = tracefs::ensure_mounted().expect("tracefs");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();

@@ -128,12 +128,30 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbesConfig {
+    /// The kernel's BPF run-time statistics (`BPF_ENABLE_STATS`) while the
+    /// agent runs: per-program run counts and run time in
+    /// `edge_agent_probe_runs_total` / `_run_seconds_total`. They cost two
+    /// clock reads per program run, for every BPF program on the box: about
+    /// +130-200 ns on each system call the device probe hooks
+    /// (BENCHMARKS.md). Turn off where the watched devices are busy.
+    pub program_stats: bool,
     pub tcp_lifecycle: TcpLifecycleConfig,
     pub devices: DevicesConfig,
     pub protocols: ProtocolsConfig,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        ProbesConfig {
+            program_stats: true,
+            tcp_lifecycle: TcpLifecycleConfig::default(),
+            devices: DevicesConfig::default(),
+            protocols: ProtocolsConfig::default(),
+        }
+    }
 }
 
 /// Industrial protocols on TCP (docs/probes.md, "Industrial protocols"):
@@ -540,6 +558,14 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("port 80"));
         let c = Config { device_id: "a/b".into(), ..Default::default() };
         assert!(c.validate().unwrap_err().starts_with("device_id"));
+    }
+
+    #[test]
+    fn program_stats_can_be_turned_off() {
+        assert!(Config::default().probes.program_stats);
+        let c = Config::parse("[probes]\nprogram_stats = false\n", Path::new("x.toml")).unwrap();
+        assert!(!c.probes.program_stats);
+        assert!(c.probes.protocols.enabled, "the rest keeps its defaults");
     }
 
     #[test]

@@ -425,8 +425,6 @@ pub struct DeviceIoProbe {
     /// Names too long for the open hook, warned about once.
     long_names: BTreeSet<PathBuf>,
     pub state: ProbeState,
-    /// Keeps the kernel's run-time statistics on while the probe lives.
-    _stats_on: Option<std::os::fd::OwnedFd>,
     // Owns the programs; must outlive the links and maps.
     ebpf: Ebpf,
 }
@@ -492,7 +490,6 @@ impl DeviceIoProbe {
             files_from_scan: 0,
             long_names: BTreeSet::new(),
             state: ProbeState::Waiting("no watched device present yet".into()),
-            _stats_on: aya::sys::enable_stats(aya::sys::Stats::RunTime).ok(),
             ebpf,
         };
         p.refresh();

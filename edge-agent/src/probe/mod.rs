@@ -43,6 +43,9 @@ pub struct Probes {
     pub protocols: Option<ProtocolsProbe>,
     /// Every probe (tracepoint program) by name, for `/metrics`.
     pub states: Vec<(&'static str, ProbeState)>,
+    /// Keeps the kernel's BPF run-time statistics on while the probes live
+    /// (`probes.program_stats`; None: off, or refused before 5.8).
+    _stats_on: Option<std::os::fd::OwnedFd>,
 }
 
 /// One reading of every attached probe.
@@ -58,13 +61,20 @@ pub struct ProbeReading {
 impl Probes {
     /// No probes (between a detach and the next attach).
     pub fn none() -> Probes {
-        Probes { tcp: None, devices: None, protocols: None, states: Vec::new() }
+        Probes { tcp: None, devices: None, protocols: None, states: Vec::new(), _stats_on: None }
     }
 
     /// Attaches what the config enables. A probe that cannot attach is
     /// reported unavailable with the reason; the agent runs on without it.
     pub fn start(cfg: &Config) -> Probes {
         raise_memlock_limit();
+        let stats_on = if cfg.probes.program_stats {
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .inspect_err(|e| tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8?)"))
+                .ok()
+        } else {
+            None
+        };
         let (tcp, tcp_state) = if !cfg.probes.tcp_lifecycle.enabled {
             (None, ProbeState::Disabled)
         } else {
@@ -127,7 +137,7 @@ impl Probes {
                 tracing::warn!(probe = name, reason = %why, "probe unavailable");
             }
         }
-        Probes { tcp, devices, protocols, states }
+        Probes { tcp, devices, protocols, states, _stats_on: stats_on }
     }
 
     /// Once per window, before [`Probes::read`]: lets the device probe

@@ -164,7 +164,6 @@ pub struct ProtocolsProbe {
     /// Where the programs are attached, for the logs and `edge-agent probes`.
     pub cgroup: PathBuf,
     _cells_map: MapData,
-    _stats_on: Option<std::os::fd::OwnedFd>,
     // Owns the programs and their links; dropping it detaches them.
     ebpf: Ebpf,
 }
@@ -263,13 +262,7 @@ impl ProtocolsProbe {
             _ => return Err(ProbeError::Load("map ipp_cells missing or not an array".into())),
         };
         let cells = Cells::map(&cells_map)?;
-        Ok(ProtocolsProbe {
-            cells,
-            cgroup,
-            _cells_map: cells_map,
-            _stats_on: aya::sys::enable_stats(aya::sys::Stats::RunTime).ok(),
-            ebpf,
-        })
+        Ok(ProtocolsProbe { cells, cgroup, _cells_map: cells_map, ebpf })
     }
 
     /// Run count and time of both programs together.

@@ -288,9 +288,6 @@ pub struct TcpLifecycleProbe {
     pub idle_ms: u64,
     /// Each tracepoint's state (the baseline is attached).
     pub states: Vec<(&'static str, ProbeState)>,
-    /// Keeps the kernel's run-time statistics on while the probe lives
-    /// (None: the kernel refused, e.g. before 5.8).
-    _stats_on: Option<std::os::fd::OwnedFd>,
     // Owns the programs and their links; must outlive the maps' use.
     ebpf: Ebpf,
 }
@@ -484,23 +481,7 @@ impl TcpLifecycleProbe {
         let counters = PerCpuArray::try_from(take("tcpl_counters")?).map_err(load)?;
         let hists = PerCpuArray::try_from(take("tcpl_hist")?).map_err(load)?;
         let stats = PerCpuArray::try_from(take("tcpl_stats")?).map_err(load)?;
-        let stats_on = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8?)");
-                None
-            }
-        };
-        Ok(TcpLifecycleProbe {
-            counters,
-            hists,
-            stats,
-            classes,
-            idle_ms: cfg.idle_secs * 1000,
-            states,
-            _stats_on: stats_on,
-            ebpf,
-        })
+        Ok(TcpLifecycleProbe { counters, hists, stats, classes, idle_ms: cfg.idle_secs * 1000, states, ebpf })
     }
 
     /// Run count and run time of every attached program (cumulative, while
