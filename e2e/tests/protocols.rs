@@ -68,6 +68,8 @@ fn modbus_server(listener: TcpListener) {
 struct Client {
     s: TcpStream,
     tid: u16,
+    /// Payload bytes written and read, for the TCP byte counters.
+    bytes: usize,
 }
 
 impl Client {
@@ -75,7 +77,7 @@ impl Client {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Client { s, tid: 0x1200 }
+        Client { s, tid: 0x1200, bytes: 0 }
     }
 
     fn adu(&mut self, pdu: &[u8]) -> Vec<u8> {
@@ -94,6 +96,7 @@ impl Client {
         self.s.read_exact(&mut head).unwrap();
         let mut pdu = vec![0; u16::from_be_bytes([head[4], head[5]]) as usize - 1];
         self.s.read_exact(&mut pdu).unwrap();
+        self.bytes += head.len() + pdu.len();
         pdu
     }
 
@@ -101,6 +104,7 @@ impl Client {
     fn send(&mut self, pdu: &[u8]) {
         let adu = self.adu(pdu);
         self.s.write_all(&adu).unwrap();
+        self.bytes += adu.len();
     }
 
     /// Sends the requests in one write (one segment), then reads a reply
@@ -108,6 +112,7 @@ impl Client {
     fn call(&mut self, pdus: &[&[u8]]) -> Vec<Vec<u8>> {
         let bytes: Vec<u8> = pdus.iter().flat_map(|p| self.adu(p)).collect();
         self.s.write_all(&bytes).unwrap();
+        self.bytes += bytes.len();
         pdus.iter().map(|_| self.reply()).collect()
     }
 }
@@ -137,7 +142,9 @@ fn agent(dir: &Path, modbus: u16, mqtt: u16, opcua: u16) -> Agent {
         "[probes.devices]\nenabled = false\n[probes.protocols]\nmodbus_ports = [{modbus}]\n\
          mqtt_ports = [{mqtt}]\nopcua_ports = [{opcua}]\n"
     );
-    let a = Agent::start(dir, &AgentSetup::offline("protocols", &extra));
+    // The Modbus port is also the TCP probe's port class "e2e" (bytes).
+    let ports = [modbus];
+    let a = Agent::start(dir, &AgentSetup { class_ports: &ports, ..AgentSetup::offline("protocols", &extra) });
     assert_eq!(
         a.metric("edge_agent_probe_attached{probe=\"protocols\"}"),
         Some(1.0),
@@ -195,9 +202,12 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
     let mut c2 = Client::connect(modbus);
     let replies = c2.call(&[&[4, 0, 1, 0, 1], &[4, 0, 2, 0, 1]]);
     assert_eq!((replies[0][0], replies[1][0]), (4, 4));
+    let modbus_bytes = c.bytes + c2.bytes;
     drop((c, c2));
     // Not Modbus on the Modbus port: recognised as other, no requests.
-    say(modbus, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    say(modbus, http);
+    let port_bytes = (modbus_bytes + http.len()) as f64;
     // MQTT 3.1.1 CONNECT (client id "e2e"), and a TLS ClientHello opening.
     say(mqtt, &[0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 3, b'e', b'2', b'e']);
     say(mqtt, &[0x16, 3, 1, 0, 0x2a, 1, 0, 0, 0x26, 3, 3, 0, 0, 0, 0, 0]);
@@ -263,6 +273,12 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
         assert_eq!(get("edge_modbus_unmatched_replies_total", side, &[]), None, "{side}");
     }
     assert!(a.metric("edge_agent_probe_runs_total{probe=\"protocols\"}").unwrap_or(0.0) > 0.0);
+    // TCP payload bytes of the Modbus port's class: every byte either end
+    // wrote, sent once (by its writer) and received once (by its reader).
+    for flow in ["sent", "received"] {
+        let n = stored(&dir, &format!("edge_tcp_bytes_{flow}_total"), &["port_class=\"e2e\""]);
+        assert_eq!(n, Some(port_bytes), "{flow}");
+    }
 
     // SIGHUP moves Modbus to another port: the new programs count there
     // (from 0: new kernel objects), and no longer on the old one.

@@ -56,6 +56,13 @@
 /* Modbus requests awaiting their reply, per socket. */
 #define IPP_PENDING 8
 
+/* TCP payload bytes (per CPU), by flow (IPP_FLOW_*) and the TCP probe's
+ * port class: slot flow * IPP_CLASSES + class. */
+#define IPP_FLOW_SENT 0
+#define IPP_FLOW_RECEIVED 1
+#define IPP_CLASSES 16
+#define IPP_BYTE_SLOTS 32
+
 /* ipp_sock.payload before the client's first bytes were seen. */
 #define IPP_PAYLOAD_UNSEEN 255
 

@@ -15,7 +15,9 @@
 // storage 5.2, links 5.7; the loops are unrolled).
 //
 // The reject path (a packet to or from no configured port) is a few loads
-// from the packet's headers and two byte loads from a read-only table. The
+// from the packet's headers and two byte loads from a read-only table, plus,
+// with the TCP probe on, adding the packet's TCP payload bytes to a per-CPU
+// counter of its port class (the TCP probe's tracepoints carry no sizes). The
 // programs never change a packet and always let it pass.
 //
 // Counts live in one array of u64 cells (ipp_cells) that the agent maps
@@ -34,6 +36,19 @@
 
 // Port -> IPP_PROTO_*, written by the agent before load (frozen).
 const volatile __u8 ipp_port_proto[65536] = { 0 };
+// Port -> the TCP probe's port class (1..IPP_CLASSES-1, 0 "other"), and
+// whether TCP payload bytes are counted at all (the TCP probe is on).
+const volatile __u8 ipp_port_class[65536] = { 0 };
+const volatile __u32 ipp_count_bytes = 0;
+
+// TCP payload bytes by (flow, port class), per CPU: every TCP packet of
+// the box adds here, so no shared cache line.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, IPP_BYTE_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} ipp_bytes SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -255,13 +270,23 @@ static __always_inline int inspect(struct __sk_buff *skb, int egress)
 		return 1;
 	__u16 sport = (__u16)th[0] << 8 | th[1];
 	__u16 dport = (__u16)th[2] << 8 | th[3];
+	__u32 off = l4 + (th[12] >> 4) * 4;
+	if (skb->len <= off)
+		return 1; // no payload: handshake, ACK, FIN
+	if (ipp_count_bytes) {
+		// Classed like the TCP probe: by the port a client connects to.
+		__u32 class = ipp_port_class[dport];
+		if (!class)
+			class = ipp_port_class[sport];
+		__u32 slot = (egress ? IPP_FLOW_SENT : IPP_FLOW_RECEIVED) * IPP_CLASSES + (class & (IPP_CLASSES - 1));
+		__u64 *bytes = bpf_map_lookup_elem(&ipp_bytes, &slot);
+		if (bytes)
+			*bytes += skb->len - off;
+	}
 	__u8 to_port = ipp_port_proto[dport];
 	__u8 from_port = ipp_port_proto[sport];
 	if (!to_port && !from_port)
 		return 1;
-	__u32 off = l4 + (th[12] >> 4) * 4;
-	if (skb->len <= off)
-		return 1; // no payload: handshake, ACK, FIN
 	// A segment to the protocol's port is the client's (a request).
 	int request = to_port != 0;
 	__u8 proto = request ? to_port : from_port;

@@ -8,7 +8,8 @@
 //! - detached: no program on the cgroup root but what the system has;
 //! - empty: two cgroup_skb programs that only let the packet pass, the
 //!   floor of any program on this hook;
-//! - attached: the protocol probe, one port configured as Modbus/TCP.
+//! - attached: the protocol probe, one port configured as Modbus/TCP, and
+//!   the TCP probe's default port classes (TCP payload bytes counted).
 //!
 //! Workloads, all on loopback over connections opened once: a Modbus/TCP
 //! request/reply (12-byte read-holding-registers request, 11-byte reply)
@@ -19,8 +20,9 @@
 mod measure;
 
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
-use edge_agent::config::ProtocolsConfig;
+use edge_agent::config::{ProtocolsConfig, TcpLifecycleConfig};
 use edge_agent::probe::protocols::{cgroup2_root, ProtocolsProbe};
+use edge_agent::probe::tcp_lifecycle::PortClasses;
 use measure::{lifecycles, median, stream};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -115,6 +117,9 @@ fn main() {
     let _stats_on = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let (watched_port, unwatched_port) = (responder(), responder());
     let cfg = ProtocolsConfig { modbus_ports: vec![watched_port], ..Default::default() };
+    // As in the agent by default: the TCP probe's classes, so TCP payload
+    // bytes are counted too (on every packet).
+    let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
     let (mut w, mut u) = (client(watched_port), client(unwatched_port));
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let sink = TcpListener::bind("127.0.0.1:0").unwrap(); // the stream's unwatched port
@@ -141,7 +146,7 @@ fn main() {
         floor.1 += after.1 - before.1;
         drop(e);
 
-        let p = ProtocolsProbe::attach(&cfg).expect("attach");
+        let p = ProtocolsProbe::attach(&cfg, Some(&classes)).expect("attach");
         let before = p.program_stats()[0].clone();
         attached.watched.push(round_trips(&mut w, ROUND_TRIPS));
         let after = p.program_stats()[0].clone();
@@ -153,7 +158,7 @@ fn main() {
         let end = p.program_stats()[0].clone();
         unwatched_prog.0 += end.runs - after.runs;
         unwatched_prog.1 += end.run_ns - after.run_ns;
-        let r = p.read();
+        let r = p.read().unwrap();
         let replies: u64 = r.modbus.iter().filter(|s| s.function == 3).map(|s| s.buckets.iter().sum::<u64>()).sum();
         assert_eq!(replies, 2 * ROUND_TRIPS as u64, "every exchange timed on both sides");
         drop(p);

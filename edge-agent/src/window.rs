@@ -68,6 +68,9 @@ impl WindowStage {
         }
         if let Some(p) = &reading.protocols {
             protocol_series(p, &mut samples);
+            if let (Some(b), Some(classes)) = (&p.tcp_bytes, classes) {
+                byte_series(b, classes, &mut samples);
+            }
         }
         (!samples.is_empty()).then_some(Window { timestamp_ms, samples })
     }
@@ -156,6 +159,19 @@ fn device_series(d: &DeviceReading, out: &mut Vec<(SeriesKey, f64)>) {
             Label::new("process", &e.process),
         ];
         out.push((SeriesKey::new("edge_device_errors_total", labels), e.count as f64));
+    }
+}
+
+/// TCP payload bytes sent and received by port class (cumulative, so a
+/// series once non-zero stays non-zero).
+fn byte_series(b: &[[u64; protocols::CLASSES]; 2], classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
+    for (flow, name) in [(0, "edge_tcp_bytes_sent_total"), (1, "edge_tcp_bytes_received_total")] {
+        for (class, &v) in b[flow].iter().enumerate() {
+            let Some(class_name) = classes.name(class) else { continue };
+            if v > 0 {
+                out.push((SeriesKey::new(name, vec![Label::new("port_class", class_name)]), v as f64));
+            }
+        }
     }
 }
 
@@ -352,6 +368,7 @@ mod tests {
             exceptions: vec![(0, 3, 2, 1)],
             unmatched: [0, 4],
             abandoned: [0, 0],
+            tcp_bytes: None,
         };
         let mut w = WindowStage::new();
         let b =

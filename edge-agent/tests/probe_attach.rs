@@ -97,7 +97,8 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
     drop(TcpLifecycleProbe::attach(&real, &all).unwrap());
     drop(DeviceIoProbe::load(&real, &dev).unwrap());
     let protocols = ProtocolsConfig::default();
-    drop(ProtocolsProbe::attach(&protocols).unwrap());
+    let classes = edge_agent::probe::tcp_lifecycle::PortClasses::from_config(&all);
+    drop(ProtocolsProbe::attach(&protocols, Some(&classes)).unwrap());
     let before = count();
     let maps_before = mappings();
     for _ in 0..100 {
@@ -105,7 +106,7 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
         assert!(p.states.iter().all(|(_, s)| *s == ProbeState::Attached), "{:?}", p.states);
         let d = DeviceIoProbe::load(&real, &dev).unwrap();
         assert_eq!(d.state, ProbeState::Attached);
-        let i = ProtocolsProbe::attach(&protocols).unwrap();
+        let i = ProtocolsProbe::attach(&protocols, Some(&classes)).unwrap();
         drop(p);
         drop(d);
         drop(i);

@@ -120,7 +120,13 @@ impl Probes {
             states.push((protocols::PROBE, ProbeState::Disabled));
             None
         } else {
-            match ProtocolsProbe::attach(&cfg.probes.protocols) {
+            // The TCP probe's port classes, for TCP payload bytes.
+            let classes = cfg
+                .probes
+                .tcp_lifecycle
+                .enabled
+                .then(|| tcp_lifecycle::PortClasses::from_config(&cfg.probes.tcp_lifecycle));
+            match ProtocolsProbe::attach(&cfg.probes.protocols, classes.as_ref()) {
                 Ok(p) => {
                     tracing::info!(cgroup = %p.cgroup.display(), "protocol probe attached");
                     states.push((protocols::PROBE, ProbeState::Attached));
@@ -169,7 +175,13 @@ impl Probes {
                 None
             }
         });
-        let protocols = self.protocols.as_ref().map(ProtocolsProbe::read);
+        let protocols = self.protocols.as_ref().and_then(|p| match p.read() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(probe = protocols::PROBE, error = %e, "read failed; window skipped");
+                None
+            }
+        });
         let tcp_idle = self.tcp.as_ref().filter(|p| p.idle_ms > 0).and_then(|p| match tcp_idle::dump() {
             Ok((conns, listening)) => Some(tcp_idle::census(&conns, &listening, p.classes(), p.idle_ms)),
             Err(e) => {

@@ -2,14 +2,14 @@
 //! attaches the two cgroup_skb programs to the cgroup v2 root, and reads
 //! the counts (an mmapped array of u64 cells) once per window.
 
-use aya::maps::{Map, MapData};
+use aya::maps::{Map, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::{Ebpf, EbpfLoader};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::tcp_lifecycle::ProgramStats;
+use super::tcp_lifecycle::{PortClasses, ProgramStats};
 use super::ProbeError;
 use crate::config::ProtocolsConfig;
 
@@ -32,6 +32,9 @@ const CELL_EXC: usize = CELL_FN + SIDES * FUNCTIONS * FN_CELLS;
 const CELL_UNMATCHED: usize = CELL_EXC + SIDES * FUNCTIONS * EXC_CODES;
 const CELL_ABANDONED: usize = CELL_UNMATCHED + SIDES;
 const CELLS: usize = CELL_ABANDONED + SIDES;
+/// TCP port classes (the TCP probe's CLASSES) and byte slots per flow.
+pub const CLASSES: usize = 16;
+const BYTE_SLOTS: usize = 2 * CLASSES;
 /// Modbus requests awaiting their reply per connection (IPP_PENDING).
 pub const PENDING: usize = 8;
 const _: () = assert!(PROTOS * SIDES * PAYLOADS <= CELL_FN, "connection cells overlap the function cells");
@@ -118,6 +121,9 @@ pub struct ProtocolReading {
     /// newer requests pending on the same connection).
     pub unmatched: [u64; SIDES],
     pub abandoned: [u64; SIDES],
+    /// TCP payload bytes [sent, received] by the TCP probe's port class
+    /// (with the TCP probe on).
+    pub tcp_bytes: Option<[[u64; CLASSES]; 2]>,
 }
 
 /// The mmapped cells, read-only for the agent.
@@ -161,6 +167,7 @@ impl Drop for Cells {
 
 pub struct ProtocolsProbe {
     cells: Cells,
+    bytes: Option<PerCpuArray<MapData, u64>>,
     /// Where the programs are attached, for the logs and `edge-agent probes`.
     pub cgroup: PathBuf,
     _cells_map: MapData,
@@ -227,8 +234,9 @@ fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
 
 impl ProtocolsProbe {
     /// Loads both programs with the port table and attaches them to the
-    /// configured cgroup (default: the v2 root, i.e. every socket).
-    pub fn attach(cfg: &ProtocolsConfig) -> Result<Self, ProbeError> {
+    /// configured cgroup (default: the v2 root, i.e. every socket). With
+    /// the TCP probe's `classes`, they count TCP payload bytes by class too.
+    pub fn attach(cfg: &ProtocolsConfig, classes: Option<&PortClasses>) -> Result<Self, ProbeError> {
         let cgroup = match &cfg.cgroup {
             Some(p) => p.clone(),
             None => cgroup2_root()?,
@@ -240,6 +248,13 @@ impl ProtocolsProbe {
         // No CO-RE in this object: it loads on kernels without BTF.
         loader.btf(None);
         loader.override_global("ipp_port_proto", table.as_ref(), true);
+        let mut class_table = Box::new([0u8; 65536]);
+        for (port, class) in classes.map_or(&[][..], |c| c.ports()) {
+            class_table[*port as usize] = *class;
+        }
+        loader.override_global("ipp_port_class", class_table.as_ref(), true);
+        let count_bytes = u32::from(classes.is_some());
+        loader.override_global("ipp_count_bytes", &count_bytes, true);
         let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
         for (name, attach_type) in PROGRAMS {
             let prog: &mut CgroupSkb = ebpf
@@ -262,7 +277,12 @@ impl ProtocolsProbe {
             _ => return Err(ProbeError::Load("map ipp_cells missing or not an array".into())),
         };
         let cells = Cells::map(&cells_map)?;
-        Ok(ProtocolsProbe { cells, cgroup, _cells_map: cells_map, ebpf })
+        let bytes = match (classes, ebpf.take_map("ipp_bytes")) {
+            (None, _) => None,
+            (Some(_), Some(m)) => Some(PerCpuArray::try_from(m).map_err(|e| ProbeError::Load(e.to_string()))?),
+            (Some(_), None) => return Err(ProbeError::Load("map ipp_bytes missing".into())),
+        };
+        Ok(ProtocolsProbe { cells, bytes, cgroup, _cells_map: cells_map, ebpf })
     }
 
     /// Run count and time of both programs together.
@@ -280,8 +300,17 @@ impl ProtocolsProbe {
         vec![s]
     }
 
-    pub fn read(&self) -> ProtocolReading {
-        read_cells(|i| self.cells.get(i))
+    pub fn read(&self) -> Result<ProtocolReading, ProbeError> {
+        let mut r = read_cells(|i| self.cells.get(i));
+        if let Some(map) = &self.bytes {
+            let mut b = [[0u64; CLASSES]; 2];
+            for slot in 0..BYTE_SLOTS {
+                let per_cpu = map.get(&(slot as u32), 0).map_err(|e| ProbeError::Read(e.to_string()))?;
+                b[slot / CLASSES][slot % CLASSES] = per_cpu.iter().sum();
+            }
+            r.tcp_bytes = Some(b);
+        }
+        Ok(r)
     }
 }
 
@@ -333,6 +362,11 @@ mod tests {
     use crate::probe::header_define;
 
     #[test]
+    fn classes_agree_with_the_tcp_probe() {
+        assert_eq!(CLASSES, crate::probe::tcp_lifecycle::CLASSES);
+    }
+
+    #[test]
     fn constants_match_the_c_header() {
         let h = include_str!("../../../ebpf/include/protocols.h");
         for (name, v) in [
@@ -356,6 +390,10 @@ mod tests {
             ("IPP_PROTO_MQTT", 2),
             ("IPP_PROTO_OPCUA", 3),
             ("IPP_PENDING", PENDING),
+            ("IPP_CLASSES", CLASSES),
+            ("IPP_BYTE_SLOTS", BYTE_SLOTS),
+            ("IPP_FLOW_SENT", 0),
+            ("IPP_FLOW_RECEIVED", 1),
             ("IPP_SIDE_CLIENT", 0),
             ("IPP_SIDE_SERVER", 1),
             ("IPP_PAYLOAD_MATCHED", 0),

@@ -157,6 +157,11 @@ impl PortClasses {
         self.names.get(class).map(String::as_str)
     }
 
+    /// Every classed port with its class.
+    pub fn ports(&self) -> &[(u16, u8)] {
+        &self.ports
+    }
+
     /// The class of a port (0, "other", when unclassed).
     pub fn class_of(&self, port: u16) -> usize {
         self.ports.iter().find(|(p, _)| *p == port).map_or(0, |(_, c)| usize::from(*c))
