@@ -573,6 +573,10 @@ impl<'a> AgentSetup<'a> {
     }
 }
 
+/// Set (to anything): every agent the tests start runs with the kernel's
+/// BTF hidden (`scripts/test.sh` runs the probe tests once more so).
+pub const HIDE_BTF: &str = "EDGE_E2E_HIDE_BTF";
+
 pub struct Agent {
     pub proc: Proc,
     pub metrics_port: u16,
@@ -617,13 +621,27 @@ impl Agent {
     }
 
     fn spawn(dir: &Path, conf: &Path) -> Proc {
-        Proc::spawn(
-            "edge-agent",
-            dir,
-            &bin_dir().join("edge-agent"),
-            &["--config".into(), conf.display().to_string()],
-            &[("EDGE_AGENT_LOG", "info,edge_agent=debug")],
-        )
+        let bin = bin_dir().join("edge-agent");
+        let args = ["--config".to_string(), conf.display().to_string()];
+        let env = [("EDGE_AGENT_LOG", "info,edge_agent=debug")];
+        if std::env::var_os(HIDE_BTF).is_none() {
+            return Proc::spawn("edge-agent", dir, &bin, &args, &env);
+        }
+        // The no-BTF baseline on this kernel: the agent runs in a private
+        // mount namespace where /sys/kernel/btf is an empty tmpfs (unshare
+        // execs, so the pid is the agent's). It does not start if hiding
+        // failed.
+        let mut wrapped = vec![
+            "--mount".to_string(),
+            "--propagation".into(),
+            "private".into(),
+            "sh".into(),
+            "-c".into(),
+            "mount -t tmpfs none /sys/kernel/btf && test ! -e /sys/kernel/btf/vmlinux && exec \"$0\" \"$@\"".into(),
+            bin.display().to_string(),
+        ];
+        wrapped.extend(args);
+        Proc::spawn("edge-agent", dir, Path::new("unshare"), &wrapped, &env)
     }
 
     fn wait_attached(&mut self) {

@@ -183,3 +183,36 @@ fn the_probes_command_reports_every_probe() {
     assert!(line.contains("cgroup_skb /") && line.ends_with("attached"), "{line}");
     assert!(text.starts_with("kernel "), "{text}");
 }
+
+/// The baseline a kernel without BTF (Jetson's 5.10) gets, forced on this
+/// one: in a private mount namespace /sys/kernel/btf is an empty tmpfs, and
+/// every probe still loads and attaches (scripts/test.sh also runs the
+/// probe e2e tests so).
+#[test]
+fn every_probe_attaches_with_the_kernel_btf_hidden() {
+    if !root_or_skip() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("agent.toml");
+    std::fs::write(&conf, "[probes.devices]\nwatch = [\"/dev/null\"]\n").unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t tmpfs none /sys/kernel/btf && test ! -e /sys/kernel/btf/vmlinux && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["probes", "--config"])
+        .arg(&conf)
+        .env("EDGE_AGENT_LOG", "error")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().next().unwrap_or("").contains("BTF absent"), "{text}");
+    let rows: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("probe ")).skip(1).collect();
+    assert_eq!(rows.len(), TRACEPOINTS.len() + 2, "{text}");
+    for row in rows {
+        let want = if row.starts_with("tcp_rtt") { "disabled (config)" } else { "attached" };
+        assert!(row.ends_with(want), "{row}");
+    }
+}

@@ -68,13 +68,10 @@ impl Probes {
     /// reported unavailable with the reason; the agent runs on without it.
     pub fn start(cfg: &Config) -> Probes {
         raise_memlock_limit();
-        let stats_on = if cfg.probes.program_stats {
-            aya::sys::enable_stats(aya::sys::Stats::RunTime)
-                .inspect_err(|e| tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8?)"))
-                .ok()
-        } else {
-            None
-        };
+        // Logged for the record: no program needs it (docs/probes.md).
+        let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+        tracing::info!(kernel_btf = btf, "loading probes (kernel BTF is never used)");
+
         let (tcp, tcp_state) = if !cfg.probes.tcp_lifecycle.enabled {
             (None, ProbeState::Disabled)
         } else {
@@ -143,6 +140,14 @@ impl Probes {
                 tracing::warn!(probe = name, reason = %why, "probe unavailable");
             }
         }
+        // Statistics only while some program of ours is loaded.
+        let stats_on = if cfg.probes.program_stats && (tcp.is_some() || devices.is_some() || protocols.is_some()) {
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .inspect_err(|e| tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8?)"))
+                .ok()
+        } else {
+            None
+        };
         Probes { tcp, devices, protocols, states, _stats_on: stats_on }
     }
 
