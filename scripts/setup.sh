@@ -47,7 +47,7 @@ if ((${#missing[@]})); then
 fi
 
 if [[ $demo_only -eq 0 ]]; then
-  targets=(aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu)
+  targets=(aarch64-unknown-linux-gnu aarch64-unknown-linux-musl riscv64gc-unknown-linux-gnu)
   installed=$(rustup target list --installed)
   for t in "${targets[@]}"; do
     grep -qx "$t" <<<"$installed" || { say "rustup target add $t"; rustup target add "$t"; }

@@ -216,3 +216,19 @@ fn every_probe_attaches_with_the_kernel_btf_hidden() {
         assert!(row.ends_with(want), "{row}");
     }
 }
+
+/// The socket-diagnostics dump behind the idle-connection census sees both
+/// ends of a loopback connection and the listener. Here rather than in the
+/// unit tests: qemu-user (the cross-target test runs) has no NETLINK_SOCK_DIAG.
+#[test]
+fn the_socket_dump_sees_a_loopback_connection() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (_s, _) = l.accept().unwrap();
+    let (conns, listening) = edge_agent::probe::tcp_idle::dump().unwrap();
+    assert!(listening.contains(&port));
+    let local = c.local_addr().unwrap().port();
+    assert!(conns.iter().any(|k| k.local_port == local && k.remote_port == port), "outbound end");
+    assert!(conns.iter().any(|k| k.local_port == port && k.remote_port == local), "accepted end");
+}

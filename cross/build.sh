@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Release builds of the agent for the device targets, with the eBPF objects
+# embedded, and a table of their sizes:
+#
+#   cross/build.sh [TARGET ...]     (default: all three below)
+#
+#   aarch64-unknown-linux-gnu     Jetson (JetPack's glibc)
+#   aarch64-unknown-linux-musl    any arm64 box: one static file
+#   riscv64gc-unknown-linux-gnu   RISC-V boards (glibc)
+#
+# Debian's cross gcc compiles the C parts (ring) and links the glibc
+# targets; the static musl target links with rust-lld and Rust's own musl
+# start files. The eBPF objects are the same for every target (built once
+# by clang, little-endian BPF) and are inside the binary. Each binary is
+# started once under qemu-user (--version) so a broken link shows here.
+# Output: target/cross/<target>/edge-agent and target/cross/sizes.md.
+# Installs what is missing first (scripts/setup.sh). Not part of the CI run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(aarch64-unknown-linux-gnu aarch64-unknown-linux-musl riscv64gc-unknown-linux-gnu)
+
+scripts/setup.sh
+
+export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+export CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
+export CC_riscv64gc_unknown_linux_gnu=riscv64-linux-gnu-gcc
+
+out=target/cross
+mkdir -p "$out"
+table="$out/sizes.md"
+{
+  echo "| target | linkage | edge-agent bytes | MiB |"
+  echo "|---|---|---|---|"
+} > "$table"
+for t in "${targets[@]}"; do
+  printf '\n\033[1m==> %s\033[0m\n' "$t" >&2
+  cargo build --locked --release --target "$t" -p edge-agent --bin edge-agent
+  mkdir -p "$out/$t"
+  cp "target/$t/release/edge-agent" "$out/$t/edge-agent"
+  bin="$out/$t/edge-agent"
+  case "$t" in
+    aarch64-*) qemu=(qemu-aarch64-static -L /usr/aarch64-linux-gnu) ;;
+    riscv64*) qemu=(qemu-riscv64-static -L /usr/riscv64-linux-gnu) ;;
+    *) qemu=() ;;
+  esac
+  "${qemu[@]}" "$bin" --version >/dev/null || { echo "$bin does not start under ${qemu[*]}" >&2; exit 1; }
+  if readelf -l "$bin" | grep -q 'program interpreter'; then link=dynamic; else link=static; fi
+  size=$(stat -c %s "$bin")
+  awk -v t="$t" -v l="$link" -v s="$size" 'BEGIN { printf "| %s | %s | %d | %.2f |\n", t, l, s, s / 1048576 }' >> "$table"
+done
+echo
+cat "$table"
