@@ -10,7 +10,6 @@ use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -249,36 +248,20 @@ pub struct DeviceReading {
 /// The kernel's filter array, mapped into the agent: one byte per tgid
 /// slot and per fd slot. Both sides only store whole bytes.
 struct Filter {
-    ptr: *mut u8,
-    len: usize,
+    mem: super::MappedArray,
 }
 
 impl Filter {
     fn map(map: &MapData) -> Result<Filter, ProbeError> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let size = PID_SLOTS + FD_SLOTS + 4 * TID_SLOTS;
-        let len = size.div_ceil(page) * page;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: maps an mmapable BPF array of `size` bytes (rounded up to
-        // pages, as the kernel requires); unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(ProbeError::Load(format!(
-                "mmap of the device filter map failed: {} (kernel before 5.5?)",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(Filter { ptr: ptr.cast(), len })
+        Ok(Filter { mem: super::MappedArray::map(map, size, true, "device filter")? })
     }
 
     fn byte(&self, i: usize) -> &std::sync::atomic::AtomicU8 {
         assert!(i < PID_SLOTS + FD_SLOTS);
         // SAFETY: within the mapping; AtomicU8 has the layout of u8 and the
         // kernel side only stores whole bytes too.
-        unsafe { &*(self.ptr.add(i) as *const std::sync::atomic::AtomicU8) }
+        unsafe { &*(self.mem.ptr().add(i) as *const std::sync::atomic::AtomicU8) }
     }
 
     /// Marks the slots of a watched (tgid << 32 | fd).
@@ -299,13 +282,6 @@ impl Filter {
     fn set_slots(&self) -> (BTreeSet<usize>, BTreeSet<usize>) {
         let on = |i: usize| self.byte(i).load(std::sync::atomic::Ordering::SeqCst) != 0;
         ((0..PID_SLOTS).filter(|&i| on(i)).collect(), (0..FD_SLOTS).filter(|&i| on(PID_SLOTS + i)).collect())
-    }
-}
-
-impl Drop for Filter {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 

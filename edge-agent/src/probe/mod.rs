@@ -225,6 +225,52 @@ pub(crate) fn header_define(header: &str, name: &str) -> usize {
         .unwrap_or_else(|| panic!("{name} not in header"))
 }
 
+/// A BPF array created with `BPF_F_MMAPABLE`, mapped into the agent's
+/// memory (shared with the kernel programs); unmapped on drop.
+pub(crate) struct MappedArray {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl MappedArray {
+    /// Maps the first `bytes` of `map` (rounded up to pages, as the kernel
+    /// requires); `what` names it in the error.
+    pub(crate) fn map(map: &aya::maps::MapData, bytes: usize, writable: bool, what: &str) -> Result<Self, ProbeError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = bytes.div_ceil(page) * page;
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: maps `len` bytes of an mmapable BPF array's descriptor;
+        // unmapped exactly so in Drop.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(ProbeError::Load(format!(
+                "mmap of the {what} map failed: {} (kernel before 5.5?)",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(MappedArray { ptr: ptr.cast(), len })
+    }
+
+    /// The mapping's start; `len()` bytes are valid while `self` lives.
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for MappedArray {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 /// The device-file probe's name in `edge_agent_probe_attached{probe}`.
 pub const DEVICE_IO: &str = "device_io";
 

@@ -5,7 +5,6 @@
 use aya::maps::{Map, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::{Ebpf, EbpfLoader};
-use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -128,40 +127,19 @@ pub struct ProtocolReading {
 
 /// The mmapped cells, read-only for the agent.
 struct Cells {
-    ptr: *const AtomicU64,
-    len: usize,
+    mem: super::MappedArray,
 }
 
 impl Cells {
     fn map(map: &MapData) -> Result<Cells, ProbeError> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let len = (CELLS * 8).div_ceil(page) * page;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: maps an mmapable BPF array of CELLS u64 (rounded up to
-        // pages, as the kernel requires) read-only; unmapped in Drop.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(ProbeError::Load(format!(
-                "mmap of the protocol counters failed: {} (kernel before 5.5?)",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(Cells { ptr: ptr.cast(), len })
+        Ok(Cells { mem: super::MappedArray::map(map, CELLS * 8, false, "protocol counters")? })
     }
 
     fn get(&self, i: usize) -> u64 {
-        assert!(i < CELLS);
+        assert!(i < CELLS && (i + 1) * 8 <= self.mem.len());
         // SAFETY: within the mapping, 8-byte aligned (page start + 8 i);
         // the kernel only adds to cells atomically.
-        unsafe { (*self.ptr.add(i)).load(Ordering::Relaxed) }
-    }
-}
-
-impl Drop for Cells {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+        unsafe { (*(self.mem.ptr() as *const AtomicU64).add(i)).load(Ordering::Relaxed) }
     }
 }
 
