@@ -63,8 +63,30 @@ pub fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A loopback port free now, for a server a test starts (mosquitto,
+/// Prometheus, /metrics). Picked below the kernel's ephemeral range, which
+/// the kernel hands to outgoing connections and to port-0 binds: a port
+/// from that range could be taken by some test's connect() between this
+/// pick and the server's bind (a broker failed to start so once).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free loopback port")
+    use std::hash::{BuildHasher, Hasher};
+    static PICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    for _ in 0..1000 {
+        // Random per process and per call (std's hasher keys are random).
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        let port = low + (h.finish() % u64::from(high - low)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {low} and {high}")
 }
 
 pub fn now_ms() -> i64 {
