@@ -178,6 +178,8 @@ fn the_probes_command_reports_every_probe() {
     let line =
         text.lines().find(|l| l.starts_with("device_io")).unwrap_or_else(|| panic!("device_io missing:\n{text}"));
     assert!(line.contains("waiting: no device matches /dev/ttyUSB*") || line.ends_with("attached"), "{line}");
+    let line = text.lines().find(|l| l.starts_with("tcp_idle")).unwrap_or_else(|| panic!("tcp_idle missing:\n{text}"));
+    assert!(line.contains("NETLINK_SOCK_DIAG") && line.ends_with("attached"), "{line}");
     let line =
         text.lines().find(|l| l.starts_with("protocols")).unwrap_or_else(|| panic!("protocols missing:\n{text}"));
     assert!(line.contains("cgroup_skb /") && line.ends_with("attached"), "{line}");
@@ -210,7 +212,7 @@ fn every_probe_attaches_with_the_kernel_btf_hidden() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.lines().next().unwrap_or("").contains("BTF absent"), "{text}");
     let rows: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("probe ")).skip(1).collect();
-    assert_eq!(rows.len(), TRACEPOINTS.len() + 2, "{text}");
+    assert_eq!(rows.len(), TRACEPOINTS.len() + 3, "{text}");
     for row in rows {
         let want = if row.starts_with("tcp_rtt") { "disabled (config)" } else { "attached" };
         assert!(row.ends_with(want), "{row}");

@@ -43,6 +43,8 @@ pub struct Probes {
     pub protocols: Option<ProtocolsProbe>,
     /// Every probe (tracepoint program) by name, for `/metrics`.
     pub states: Vec<(&'static str, ProbeState)>,
+    /// Whether the idle-connection census runs (socket diagnostics work).
+    census: bool,
     /// Keeps the kernel's BPF run-time statistics on while the probes live
     /// (`probes.program_stats`; None: off, or refused before 5.8).
     _stats_on: Option<std::os::fd::OwnedFd>,
@@ -61,7 +63,7 @@ pub struct ProbeReading {
 impl Probes {
     /// No probes (between a detach and the next attach).
     pub fn none() -> Probes {
-        Probes { tcp: None, devices: None, protocols: None, states: Vec::new(), _stats_on: None }
+        Probes { tcp: None, devices: None, protocols: None, states: Vec::new(), census: false, _stats_on: None }
     }
 
     /// Attaches what the config enables. A probe that cannot attach is
@@ -113,6 +115,17 @@ impl Probes {
                 }
             }
         };
+        // The idle census: with the TCP probe, when socket diagnostics work.
+        let census = if tcp.is_none() || cfg.probes.tcp_lifecycle.idle_secs == 0 {
+            ProbeState::Disabled
+        } else {
+            match tcp_idle::dump() {
+                Ok(_) => ProbeState::Attached,
+                Err(e) => ProbeState::Unavailable(format!("socket diagnostics (NETLINK_SOCK_DIAG) dump failed: {e}")),
+            }
+        };
+        let census_on = census == ProbeState::Attached;
+        states.push((TCP_IDLE, census));
         let protocols = if !cfg.probes.protocols.enabled {
             states.push((protocols::PROBE, ProbeState::Disabled));
             None
@@ -148,7 +161,7 @@ impl Probes {
         } else {
             None
         };
-        Probes { tcp, devices, protocols, states, _stats_on: stats_on }
+        Probes { tcp, devices, protocols, states, census: census_on, _stats_on: stats_on }
     }
 
     /// Once per window, before [`Probes::read`]: lets the device probe
@@ -187,13 +200,14 @@ impl Probes {
                 None
             }
         });
-        let tcp_idle = self.tcp.as_ref().filter(|p| p.idle_ms > 0).and_then(|p| match tcp_idle::dump() {
-            Ok((conns, listening)) => Some(tcp_idle::census(&conns, &listening, p.classes(), p.idle_ms)),
-            Err(e) => {
-                tracing::warn!(error = %e, "socket diagnostics dump failed; no idle census this window");
-                None
-            }
-        });
+        let tcp_idle =
+            self.tcp.as_ref().filter(|p| self.census && p.idle_ms > 0).and_then(|p| match tcp_idle::dump() {
+                Ok((conns, listening)) => Some(tcp_idle::census(&conns, &listening, p.classes(), p.idle_ms)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "socket diagnostics dump failed; no idle census this window");
+                    None
+                }
+            });
         ProbeReading { tcp, devices, protocols, tcp_idle }
     }
 
@@ -271,6 +285,9 @@ impl Drop for MappedArray {
     }
 }
 
+/// The idle-connection census's name in `edge_agent_probe_attached{probe}`.
+pub const TCP_IDLE: &str = "tcp_idle";
+
 /// The device-file probe's name in `edge_agent_probe_attached{probe}`.
 pub const DEVICE_IO: &str = "device_io";
 
@@ -304,6 +321,7 @@ pub fn report(cfg: &Config) -> String {
         let where_ = match tp {
             Some(t) => format!("{}:{}", t.group, t.event),
             None if *name == DEVICE_IO => "syscalls:sys_{enter,exit}_{read,...}".to_string(),
+            None if *name == TCP_IDLE => "NETLINK_SOCK_DIAG (once per window)".to_string(),
             None if *name == protocols::PROBE => match &probes.protocols {
                 Some(p) => format!("cgroup_skb {}", p.cgroup.display()),
                 None => "cgroup_skb (cgroup v2 root)".to_string(),
