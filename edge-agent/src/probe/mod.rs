@@ -43,8 +43,9 @@ pub struct Probes {
     pub protocols: Option<ProtocolsProbe>,
     /// Every probe (tracepoint program) by name, for `/metrics`.
     pub states: Vec<(&'static str, ProbeState)>,
-    /// Whether the idle-connection census runs (socket diagnostics work).
-    census: bool,
+    /// The idle limit (ms) when the idle-connection census runs: with the
+    /// TCP probe, `idle_secs` > 0, and socket diagnostics working.
+    census_idle_ms: Option<u64>,
     /// Keeps the kernel's BPF run-time statistics on while the probes live
     /// (`probes.program_stats`; None: off, or refused before 5.8).
     _stats_on: Option<std::os::fd::OwnedFd>,
@@ -63,7 +64,7 @@ pub struct ProbeReading {
 impl Probes {
     /// No probes (between a detach and the next attach).
     pub fn none() -> Probes {
-        Probes { tcp: None, devices: None, protocols: None, states: Vec::new(), census: false, _stats_on: None }
+        Probes { tcp: None, devices: None, protocols: None, states: Vec::new(), census_idle_ms: None, _stats_on: None }
     }
 
     /// Attaches what the config enables. A probe that cannot attach is
@@ -124,19 +125,16 @@ impl Probes {
                 Err(e) => ProbeState::Unavailable(format!("socket diagnostics (NETLINK_SOCK_DIAG) dump failed: {e}")),
             }
         };
-        let census_on = census == ProbeState::Attached;
+        let census_idle_ms = (census == ProbeState::Attached).then_some(cfg.probes.tcp_lifecycle.idle_secs * 1000);
         states.push((TCP_IDLE, census));
         let protocols = if !cfg.probes.protocols.enabled {
             states.push((protocols::PROBE, ProbeState::Disabled));
             None
         } else {
-            // The TCP probe's port classes, for TCP payload bytes.
-            let classes = cfg
-                .probes
-                .tcp_lifecycle
-                .enabled
-                .then(|| tcp_lifecycle::PortClasses::from_config(&cfg.probes.tcp_lifecycle));
-            match ProtocolsProbe::attach(&cfg.probes.protocols, classes.as_ref()) {
+            // The TCP probe's port classes, for TCP payload bytes: counted
+            // only when the TCP probe runs (the window labels them with its
+            // classes).
+            match ProtocolsProbe::attach(&cfg.probes.protocols, tcp.as_ref().map(TcpLifecycleProbe::classes)) {
                 Ok(p) => {
                     tracing::info!(cgroup = %p.cgroup.display(), "protocol probe attached");
                     states.push((protocols::PROBE, ProbeState::Attached));
@@ -161,7 +159,7 @@ impl Probes {
         } else {
             None
         };
-        Probes { tcp, devices, protocols, states, census: census_on, _stats_on: stats_on }
+        Probes { tcp, devices, protocols, states, census_idle_ms, _stats_on: stats_on }
     }
 
     /// Once per window, before [`Probes::read`]: lets the device probe
@@ -179,35 +177,13 @@ impl Probes {
     }
 
     pub fn read(&self) -> ProbeReading {
-        let tcp = self.tcp.as_ref().and_then(|p| match p.read() {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(probe = "tcp_lifecycle", error = %e, "read failed; window skipped");
-                None
-            }
+        let tcp = self.tcp.as_ref().and_then(|p| usable("tcp_lifecycle", p.read()));
+        let devices = self.devices.as_ref().and_then(|p| usable(DEVICE_IO, p.read()));
+        let protocols = self.protocols.as_ref().and_then(|p| usable(protocols::PROBE, p.read()));
+        let tcp_idle = self.tcp.as_ref().zip(self.census_idle_ms).and_then(|(p, idle_ms)| {
+            let (conns, listening) = usable(TCP_IDLE, tcp_idle::dump().map_err(|e| ProbeError::Read(e.to_string())))?;
+            Some(tcp_idle::census(&conns, &listening, p.classes(), idle_ms))
         });
-        let devices = self.devices.as_ref().and_then(|p| match p.read() {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!(probe = DEVICE_IO, error = %e, "read failed; window skipped");
-                None
-            }
-        });
-        let protocols = self.protocols.as_ref().and_then(|p| match p.read() {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!(probe = protocols::PROBE, error = %e, "read failed; window skipped");
-                None
-            }
-        });
-        let tcp_idle =
-            self.tcp.as_ref().filter(|p| self.census && p.idle_ms > 0).and_then(|p| match tcp_idle::dump() {
-                Ok((conns, listening)) => Some(tcp_idle::census(&conns, &listening, p.classes(), p.idle_ms)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "socket diagnostics dump failed; no idle census this window");
-                    None
-                }
-            });
         ProbeReading { tcp, devices, protocols, tcp_idle }
     }
 
@@ -283,6 +259,11 @@ impl Drop for MappedArray {
         // SAFETY: unmaps exactly what `map` mapped.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
+}
+
+/// A probe's reading for this window, or `None` (logged) when it failed.
+fn usable<T>(probe: &str, r: Result<T, ProbeError>) -> Option<T> {
+    r.inspect_err(|e| tracing::warn!(probe, error = %e, "read failed; window skipped")).ok()
 }
 
 /// The idle-connection census's name in `edge_agent_probe_attached{probe}`.

@@ -289,8 +289,6 @@ pub struct TcpLifecycleProbe {
     hists: PerCpuArray<MapData, HistSlot>,
     stats: PerCpuArray<MapData, u64>,
     classes: PortClasses,
-    /// Connections idle this long count as idle (0: no idle census).
-    pub idle_ms: u64,
     /// Each tracepoint's state (the baseline is attached).
     pub states: Vec<(&'static str, ProbeState)>,
     // Owns the programs and their links; must outlive the maps' use.
@@ -486,7 +484,7 @@ impl TcpLifecycleProbe {
         let counters = PerCpuArray::try_from(take("tcpl_counters")?).map_err(load)?;
         let hists = PerCpuArray::try_from(take("tcpl_hist")?).map_err(load)?;
         let stats = PerCpuArray::try_from(take("tcpl_stats")?).map_err(load)?;
-        Ok(TcpLifecycleProbe { counters, hists, stats, classes, idle_ms: cfg.idle_secs * 1000, states, ebpf })
+        Ok(TcpLifecycleProbe { counters, hists, stats, classes, states, ebpf })
     }
 
     /// Run count and run time of every attached program (cumulative, while
