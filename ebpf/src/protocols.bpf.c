@@ -243,6 +243,19 @@ static __always_inline void modbus(struct __sk_buff *skb, __u32 off, struct ipp_
 	}
 }
 
+// A port read as two bytes, bounded for the verifier: before 6.x some
+// verifiers (Debian's 6.1 arm64 kernel, seen in hil-tests) lose the bounds of
+// (hi << 8 | lo) and refuse it as an array index ("math between map_value
+// pointer and register with unbounded min value"). The mask is an
+// instruction of its own because clang knows the value fits in 16 bits and
+// would drop a mask written in C.
+static __always_inline __u64 port_at(const __u8 *p)
+{
+	__u64 port = (__u64)p[0] << 8 | p[1];
+	asm volatile("%0 &= 0xffff" : "+r"(port));
+	return port;
+}
+
 static __always_inline int inspect(struct __sk_buff *skb, int egress)
 {
 	// skb data starts at the network header in cgroup_skb programs, and
@@ -268,8 +281,8 @@ static __always_inline int inspect(struct __sk_buff *skb, int egress)
 	__u8 *th = data + l4;
 	if ((void *)(th + 13) > end)
 		return 1;
-	__u16 sport = (__u16)th[0] << 8 | th[1];
-	__u16 dport = (__u16)th[2] << 8 | th[3];
+	__u64 sport = port_at(th);
+	__u64 dport = port_at(th + 2);
 	__u32 off = l4 + (th[12] >> 4) * 4;
 	if (skb->len <= off)
 		return 1; // no payload: handshake, ACK, FIN
