@@ -14,7 +14,13 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets this"));
     let clang = std::env::var("BPF_CLANG").unwrap_or_else(|_| "clang".into());
 
+    // More clang flags, e.g. -I for libbpf's and the kernel's UAPI headers
+    // in a cross sysroot (Buildroot's staging directory).
+    let extra: Vec<String> =
+        std::env::var("BPF_EXTRA_CFLAGS").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
+    println!("cargo:rerun-if-env-changed=BPF_EXTRA_CFLAGS");
     println!("cargo:rerun-if-changed={}", ebpf.join("include").display());
 
     // <linux/types.h> needs <asm/types.h>, which Debian keeps in the host's
@@ -33,6 +39,7 @@ fn main() {
         let obj = out.join(format!("{prog}.bpf.o"));
         let mut cmd = Command::new(&clang);
         cmd.args(["-O2", "-g", "-target", "bpfel", "-Wall", "-Werror"]).arg("-I").arg(ebpf.join("include"));
+        cmd.args(&extra);
         if let Some(m) = &multiarch {
             cmd.arg(format!("-I/usr/include/{m}"));
         }
