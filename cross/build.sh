@@ -14,7 +14,8 @@
 # by clang, little-endian BPF) and are inside the binary. Each binary is
 # started once under qemu-user (--version) so a broken link shows here.
 # Output: target/cross/<target>/edge-agent and target/cross/sizes.md.
-# Installs what is missing first (scripts/setup.sh). Not part of the CI run.
+# Installs what is missing first (scripts/setup.sh). CI builds the static
+# aarch64 agent with it for the emulated board (hil-tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

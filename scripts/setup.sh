@@ -20,17 +20,28 @@ packages=(clang llvm libbpf-dev bpftool gcc mosquitto mosquitto-clients promethe
 if [[ $demo_only -eq 0 ]]; then
   packages+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross
              gcc-riscv64-linux-gnu g++-riscv64-linux-gnu libc6-dev-riscv64-cross
-             qemu-user-static)
+             qemu-user-static qemu-system-arm cpio file kmod)
+fi
+
+# The emulated board (hil-tests/image.sh) boots Debian's arm64 kernel
+# package and BusyBox, downloaded with apt: apt must know the arm64 packages.
+new_arch=0
+if [[ $demo_only -eq 0 ]] && ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  say "dpkg --add-architecture arm64 (hil-tests download Debian's arm64 kernel)"
+  dpkg --add-architecture arm64
+  new_arch=1
 fi
 
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if ((${#missing[@]})); then
-  say "installing: ${missing[*]}"
+if ((${#missing[@]} || new_arch)); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+fi
+if ((${#missing[@]})); then
+  say "installing: ${missing[*]}"
   # The packaged mosquitto and prometheus services are not wanted: the demo
   # and tests start their own instances on loopback.
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

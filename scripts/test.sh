@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, unit and store tests, the
 # end-to-end tests on the real kernel with real mosquitto and Prometheus, and
-# the agent's tests cross-built for aarch64 and riscv64 under qemu-user.
+# the agent's tests cross-built for aarch64 and riscv64 under qemu-user, and
+# the cross-built agent on an emulated arm64 board (qemu-system-aarch64).
 # Installs whatever is missing first. Needs root. `.ci/run` calls this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ step "build binaries (the end-to-end tests run them)"
 cargo build --workspace --bins --locked
 
 step "tests (unit, store, end to end)"
-run_tests cargo test --workspace --locked
+run_tests cargo test --workspace --locked --exclude hil-tests
 
 step "probe tests again with the kernel's BTF hidden (the baseline a 5.10 kernel without BTF gets)"
 EDGE_E2E_HIDE_BTF=1 run_tests cargo test --locked -p e2e --test probes --test devices --test protocols
@@ -43,6 +44,10 @@ for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   run_tests cargo test --locked --target "$target" -p edge-agent --lib \
     --test store_files --test store_model --test store_regressions --test store_disk_full
 done
+
+step "the emulated arm64 board: cross-built agent, Debian's arm64 kernel, the Buildroot overlay (hil-tests)"
+cross/build.sh aarch64-unknown-linux-musl
+run_tests cargo test --locked -p hil-tests -- --nocapture
 
 step "fuzzing, ${FUZZ_SECONDS:-20} s per target (corpus in fuzz/corpus)"
 fuzz_log=$(mktemp)

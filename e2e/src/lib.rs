@@ -228,16 +228,24 @@ pub enum Who<'a> {
 
 impl Broker {
     pub fn start(dir: &Path) -> Broker {
+        Broker::start_as(dir, "localhost", [free_port(), free_port(), free_port()])
+    }
+
+    /// A broker whose certificate names `server_name` (and localhost),
+    /// listening on `ports` (devices with certificates, with passwords,
+    /// bridges): the shipped ports 8883-8885 in a test's own network
+    /// namespace, for a device that uses its default config.
+    pub fn start_as(dir: &Path, server_name: &str, ports: [u16; 3]) -> Broker {
         let dir = dir.join("mosquitto");
         let pki = dir.join("pki");
         std::fs::create_dir_all(&pki).expect("broker dir");
         certs(&pki, &["ca"]);
-        certs(&pki, &["server", "localhost"]);
+        certs(&pki, &["server", server_name]);
         certs(&pki, &["bridge"]);
         std::fs::copy(repo_dir().join("configs/mosquitto/acl"), pki.join("acl")).expect("acl");
         std::fs::write(pki.join("passwd"), "").expect("passwd");
-        let mut b =
-            Broker { port: free_port(), password_port: free_port(), bridge_port: free_port(), pki, dir, proc: None };
+        let [port, password_port, bridge_port] = ports;
+        let mut b = Broker { port, password_port, bridge_port, pki, dir, proc: None };
         give_to_user(&b.dir, "mosquitto");
         b.restart();
         b

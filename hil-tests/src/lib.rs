@@ -1,0 +1,202 @@
+//! The emulated board: boot files from `hil-tests/image.sh`, booted by
+//! qemu-system-aarch64 (TCG), its serial console in a file the test reads,
+//! its QEMU monitor on a unix socket (to cut the network link and restore
+//! it), user-mode networking (the guest reaches the host's loopback at
+//! 10.0.2.2).
+
+use e2e::{repo_dir, wait_for, Proc};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The cross-built static agent the image carries (`HIL_AGENT` overrides).
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("HIL_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join("target/cross/aarch64-unknown-linux-musl/edge-agent"))
+}
+
+/// Whether the boot test can run here: in CI (`CI` set) a missing part is a
+/// failure, elsewhere the test is skipped with the reason printed.
+pub fn require_board_tools() -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (a private network namespace for the fleet side)".to_string());
+    }
+    for tool in ["qemu-system-aarch64", "qemu-aarch64-static", "cpio", "mosquitto", "prometheus"] {
+        if !on_path(tool) {
+            missing.push(format!("{tool} (scripts/setup.sh installs it)"));
+        }
+    }
+    if !agent_binary().exists() {
+        missing.push(format!(
+            "the aarch64 agent at {} (cross/build.sh aarch64-unknown-linux-musl)",
+            agent_binary().display()
+        ));
+    }
+    if !e2e::bin_dir().join("fleet-bridge").exists() {
+        missing.push("fleet-bridge (cargo build --workspace --bins)".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("the boot test needs: {}", missing.join("; "));
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED (not in CI): {msg}");
+    false
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).chain([PathBuf::from("/usr/sbin")]).any(|d| d.join(tool).exists()))
+        .unwrap_or(false)
+}
+
+/// Moves the calling thread (and every process it starts from now on) into
+/// a new network namespace with only a loopback interface: the fleet side
+/// can listen on the ports the device's default config names (8883) without
+/// colliding with anything on the machine. QEMU started from this thread
+/// forwards the guest's 10.0.2.2 to this namespace's loopback.
+pub fn private_network() {
+    // SAFETY: unshare(CLONE_NEWNET) affects only the calling thread.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    let ok = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip");
+    assert!(ok.success(), "ip link set lo up failed");
+}
+
+/// Boot files made by `hil-tests/image.sh`.
+pub struct Image {
+    pub dir: PathBuf,
+    /// Debian's kernel package and version, as image.sh wrote it.
+    pub kernel: String,
+}
+
+impl Image {
+    /// Runs image.sh: Debian's arm64 kernel, BusyBox, the agent, the
+    /// Buildroot overlay, and `provision` copied over the root last.
+    pub fn build(dir: &Path, provision: &Path) -> Image {
+        let dir = dir.join("image");
+        let out = Command::new(repo_dir().join("hil-tests/image.sh"))
+            .arg(&dir)
+            .arg(agent_binary())
+            .arg(provision)
+            .output()
+            .expect("hil-tests/image.sh");
+        assert!(
+            out.status.success(),
+            "hil-tests/image.sh failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        let kernel = std::fs::read_to_string(dir.join("kernel.txt")).expect("kernel.txt").trim().to_owned();
+        Image { dir, kernel }
+    }
+}
+
+/// A booted board; QEMU is killed when it drops.
+pub struct Board {
+    pub proc: Proc,
+    console: PathBuf,
+    monitor: PathBuf,
+    /// When QEMU was started (wall clock, ms): the device's clock comes
+    /// from the emulated RTC, which starts at the host's time.
+    pub started_ms: i64,
+    pub started: Instant,
+}
+
+impl Board {
+    pub fn boot(dir: &Path, image: &Image) -> Board {
+        let console = dir.join("console.log");
+        let monitor = dir.join("monitor.sock");
+        let _ = std::fs::remove_file(&console);
+        let _ = std::fs::remove_file(&monitor);
+        let args: Vec<String> = [
+            "-machine",
+            "virt",
+            "-cpu",
+            "cortex-a72",
+            "-smp",
+            "2",
+            "-m",
+            "512",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-rtc",
+            "base=utc",
+            "-kernel",
+            &image.dir.join("vmlinuz").display().to_string(),
+            "-initrd",
+            &image.dir.join("initrd.img").display().to_string(),
+            "-append",
+            "console=ttyAMA0 panic=-1 loglevel=4",
+            "-serial",
+            &format!("file:{}", console.display()),
+            "-monitor",
+            &format!("unix:{},server=on,wait=off", monitor.display()),
+            "-netdev",
+            "user,id=net0,net=10.0.2.0/24",
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let started_ms = e2e::now_ms();
+        let started = Instant::now();
+        let proc = Proc::spawn("qemu", dir, Path::new("qemu-system-aarch64"), &args, &[]);
+        Board { proc, console, monitor, started_ms, started }
+    }
+
+    /// Everything the board printed on its serial console so far.
+    pub fn console(&self) -> String {
+        std::fs::read(&self.console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// The console's lines starting `hil: <prefix>`, without that.
+    pub fn hil_lines(&self, prefix: &str) -> Vec<String> {
+        let tag = format!("hil: {prefix}");
+        self.console().lines().filter_map(|l| l.find(&tag).map(|i| l[i + tag.len()..].trim().to_owned())).collect()
+    }
+
+    /// Waits for a console line `hil: <prefix>...`; returns the first.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        wait_for(&format!("the board to print 'hil: {prefix}'"), timeout, || {
+            self.proc.assert_running();
+            self.hil_lines(prefix).into_iter().next().ok_or_else(|| self.console_tail())
+        })
+    }
+
+    pub fn console_tail(&self) -> String {
+        let c = self.console();
+        let lines: Vec<&str> = c.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// One QEMU monitor command; returns what the monitor answered.
+    pub fn monitor(&self, cmd: &str) -> String {
+        let mut s = wait_for("the QEMU monitor socket", Duration::from_secs(10), || UnixStream::connect(&self.monitor));
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let read_prompt = |s: &mut UnixStream| {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(b"(qemu) ") {
+                let n = s.read(&mut buf).expect("QEMU monitor read");
+                assert!(n > 0, "QEMU monitor closed");
+                got.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&got).into_owned()
+        };
+        read_prompt(&mut s);
+        s.write_all(format!("{cmd}\n").as_bytes()).expect("QEMU monitor write");
+        read_prompt(&mut s)
+    }
+}

@@ -1,0 +1,169 @@
+//! The cross-built agent on an emulated arm64 board: Debian's arm64 kernel,
+//! booted by qemu-system-aarch64 with the Buildroot tree's rootfs overlay
+//! (init script and default config, unchanged). The fleet side (mosquitto,
+//! fleet-bridge, Prometheus) runs on the host in a private network
+//! namespace, on the ports the default config names; the board reaches it
+//! over virtio-net. The test checks that every probe attaches on the aarch64
+//! kernel and measures what it sees, that the measurements reach Prometheus
+//! with the device's timestamps, and that windows stored while the link was
+//! cut arrive after it comes back. It prints boot-to-first-sample and the
+//! agent's RSS (BENCHMARKS.md).
+
+use e2e::{bridge, now_ms, tempdir, wait_for, Broker, Prom};
+use hil_tests::{private_network, require_board_tools, Board, Image};
+use std::time::Duration;
+
+const DEVICE: &str = "hil-arm64-1";
+/// The overlay's config keeps the default window.
+const WINDOW_MS: i64 = 10_000;
+
+#[test]
+fn agent_boots_attaches_and_delivers_across_a_link_cut() {
+    if !require_board_tools() {
+        return;
+    }
+    private_network();
+    let dir = tempdir("hil-aarch64");
+
+    // The fleet side on the ports and name of the image's default config.
+    let broker = Broker::start_as(&dir, "fleet-broker", [8883, 8884, 8885]);
+    let prom = Prom::start(&dir);
+    let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), "bridge-hil");
+
+    // Provisioning: the device's identity, the fleet's CA, and where
+    // "fleet-broker" is (QEMU's user network maps 10.0.2.2 to our loopback).
+    let prov = dir.join("provision");
+    std::fs::create_dir_all(prov.join("etc/edge-agent/tls")).unwrap();
+    std::fs::write(prov.join("etc/hostname"), format!("{DEVICE}\n")).unwrap();
+    std::fs::write(prov.join("etc/hosts"), "127.0.0.1\tlocalhost\n10.0.2.2\tfleet-broker\n").unwrap();
+    let (crt, key) = broker.device_cert(DEVICE);
+    std::fs::copy(crt, prov.join("etc/edge-agent/tls/device.crt")).unwrap();
+    std::fs::copy(key, prov.join("etc/edge-agent/tls/device.key")).unwrap();
+    std::fs::copy(broker.pki.join("ca.crt"), prov.join("etc/edge-agent/tls/ca.crt")).unwrap();
+
+    let image = Image::build(&dir, &prov);
+    let mut board = Board::boot(&dir, &image);
+
+    let init = board.wait_line("init at uptime", Duration::from_secs(180));
+    eprintln!("board: init at uptime {init}");
+    assert!(init.contains("aarch64"), "not an arm64 kernel: {init}");
+    board.wait_line("agent started", Duration::from_secs(60));
+
+    // Every probe on the aarch64 kernel, as `edge-agent probes` reports it.
+    wait_for("edge-agent probes to report tcp_idle", Duration::from_secs(120), || {
+        board.proc.assert_running();
+        let lines = board.hil_lines("probes:");
+        if lines.iter().any(|l| l.contains("tcp_idle")) {
+            Ok(())
+        } else {
+            Err(board.console_tail())
+        }
+    });
+    let probes = board.hil_lines("probes:");
+    eprintln!("edge-agent probes on {}:\n  {}", image.kernel, probes.join("\n  "));
+    for probe in [
+        "tcp_lifecycle",
+        "tcp_retransmits",
+        "tcp_resets_received",
+        "tcp_resets_sent",
+        "device_io",
+        "protocols",
+        "tcp_idle",
+    ] {
+        let line = probes.iter().find(|l| l.split_whitespace().next() == Some(probe));
+        assert!(
+            line.is_some_and(|l| l.contains("attached")),
+            "probe {probe} not attached on the arm64 kernel: {line:?}\nall:\n{}",
+            probes.join("\n")
+        );
+    }
+
+    // What the probes measured reaches Prometheus with the device label: the
+    // agent's own MQTT connection (TCP probe, idle census, protocol probe's
+    // byte counters) and syslogd writing to the serial console (device probe).
+    let dev = format!("device=\"{DEVICE}\"");
+    let checks = [
+        format!("edge_tcp_connections_opened_total{{{dev},direction=\"outbound\",port_class=\"mqtt\"}}"),
+        format!("edge_tcp_connections_established{{{dev},direction=\"outbound\",port_class=\"mqtt\"}}"),
+        format!("edge_tcp_bytes_sent_total{{{dev},port_class=\"mqtt\"}}"),
+        format!("edge_device_bytes_total{{{dev},file=\"/dev/ttyAMA0\",op=\"write\",process=\"syslogd\"}}"),
+    ];
+    for q in &checks {
+        let v = wait_for(&format!("{q} in Prometheus"), Duration::from_secs(120), || {
+            board.proc.assert_running();
+            match prom.scalar(q) {
+                Ok(Some(v)) if v > 0.0 => Ok(v),
+                other => Err(format!("{other:?}\nconsole:\n{}", board.console_tail())),
+            }
+        });
+        eprintln!("{q} = {v}");
+    }
+
+    let per_window = format!("edge_agent_store_bytes{{{dev},lane=\"routine\"}}");
+    let first = prom.raw_samples(&per_window, 3600).unwrap();
+    let first_ts = first.first().expect("a first window").0;
+    let boot_to_first_sample_ms = first_ts - board.started_ms;
+
+    // Cut the link: nothing more arrives; the board keeps measuring and
+    // storing.
+    let answer = board.monitor("set_link net0 off");
+    assert!(!answer.contains("not found"), "set_link: {answer}");
+    let cut_ms = now_ms();
+    std::thread::sleep(Duration::from_millis(4 * WINDOW_MS as u64));
+    let during = prom.raw_samples(&per_window, 3600).unwrap();
+    let last_before_restore = during.last().map_or(0, |s| s.0);
+    assert!(
+        last_before_restore <= cut_ms + WINDOW_MS,
+        "samples kept arriving with the link down: last at {last_before_restore}, cut at {cut_ms}"
+    );
+    board.monitor("set_link net0 on");
+    let restored_ms = now_ms();
+
+    // Every window of the cut arrives, with its own timestamp: no gap longer
+    // than one window anywhere since the first sample.
+    let samples = wait_for("the windows stored during the cut", Duration::from_secs(240), || {
+        board.proc.assert_running();
+        let s = prom.raw_samples(&per_window, 3600).map_err(|e| e.to_string())?;
+        let covered = s.last().is_some_and(|last| last.0 >= restored_ms);
+        let in_cut = s.iter().filter(|(t, _)| *t > cut_ms && *t < restored_ms).count();
+        if covered && in_cut as i64 >= (restored_ms - cut_ms) / WINDOW_MS - 1 {
+            Ok(s)
+        } else {
+            Err(format!("{} samples, {in_cut} in the cut", s.len()))
+        }
+    });
+    let gaps: Vec<i64> = samples.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    let widest = gaps.iter().copied().max().unwrap_or(0);
+    assert!(
+        widest <= WINDOW_MS * 3 / 2,
+        "a window is missing: widest gap {widest} ms between samples {samples:?} (cut {cut_ms}..{restored_ms})"
+    );
+    let in_cut = samples.iter().filter(|(t, _)| *t > cut_ms && *t < restored_ms).count();
+    let arrived_after_ms = now_ms() - restored_ms;
+
+    let rss: Vec<(u64, u64)> = board
+        .hil_lines("rss_kib")
+        .iter()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.first()?.parse().ok()?, f.get(2)?.parse().ok()?))
+        })
+        .collect();
+    let (rss_kib, hwm_kib) = rss.last().copied().unwrap_or_default();
+    let init_uptime: f64 = init.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
+    let table = format!(
+        "| board | kernel | init at uptime | boot to first sample | windows in the {} s cut | all arrived after restore | agent RSS | agent peak RSS |\n\
+         |---|---|---|---|---|---|---|---|\n\
+         | qemu-system-aarch64 virt, cortex-a72 x2, TCG | {} | {init_uptime:.1} s | {:.1} s | {in_cut} | {:.1} s | {:.1} MiB | {:.1} MiB |\n",
+        (restored_ms - cut_ms) / 1000,
+        image.kernel,
+        boot_to_first_sample_ms as f64 / 1000.0,
+        arrived_after_ms as f64 / 1000.0,
+        rss_kib as f64 / 1024.0,
+        hwm_kib as f64 / 1024.0,
+    );
+    println!("\n{table}");
+    let _ = std::fs::create_dir_all(e2e::repo_dir().join("target/hil"));
+    let _ = std::fs::write(e2e::repo_dir().join("target/hil/boot_aarch64.md"), &table);
+    assert!(rss_kib > 0, "no RSS reading from the board:\n{}", board.console_tail());
+}
