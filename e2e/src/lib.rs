@@ -584,6 +584,8 @@ pub struct AgentSetup<'a> {
     pub state_dir: Option<&'a Path>,
     /// More TOML, appended after the other sections (e.g. a `[store]`).
     pub extra: &'a str,
+    /// More top-level keys (TOML lines), before any table (e.g. `run_as`).
+    pub top: &'a str,
 }
 
 impl<'a> AgentSetup<'a> {
@@ -599,6 +601,7 @@ impl<'a> AgentSetup<'a> {
             class_ports: &[],
             state_dir: None,
             extra,
+            top: "",
         }
     }
 }
@@ -630,12 +633,13 @@ impl Agent {
         std::fs::write(
             &conf,
             format!(
-                "device_id = \"{}\"\nstate_dir = \"{}\"\n[window]\nmillis = {}\n\
+                "device_id = \"{}\"\nstate_dir = \"{}\"\n{}\n[window]\nmillis = {}\n\
                  [mqtt]\nreconnect_max_ms = 500\ndelivery_timeout_ms = 2000\nkeep_alive_secs = 5\n{}\n{}\
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
                  [probes.tcp_lifecycle.port_classes]\ne2e = [{}]\n{}\n",
                 s.device,
                 s.state_dir.map_or_else(|| dir.join("agent-state"), Path::to_path_buf).display(),
+                s.top,
                 s.window_ms,
                 s.mqtt,
                 s.broker.map_or_else(

@@ -33,6 +33,7 @@ fn a_clock_three_hours_behind_lands_at_the_true_time() {
             class_ports: &ports,
             state_dir: None,
             extra: &extra,
+            top: "",
         },
     );
     server.connections(3);

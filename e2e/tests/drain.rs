@@ -40,6 +40,7 @@ fn outage(name: &str) -> Outage {
             class_ports: &ports,
             state_dir: None,
             extra,
+            top: "",
         },
     );
     let conf = dir.join("agent.toml");

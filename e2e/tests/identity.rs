@@ -169,6 +169,7 @@ fn a_device_with_a_password_delivers_and_a_wrong_password_is_refused() {
         class_ports: &ports,
         state_dir: None,
         extra: "",
+        top: "",
     };
     let good_dir = dir.join("good");
     let bad_dir = dir.join("bad");
@@ -232,6 +233,7 @@ fn an_agent_publishing_as_another_device_is_refused_and_counts_it() {
             class_ports: &[],
             state_dir: None,
             extra: "",
+            top: "",
         },
     );
     // mosquitto closes the connection right after its refusal, mostly

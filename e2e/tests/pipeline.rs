@@ -41,6 +41,7 @@ impl Stack {
                 identity: None,
                 mqtt: "",
                 extra: "",
+                top: "",
             },
         );
         Stack { dir, device, broker, prom, bridge, agent, server, closed_port }

@@ -68,6 +68,7 @@ fn agent(dir: &std::path::Path, port: u16) -> Agent {
             class_ports: &ports,
             state_dir: None,
             extra: "[probes.tcp_lifecycle]\nrtt = true\n",
+            top: "",
         },
     )
 }
@@ -332,6 +333,7 @@ fn idle_connections_are_counted_until_they_talk() {
         &AgentSetup {
             class_ports: &ports,
             extra: "[probes.tcp_lifecycle]\nidle_secs = 1\n",
+            top: "",
             ..AgentSetup::offline("idle", "")
         },
     );

@@ -134,6 +134,7 @@ fn drain(dir: &std::path::Path, broker: &e2e::Broker, prom: &e2e::Prom, t0: i64,
         class_ports: &[],
         state_dir: None,
         extra: "[probes.tcp_lifecycle]\nenabled = false\n",
+        top: "",
     };
     let mut agent = Agent::launch(&ddir, &setup);
     let agent_cpu0 = cpu_secs(agent.proc.pid());

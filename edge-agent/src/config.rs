@@ -24,6 +24,10 @@ pub struct Config {
     pub device_id: String,
     /// Where the ring store and the send position live.
     pub state_dir: PathBuf,
+    /// Started as root, become this user once the probes are loaded, keeping
+    /// only the capabilities probe reloads need (privileges.rs). "" stays
+    /// root. A user that does not exist: the agent stays root and says so.
+    pub run_as: String,
     pub window: WindowConfig,
     pub store: StoreConfig,
     pub mqtt: MqttConfig,
@@ -237,6 +241,7 @@ impl Default for Config {
         Config {
             device_id: default_device_id(),
             state_dir: PathBuf::from("/var/lib/edge-agent"),
+            run_as: "edge-agent".into(),
             window: WindowConfig::default(),
             store: StoreConfig::default(),
             mqtt: MqttConfig::default(),

@@ -9,6 +9,7 @@
 pub mod clock;
 pub mod config;
 pub mod metrics;
+pub mod privileges;
 pub mod probe;
 pub mod store;
 pub mod uplink;
@@ -76,6 +77,14 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
         metrics.set_probe(name, state);
     }
     let probes = std::cell::RefCell::new(probes);
+    match privileges::drop_root(&cfg.run_as, &cfg.state_dir) {
+        Ok(privileges::Outcome::Dropped { user, uid, caps, .. }) => {
+            tracing::info!(user, uid, capabilities = ?caps, "probes loaded: no longer root")
+        }
+        Ok(privileges::Outcome::Disabled) => tracing::info!("running as root (run_as = \"\")"),
+        Ok(privileges::Outcome::NotRoot) => {}
+        Err(e) => tracing::warn!(error = %e, "still running as root"),
+    }
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let uplink =

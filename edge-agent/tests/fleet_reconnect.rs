@@ -63,6 +63,7 @@ fn fifty_devices_with_an_hour_of_backlog_reconnect_at_once() {
             class_ports: &[],
             state_dir: None,
             extra: probe_off,
+            top: "",
         };
         agents.push(Agent::launch(ddir, &setup));
     }

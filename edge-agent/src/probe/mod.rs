@@ -154,7 +154,7 @@ impl Probes {
         // Statistics only while some program of ours is loaded.
         let stats_on = if cfg.probes.program_stats && (tcp.is_some() || devices.is_some() || protocols.is_some()) {
             aya::sys::enable_stats(aya::sys::Stats::RunTime)
-                .inspect_err(|e| tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8?)"))
+                .inspect_err(|e| tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8, or CAP_SYS_ADMIN given up with root)"))
                 .ok()
         } else {
             None
