@@ -66,6 +66,8 @@ if [[ $demo_only -eq 0 ]]; then
   # Fuzzing (cargo fuzz) needs a nightly toolchain and cargo-fuzz.
   rustup toolchain list | grep -q '^nightly' || { say "rustup toolchain install nightly"; rustup toolchain install nightly --profile minimal; }
   command -v cargo-fuzz >/dev/null || { say "cargo install cargo-fuzz"; cargo install cargo-fuzz --locked -q; }
+  # The Debian package (packaging/build-deb.sh, hil-tests/tests/debian_package.rs).
+  command -v cargo-deb >/dev/null || { say "cargo install cargo-deb"; cargo install cargo-deb --locked -q; }
   command -v rustfmt >/dev/null || rustup component add rustfmt
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 fi

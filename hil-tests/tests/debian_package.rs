@@ -1,0 +1,251 @@
+//! The Debian package (packaging/): what it carries, its systemd unit
+//! (verified and scored by systemd-analyze), and that the unit's capability
+//! set is enough for every probe: the agent is started as the unit starts
+//! it (its own user, the unit's ambient and bounding capabilities,
+//! no-new-privs; setpriv stands in for systemd, which does not run here) and
+//! must attach every probe and count writes to a device file another user's
+//! process already held open (found through /proc/<pid>/fd).
+
+use e2e::{bin_dir, free_port, repo_dir, scrape, stored, tempdir, wait_for, Proc};
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const TARGET: &str = "aarch64-unknown-linux-musl";
+
+fn unit_file() -> PathBuf {
+    repo_dir().join("packaging/debian/edge-agent.service")
+}
+
+fn on_path(tool: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
+}
+
+/// In CI a missing part fails the test; elsewhere it is skipped, saying why.
+fn require(parts: &[(bool, &str)]) -> bool {
+    let missing: Vec<&str> = parts.iter().filter(|(ok, _)| !ok).map(|(_, what)| *what).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("the package test needs: {}", missing.join("; "));
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED (not in CI): {msg}");
+    false
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_package_carries_the_static_agent_config_unit_and_user() {
+    let binary = repo_dir().join(format!("target/{TARGET}/release/edge-agent"));
+    if !require(&[
+        (on_path("cargo-deb"), "cargo-deb (scripts/setup.sh installs it)"),
+        (on_path("systemd-analyze"), "systemd-analyze (Debian's systemd package)"),
+        (binary.exists(), "the static aarch64 agent (cross/build.sh aarch64-unknown-linux-musl)"),
+    ]) {
+        return;
+    }
+    let dir = tempdir("deb");
+    let deb = dir.join("edge-agent.deb");
+    run(Command::new("cargo")
+        .current_dir(repo_dir())
+        .args(["deb", "-p", "edge-agent", "--target", TARGET, "--no-build", "--no-strip", "--output"])
+        .arg(&deb));
+
+    let field = |f: &str| run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(f)).trim().to_owned();
+    assert_eq!(field("Package"), "edge-agent");
+    assert_eq!(field("Architecture"), "arm64");
+    assert_eq!(field("Depends"), "", "the static binary needs no library");
+
+    let root = dir.join("root");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+    for f in [
+        "usr/bin/edge-agent",
+        "etc/edge-agent/agent.toml",
+        "usr/lib/systemd/system/edge-agent.service",
+        "usr/lib/sysusers.d/edge-agent.conf",
+        "usr/share/doc/edge-agent/docs/configuration.md",
+    ] {
+        assert!(root.join(f).exists(), "the package lacks /{f}");
+    }
+    let kind = run(Command::new("file").arg("-b").arg(root.join("usr/bin/edge-agent")));
+    assert!(kind.contains("ARM aarch64") && kind.contains("statically linked"), "usr/bin/edge-agent: {kind}");
+    // The config is the Buildroot overlay's, kept across upgrades.
+    assert_eq!(
+        std::fs::read(root.join("etc/edge-agent/agent.toml")).unwrap(),
+        std::fs::read(repo_dir().join("buildroot/board/edge/rootfs-overlay/etc/edge-agent/agent.toml")).unwrap()
+    );
+    let control = dir.join("control");
+    run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
+    assert!(conffiles.lines().any(|l| l == "/etc/edge-agent/agent.toml"), "conffiles: {conffiles}");
+    // The user exists before the postinst hands it the TLS directory.
+    let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+    let sysusers = postinst.find("systemd-sysusers").expect("postinst runs systemd-sysusers");
+    let chown = postinst.find("chown root:edge-agent").expect("postinst sets up /etc/edge-agent/tls");
+    assert!(sysusers < chown, "postinst uses the user before making it");
+    assert!(postinst.contains("deb-systemd-helper enable edge-agent.service"));
+    run(Command::new("sh").arg("-n").arg(control.join("postinst")));
+    let users = std::fs::read_to_string(root.join("usr/lib/sysusers.d/edge-agent.conf")).unwrap();
+    assert!(users.lines().any(|l| l.starts_with("u edge-agent ")), "sysusers: {users}");
+
+    // The unit is valid (with the packaged binary at its ExecStart path) and
+    // its exposure as systemd scores it stays "OK" (<= 3.0 of 10).
+    let check = dir.join("verify");
+    std::fs::create_dir_all(&check).unwrap();
+    let unit = std::fs::read_to_string(root.join("usr/lib/systemd/system/edge-agent.service")).unwrap();
+    std::fs::write(
+        check.join("edge-agent.service"),
+        unit.replace("/usr/bin/edge-agent", &root.join("usr/bin/edge-agent").display().to_string()),
+    )
+    .unwrap();
+    let v = Command::new("systemd-analyze").arg("verify").arg(check.join("edge-agent.service")).output().unwrap();
+    assert!(
+        v.status.success() && v.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let sec = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(format!("--root={}", root.display()))
+        .arg("edge-agent.service"));
+    let score: f64 = sec
+        .lines()
+        .find_map(|l| l.split("edge-agent.service:").nth(1))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in:\n{sec}"));
+    println!("systemd-analyze security: overall exposure {score} (0 = fully locked down, 10 = none)");
+    assert!(score <= 3.0, "the unit's exposure rose to {score}:\n{sec}");
+}
+
+/// Capability names of the unit's AmbientCapabilities=, in setpriv's
+/// spelling (`bpf`, `net_admin`, ...).
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(unit_file()).unwrap();
+    let line = unit.lines().find_map(|l| l.strip_prefix("AmbientCapabilities=")).expect("AmbientCapabilities=");
+    let bounding = unit.lines().find_map(|l| l.strip_prefix("CapabilityBoundingSet=")).expect("CapabilityBoundingSet=");
+    assert_eq!(line, bounding, "ambient and bounding sets differ");
+    line.split_whitespace().map(|c| c.trim_start_matches("CAP_").to_lowercase()).collect()
+}
+
+fn unit_user() -> String {
+    let unit = std::fs::read_to_string(unit_file()).unwrap();
+    unit.lines().find_map(|l| l.strip_prefix("User=")).expect("User=").trim().to_owned()
+}
+
+/// A pseudo-terminal's slave side opened by this (root) process: a device
+/// file another user's process holds, like a sensor port.
+fn held_pty() -> (std::fs::File, std::fs::File, String) {
+    // SAFETY: standard pty calls; the fds become Files owned here.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(master >= 0, "posix_openpt");
+        assert_eq!(libc::grantpt(master), 0);
+        assert_eq!(libc::unlockpt(master), 0);
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(master)).to_string_lossy().into_owned();
+        let slave = std::fs::OpenOptions::new().read(true).write(true).open(&name).expect("pty slave");
+        (std::fs::File::from_raw_fd(master), slave, name)
+    }
+}
+
+fn user_ids(user: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").arg(flag).arg(user).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok().filter(|_| o.status.success())
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+#[test]
+fn the_units_capabilities_are_enough_for_every_probe() {
+    let agent = bin_dir().join("edge-agent");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !require(&[
+        (root, "root (to start the agent as the unit's user)"),
+        (on_path("setpriv"), "setpriv (util-linux)"),
+        (agent.exists(), "the edge-agent binary (cargo build --workspace --bins)"),
+    ]) {
+        return;
+    }
+    let user = unit_user();
+    if user_ids(&user).is_none() {
+        // What the package's sysusers entry does on a device.
+        run(Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", &user]));
+    }
+    let (uid, gid) = user_ids(&user).unwrap();
+    let caps = unit_capabilities();
+
+    let dir = tempdir("deb-caps");
+    let state = dir.join("agent-state"); // where e2e::stored looks
+    std::fs::create_dir_all(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap(); // StateDirectory=
+    let (_master, mut slave, pty) = held_pty();
+    let metrics = free_port();
+    let conf = dir.join("agent.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "device_id = \"deb-caps\"\nstate_dir = \"{}\"\n[window]\nmillis = 200\n\
+             [mqtt]\nport = {}\n[mqtt.tls]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
+             [probes.devices]\nwatch = [\"{pty}\"]\nrescan_secs = 1\n",
+            state.display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&conf, Some(uid), Some(gid)).unwrap();
+    let set: String = caps.iter().map(|c| format!(",+{c}")).collect();
+    let args: Vec<String> = vec![
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
+        "--clear-groups".into(),
+        format!("--inh-caps=-all{set}"),
+        format!("--ambient-caps=-all{set}"),
+        format!("--bounding-set=-all{set}"),
+        "--no-new-privs".into(),
+        agent.display().to_string(),
+        "--config".into(),
+        conf.display().to_string(),
+    ];
+    let mut p = Proc::spawn("edge-agent", &dir, Path::new("setpriv"), &args, &[("EDGE_AGENT_LOG", "info")]);
+    let attached = |probe: &str| scrape(metrics, &format!("edge_agent_probe_attached{{probe=\"{probe}\"}}"));
+    for probe in ["tcp_lifecycle", "tcp_retransmits", "tcp_resets_sent", "protocols", "tcp_idle", "device_io"] {
+        let v = wait_for(&format!("probe {probe} under the unit's capabilities"), Duration::from_secs(30), || {
+            p.assert_running();
+            match attached(probe) {
+                Ok(Some(v)) => Ok(v),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        assert_eq!(v, 1.0, "probe {probe} not attached with {caps:?}; log:\n{}", p.log_text());
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+    assert!(status.contains(&format!("\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")), "not the unit's user:\n{status}");
+
+    // Writes through the fd this root process opened before the agent
+    // started: the probe knows it only from /proc/<pid>/fd.
+    use std::io::Write;
+    for _ in 0..7 {
+        slave.write_all(b"reading\n").unwrap();
+    }
+    let file = format!("file=\"{pty}\"");
+    let writes = || stored(&dir, "edge_device_operation_seconds_count", &[&file, "op=\"write\""]).unwrap_or(0.0);
+    wait_for("the held device's writes counted", Duration::from_secs(20), || match writes() {
+        7.0 => Ok(()),
+        n => Err(format!("{n}; log:\n{}", p.log_text())),
+    });
+    p.stop();
+}
