@@ -2,7 +2,7 @@
 # Runs every test: formatting and lints, unit and store tests, the
 # end-to-end tests on the real kernel with real mosquitto and Prometheus, and
 # the agent's tests cross-built for aarch64 and riscv64 under qemu-user, and
-# the cross-built agent on an emulated arm64 board (qemu-system-aarch64).
+# the cross-built agent on emulated arm64 and riscv64 boards (qemu-system).
 # Installs whatever is missing first. Needs root. `.ci/run` calls this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,8 +45,8 @@ for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
     --test store_files --test store_model --test store_regressions --test store_disk_full
 done
 
-step "the emulated arm64 board: cross-built agent, Debian's arm64 kernel, the Buildroot overlay (hil-tests)"
-cross/build.sh aarch64-unknown-linux-musl
+step "emulated arm64 and riscv64 boards: cross-built agent, Debian's kernels, the Buildroot overlay; the Debian package (hil-tests)"
+cross/build.sh aarch64-unknown-linux-musl riscv64gc-unknown-linux-gnu
 run_tests cargo test --locked -p hil-tests -- --nocapture
 
 step "fuzzing, ${FUZZ_SECONDS:-20} s per target (corpus in fuzz/corpus)"

@@ -1,5 +1,5 @@
-//! The emulated board: boot files from `hil-tests/image.sh`, booted by
-//! qemu-system-aarch64 (TCG), its serial console in a file the test reads,
+//! The emulated boards: boot files from `hil-tests/image.sh`, booted by
+//! qemu-system-aarch64 or qemu-system-riscv64 (TCG), its serial console in a file the test reads,
 //! its QEMU monitor on a unix socket (to cut the network link and restore
 //! it), user-mode networking (the guest reaches the host's loopback at
 //! 10.0.2.2).
@@ -11,31 +11,79 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// The cross-built static agent the image carries (`HIL_AGENT` overrides).
-pub fn agent_binary() -> PathBuf {
-    std::env::var_os("HIL_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_dir().join("target/cross/aarch64-unknown-linux-musl/edge-agent"))
+/// An emulated board's architecture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// qemu-system-aarch64 `virt`, Cortex-A72: Jetson-class.
+    Arm64,
+    /// qemu-system-riscv64 `virt` with OpenSBI.
+    Riscv64,
+}
+
+impl Arch {
+    /// Debian's name, as image.sh takes it (`HIL_ARCH`).
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::Arm64 => "arm64",
+            Arch::Riscv64 => "riscv64",
+        }
+    }
+
+    /// The cross-built agent the image carries (`HIL_AGENT_<ARCH>`
+    /// overrides): the static musl build on arm64, the glibc build on
+    /// riscv64 (image.sh adds its libraries).
+    pub fn agent(self) -> PathBuf {
+        let (var, target) = match self {
+            Arch::Arm64 => ("HIL_AGENT_ARM64", "aarch64-unknown-linux-musl"),
+            Arch::Riscv64 => ("HIL_AGENT_RISCV64", "riscv64gc-unknown-linux-gnu"),
+        };
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_dir().join(format!("target/cross/{target}/edge-agent")))
+    }
+
+    fn qemu(self) -> &'static str {
+        match self {
+            Arch::Arm64 => "qemu-system-aarch64",
+            Arch::Riscv64 => "qemu-system-riscv64",
+        }
+    }
+
+    /// The serial console's device name on this board.
+    pub fn console(self) -> &'static str {
+        match self {
+            Arch::Arm64 => "ttyAMA0",
+            Arch::Riscv64 => "ttyS0",
+        }
+    }
+
+    fn machine(self) -> Vec<&'static str> {
+        match self {
+            Arch::Arm64 => vec!["-machine", "virt", "-cpu", "cortex-a72"],
+            Arch::Riscv64 => vec!["-machine", "virt", "-cpu", "rv64", "-bios", "default"],
+        }
+    }
 }
 
 /// Whether the boot test can run here: in CI (`CI` set) a missing part is a
 /// failure, elsewhere the test is skipped with the reason printed.
-pub fn require_board_tools() -> bool {
+pub fn require_board_tools(arch: Arch) -> bool {
     let mut missing = Vec::new();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root (a private network namespace for the fleet side)".to_string());
     }
-    for tool in ["qemu-system-aarch64", "qemu-aarch64-static", "cpio", "mosquitto", "prometheus"] {
+    let user = match arch {
+        Arch::Arm64 => "qemu-aarch64-static",
+        Arch::Riscv64 => "qemu-riscv64-static",
+    };
+    for tool in [arch.qemu(), user, "cpio", "gpgv", "mosquitto", "prometheus"] {
         if !on_path(tool) {
             missing.push(format!("{tool} (scripts/setup.sh installs it)"));
         }
     }
-    if !agent_binary().exists() {
-        missing.push(format!(
-            "the aarch64 agent at {} (cross/build.sh aarch64-unknown-linux-musl)",
-            agent_binary().display()
-        ));
+    if !arch.agent().exists() {
+        missing.push(format!("the {arch:?} agent at {} (cross/build.sh)", arch.agent().display()));
     }
     if !e2e::bin_dir().join("fleet-bridge").exists() {
         missing.push("fleet-bridge (cargo build --workspace --bins)".into());
@@ -72,6 +120,7 @@ pub fn private_network() {
 
 /// Boot files made by `hil-tests/image.sh`.
 pub struct Image {
+    pub arch: Arch,
     pub dir: PathBuf,
     /// Debian's kernel package and version, as image.sh wrote it.
     pub kernel: String,
@@ -80,11 +129,12 @@ pub struct Image {
 impl Image {
     /// Runs image.sh: Debian's arm64 kernel, BusyBox, the agent, the
     /// Buildroot overlay, and `provision` copied over the root last.
-    pub fn build(dir: &Path, provision: &Path) -> Image {
+    pub fn build(arch: Arch, dir: &Path, provision: &Path) -> Image {
         let dir = dir.join("image");
         let out = Command::new(repo_dir().join("hil-tests/image.sh"))
+            .env("HIL_ARCH", arch.debian())
             .arg(&dir)
-            .arg(agent_binary())
+            .arg(arch.agent())
             .arg(provision)
             .output()
             .expect("hil-tests/image.sh");
@@ -96,7 +146,7 @@ impl Image {
         );
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         let kernel = std::fs::read_to_string(dir.join("kernel.txt")).expect("kernel.txt").trim().to_owned();
-        Image { dir, kernel }
+        Image { arch, dir, kernel }
     }
 }
 
@@ -117,42 +167,40 @@ impl Board {
         let monitor = dir.join("monitor.sock");
         let _ = std::fs::remove_file(&console);
         let _ = std::fs::remove_file(&monitor);
-        let args: Vec<String> = [
-            "-machine",
-            "virt",
-            "-cpu",
-            "cortex-a72",
-            "-smp",
-            "2",
-            "-m",
-            "512",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-rtc",
-            "base=utc",
-            "-kernel",
-            &image.dir.join("vmlinuz").display().to_string(),
-            "-initrd",
-            &image.dir.join("initrd.img").display().to_string(),
-            "-append",
-            "console=ttyAMA0 panic=-1 loglevel=4",
-            "-serial",
-            &format!("file:{}", console.display()),
-            "-monitor",
-            &format!("unix:{},server=on,wait=off", monitor.display()),
-            "-netdev",
-            "user,id=net0,net=10.0.2.0/24",
-            "-device",
-            "virtio-net-pci,netdev=net0,romfile=",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = image.arch.machine().iter().map(|s| s.to_string()).collect();
+        args.extend(
+            [
+                "-smp",
+                "2",
+                "-m",
+                "512",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-rtc",
+                "base=utc",
+                "-kernel",
+                &image.dir.join("kernel.img").display().to_string(),
+                "-initrd",
+                &image.dir.join("initrd.img").display().to_string(),
+                "-append",
+                &format!("console={} panic=-1 loglevel=4", image.arch.console()),
+                "-serial",
+                &format!("file:{}", console.display()),
+                "-monitor",
+                &format!("unix:{},server=on,wait=off", monitor.display()),
+                "-netdev",
+                "user,id=net0,net=10.0.2.0/24",
+                "-device",
+                "virtio-net-pci,netdev=net0,romfile=",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         let started_ms = e2e::now_ms();
         let started = Instant::now();
-        let proc = Proc::spawn("qemu", dir, Path::new("qemu-system-aarch64"), &args, &[]);
+        let proc = Proc::spawn("qemu", dir, Path::new(image.arch.qemu()), &args, &[]);
         Board { proc, console, monitor, started_ms, started }
     }
 
