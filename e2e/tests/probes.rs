@@ -370,3 +370,81 @@ fn idle_connections_are_counted_until_they_talk() {
         (now == ((Some(0.0), Some(0.0)), (Some(0.0), Some(0.0)))).then_some(()).ok_or(now)
     });
 }
+
+/// Peer groups: connections counted by the group of their remote address
+/// (IPv4, IPv4 reached from an IPv6 socket, native IPv6), refusals included,
+/// with no address in any label.
+#[test]
+fn connections_are_counted_per_peer_group() {
+    if !require_root_and_tools() {
+        return;
+    }
+    // Addresses no other test of this file uses (all of 127/8 is loopback).
+    let plc = std::net::TcpListener::bind("127.0.0.77:0").unwrap();
+    let mapped = std::net::TcpListener::bind("127.0.0.78:0").unwrap();
+    let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.77:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempdir("peers");
+    let extra =
+        "[probes.tcp_lifecycle.peers]\nplc = [\"127.0.0.77\"]\nmapped = [\"127.0.0.78/32\"]\nv6 = [\"::1/128\"]\n";
+    let a = Agent::start(dir.as_path(), &AgentSetup::offline("peers", extra));
+    assert_eq!(a.metric("edge_agent_probe_attached{probe=\"tcp_peers\"}"), Some(1.0));
+
+    let connect = |l: &std::net::TcpListener, to: std::net::SocketAddr, n: usize| {
+        for _ in 0..n {
+            let c = std::net::TcpStream::connect(to).unwrap();
+            let (s, _) = l.accept().unwrap();
+            drop((c, s));
+        }
+    };
+    connect(&plc, plc.local_addr().unwrap(), 3);
+    let port = mapped.local_addr().unwrap().port();
+    connect(&mapped, format!("[::ffff:127.0.0.78]:{port}").parse().unwrap(), 2);
+    connect(&v6, v6.local_addr().unwrap(), 4);
+    for _ in 0..2 {
+        assert!(std::net::TcpStream::connect(("127.0.0.77", closed)).is_err());
+    }
+
+    let peer = |name: &str, direction: &str, group: &str| {
+        a.metric(&format!("edge_tcp_peer_connections_{name}_total{{direction=\"{direction}\",peer=\"{group}\"}}"))
+            .unwrap_or(0.0)
+    };
+    wait_for("per-peer counts", Duration::from_secs(10), || {
+        let got = [
+            peer("opened", "outbound", "plc"),
+            peer("opened", "outbound", "mapped"),
+            peer("opened", "outbound", "v6"),
+            peer("failed", "outbound", "plc"),
+            peer("refused", "outbound", "plc"),
+            // ::1 talks to ::1: the accepted side's peer is in the group too.
+            peer("opened", "inbound", "v6"),
+            peer("closed", "outbound", "plc"),
+        ];
+        if got == [3.0, 2.0, 4.0, 2.0, 2.0, 4.0, 3.0] {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    });
+    // Stored with the same labels, and the connect latency per group.
+    wait_for("the peer series stored", Duration::from_secs(10), || {
+        let opened =
+            stored(&dir, "edge_tcp_peer_connections_opened_total", &["peer=\"plc\"", "direction=\"outbound\""]);
+        let latency = stored(&dir, "edge_tcp_peer_connect_latency_seconds_count", &["peer=\"v6\""]);
+        if opened == Some(3.0) && latency == Some(4.0) {
+            Ok(())
+        } else {
+            Err((opened, latency))
+        }
+    });
+    // No address anywhere in what is stored.
+    let out = Command::new(bin_dir().join("edge-agent"))
+        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(!csv.contains("127.0.0.") && !csv.contains("::1"), "an address left the probe");
+}

@@ -44,6 +44,21 @@
 #define TCPL_MAX_PORTS 256
 #define TCPL_MAX_SOCKS 65536
 
+/* Peer allowlist: remote addresses in configured prefixes get the name of
+ * their group (1..TCPL_PEERS-1), the rest are 0, "other". */
+#define TCPL_PEERS 16
+#define TCPL_MAX_PEER_PREFIXES 64
+#define TCPL_PEER_KIND_OPENED 0
+#define TCPL_PEER_KIND_FAILED 1
+#define TCPL_PEER_KIND_REFUSED 2
+#define TCPL_PEER_KIND_CLOSED 3
+#define TCPL_PEER_KINDS 4
+/* tcpl_peer_counters keys: dir * TCPL_PEERS + peer, dir out or in. */
+#define TCPL_PEER_SLOTS 32
+
+#define TCPL_AF_INET 2
+#define TCPL_AF_INET6 10
+
 #define TCPL_IPPROTO_TCP 6
 
 /* Largest tracepoint record prefix a program copies. */

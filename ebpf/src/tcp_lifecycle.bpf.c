@@ -36,6 +36,13 @@ const volatile __u32 off_protocol = 30;
 const volatile __u32 size_protocol = 2;
 const volatile __u32 rec_len = 32;
 
+// The remote address, for the peer allowlist; peers_on = 0 when no peer is
+// configured (then nothing below is ever looked at).
+const volatile __u32 peers_on = 0;
+const volatile __u32 off_family = 28;
+const volatile __u32 off_daddr = 36;
+const volatile __u32 off_daddr_v6 = 56;
+
 // tcp:tcp_retransmit_skb
 const volatile __u32 rt_off_skaddr = 16;
 const volatile __u32 rt_off_state = 24;
@@ -115,6 +122,41 @@ struct {
 	__type(value, __u8);
 } tcpl_port_class SEC(".maps");
 
+// Peer allowlist: prefix -> peer group. IPv4 addresses as IPv4-mapped IPv6
+// (::ffff:a.b.c.d), so one trie holds both families.
+struct tcpl_peer_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, TCPL_MAX_PEER_PREFIXES);
+	__type(key, struct tcpl_peer_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} tcpl_peers SEC(".maps");
+
+// Counters per (direction, peer group): one u64 per TCPL_PEER_KIND_*.
+struct tcpl_peer_kinds {
+	__u64 n[TCPL_PEER_KINDS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TCPL_PEER_SLOTS);
+	__type(key, __u32);
+	__type(value, struct tcpl_peer_kinds);
+} tcpl_peer_counters SEC(".maps");
+
+// Connect latency (outbound) per peer group.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TCPL_PEERS);
+	__type(key, __u32);
+	__type(value, struct tcpl_hist);
+} tcpl_peer_hist SEC(".maps");
+
 // Connections in progress or established: socket address -> labels and the
 // time of the last state we time from (connect start, then establishment).
 // Bounded; a full map is counted in TCPL_STAT_SOCK_MAP_FULL and that
@@ -124,7 +166,8 @@ struct tcpl_sock {
 	__u8 dir;
 	__u8 class;
 	__u8 flags;
-	__u8 pad[5];
+	__u8 peer;
+	__u8 pad[4];
 };
 
 struct {
@@ -176,9 +219,9 @@ static __always_inline __u8 port_class(__u16 port)
 	return 0;
 }
 
-static __always_inline void remember(__u64 skaddr, __u8 dir, __u8 class, __u64 now)
+static __always_inline void remember(__u64 skaddr, __u8 dir, __u8 class, __u8 peer, __u64 now)
 {
-	struct tcpl_sock s = { .since_ns = now, .dir = dir, .class = class };
+	struct tcpl_sock s = { .since_ns = now, .dir = dir, .class = class, .peer = peer };
 	if (bpf_map_update_elem(&tcpl_socks, &skaddr, &s, BPF_NOEXIST) == 0) {
 		stat(TCPL_STAT_SOCKS_ADDED);
 		return;
@@ -206,6 +249,51 @@ static __always_inline void forget(__u64 skaddr)
 		if (bpf_probe_read_kernel(rec, n__, ctx) != 0)           \
 			return 0;                                        \
 	} while (0)
+
+static __always_inline void peer_count(__u32 kind, __u32 dir, __u8 peer)
+{
+	if (!peers_on || dir > TCPL_DIR_IN)
+		return;
+	__u32 slot = dir * TCPL_PEERS + (peer & (TCPL_PEERS - 1));
+	struct tcpl_peer_kinds *k = bpf_map_lookup_elem(&tcpl_peer_counters, &slot);
+	if (k && kind < TCPL_PEER_KINDS)
+		k->n[kind] += 1;
+}
+
+static __always_inline void peer_observe(__u8 peer, __u64 v)
+{
+	if (!peers_on)
+		return;
+	__u32 slot = peer & (TCPL_PEERS - 1);
+	struct tcpl_hist *h = bpf_map_lookup_elem(&tcpl_peer_hist, &slot);
+	if (!h)
+		return;
+	h->sum += v;
+	__u32 b = log2_bucket(v);
+	if (b < TCPL_BUCKETS)
+		h->buckets[b] += 1;
+}
+
+// The peer group of the record's remote address (0 when none matches, or
+// when no peer is configured: no lookup then).
+static __always_inline __u8 peer_of(__u64 *rec)
+{
+	if (!peers_on)
+		return 0;
+	struct tcpl_peer_key k = { .prefixlen = 128 };
+	__u16 family = FIELD(__u16, off_family);
+	if (family == TCPL_AF_INET) {
+		k.addr[10] = 0xff;
+		k.addr[11] = 0xff;
+		__builtin_memcpy(&k.addr[12], (char *)rec + off_daddr, 4);
+	} else if (family == TCPL_AF_INET6) {
+		__builtin_memcpy(k.addr, (char *)rec + off_daddr_v6, 16);
+	} else {
+		return 0;
+	}
+	__u8 *p = bpf_map_lookup_elem(&tcpl_peers, &k);
+	return p && *p < TCPL_PEERS ? *p : 0;
+}
 
 SEC("tracepoint/sock/inet_sock_set_state")
 int tcp_lifecycle(void *ctx)
@@ -243,8 +331,9 @@ int tcp_lifecycle(void *ctx)
 	__u64 now = bpf_ktime_get_ns();
 
 	if (newstate == TCPL_SYN_SENT) {
-		// connect(): time the handshake from here.
-		remember(skaddr, TCPL_DIR_OUT, port_class(FIELD(__u16, off_dport)), now);
+		// connect(): time the handshake from here. The peer group is
+		// looked up once per connection, here or at accept.
+		remember(skaddr, TCPL_DIR_OUT, port_class(FIELD(__u16, off_dport)), peer_of(rec), now);
 		return 0;
 	}
 
@@ -253,10 +342,15 @@ int tcp_lifecycle(void *ctx)
 		__u8 class = port_class(FIELD(__u16, off_dport));
 		count(TCPL_KIND_OPENED, TCPL_DIR_OUT, class);
 		if (s) {
-			observe(TCPL_HIST_CONNECT_US, TCPL_DIR_OUT, class, (now - s->since_ns) / 1000);
+			__u64 us = (now - s->since_ns) / 1000;
+			observe(TCPL_HIST_CONNECT_US, TCPL_DIR_OUT, class, us);
+			peer_count(TCPL_PEER_KIND_OPENED, TCPL_DIR_OUT, s->peer);
+			peer_observe(s->peer, us);
 			s->since_ns = now;
 		} else {
-			remember(skaddr, TCPL_DIR_OUT, class, now);
+			__u8 peer = peer_of(rec);
+			peer_count(TCPL_PEER_KIND_OPENED, TCPL_DIR_OUT, peer);
+			remember(skaddr, TCPL_DIR_OUT, class, peer, now);
 		}
 		return 0;
 	}
@@ -264,8 +358,10 @@ int tcp_lifecycle(void *ctx)
 	if (newstate == TCPL_ESTABLISHED && oldstate == TCPL_SYN_RECV) {
 		// Outbound: the class of the remote port. Inbound: of our port.
 		__u8 class = port_class(FIELD(__u16, off_sport));
+		__u8 peer = peer_of(rec);
 		count(TCPL_KIND_OPENED, TCPL_DIR_IN, class);
-		remember(skaddr, TCPL_DIR_IN, class, now);
+		peer_count(TCPL_PEER_KIND_OPENED, TCPL_DIR_IN, peer);
+		remember(skaddr, TCPL_DIR_IN, class, peer, now);
 		return 0;
 	}
 
@@ -277,15 +373,20 @@ int tcp_lifecycle(void *ctx)
 		__u8 class = port_class(FIELD(__u16, off_dport));
 		count(TCPL_KIND_FAILED, TCPL_DIR_OUT, class);
 		struct tcpl_sock *s = bpf_map_lookup_elem(&tcpl_socks, &skaddr);
+		__u8 peer = s ? s->peer : peer_of(rec);
+		peer_count(TCPL_PEER_KIND_FAILED, TCPL_DIR_OUT, peer);
 		if (s) {
-			if (s->flags & TCPL_SOCK_RST_RECEIVED)
+			if (s->flags & TCPL_SOCK_RST_RECEIVED) {
 				count(TCPL_KIND_REFUSED, TCPL_DIR_OUT, class);
+				peer_count(TCPL_PEER_KIND_REFUSED, TCPL_DIR_OUT, peer);
+			}
 			forget(skaddr);
 		}
 		return 0;
 	}
 	if (oldstate == TCPL_SYN_RECV) {
 		count(TCPL_KIND_FAILED, TCPL_DIR_IN, port_class(FIELD(__u16, off_sport)));
+		peer_count(TCPL_PEER_KIND_FAILED, TCPL_DIR_IN, peer_of(rec));
 		return 0;
 	}
 	if (oldstate == TCPL_LISTEN || oldstate == TCPL_CLOSE)
@@ -294,6 +395,7 @@ int tcp_lifecycle(void *ctx)
 	struct tcpl_sock *s = bpf_map_lookup_elem(&tcpl_socks, &skaddr);
 	if (s) {
 		count(TCPL_KIND_CLOSED, s->dir, s->class);
+		peer_count(TCPL_PEER_KIND_CLOSED, s->dir, s->peer);
 		observe(TCPL_HIST_DURATION_MS, s->dir, s->class, (now - s->since_ns) / 1000000);
 		forget(skaddr);
 	} else {

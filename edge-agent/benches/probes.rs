@@ -48,12 +48,22 @@ fn main() {
     cfg.port_classes.insert("bench".into(), vec![port]);
     // RTT (tcp:tcp_probe) is off by default; measured both ways.
     let cfg_rtt = TcpLifecycleConfig { rtt: true, ..cfg.clone() };
+    // Peer groups: the most the config allows (15 groups, 64 prefixes), and
+    // the benchmark's own address in one of them, so that every connection
+    // pays the trie lookups (connect and accept) and the per-peer counts.
+    let mut cfg_peers = cfg.clone();
+    for g in 0..15 {
+        let list = (0..4).map(|i| format!("10.{g}.{i}.0/24")).collect();
+        cfg_peers.peers.insert(format!("group{g:02}"), list);
+    }
+    cfg_peers.peers.get_mut("group00").unwrap()[0] = "127.0.0.1/32".into();
 
     // Warm up the TCP stack and the allocator.
     lifecycles(&l, 2000);
     let (mut off, mut on, mut r_off, mut r_on) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut s_off, mut s_on, mut u_off, mut u_on) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut d_on = Vec::new();
+    let (mut p_on, mut prog_peers) = (Vec::new(), Vec::new());
     // An unwatched port: tcp_probe leaves after its two lookups.
     let other = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut prog = Vec::new();
@@ -70,6 +80,14 @@ fn main() {
         d_on.push(stream(&l, STREAM_MIB));
         for (a, b) in after.iter().zip(&before) {
             prog.push((a.probe, a.runs - b.runs, a.run_ns - b.run_ns));
+        }
+        drop(probe);
+        let probe = TcpLifecycleProbe::attach(&root, &cfg_peers).expect("attach with peers");
+        let before = probe.program_stats();
+        p_on.push(lifecycles(&l, LIFECYCLES));
+        let after = probe.program_stats();
+        for (a, b) in after.iter().zip(&before).filter(|(a, _)| a.probe == "tcp_lifecycle") {
+            prog_peers.push((a.runs - b.runs, a.run_ns - b.run_ns));
         }
         drop(probe);
         let probe = TcpLifecycleProbe::attach(&root, &cfg_rtt).expect("attach with rtt");
@@ -89,11 +107,17 @@ fn main() {
     let (off, on, r_off, r_on) = (median(off), median(on), median(r_off), median(r_on));
     let (s_off, s_on, u_off, u_on) = (median(s_off), median(s_on), median(u_off), median(u_on));
     let d_on = median(d_on);
+    let p_on = median(p_on);
 
     println!("## Probe overhead ({LIFECYCLES} loopback TCP lifecycles and {READS} reads of /dev/null per run; medians of 3 runs attached, 4 detached)\n");
     println!("| workload | detached | attached | added | ratio |");
     println!("|---|---|---|---|---|");
     println!("| connect + accept + close, both ends (ns) | {off:.0} | {on:.0} | {:.0} | {:.3} |", on - off, on / off);
+    println!(
+        "| connect + accept + close, both ends, 15 peer groups, 64 prefixes, peer matched (ns) | {off:.0} | {p_on:.0} | {:.0} | {:.3} |",
+        p_on - off,
+        p_on / off
+    );
     println!(
         "| read(2) of /dev/null, an unwatched syscall (ns) | {r_off:.1} | {r_on:.1} | {:.1} | {:.3} |",
         r_on - r_off,
@@ -134,6 +158,15 @@ fn main() {
             format!("{:.2}", runs as f64 / (3 * LIFECYCLES) as f64)
         };
         println!("| {name} | {per_unit} | {per} |");
+    }
+
+    let (runs, ns) = prog_peers.iter().fold((0, 0), |acc, p| (acc.0 + p.0, acc.1 + p.1));
+    if runs > 0 {
+        println!(
+            "| tcp_lifecycle with peer groups | {:.2} | {:.0} |",
+            runs as f64 / (3 * LIFECYCLES) as f64,
+            ns as f64 / runs as f64
+        );
     }
 
     // The agent itself (release binary), probes on, at 1,000 connections/s.

@@ -228,6 +228,52 @@ pub struct TcpLifecycleConfig {
     /// when outbound and by the local port when inbound; other ports fold
     /// into "other". At most 15 classes and 256 ports (kernel map sizes).
     pub port_classes: BTreeMap<String, Vec<u16>>,
+    /// Peer group name -> address prefixes (`10.0.5.20`, `10.1.0.0/16`,
+    /// `fd00:1::/64`). Connections whose remote address is in a prefix are
+    /// also counted per group (`edge_tcp_peer_*`), the longest prefix
+    /// winning; the rest as "other". Only the group names leave the box.
+    /// Empty (the default): no per-peer series and no lookup in the kernel.
+    /// At most 15 groups and 64 prefixes (kernel map sizes).
+    pub peers: BTreeMap<String, Vec<String>>,
+}
+
+pub const MAX_PEER_GROUPS: usize = 15;
+pub const MAX_PEER_PREFIXES: usize = 64;
+
+/// An address prefix as the kernel's peer table keys it: IPv4 as
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, length + 96), so one table holds
+/// both families. A bare address is a /32 (/128).
+pub fn parse_prefix(text: &str) -> Result<([u8; 16], u32), String> {
+    let (addr, len) = match text.split_once('/') {
+        Some((a, l)) => (a, Some(l.parse::<u32>().map_err(|_| format!("{text:?}: bad prefix length"))?)),
+        None => (text, None),
+    };
+    let (bytes, len) = match addr.parse::<std::net::IpAddr>().map_err(|_| format!("{text:?}: not an address"))? {
+        std::net::IpAddr::V4(a) => {
+            let len = len.unwrap_or(32);
+            if len > 32 {
+                return Err(format!("{text:?}: an IPv4 prefix is at most /32"));
+            }
+            (a.to_ipv6_mapped().octets(), len + 96)
+        }
+        std::net::IpAddr::V6(a) => {
+            let len = len.unwrap_or(128);
+            if len > 128 {
+                return Err(format!("{text:?}: an IPv6 prefix is at most /128"));
+            }
+            (a.octets(), len)
+        }
+    };
+    // Host bits must be zero: "10.1.2.3/16" is more likely a typo than meant.
+    let mut masked = bytes;
+    for (i, b) in masked.iter_mut().enumerate() {
+        let keep = len.saturating_sub(i as u32 * 8).min(8);
+        *b &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+    }
+    if masked != bytes {
+        return Err(format!("{text:?}: bits set past the prefix length"));
+    }
+    Ok((bytes, len))
 }
 
 /// Where the default config looks for the device's TLS files.
@@ -336,6 +382,7 @@ impl Default for TcpLifecycleConfig {
             rtt: false,
             idle_secs: 300,
             port_classes: classes.iter().map(|(n, p)| (n.to_string(), p.to_vec())).collect(),
+            peers: BTreeMap::new(),
         }
     }
 }
@@ -492,6 +539,33 @@ impl Config {
                 seen.len()
             ));
         }
+        if t.peers.len() > MAX_PEER_GROUPS {
+            return Err(format!("probes.tcp_lifecycle.peers has {} groups, at most {MAX_PEER_GROUPS}", t.peers.len()));
+        }
+        let mut prefixes = BTreeMap::new();
+        for (group, list) in &t.peers {
+            if group == "other"
+                || group.is_empty()
+                || group.len() > 32
+                || !group.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(format!(
+                    "probes.tcp_lifecycle.peers: group name {group:?} must be 1..=32 of [A-Za-z0-9_-] and not \"other\""
+                ));
+            }
+            for text in list {
+                let prefix = parse_prefix(text).map_err(|e| format!("probes.tcp_lifecycle.peers.{group}: {e}"))?;
+                if let Some(prev) = prefixes.insert(prefix, group) {
+                    return Err(format!("probes.tcp_lifecycle.peers: {text:?} is in both {prev:?} and {group:?}"));
+                }
+            }
+        }
+        if prefixes.len() > MAX_PEER_PREFIXES {
+            return Err(format!(
+                "probes.tcp_lifecycle.peers lists {} prefixes, at most {MAX_PEER_PREFIXES}",
+                prefixes.len()
+            ));
+        }
         Ok(())
     }
 
@@ -563,6 +637,34 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("port 80"));
         let c = Config { device_id: "a/b".into(), ..Default::default() };
         assert!(c.validate().unwrap_err().starts_with("device_id"));
+    }
+
+    #[test]
+    fn peer_prefixes_parse_into_one_table() {
+        let (a, l) = parse_prefix("10.1.0.0/16").unwrap();
+        assert_eq!((a[10], a[11], a[12], a[13], a[14], l), (0xff, 0xff, 10, 1, 0, 112));
+        assert_eq!(parse_prefix("192.168.3.7").unwrap().1, 128);
+        let (a, l) = parse_prefix("fd00:1::/64").unwrap();
+        assert_eq!((a[0], a[1], a[3], l), (0xfd, 0, 1, 64));
+        assert_eq!(parse_prefix("::1").unwrap().1, 128);
+        for bad in ["10.1.2.3/16", "10.0.0.0/33", "fd00::/129", "plc-7", "10.0.0.0/x", ""] {
+            assert!(parse_prefix(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn peer_groups_are_checked() {
+        let with = |toml: &str| {
+            Config::parse(&format!("[probes.tcp_lifecycle.peers]\n{toml}"), Path::new("x.toml")).unwrap().validate()
+        };
+        with("plc-line-1 = [\"10.0.5.20\"]\nmes = [\"10.1.0.0/16\", \"fd00:1::/64\"]").unwrap();
+        assert!(with("other = [\"10.0.0.1\"]").unwrap_err().contains("\"other\""));
+        assert!(with("a = [\"10.0.0.1\"]\nb = [\"10.0.0.1/32\"]").unwrap_err().contains("both"));
+        assert!(with("a = [\"10.0.0.1/8\"]").unwrap_err().contains("peers.a"));
+        let many: String = (0..16).map(|i| format!("g{i} = [\"10.0.{i}.0/24\"]\n")).collect();
+        assert!(with(&many).unwrap_err().contains("at most 15"));
+        let prefixes: Vec<String> = (0..65).map(|i| format!("\"10.{i}.0.0/16\"")).collect();
+        assert!(with(&format!("a = [{}]", prefixes.join(", "))).unwrap_err().contains("at most 64"));
     }
 
     #[test]

@@ -9,7 +9,9 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use crate::probe::tcp_lifecycle::{Kind, PortClasses, ProgramStats, TcpCounters, CLASSES, DIRS};
+use crate::probe::tcp_lifecycle::{
+    Kind, PortClasses, ProgramStats, TcpCounters, CLASSES, DIRS, DIR_NAMES, PEERS, PEER_METRICS,
+};
 use crate::probe::ProbeState;
 use crate::store::StoreStats;
 
@@ -40,6 +42,12 @@ pub struct TcpLabels {
     pub port_class: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub direction: String,
+    pub peer: String,
+}
+
 /// Handles to every metric; cheap to clone (atomics behind `Arc`s).
 #[derive(Clone, Default)]
 pub struct AgentMetrics {
@@ -51,6 +59,8 @@ pub struct AgentMetrics {
     pub tcp_sock_map_full: Counter,
     pub tcp_tracked: Gauge,
     pub tcp_close_wait: Family<TcpLabels, Gauge>,
+    /// Per peer group, by PEER_METRICS order.
+    pub tcp_peer: Vec<Family<PeerLabels, Counter>>,
     pub tcp_tracked_capacity: Gauge,
     pub probe_runs: Family<ProbeLabels, Counter>,
     pub probe_run_seconds: Family<ProbeLabels, Counter<f64, AtomicU64>>,
@@ -99,7 +109,11 @@ pub struct HowLabels {
 
 impl AgentMetrics {
     pub fn new() -> (AgentMetrics, Arc<Registry>) {
-        let m = AgentMetrics { tcp: Kind::ALL.iter().map(|_| Family::default()).collect(), ..Default::default() };
+        let m = AgentMetrics {
+            tcp: Kind::ALL.iter().map(|_| Family::default()).collect(),
+            tcp_peer: PEER_METRICS.iter().map(|_| Family::default()).collect(),
+            ..Default::default()
+        };
         let mut r = Registry::default();
         r.register(
             "edge_agent_probe_attached",
@@ -121,6 +135,15 @@ impl AgentMetrics {
             };
             let name = kind.metric().trim_end_matches("_total");
             r.register(name, help, m.tcp[kind as usize].clone());
+        }
+        let peer_help = [
+            "TCP connections established, by direction and peer group",
+            "TCP connection attempts that failed during the handshake, by direction and peer group",
+            "Outbound TCP connection attempts answered with a reset, by peer group",
+            "Established TCP connections closed, by direction and peer group",
+        ];
+        for (i, metric) in PEER_METRICS.iter().enumerate() {
+            r.register(metric.trim_end_matches("_total"), peer_help[i], m.tcp_peer[i].clone());
         }
         r.register(
             "edge_tcp_connections_close_wait",
@@ -345,6 +368,19 @@ impl AgentMetrics {
             let fam = &self.tcp[e.kind as usize];
             let l = TcpLabels { direction: e.direction.into(), port_class: name.into() };
             fam.get_or_create(&l).inc_by(e.value - was.value);
+        }
+        if let Some(p) = &now.peers {
+            for (slot, values) in p.values.iter().enumerate() {
+                let (dir, group) = (slot / PEERS, slot % PEERS);
+                let Some(name) = p.names.get(group) else { continue };
+                for (kind, &v) in values.iter().enumerate() {
+                    let was = prev.peers.as_ref().map_or(0, |q| q.values[slot][kind]);
+                    if v > was {
+                        let l = PeerLabels { direction: DIR_NAMES[dir].into(), peer: name.clone() };
+                        self.tcp_peer[kind].get_or_create(&l).inc_by(v - was);
+                    }
+                }
+            }
         }
         self.tcp_sock_map_full.inc_by(now.sock_map_full.saturating_sub(prev.sock_map_full));
         self.tcp_tracked.set(now.socks_tracked as i64);

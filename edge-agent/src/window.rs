@@ -4,7 +4,9 @@
 use crate::probe::device_io::{self, DeviceReading};
 use crate::probe::protocols::{self, ProtocolReading};
 use crate::probe::tcp_idle::IdleCensus as TcpIdleCensus;
-use crate::probe::tcp_lifecycle::{Hist, Kind, PortClasses, TcpCounters, TcpHists, CLASSES, DIRS, DIR_NAMES};
+use crate::probe::tcp_lifecycle::{
+    Hist, Kind, PeerCounters, PortClasses, TcpCounters, TcpHists, CLASSES, DIRS, DIR_NAMES, PEERS, PEER_METRICS,
+};
 use crate::probe::ProbeReading;
 use crate::store::blocks::Window;
 use edge_wire::{Label, SeriesKey};
@@ -19,6 +21,10 @@ pub struct WindowStage {
     live_hist: BTreeSet<usize>,
     /// (metric, direction, class) of the connection gauges once non-zero.
     live_conns: BTreeSet<(usize, usize, usize)>,
+    /// (kind, direction, group) of the peer counters, and the groups whose
+    /// connect latency histogram, once non-zero.
+    live_peers: BTreeSet<(usize, usize, usize)>,
+    live_peer_hist: BTreeSet<usize>,
 }
 
 /// A histogram's samples: cumulative `_bucket{le}` for log2 bounds of
@@ -94,6 +100,39 @@ impl WindowStage {
             out.push((SeriesKey::new(e.kind.metric(), labels), value as f64));
         }
         self.hist_series(&c.hists, classes, out);
+        if let Some(p) = &c.peers {
+            self.peer_series(p, out);
+        }
+    }
+
+    /// Per peer group: connections opened, failed, refused (outbound) and
+    /// closed by direction, and the outbound connect latency. At most 15
+    /// named groups plus "other" (the config's cap): a bounded number of
+    /// series whatever the box talks to.
+    fn peer_series(&mut self, p: &PeerCounters, out: &mut Vec<(SeriesKey, f64)>) {
+        for (kind, metric) in PEER_METRICS.iter().enumerate() {
+            for (dir, direction) in DIR_NAMES.iter().enumerate().take(2) {
+                for group in 0..PEERS {
+                    let v = p.values[dir * PEERS + group][kind];
+                    if v == 0 && !self.live_peers.contains(&(kind, dir, group)) {
+                        continue;
+                    }
+                    let Some(name) = p.names.get(group) else { continue };
+                    self.live_peers.insert((kind, dir, group));
+                    let labels = vec![Label::new("direction", *direction), Label::new("peer", name)];
+                    out.push((SeriesKey::new(*metric, labels), v as f64));
+                }
+            }
+        }
+        for (group, slot) in p.connect.iter().enumerate() {
+            if slot.count() == 0 && !self.live_peer_hist.contains(&group) {
+                continue;
+            }
+            let Some(name) = p.names.get(group) else { continue };
+            self.live_peer_hist.insert(group);
+            let labels = [Label::new("direction", "outbound"), Label::new("peer", name)];
+            histogram("edge_tcp_peer_connect_latency_seconds", &labels, &slot.buckets, slot.sum, 1e-6, out);
+        }
     }
 
     /// Gauges of established and idle connections: a series once non-zero
@@ -411,5 +450,43 @@ mod tests {
         assert_eq!(sample(&b, "edge_tcp_connections_established", None), Some(2.0));
         let idle = b.samples.iter().find(|(k, _)| k.name == "edge_tcp_connections_idle").unwrap();
         assert_eq!(idle.0.labels, vec![Label::new("direction", "inbound"), Label::new("port_class", "other")]);
+    }
+
+    #[test]
+    fn peer_series_carry_the_group_name_and_stay_once_seen() {
+        use crate::probe::tcp_lifecycle::{HistSlot, PEER_KINDS, PEER_SLOTS};
+        let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
+        let mut w = WindowStage::new();
+        let mut p = PeerCounters {
+            names: vec!["other".into(), "plc".into()],
+            values: vec![[0; PEER_KINDS]; PEER_SLOTS],
+            connect: vec![HistSlot::default(); PEERS],
+        };
+        p.values[1][0] = 3; // outbound, group 1: opened
+        p.values[PEERS][3] = 2; // inbound, other: closed
+        p.connect[1].buckets[4] = 3;
+        p.connect[1].sum = 75;
+        let mut c = TcpCounters { peers: Some(p.clone()), ..Default::default() };
+        let reading = |c: &TcpCounters| ProbeReading { tcp: Some(c.clone()), ..Default::default() };
+        let b = w.close(1, &reading(&c), Some(&classes)).unwrap();
+        let find = |b: &Window, name: &str| {
+            b.samples.iter().filter(|(k, _)| k.name == name).map(|(k, v)| (k.labels.clone(), *v)).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            find(&b, "edge_tcp_peer_connections_opened_total"),
+            [(vec![Label::new("direction", "outbound"), Label::new("peer", "plc")], 3.0)]
+        );
+        assert_eq!(
+            find(&b, "edge_tcp_peer_connections_closed_total"),
+            [(vec![Label::new("direction", "inbound"), Label::new("peer", "other")], 2.0)]
+        );
+        assert_eq!(sample(&b, "edge_tcp_peer_connect_latency_seconds_count", None), Some(3.0));
+        assert_eq!(sample(&b, "edge_tcp_peer_connect_latency_seconds_sum", None), Some(75e-6));
+        // 16 peer groups at most: never more series than that, whatever the box talks to.
+        assert!(b.samples.iter().filter(|(k, _)| k.name.starts_with("edge_tcp_peer")).count() <= 2 + 26);
+        // No change: the same series again, none dropped.
+        c.peers = Some(p);
+        let b2 = w.close(2, &reading(&c), Some(&classes)).unwrap();
+        assert_eq!(b.samples.len(), b2.samples.len());
     }
 }

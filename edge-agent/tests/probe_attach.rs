@@ -91,7 +91,9 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
     };
     // One cycle first: lazily created kernel objects are not leaks.
     // Every probe, RTT (off by default) included.
-    let all = TcpLifecycleConfig { rtt: true, ..Default::default() };
+    // Peer groups too (their trie and counters are maps of their own).
+    let mut all = TcpLifecycleConfig { rtt: true, ..Default::default() };
+    all.peers.insert("lab".into(), vec!["10.0.0.0/8".into(), "fd00::/8".into()]);
     // The device probe with a device present: every syscall hook attached.
     let dev = DevicesConfig { watch: vec!["/dev/null".into()], ..Default::default() };
     drop(TcpLifecycleProbe::attach(&real, &all).unwrap());
@@ -178,6 +180,10 @@ fn the_probes_command_reports_every_probe() {
     let line =
         text.lines().find(|l| l.starts_with("device_io")).unwrap_or_else(|| panic!("device_io missing:\n{text}"));
     assert!(line.contains("waiting: no device matches /dev/ttyUSB*") || line.ends_with("attached"), "{line}");
+    // No peer groups in the default config.
+    let line =
+        text.lines().find(|l| l.starts_with("tcp_peers")).unwrap_or_else(|| panic!("tcp_peers missing:\n{text}"));
+    assert!(line.ends_with("disabled (config)"), "{line}");
     let line = text.lines().find(|l| l.starts_with("tcp_idle")).unwrap_or_else(|| panic!("tcp_idle missing:\n{text}"));
     assert!(line.contains("NETLINK_SOCK_DIAG") && line.ends_with("attached"), "{line}");
     let line =
@@ -198,7 +204,11 @@ fn every_probe_attaches_with_the_kernel_btf_hidden() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("agent.toml");
-    std::fs::write(&conf, "[probes.devices]\nwatch = [\"/dev/null\"]\n").unwrap();
+    std::fs::write(
+        &conf,
+        "[probes.devices]\nwatch = [\"/dev/null\"]\n[probes.tcp_lifecycle.peers]\nlab = [\"10.0.0.0/8\"]\n",
+    )
+    .unwrap();
     let out = std::process::Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg("mount -t tmpfs none /sys/kernel/btf && test ! -e /sys/kernel/btf/vmlinux && exec \"$0\" \"$@\"")
@@ -212,7 +222,7 @@ fn every_probe_attaches_with_the_kernel_btf_hidden() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.lines().next().unwrap_or("").contains("BTF absent"), "{text}");
     let rows: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("probe ")).skip(1).collect();
-    assert_eq!(rows.len(), TRACEPOINTS.len() + 3, "{text}");
+    assert_eq!(rows.len(), TRACEPOINTS.len() + 4, "{text}");
     for row in rows {
         let want = if row.starts_with("tcp_rtt") { "disabled (config)" } else { "attached" };
         assert!(row.ends_with(want), "{row}");

@@ -96,7 +96,15 @@ impl Probes {
         };
         let mut states = match &tcp {
             Some(p) => p.states.clone(),
-            None => tcp_lifecycle::TRACEPOINTS.iter().map(|t| (t.probe, tcp_state.clone())).collect(),
+            None => {
+                let peers =
+                    if cfg.probes.tcp_lifecycle.peers.is_empty() { ProbeState::Disabled } else { tcp_state.clone() };
+                tcp_lifecycle::TRACEPOINTS
+                    .iter()
+                    .map(|t| (t.probe, tcp_state.clone()))
+                    .chain(std::iter::once((tcp_lifecycle::PEERS_PROBE, peers)))
+                    .collect()
+            }
         };
         let devices = if !cfg.probes.devices.enabled {
             states.push((DEVICE_IO, ProbeState::Disabled));
@@ -317,6 +325,7 @@ pub fn report(cfg: &Config) -> String {
             Some(t) => format!("{}:{}", t.group, t.event),
             None if *name == DEVICE_IO => "syscalls:sys_{enter,exit}_{read,...}".to_string(),
             None if *name == TCP_IDLE => "NETLINK_SOCK_DIAG (once per window)".to_string(),
+            None if *name == tcp_lifecycle::PEERS_PROBE => "sock:inet_sock_set_state (addresses)".to_string(),
             None if *name == protocols::PROBE => match &probes.protocols {
                 Some(p) => format!("cgroup_skb {}", p.cgroup.display()),
                 None => "cgroup_skb (cgroup v2 root)".to_string(),

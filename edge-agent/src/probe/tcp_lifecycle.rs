@@ -2,6 +2,7 @@
 //! tracepoints' layouts, loads and attaches the programs, writes the port
 //! classes, and reads the in-kernel counters and histograms once per window.
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
@@ -22,6 +23,12 @@ pub const COUNTERS: usize = KINDS * DIRS * CLASSES;
 pub const HISTS: usize = 4;
 pub const BUCKETS: usize = 24;
 pub const HIST_SLOTS: usize = HISTS * 2 * CLASSES;
+/// Peer groups (0 is "other") and the counters kept per (direction, group).
+pub const PEERS: usize = 16;
+pub const PEER_KINDS: usize = 4;
+pub const PEER_SLOTS: usize = 2 * PEERS;
+/// The peer allowlist's state in `edge_agent_probe_attached{probe}`.
+pub const PEERS_PROBE: &str = "tcp_peers";
 const STAT_SOCK_MAP_FULL: u32 = 0;
 const STAT_SOCKS_ADDED: u32 = 1;
 const STAT_SOCKS_REMOVED: u32 = 2;
@@ -168,6 +175,72 @@ impl PortClasses {
     }
 }
 
+/// Peer group names by index (0 is "other") and the prefixes of each, from
+/// `probes.tcp_lifecycle.peers` (validated by the config).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerGroups {
+    pub names: Vec<String>,
+    /// (IPv6 or IPv4-mapped address, prefix length, group index).
+    pub prefixes: Vec<([u8; 16], u32, u8)>,
+}
+
+impl PeerGroups {
+    pub fn from_config(cfg: &TcpLifecycleConfig) -> Self {
+        let mut g = PeerGroups { names: vec!["other".to_string()], prefixes: Vec::new() };
+        // BTreeMap order: stable indices for the same config.
+        for (i, (name, list)) in cfg.peers.iter().enumerate().take(PEERS - 1) {
+            g.names.push(name.clone());
+            for text in list {
+                if let Ok((addr, len)) = crate::config::parse_prefix(text) {
+                    g.prefixes.push((addr, len, (i + 1) as u8));
+                }
+            }
+        }
+        g
+    }
+
+    /// The group of an address (longest prefix), as the kernel finds it.
+    pub fn group_of(&self, addr: std::net::IpAddr) -> usize {
+        let bytes = match addr {
+            std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(a) => a.octets(),
+        };
+        let bits = |a: &[u8; 16], n: u32| -> u128 {
+            let v = u128::from_be_bytes(*a);
+            if n == 0 {
+                0
+            } else {
+                v >> (128 - n)
+            }
+        };
+        self.prefixes
+            .iter()
+            .filter(|(p, len, _)| bits(p, *len) == bits(&bytes, *len))
+            .max_by_key(|(_, len, _)| *len)
+            .map_or(0, |(_, _, g)| usize::from(*g))
+    }
+}
+
+/// Per peer group: connections opened, failed, refused, closed by
+/// direction, and the outbound connect latency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Group names, index 0 "other".
+    pub names: Vec<String>,
+    /// Indexed by `dir * PEERS + group`, dir 0 (outbound) or 1 (inbound).
+    pub values: Vec<[u64; PEER_KINDS]>,
+    /// Connect latency (microseconds) per group.
+    pub connect: Vec<HistSlot>,
+}
+
+/// The counters of [`PeerCounters::values`], in the kernel's order.
+pub const PEER_METRICS: [&str; PEER_KINDS] = [
+    "edge_tcp_peer_connections_opened_total",
+    "edge_tcp_peer_connections_failed_total",
+    "edge_tcp_peer_connections_refused_total",
+    "edge_tcp_peer_connections_closed_total",
+];
+
 /// Cumulative counters and histograms since the probe was attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpCounters {
@@ -177,11 +250,20 @@ pub struct TcpCounters {
     pub sock_map_full: u64,
     /// Connections the kernel map holds now.
     pub socks_tracked: u64,
+    /// Per peer group, when peer groups are configured and the kernel
+    /// gives the addresses.
+    pub peers: Option<PeerCounters>,
 }
 
 impl Default for TcpCounters {
     fn default() -> Self {
-        TcpCounters { values: [0; COUNTERS], hists: TcpHists::default(), sock_map_full: 0, socks_tracked: 0 }
+        TcpCounters {
+            values: [0; COUNTERS],
+            hists: TcpHists::default(),
+            sock_map_full: 0,
+            socks_tracked: 0,
+            peers: None,
+        }
     }
 }
 
@@ -260,6 +342,14 @@ unsafe impl aya::Pod for HistSlot {}
 #[repr(C)]
 struct KindSlot([u64; KINDS]);
 
+/// The kernel's counters of one (direction, peer group), by kind.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct PeerSlot([u64; PEER_KINDS]);
+
+// SAFETY: plain old data, laid out as the C struct tcpl_peer_kinds.
+unsafe impl aya::Pod for PeerSlot {}
+
 // SAFETY: plain old data, laid out as the C struct tcpl_kinds.
 unsafe impl aya::Pod for KindSlot {}
 
@@ -283,11 +373,23 @@ impl TcpHists {
     }
 }
 
+/// The peer groups and their kernel maps: counters, connect latency.
+struct PeerMaps {
+    groups: PeerGroups,
+    counters: PerCpuArray<MapData, PeerSlot>,
+    hist: PerCpuArray<MapData, HistSlot>,
+}
+
+/// Globals to set for a tracepoint layout.
+pub type Globals = Vec<(&'static str, u32)>;
+
 /// The attached probe. Dropping it detaches the programs and frees their maps.
 pub struct TcpLifecycleProbe {
     counters: PerCpuArray<MapData, KindSlot>,
     hists: PerCpuArray<MapData, HistSlot>,
     stats: PerCpuArray<MapData, u64>,
+    /// With peer groups: their counters and connect latency histograms.
+    peers: Option<PeerMaps>,
     classes: PortClasses,
     /// Each tracepoint's state (the baseline is attached).
     pub states: Vec<(&'static str, ProbeState)>,
@@ -429,6 +531,35 @@ pub fn layout_globals(tp: &Tracepoint, layout: &Layout) -> Result<Vec<(&'static 
     }
 }
 
+/// The remote-address fields of sock:inet_sock_set_state for the peer
+/// allowlist: their globals and where they end (the record must be copied
+/// that far).
+pub fn peer_globals(layout: &Layout) -> Result<(Globals, u32), String> {
+    let field = |name: &str, size: u32| -> Result<super::tracefs::Field, String> {
+        let f = layout.field(name).ok_or_else(|| format!("field {name} missing"))?;
+        if f.size != size || f.offset < 8 || f.offset % size.min(2) != 0 {
+            return Err(format!("field {name}: size {} at offset {}, expected size {size}", f.size, f.offset));
+        }
+        Ok(f)
+    };
+    let family = field("family", 2)?;
+    let daddr = field("daddr", 4)?;
+    let daddr_v6 = field("daddr_v6", 16)?;
+    let end = [&family, &daddr, &daddr_v6].iter().map(|f| f.offset + f.size).max().unwrap_or(0);
+    if end as usize > REC_MAX {
+        return Err(format!("the address fields end at byte {end}, past the {REC_MAX} bytes the program copies"));
+    }
+    Ok((
+        vec![
+            ("peers_on", 1),
+            ("off_family", family.offset),
+            ("off_daddr", daddr.offset),
+            ("off_daddr_v6", daddr_v6.offset),
+        ],
+        end,
+    ))
+}
+
 impl TcpLifecycleProbe {
     /// Loads and attaches the programs. Needs CAP_BPF and CAP_PERFMON (or
     /// root). Fails only when the baseline tracepoint cannot be used; each
@@ -437,17 +568,43 @@ impl TcpLifecycleProbe {
         let mut usable = Vec::new();
         let mut states = Vec::new();
         let mut globals = Vec::new();
+        let mut peer_state = ProbeState::Disabled;
         for tp in &TRACEPOINTS {
             if tp.program == "tcp_rtt" && !cfg.rtt {
                 states.push((tp.probe, ProbeState::Disabled));
                 continue;
             }
-            let g = tracefs::layout(tracefs_root, tp.group, tp.event).map_err(ProbeError::from).and_then(|layout| {
-                layout_globals(tp, &layout)
-                    .map_err(|m| ProbeError::Layout { tracepoint: format!("{}:{}", tp.group, tp.event), message: m })
-            });
+            let (layout, g) = match tracefs::layout(tracefs_root, tp.group, tp.event) {
+                Ok(layout) => {
+                    let g = layout_globals(tp, &layout).map_err(|m| ProbeError::Layout {
+                        tracepoint: format!("{}:{}", tp.group, tp.event),
+                        message: m,
+                    });
+                    (Some(layout), g)
+                }
+                Err(e) => (None, Err(ProbeError::from(e))),
+            };
             match g {
-                Ok(g) => {
+                Ok(mut g) => {
+                    if tp.program == "tcp_lifecycle" && !cfg.peers.is_empty() {
+                        let layout = layout.as_ref().expect("the layout gave globals");
+                        match peer_globals(layout) {
+                            Ok((pg, end)) => {
+                                for (name, value) in g.iter_mut() {
+                                    if *name == "rec_len" {
+                                        *value = (*value).max(end);
+                                    }
+                                }
+                                g.extend(pg);
+                                peer_state = ProbeState::Attached;
+                            }
+                            Err(m) => {
+                                peer_state = ProbeState::Unavailable(format!(
+                                    "sock:inet_sock_set_state has no usable remote address: {m}"
+                                ))
+                            }
+                        }
+                    }
                     globals.extend(g);
                     usable.push(*tp);
                 }
@@ -484,7 +641,22 @@ impl TcpLifecycleProbe {
         let counters = PerCpuArray::try_from(take("tcpl_counters")?).map_err(load)?;
         let hists = PerCpuArray::try_from(take("tcpl_hist")?).map_err(load)?;
         let stats = PerCpuArray::try_from(take("tcpl_stats")?).map_err(load)?;
-        Ok(TcpLifecycleProbe { counters, hists, stats, classes, states, ebpf })
+        let peers = if peer_state == ProbeState::Attached {
+            let groups = PeerGroups::from_config(cfg);
+            let mut trie: LpmTrie<MapData, [u8; 16], u8> = LpmTrie::try_from(take("tcpl_peers")?).map_err(load)?;
+            for (addr, len, group) in &groups.prefixes {
+                trie.insert(&LpmKey::new(*len, *addr), group, 0).map_err(load)?;
+            }
+            let counters = PerCpuArray::try_from(take("tcpl_peer_counters")?).map_err(load)?;
+            let hist = PerCpuArray::try_from(take("tcpl_peer_hist")?).map_err(load)?;
+            // The trie lives on in the kernel with the programs using it.
+            drop(trie);
+            Some(PeerMaps { groups, counters, hist })
+        } else {
+            None
+        };
+        states.push((PEERS_PROBE, peer_state));
+        Ok(TcpLifecycleProbe { counters, hists, stats, peers, classes, states, ebpf })
     }
 
     /// Run count and run time of every attached program (cumulative, while
@@ -528,6 +700,29 @@ impl TcpLifecycleProbe {
                     *b += n;
                 }
             }
+        }
+        if let Some(PeerMaps { groups, counters, hist }) = &self.peers {
+            let mut p = PeerCounters {
+                names: groups.names.clone(),
+                values: vec![[0; PEER_KINDS]; PEER_SLOTS],
+                connect: vec![HistSlot::default(); PEERS],
+            };
+            for (slot, v) in p.values.iter_mut().enumerate() {
+                for cpu in counters.get(&(slot as u32), 0).map_err(err)?.iter() {
+                    for (k, n) in v.iter_mut().zip(cpu.0) {
+                        *k += n;
+                    }
+                }
+            }
+            for (i, h) in p.connect.iter_mut().enumerate() {
+                for cpu in hist.get(&(i as u32), 0).map_err(err)?.iter() {
+                    h.sum += cpu.sum;
+                    for (b, n) in h.buckets.iter_mut().zip(cpu.buckets) {
+                        *b += n;
+                    }
+                }
+            }
+            out.peers = Some(p);
         }
         let stat = |i: u32| -> Result<u64, ProbeError> { Ok(self.stats.get(&i, 0).map_err(err)?.iter().sum()) };
         out.sock_map_full = stat(STAT_SOCK_MAP_FULL)?;
@@ -594,6 +789,45 @@ mod tests {
         assert_eq!(def("TCPL_MAX_PORTS"), crate::config::MAX_CLASSED_PORTS);
         assert_eq!(def("TCPL_REC_MAX"), REC_MAX);
         assert_eq!(def("TCPL_CLASSES") - 1, crate::config::MAX_PORT_CLASSES);
+        assert_eq!(def("TCPL_PEERS"), PEERS);
+        assert_eq!(def("TCPL_PEERS") - 1, crate::config::MAX_PEER_GROUPS);
+        assert_eq!(def("TCPL_PEER_KINDS"), PEER_KINDS);
+        assert_eq!(def("TCPL_PEER_SLOTS"), PEER_SLOTS);
+        assert_eq!(def("TCPL_MAX_PEER_PREFIXES"), crate::config::MAX_PEER_PREFIXES);
+        for (i, m) in PEER_METRICS.iter().enumerate() {
+            let kind = ["OPENED", "FAILED", "REFUSED", "CLOSED"][i];
+            assert_eq!(def(&format!("TCPL_PEER_KIND_{kind}")), i, "{m}");
+        }
+    }
+
+    #[test]
+    fn peer_fields_from_a_6x_layout() {
+        let text = "\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;\n";
+        let (g, end) = peer_globals(&Layout::parse(text)).unwrap();
+        assert_eq!(end, 72);
+        assert!(g.contains(&("off_daddr", 36)) && g.contains(&("off_daddr_v6", 56)) && g.contains(&("peers_on", 1)));
+        let e = peer_globals(&Layout::parse("\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;\n")).unwrap_err();
+        assert!(e.contains("daddr"), "{e}");
+    }
+
+    #[test]
+    fn peer_groups_longest_prefix_wins() {
+        let mut cfg = TcpLifecycleConfig::default();
+        cfg.peers.insert("mes".into(), vec!["10.1.0.0/16".into(), "fd00:1::/64".into()]);
+        cfg.peers.insert("plc".into(), vec!["10.1.5.20".into()]);
+        let g = PeerGroups::from_config(&cfg);
+        assert_eq!(g.names, ["other", "mes", "plc"]);
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(g.group_of(ip("10.1.5.20")), 2);
+        assert_eq!(g.group_of(ip("10.1.5.21")), 1);
+        assert_eq!(g.group_of(ip("::ffff:10.1.9.9")), 1, "an IPv4 peer on an IPv6 socket");
+        assert_eq!(g.group_of(ip("fd00:1::7")), 1);
+        assert_eq!(g.group_of(ip("10.2.0.1")), 0);
     }
 
     #[test]
