@@ -19,24 +19,35 @@
 # - riscv64 from Debian 13 (riscv64 is an official architecture since 13),
 #   verified: the release file's signature (gpgv, Debian's archive keyring),
 #   the package index's SHA-256 from it, each .deb's SHA-256 from the index.
+#
+#   hil-tests/image.sh --fetch      only download (and verify) the .debs: the boot
+#                                   test does this before it leaves the network
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-out=${1:?usage: image.sh OUT AGENT [PROVISION]}
-agent=${2:?usage: image.sh OUT AGENT [PROVISION]}
-provision=${3:-}
 arch=${HIL_ARCH:-arm64}
 die() { echo "image.sh: $*" >&2; exit 1; }
+fetch_only=0
+if [[ "${1:-}" == --fetch ]]; then
+  fetch_only=1
+else
+  out=${1:?usage: image.sh OUT AGENT [PROVISION] | image.sh --fetch}
+  agent=${2:?usage: image.sh OUT AGENT [PROVISION] | image.sh --fetch}
+  provision=${3:-}
+fi
 
 case "$arch" in
   arm64) triple=aarch64-linux-gnu; elf='ARM aarch64'; qemu_user=qemu-aarch64-static ;;
   riscv64) triple=riscv64-linux-gnu; elf='RISC-V'; qemu_user=qemu-riscv64-static ;;
   *) die "HIL_ARCH=$arch: arm64 or riscv64" ;;
 esac
-[[ -x "$agent" ]] || die "no agent binary at $agent (cross/build.sh builds it)"
-file -b "$agent" | grep -q "$elf" || die "$agent is not a $arch binary: $(file -b "$agent")"
+if ((!fetch_only)); then
+  [[ -x "$agent" ]] || die "no agent binary at $agent (cross/build.sh builds it)"
+  file -b "$agent" | grep -q "$elf" || die "$agent is not a $arch binary: $(file -b "$agent")"
+  mkdir -p "$out"
+fi
 
 debs="$repo/target/hil/debs"
-mkdir -p "$debs" "$out"
+mkdir -p "$debs"
 
 # arm64: apt, package name -> path of its .deb.
 apt_fetch() {
@@ -54,7 +65,8 @@ apt_fetch() {
 mirror=http://deb.debian.org/debian
 index="$debs/trixie-riscv64-Packages"
 trixie_index() {
-  [[ -s "$index" ]] && return 0
+  # Kept a day: the archive drops superseded kernels from its pool.
+  [[ -s "$index" && -n "$(find "$index" -mmin -1440)" ]] && return 0
   local rel="$debs/trixie-InRelease" sum
   curl -fsS -m 60 -o "$rel" "$mirror/dists/trixie/InRelease" || die "cannot download Debian 13's release file"
   gpgv --keyring /usr/share/keyrings/debian-archive-keyring.gpg "$rel" 2>/dev/null \
@@ -92,6 +104,11 @@ else
   [[ -n "$kpkg" ]] || die "no linux-image-riscv64 in Debian 13's index"
   kdeb=$(trixie_fetch "$kpkg")
   bdeb=$(trixie_fetch busybox-static)
+fi
+
+if ((fetch_only)); then
+  echo "image.sh: $arch: $(basename "$kdeb") $(basename "$bdeb")" >&2
+  exit 0
 fi
 
 work=$(mktemp -d)

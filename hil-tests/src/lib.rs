@@ -127,6 +127,23 @@ pub struct Image {
 }
 
 impl Image {
+    /// Downloads (and verifies) the board's packages, unless cached: before
+    /// the test moves into its private network namespace, which has no
+    /// route out.
+    pub fn fetch(arch: Arch) {
+        let out = Command::new(repo_dir().join("hil-tests/image.sh"))
+            .env("HIL_ARCH", arch.debian())
+            .arg("--fetch")
+            .output()
+            .expect("hil-tests/image.sh --fetch");
+        assert!(
+            out.status.success(),
+            "hil-tests/image.sh --fetch failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs image.sh: Debian's arm64 kernel, BusyBox, the agent, the
     /// Buildroot overlay, and `provision` copied over the root last.
     pub fn build(arch: Arch, dir: &Path, provision: &Path) -> Image {

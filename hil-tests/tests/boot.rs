@@ -36,6 +36,7 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
         return;
     }
     let _one = ONE_BOARD.lock().unwrap_or_else(|e| e.into_inner());
+    Image::fetch(arch);
     private_network();
     let device = format!("hil-{}-1", arch.debian());
     let dir = tempdir(&format!("hil-{}", arch.debian()));
