@@ -33,10 +33,18 @@ pub fn require_root_and_tools() -> bool {
             missing.push(format!("{bin} binary in {} (cargo build --workspace --bins)", bin_dir().display()));
         }
     }
+    require("end-to-end test", &missing)
+}
+
+/// Whether a test may run, given what it lacks: in CI (`CI` set) anything
+/// missing fails the test; elsewhere the test is skipped with the reason
+/// printed.
+pub fn require<S: AsRef<str>>(test: &str, missing: &[S]) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("end-to-end test needs: {}", missing.join("; "));
+    let list: Vec<&str> = missing.iter().map(AsRef::as_ref).collect();
+    let msg = format!("{test} needs: {}", list.join("; "));
     if std::env::var_os("CI").is_some() {
         panic!("{msg}");
     }

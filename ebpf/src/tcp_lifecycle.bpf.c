@@ -197,18 +197,22 @@ static __always_inline __u32 log2_bucket(__u64 v)
 	return log2_bucket_of(v, TCPL_BUCKETS - 1);
 }
 
-static __always_inline void observe(__u32 hist, __u32 dir, __u32 class, __u64 v)
+static __always_inline void hist_add(struct tcpl_hist *h, __u64 v)
 {
-	if (dir > TCPL_DIR_IN)
-		return;
-	__u32 slot = (hist * 2 + dir) * TCPL_CLASSES + class;
-	struct tcpl_hist *h = bpf_map_lookup_elem(&tcpl_hist, &slot);
 	if (!h)
 		return;
 	h->sum += v;
 	__u32 b = log2_bucket(v);
 	if (b < TCPL_BUCKETS)
 		h->buckets[b] += 1;
+}
+
+static __always_inline void observe(__u32 hist, __u32 dir, __u32 class, __u64 v)
+{
+	if (dir > TCPL_DIR_IN)
+		return;
+	__u32 slot = (hist * 2 + dir) * TCPL_CLASSES + class;
+	hist_add(bpf_map_lookup_elem(&tcpl_hist, &slot), v);
 }
 
 static __always_inline __u8 port_class(__u16 port)
@@ -265,13 +269,7 @@ static __always_inline void peer_observe(__u8 peer, __u64 v)
 	if (!peers_on)
 		return;
 	__u32 slot = peer & (TCPL_PEERS - 1);
-	struct tcpl_hist *h = bpf_map_lookup_elem(&tcpl_peer_hist, &slot);
-	if (!h)
-		return;
-	h->sum += v;
-	__u32 b = log2_bucket(v);
-	if (b < TCPL_BUCKETS)
-		h->buckets[b] += 1;
+	hist_add(bpf_map_lookup_elem(&tcpl_peer_hist, &slot), v);
 }
 
 // The peer group of the record's remote address (0 when none matches, or

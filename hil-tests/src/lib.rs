@@ -88,15 +88,7 @@ pub fn require_board_tools(arch: Arch) -> bool {
     if !e2e::bin_dir().join("fleet-bridge").exists() {
         missing.push("fleet-bridge (cargo build --workspace --bins)".into());
     }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("the boot test needs: {}", missing.join("; "));
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED (not in CI): {msg}");
-    false
+    e2e::require("the boot test", &missing)
 }
 
 fn on_path(tool: &str) -> bool {
@@ -126,42 +118,36 @@ pub struct Image {
     pub kernel: String,
 }
 
+/// Runs hil-tests/image.sh for `arch` with `args`; its stderr (what it did).
+fn image_sh(arch: Arch, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(repo_dir().join("hil-tests/image.sh"))
+        .env("HIL_ARCH", arch.debian())
+        .args(args)
+        .output()
+        .expect("hil-tests/image.sh");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "hil-tests/image.sh {args:?} failed:\n{}{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
 impl Image {
     /// Downloads (and verifies) the board's packages, unless cached: before
     /// the test moves into its private network namespace, which has no
     /// route out.
     pub fn fetch(arch: Arch) {
-        let out = Command::new(repo_dir().join("hil-tests/image.sh"))
-            .env("HIL_ARCH", arch.debian())
-            .arg("--fetch")
-            .output()
-            .expect("hil-tests/image.sh --fetch");
-        assert!(
-            out.status.success(),
-            "hil-tests/image.sh --fetch failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        image_sh(arch, &["--fetch".as_ref()]);
     }
 
-    /// Runs image.sh: Debian's arm64 kernel, BusyBox, the agent, the
-    /// Buildroot overlay, and `provision` copied over the root last.
+    /// Runs image.sh: Debian's kernel, BusyBox, the agent, the Buildroot
+    /// overlay, and `provision` copied over the root last.
     pub fn build(arch: Arch, dir: &Path, provision: &Path) -> Image {
         let dir = dir.join("image");
-        let out = Command::new(repo_dir().join("hil-tests/image.sh"))
-            .env("HIL_ARCH", arch.debian())
-            .arg(&dir)
-            .arg(arch.agent())
-            .arg(provision)
-            .output()
-            .expect("hil-tests/image.sh");
-        assert!(
-            out.status.success(),
-            "hil-tests/image.sh failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        let agent = arch.agent();
+        eprint!("{}", image_sh(arch, &[dir.as_os_str(), agent.as_os_str(), provision.as_os_str()]));
         let kernel = std::fs::read_to_string(dir.join("kernel.txt")).expect("kernel.txt").trim().to_owned();
         Image { arch, dir, kernel }
     }

@@ -25,15 +25,7 @@ fn on_path(tool: &str) -> bool {
 /// In CI a missing part fails the test; elsewhere it is skipped, saying why.
 fn require(parts: &[(bool, &str)]) -> bool {
     let missing: Vec<&str> = parts.iter().filter(|(ok, _)| !ok).map(|(_, what)| *what).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("the package test needs: {}", missing.join("; "));
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED (not in CI): {msg}");
-    false
+    e2e::require("the package test", &missing)
 }
 
 fn run(cmd: &mut Command) -> String {
