@@ -75,6 +75,11 @@ fn serial_sensor_ops_bytes_errors_and_stall_match_the_reader() {
     wait_for("the device hooks to attach", Duration::from_secs(20), || {
         (device_io_attached(&a) == Some(1.0)).then_some(()).ok_or("not attached")
     });
+    // A first window stored before the reader starts: the feature export
+    // below differences windows, so the first one gives no row.
+    wait_for("a first stored window", Duration::from_secs(20), || {
+        stored(&dir, "edge_agent_store_bytes", &["lane=\"routine\""]).ok_or("none yet")
+    });
     // Counted exactly, like the kernel's fence: > 2^18 us.
     let truth = read_sensor(&tty, 20, 262_144);
     assert_eq!(kernel_objects(a.proc.pid(), &["bpf-stats"]), 1, "the agent keeps BPF statistics on");
@@ -123,6 +128,55 @@ fn serial_sensor_ops_bytes_errors_and_stall_match_the_reader() {
     // (it opened it before the agent started); it did no I/O on it.
     assert!(a.metric("edge_agent_device_files_found_total{how=\"scan\"}").unwrap_or(0.0) >= 1.0);
     assert_eq!(stored(&dir, "edge_device_operation_seconds_count", &["process=\"rtu_sensor\""]), None);
+
+    // The anomaly model's training data (`--format features`): per window,
+    // rates times the window's length add up to what the reader did, and
+    // the stall is in some window's p99.
+    let all_ops = n("opens") + n("ioctls") + n("reads") + n("writes");
+    let rows = features(&dir);
+    let col = |name: &str| -> Vec<(f64, f64)> {
+        rows.iter().map(|r| (r["window_s"], r.get(&format!("{name}{{{tty}}}")).copied().unwrap_or(0.0))).collect()
+    };
+    let ops: f64 = col("dev_ops_per_s").iter().map(|(w, v)| w * v).sum();
+    assert!((ops - all_ops).abs() < 1e-6, "features say {ops} operations, the reader did {all_ops}");
+    let bytes: f64 = col("dev_bytes_per_s").iter().map(|(w, v)| w * v).sum();
+    assert!((bytes - n("read_bytes") - n("write_bytes")).abs() < 1e-6, "features say {bytes} bytes");
+    let p99 = col("dev_latency_p99_s").iter().map(|(_, v)| *v).fold(0.0, f64::max);
+    assert!((0.262144..=0.524288).contains(&p99), "the 400 ms stall in a window's p99: {p99}");
+    let errors: f64 = col("dev_error_ratio").iter().zip(col("dev_ops_per_s")).map(|((w, r), (_, o))| r * o * w).sum();
+    assert!((errors - n("eagain")).abs() < 1e-6, "features say {errors} errors, the reader had {}", n("eagain"));
+}
+
+/// `edge-agent store export --format features` of a test's store: one map
+/// per window row, column name -> value.
+fn features(dir: &Path) -> Vec<std::collections::HashMap<String, f64>> {
+    let out = Command::new(bin_dir().join("edge-agent"))
+        .args([
+            "store",
+            "export",
+            "--dir",
+            &dir.join("agent-state/store").display().to_string(),
+            "--format",
+            "features",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let header: Vec<String> =
+        lines.next().unwrap().split(',').map(|h| h.trim_matches('"').replace("\"\"", "\"")).collect();
+    assert_eq!(&header[..4], ["timestamp_ms", "time", "feature_version", "window_s"]);
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split(','))
+                .filter(|(h, _)| h.as_str() != "time")
+                .map(|(h, v)| (h.clone(), v.parse().unwrap_or_else(|_| panic!("{h}={v}"))))
+                .collect()
+        })
+        .collect()
 }
 
 #[test]

@@ -8,6 +8,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod features;
 pub mod metrics;
 pub mod privileges;
 pub mod probe;

@@ -10,7 +10,7 @@ const USAGE: &str = "usage: edge-agent [run] [--config FILE]
        edge-agent probes [--config FILE]      attach every enabled probe, report each, detach
        edge-agent store inspect [--config FILE | --dir STORE_DIR]
        edge-agent store export  [--config FILE | --dir STORE_DIR]
-                                [--from TIME] [--to TIME] [--format openmetrics|csv] [--output FILE]
+                                [--from TIME] [--to TIME] [--format openmetrics|csv|features] [--output FILE]
        edge-agent --version
 
 Without --config the built-in defaults are used (docs/configuration.md).
@@ -113,7 +113,8 @@ fn main() -> ExitCode {
         }
         ["store", "export"] => match export(&args, &cfg) {
             Ok(n) => {
-                eprintln!("edge-agent: exported {n} samples");
+                let what = if args.format.as_deref() == Some("features") { "windows" } else { "samples" };
+                eprintln!("edge-agent: exported {n} {what}");
                 ExitCode::SUCCESS
             }
             Err(e) => fail(1, &e),
@@ -129,7 +130,8 @@ fn export(args: &Args, cfg: &Config) -> Result<u64, String> {
     let format = match args.format.as_deref().unwrap_or("openmetrics") {
         "openmetrics" => Format::OpenMetrics,
         "csv" => Format::Csv,
-        f => return Err(format!("unknown --format {f:?}: use openmetrics or csv")),
+        "features" => Format::Features,
+        f => return Err(format!("unknown --format {f:?}: use openmetrics, csv or features")),
     };
     let dir = args.dir.clone().unwrap_or_else(|| cfg.store_dir());
     let mut out: Box<dyn std::io::Write> = match &args.output {

@@ -83,12 +83,16 @@ type Family = BTreeMap<Vec<(String, String)>, Vec<(i64, f64)>>;
 pub enum Format {
     OpenMetrics,
     Csv,
+    /// One row per window: its feature vector (docs/features.md), the
+    /// training data of the anomaly model.
+    Features,
 }
 
 /// Writes every sample with `from_ms <= t < to_ms`.
 pub fn export(dir: &Path, from_ms: i64, to_ms: i64, format: Format, out: &mut dyn Write) -> Result<u64, ToolError> {
     let mut stores = vec![open(dir)?];
-    if Lane::Priority.dir(dir).is_dir() {
+    // Features come from the windows (the routine lane) only.
+    if format != Format::Features && Lane::Priority.dir(dir).is_dir() {
         stores.push(open(&Lane::Priority.dir(dir))?);
     }
     // name -> labels -> samples: OpenMetrics wants each family together and
@@ -122,6 +126,9 @@ pub fn export(dir: &Path, from_ms: i64, to_ms: i64, format: Format, out: &mut dy
     if undecodable > 0 {
         tracing::warn!(records = undecodable, "records whose payload this build cannot decode were skipped");
     }
+    if format == Format::Features {
+        return write_features(&families, out);
+    }
     let mut n = 0;
     if format == Format::Csv {
         writeln!(out, "timestamp_ms,time,metric,labels,value")?;
@@ -145,7 +152,7 @@ pub fn export(dir: &Path, from_ms: i64, to_ms: i64, format: Format, out: &mut dy
                     Format::OpenMetrics => {
                         writeln!(out, "{name}{sel} {} {}.{:03}", fmt_f64(v), t.div_euclid(1000), t.rem_euclid(1000))?
                     }
-                    Format::Csv => {
+                    Format::Csv | Format::Features => {
                         writeln!(out, "{t},{},{name},\"{}\",{}", rfc3339(t), sel.replace('"', "\"\""), fmt_f64(v))?
                     }
                 }
@@ -156,6 +163,43 @@ pub fn export(dir: &Path, from_ms: i64, to_ms: i64, format: Format, out: &mut dy
         writeln!(out, "# EOF")?;
     }
     Ok(n)
+}
+
+/// The feature rows of every window after the first: `timestamp_ms`,
+/// `time`, `feature_version`, `window_s`, then every feature any window has,
+/// in name order (0 where a window lacks it). Returns the rows written.
+fn write_features(families: &BTreeMap<String, Family>, out: &mut dyn Write) -> Result<u64, ToolError> {
+    let mut windows: BTreeMap<i64, Vec<(edge_wire::SeriesKey, f64)>> = BTreeMap::new();
+    for (name, series) in families {
+        for (labels, samples) in series {
+            let key = edge_wire::SeriesKey::new(
+                name.clone(),
+                labels.iter().map(|(n, v)| edge_wire::Label::new(n.clone(), v.clone())).collect(),
+            );
+            for (t, v) in samples {
+                windows.entry(*t).or_default().push((key.clone(), *v));
+            }
+        }
+    }
+    let mut stage = crate::features::FeatureStage::new();
+    let rows: Vec<crate::features::Features> = windows.iter().filter_map(|(t, s)| stage.next(*t, s)).collect();
+    let names: std::collections::BTreeSet<&String> = rows.iter().flat_map(|r| r.values.keys()).collect();
+    let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+    let header: Vec<String> = names.iter().map(|n| quote(n)).collect();
+    writeln!(out, "timestamp_ms,time,feature_version,window_s,{}", header.join(","))?;
+    for r in &rows {
+        let cells: Vec<String> = names.iter().map(|n| fmt_f64(r.values.get(*n).copied().unwrap_or(0.0))).collect();
+        writeln!(
+            out,
+            "{},{},{},{},{}",
+            r.timestamp_ms,
+            rfc3339(r.timestamp_ms),
+            crate::features::VERSION,
+            fmt_f64(r.window_s),
+            cells.join(",")
+        )?;
+    }
+    Ok(rows.len() as u64)
 }
 
 fn selector(labels: &[(String, String)]) -> String {
