@@ -52,12 +52,31 @@ pub fn require<S: AsRef<str>>(test: &str, missing: &[S]) -> bool {
     false
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+/// Where `tool` is on PATH (or in /usr/sbin, /sbin).
+pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
         .map(|d| d.join(tool))
         .find(|p| p.exists())
+}
+
+/// The uid and gid of a system user, made (`useradd --system`, no home,
+/// no shell) when it does not exist: what a package's sysusers entry does
+/// on a device. Needs root.
+pub fn system_user(name: &str) -> (u32, u32) {
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").arg(flag).arg(name).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok().filter(|_| o.status.success())
+    };
+    if id("-u").is_none() {
+        let ok = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+            .status()
+            .expect("useradd");
+        assert!(ok.success(), "useradd {name} failed");
+    }
+    (id("-u").expect("uid"), id("-g").expect("gid"))
 }
 
 /// target/<profile>/, where cargo put this test's binaries' siblings.

@@ -4,7 +4,6 @@
 //! another filter and counted again on SIGHUP, all without root.
 
 use e2e::*;
-use std::process::Command;
 use std::time::Duration;
 
 const USER: &str = "edge-e2e";
@@ -14,24 +13,12 @@ fn status_field(pid: i32, field: &str) -> String {
     s.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).map(|v| v.trim().to_owned()).unwrap_or_default()
 }
 
-fn uid_of(user: &str) -> u32 {
-    if Command::new("id").arg("-u").arg(user).output().map(|o| !o.status.success()).unwrap_or(true) {
-        let ok = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user])
-            .status()
-            .expect("useradd");
-        assert!(ok.success(), "useradd {user} failed");
-    }
-    let out = Command::new("id").arg("-u").arg(user).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
 #[test]
 fn root_is_dropped_after_load_and_reloads_still_work() {
     if !require_root_and_tools() {
         return;
     }
-    let uid = uid_of(USER);
+    let (uid, _) = system_user(USER);
     let dir = tempdir("privileges");
     let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let second = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -10,7 +10,7 @@
 //! the agent computes every feature its data allows and the model picks.
 
 use edge_wire::SeriesKey;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Version of the feature definitions below; in every export and model card.
 pub const VERSION: u32 = 1;
@@ -54,6 +54,15 @@ impl Acc {
     fn get(&self, what: &'static str, subject: &str) -> f64 {
         self.sums.get(&(what, subject.to_owned())).copied().unwrap_or(0.0)
     }
+    /// Every subject with a sum or histogram of one of `whats`.
+    fn subjects(&self, whats: &[&str]) -> BTreeSet<String> {
+        let keys = self.sums.keys().chain(self.hists.keys());
+        keys.filter(|(w, _)| whats.contains(w)).map(|(_, s)| s.clone()).collect()
+    }
+    /// The `q` quantile of a histogram (0 when the subject has none).
+    fn quantile(&self, what: &'static str, subject: &str, q: f64) -> f64 {
+        self.hists.get(&(what, subject.to_owned())).map_or(0.0, |h| quantile(h, q))
+    }
 }
 
 /// The `q` quantile of a histogram given as (upper bound's bits ->
@@ -95,8 +104,8 @@ impl FeatureStage {
     /// after the previous one.
     pub fn next(&mut self, timestamp_ms: i64, samples: &[(SeriesKey, f64)]) -> Option<Features> {
         let now: HashMap<SeriesId, f64> = samples.iter().map(|(k, v)| (id(k), *v)).collect();
-        let prev = self.prev.replace((timestamp_ms, now.clone()));
-        let (prev_ts, prev) = prev?;
+        let (prev_ts, prev) = self.prev.replace((timestamp_ms, now))?;
+        let now = &self.prev.as_ref().expect("just stored").1;
         if timestamp_ms <= prev_ts {
             return None;
         }
@@ -111,7 +120,7 @@ impl FeatureStage {
         };
         let mut acc = Acc::default();
         let mut gauges: BTreeMap<String, f64> = BTreeMap::new();
-        for (sid, &v) in &now {
+        for (sid, &v) in now {
             let (name, labels) = sid;
             let class = || label(labels, "port_class").unwrap_or("other");
             let file = || label(labels, "file").unwrap_or("unknown");
@@ -143,23 +152,7 @@ impl FeatureStage {
         }
         let mut values = gauges;
         let ratio = |n: f64, d: f64| if d > 0.0 { n / d } else { 0.0 };
-        let subjects = |prefix: &str| -> Vec<String> {
-            let mut s: Vec<String> =
-                acc.sums.keys().filter(|(w, _)| w.starts_with(prefix)).map(|(_, s)| s.clone()).collect();
-            s.extend(acc.hists.keys().filter(|(w, _)| w.starts_with(prefix)).map(|(_, s)| s.clone()));
-            s.sort();
-            s.dedup();
-            s
-        };
-        let tcp: Vec<String> = acc
-            .sums
-            .keys()
-            .filter(|(w, _)| ["opened", "failed", "refused", "retransmits", "resets"].contains(w))
-            .map(|(_, s)| s.clone())
-            .chain(acc.hists.keys().filter(|(w, _)| *w == "connect").map(|(_, s)| s.clone()))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let tcp = acc.subjects(&["opened", "failed", "refused", "retransmits", "resets", "connect"]);
         for c in &tcp {
             let (opened, failed) = (acc.get("opened", c), acc.get("failed", c));
             values.insert(format!("tcp_opened_per_s{{{c}}}"), opened / window_s);
@@ -167,28 +160,25 @@ impl FeatureStage {
             values.insert(format!("tcp_refused_per_s{{{c}}}"), acc.get("refused", c) / window_s);
             values.insert(format!("tcp_retransmits_per_s{{{c}}}"), acc.get("retransmits", c) / window_s);
             values.insert(format!("tcp_resets_per_s{{{c}}}"), acc.get("resets", c) / window_s);
-            let h = acc.hists.get(&("connect", c.clone())).cloned().unwrap_or_default();
-            values.insert(format!("tcp_connect_p50_s{{{c}}}"), quantile(&h, 0.5));
-            values.insert(format!("tcp_connect_p99_s{{{c}}}"), quantile(&h, 0.99));
+            values.insert(format!("tcp_connect_p50_s{{{c}}}"), acc.quantile("connect", c, 0.5));
+            values.insert(format!("tcp_connect_p99_s{{{c}}}"), acc.quantile("connect", c, 0.99));
         }
-        for f in subjects("dev") {
+        for f in acc.subjects(&["dev_ops", "dev_bytes", "dev_errors", "dev"]) {
             let ops = acc.get("dev_ops", &f);
             values.insert(format!("dev_ops_per_s{{{f}}}"), ops / window_s);
             values.insert(format!("dev_bytes_per_s{{{f}}}"), acc.get("dev_bytes", &f) / window_s);
             values.insert(format!("dev_error_ratio{{{f}}}"), ratio(acc.get("dev_errors", &f), ops));
-            let h = acc.hists.get(&("dev", f.clone())).cloned().unwrap_or_default();
-            values.insert(format!("dev_latency_p50_s{{{f}}}"), quantile(&h, 0.5));
-            values.insert(format!("dev_latency_p99_s{{{f}}}"), quantile(&h, 0.99));
+            values.insert(format!("dev_latency_p50_s{{{f}}}"), acc.quantile("dev", &f, 0.5));
+            values.insert(format!("dev_latency_p99_s{{{f}}}"), acc.quantile("dev", &f, 0.99));
         }
-        for s in subjects("mb_") {
+        for s in acc.subjects(&["mb_requests", "mb_exceptions", "mb_replies", "mb_abandoned", "mb_reply"]) {
             values.insert(format!("modbus_requests_per_s{{{s}}}"), acc.get("mb_requests", &s) / window_s);
             values.insert(
                 format!("modbus_exception_ratio{{{s}}}"),
                 ratio(acc.get("mb_exceptions", &s), acc.get("mb_replies", &s)),
             );
             values.insert(format!("modbus_abandoned_per_s{{{s}}}"), acc.get("mb_abandoned", &s) / window_s);
-            let h = acc.hists.get(&("mb_reply", s.clone())).cloned().unwrap_or_default();
-            values.insert(format!("modbus_reply_p99_s{{{s}}}"), quantile(&h, 0.99));
+            values.insert(format!("modbus_reply_p99_s{{{s}}}"), acc.quantile("mb_reply", &s, 0.99));
         }
         Some(Features { timestamp_ms, window_s, values })
     }

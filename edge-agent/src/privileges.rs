@@ -77,7 +77,7 @@ pub fn drop_root(user: &str, state_dir: &Path) -> Result<Outcome, String> {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(CAP_SYS_ADMIN + 1);
     let caps = kept_capabilities(last_cap);
-    let mask = caps.iter().fold(0u64, |m, (c, _)| m | 1 << c);
+    let mask = mask_of(&caps);
 
     // Keep the permitted set across setuid, switch group and user (libc
     // applies both to every thread), then cut the sets down to `mask`.
@@ -161,15 +161,9 @@ fn capset(mask: u64) -> Result<(), String> {
     }
 }
 
-/// The effective capability mask of this process (CapEff in
-/// /proc/self/status), for reports and tests.
-pub fn effective_mask(status: &str) -> Option<u64> {
-    status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-}
-
-/// The mask of [`kept_capabilities`].
-pub fn kept_mask(last_cap: u32) -> u64 {
-    kept_capabilities(last_cap).iter().fold(0, |m, (c, _)| m | 1 << c)
+/// The capability bit mask of a list of capabilities.
+fn mask_of(caps: &[(u32, &str)]) -> u64 {
+    caps.iter().fold(0, |m, (c, _)| m | 1 << c)
 }
 
 #[cfg(test)]
@@ -179,15 +173,10 @@ mod tests {
     #[test]
     fn capabilities_kept_follow_the_kernel() {
         // 5.8+ (CAP_BPF = 39 exists): no CAP_SYS_ADMIN.
+        let kept_mask = |last_cap| mask_of(&kept_capabilities(last_cap));
         assert_eq!(kept_mask(40), 1 << 2 | 1 << 12 | 1 << 19 | 1 << 38 | 1 << 39);
         // 5.4 (Jetson's older L4T; last cap 37): CAP_SYS_ADMIN in their place.
         assert_eq!(kept_mask(37), 1 << 2 | 1 << 12 | 1 << 19 | 1 << 21);
-    }
-
-    #[test]
-    fn cap_eff_parses() {
-        assert_eq!(effective_mask("Name:\tx\nCapEff:\t000000c000081004\n"), Some(0xc0_0008_1004));
-        assert_eq!(effective_mask("Name:\tx\n"), None);
     }
 
     #[test]

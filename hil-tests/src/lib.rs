@@ -78,7 +78,7 @@ pub fn require_board_tools(arch: Arch) -> bool {
         Arch::Riscv64 => "qemu-riscv64-static",
     };
     for tool in [arch.qemu(), user, "cpio", "gpgv", "mosquitto", "prometheus"] {
-        if !on_path(tool) {
+        if e2e::which(tool).is_none() {
             missing.push(format!("{tool} (scripts/setup.sh installs it)"));
         }
     }
@@ -89,12 +89,6 @@ pub fn require_board_tools(arch: Arch) -> bool {
         missing.push("fleet-bridge (cargo build --workspace --bins)".into());
     }
     e2e::require("the boot test", &missing)
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).chain([PathBuf::from("/usr/sbin")]).any(|d| d.join(tool).exists()))
-        .unwrap_or(false)
 }
 
 /// Moves the calling thread (and every process it starts from now on) into

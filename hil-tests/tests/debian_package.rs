@@ -18,10 +18,6 @@ fn unit_file() -> PathBuf {
     repo_dir().join("packaging/debian/edge-agent.service")
 }
 
-fn on_path(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
-}
-
 /// In CI a missing part fails the test; elsewhere it is skipped, saying why.
 fn require(parts: &[(bool, &str)]) -> bool {
     let missing: Vec<&str> = parts.iter().filter(|(ok, _)| !ok).map(|(_, what)| *what).collect();
@@ -43,8 +39,8 @@ fn run(cmd: &mut Command) -> String {
 fn the_package_carries_the_static_agent_config_unit_and_user() {
     let binary = repo_dir().join(format!("target/{TARGET}/release/edge-agent"));
     if !require(&[
-        (on_path("cargo-deb"), "cargo-deb (scripts/setup.sh installs it)"),
-        (on_path("systemd-analyze"), "systemd-analyze (Debian's systemd package)"),
+        (e2e::which("cargo-deb").is_some(), "cargo-deb (scripts/setup.sh installs it)"),
+        (e2e::which("systemd-analyze").is_some(), "systemd-analyze (Debian's systemd package)"),
         (binary.exists(), "the static aarch64 agent (cross/build.sh aarch64-unknown-linux-musl)"),
     ]) {
         return;
@@ -152,14 +148,6 @@ fn held_pty() -> (std::fs::File, std::fs::File, String) {
     }
 }
 
-fn user_ids(user: &str) -> Option<(u32, u32)> {
-    let id = |flag: &str| -> Option<u32> {
-        let o = Command::new("id").arg(flag).arg(user).output().ok()?;
-        String::from_utf8_lossy(&o.stdout).trim().parse().ok().filter(|_| o.status.success())
-    };
-    Some((id("-u")?, id("-g")?))
-}
-
 #[test]
 fn the_units_capabilities_are_enough_for_every_probe() {
     let agent = bin_dir().join("edge-agent");
@@ -167,17 +155,12 @@ fn the_units_capabilities_are_enough_for_every_probe() {
     let root = unsafe { libc::geteuid() } == 0;
     if !require(&[
         (root, "root (to start the agent as the unit's user)"),
-        (on_path("setpriv"), "setpriv (util-linux)"),
+        (e2e::which("setpriv").is_some(), "setpriv (util-linux)"),
         (agent.exists(), "the edge-agent binary (cargo build --workspace --bins)"),
     ]) {
         return;
     }
-    let user = unit_user();
-    if user_ids(&user).is_none() {
-        // What the package's sysusers entry does on a device.
-        run(Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", &user]));
-    }
-    let (uid, gid) = user_ids(&user).unwrap();
+    let (uid, gid) = e2e::system_user(&unit_user());
     let caps = unit_capabilities();
 
     let dir = tempdir("deb-caps");
