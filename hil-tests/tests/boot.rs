@@ -70,15 +70,7 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
     board.wait_line("agent started", Duration::from_secs(60));
 
     // Every probe on the aarch64 kernel, as `edge-agent probes` reports it.
-    wait_for("edge-agent probes to report tcp_idle", Duration::from_secs(120), || {
-        board.proc.assert_running();
-        let lines = board.hil_lines("probes:");
-        if lines.iter().any(|l| l.contains("tcp_idle")) {
-            Ok(())
-        } else {
-            Err(board.console_tail())
-        }
-    });
+    board.wait_line("probes reported", Duration::from_secs(120));
     let probes = board.hil_lines("probes:");
     eprintln!("edge-agent probes on {}:\n  {}", image.kernel, probes.join("\n  "));
     // The device probe watches the serial ports sensors use; the default

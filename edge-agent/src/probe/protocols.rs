@@ -178,8 +178,8 @@ pub fn port_table(cfg: &ProtocolsConfig) -> Box<[u8; 65536]> {
 /// The cgroup v2 root: where /proc/self/mountinfo says it is mounted (a
 /// mount of the hierarchy's root), or a new mount under /run/edge-agent.
 pub fn cgroup2_root() -> Result<PathBuf, ProbeError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    if let Some(p) = find_cgroup2(&info) {
+    let mounted = || find_cgroup2(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    if let Some(p) = mounted() {
         return Ok(p);
     }
     let dir = PathBuf::from("/run/edge-agent/cgroup2");
@@ -190,10 +190,16 @@ pub fn cgroup2_root() -> Result<PathBuf, ProbeError> {
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe { libc::mount(c("cgroup2").as_ptr(), target.as_ptr(), c("cgroup2").as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
+        // Another process (a second agent, `edge-agent probes`) may have
+        // mounted it between our look and our mount (then EBUSY): use its.
+        let err = std::io::Error::last_os_error();
+        if let Some(p) = mounted() {
+            return Ok(p);
+        }
         return Err(ProbeError::Attach(format!(
             "no cgroup v2 mount, and mounting one at {} failed: {} (needs CAP_SYS_ADMIN, or set probes.protocols.cgroup)",
             dir.display(),
-            std::io::Error::last_os_error()
+            err
         )));
     }
     tracing::info!(at = %dir.display(), "mounted the cgroup v2 hierarchy");
