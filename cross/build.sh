@@ -9,8 +9,10 @@
 #   riscv64gc-unknown-linux-gnu   RISC-V boards (glibc)
 #
 # Debian's cross gcc compiles the C parts (ring) and links the glibc
-# targets; the static musl target links with rust-lld and Rust's own musl
-# start files. The eBPF objects are the same for every target (built once
+# targets; its g++ builds TF Lite (the anomaly model's runtime, crate
+# tflite) for them. The static musl target links with rust-lld and Rust's
+# own musl start files, and has no TF Lite: Debian has no C++ toolchain for
+# aarch64 musl (its agent reports any model as refused, saying so). The eBPF objects are the same for every target (built once
 # by clang, little-endian BPF) and are inside the binary. Each binary is
 # started once under qemu-user (--version) so a broken link shows here.
 # Output: target/cross/<target>/edge-agent and target/cross/sizes.md.
@@ -33,12 +35,25 @@ out=target/cross
 mkdir -p "$out"
 table="$out/sizes.md"
 {
-  echo "| target | linkage | edge-agent bytes | MiB |"
-  echo "|---|---|---|---|"
+  echo "| target | linkage | TF Lite | edge-agent bytes | MiB |"
+  echo "|---|---|---|---|---|"
 } > "$table"
 for t in "${targets[@]}"; do
   printf '\n\033[1m==> %s\033[0m\n' "$t" >&2
-  cargo build --locked --release --target "$t" -p edge-agent --bin edge-agent
+  features=()
+  tfl=yes
+  case "$t" in
+    *-musl) features=(--no-default-features); tfl=no ;;
+    *-linux-gnu)
+      triple="${t%%-*}-linux-gnu"
+      triple="${triple/riscv64gc/riscv64}"
+      v="${t//-/_}"
+      export "CXX_$v=$triple-g++" TARGET_TOOLCHAIN_PREFIX="$triple-"
+      export "BINDGEN_EXTRA_CLANG_ARGS_$v=--target=$triple -I/usr/$triple/include/c++/12 -I/usr/$triple/include/c++/12/$triple -I/usr/$triple/include"
+      ;;
+  esac
+  cargo build --locked --release --target "$t" -p edge-agent --bin edge-agent "${features[@]}"
+  unset TARGET_TOOLCHAIN_PREFIX
   mkdir -p "$out/$t"
   cp "target/$t/release/edge-agent" "$out/$t/edge-agent"
   bin="$out/$t/edge-agent"
@@ -50,7 +65,7 @@ for t in "${targets[@]}"; do
   "${qemu[@]}" "$bin" --version >/dev/null || { echo "$bin does not start under ${qemu[*]}" >&2; exit 1; }
   if readelf -l "$bin" | grep -q 'program interpreter'; then link=dynamic; else link=static; fi
   size=$(stat -c %s "$bin")
-  awk -v t="$t" -v l="$link" -v s="$size" 'BEGIN { printf "| %s | %s | %d | %.2f |\n", t, l, s, s / 1048576 }' >> "$table"
+  awk -v t="$t" -v l="$link" -v f="$tfl" -v s="$size" 'BEGIN { printf "| %s | %s | %s | %d | %.2f |\n", t, l, f, s, s / 1048576 }' >> "$table"
 done
 echo
 cat "$table"

@@ -19,6 +19,14 @@ fn main() {
     let extra: Vec<String> =
         std::env::var("BPF_EXTRA_CFLAGS").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
 
+    // TF Lite on riscv64 uses atomics that glibc's riscv64 gcc leaves to
+    // libatomic (the linker must see it even though Rust does not ask).
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("riscv64")
+        && std::env::var_os("CARGO_FEATURE_TFLITE").is_some()
+    {
+        println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-latomic,--pop-state");
+    }
+
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
     println!("cargo:rerun-if-env-changed=BPF_EXTRA_CFLAGS");
     println!("cargo:rerun-if-changed={}", ebpf.join("include").display());

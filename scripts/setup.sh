@@ -16,7 +16,9 @@ die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 command -v cargo >/dev/null && command -v rustup >/dev/null \
   || die "cargo and rustup are needed (a Rust toolchain from rustup, Rust >= 1.87)"
 
-packages=(clang llvm libbpf-dev bpftool gcc mosquitto mosquitto-clients prometheus curl openssl nftables iproute2)
+# g++, make, libclang-dev: TF Lite (crate tflite) and its bindings; python3-venv: model/run.sh.
+packages=(clang llvm libbpf-dev bpftool gcc g++ make libclang-dev mosquitto mosquitto-clients prometheus curl openssl nftables iproute2
+          python3 python3-venv)
 if [[ $demo_only -eq 0 ]]; then
   packages+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross
              gcc-riscv64-linux-gnu g++-riscv64-linux-gnu libc6-dev-riscv64-cross

@@ -41,7 +41,9 @@ EDGE_E2E_HIDE_BTF=1 run_tests cargo test --locked -p e2e --test probes --test de
 for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   step "agent tests on $target under qemu-user"
   run_tests cargo test --locked --target "$target" -p edge-wire --lib
-  run_tests cargo test --locked --target "$target" -p edge-agent --lib \
+  # Without TF Lite (--no-default-features): these are the store's tests;
+  # the riscv64 release build below carries TF Lite (cross/build.sh).
+  run_tests cargo test --locked --target "$target" -p edge-agent --no-default-features --lib \
     --test store_files --test store_model --test store_regressions --test store_disk_full
 done
 

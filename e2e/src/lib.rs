@@ -203,6 +203,11 @@ impl Proc {
         }
     }
 
+    /// The exit status, once the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
     pub fn assert_running(&mut self) {
         if let Some(c) = &mut self.child {
             if let Ok(Some(status)) = c.try_wait() {

@@ -34,6 +34,37 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub probes: ProbesConfig,
     pub clock: ClockConfig,
+    pub detect: DetectConfig,
+}
+
+/// On-device anomaly detection (docs/model.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    pub enabled: bool,
+    /// The model card (`*.card.json`); its .tflite file is next to it.
+    pub model: PathBuf,
+    /// When set: the SHA-256 (hex) the model file must have; any other
+    /// model is refused, whatever its card says.
+    pub model_sha256: String,
+    /// Consecutive windows above the threshold that raise the alarm.
+    pub raise_after: u32,
+    /// Consecutive windows below it that clear the alarm.
+    pub clear_after: u32,
+}
+
+pub const DEFAULT_MODEL: &str = "/usr/share/edge-agent/model/anomaly.card.json";
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            enabled: true,
+            model: PathBuf::from(DEFAULT_MODEL),
+            model_sha256: String::new(),
+            raise_after: 2,
+            clear_after: 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -294,6 +325,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             probes: ProbesConfig::default(),
             clock: ClockConfig::default(),
+            detect: DetectConfig::default(),
         }
     }
 }
@@ -423,6 +455,15 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         edge_wire::validate_device_id(&self.device_id).map_err(|e| format!("device_id: {e}"))?;
+        if !(1..=100).contains(&self.detect.raise_after) || !(1..=100).contains(&self.detect.clear_after) {
+            return Err("detect.raise_after and detect.clear_after must be between 1 and 100 windows".into());
+        }
+        if !self.detect.model_sha256.is_empty()
+            && (self.detect.model_sha256.len() != 64
+                || !self.detect.model_sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err("detect.model_sha256 must be 64 hex digits (sha256sum of the .tflite file), or empty".into());
+        }
         if self.window.millis < 100 || self.window.millis > 3_600_000 {
             return Err("window.millis must be between 100 and 3600000".into());
         }

@@ -1,13 +1,15 @@
-//! edge-agent: probe -> window -> (detect) -> store -> uplink.
+//! edge-agent: probe -> window -> detect -> store -> uplink.
 //!
 //! Each stage owns its state and hands values forward:
 //! * [`probe`]: kernel programs and their in-kernel aggregates;
 //! * [`window`]: one reading per window becomes one batch of samples;
+//! * [`detect`]: the window's features scored by the anomaly model; alarms;
 //! * [`store`]: the batch, encoded once, becomes a durable record;
 //! * [`uplink`]: records go to MQTT; acknowledgements move the send position.
 
 pub mod clock;
 pub mod config;
+pub mod detect;
 pub mod features;
 pub mod metrics;
 pub mod privileges;
@@ -90,7 +92,11 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     let shutdown = Arc::new(AtomicBool::new(false));
     let uplink =
         uplink::Uplink::new(cfg.clone(), store.clone(), clock.clone(), metrics.clone(), shutdown.clone()).spawn()?;
+    let detect = detect::DetectStage::new(&cfg.detect);
+    metrics.set_model_state(detect.state, detect.model.as_ref().map(|m| m.card.threshold));
+    let detect = std::cell::RefCell::new(detect);
     let sh = Shared {
+        detect: &detect,
         probes: &probes,
         store: &store,
         metrics: &metrics,
@@ -126,6 +132,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
 
 /// What the window loop works with.
 struct Shared<'a> {
+    detect: &'a std::cell::RefCell<detect::DetectStage>,
     /// Replaced on SIGHUP (the window loop is the only user).
     probes: &'a std::cell::RefCell<Probes>,
     store: &'a Arc<Mutex<Lanes>>,
@@ -272,6 +279,21 @@ fn close_window(
         window.samples.push((edge_wire::SeriesKey::new("edge_agent_clock_error_ms", vec![]), e as f64));
     }
     window.timestamp_ms = ts;
+    // Detect: the window's features through the model; the score goes
+    // with the window, an alarm's raising or clearing into the priority lane.
+    let mut detect = sh.detect.borrow_mut();
+    let outcome = detect.observe(ts, &window.samples);
+    metrics.observe_detect(&outcome, detect.alarm.active);
+    window.samples.extend(outcome.samples);
+    if let Some(record) = outcome.record {
+        let rec = store::blocks::Window { timestamp_ms: ts, samples: record };
+        // One record per block: sendable at once, synced at once.
+        let mut w = store::blocks::BlockWriter::new(1, 64 * 1024);
+        match w.write(&mut lanes.priority, &rec).and_then(|_| lanes.priority.sync().map_err(Into::into)) {
+            Ok(()) => {}
+            Err(e) => tracing::error!(error = %e, "anomaly record could not be stored"),
+        }
+    }
     // The store stage's own health travels with the measurements, so the
     // fleet can alert on backlogs and drops (configs/rules/).
     window.samples.extend(store::self_telemetry(&lanes));

@@ -95,6 +95,18 @@ pub struct AgentMetrics {
     pub device_files_open: Gauge,
     pub device_files_found: Family<HowLabels, Counter>,
     pub device_map_full: Family<MapLabels, Counter>,
+    pub detect_model_state: Family<StateLabels, Gauge>,
+    pub anomaly_score: Gauge<f64, AtomicU64>,
+    pub anomaly_threshold: Gauge<f64, AtomicU64>,
+    pub anomaly_alarm: Gauge,
+    pub anomaly_alarms: Counter,
+    pub detect_scored: Counter,
+    pub detect_inference_seconds: Counter<f64, AtomicU64>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -286,6 +298,21 @@ impl AgentMetrics {
             "Device events a bounded kernel table could not hold, by map: files, inflight, series, errors",
             m.device_map_full.clone(),
         );
+        r.register(
+            "edge_agent_detect_model_state",
+            "1 for the anomaly model's state (loaded, disabled, missing, refused), 0 for the others",
+            m.detect_model_state.clone(),
+        );
+        r.register("edge_anomaly_score", "The last window's anomaly score", m.anomaly_score.clone());
+        r.register("edge_anomaly_threshold", "The loaded model's alarm threshold", m.anomaly_threshold.clone());
+        r.register("edge_anomaly_alarm", "1 while the anomaly alarm is raised", m.anomaly_alarm.clone());
+        r.register("edge_agent_anomaly_alarms", "Anomaly alarms raised", m.anomaly_alarms.clone());
+        r.register("edge_agent_detect_windows_scored", "Windows scored by the anomaly model", m.detect_scored.clone());
+        r.register(
+            "edge_agent_detect_inference_seconds",
+            "Time spent in inference (normalisation, model, score)",
+            m.detect_inference_seconds.clone(),
+        );
         (m, Arc::new(r))
     }
 
@@ -343,6 +370,25 @@ impl AgentMetrics {
             if let Some(pages) = statm.split_whitespace().nth(1).and_then(|v| v.parse::<i64>().ok()) {
                 self.rss_bytes.set(pages * page);
             }
+        }
+    }
+
+    pub fn set_model_state(&self, state: crate::detect::ModelState, threshold: Option<f64>) {
+        for s in crate::detect::ModelState::ALL {
+            self.detect_model_state.get_or_create(&StateLabels { state: s.label().into() }).set(i64::from(s == state));
+        }
+        self.anomaly_threshold.set(threshold.unwrap_or(0.0));
+    }
+
+    pub fn observe_detect(&self, o: &crate::detect::Outcome, alarm: bool) {
+        if let Some(s) = &o.scored {
+            self.anomaly_score.set(s.score);
+            self.detect_scored.inc();
+            self.detect_inference_seconds.inc_by(o.inference_s);
+        }
+        self.anomaly_alarm.set(i64::from(alarm));
+        if o.transition == Some(crate::detect::Transition::Raised) {
+            self.anomaly_alarms.inc();
         }
     }
 

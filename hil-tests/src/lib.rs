@@ -4,6 +4,8 @@
 //! it), user-mode networking (the guest reaches the host's loopback at
 //! 10.0.2.2).
 
+pub mod workload;
+
 use e2e::{repo_dir, wait_for, Proc};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

@@ -1,0 +1,571 @@
+//! Detect stage: each window's feature vector (features.rs), normalised
+//! with the model card's parameters, through the TensorFlow Lite
+//! autoencoder; its reconstruction error is the anomaly score. Alarms
+//! work with no network: they are decided here, stored in the priority
+//! lane, and exported on /metrics.
+//!
+//! A model is a card (`<name>.card.json`, docs/model.md) and the .tflite
+//! file it names. Loading checks, in order: the card's format and feature
+//! version, the model file's SHA-256 against the card (and against
+//! `detect.model_sha256` when set), that TF Lite builds it with one
+//! float32 input and output of the card's width, and the golden vectors:
+//! every one is normalised and run, and must give the reference
+//! interpreter's values. A model failing any check is refused with an
+//! error naming the file; the agent keeps running without inference.
+
+use crate::config::DetectConfig;
+use crate::features::{FeatureStage, Features};
+use edge_wire::{Label, SeriesKey};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const CARD_FORMAT: &str = "edge-agent-model-card";
+pub const CARD_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FeatureSpec {
+    pub name: String,
+    pub scale: f64,
+    pub mean: f64,
+    pub std: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Golden {
+    pub raw: Vec<f64>,
+    pub input: Vec<f32>,
+    pub output: Vec<f32>,
+    pub score: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Tolerance {
+    pub relative: f64,
+    pub absolute: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InputSpec {
+    pub clip: f64,
+}
+
+/// The machine-readable model card (docs/model.md); unknown keys (the
+/// training summary) are kept by the file, not needed here.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Card {
+    pub format: String,
+    pub card_version: u32,
+    pub name: String,
+    pub feature_version: u32,
+    pub window_s: f64,
+    pub model_file: String,
+    pub model_sha256: String,
+    pub input: InputSpec,
+    pub features: Vec<FeatureSpec>,
+    pub threshold: f64,
+    pub golden: Vec<Golden>,
+    pub golden_tolerance: Tolerance,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model card {path}: {what}")]
+    Card { path: PathBuf, what: String },
+    #[error("model {path}: {what}")]
+    Model { path: PathBuf, what: String },
+    #[error(
+        "model {path} failed its golden self-test (vector {vector}, {what}): this TF Lite runtime computes it \
+         differently from the reference interpreter (an int8 or otherwise unsupported model?); ship a float32 model \
+         made by model/run.sh"
+    )]
+    Golden { path: PathBuf, vector: usize, what: String },
+}
+
+impl ModelError {
+    /// A short state for the model metric's `reason` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ModelError::Card { .. } => "card",
+            ModelError::Model { .. } => "model",
+            ModelError::Golden { .. } => "golden",
+        }
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Card {
+    pub fn read(path: &Path) -> Result<Card, ModelError> {
+        let err = |what: String| ModelError::Card { path: path.to_owned(), what };
+        let text = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let card: Card = serde_json::from_slice(&text)
+            .map_err(|e| err(format!("not a model card ({e}); write cards with model/run.sh train")))?;
+        if card.format != CARD_FORMAT || card.card_version != CARD_VERSION {
+            return Err(err(format!(
+                "format {:?} version {}, this agent reads {CARD_FORMAT:?} version {CARD_VERSION}",
+                card.format, card.card_version
+            )));
+        }
+        if card.feature_version != crate::features::VERSION {
+            return Err(err(format!(
+                "trained on feature version {}, this agent computes version {}: retrain on its export",
+                card.feature_version,
+                crate::features::VERSION
+            )));
+        }
+        let n = card.features.len();
+        if n == 0 {
+            return Err(err("lists no features".into()));
+        }
+        if let Some(f) = card.features.iter().find(|f| {
+            f.std.is_nan() || f.std <= 0.0 || !f.std.is_finite() || !f.scale.is_finite() || !f.mean.is_finite()
+        }) {
+            return Err(err(format!("feature {:?} has a bad normalisation (std must be > 0)", f.name)));
+        }
+        if !(card.threshold > 0.0 && card.threshold.is_finite()) {
+            return Err(err(format!("threshold {} is not a positive number", card.threshold)));
+        }
+        if card.golden.is_empty() {
+            return Err(err("has no golden vectors: the model cannot be checked".into()));
+        }
+        if let Some(i) = card.golden.iter().position(|g| g.raw.len() != n || g.input.len() != n || g.output.len() != n)
+        {
+            return Err(err(format!("golden vector {i} does not have {n} values")));
+        }
+        Ok(card)
+    }
+
+    /// The model file's path: next to the card.
+    pub fn model_path(&self, card_path: &Path) -> PathBuf {
+        card_path.parent().unwrap_or(Path::new(".")).join(&self.model_file)
+    }
+
+    /// The model's input for a window's raw feature values (in card order).
+    pub fn normalise(&self, raw: &[f64], out: &mut [f32]) {
+        for ((f, &x), o) in self.features.iter().zip(raw).zip(out.iter_mut()) {
+            let z = ((x.max(0.0) * f.scale).ln_1p() - f.mean) / f.std;
+            *o = z.clamp(-self.input.clip, self.input.clip) as f32;
+        }
+    }
+}
+
+fn close(got: f64, want: f64, t: &Tolerance) -> bool {
+    (got - want).abs() <= t.absolute + t.relative * want.abs()
+}
+
+/// The mean squared error between the input and its reconstruction.
+pub fn score(input: &[f32], output: &[f32]) -> f64 {
+    let sum: f64 = input.iter().zip(output).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
+    sum / input.len().max(1) as f64
+}
+
+/// The TF Lite interpreter with the model's one input and one output.
+#[cfg(feature = "tflite")]
+mod runtime {
+    type Interp = tflite::Interpreter<'static, tflite::ops::builtin::BuiltinOpResolver>;
+
+    pub struct Runtime {
+        interp: Interp,
+        input: tflite::TensorIndex,
+        output: tflite::TensorIndex,
+    }
+
+    impl Runtime {
+        /// Builds the model; checks one float32 input and output of `n` values.
+        pub fn build(bytes: Vec<u8>, n: usize) -> Result<Runtime, String> {
+            let fb = tflite::FlatBufferModel::build_from_buffer(bytes)
+                .map_err(|e| format!("not a TensorFlow Lite model: {e}"))?;
+            let resolver = tflite::ops::builtin::BuiltinOpResolver::default();
+            let mut interp = tflite::InterpreterBuilder::new(fb, resolver)
+                .and_then(|b| b.build())
+                .map_err(|e| format!("TF Lite 1.15 cannot build it ({e}): an operator or version it lacks"))?;
+            interp.allocate_tensors().map_err(|e| format!("cannot allocate its tensors: {e}"))?;
+            let (ins, outs) = (interp.inputs().to_vec(), interp.outputs().to_vec());
+            if ins.len() != 1 || outs.len() != 1 {
+                return Err(format!(
+                    "{} inputs and {} outputs; an anomaly model has one of each",
+                    ins.len(),
+                    outs.len()
+                ));
+            }
+            for (what, ix) in [("input", ins[0]), ("output", outs[0])] {
+                let info = interp.tensor_info(ix).ok_or_else(|| format!("no {what} tensor"))?;
+                if info.element_kind != tflite::context::ElementKind::kTfLiteFloat32 {
+                    return Err(format!(
+                        "{what} is {:?}, not float32: quantised models miscompute in this runtime",
+                        info.element_kind
+                    ));
+                }
+                if info.dims.iter().product::<usize>() != n {
+                    return Err(format!("{what} has shape {:?}; the card lists {n} features", info.dims));
+                }
+            }
+            Ok(Runtime { interp, input: ins[0], output: outs[0] })
+        }
+
+        /// One inference: the reconstruction of `z` into `out`.
+        pub fn run(&mut self, z: &[f32], out: &mut [f32]) -> Result<(), String> {
+            let e = |e: tflite::Error| format!("inference failed: {e}");
+            self.interp.tensor_data_mut::<f32>(self.input).map_err(e)?.copy_from_slice(z);
+            self.interp.invoke().map_err(e)?;
+            out.copy_from_slice(self.interp.tensor_data::<f32>(self.output).map_err(e)?);
+            Ok(())
+        }
+    }
+}
+
+/// An agent built without TF Lite (no C++ cross toolchain for its target):
+/// every model is refused, saying why.
+#[cfg(not(feature = "tflite"))]
+mod runtime {
+    pub enum Runtime {}
+
+    impl Runtime {
+        pub fn build(_bytes: Vec<u8>, _n: usize) -> Result<Runtime, String> {
+            Err("this agent was built without the TF Lite runtime (cargo feature `tflite` off: no C++ cross \
+                 toolchain for its target); use a build with it to run models"
+                .into())
+        }
+
+        pub fn run(&mut self, _z: &[f32], _out: &mut [f32]) -> Result<(), String> {
+            match *self {}
+        }
+    }
+}
+
+/// A loaded, self-tested model.
+pub struct Model {
+    pub card: Card,
+    pub card_path: PathBuf,
+    pub sha256: String,
+    runtime: runtime::Runtime,
+    z: Vec<f32>,
+    out: Vec<f32>,
+    raw: Vec<f64>,
+}
+
+impl Model {
+    /// Loads the card at `card_path` and its model; `pin`: the SHA-256 the
+    /// model file must have (config `detect.model_sha256`), if any.
+    pub fn load(card_path: &Path, pin: Option<&str>) -> Result<Model, ModelError> {
+        let card = Card::read(card_path)?;
+        let path = card.model_path(card_path);
+        let err = |what: String| ModelError::Model { path: path.clone(), what };
+        let bytes = std::fs::read(&path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let sha256 = sha256_hex(&bytes);
+        if !sha256.eq_ignore_ascii_case(&card.model_sha256) {
+            return Err(err(format!(
+                "SHA-256 {sha256} is not the card's {} (a damaged or mismatched file: install the pair again)",
+                card.model_sha256
+            )));
+        }
+        if let Some(pin) = pin.filter(|p| !p.is_empty()) {
+            if !sha256.eq_ignore_ascii_case(pin) {
+                return Err(err(format!("SHA-256 {sha256} is not detect.model_sha256 {pin}: not the approved model")));
+            }
+        }
+        let n = card.features.len();
+        let runtime = runtime::Runtime::build(bytes, n).map_err(err)?;
+        let mut m = Model {
+            card,
+            card_path: card_path.to_owned(),
+            sha256,
+            runtime,
+            z: vec![0.0; n],
+            out: vec![0.0; n],
+            raw: vec![0.0; n],
+        };
+        m.self_test(&path)?;
+        Ok(m)
+    }
+
+    fn self_test(&mut self, path: &Path) -> Result<(), ModelError> {
+        let golden = std::mem::take(&mut self.card.golden);
+        let tol = self.card.golden_tolerance.clone();
+        let r = (|| {
+            for (v, g) in golden.iter().enumerate() {
+                let bad = |what: String| ModelError::Golden { path: path.to_owned(), vector: v, what };
+                let mut z = vec![0.0f32; g.raw.len()];
+                self.card.normalise(&g.raw, &mut z);
+                if let Some(i) = (0..z.len()).find(|&i| !close(z[i].into(), g.input[i].into(), &tol)) {
+                    return Err(bad(format!(
+                        "normalised feature {} is {}, the card says {}",
+                        self.card.features[i].name, z[i], g.input[i]
+                    )));
+                }
+                let mut out = vec![0.0f32; g.raw.len()];
+                self.runtime.run(&g.input, &mut out).map_err(bad)?;
+                if let Some(i) = (0..out.len()).find(|&i| !close(out[i].into(), g.output[i].into(), &tol)) {
+                    return Err(bad(format!("output {i} is {}, the reference gave {}", out[i], g.output[i])));
+                }
+                let s = score(&g.input, &out);
+                if !close(s, g.score, &tol) {
+                    return Err(bad(format!("score {s}, the reference gave {}", g.score)));
+                }
+            }
+            Ok(())
+        })();
+        self.card.golden = golden;
+        r
+    }
+
+    /// Scores one window: its features in the card's order (0 where the
+    /// window lacks one), normalised, reconstructed.
+    pub fn score(&mut self, f: &Features) -> Result<Scored, String> {
+        for (r, spec) in self.raw.iter_mut().zip(&self.card.features) {
+            *r = f.values.get(&spec.name).copied().unwrap_or(0.0);
+        }
+        self.card.normalise(&self.raw, &mut self.z);
+        self.runtime.run(&self.z, &mut self.out)?;
+        let s = score(&self.z, &self.out);
+        // The features that contributed most to the error, for the record.
+        let n = self.z.len() as f64;
+        let mut top: Vec<(usize, f64)> = Vec::with_capacity(4);
+        for (i, (&a, &b)) in self.z.iter().zip(&self.out).enumerate() {
+            let c = (f64::from(a) - f64::from(b)).powi(2) / n;
+            let at = top.iter().position(|&(_, t)| c > t).unwrap_or(top.len());
+            if at < 3 {
+                top.insert(at, (i, c));
+                top.truncate(3);
+            }
+        }
+        Ok(Scored { score: s, top: top.into_iter().map(|(i, c)| (self.card.features[i].name.clone(), c)).collect() })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub score: f64,
+    /// Up to three (feature, its share of the score), largest first.
+    pub top: Vec<(String, f64)>,
+}
+
+/// What the alarm logic decided for a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    None,
+    Raised,
+    Cleared,
+}
+
+/// Debounce: an alarm is raised after `raise_after` consecutive windows
+/// above the threshold and cleared after `clear_after` consecutive ones
+/// below it.
+#[derive(Debug, Clone)]
+pub struct Alarm {
+    pub raise_after: u32,
+    pub clear_after: u32,
+    pub active: bool,
+    above: u32,
+    below: u32,
+}
+
+impl Alarm {
+    pub fn new(raise_after: u32, clear_after: u32) -> Alarm {
+        Alarm { raise_after: raise_after.max(1), clear_after: clear_after.max(1), active: false, above: 0, below: 0 }
+    }
+
+    pub fn observe(&mut self, above: bool) -> Transition {
+        if above {
+            self.above += 1;
+            self.below = 0;
+            if !self.active && self.above >= self.raise_after {
+                self.active = true;
+                return Transition::Raised;
+            }
+        } else {
+            self.below += 1;
+            self.above = 0;
+            if self.active && self.below >= self.clear_after {
+                self.active = false;
+                return Transition::Cleared;
+            }
+        }
+        Transition::None
+    }
+}
+
+/// Where the model stands; exported as `edge_detect_model_state{state}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelState {
+    Loaded,
+    Disabled,
+    Missing,
+    Refused,
+}
+
+impl ModelState {
+    pub const ALL: [ModelState; 4] =
+        [ModelState::Loaded, ModelState::Disabled, ModelState::Missing, ModelState::Refused];
+    pub fn label(self) -> &'static str {
+        match self {
+            ModelState::Loaded => "loaded",
+            ModelState::Disabled => "disabled",
+            ModelState::Missing => "missing",
+            ModelState::Refused => "refused",
+        }
+    }
+}
+
+/// What the detect stage adds for one window.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Samples for the routine window (score, alarm).
+    pub samples: Vec<(SeriesKey, f64)>,
+    /// An anomaly record for the priority lane (alarm raised or cleared).
+    pub record: Option<Vec<(SeriesKey, f64)>>,
+    pub scored: Option<Scored>,
+    pub transition: Option<Transition>,
+    pub inference_s: f64,
+}
+
+/// The detect stage: owns the feature stage, the model and the alarm.
+pub struct DetectStage {
+    features: FeatureStage,
+    pub model: Option<Model>,
+    pub state: ModelState,
+    pub alarm: Alarm,
+}
+
+impl DetectStage {
+    /// Loads the configured model; a missing or refused one leaves the
+    /// stage scoring nothing (the reason is logged and in the state).
+    pub fn new(cfg: &DetectConfig) -> DetectStage {
+        let mut s = DetectStage {
+            features: FeatureStage::new(),
+            model: None,
+            state: ModelState::Disabled,
+            alarm: Alarm::new(cfg.raise_after, cfg.clear_after),
+        };
+        if !cfg.enabled {
+            tracing::info!("detection disabled (detect.enabled = false)");
+            return s;
+        }
+        if !cfg.model.exists() {
+            s.state = ModelState::Missing;
+            tracing::warn!(
+                card = %cfg.model.display(),
+                "no anomaly model: windows are stored but not scored (install a model card and its .tflite there, or set detect.model)"
+            );
+            return s;
+        }
+        match Model::load(&cfg.model, Some(&cfg.model_sha256)) {
+            Ok(m) => {
+                tracing::info!(
+                    card = %cfg.model.display(),
+                    name = %m.card.name,
+                    sha256 = %m.sha256,
+                    features = m.card.features.len(),
+                    threshold = m.card.threshold,
+                    golden = m.card.golden.len(),
+                    "anomaly model loaded and self-tested"
+                );
+                s.model = Some(m);
+                s.state = ModelState::Loaded;
+            }
+            Err(e) => {
+                s.state = ModelState::Refused;
+                tracing::error!(error = %e, "anomaly model refused: the agent runs without inference");
+            }
+        }
+        s
+    }
+
+    /// Scores the window ending at `timestamp_ms` (its samples as stored).
+    pub fn observe(&mut self, timestamp_ms: i64, samples: &[(SeriesKey, f64)]) -> Outcome {
+        let mut out = Outcome::default();
+        let Some(f) = self.features.next(timestamp_ms, samples) else { return out };
+        let Some(model) = self.model.as_mut() else { return out };
+        let t0 = std::time::Instant::now();
+        let scored = match model.score(&f) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "inference failed; window not scored");
+                return out;
+            }
+        };
+        out.inference_s = t0.elapsed().as_secs_f64();
+        let threshold = model.card.threshold;
+        let transition = self.alarm.observe(scored.score > threshold);
+        out.samples.push((SeriesKey::new("edge_anomaly_score", vec![]), scored.score));
+        out.samples.push((SeriesKey::new("edge_anomaly_alarm", vec![]), f64::from(u8::from(self.alarm.active))));
+        if transition != Transition::None {
+            let event = if transition == Transition::Raised { "raised" } else { "cleared" };
+            let model_id = model.sha256[..12].to_string();
+            let mut rec = vec![
+                (
+                    SeriesKey::new(
+                        "edge_anomaly_event",
+                        vec![Label::new("event", event), Label::new("model", model_id.as_str())],
+                    ),
+                    scored.score,
+                ),
+                (SeriesKey::new("edge_anomaly_threshold", vec![Label::new("model", model_id.as_str())]), threshold),
+            ];
+            for (rank, (name, share)) in scored.top.iter().enumerate() {
+                let rank = (rank + 1).to_string();
+                rec.push((
+                    SeriesKey::new(
+                        "edge_anomaly_top_feature",
+                        vec![Label::new("feature", name.as_str()), Label::new("rank", rank.as_str())],
+                    ),
+                    *share,
+                ));
+            }
+            tracing::warn!(event, score = scored.score, threshold, top = ?scored.top, "anomaly alarm {event}");
+            out.record = Some(rec);
+        }
+        out.transition = Some(transition);
+        out.scored = Some(scored);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alarm_debounces_both_ways() {
+        let mut a = Alarm::new(2, 3);
+        let seq = [true, false, true, true, true, false, false, true, false, false, false];
+        let got: Vec<Transition> = seq.iter().map(|&s| a.observe(s)).collect();
+        use Transition::*;
+        assert_eq!(got, [None, None, None, Raised, None, None, None, None, None, None, Cleared]);
+    }
+
+    #[test]
+    fn normalisation_is_log_scaled_standardised_and_clipped() {
+        let card = Card {
+            format: CARD_FORMAT.into(),
+            card_version: 1,
+            name: "t".into(),
+            feature_version: 1,
+            window_s: 10.0,
+            model_file: "m.tflite".into(),
+            model_sha256: String::new(),
+            input: InputSpec { clip: 5.0 },
+            features: vec![
+                FeatureSpec { name: "a".into(), scale: 1.0, mean: 1.0, std: 0.5 },
+                FeatureSpec { name: "b".into(), scale: 1000.0, mean: 0.0, std: 0.1 },
+            ],
+            threshold: 1.0,
+            golden: vec![],
+            golden_tolerance: Tolerance { relative: 0.0, absolute: 0.0 },
+        };
+        let mut z = [0.0f32; 2];
+        card.normalise(&[std::f64::consts::E - 1.0, 1.0], &mut z);
+        assert!(z[0].abs() < 1e-6, "{z:?}");
+        assert_eq!(z[1], 5.0, "clipped");
+        card.normalise(&[-3.0, 0.0], &mut z);
+        assert!((z[0] + 2.0).abs() < 1e-6, "negative treated as 0: {z:?}");
+    }
+
+    #[test]
+    fn score_is_mean_squared_error() {
+        assert_eq!(score(&[1.0, 2.0], &[0.0, 0.0]), 2.5);
+    }
+}

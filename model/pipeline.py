@@ -1,0 +1,446 @@
+"""The anomaly model's pipeline (docs/model.md): train on normal feature
+windows, calibrate, convert, write the model card with golden vectors;
+evaluate a model on labelled scenario runs.
+
+  pipeline.py train --out DIR --normal CSV [CSV ...] [--eval RUN_DIR ...]
+  pipeline.py evaluate --model DIR --run RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Input: CSVs of `edge-agent store export --format features`
+(docs/features.md), one row per window. Run with model/run.sh, which
+provides the pinned environment (model/requirements.txt).
+"""
+
+import argparse
+import csv
+import datetime
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+
+SEED = 0
+CARD_VERSION = 1
+FEATURE_VERSION = 1
+HIDDEN = (16, 4)
+EPOCHS = 300
+# Normalised inputs are clipped to this, so a wild value cannot overflow
+# the score; far beyond any threshold anyway.
+CLIP = 1000.0
+STD_FLOOR = 0.1
+META = ("timestamp_ms", "time", "feature_version", "window_s")
+
+
+def scale_of(name):
+    """Units before the log: latencies in ms, ratios in percent."""
+    base = name.split("{", 1)[0]
+    if base.endswith("_s") and not base.endswith("_per_s"):
+        return 1000.0
+    if base.endswith("_ratio"):
+        return 100.0
+    return 1.0
+
+
+def read_features(path):
+    """(timestamps, window_s, {feature: column}) of one export."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        sys.exit(f"{path}: empty (expected a header: {', '.join(META)}, features...)")
+    header = rows[0]
+    for m in META:
+        if m not in header:
+            sys.exit(f"{path}: no column {m!r}: not an `edge-agent store export --format features` CSV")
+    ix = {h: i for i, h in enumerate(header)}
+    data = rows[1:]
+    for r in data:
+        if r[ix["feature_version"]] != str(FEATURE_VERSION):
+            sys.exit(f"{path}: feature_version {r[ix['feature_version']]}, this pipeline knows {FEATURE_VERSION}")
+    ts = np.array([int(r[ix["timestamp_ms"]]) for r in data], dtype=np.int64)
+    win = np.array([float(r[ix["window_s"]]) for r in data])
+    cols = {h: np.array([float(r[i]) for r in data]) for h, i in ix.items() if h not in META}
+    return ts, win, cols
+
+
+def matrix(cols, names, n):
+    """Rows in `names` order; a feature the export lacks is 0 (as the agent does)."""
+    return np.stack([cols.get(name, np.zeros(n)) for name in names], axis=1) if names else np.zeros((n, 0))
+
+
+def normalise(raw, features):
+    scale = np.array([f["scale"] for f in features])
+    mean = np.array([f["mean"] for f in features])
+    std = np.array([f["std"] for f in features])
+    z = (np.log1p(np.maximum(raw, 0.0) * scale) - mean) / std
+    return np.clip(z, -CLIP, CLIP).astype(np.float32)
+
+
+def build(n):
+    import tensorflow as tf
+
+    inp = tf.keras.Input(shape=(n,), name="features")
+    x = inp
+    for h in HIDDEN:
+        x = tf.keras.layers.Dense(h, activation="relu")(x)
+    for h in reversed(HIDDEN[:-1]):
+        x = tf.keras.layers.Dense(h, activation="relu")(x)
+    out = tf.keras.layers.Dense(n, name="reconstruction")(x)
+    return tf.keras.Model(inp, out)
+
+
+def convert(model):
+    """Float32 TFLite: no quantisation (the agent's TF Lite 1.15 runtime
+    silently miscomputes int8 models from current converters)."""
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = []
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    return conv.convert()
+
+
+class Reference:
+    """The reference interpreter (ai-edge-litert) on a .tflite model."""
+
+    def __init__(self, tflite_bytes):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.it = Interpreter(model_content=tflite_bytes)
+        self.it.allocate_tensors()
+        self.inp = self.it.get_input_details()[0]
+        self.out = self.it.get_output_details()[0]
+
+    def run(self, z):
+        outs = []
+        for row in z:
+            self.it.set_tensor(self.inp["index"], row.reshape(1, -1).astype(np.float32))
+            self.it.invoke()
+            outs.append(self.it.get_tensor(self.out["index"])[0].copy())
+        return np.array(outs, dtype=np.float32)
+
+
+def scores_of(z, recon):
+    return np.mean((z.astype(np.float64) - recon.astype(np.float64)) ** 2, axis=1)
+
+
+def train(args):
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(SEED)
+    tf.config.experimental.enable_op_determinism()
+    parts = [read_features(p) for p in args.normal]
+    names = sorted({n for _, _, cols in parts for n in cols})
+    if not names:
+        sys.exit("no feature columns in the training data")
+    ts = np.concatenate([p[0] for p in parts])
+    win = np.concatenate([p[1] for p in parts])
+    raw = np.concatenate([matrix(p[2], names, len(p[0])) for p in parts])
+    order = np.argsort(ts, kind="stable")
+    ts, win, raw = ts[order], win[order], raw[order]
+    n = len(ts)
+    if n < 50:
+        sys.exit(f"only {n} windows of normal data: record more (at least 50; hours are better)")
+    # Held out: the last quarter in time, never seen by training.
+    cut = int(n * 0.75)
+    fit_raw, held_raw = raw[:cut], raw[cut:]
+    scale = np.array([scale_of(x) for x in names])
+    logs = np.log1p(np.maximum(fit_raw, 0.0) * scale)
+    features = [
+        {"name": name, "scale": float(scale[i]), "mean": float(logs[:, i].mean()),
+         "std": float(max(logs[:, i].std(), STD_FLOOR))}
+        for i, name in enumerate(names)
+    ]
+    z_fit, z_held = normalise(fit_raw, features), normalise(held_raw, features)
+    model = build(len(names))
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss="mse")
+    # Validation: a tenth of the training part (also in time order).
+    vcut = int(len(z_fit) * 0.9)
+    stop = tf.keras.callbacks.EarlyStopping(patience=30, restore_best_weights=True)
+    hist = model.fit(z_fit[:vcut], z_fit[:vcut], validation_data=(z_fit[vcut:], z_fit[vcut:]),
+                     epochs=EPOCHS, batch_size=32, shuffle=True, verbose=0, callbacks=[stop])
+    tfl = convert(model)
+    ref = Reference(tfl)
+    s_fit, s_held = scores_of(z_fit, ref.run(z_fit)), scores_of(z_held, ref.run(z_held))
+    # The threshold: above every held-out normal window by a margin, and
+    # well above the training windows' tail.
+    threshold = float(max(s_held.max() * args.margin, np.quantile(s_fit, 0.999) * args.margin))
+
+    os.makedirs(args.out, exist_ok=True)
+    model_path = os.path.join(args.out, "anomaly.tflite")
+    with open(model_path, "wb") as f:
+        f.write(tfl)
+    # Golden vectors: held-out windows (the quietest, the median, the
+    # busiest by score), the training mean, and a window of refusals and
+    # retransmits far outside normal, so both sides of the threshold are
+    # checked at load.
+    pick = sorted(set(int(i) for i in [np.argmin(s_held), np.argsort(s_held)[len(s_held) // 2], np.argmax(s_held)]))
+    golden_raw = [held_raw[i] for i in pick]
+    golden_raw.append(fit_raw.mean(axis=0))
+    wild = fit_raw.mean(axis=0).copy()
+    for i, name in enumerate(names):
+        if name.startswith(("tcp_refused_per_s", "tcp_retransmits_per_s", "dev_error_ratio")):
+            wild[i] = 50.0 if "ratio" not in name else 0.5
+    golden_raw.append(wild)
+    golden_raw = np.array(golden_raw)
+    gz = normalise(golden_raw, features)
+    gout = ref.run(gz)
+    gscore = scores_of(gz, gout)
+    golden = [{"raw": [float(v) for v in golden_raw[i]], "input": [float(v) for v in gz[i]],
+               "output": [float(v) for v in gout[i]], "score": float(gscore[i])} for i in range(len(gz))]
+
+    def when(ms):
+        return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
+
+    card = {
+        "format": "edge-agent-model-card",
+        "card_version": CARD_VERSION,
+        "name": args.name,
+        "created": when(int(ts[-1])) if args.reproducible else datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "feature_version": FEATURE_VERSION,
+        "window_s": float(np.median(win)),
+        "model_file": "anomaly.tflite",
+        "model_sha256": hashlib.sha256(tfl).hexdigest(),
+        "input": {"transform": "z = clip((ln(1 + scale * max(x, 0)) - mean) / std, -clip, clip)", "clip": CLIP},
+        "features": features,
+        "score": "mean squared error between input z and output",
+        "threshold": threshold,
+        "golden": golden,
+        "golden_tolerance": {"relative": 1e-4, "absolute": 1e-5},
+        "training": {
+            "sources": [os.path.basename(os.path.dirname(os.path.abspath(p))) + "/" + os.path.basename(p) for p in args.normal],
+            "windows": int(n), "fit_windows": int(cut), "heldout_windows": int(n - cut),
+            "from": when(int(ts[0])), "to": when(int(ts[-1])),
+            "epochs_run": len(hist.history["loss"]), "final_loss": float(hist.history["loss"][-1]),
+            "final_val_loss": float(hist.history["val_loss"][-1]),
+            "fit_score_p50": float(np.median(s_fit)), "fit_score_p999": float(np.quantile(s_fit, 0.999)),
+            "heldout_score_p50": float(np.median(s_held)), "heldout_score_max": float(s_held.max()),
+            "threshold_margin": args.margin,
+            "architecture": f"dense {len(names)}-" + "-".join(str(h) for h in HIDDEN + tuple(reversed(HIDDEN[:-1]))) + f"-{len(names)}, relu, float32",
+            "tensorflow": tf.__version__, "seed": SEED,
+        },
+    }
+    with open(os.path.join(args.out, "anomaly.card.json"), "w") as f:
+        json.dump(card, f, indent=1)
+        f.write("\n")
+    report = os.path.join(args.out, "report")
+    os.makedirs(report, exist_ok=True)
+    plot_distribution(os.path.join(report, "scores_normal.png"), {"training": s_fit, "held-out": s_held}, threshold,
+                      "Scores of normal windows")
+    runs = [evaluate_run(card, tfl, r) for r in (args.eval or [])]
+    if runs:
+        write_evaluation(report, card, runs)
+    write_model_card_md(args.out, card, runs)
+    print(f"wrote {model_path} ({len(tfl)} bytes, {len(names)} features), threshold {threshold:.4g}, "
+          f"held-out max {s_held.max():.4g}; {args.out}/MODEL_CARD.md")
+
+
+def load_model(d):
+    with open(os.path.join(d, "anomaly.card.json")) as f:
+        card = json.load(f)
+    with open(os.path.join(d, card["model_file"]), "rb") as f:
+        tfl = f.read()
+    if hashlib.sha256(tfl).hexdigest() != card["model_sha256"]:
+        sys.exit(f"{d}: {card['model_file']} does not match the card's model_sha256")
+    return card, tfl
+
+
+def read_labels(path):
+    with open(path, newline="") as f:
+        return [(int(r["start_ms"]), int(r["end_ms"]), r["fault"]) for r in csv.DictReader(f)]
+
+
+def evaluate_run(card, tfl, run_dir):
+    """Reference scores of a scenario run's windows, and their labels: a
+    window is faulty when a fault covers at least half of it."""
+    ts, win, cols = read_features(os.path.join(run_dir, "features.csv"))
+    names = [f["name"] for f in card["features"]]
+    z = normalise(matrix(cols, names, len(ts)), card["features"])
+    scores = scores_of(z, Reference(tfl).run(z))
+    labels = read_labels(os.path.join(run_dir, "labels.csv")) if os.path.exists(os.path.join(run_dir, "labels.csv")) else []
+    fault = [""] * len(ts)
+    for i, (t, w) in enumerate(zip(ts, win)):
+        start = t - int(w * 1000)
+        for a, b, name in labels:
+            if min(b, t) - max(a, start) >= w * 500:
+                fault[i] = name
+    unknown = set(cols) - set(names)
+    return {"dir": run_dir, "ts": ts, "scores": scores, "fault": fault, "labels": labels, "unknown": sorted(unknown)}
+
+
+def plot_distribution(path, groups, threshold, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    allv = np.concatenate([v for v in groups.values() if len(v)])
+    lo, hi = max(allv.min(), 1e-6), max(allv.max(), threshold) * 1.5
+    bins = np.logspace(np.log10(lo), np.log10(hi), 60)
+    for name, v in groups.items():
+        if len(v):
+            ax.hist(v, bins=bins, alpha=0.6, label=f"{name} ({len(v)})")
+    ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("score (mean squared reconstruction error)")
+    ax.set_ylabel("windows")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def roc(scores, positive):
+    order = np.argsort(-scores)
+    p, n = positive.sum(), (~positive).sum()
+    tpr = np.concatenate([[0], np.cumsum(positive[order]) / max(p, 1)])
+    fpr = np.concatenate([[0], np.cumsum(~positive[order]) / max(n, 1)])
+    return fpr, tpr, float(np.trapezoid(tpr, fpr))
+
+
+def write_evaluation(report, card, runs):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = np.concatenate([r["scores"] for r in runs])
+    fault = np.array(sum((r["fault"] for r in runs), []))
+    positive = fault != ""
+    thr = card["threshold"]
+    groups = {"normal": scores[~positive]}
+    for name in sorted(set(fault[positive])):
+        groups[name] = scores[fault == name]
+    plot_distribution(os.path.join(report, "scores_by_scenario.png"), groups, thr, "Scores by scenario (reference interpreter)")
+    fpr, tpr, auc = roc(scores, positive)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("false positive rate (windows)")
+    ax.set_ylabel("true positive rate (windows)")
+    ax.set_title("ROC over every window of the runs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(report, "roc.png"), dpi=100)
+    plt.close(fig)
+    det = per_scenario(runs, thr)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = sorted(det)
+    ax.bar(names, [det[n]["detected"] / det[n]["injected"] for n in names])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("faults detected (window score above threshold)")
+    ax.set_title("Per-scenario detection (reference interpreter)")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(report, "detection.png"), dpi=100)
+    plt.close(fig)
+    pred = scores > thr
+    tp, fp, fn = int((pred & positive).sum()), int((pred & ~positive).sum()), int((~pred & positive).sum())
+    f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+    summary = {"windows": int(len(scores)), "faulty_windows": int(positive.sum()), "tp": tp, "fp": fp, "fn": fn,
+               "f1": f1, "auc": auc, "per_scenario": det}
+    with open(os.path.join(report, "evaluation.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
+    return summary
+
+
+def per_scenario(runs, thr):
+    """Per injected fault: detected (some window it covers scores above the
+    threshold) and after how many of its windows."""
+    out = {}
+    for r in runs:
+        for a, b, name in r["labels"]:
+            idx = [i for i, f in enumerate(r["fault"]) if f == name and a <= r["ts"][i] <= b + 60_000]
+            # The windows this fault covers, in order.
+            idx = [i for i in idx if r["fault"][i] == name]
+            d = out.setdefault(name, {"injected": 0, "detected": 0, "windows_to_detect": []})
+            d["injected"] += 1
+            hits = [k for k, i in enumerate(idx) if r["scores"][i] > thr]
+            if hits:
+                d["detected"] += 1
+                d["windows_to_detect"].append(hits[0] + 1)
+    return out
+
+
+def write_model_card_md(out, card, runs):
+    t = card["training"]
+    lines = [
+        f"# Model card: {card['name']}",
+        "",
+        "Written by `model/run.sh train` (model/pipeline.py); the machine-readable",
+        "card the agent loads is `anomaly.card.json` (format: docs/model.md).",
+        "",
+        "## What it is",
+        f"- A float32 dense autoencoder ({t['architecture']}), TensorFlow {t['tensorflow']}, seed {t['seed']}.",
+        f"- Input: feature vectors version {card['feature_version']} (docs/features.md) of "
+        f"{card['window_s']:g} s windows, {len(card['features'])} features, normalised as `{card['input']['transform']}`.",
+        f"- Score: {card['score']}; alarm threshold **{card['threshold']:.6g}**"
+        f" ({t['threshold_margin']} x the larger of the held-out maximum and the training 99.9th percentile).",
+        f"- Model file sha256 `{card['model_sha256']}`.",
+        "",
+        "## Training data",
+        f"- Sources: {', '.join(t['sources'])}; {t['windows']} windows from {t['from']} to {t['to']}.",
+        f"- The first {t['fit_windows']} windows trained it (the last tenth of them for early stopping);"
+        f" the last {t['heldout_windows']} (in time) were held out to calibrate the threshold.",
+        f"- Epochs run {t['epochs_run']}, final loss {t['final_loss']:.4g}, validation loss {t['final_val_loss']:.4g}.",
+        f"- Scores: training median {t['fit_score_p50']:.4g}, 99.9th percentile {t['fit_score_p999']:.4g};"
+        f" held-out median {t['heldout_score_p50']:.4g}, maximum {t['heldout_score_max']:.4g}.",
+        "- Distribution: report/scores_normal.png.",
+        "",
+        "## Features and normalisation",
+        "",
+        "| feature | scale | mean | std |",
+        "|---|---|---|---|",
+    ]
+    for f in card["features"]:
+        lines.append(f"| `{f['name']}` | {f['scale']:g} | {f['mean']:.4g} | {f['std']:.4g} |")
+    lines += ["", "## Golden vectors", "",
+              f"{len(card['golden'])} input/output pairs from the reference interpreter (ai-edge-litert);"
+              " the agent runs them at load and refuses the model if its outputs differ by more than"
+              f" {card['golden_tolerance']['relative']} relative + {card['golden_tolerance']['absolute']} absolute.",
+              "Scores: " + ", ".join(f"{g['score']:.4g}" for g in card["golden"]) + "."]
+    if runs:
+        with open(os.path.join(out, "report", "evaluation.json")) as f:
+            ev = json.load(f)
+        lines += ["", "## Evaluation (reference interpreter, labelled scenario runs)", "",
+                  f"Runs: {', '.join(os.path.basename(r['dir'].rstrip('/')) for r in runs)}; {ev['windows']} windows,"
+                  f" {ev['faulty_windows']} faulty. Window-level F1 {ev['f1']:.3f} (tp {ev['tp']}, fp {ev['fp']}, fn {ev['fn']}),"
+                  f" ROC AUC {ev['auc']:.3f}.", "",
+                  "| fault | injected | detected | windows to detect |", "|---|---|---|---|"]
+        for name, d in sorted(ev["per_scenario"].items()):
+            lines.append(f"| {name} | {d['injected']} | {d['detected']} | {', '.join(map(str, d['windows_to_detect'])) or '-'} |")
+        lines += ["", "Plots: report/scores_by_scenario.png, report/roc.png, report/detection.png."]
+    with open(os.path.join(out, "MODEL_CARD.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def evaluate(args):
+    card, tfl = load_model(args.model)
+    runs = [evaluate_run(card, tfl, r) for r in args.run]
+    out = args.out or os.path.join(args.model, "report")
+    os.makedirs(out, exist_ok=True)
+    ev = write_evaluation(out, card, runs)
+    print(json.dumps(ev, indent=1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train, calibrate, convert, write the card")
+    t.add_argument("--out", required=True)
+    t.add_argument("--normal", nargs="+", required=True, help="features CSVs of normal activity")
+    t.add_argument("--eval", nargs="*", help="scenario run directories (features.csv, labels.csv)")
+    t.add_argument("--name", default="edge-anomaly")
+    t.add_argument("--margin", type=float, default=1.5)
+    t.add_argument("--reproducible", action="store_true", help="date the card by its data, not by now")
+    e = sub.add_parser("evaluate", help="score labelled scenario runs with a model")
+    e.add_argument("--model", required=True)
+    e.add_argument("--run", nargs="+", required=True)
+    e.add_argument("--out")
+    args = p.parse_args()
+    train(args) if args.cmd == "train" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
