@@ -4,6 +4,7 @@ evaluate a model on labelled scenario runs.
 
   pipeline.py train --out DIR --normal CSV [CSV ...] [--eval RUN_DIR ...]
   pipeline.py evaluate --model DIR --run RUN_DIR [RUN_DIR ...] [--out DIR]
+  pipeline.py sign --model DIR --key KEY.pem
 
 Input: CSVs of `edge-agent store export --format features`
 (docs/features.md), one row per window. Run with model/run.sh, which
@@ -130,7 +131,13 @@ def train(args):
     tf.keras.utils.set_random_seed(SEED)
     tf.config.experimental.enable_op_determinism()
     parts = [read_features(p) for p in args.normal]
-    names = sorted({n for _, _, cols in parts for n in cols})
+    # The `other` port class (every port no class names: whatever else runs
+    # on the box, admin sessions, updates, other tests) is left out by
+    # default: its traffic is not the line's, and its noise would set the
+    # threshold. A port class in the agent's config makes traffic modelled.
+    import re
+    exclude = re.compile(args.exclude) if args.exclude else None
+    names = sorted({n for _, _, cols in parts for n in cols if not (exclude and exclude.search(n))})
     if not names:
         sys.exit("no feature columns in the training data")
     ts = np.concatenate([p[0] for p in parts])
@@ -138,6 +145,13 @@ def train(args):
     raw = np.concatenate([matrix(p[2], names, len(p[0])) for p in parts])
     order = np.argsort(ts, kind="stable")
     ts, win, raw = ts[order], win[order], raw[order]
+    # Partial windows (a restart, a reload, the agent's shutdown) and gaps:
+    # their rates are over another length than the rest; the agent does
+    # not score windows under half its length either.
+    typical = np.median(win)
+    keep = (win >= 0.5 * typical) & (win <= 1.5 * typical)
+    dropped = int((~keep).sum())
+    ts, win, raw = ts[keep], win[keep], raw[keep]
     n = len(ts)
     if n < 50:
         sys.exit(f"only {n} windows of normal data: record more (at least 50; hours are better)")
@@ -162,9 +176,17 @@ def train(args):
     tfl = convert(model)
     ref = Reference(tfl)
     s_fit, s_held = scores_of(z_fit, ref.run(z_fit)), scores_of(z_held, ref.run(z_held))
-    # The threshold: above every held-out normal window by a margin, and
-    # well above the training windows' tail.
-    threshold = float(max(s_held.max() * args.margin, np.quantile(s_fit, 0.999) * args.margin))
+    # The threshold, for the agent's alarm rule (raise after `raise_after`
+    # consecutive windows above it): a margin over the larger of the
+    # held-out windows' maximum and the highest score that `raise_after`
+    # consecutive normal windows (training and held-out) all reached. A
+    # lone spike in the training data (a 7 ms connect under CPU load) is
+    # what the debounce absorbs; it does not set the threshold.
+    s_all = np.concatenate([s_fit, s_held])
+    k = args.raise_after
+    runs = np.array([s_all[i:i + k].min() for i in range(len(s_all) - k + 1)])
+    base = float(max(s_held.max(), runs.max()))
+    threshold = base * args.margin
 
     os.makedirs(args.out, exist_ok=True)
     model_path = os.path.join(args.out, "anomaly.tflite")
@@ -205,19 +227,22 @@ def train(args):
         "features": features,
         "score": "mean squared error between input z and output",
         "threshold": threshold,
+        "raise_after": k,
         "golden": golden,
         "golden_tolerance": {"relative": 1e-4, "absolute": 1e-5},
         "training": {
             "sources": [os.path.basename(os.path.dirname(os.path.abspath(p))) + "/" + os.path.basename(p) for p in args.normal],
             "windows": int(n), "fit_windows": int(cut), "heldout_windows": int(n - cut),
+            "dropped_windows": dropped,
             "from": when(int(ts[0])), "to": when(int(ts[-1])),
             "epochs_run": len(hist.history["loss"]), "final_loss": float(hist.history["loss"][-1]),
             "final_val_loss": float(hist.history["val_loss"][-1]),
             "fit_score_p50": float(np.median(s_fit)), "fit_score_p999": float(np.quantile(s_fit, 0.999)),
             "heldout_score_p50": float(np.median(s_held)), "heldout_score_max": float(s_held.max()),
             "threshold_margin": args.margin,
+            "run_score_max": float(runs.max()), "fit_score_max": float(s_fit.max()),
             "architecture": f"dense {len(names)}-" + "-".join(str(h) for h in HIDDEN + tuple(reversed(HIDDEN[:-1]))) + f"-{len(names)}, relu, float32",
-            "tensorflow": tf.__version__, "seed": SEED,
+            "tensorflow": tf.__version__, "seed": SEED, "about": args.about, "excluded": args.exclude,
         },
     }
     with open(os.path.join(args.out, "anomaly.card.json"), "w") as f:
@@ -376,17 +401,22 @@ def write_model_card_md(out, card, runs):
         f"- Input: feature vectors version {card['feature_version']} (docs/features.md) of "
         f"{card['window_s']:g} s windows, {len(card['features'])} features, normalised as `{card['input']['transform']}`.",
         f"- Score: {card['score']}; alarm threshold **{card['threshold']:.6g}**"
-        f" ({t['threshold_margin']} x the larger of the held-out maximum and the training 99.9th percentile).",
+        f" ({t['threshold_margin']} x the larger of the held-out maximum, {t['heldout_score_max']:.4g}, and the highest score"
+        f" {card['raise_after']} consecutive normal windows all reached, {t['run_score_max']:.4g}: the agent raises its alarm"
+        f" after {card['raise_after']} windows above it (detect.raise_after), so a lone spike in normal data,"
+        f" the largest {t['fit_score_max']:.4g}, does not set it).",
         f"- Model file sha256 `{card['model_sha256']}`.",
         "",
         "## Training data",
-        f"- Sources: {', '.join(t['sources'])}; {t['windows']} windows from {t['from']} to {t['to']}.",
+        f"- Sources: {', '.join(t['sources'])}; {t['windows']} windows from {t['from']} to {t['to']}"
+        f" ({t.get('dropped_windows', 0)} partial or gap windows left out: length outside 0.5-1.5 x the median).",
         f"- The first {t['fit_windows']} windows trained it (the last tenth of them for early stopping);"
         f" the last {t['heldout_windows']} (in time) were held out to calibrate the threshold.",
         f"- Epochs run {t['epochs_run']}, final loss {t['final_loss']:.4g}, validation loss {t['final_val_loss']:.4g}.",
         f"- Scores: training median {t['fit_score_p50']:.4g}, 99.9th percentile {t['fit_score_p999']:.4g};"
         f" held-out median {t['heldout_score_p50']:.4g}, maximum {t['heldout_score_max']:.4g}.",
         "- Distribution: report/scores_normal.png.",
+    ] + ([f"- How the data was recorded: {card['training']['about']}"] if card["training"].get("about") else []) + [
         "",
         "## Features and normalisation",
         "",
@@ -424,6 +454,71 @@ def evaluate(args):
     print(json.dumps(ev, indent=1))
 
 
+def sign(args):
+    """Signs the card (Ed25519, openssl) and writes the MQTT model message
+    (docs/model.md, "Updates"): DIR/anomaly.card.json.sig, DIR/model.bundle."""
+    import struct
+    import subprocess
+
+    card_path = os.path.join(args.model, "anomaly.card.json")
+    card, tfl = load_model(args.model)
+    sig_path = card_path + ".sig"
+    r = subprocess.run(["openssl", "pkeyutl", "-sign", "-rawin", "-inkey", args.key, "-in", card_path, "-out", sig_path],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"openssl could not sign with {args.key}: {r.stderr.strip()} "
+                 "(an Ed25519 key: openssl genpkey -algorithm ed25519 -out KEY.pem)")
+    with open(card_path, "rb") as f:
+        card_bytes = f.read()
+    with open(sig_path, "rb") as f:
+        sig = f.read()
+    bundle = b"EDGE-MODEL-1\n" + b"".join(struct.pack(">I", len(p)) + p for p in (card_bytes, sig, tfl))
+    out = os.path.join(args.model, "model.bundle")
+    with open(out, "wb") as f:
+        f.write(bundle)
+    print(f"wrote {sig_path} and {out} ({len(bundle)} bytes): publish it retained to <prefix>/<device>/model, "
+          "or copy the card, its .sig and the .tflite into the device's drop directory")
+
+
+def bench(args):
+    """The reference interpreter's time per window on the model's golden
+    inputs: the model alone (set input, invoke, get output) and the whole
+    window (normalise, model, score). Medians of repeated loops, in us."""
+    import time
+
+    card, tfl = load_model(args.model)
+    ref = Reference(tfl)
+    it, inp, out = ref.it, ref.inp["index"], ref.out["index"]
+    raws = [np.array(g["raw"]) for g in card["golden"]]
+    zs = [np.array(g["input"], dtype=np.float32).reshape(1, -1) for g in card["golden"]]
+
+    def model_only():
+        for z in zs:
+            it.set_tensor(inp, z)
+            it.invoke()
+            it.get_tensor(out)
+
+    def window():
+        for r in raws:
+            z = normalise(r.reshape(1, -1), card["features"])
+            it.set_tensor(inp, z)
+            it.invoke()
+            scores_of(z, it.get_tensor(out))
+
+    res = {}
+    for name, f in (("model_us", model_only), ("window_us", window)):
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for _ in range(args.n):
+                f()
+            times.append((time.perf_counter() - t0) / (args.n * len(zs)) * 1e6)
+        res[name] = float(np.median(times))
+    import ai_edge_litert
+    res["interpreter"] = f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '2.3.0')} (Python)"
+    print(json.dumps(res))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -433,13 +528,24 @@ def main():
     t.add_argument("--eval", nargs="*", help="scenario run directories (features.csv, labels.csv)")
     t.add_argument("--name", default="edge-anomaly")
     t.add_argument("--margin", type=float, default=1.5)
+    t.add_argument("--raise-after", type=int, default=2, help="the agent's detect.raise_after the threshold is for")
     t.add_argument("--reproducible", action="store_true", help="date the card by its data, not by now")
+    t.add_argument("--exclude", default=r"\{other\}$",
+                   help="features left out (regex on names; default: the `other` port class; '' keeps all)")
+    t.add_argument("--about", default="", help="how the training data was recorded (into the model card)")
     e = sub.add_parser("evaluate", help="score labelled scenario runs with a model")
     e.add_argument("--model", required=True)
     e.add_argument("--run", nargs="+", required=True)
     e.add_argument("--out")
+    g = sub.add_parser("sign", help="sign a model's card and write its MQTT model message")
+    g.add_argument("--model", required=True)
+    g.add_argument("--key", required=True, help="Ed25519 private key, PEM")
+    b = sub.add_parser("bench", help="the reference interpreter's time per window (for the agent's benchmark)")
+    b.add_argument("--model", required=True)
+    b.add_argument("--n", type=int, default=2000)
+    b.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
-    train(args) if args.cmd == "train" else evaluate(args)
+    {"train": train, "evaluate": evaluate, "sign": sign, "bench": bench}[args.cmd](args)
 
 
 if __name__ == "__main__":
