@@ -25,6 +25,36 @@ fn normal_activity(server: Arc<Server>, stop: Arc<AtomicBool>) -> std::thread::J
     })
 }
 
+/// Subscribes to `line/#` on a plain broker on loopback; messages arrive
+/// on the channel.
+fn line_subscriber(port: u16) -> (std::sync::mpsc::Receiver<Vec<u8>>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        for _ in 0..50 {
+            let (client, mut conn) = rumqttc::Client::new(rumqttc::MqttOptions::new("line-plc", "127.0.0.1", port), 10);
+            client.subscribe("line/#", rumqttc::QoS::AtLeastOnce).unwrap();
+            for ev in conn.iter() {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        if tx.send(p.payload.to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    subscribed.recv_timeout(Duration::from_secs(15)).expect("subscribed to the line broker");
+    (rx, h)
+}
+
 fn detect_section(card: &Path, extra: &str) -> String {
     format!("[detect]\nmodel = \"{}\"\nraise_after = 2\nclear_after = 3\n{extra}\n", card.display())
 }
@@ -105,8 +135,25 @@ fn trained_model_scores_windows_and_alarms_offline() {
     // 2. Train on it.
     let card = train(&dir, &normal);
 
-    // 3. The agent with the model: loaded, quiet while normal.
-    let extra = detect_section(&card, "");
+    // 3. The agent with the model: loaded, quiet while normal. Its local
+    // action: a command, and a message to the line's broker (a plain
+    // mosquitto on loopback: no uplink involved).
+    let actions = dir.join("actions.log");
+    let line_port = free_port();
+    let _line_broker = Proc::spawn(
+        "line-broker",
+        &dir,
+        &which("mosquitto").expect("mosquitto"),
+        &["-p".into(), line_port.to_string()],
+        &[],
+    );
+    let (line_rx, line_msgs) = line_subscriber(line_port);
+    let action = format!(
+        "[detect.action]\ncommand = [\"sh\", \"-c\", \"env | grep ^EDGE_ | sort >> {0}; grep CapAmb /proc/self/status >> {0}\"]\n\
+         mqtt_port = {line_port}\nmqtt_topic = \"line/3/stop\"\non_clear = true\nmin_interval_secs = 600\n",
+        actions.display()
+    );
+    let extra = format!("{}{action}", detect_section(&card, ""));
     setup.extra = &extra;
     let mut agent = Agent::start(&dir, &setup);
     assert_eq!(model_state(&agent).as_deref(), Some("loaded"), "log:\n{}", agent.proc.log_text());
@@ -146,6 +193,23 @@ fn trained_model_scores_windows_and_alarms_offline() {
     assert_eq!(agent.metric("edge_agent_anomaly_alarms_total"), Some(1.0));
     assert_eq!(priority(&agent), 1.0, "the raised record");
     assert!(agent.proc.log_text().contains("anomaly alarm raised"));
+    // The command ran with the event, without the agent's capabilities.
+    let ran = wait_for("the action command", Duration::from_secs(10), || {
+        std::fs::read_to_string(&actions).ok().filter(|t| t.contains("CapAmb")).ok_or(())
+    });
+    for want in [
+        "EDGE_ANOMALY_EVENT=raised",
+        "EDGE_DEVICE_ID=detect",
+        "EDGE_ANOMALY_TOP_FEATURES=",
+        "CapAmb:\t0000000000000000",
+    ] {
+        assert!(ran.contains(want), "{want} not in:\n{ran}");
+    }
+    // The line's broker got the stop message.
+    let msg = line_rx.recv_timeout(Duration::from_secs(10)).expect("a message on line/3/stop");
+    let v: serde_json::Value = serde_json::from_slice(&msg).unwrap();
+    assert_eq!((v["event"].as_str(), v["device"].as_str()), (Some("raised"), Some("detect")));
+    assert!(v["score"].as_f64().unwrap() > v["threshold"].as_f64().unwrap());
 
     // 5. The fault ends: cleared after 3 quiet windows, a second record.
     fault.store(false, Ordering::Relaxed);
@@ -154,6 +218,11 @@ fn trained_model_scores_windows_and_alarms_offline() {
         agent.metric("edge_anomaly_alarm").filter(|&v| v == 0.0).ok_or(agent.metric("edge_anomaly_score"))
     });
     assert_eq!(priority(&agent), 2.0, "the cleared record");
+    // on_clear: the clear goes too (the rate limit holds back raises only).
+    let msg = line_rx.recv_timeout(Duration::from_secs(10)).expect("the clear message");
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&msg).unwrap()["event"].as_str(), Some("cleared"));
+    assert_eq!(agent.metric("edge_agent_anomaly_actions_total{result=\"ok\"}"), Some(2.0));
+    drop(line_msgs);
     agent.proc.stop();
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
@@ -166,6 +235,7 @@ fn trained_model_scores_windows_and_alarms_offline() {
     assert!(scores >= 15, "{scores} scores stored");
 
     refusals(&dir, &card);
+    updates(&dir, &card);
 }
 
 /// Models the agent must refuse, each with the agent running on.
@@ -217,4 +287,192 @@ fn refusals(dir: &Path, card: &Path) {
     std::fs::write(&junk, "{\"format\": 1}").unwrap();
     let log = run("junk", &junk, "");
     assert!(log.contains("not a model card"), "{log}");
+}
+
+fn openssl(args: &[&str]) {
+    let st = Command::new("openssl").args(args).status().expect("openssl");
+    assert!(st.success(), "openssl {args:?}");
+}
+
+fn sign(key: &Path, card: &Path) {
+    let sig = format!("{}.sig", card.display());
+    openssl(&[
+        "pkeyutl",
+        "-sign",
+        "-rawin",
+        "-inkey",
+        &key.display().to_string(),
+        "-in",
+        &card.display().to_string(),
+        "-out",
+        &sig,
+    ]);
+}
+
+/// `model/run.sh sign`: the card signed, `model.bundle` (the MQTT message).
+fn pack(model_dir: &Path, key: &Path) {
+    let o = Command::new(repo_dir().join("model/run.sh"))
+        .args(["sign", "--model", &model_dir.display().to_string(), "--key", &key.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Waits until the agent counted `n` model changes with `result`.
+fn wait_change(a: &Agent, state: &Path, result: &str, n: f64, what: &str, secs: u64) {
+    let metric = format!("edge_agent_detect_model_changes_total{{result=\"{result}\"}}");
+    wait_for(what, Duration::from_secs(secs), || if a.metric(&metric) == Some(n) { Ok(()) } else { Err(audit(state)) });
+}
+
+fn audit(state: &Path) -> String {
+    std::fs::read_to_string(state.join("model/audit.log")).unwrap_or_default()
+}
+
+fn running_sha(a: &Agent) -> Option<String> {
+    let text = ureq::get(&format!("http://127.0.0.1:{}/metrics", a.metrics_port))
+        .call()
+        .ok()?
+        .into_body()
+        .read_to_string()
+        .ok()?;
+    let line = text.lines().find(|l| l.starts_with("edge_agent_detect_model_info{"))?;
+    let at = line.find("sha256=\"")? + 8;
+    Some(line[at..at + 64].to_owned())
+}
+
+fn sha_of(card: &Path) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(card).unwrap()).unwrap();
+    v["model_sha256"].as_str().unwrap().to_owned()
+}
+
+/// Model updates without a restart: the factory model is the shipped one;
+/// the test's trained model comes by file drop (unsigned: refused; signed:
+/// installed), a rollback goes back, the same model comes again over MQTT
+/// (retained, signed, packed by `model/run.sh sign`), a validly signed
+/// model that fails its self-test is refused with the running one kept,
+/// and at start a damaged installed model falls back to the previous one.
+/// Every step is in the audit log.
+fn updates(dir: &Path, trained: &Path) {
+    let shipped = repo_dir().join("model/shipped/anomaly.card.json");
+    let (shipped_sha, trained_sha) = (sha_of(&shipped), sha_of(trained));
+    let d = dir.join("updates");
+    std::fs::create_dir_all(&d).unwrap();
+    let key = d.join("signing.pem");
+    let public = d.join("signing.pub");
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
+    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    let mut broker = Broker::start(&d);
+    broker.add_password("fleet-admin", "admin-secret");
+    let state = d.join("agent-state");
+    let drop_dir = state.join("model-drop");
+    let section = detect_section(&shipped, &format!("update_public_key_file = \"{}\"", public.display()));
+    let mut setup = AgentSetup::offline("detect-upd", &section);
+    setup.window_ms = WINDOW_MS;
+    setup.broker = Some(&broker);
+    let mut a = Agent::start(&d, &setup);
+    assert_eq!(running_sha(&a).as_deref(), Some(shipped_sha.as_str()), "log:\n{}", a.proc.log_text());
+    // The agent made its drop directory (its own, after giving up root).
+    assert!(drop_dir.is_dir());
+    let drop_model = |signed: bool| {
+        let staged = d.join("drop-staging");
+        let card = copy_model(trained, &staged);
+        if signed {
+            sign(&key, &card);
+            std::fs::copy(format!("{}.sig", card.display()), drop_dir.join("anomaly.card.json.sig")).unwrap();
+        }
+        // The card last: the agent looks for it.
+        std::fs::copy(staged.join("anomaly.tflite"), drop_dir.join("anomaly.tflite")).unwrap();
+        std::fs::copy(&card, drop_dir.join("anomaly.card.json")).unwrap();
+    };
+
+    // Unsigned: refused, kept aside in rejected/.
+    drop_model(false);
+    wait_change(&a, &state, "refused", 1.0, "the refusal", 10);
+    assert!(audit(&state).contains("updates must be signed"), "{}", audit(&state));
+    assert!(drop_dir.join("rejected/anomaly.card.json").exists());
+    assert_eq!(running_sha(&a).as_deref(), Some(shipped_sha.as_str()));
+
+    // Signed: installed without a restart.
+    drop_model(true);
+    wait_change(&a, &state, "installed", 1.0, "the install", 10);
+    assert_eq!(running_sha(&a).as_deref(), Some(trained_sha.as_str()));
+    assert_eq!(model_state(&a).as_deref(), Some("loaded"));
+    assert!(!drop_dir.join("anomaly.card.json").exists(), "the drop is consumed");
+
+    // Rollback: back to the shipped model.
+    std::fs::write(drop_dir.join("ROLLBACK"), "").unwrap();
+    wait_change(&a, &state, "rolled_back", 1.0, "the rollback", 10);
+    assert_eq!(running_sha(&a).as_deref(), Some(shipped_sha.as_str()));
+
+    // Over MQTT: the operator publishes the signed message, retained.
+    let m = d.join("mqtt-model");
+    copy_model(trained, &m);
+    pack(&m, &key);
+    let publish = |payload: Vec<u8>| {
+        let mut o = broker.mqtt_options("operator", Who::User("fleet-admin", "admin-secret"));
+        o.set_max_packet_size(2 << 20, 2 << 20);
+        let (client, mut conn) = rumqttc::Client::new(o, 10);
+        client.publish("edge/detect-upd/model", rumqttc::QoS::AtLeastOnce, true, payload).unwrap();
+        for ev in conn.iter() {
+            match ev {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("operator's publish: {e}"),
+            }
+        }
+    };
+    publish(std::fs::read(m.join("model.bundle")).unwrap());
+    wait_change(&a, &state, "installed", 2.0, "the MQTT install", 15);
+    assert_eq!(running_sha(&a).as_deref(), Some(trained_sha.as_str()));
+
+    // Signed, but it computes differently from its golden vectors.
+    let bad = d.join("bad-model");
+    let bad_card = copy_model(trained, &bad);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&bad_card).unwrap()).unwrap();
+    let x = v["golden"][1]["output"][2].as_f64().unwrap();
+    v["golden"][1]["output"][2] = serde_json::json!(x + 1.0);
+    // A different model file too, so it is not the running one.
+    let mut tfl = std::fs::read(bad.join("anomaly.tflite")).unwrap();
+    tfl.extend_from_slice(&[0u8; 16]);
+    v["model_sha256"] = serde_json::json!(sha256_hex(&tfl));
+    std::fs::write(bad.join("anomaly.tflite"), &tfl).unwrap();
+    std::fs::write(&bad_card, serde_json::to_vec(&v).unwrap()).unwrap();
+    pack(&bad, &key);
+    publish(std::fs::read(bad.join("model.bundle")).unwrap());
+    wait_change(&a, &state, "refused", 2.0, "the self-test refusal", 15);
+    assert!(audit(&state).contains("golden self-test"), "{}", audit(&state));
+    assert_eq!(running_sha(&a).as_deref(), Some(trained_sha.as_str()), "the running model stays");
+
+    // Restarts keep the installed model; a damaged one falls back.
+    a.proc.stop();
+    let mut a = Agent::start(&d, &setup);
+    assert_eq!(running_sha(&a).as_deref(), Some(trained_sha.as_str()));
+    a.proc.stop();
+    let current = state.join("model/current/anomaly.tflite");
+    let mut b = std::fs::read(&current).unwrap();
+    b[100] ^= 0x55;
+    std::fs::write(&current, b).unwrap();
+    let mut a = Agent::start(&d, &setup);
+    assert_eq!(running_sha(&a).as_deref(), Some(shipped_sha.as_str()), "log:\n{}", a.proc.log_text());
+    a.proc.stop();
+    let log = audit(&state);
+    let events: Vec<&str> = log.lines().map(|l| l.split(' ').nth(1).unwrap_or("")).collect();
+    assert_eq!(
+        events,
+        ["refused", "installed", "rolled_back", "installed", "refused", "refused", "rolled_back"],
+        "audit log:\n{log}"
+    );
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(data)?;
+            c.wait_with_output()
+        });
+    String::from_utf8_lossy(&out.unwrap().stdout).split_whitespace().next().unwrap().to_owned()
 }

@@ -51,6 +51,58 @@ pub struct DetectConfig {
     pub raise_after: u32,
     /// Consecutive windows below it that clear the alarm.
     pub clear_after: u32,
+    /// Where new models are dropped (files, or by the uplink from the
+    /// device's MQTT model topic). Default: `<state_dir>/model-drop`.
+    pub drop_dir: PathBuf,
+    /// Ed25519 public key (PEM) that new models' cards must be signed
+    /// with. Without it, only the model `model_sha256` pins is accepted.
+    pub update_public_key_file: PathBuf,
+    /// What to do locally when the alarm is raised (docs/model.md).
+    pub action: ActionConfig,
+}
+
+/// The local action on an alarm: a command and/or a message to the line's
+/// MQTT broker (plain TCP, e.g. a PLC gateway on loopback).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionConfig {
+    /// argv, run without a shell; empty: none.
+    pub command: Vec<String>,
+    pub mqtt_host: String,
+    pub mqtt_port: u16,
+    /// Empty: no message.
+    pub mqtt_topic: String,
+    /// Also act when the alarm clears.
+    pub on_clear: bool,
+    /// At most one action per this many seconds.
+    pub min_interval_secs: u64,
+    /// A command still running (or a broker not acknowledging) after this
+    /// is given up (the command killed).
+    pub timeout_secs: u64,
+}
+
+impl Default for ActionConfig {
+    fn default() -> Self {
+        ActionConfig {
+            command: Vec::new(),
+            mqtt_host: "127.0.0.1".into(),
+            mqtt_port: 1883,
+            mqtt_topic: String::new(),
+            on_clear: false,
+            min_interval_secs: 60,
+            timeout_secs: 10,
+        }
+    }
+}
+
+impl DetectConfig {
+    pub fn drop_dir(&self, state_dir: &Path) -> PathBuf {
+        if self.drop_dir.as_os_str().is_empty() {
+            state_dir.join("model-drop")
+        } else {
+            self.drop_dir.clone()
+        }
+    }
 }
 
 pub const DEFAULT_MODEL: &str = "/usr/share/edge-agent/model/anomaly.card.json";
@@ -63,6 +115,9 @@ impl Default for DetectConfig {
             model_sha256: String::new(),
             raise_after: 2,
             clear_after: 3,
+            drop_dir: PathBuf::new(),
+            update_public_key_file: PathBuf::new(),
+            action: ActionConfig::default(),
         }
     }
 }
@@ -455,6 +510,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         edge_wire::validate_device_id(&self.device_id).map_err(|e| format!("device_id: {e}"))?;
+        if self.detect.action.command.first().is_some_and(|c| c.is_empty()) {
+            return Err("detect.action.command: the first element is the program, and it is empty".into());
+        }
         if !(1..=100).contains(&self.detect.raise_after) || !(1..=100).contains(&self.detect.clear_after) {
             return Err("detect.raise_after and detect.clear_after must be between 1 and 100 windows".into());
         }

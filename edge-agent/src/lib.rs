@@ -92,8 +92,8 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     let shutdown = Arc::new(AtomicBool::new(false));
     let uplink =
         uplink::Uplink::new(cfg.clone(), store.clone(), clock.clone(), metrics.clone(), shutdown.clone()).spawn()?;
-    let detect = detect::DetectStage::new(&cfg.detect);
-    metrics.set_model_state(detect.state, detect.model.as_ref().map(|m| m.card.threshold));
+    let detect = detect::DetectStage::new(&cfg.detect, &cfg.state_dir, cfg.window(), &cfg.device_id);
+    metrics.set_model_state(&detect);
     let detect = std::cell::RefCell::new(detect);
     let sh = Shared {
         detect: &detect,
@@ -282,8 +282,12 @@ fn close_window(
     // Detect: the window's features through the model; the score goes
     // with the window, an alarm's raising or clearing into the priority lane.
     let mut detect = sh.detect.borrow_mut();
+    if let Some(result) = detect.poll_updates() {
+        metrics.model_changes.get_or_create(&metrics::ResultLabels { result: result.into() }).inc();
+        metrics.set_model_state(&detect);
+    }
     let outcome = detect.observe(ts, &window.samples);
-    metrics.observe_detect(&outcome, detect.alarm.active);
+    metrics.observe_detect(&outcome, detect.alarm.active, &detect.action.counts);
     window.samples.extend(outcome.samples);
     if let Some(record) = outcome.record {
         let rec = store::blocks::Window { timestamp_ms: ts, samples: record };

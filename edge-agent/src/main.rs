@@ -11,6 +11,8 @@ const USAGE: &str = "usage: edge-agent [run] [--config FILE]
        edge-agent store inspect [--config FILE | --dir STORE_DIR]
        edge-agent store export  [--config FILE | --dir STORE_DIR]
                                 [--from TIME] [--to TIME] [--format openmetrics|csv|features] [--output FILE]
+       edge-agent model check [CARD] [--config FILE]   load an anomaly model, run its golden
+                                                       self-test, print the verdict (default: detect.model)
        edge-agent --version
 
 Without --config the built-in defaults are used (docs/configuration.md).
@@ -119,6 +121,26 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(1, &e),
         },
+        ["model", "check", rest @ ..] if rest.len() <= 1 => {
+            let card = rest.first().map_or_else(|| cfg.detect.model.clone(), PathBuf::from);
+            let pin = Some(cfg.detect.model_sha256.as_str());
+            match edge_agent::detect::Model::load(&card, pin) {
+                Ok(m) => {
+                    println!(
+                        "{}: model {:?} sha256 {}, {} features, threshold {}, {} golden vectors reproduced on {}",
+                        card.display(),
+                        m.card.name,
+                        m.sha256,
+                        m.card.features.len(),
+                        m.card.threshold,
+                        m.card.golden.len(),
+                        std::env::consts::ARCH
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &e.to_string()),
+            }
+        }
         _ => fail(2, &format!("unknown command {:?}\n{USAGE}", args.command.join(" "))),
     }
 }

@@ -102,6 +102,20 @@ pub struct AgentMetrics {
     pub anomaly_alarms: Counter,
     pub detect_scored: Counter,
     pub detect_inference_seconds: Counter<f64, AtomicU64>,
+    pub model_changes: Family<ResultLabels, Counter>,
+    pub model_info: Family<ModelLabels, Gauge>,
+    pub anomaly_actions: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub name: String,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -313,6 +327,21 @@ impl AgentMetrics {
             "Time spent in inference (normalisation, model, score)",
             m.detect_inference_seconds.clone(),
         );
+        r.register(
+            "edge_agent_detect_model_changes",
+            "Model updates: installed, rolled_back, refused (each also a line in the model audit log)",
+            m.model_changes.clone(),
+        );
+        r.register(
+            "edge_agent_anomaly_actions",
+            "Local actions on alarms: ok, failed, suppressed (rate limit)",
+            m.anomaly_actions.clone(),
+        );
+        r.register(
+            "edge_agent_detect_model_info",
+            "1 for the running anomaly model, by its name and SHA-256",
+            m.model_info.clone(),
+        );
         (m, Arc::new(r))
     }
 
@@ -373,14 +402,28 @@ impl AgentMetrics {
         }
     }
 
-    pub fn set_model_state(&self, state: crate::detect::ModelState, threshold: Option<f64>) {
+    pub fn set_model_state(&self, d: &crate::detect::DetectStage) {
         for s in crate::detect::ModelState::ALL {
-            self.detect_model_state.get_or_create(&StateLabels { state: s.label().into() }).set(i64::from(s == state));
+            self.detect_model_state
+                .get_or_create(&StateLabels { state: s.label().into() })
+                .set(i64::from(s == d.state));
         }
-        self.anomaly_threshold.set(threshold.unwrap_or(0.0));
+        self.anomaly_threshold.set(d.model.as_ref().map_or(0.0, |m| m.card.threshold));
+        self.model_info.clear();
+        if let Some(m) = &d.model {
+            self.model_info.get_or_create(&ModelLabels { name: m.card.name.clone(), sha256: m.sha256.clone() }).set(1);
+        }
     }
 
-    pub fn observe_detect(&self, o: &crate::detect::Outcome, alarm: bool) {
+    pub fn observe_detect(&self, o: &crate::detect::Outcome, alarm: bool, actions: &crate::detect::action::Counts) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (result, n) in [("ok", &actions.ok), ("failed", &actions.failed), ("suppressed", &actions.suppressed)] {
+            let c = self.anomaly_actions.get_or_create(&ResultLabels { result: result.into() });
+            let now = n.load(Relaxed);
+            if now > c.get() {
+                c.inc_by(now - c.get());
+            }
+        }
         if let Some(s) = &o.scored {
             self.anomaly_score.set(s.score);
             self.detect_scored.inc();

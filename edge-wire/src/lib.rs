@@ -232,6 +232,12 @@ impl DeliveryAck {
     }
 }
 
+/// The topic a device receives new anomaly models on (operators publish,
+/// retained; docs/model.md).
+pub fn model_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/{device}/model")
+}
+
 /// The topic the bridge confirms a device's deliveries on.
 pub fn ack_topic(prefix: &str, device: &str) -> String {
     format!("{prefix}/{device}/ack")

@@ -13,6 +13,9 @@
 //! interpreter's values. A model failing any check is refused with an
 //! error naming the file; the agent keeps running without inference.
 
+pub mod action;
+pub mod update;
+
 use crate::config::DetectConfig;
 use crate::features::{FeatureStage, Features};
 use edge_wire::{Label, SeriesKey};
@@ -63,6 +66,9 @@ pub struct Card {
     pub input: InputSpec,
     pub features: Vec<FeatureSpec>,
     pub threshold: f64,
+    /// The alarm debounce the threshold was calibrated for (windows).
+    #[serde(default = "one")]
+    pub raise_after: u32,
     pub golden: Vec<Golden>,
     pub golden_tolerance: Tolerance,
 }
@@ -92,6 +98,10 @@ impl ModelError {
     }
 }
 
+fn one() -> u32 {
+    1
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, data);
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
@@ -116,6 +126,7 @@ impl Card {
                 crate::features::VERSION
             )));
         }
+        update::plain_name(&card.model_file).map_err(err)?;
         let n = card.features.len();
         if n == 0 {
             return Err(err("lists no features".into()));
@@ -312,6 +323,11 @@ impl Model {
         r
     }
 
+    /// The model alone: the reconstruction of a normalised input.
+    pub fn reconstruct(&mut self, z: &[f32], out: &mut [f32]) -> Result<(), String> {
+        self.runtime.run(z, out)
+    }
+
     /// Scores one window: its features in the card's order (0 where the
     /// window lacks one), normalised, reconstructed.
     pub fn score(&mut self, f: &Features) -> Result<Scored, String> {
@@ -422,62 +438,118 @@ pub struct Outcome {
     pub inference_s: f64,
 }
 
-/// The detect stage: owns the feature stage, the model and the alarm.
+/// The detect stage: owns the feature stage, the model, its updates and
+/// the alarm.
 pub struct DetectStage {
     features: FeatureStage,
     pub model: Option<Model>,
     pub state: ModelState,
     pub alarm: Alarm,
+    updates: Option<update::Updates>,
+    raise_after: u32,
+    clear_after: u32,
+    /// Windows shorter than this (half the configured length) are not
+    /// scored: the partial window a SIGHUP or the shutdown closes has
+    /// rates over a second or two, noisier than any the model learned.
+    min_window_s: f64,
+    pub action: action::Action,
 }
 
 impl DetectStage {
-    /// Loads the configured model; a missing or refused one leaves the
-    /// stage scoring nothing (the reason is logged and in the state).
-    pub fn new(cfg: &DetectConfig) -> DetectStage {
+    /// Loads the model (an installed update, else the configured one); a
+    /// missing or refused model leaves the stage scoring nothing (the
+    /// reason is logged and in the state) until an update installs one.
+    pub fn new(cfg: &DetectConfig, state_dir: &Path, window: std::time::Duration, device: &str) -> DetectStage {
         let mut s = DetectStage {
             features: FeatureStage::new(),
             model: None,
             state: ModelState::Disabled,
             alarm: Alarm::new(cfg.raise_after, cfg.clear_after),
+            updates: None,
+            raise_after: cfg.raise_after,
+            clear_after: cfg.clear_after,
+            min_window_s: window.as_secs_f64() / 2.0,
+            action: action::Action::new(&cfg.action, device),
         };
         if !cfg.enabled {
             tracing::info!("detection disabled (detect.enabled = false)");
             return s;
         }
-        if !cfg.model.exists() {
+        let updates = update::Updates::new(cfg, state_dir);
+        if !cfg.model.exists() && !updates.current_card().exists() {
             s.state = ModelState::Missing;
             tracing::warn!(
                 card = %cfg.model.display(),
-                "no anomaly model: windows are stored but not scored (install a model card and its .tflite there, or set detect.model)"
+                drop_dir = %updates.drop_dir.display(),
+                "no anomaly model: windows are stored but not scored (install a model card and its .tflite there, \
+                 set detect.model, or drop a signed model)"
             );
-            return s;
-        }
-        match Model::load(&cfg.model, Some(&cfg.model_sha256)) {
-            Ok(m) => {
-                tracing::info!(
-                    card = %cfg.model.display(),
-                    name = %m.card.name,
-                    sha256 = %m.sha256,
-                    features = m.card.features.len(),
-                    threshold = m.card.threshold,
-                    golden = m.card.golden.len(),
-                    "anomaly model loaded and self-tested"
-                );
-                s.model = Some(m);
-                s.state = ModelState::Loaded;
-            }
-            Err(e) => {
-                s.state = ModelState::Refused;
-                tracing::error!(error = %e, "anomaly model refused: the agent runs without inference");
+        } else {
+            match updates.load_at_start() {
+                Ok(m) => s.run(m, "anomaly model loaded and self-tested"),
+                Err(e) => {
+                    s.state = ModelState::Refused;
+                    tracing::error!(error = %e, "anomaly model refused: the agent runs without inference");
+                }
             }
         }
+        s.updates = Some(updates);
         s
+    }
+
+    fn run(&mut self, m: Model, what: &str) {
+        if self.raise_after < m.card.raise_after {
+            tracing::warn!(
+                configured = self.raise_after,
+                calibrated_for = m.card.raise_after,
+                "detect.raise_after is below what the model's threshold was calibrated for: expect more false alarms"
+            );
+        }
+        tracing::info!(
+            card = %m.card_path.display(),
+            name = %m.card.name,
+            sha256 = %m.sha256,
+            features = m.card.features.len(),
+            threshold = m.card.threshold,
+            golden = m.card.golden.len(),
+            "{what}"
+        );
+        self.model = Some(m);
+        self.state = ModelState::Loaded;
+        // A new threshold: the alarm starts over.
+        self.alarm = Alarm::new(self.raise_after, self.clear_after);
+    }
+
+    /// Once per window: a dropped model or rollback request, if any.
+    /// Returns the change's result label (`installed`, `rolled_back`,
+    /// `refused`) for the metrics.
+    pub fn poll_updates(&mut self) -> Option<&'static str> {
+        let change = self.updates.as_mut()?.poll(self.model.as_ref())?;
+        Some(match change {
+            update::Change::Installed(m) => {
+                self.run(*m, "new anomaly model installed (verified, self-tested)");
+                "installed"
+            }
+            update::Change::RolledBack(m) => {
+                if let Some(m) = m {
+                    self.run(*m, "anomaly model rolled back");
+                }
+                "rolled_back"
+            }
+            update::Change::Refused(why) => {
+                tracing::error!(reason = %why, "new anomaly model refused; the running one stays");
+                "refused"
+            }
+        })
     }
 
     /// Scores the window ending at `timestamp_ms` (its samples as stored).
     pub fn observe(&mut self, timestamp_ms: i64, samples: &[(SeriesKey, f64)]) -> Outcome {
         let mut out = Outcome::default();
         let Some(f) = self.features.next(timestamp_ms, samples) else { return out };
+        if f.window_s < self.min_window_s {
+            return out;
+        }
         let Some(model) = self.model.as_mut() else { return out };
         let t0 = std::time::Instant::now();
         let scored = match model.score(&f) {
@@ -517,6 +589,15 @@ impl DetectStage {
             }
             tracing::warn!(event, score = scored.score, threshold, top = ?scored.top, "anomaly alarm {event}");
             out.record = Some(rec);
+            let sha = model.sha256.clone();
+            self.action.fire(&action::Event {
+                event,
+                score: scored.score,
+                threshold,
+                timestamp_ms,
+                model_sha256: sha,
+                top: scored.top.clone(),
+            });
         }
         out.transition = Some(transition);
         out.scored = Some(scored);
@@ -553,6 +634,7 @@ mod tests {
                 FeatureSpec { name: "b".into(), scale: 1000.0, mean: 0.0, std: 0.1 },
             ],
             threshold: 1.0,
+            raise_after: 2,
             golden: vec![],
             golden_tolerance: Tolerance { relative: 0.0, absolute: 0.0 },
         };

@@ -215,7 +215,8 @@ impl Uplink {
             port: m.port,
             keep_alive: Duration::from_secs(m.keep_alive_secs.max(5)),
             inflight: m.max_inflight,
-            max_incoming: 64 * 1024,
+            // Model messages are the largest a device receives.
+            max_incoming: crate::detect::update::MAX_BUNDLE_BYTES + 1024,
             will: (presence.clone(), "offline"),
             transport,
             credentials,
@@ -226,6 +227,7 @@ impl Uplink {
         let mut budget = Budget::new(m.drain_bytes_per_sec);
         let ack_topic = edge_wire::ack_topic(&m.topic_prefix, &self.cfg.device_id);
         let reply_topic = edge_wire::time_reply_topic(&m.topic_prefix, &self.cfg.device_id);
+        let model_topic = edge_wire::model_topic(&m.topic_prefix, &self.cfg.device_id);
         let mut time = TimeAsk::default();
         // Publishes whose packet id rumqttc has not reported yet, in order.
         let mut awaiting_pkid: VecDeque<(usize, u64)> = VecDeque::new();
@@ -259,7 +261,14 @@ impl Uplink {
                     self.metrics.uplink_connected.set(1);
                     // QoS 0: a lost confirmation only means a re-send, a lost
                     // time reply another request.
-                    if !conn.subscribe(&[ack_topic.clone(), reply_topic.clone()]) {
+                    // Models are published retained: one comes with every
+                    // connection, and is installed once.
+                    let topics = if self.cfg.detect.enabled {
+                        vec![ack_topic.clone(), reply_topic.clone(), model_topic.clone()]
+                    } else {
+                        vec![ack_topic.clone(), reply_topic.clone()]
+                    };
+                    if !conn.subscribe(&topics) {
                         tracing::error!("cannot subscribe to delivery confirmations");
                     }
                     time.connected_at = Some(Instant::now());
@@ -299,6 +308,15 @@ impl Uplink {
                         // A refused block stays unconfirmed and goes again
                         // after the delivery timeout (doubling).
                         streams[i].win.ack(seq);
+                    }
+                }
+                Ev::Publish { topic: t, payload } if t == model_topic => {
+                    // Into the drop directory: the detect stage verifies and
+                    // installs it at its next window.
+                    let dir = self.cfg.detect.drop_dir(&self.cfg.state_dir);
+                    match crate::detect::update::drop_message(&dir, &payload) {
+                        Ok(()) => tracing::info!(bytes = payload.len(), "model message received"),
+                        Err(e) => tracing::error!(error = %e, topic = %t, "model message ignored"),
                     }
                 }
                 Ev::Publish { topic: t, payload } if t == reply_topic => {
