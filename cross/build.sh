@@ -63,6 +63,11 @@ for t in "${targets[@]}"; do
     *) qemu=() ;;
   esac
   "${qemu[@]}" "$bin" --version >/dev/null || { echo "$bin does not start under ${qemu[*]}" >&2; exit 1; }
+  # TF Lite on the target computes the shipped model as the reference
+  # interpreter did on x86 (its golden vectors).
+  if [[ $tfl == yes ]]; then
+    "${qemu[@]}" "$bin" model check model/shipped/anomaly.card.json >&2
+  fi
   if readelf -l "$bin" | grep -q 'program interpreter'; then link=dynamic; else link=static; fi
   size=$(stat -c %s "$bin")
   awk -v t="$t" -v l="$link" -v f="$tfl" -v s="$size" 'BEGIN { printf "| %s | %s | %s | %d | %.2f |\n", t, l, f, s, s / 1048576 }' >> "$table"

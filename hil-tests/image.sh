@@ -183,6 +183,11 @@ if [[ -n "$interp" ]]; then
     install -D -m 0755 "$sysroot/lib/$lib" "$root/lib/$lib"
   done
 fi
+# The shipped anomaly model, where the Buildroot package installs it (the
+# default detect.model).
+for f in anomaly.card.json anomaly.tflite; do
+  install -D -m 0644 "$repo/model/shipped/$f" "$root/usr/share/edge-agent/model/$f"
+done
 cp -a "$repo/buildroot/board/edge/rootfs-overlay/." "$root/"
 install -m 0755 "$repo/hil-tests/image/init" "$root/init"
 echo edge-device > "$root/etc/hostname"

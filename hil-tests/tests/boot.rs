@@ -110,6 +110,23 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
     if arch == Arch::Arm64 {
         checks.push(format!("edge_device_bytes_total{{{dev},file=\"/dev/ttyAMA0\",op=\"write\",process=\"syslogd\"}}"));
     }
+    // The shipped anomaly model: the riscv64 (glibc) agent carries TF Lite,
+    // passes the model's golden self-test on the board and scores every
+    // window; the static arm64 (musl) agent has no TF Lite and says so.
+    let model_line = match arch {
+        Arch::Riscv64 => "anomaly model loaded and self-tested",
+        Arch::Arm64 => "built without the TF Lite runtime",
+    };
+    wait_for(&format!("{model_line:?} on the console"), Duration::from_secs(60), || {
+        if board.console().contains(model_line) {
+            Ok(())
+        } else {
+            Err(board.console_tail())
+        }
+    });
+    if arch == Arch::Riscv64 {
+        checks.push(format!("edge_anomaly_score{{{dev}}}"));
+    }
     for q in &checks {
         let v = wait_for(&format!("{q} in Prometheus"), Duration::from_secs(120), || {
             board.proc.assert_running();

@@ -8,6 +8,18 @@
 //! Normal activity only, for `model/`: writes DIR/features.csv (the
 //! agent's `store export --format features`) and DIR/run.json.
 //!
+//! ```text
+//! scenarios evaluate --model CARD --out DIR [--rounds R] [--fault-windows F]
+//!                    [--gap-windows G] [--normal-minutes N] [--window-ms MS] [--seed N]
+//! ```
+//! The agent with the model: R rounds of every fault class (each on for F
+//! windows, then G windows of normal activity), then N minutes of normal
+//! activity only. Writes DIR/labels.csv (what was injected when),
+//! DIR/features.csv, DIR/samples.csv (the agent's own scores and alarms)
+//! and DIR/report.md: per fault, detected by the agent's alarm or not and
+//! after how many windows; window-level F1 of the score against the
+//! threshold; false alarms in the normal-only time, per 24 hours.
+//!
 //! Runs as root (probes, port 502, nftables).
 
 use hil_tests::workload;
@@ -15,7 +27,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: scenarios record --minutes M --out DIR [--window-ms MS] [--seed N] [--agent PATH]";
+const USAGE: &str = "usage: scenarios record --minutes M --out DIR [--window-ms MS] [--seed N] [--agent PATH]\n       \
+     scenarios evaluate --model CARD --out DIR [--rounds R] [--fault-windows F] [--gap-windows G] \
+     [--normal-minutes N] [--window-ms MS] [--seed N] [--agent PATH]";
 
 struct Args {
     command: String,
@@ -24,6 +38,11 @@ struct Args {
     window_ms: u64,
     seed: u64,
     agent: PathBuf,
+    model: Option<PathBuf>,
+    rounds: u32,
+    fault_windows: u32,
+    gap_windows: u32,
+    normal_minutes: f64,
 }
 
 fn parse() -> Result<Args, String> {
@@ -37,6 +56,11 @@ fn parse() -> Result<Args, String> {
         window_ms: 10_000,
         seed: 1,
         agent: exe_dir.join("edge-agent"),
+        model: None,
+        rounds: 1,
+        fault_windows: 6,
+        gap_windows: 9,
+        normal_minutes: 10.0,
     };
     while let Some(k) = it.next() {
         let mut v = || it.next().ok_or_else(|| format!("{k} needs a value"));
@@ -47,6 +71,11 @@ fn parse() -> Result<Args, String> {
             "--window-ms" => a.window_ms = num(v()?)? as u64,
             "--seed" => a.seed = num(v()?)? as u64,
             "--agent" => a.agent = PathBuf::from(v()?),
+            "--model" => a.model = Some(PathBuf::from(v()?)),
+            "--rounds" => a.rounds = num(v()?)? as u32,
+            "--fault-windows" => a.fault_windows = num(v()?)? as u32,
+            "--gap-windows" => a.gap_windows = num(v()?)? as u32,
+            "--normal-minutes" => a.normal_minutes = num(v()?)?,
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -66,6 +95,7 @@ fn main() -> ExitCode {
     };
     let r = match args.command.as_str() {
         "record" => record(&args),
+        "evaluate" => evaluate(&args),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     };
     match r {
@@ -83,6 +113,7 @@ struct Agent {
     state: PathBuf,
     config: PathBuf,
     bin: PathBuf,
+    metrics_port: u16,
 }
 
 impl Agent {
@@ -113,7 +144,7 @@ impl Agent {
             &["--config".into(), config.display().to_string()],
             &[("EDGE_AGENT_LOG", "info")],
         );
-        let mut a = Agent { proc, state, config, bin: args.agent.clone() };
+        let mut a = Agent { proc, state, config, bin: args.agent.clone(), metrics_port };
         let attached = |what: &str| {
             e2e::scrape(metrics_port, &format!("edge_agent_probe_attached{{probe=\"{what}\"}}")).ok().flatten()
         };
@@ -135,17 +166,20 @@ impl Agent {
         }
     }
 
-    /// Stops the agent (its last window stored) and exports what it stored.
-    fn stop_and_export(mut self, format: &str, out: &Path) -> Result<(), String> {
+    /// Stops the agent (its last window stored) and exports what it
+    /// stored, in each (format, file).
+    fn stop_and_export(mut self, exports: &[(&str, &Path)]) -> Result<(), String> {
         self.proc.stop();
-        let st = Command::new(&self.bin)
-            .args(["--config", &self.config.display().to_string(), "store", "export", "--format", format])
-            .arg("--output")
-            .arg(out)
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !st.success() {
-            return Err(format!("store export of {} failed: {st}", self.state.display()));
+        for (format, out) in exports {
+            let st = Command::new(&self.bin)
+                .args(["--config", &self.config.display().to_string(), "store", "export", "--format", format])
+                .arg("--output")
+                .arg(out)
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !st.success() {
+                return Err(format!("store export of {} failed: {st}", self.state.display()));
+            }
         }
         Ok(())
     }
@@ -166,8 +200,9 @@ fn record(args: &Args) -> Result<(), String> {
         agent.check()?;
     }
     let (timeouts, bad) = b.serial_trouble();
+    // The agent first: its last window is not the workload's teardown.
+    agent.stop_and_export(&[("features", &out.join("features.csv"))])?;
     b.stop();
-    agent.stop_and_export("features", &out.join("features.csv"))?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let summary = format!(
         "{{\"kind\": \"normal\", \"minutes\": {}, \"window_ms\": {}, \"seed\": {}, \"started_ms\": {started}, \
@@ -181,4 +216,234 @@ fn record(args: &Args) -> Result<(), String> {
     std::fs::write(out.join("run.json"), summary).map_err(|e| e.to_string())?;
     eprintln!("scenarios: wrote {}", out.join("features.csv").display());
     Ok(())
+}
+
+/// One injected fault: [start, end) in wall-clock ms.
+struct Injection {
+    fault: &'static str,
+    start_ms: i64,
+    end_ms: i64,
+}
+
+/// Sleeps until `deadline`, checking the agent every second.
+fn run_until(agent: &mut Agent, deadline: Instant) -> Result<(), String> {
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())));
+        agent.check()?;
+    }
+    Ok(())
+}
+
+fn evaluate(args: &Args) -> Result<(), String> {
+    let model = args.model.as_ref().ok_or("--model CARD is required")?;
+    let model = std::fs::canonicalize(model).map_err(|e| format!("{}: {e}", model.display()))?;
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let out = std::fs::canonicalize(&args.out).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(out.join("agent-state"));
+    workload::nft_remove();
+    let mut b = workload::Box::start(args.seed)?;
+    let detect = format!("[detect]\nmodel = \"{}\"\n", model.display());
+    let mut agent = Agent::start(args, &out, &b.sensor_link, &detect)?;
+    let state = e2e::scrape(agent.metrics_port, "edge_agent_detect_model_state{state=\"loaded\"}").ok().flatten();
+    if state != Some(1.0) {
+        return Err(format!("the agent did not load {}; log {}", model.display(), agent.proc.log.display()));
+    }
+    let window = Duration::from_millis(args.window_ms);
+    // Warm-up: the first window has no features; the next ones settle.
+    run_until(&mut agent, Instant::now() + window * 4)?;
+    let mut injections = Vec::new();
+    let mut faults: Vec<&'static str> = workload::FAULTS.to_vec();
+    let mut rng = workload::Rng::new(args.seed);
+    for round in 0..args.rounds {
+        // A different order every round (Fisher-Yates).
+        for i in (1..faults.len()).rev() {
+            faults.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        for &fault in &faults {
+            eprintln!("scenarios: round {}, {fault} for {} windows", round + 1, args.fault_windows);
+            let start_ms = e2e::now_ms();
+            b.set_fault(fault, true)?;
+            let r = run_until(&mut agent, Instant::now() + window * args.fault_windows);
+            b.set_fault(fault, false)?;
+            r?;
+            injections.push(Injection { fault, start_ms, end_ms: e2e::now_ms() });
+            run_until(&mut agent, Instant::now() + window * args.gap_windows)?;
+        }
+    }
+    let normal_from = e2e::now_ms();
+    eprintln!("scenarios: normal activity only for {} min", args.normal_minutes);
+    run_until(&mut agent, Instant::now() + Duration::from_secs_f64(args.normal_minutes * 60.0))?;
+    let normal_to = e2e::now_ms();
+    // The agent's memory with the model loaded: now and its peak (the
+    // peak includes loading the probes, which parses the kernel's BTF).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.proc.pid())).unwrap_or_default();
+    let kib = |key: &str| {
+        status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+    };
+    let memory = (kib("VmRSS:").unwrap_or(f64::NAN) / 1024.0, kib("VmHWM:").unwrap_or(f64::NAN) / 1024.0);
+    let (features, samples) = (out.join("features.csv"), out.join("samples.csv"));
+    agent.stop_and_export(&[("features", &features), ("csv", &samples)])?;
+    b.stop();
+    let mut labels = String::from("start_ms,end_ms,fault\n");
+    for i in &injections {
+        labels.push_str(&format!("{},{},{}\n", i.start_ms, i.end_ms, i.fault));
+    }
+    std::fs::write(out.join("labels.csv"), labels).map_err(|e| e.to_string())?;
+    let windows = read_agent_windows(&samples)?;
+    let card = std::fs::read_to_string(&model).map_err(|e| e.to_string())?;
+    let threshold = json_number(&card, "\"threshold\"").ok_or("no threshold in the card")?;
+    let report = report(args, &model, threshold, &windows, &injections, (normal_from, normal_to), memory);
+    std::fs::write(out.join("report.md"), &report).map_err(|e| e.to_string())?;
+    println!("{report}");
+    Ok(())
+}
+
+/// The first number after `key` in a JSON text (the card's threshold).
+fn json_number(text: &str, key: &str) -> Option<f64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let end = rest.find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c))).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// One window as the agent scored it.
+struct Scored {
+    ts: i64,
+    score: f64,
+    alarm: bool,
+}
+
+/// The agent's scores and alarm states, by window, from its samples export.
+fn read_agent_windows(samples: &Path) -> Result<Vec<Scored>, String> {
+    let text = std::fs::read_to_string(samples).map_err(|e| format!("{}: {e}", samples.display()))?;
+    let mut by_ts: std::collections::BTreeMap<i64, (Option<f64>, Option<f64>)> = Default::default();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() < 5 {
+            continue;
+        }
+        let (Ok(ts), Ok(v)) = (f[0].parse::<i64>(), f[f.len() - 1].parse::<f64>()) else { continue };
+        match f[2] {
+            "edge_anomaly_score" => by_ts.entry(ts).or_default().0 = Some(v),
+            "edge_anomaly_alarm" => by_ts.entry(ts).or_default().1 = Some(v),
+            _ => {}
+        }
+    }
+    Ok(by_ts.into_iter().filter_map(|(ts, (s, a))| Some(Scored { ts, score: s?, alarm: a? == 1.0 })).collect())
+}
+
+/// The report; `memory`: the agent's RSS and peak RSS, MiB.
+fn report(
+    args: &Args,
+    model: &Path,
+    threshold: f64,
+    w: &[Scored],
+    inj: &[Injection],
+    normal: (i64, i64),
+    memory: (f64, f64),
+) -> String {
+    let win_ms = args.window_ms as i64;
+    // A window (ts - window, ts] is faulty when a fault covers half of it.
+    let fault_of =
+        |ts: i64| inj.iter().find(|i| (i.end_ms.min(ts) - i.start_ms.max(ts - win_ms)) * 2 >= win_ms).map(|i| i.fault);
+    let (mut tp, mut fp, mut fn_, mut tn) = (0u32, 0u32, 0u32, 0u32);
+    for x in w {
+        match (fault_of(x.ts).is_some(), x.score > threshold) {
+            (true, true) => tp += 1,
+            (false, true) => fp += 1,
+            (true, false) => fn_ += 1,
+            (false, false) => tn += 1,
+        }
+    }
+    let f1 = 2.0 * f64::from(tp) / f64::from((2 * tp + fp + fn_).max(1));
+    let mut rows = String::new();
+    let mut all_within_3 = true;
+    let mut classes: std::collections::BTreeMap<&str, (u32, u32, Vec<String>)> = Default::default();
+    for i in inj {
+        // Windows from the fault's first (ending after its start) on; the
+        // alarm may come up to one window after the fault ends.
+        let after: Vec<&Scored> = w.iter().filter(|x| x.ts > i.start_ms && x.ts <= i.end_ms + win_ms).collect();
+        let hit = after.iter().position(|x| x.alarm);
+        let first_above = after.iter().position(|x| x.score > threshold);
+        let e = classes.entry(i.fault).or_default();
+        e.0 += 1;
+        match hit {
+            Some(k) => {
+                e.1 += 1;
+                e.2.push((k + 1).to_string());
+                all_within_3 &= k < 3;
+            }
+            None => {
+                e.2.push("-".into());
+                all_within_3 = false;
+            }
+        }
+        let peak = after.iter().map(|x| x.score).fold(0.0, f64::max);
+        rows.push_str(&format!(
+            "| {} | {} | {} | {} | {:.3} |\n",
+            i.fault,
+            hit.map_or("no".into(), |k| format!("yes, window {}", k + 1)),
+            first_above.map_or("-".into(), |k| (k + 1).to_string()),
+            after.len(),
+            peak
+        ));
+    }
+    // False alarms: raised while only normal activity ran (the normal-only
+    // tail, and the gaps once a fault's after-effects had a window to pass).
+    let mut false_alarms = 0u32;
+    let mut normal_windows = 0u32;
+    let mut prev = false;
+    for x in w {
+        let near_fault = inj.iter().any(|i| x.ts > i.start_ms && x.ts <= i.end_ms + 2 * win_ms);
+        if !near_fault {
+            normal_windows += 1;
+            if x.alarm && !prev {
+                false_alarms += 1;
+            }
+        }
+        prev = x.alarm;
+    }
+    let normal_hours = f64::from(normal_windows) * args.window_ms as f64 / 3_600_000.0;
+    let per_day = if normal_hours > 0.0 { f64::from(false_alarms) * 24.0 / normal_hours } else { f64::NAN };
+    let tail_hours = (normal.1 - normal.0) as f64 / 3_600_000.0;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut class_rows = String::new();
+    for (name, (n, d, k)) in &classes {
+        class_rows.push_str(&format!("| {name} | {n} | {d} | {} |\n", k.join(", ")));
+    }
+    format!(
+        "# Scenario evaluation\n\n\
+         Model {model}, threshold {threshold:.4}; {} ms windows; {} round(s) of {} fault classes, each on for {} \
+         windows with {} normal windows after it; then {:.2} h of normal activity only. Seed {}, kernel {}.\n\n\
+         ## Per fault class (the agent's alarm)\n\n\
+         | fault | injected | detected | windows to detect |\n|---|---|---|---|\n{class_rows}\n\
+         ## Per injection\n\n\
+         | fault | alarm | first window above threshold | windows | peak score |\n|---|---|---|---|---|\n{rows}\n\
+         ## Windows (score against the threshold, every window scored)\n\n\
+         {} windows: tp {tp}, fp {fp}, fn {fn_}, tn {tn}; **F1 {f1:.3}**.\n\n\
+         ## False alarms\n\n\
+         {false_alarms} alarm(s) raised in {normal_windows} normal windows ({normal_hours:.2} h of normal activity, \
+         the gaps' first two windows after each fault excluded): **{per_day:.2} per 24 h** (extrapolated).\n\n\
+         ## Agent memory with the model loaded\n\n\
+         RSS at the end {:.1} MiB, peak {:.1} MiB (the peak is at start: loading the probes parses the kernel's BTF).\n\n\
+         ## Goals\n\n\
+         - every fault class detected within 3 windows: **{}**\n\
+         - F1 >= 0.9 over all windows: **{}**\n\
+         - <= 1 false alarm per 24 h: **{}** (from {normal_hours:.2} h; longer normal runs give a tighter bound)\n",
+        args.window_ms,
+        args.rounds,
+        workload::FAULTS.len(),
+        args.fault_windows,
+        args.gap_windows,
+        tail_hours,
+        args.seed,
+        kernel.trim(),
+        w.len(),
+        memory.0,
+        memory.1,
+        if all_within_3 { "met" } else { "NOT met" },
+        if f1 >= 0.9 { "met" } else { "NOT met" },
+        if per_day <= 1.0 { "met" } else { "NOT met" },
+        model = model.display(),
+    )
 }
