@@ -279,6 +279,9 @@ def evaluate_run(card, tfl, run_dir):
     """Reference scores of a scenario run's windows, and their labels: a
     window is faulty when a fault covers at least half of it."""
     ts, win, cols = read_features(os.path.join(run_dir, "features.csv"))
+    # As the agent: windows under half the model's length are not scored.
+    keep = win >= 0.5 * card["window_s"]
+    ts, win, cols = ts[keep], win[keep], {k: v[keep] for k, v in cols.items()}
     names = [f["name"] for f in card["features"]]
     z = normalise(matrix(cols, names, len(ts)), card["features"])
     scores = scores_of(z, Reference(tfl).run(z))

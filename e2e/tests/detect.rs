@@ -138,7 +138,12 @@ fn trained_model_scores_windows_and_alarms_offline() {
     // 3. The agent with the model: loaded, quiet while normal. Its local
     // action: a command, and a message to the line's broker (a plain
     // mosquitto on loopback: no uplink involved).
-    let actions = dir.join("actions.log");
+    // The command runs as the agent's user (it gives up root): a directory
+    // anyone may write.
+    let actions_dir = dir.join("actions");
+    std::fs::create_dir_all(&actions_dir).unwrap();
+    std::fs::set_permissions(&actions_dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let actions = actions_dir.join("actions.log");
     let line_port = free_port();
     let _line_broker = Proc::spawn(
         "line-broker",
@@ -221,7 +226,10 @@ fn trained_model_scores_windows_and_alarms_offline() {
     // on_clear: the clear goes too (the rate limit holds back raises only).
     let msg = line_rx.recv_timeout(Duration::from_secs(10)).expect("the clear message");
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&msg).unwrap()["event"].as_str(), Some("cleared"));
-    assert_eq!(agent.metric("edge_agent_anomaly_actions_total{result=\"ok\"}"), Some(2.0));
+    // Counted at the next window.
+    wait_for("both actions counted", Duration::from_secs(5), || {
+        agent.metric("edge_agent_anomaly_actions_total{result=\"ok\"}").filter(|&v| v == 2.0).ok_or(())
+    });
     drop(line_msgs);
     agent.proc.stop();
     stop.store(true, Ordering::Relaxed);
