@@ -15,12 +15,23 @@ use std::time::Duration;
 
 const WINDOW_MS: u64 = 500;
 
-/// Steady normal activity: a connection every 50 ms to the class port.
+/// Steady normal activity: a connection every 50 ms to the class port,
+/// paced by deadlines (not by sleeps after each connection), so a busy
+/// machine that delays one connection does not lower the window's rate.
 fn normal_activity(server: Arc<Server>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        let period = Duration::from_millis(50);
+        let mut next = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             server.connections(1);
-            std::thread::sleep(Duration::from_millis(50));
+            next += period;
+            let now = std::time::Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else if now - next > period * 10 {
+                // Stalled for longer than a window: start afresh, no burst.
+                next = now;
+            }
         }
     })
 }
@@ -77,10 +88,18 @@ fn export(dir: &Path, format: &str, out: &Path) {
 }
 
 /// Trains a model on `features` with the pipeline; its card's path.
+///
+/// The threshold's margin is 100 (the pipeline's default is 1.5): 45 s of
+/// perfectly paced loopback connections give a model that sees a 10 %
+/// slower window (the CI machine busy with the agent's own start, say) as
+/// far outside normal, which it is, for that data. This test checks the
+/// pipeline's mechanics (load, score, debounce, action, records, updates),
+/// not the model's quality (`hil-tests` scenarios evaluate that); the
+/// refusals it injects score about 10^5 times the default threshold.
 fn train(dir: &Path, features: &Path) -> PathBuf {
     let out = dir.join("model");
     let o = Command::new(repo_dir().join("model/run.sh"))
-        .args(["train", "--name", "e2e", "--out"])
+        .args(["train", "--name", "e2e", "--margin", "100", "--out"])
         .arg(&out)
         .arg("--normal")
         .arg(features)
@@ -177,7 +196,7 @@ fn trained_model_scores_windows_and_alarms_offline() {
         agent.proc.log_text()
     );
     let priority = |a: &Agent| a.metric("edge_agent_store_appended_records_total{lane=\"priority\"}").unwrap_or(0.0);
-    assert_eq!(priority(&agent), 0.0);
+    assert_eq!(priority(&agent), 0.0, "a record on normal activity; log:\n{}", agent.proc.log_text());
 
     // 4. Refused connections: raised within the debounce (2 windows above
     // the threshold; 3 windows allowed), one record in the priority lane.
