@@ -245,7 +245,8 @@ fn trained_model_scores_windows_and_alarms_offline() {
     // on_clear: the clear goes too (the rate limit holds back raises only).
     let msg = line_rx.recv_timeout(Duration::from_secs(10)).expect("the clear message");
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&msg).unwrap()["event"].as_str(), Some("cleared"));
-    // Counted at the next window.
+    // Counted by the action's thread once both parts are done (the
+    // message may arrive here a moment before).
     wait_for("both actions counted", Duration::from_secs(5), || {
         agent.metric("edge_agent_anomaly_actions_total{result=\"ok\"}").filter(|&v| v == 2.0).ok_or(())
     });

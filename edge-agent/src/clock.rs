@@ -192,19 +192,8 @@ impl Clock {
 
     /// Writes the journal atomically (temporary file, fsync, rename).
     fn save(&self) -> Result<(), ClockError> {
-        let tmp = self.path.with_extension("tmp");
-        let err = |e: std::io::Error| ClockError { path: self.path.clone(), message: e.to_string() };
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(self.render().as_bytes()).map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        }
-        Ok(())
+        crate::store::medium::replace_file(&self.path, self.render().as_bytes())
+            .map_err(|e| ClockError { path: self.path.clone(), message: e.to_string() })
     }
 
     pub fn eras(&self) -> &[Era] {

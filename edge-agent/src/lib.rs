@@ -92,7 +92,8 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     let shutdown = Arc::new(AtomicBool::new(false));
     let uplink =
         uplink::Uplink::new(cfg.clone(), store.clone(), clock.clone(), metrics.clone(), shutdown.clone()).spawn()?;
-    let detect = detect::DetectStage::new(&cfg.detect, &cfg.state_dir, cfg.window(), &cfg.device_id);
+    let mut detect = detect::DetectStage::new(&cfg.detect, &cfg.state_dir, cfg.window(), &cfg.device_id);
+    detect.action.counts = metrics.action_counts();
     metrics.set_model_state(&detect);
     let detect = std::cell::RefCell::new(detect);
     let sh = Shared {
@@ -287,7 +288,7 @@ fn close_window(
         metrics.set_model_state(&detect);
     }
     let outcome = detect.observe(ts, &window.samples);
-    metrics.observe_detect(&outcome, detect.alarm.active, &detect.action.counts);
+    metrics.observe_detect(&outcome, detect.alarm.active);
     window.samples.extend(outcome.samples);
     if let Some(record) = outcome.record {
         let rec = store::blocks::Window { timestamp_ms: ts, samples: record };

@@ -415,15 +415,7 @@ impl AgentMetrics {
         }
     }
 
-    pub fn observe_detect(&self, o: &crate::detect::Outcome, alarm: bool, actions: &crate::detect::action::Counts) {
-        use std::sync::atomic::Ordering::Relaxed;
-        for (result, n) in [("ok", &actions.ok), ("failed", &actions.failed), ("suppressed", &actions.suppressed)] {
-            let c = self.anomaly_actions.get_or_create(&ResultLabels { result: result.into() });
-            let now = n.load(Relaxed);
-            if now > c.get() {
-                c.inc_by(now - c.get());
-            }
-        }
+    pub fn observe_detect(&self, o: &crate::detect::Outcome, alarm: bool) {
         if let Some(s) = &o.scored {
             self.anomaly_score.set(s.score);
             self.detect_scored.inc();
@@ -433,6 +425,12 @@ impl AgentMetrics {
         if o.transition == Some(crate::detect::Transition::Raised) {
             self.anomaly_alarms.inc();
         }
+    }
+
+    /// The local action's counters, for it to count into as results come.
+    pub fn action_counts(&self) -> crate::detect::action::Counts {
+        let c = |result: &str| self.anomaly_actions.get_or_create(&ResultLabels { result: result.into() }).clone();
+        crate::detect::action::Counts { ok: c("ok"), failed: c("failed"), suppressed: c("suppressed") }
     }
 
     pub fn set_probe(&self, name: &str, state: &ProbeState) {

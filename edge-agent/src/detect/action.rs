@@ -9,8 +9,7 @@
 //! with a timeout, so a hung command or broker never holds up the windows.
 
 use crate::config::ActionConfig;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use prometheus_client::metrics::counter::Counter;
 use std::time::{Duration, Instant};
 
 /// What one alarm event hands to the action.
@@ -43,24 +42,26 @@ impl Event {
     }
 }
 
-/// Results by label, for `edge_agent_anomaly_actions_total{result}`.
-#[derive(Debug, Default)]
+/// Where the action's results are counted, as they happen: the handles of
+/// `edge_agent_anomaly_actions_total{result}` (`AgentMetrics::action_counts`;
+/// the default counts into counters nobody exports).
+#[derive(Debug, Clone, Default)]
 pub struct Counts {
-    pub ok: AtomicU64,
-    pub failed: AtomicU64,
-    pub suppressed: AtomicU64,
+    pub ok: Counter,
+    pub failed: Counter,
+    pub suppressed: Counter,
 }
 
 pub struct Action {
     cfg: ActionConfig,
     device: String,
     last: Option<Instant>,
-    pub counts: Arc<Counts>,
+    pub counts: Counts,
 }
 
 impl Action {
     pub fn new(cfg: &ActionConfig, device: &str) -> Action {
-        Action { cfg: cfg.clone(), device: device.to_owned(), last: None, counts: Arc::default() }
+        Action { cfg: cfg.clone(), device: device.to_owned(), last: None, counts: Counts::default() }
     }
 
     pub fn configured(&self) -> bool {
@@ -76,7 +77,7 @@ impl Action {
         // (a "stop the line" needs its "line may run again").
         let interval = Duration::from_secs(self.cfg.min_interval_secs);
         if e.event == "raised" && self.last.is_some_and(|t| t.elapsed() < interval) {
-            self.counts.suppressed.fetch_add(1, Ordering::Relaxed);
+            self.counts.suppressed.inc();
             tracing::warn!(
                 event = e.event,
                 min_interval_secs = self.cfg.min_interval_secs,
@@ -110,11 +111,10 @@ impl Action {
                     }
                 }
             }
-            let c = if ok { &counts.ok } else { &counts.failed };
-            c.fetch_add(1, Ordering::Relaxed);
+            if ok { &counts.ok } else { &counts.failed }.inc();
         });
         if let Err(err) = spawned {
-            self.counts.failed.fetch_add(1, Ordering::Relaxed);
+            self.counts.failed.inc();
             tracing::error!(error = %err, "anomaly action: cannot start its thread");
         }
     }

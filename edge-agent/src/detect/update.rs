@@ -14,7 +14,7 @@
 
 use super::{Card, Model, ModelError};
 use crate::config::DetectConfig;
-use std::io::Write;
+use crate::store::medium::replace_file;
 use std::path::{Path, PathBuf};
 
 pub const CARD: &str = "anomaly.card.json";
@@ -79,18 +79,10 @@ pub fn pack(card: &[u8], signature: &[u8], model: &[u8]) -> Vec<u8> {
     v
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("part");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
+/// Renames in `dir` made durable; best effort (a failure shows at the
+/// next write into it).
 fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    let _ = crate::store::medium::sync_dir(dir);
 }
 
 /// Writes a model message into the drop directory: the model and the
@@ -99,13 +91,13 @@ pub fn drop_message(drop_dir: &Path, payload: &[u8]) -> Result<(), String> {
     std::fs::create_dir_all(drop_dir).map_err(|e| format!("{}: {e}", drop_dir.display()))?;
     let io = |e: std::io::Error| format!("cannot write into {}: {e}", drop_dir.display());
     match unpack(payload)? {
-        None => write_synced(&drop_dir.join(ROLLBACK_FILE), b"").map_err(io)?,
+        None => replace_file(&drop_dir.join(ROLLBACK_FILE), b"").map_err(io)?,
         Some(b) => {
             let card: Card = serde_json::from_slice(b.card).map_err(|e| format!("the message's card: {e}"))?;
             plain_name(&card.model_file)?;
-            write_synced(&drop_dir.join(&card.model_file), b.model).map_err(io)?;
-            write_synced(&drop_dir.join(SIGNATURE), b.signature).map_err(io)?;
-            write_synced(&drop_dir.join(CARD), b.card).map_err(io)?;
+            replace_file(&drop_dir.join(&card.model_file), b.model).map_err(io)?;
+            replace_file(&drop_dir.join(SIGNATURE), b.signature).map_err(io)?;
+            replace_file(&drop_dir.join(CARD), b.card).map_err(io)?;
         }
     }
     sync_dir(drop_dir);
@@ -277,8 +269,18 @@ impl Updates {
         // A refused model that comes again (retained on the MQTT topic, at
         // every connection) is dropped without another refusal.
         // (Card and signature: a signed copy of a card refused unsigned is new.)
-        let mut drop = std::fs::read(&card_path).unwrap_or_default();
-        drop.extend(std::fs::read(self.drop_dir.join(SIGNATURE)).unwrap_or_default());
+        // Read once: what is hashed here is what is verified and installed.
+        let card_bytes = match std::fs::read(&card_path) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(path = %card_path.display(), error = %e, "dropped model card cannot be read");
+                self.refused = stamp;
+                return None;
+            }
+        };
+        let signature = std::fs::read(self.drop_dir.join(SIGNATURE)).ok();
+        let mut drop = card_bytes.clone();
+        drop.extend(signature.as_deref().unwrap_or_default());
         let card_sha = super::sha256_hex(&drop);
         let last_refused = self.dir.join("last_refused");
         if std::fs::read_to_string(&last_refused).is_ok_and(|s| s.trim() == card_sha) {
@@ -286,14 +288,14 @@ impl Updates {
             self.clear_drop();
             return None;
         }
-        let change = match self.install(&card_path, running) {
+        let change = match self.install(&card_path, &card_bytes, signature.as_deref(), running) {
             Ok(None) => return None,
             Ok(Some(m)) => Change::Installed(Box::new(m)),
             Err(e) => {
                 let why = e.clone();
                 self.audit("refused", "-", "-", Source::Drop, &why);
                 let _ =
-                    std::fs::create_dir_all(&self.dir).and_then(|_| write_synced(&last_refused, card_sha.as_bytes()));
+                    std::fs::create_dir_all(&self.dir).and_then(|_| replace_file(&last_refused, card_sha.as_bytes()));
                 // Kept for a look, out of the way of the next drop.
                 let rejected = self.drop_dir.join("rejected");
                 let _ = std::fs::remove_dir_all(&rejected);
@@ -322,9 +324,14 @@ impl Updates {
 
     /// `None`: the dropped model is the running one (a retained MQTT model
     /// comes again with every connection): nothing to do.
-    fn install(&self, card_path: &Path, running: Option<&Model>) -> Result<Option<Model>, String> {
-        let card_bytes = std::fs::read(card_path).map_err(|e| format!("{}: {e}", card_path.display()))?;
-        let card: Card = serde_json::from_slice(&card_bytes)
+    fn install(
+        &self,
+        card_path: &Path,
+        card_bytes: &[u8],
+        signature: Option<&[u8]>,
+        running: Option<&Model>,
+    ) -> Result<Option<Model>, String> {
+        let card: Card = serde_json::from_slice(card_bytes)
             .map_err(|e| format!("{}: not a model card ({e})", card_path.display()))?;
         plain_name(&card.model_file)?;
         let model_bytes = std::fs::read(self.drop_dir.join(&card.model_file))
@@ -333,10 +340,10 @@ impl Updates {
         match (&self.key, &self.key_error) {
             (_, Some(e)) => return Err(format!("detect.update_public_key_file: {e}")),
             (Some(key), None) => {
-                let sig = std::fs::read(self.drop_dir.join(SIGNATURE))
-                    .map_err(|e| format!("no signature {SIGNATURE} with the card ({e}): updates must be signed"))?;
+                let sig = signature
+                    .ok_or_else(|| format!("no signature {SIGNATURE} with the card: updates must be signed"))?;
                 ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
-                    .verify(&card_bytes, &sig)
+                    .verify(card_bytes, sig)
                     .map_err(|_| {
                         "the card's signature does not verify with detect.update_public_key_file".to_string()
                     })?;
@@ -362,8 +369,8 @@ impl Updates {
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
         let io = |e: std::io::Error| format!("cannot stage the model in {}: {e}", staging.display());
-        write_synced(&staging.join(&card.model_file), &model_bytes).map_err(io)?;
-        write_synced(&staging.join(CARD), &card_bytes).map_err(io)?;
+        replace_file(&staging.join(&card.model_file), &model_bytes).map_err(io)?;
+        replace_file(&staging.join(CARD), card_bytes).map_err(io)?;
         sync_dir(&staging);
         let mut m = Model::load(&staging.join(CARD), Some(&self.pin)).map_err(|e| e.to_string())?;
         let (current, previous) = (self.dir.join("current"), self.dir.join("previous"));
@@ -447,7 +454,7 @@ impl Updates {
         let path = self.dir.join("audit.log");
         let r = std::fs::create_dir_all(&self.dir).and_then(|_| {
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-            f.write_all(line.as_bytes())?;
+            std::io::Write::write_all(&mut f, line.as_bytes())?;
             f.sync_data()
         });
         if let Err(e) = r {

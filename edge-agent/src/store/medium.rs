@@ -76,10 +76,31 @@ impl FsMedium {
     fn path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("seg-{id:020}.log"))
     }
+}
 
-    fn sync_dir(&self) -> io::Result<()> {
-        File::open(&self.dir)?.sync_all()
+/// Replaces the file at `path` with `bytes` so that a power cut leaves the
+/// old content or the new, never a mix: written to `<name>.tmp` beside it,
+/// fsynced, renamed over `path`, and the directory fsynced. Every small
+/// state file the agent keeps (the store's `acked`, the clock journal, the
+/// model slots) is written this way.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let mut tmp_name = name.to_owned();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
     }
+    fs::rename(&tmp, path)?;
+    sync_dir(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+}
+
+/// Makes renames and new entries in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 impl Medium for FsMedium {
@@ -108,7 +129,7 @@ impl Medium for FsMedium {
 
     fn create(&mut self, id: u64) -> io::Result<FsSegment> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(self.path(id))?;
-        self.sync_dir()?;
+        sync_dir(&self.dir)?;
         Ok(FsSegment { file })
     }
 
@@ -117,7 +138,7 @@ impl Medium for FsMedium {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        self.sync_dir()
+        sync_dir(&self.dir)
     }
 
     fn quarantine(&mut self, id: u64) -> io::Result<()> {
@@ -125,7 +146,7 @@ impl Medium for FsMedium {
         let mut to = from.clone().into_os_string();
         to.push(".corrupt");
         fs::rename(&from, &to)?;
-        self.sync_dir()
+        sync_dir(&self.dir)
     }
 
     fn read_meta(&mut self, name: &str) -> io::Result<Option<Vec<u8>>> {
@@ -137,13 +158,7 @@ impl Medium for FsMedium {
     }
 
     fn write_meta(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        use std::io::Write as _;
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.dir.join(name))?;
-        self.sync_dir()
+        replace_file(&self.dir.join(name), bytes)
     }
 
     fn is_full(e: &io::Error) -> bool {

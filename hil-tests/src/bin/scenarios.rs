@@ -291,19 +291,14 @@ fn evaluate(args: &Args) -> Result<(), String> {
     std::fs::write(out.join("labels.csv"), labels).map_err(|e| e.to_string())?;
     let windows = read_agent_windows(&samples)?;
     let card = std::fs::read_to_string(&model).map_err(|e| e.to_string())?;
-    let threshold = json_number(&card, "\"threshold\"").ok_or("no threshold in the card")?;
+    let threshold = serde_json::from_str::<serde_json::Value>(&card)
+        .map_err(|e| format!("{}: not a model card ({e})", model.display()))?["threshold"]
+        .as_f64()
+        .ok_or_else(|| format!("{}: no threshold in the card", model.display()))?;
     let report = report(args, &model, threshold, &windows, &injections, (normal_from, normal_to), memory);
     std::fs::write(out.join("report.md"), &report).map_err(|e| e.to_string())?;
     println!("{report}");
     Ok(())
-}
-
-/// The first number after `key` in a JSON text (the card's threshold).
-fn json_number(text: &str, key: &str) -> Option<f64> {
-    let rest = &text[text.find(key)? + key.len()..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-    let end = rest.find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c))).unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 /// One window as the agent scored it.
