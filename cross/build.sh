@@ -4,20 +4,23 @@
 #
 #   cross/build.sh [TARGET ...]     (default: all three below)
 #
-#   aarch64-unknown-linux-gnu     Jetson (JetPack's glibc)
+#   aarch64-unknown-linux-gnu     Jetson (JetPack 6's glibc 2.35; needs 2.34)
 #   aarch64-unknown-linux-musl    any arm64 box: one static file
 #   riscv64gc-unknown-linux-gnu   RISC-V boards (glibc)
 #
 # Debian's cross gcc compiles the C parts (ring) and links the glibc
 # targets; its g++ builds TF Lite (the anomaly model's runtime, crate
-# tflite) for them. The static musl target links with rust-lld and Rust's
-# own musl start files, and has no TF Lite: Debian has no C++ toolchain for
-# aarch64 musl (its agent reports any model as refused, saying so). The eBPF objects are the same for every target (built once
-# by clang, little-endian BPF) and are inside the binary. Each binary is
-# started once under qemu-user (--version) so a broken link shows here.
-# Output: target/cross/<target>/edge-agent and target/cross/sizes.md.
-# Installs what is missing first (scripts/setup.sh). CI builds the static
-# aarch64 agent with it for the emulated board (hil-tests).
+# tflite) for them, with libstdc++ linked in statically. The static musl
+# target links with rust-lld and Rust's own musl start files, and has no
+# TF Lite: Debian has no C++ toolchain for aarch64 musl (its agent reports
+# any model as refused, saying so). The eBPF objects are the same for every
+# target (built once by clang, little-endian BPF) and are inside the
+# binary. Each binary is started once under qemu-user (--version) so a
+# broken link shows here, and each TF Lite build reproduces the shipped
+# model's golden vectors there. Output: target/cross/<target>/edge-agent
+# and target/cross/sizes.md. Installs what is missing first
+# (scripts/setup.sh). CI builds all three (hil-tests: the emulated boards
+# and the Debian packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,6 +52,10 @@ for t in "${targets[@]}"; do
       triple="${triple/riscv64gc/riscv64}"
       v="${t//-/_}"
       export "CXX_$v=$triple-g++" TARGET_TOOLCHAIN_PREFIX="$triple-"
+      # libstdc++ linked in statically: the binary then needs no
+      # GLIBCXX_3.4.30 (GCC 12's libstdc++) on the device; JetPack 6's
+      # Ubuntu 22.04 has it, older userlands do not.
+      export "CXXSTDLIB_STATIC_$v=1"
       export "BINDGEN_EXTRA_CLANG_ARGS_$v=--target=$triple -I/usr/$triple/include/c++/12 -I/usr/$triple/include/c++/12/$triple -I/usr/$triple/include"
       ;;
   esac

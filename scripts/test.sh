@@ -42,13 +42,16 @@ for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   step "agent tests on $target under qemu-user"
   run_tests cargo test --locked --target "$target" -p edge-wire --lib
   # Without TF Lite (--no-default-features): these are the store's tests;
-  # the riscv64 release build below carries TF Lite (cross/build.sh).
+  # the glibc release builds below carry TF Lite (cross/build.sh).
   run_tests cargo test --locked --target "$target" -p edge-agent --no-default-features --lib \
     --test store_files --test store_model --test store_regressions --test store_disk_full
 done
 
-step "emulated arm64 and riscv64 boards: cross-built agent, Debian's kernels, the Buildroot overlay; the Debian package (hil-tests)"
-cross/build.sh aarch64-unknown-linux-musl riscv64gc-unknown-linux-gnu
+step "emulated arm64 and riscv64 boards: cross-built agent, Debian's kernels, the Buildroot overlay; the Debian packages (hil-tests)"
+# Every device build: the static arm64 agent boots on the arm64 board and
+# is the package's static variant; the glibc arm64 agent (TF Lite) is the
+# JetPack 6 package; the riscv64 agent (TF Lite) boots on the riscv64 board.
+cross/build.sh aarch64-unknown-linux-gnu aarch64-unknown-linux-musl riscv64gc-unknown-linux-gnu
 run_tests cargo test --locked -p hil-tests -- --nocapture
 
 step "fuzzing, ${FUZZ_SECONDS:-20} s per target (corpus in fuzz/corpus)"

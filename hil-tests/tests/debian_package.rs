@@ -12,7 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-const TARGET: &str = "aarch64-unknown-linux-musl";
+/// The JetPack 6 / Debian 12 package: glibc, TF Lite, the shipped model.
+const TARGET: &str = "aarch64-unknown-linux-gnu";
+/// The `static` variant for older userlands (JetPack 5).
+const STATIC_TARGET: &str = "aarch64-unknown-linux-musl";
+/// JetPack 6's Ubuntu 22.04 has glibc 2.35: the binary may need no newer.
+const JETPACK6_GLIBC: (u32, u32) = (2, 35);
 
 fn unit_file() -> PathBuf {
     repo_dir().join("packaging/debian/edge-agent.service")
@@ -35,27 +40,54 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Packs `target`'s release binary (with `variant`); the .deb's path.
+fn pack(dir: &Path, target: &str, variant: Option<&str>) -> PathBuf {
+    let deb = dir.join(format!("edge-agent-{target}.deb"));
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(repo_dir()).args(["deb", "-p", "edge-agent", "--target", target]);
+    if let Some(v) = variant {
+        cmd.args(["--variant", v]);
+    }
+    run(cmd.args(["--no-build", "--no-strip", "--output"]).arg(&deb));
+    deb
+}
+
+/// The newest GLIBC_x.y symbol version `bin` needs, and whether it needs
+/// any GLIBCXX (libstdc++) version.
+fn glibc_needs(bin: &Path) -> ((u32, u32), bool) {
+    let syms = run(Command::new("objdump").arg("-T").arg(bin));
+    let newest = syms
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("GLIBC_"))
+        .filter_map(|v| {
+            let mut p = v.split('.').map(|n| n.parse::<u32>().ok());
+            Some((p.next()??, p.next().flatten().unwrap_or(0)))
+        })
+        .max()
+        .unwrap_or((0, 0));
+    (newest, syms.contains("GLIBCXX_"))
+}
+
 #[test]
-fn the_package_carries_the_static_agent_config_unit_and_user() {
+fn the_package_carries_the_agent_model_config_unit_and_user() {
     let binary = repo_dir().join(format!("target/{TARGET}/release/edge-agent"));
+    let static_binary = repo_dir().join(format!("target/{STATIC_TARGET}/release/edge-agent"));
     if !require(&[
         (e2e::which("cargo-deb").is_some(), "cargo-deb (scripts/setup.sh installs it)"),
         (e2e::which("systemd-analyze").is_some(), "systemd-analyze (Debian's systemd package)"),
-        (binary.exists(), "the static aarch64 agent (cross/build.sh aarch64-unknown-linux-musl)"),
+        (e2e::which("qemu-aarch64-static").is_some(), "qemu-aarch64-static (qemu-user-static)"),
+        (binary.exists(), "the glibc aarch64 agent (cross/build.sh aarch64-unknown-linux-gnu)"),
+        (static_binary.exists(), "the static aarch64 agent (cross/build.sh aarch64-unknown-linux-musl)"),
     ]) {
         return;
     }
     let dir = tempdir("deb");
-    let deb = dir.join("edge-agent.deb");
-    run(Command::new("cargo")
-        .current_dir(repo_dir())
-        .args(["deb", "-p", "edge-agent", "--target", TARGET, "--no-build", "--no-strip", "--output"])
-        .arg(&deb));
+    let deb = pack(&dir, TARGET, None);
 
-    let field = |f: &str| run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(f)).trim().to_owned();
-    assert_eq!(field("Package"), "edge-agent");
-    assert_eq!(field("Architecture"), "arm64");
-    assert_eq!(field("Depends"), "", "the static binary needs no library");
+    let field = |deb: &Path, f: &str| run(Command::new("dpkg-deb").arg("-f").arg(deb).arg(f)).trim().to_owned();
+    assert_eq!(field(&deb, "Package"), "edge-agent");
+    assert_eq!(field(&deb, "Architecture"), "arm64");
+    assert_eq!(field(&deb, "Depends"), "libc6 (>= 2.34), libgcc-s1");
 
     let root = dir.join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
@@ -65,11 +97,55 @@ fn the_package_carries_the_static_agent_config_unit_and_user() {
         "usr/lib/systemd/system/edge-agent.service",
         "usr/lib/sysusers.d/edge-agent.conf",
         "usr/share/doc/edge-agent/docs/configuration.md",
+        "usr/share/edge-agent/model/anomaly.card.json",
+        "usr/share/edge-agent/model/anomaly.tflite",
+        "usr/share/edge-agent/model/MODEL_CARD.md",
     ] {
         assert!(root.join(f).exists(), "the package lacks /{f}");
     }
-    let kind = run(Command::new("file").arg("-b").arg(root.join("usr/bin/edge-agent")));
-    assert!(kind.contains("ARM aarch64") && kind.contains("statically linked"), "usr/bin/edge-agent: {kind}");
+    let bin = root.join("usr/bin/edge-agent");
+    let kind = run(Command::new("file").arg("-b").arg(&bin));
+    assert!(kind.contains("ARM aarch64") && kind.contains("dynamically linked"), "usr/bin/edge-agent: {kind}");
+    // It runs on JetPack 6: no glibc newer than 2.35, libstdc++ inside
+    // (the device's may be older than GCC 12's).
+    let (newest, cxx) = glibc_needs(&bin);
+    assert!(newest <= JETPACK6_GLIBC, "usr/bin/edge-agent needs GLIBC_{}.{}", newest.0, newest.1);
+    assert!(!cxx, "usr/bin/edge-agent needs the device's libstdc++ (GLIBCXX symbols)");
+    let needed = run(Command::new("readelf").arg("-d").arg(&bin));
+    assert!(!needed.contains("libstdc++"), "usr/bin/edge-agent: {needed}");
+    // The packaged binary computes the packaged model as the reference
+    // interpreter did (its golden vectors), on aarch64 (qemu-user).
+    let card = root.join("usr/share/edge-agent/model/anomaly.card.json");
+    let check = run(Command::new("qemu-aarch64-static")
+        .args(["-L", "/usr/aarch64-linux-gnu"])
+        .arg(&bin)
+        .args(["model", "check"])
+        .arg(&card));
+    assert!(check.contains("golden vectors reproduced on aarch64"), "model check: {check}");
+    // The default config's model is the packaged one.
+    let config = std::fs::read_to_string(root.join("etc/edge-agent/agent.toml")).unwrap();
+    assert!(
+        !config.contains("model =") || config.contains("/usr/share/edge-agent/model/anomaly.card.json"),
+        "agent.toml names another model:\n{config}"
+    );
+
+    // The static variant: no library needed, no model.
+    let static_deb = pack(&dir, STATIC_TARGET, Some("static"));
+    assert_eq!(field(&static_deb, "Package"), "edge-agent");
+    assert_eq!(field(&static_deb, "Depends"), "", "the static binary needs no library");
+    let static_root = dir.join("static-root");
+    run(Command::new("dpkg-deb").arg("-x").arg(&static_deb).arg(&static_root));
+    let kind = run(Command::new("file").arg("-b").arg(static_root.join("usr/bin/edge-agent")));
+    assert!(kind.contains("ARM aarch64") && kind.contains("statically linked"), "static usr/bin/edge-agent: {kind}");
+    assert!(!static_root.join("usr/share/edge-agent/model").exists(), "a model in the package that cannot run it");
+    for f in ["usr/lib/systemd/system/edge-agent.service", "usr/lib/sysusers.d/edge-agent.conf"] {
+        assert_eq!(
+            std::fs::read(static_root.join(f)).unwrap(),
+            std::fs::read(root.join(f)).unwrap(),
+            "the static package's /{f} differs"
+        );
+    }
+
     // The config is the Buildroot overlay's, kept across upgrades.
     assert_eq!(
         std::fs::read(root.join("etc/edge-agent/agent.toml")).unwrap(),
