@@ -44,7 +44,14 @@ fn parse() -> Result<Option<Args>, String> {
             "--format" => a.format = Some(value("--format")?),
             "--output" | "-o" => a.output = Some(PathBuf::from(value("--output")?)),
             "--version" | "-V" => {
-                println!("edge-agent {}", env!("CARGO_PKG_VERSION"));
+                // Whether this build can run an anomaly model (the static
+                // musl builds cannot): operators and the board tests ask.
+                let runtime = if cfg!(feature = "tflite") {
+                    "TF Lite runtime: on-device anomaly detection"
+                } else {
+                    "no TF Lite runtime: no on-device anomaly detection"
+                };
+                println!("edge-agent {} ({runtime})", env!("CARGO_PKG_VERSION"));
                 return Ok(None);
             }
             "--help" | "-h" => {

@@ -32,16 +32,36 @@ impl Arch {
     }
 
     /// The cross-built agent the image carries (`HIL_AGENT_<ARCH>`
-    /// overrides): the static musl build on arm64, the glibc build on
-    /// riscv64 (image.sh adds its libraries).
+    /// overrides): the glibc builds with TF Lite, as the Jetson package
+    /// and the RISC-V boards run them (image.sh adds their libraries).
+    /// `HIL_AGENT_ARM64=target/cross/aarch64-unknown-linux-musl/edge-agent`
+    /// boots the static build instead.
     pub fn agent(self) -> PathBuf {
         let (var, target) = match self {
-            Arch::Arm64 => ("HIL_AGENT_ARM64", "aarch64-unknown-linux-musl"),
+            Arch::Arm64 => ("HIL_AGENT_ARM64", "aarch64-unknown-linux-gnu"),
             Arch::Riscv64 => ("HIL_AGENT_RISCV64", "riscv64gc-unknown-linux-gnu"),
         };
         std::env::var_os(var)
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_dir().join(format!("target/cross/{target}/edge-agent")))
+    }
+
+    /// Whether the agent can run an anomaly model: its `--version` says,
+    /// under qemu-user.
+    pub fn agent_has_tflite(self) -> bool {
+        let (qemu, sysroot) = match self {
+            Arch::Arm64 => ("qemu-aarch64-static", "/usr/aarch64-linux-gnu"),
+            Arch::Riscv64 => ("qemu-riscv64-static", "/usr/riscv64-linux-gnu"),
+        };
+        let out = std::process::Command::new(qemu)
+            .args(["-L", sysroot])
+            .arg(self.agent())
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("{qemu} {}: {e}", self.agent().display()));
+        let v = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && v.starts_with("edge-agent "), "{} --version: {v}", self.agent().display());
+        !v.contains("no TF Lite")
     }
 
     fn qemu(self) -> &'static str {

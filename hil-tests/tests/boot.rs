@@ -110,13 +110,12 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
     if arch == Arch::Arm64 {
         checks.push(format!("edge_device_bytes_total{{{dev},file=\"/dev/ttyAMA0\",op=\"write\",process=\"syslogd\"}}"));
     }
-    // The shipped anomaly model: the riscv64 (glibc) agent carries TF Lite,
-    // passes the model's golden self-test on the board and scores every
-    // window; the static arm64 (musl) agent has no TF Lite and says so.
-    let model_line = match arch {
-        Arch::Riscv64 => "anomaly model loaded and self-tested",
-        Arch::Arm64 => "built without the TF Lite runtime",
-    };
+    // The shipped anomaly model: the agent (glibc, TF Lite) passes the
+    // model's golden self-test on the board and scores every window. A
+    // static musl agent (HIL_AGENT_ARM64) has no TF Lite and says so.
+    let with_tflite = arch.agent_has_tflite();
+    let model_line =
+        if with_tflite { "anomaly model loaded and self-tested" } else { "built without the TF Lite runtime" };
     wait_for(&format!("{model_line:?} on the console"), Duration::from_secs(60), || {
         if board.console().contains(model_line) {
             Ok(())
@@ -124,7 +123,7 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
             Err(board.console_tail())
         }
     });
-    if arch == Arch::Riscv64 {
+    if with_tflite {
         checks.push(format!("edge_anomaly_score{{{dev}}}"));
     }
     for q in &checks {
