@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
+step() { printf '\n\033[1m==> %s\033[0m (%s, %d s in)\n' "$*" "$(date -u +%T)" "$SECONDS" >&2; }
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Runs a cargo test command, keeping its output for the total at the end.
@@ -69,5 +69,6 @@ done
 rm -f "$fuzz_log"
 echo "test result: ok. $fuzz_runs passed; 0 failed; (fuzz targets, no crash)" >> "$log"
 
+echo "whole run: $SECONDS s" >&2
 grep '^test result:' "$log" | awk '{ for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
      END { printf "\ntotal: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }'
