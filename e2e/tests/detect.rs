@@ -66,8 +66,16 @@ fn line_subscriber(port: u16) -> (std::sync::mpsc::Receiver<Vec<u8>>, std::threa
     (rx, h)
 }
 
+/// The agent's warm-up after its start (no raise): its debug build's start
+/// slows this box for a few 500 ms windows (connect times up), which the
+/// model, trained on a steady minute, sees as unusual.
+const WARMUP_SECS: u64 = 6;
+
 fn detect_section(card: &Path, extra: &str) -> String {
-    format!("[detect]\nmodel = \"{}\"\nraise_after = 2\nclear_after = 3\n{extra}\n", card.display())
+    format!(
+        "[detect]\nmodel = \"{}\"\nraise_after = 2\nclear_after = 3\nwarmup_secs = {WARMUP_SECS}\n{extra}\n",
+        card.display()
+    )
 }
 
 fn model_state(a: &Agent) -> Option<String> {
@@ -182,8 +190,10 @@ fn trained_model_scores_windows_and_alarms_offline() {
     let mut agent = Agent::start(&dir, &setup);
     assert_eq!(model_state(&agent).as_deref(), Some("loaded"), "log:\n{}", agent.proc.log_text());
     let scored = |a: &Agent| a.metric("edge_agent_detect_windows_scored_total").unwrap_or(0.0);
-    wait_for("10 scored windows", Duration::from_secs(30), || {
-        if scored(&agent) >= 10.0 {
+    // Past the warm-up, then 8 more windows: quiet.
+    let warm = (WARMUP_SECS * 1000 / WINDOW_MS + 8) as f64;
+    wait_for("the warm-up and 8 scored windows", Duration::from_secs(40), || {
+        if scored(&agent) >= warm {
             Ok(())
         } else {
             Err(scored(&agent))

@@ -51,6 +51,11 @@ pub struct DetectConfig {
     pub raise_after: u32,
     /// Consecutive windows below it that clear the alarm.
     pub clear_after: u32,
+    /// For this long after the agent starts, windows are scored and
+    /// exported but cannot raise the alarm: the agent's own start (loading
+    /// and attaching probes, parsing the kernel's BTF) slows the box for a
+    /// moment, which the model rightly sees as unusual.
+    pub warmup_secs: u64,
     /// Where new models are dropped (files, or by the uplink from the
     /// device's MQTT model topic). Default: `<state_dir>/model-drop`.
     pub drop_dir: PathBuf,
@@ -115,6 +120,7 @@ impl Default for DetectConfig {
             model_sha256: String::new(),
             raise_after: 2,
             clear_after: 3,
+            warmup_secs: 20,
             drop_dir: PathBuf::new(),
             update_public_key_file: PathBuf::new(),
             action: ActionConfig::default(),
@@ -516,6 +522,9 @@ impl Config {
         if !(1..=100).contains(&self.detect.raise_after) || !(1..=100).contains(&self.detect.clear_after) {
             return Err("detect.raise_after and detect.clear_after must be between 1 and 100 windows".into());
         }
+        if self.detect.warmup_secs > 3600 {
+            return Err("detect.warmup_secs must be at most 3600 (an hour without alarms after each start)".into());
+        }
         if !self.detect.model_sha256.is_empty()
             && (self.detect.model_sha256.len() != 64
                 || !self.detect.model_sha256.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -736,6 +745,15 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("port 80"));
         let c = Config { device_id: "a/b".into(), ..Default::default() };
         assert!(c.validate().unwrap_err().starts_with("device_id"));
+    }
+
+    #[test]
+    fn detect_warmup_is_bounded() {
+        let c = Config::parse("[detect]\nwarmup_secs = 0\n", Path::new("x.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(Config::default().detect.warmup_secs, 20);
+        let c = Config::parse("[detect]\nwarmup_secs = 3601\n", Path::new("x.toml")).unwrap();
+        assert!(c.validate().unwrap_err().contains("detect.warmup_secs"));
     }
 
     #[test]

@@ -452,6 +452,9 @@ pub struct DetectStage {
     /// scored: the partial window a SIGHUP or the shutdown closes has
     /// rates over a second or two, noisier than any the model learned.
     min_window_s: f64,
+    /// Until then (the agent's start + detect.warmup_secs) no window
+    /// counts toward raising the alarm.
+    warm_at: std::time::Instant,
     pub action: action::Action,
 }
 
@@ -468,6 +471,7 @@ impl DetectStage {
             updates: None,
             raise_after: cfg.raise_after,
             clear_after: cfg.clear_after,
+            warm_at: std::time::Instant::now() + std::time::Duration::from_secs(cfg.warmup_secs),
             min_window_s: window.as_secs_f64() / 2.0,
             action: action::Action::new(&cfg.action, device),
         };
@@ -544,12 +548,18 @@ impl DetectStage {
     }
 
     /// Scores the window ending at `timestamp_ms` (its samples as stored).
+    /// Whether the warm-up after the agent's start is over.
+    pub fn warmed_up(&self) -> bool {
+        std::time::Instant::now() >= self.warm_at
+    }
+
     pub fn observe(&mut self, timestamp_ms: i64, samples: &[(SeriesKey, f64)]) -> Outcome {
         let mut out = Outcome::default();
         let Some(f) = self.features.next(timestamp_ms, samples) else { return out };
         if f.window_s < self.min_window_s {
             return out;
         }
+        let warmed_up = self.warmed_up();
         let Some(model) = self.model.as_mut() else { return out };
         let t0 = std::time::Instant::now();
         let scored = match model.score(&f) {
@@ -561,7 +571,9 @@ impl DetectStage {
         };
         out.inference_s = t0.elapsed().as_secs_f64();
         let threshold = model.card.threshold;
-        let transition = self.alarm.observe(scored.score > threshold);
+        // Scored and exported during the warm-up, but not counted toward
+        // a raise (config.rs: DetectConfig::warmup_secs).
+        let transition = self.alarm.observe(scored.score > threshold && warmed_up);
         out.samples.push((SeriesKey::new("edge_anomaly_score", vec![]), scored.score));
         out.samples.push((SeriesKey::new("edge_anomaly_alarm", vec![]), f64::from(u8::from(self.alarm.active))));
         if transition != Transition::None {

@@ -242,7 +242,10 @@ fn evaluate(args: &Args) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(out.join("agent-state"));
     workload::nft_remove();
     let mut b = workload::Box::start(args.seed)?;
-    let detect = format!("[detect]\nmodel = \"{}\"\n", model.display());
+    // The agent's warm-up after its start (no raise) ends within the
+    // runner's own (4 windows, below) before any fault is injected.
+    let warmup_secs = (args.window_ms * 3).div_ceil(1000);
+    let detect = format!("[detect]\nmodel = \"{}\"\nwarmup_secs = {warmup_secs}\n", model.display());
     let mut agent = Agent::start(args, &out, &b.sensor_link, &detect)?;
     let state = e2e::scrape(agent.metrics_port, "edge_agent_detect_model_state{state=\"loaded\"}").ok().flatten();
     if state != Some(1.0) {
