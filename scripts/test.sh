@@ -48,9 +48,10 @@ for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
 done
 
 step "emulated arm64 and riscv64 boards: cross-built agent, Debian's kernels, the Buildroot overlay; the Debian packages (hil-tests)"
-# Every device build: the static arm64 agent boots on the arm64 board and
-# is the package's static variant; the glibc arm64 agent (TF Lite) is the
-# JetPack 6 package; the riscv64 agent (TF Lite) boots on the riscv64 board.
+# Every device build: the glibc arm64 agent (TF Lite) boots on the arm64
+# board and is the JetPack 6 package; the static arm64 agent is the
+# package's static variant; the riscv64 agent (TF Lite) boots on the
+# riscv64 board.
 cross/build.sh aarch64-unknown-linux-gnu aarch64-unknown-linux-musl riscv64gc-unknown-linux-gnu
 run_tests cargo test --locked -p hil-tests -- --nocapture
 

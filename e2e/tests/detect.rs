@@ -99,8 +99,9 @@ fn export(dir: &Path, format: &str, out: &Path) {
 ///
 /// The threshold's margin is 100 (the pipeline's default is 1.5): 45 s of
 /// perfectly paced loopback connections give a model that sees a 10 %
-/// slower window (the CI machine busy with the agent's own start, say) as
-/// far outside normal, which it is, for that data. This test checks the
+/// slower window (a CI machine busy with something else) as far outside
+/// normal, which it is, for that data. (The agent's own start is covered
+/// by its warm-up, WARMUP_SECS.) This test checks the
 /// pipeline's mechanics (load, score, debounce, action, records, updates),
 /// not the model's quality (`hil-tests` scenarios evaluate that); the
 /// refusals it injects score about 10^5 times the default threshold.

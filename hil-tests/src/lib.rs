@@ -46,13 +46,19 @@ impl Arch {
             .unwrap_or_else(|| repo_dir().join(format!("target/cross/{target}/edge-agent")))
     }
 
+    /// qemu-user for this architecture and the sysroot (Debian's cross
+    /// libc) its glibc binaries load their libraries from.
+    pub fn qemu_user(self) -> (&'static str, &'static str) {
+        match self {
+            Arch::Arm64 => ("qemu-aarch64-static", "/usr/aarch64-linux-gnu"),
+            Arch::Riscv64 => ("qemu-riscv64-static", "/usr/riscv64-linux-gnu"),
+        }
+    }
+
     /// Whether the agent can run an anomaly model: its `--version` says,
     /// under qemu-user.
     pub fn agent_has_tflite(self) -> bool {
-        let (qemu, sysroot) = match self {
-            Arch::Arm64 => ("qemu-aarch64-static", "/usr/aarch64-linux-gnu"),
-            Arch::Riscv64 => ("qemu-riscv64-static", "/usr/riscv64-linux-gnu"),
-        };
+        let (qemu, sysroot) = self.qemu_user();
         let out = std::process::Command::new(qemu)
             .args(["-L", sysroot])
             .arg(self.agent())
@@ -95,11 +101,7 @@ pub fn require_board_tools(arch: Arch) -> bool {
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root (a private network namespace for the fleet side)".to_string());
     }
-    let user = match arch {
-        Arch::Arm64 => "qemu-aarch64-static",
-        Arch::Riscv64 => "qemu-riscv64-static",
-    };
-    for tool in [arch.qemu(), user, "cpio", "gpgv", "mosquitto", "prometheus"] {
+    for tool in [arch.qemu(), arch.qemu_user().0, "cpio", "gpgv", "mosquitto", "prometheus"] {
         if e2e::which(tool).is_none() {
             missing.push(format!("{tool} (scripts/setup.sh installs it)"));
         }

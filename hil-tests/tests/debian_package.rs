@@ -7,6 +7,7 @@
 //! process already held open (found through /proc/<pid>/fd).
 
 use e2e::{bin_dir, free_port, repo_dir, scrape, stored, tempdir, wait_for, Proc};
+use hil_tests::Arch;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -75,7 +76,7 @@ fn the_package_carries_the_agent_model_config_unit_and_user() {
     if !require(&[
         (e2e::which("cargo-deb").is_some(), "cargo-deb (scripts/setup.sh installs it)"),
         (e2e::which("systemd-analyze").is_some(), "systemd-analyze (Debian's systemd package)"),
-        (e2e::which("qemu-aarch64-static").is_some(), "qemu-aarch64-static (qemu-user-static)"),
+        (e2e::which(Arch::Arm64.qemu_user().0).is_some(), "qemu-aarch64-static (qemu-user-static)"),
         (binary.exists(), "the glibc aarch64 agent (cross/build.sh aarch64-unknown-linux-gnu)"),
         (static_binary.exists(), "the static aarch64 agent (cross/build.sh aarch64-unknown-linux-musl)"),
     ]) {
@@ -116,11 +117,8 @@ fn the_package_carries_the_agent_model_config_unit_and_user() {
     // The packaged binary computes the packaged model as the reference
     // interpreter did (its golden vectors), on aarch64 (qemu-user).
     let card = root.join("usr/share/edge-agent/model/anomaly.card.json");
-    let check = run(Command::new("qemu-aarch64-static")
-        .args(["-L", "/usr/aarch64-linux-gnu"])
-        .arg(&bin)
-        .args(["model", "check"])
-        .arg(&card));
+    let (qemu, sysroot) = Arch::Arm64.qemu_user();
+    let check = run(Command::new(qemu).args(["-L", sysroot]).arg(&bin).args(["model", "check"]).arg(&card));
     assert!(check.contains("golden vectors reproduced on aarch64"), "model check: {check}");
     // The default config's model is the packaged one.
     let config = std::fs::read_to_string(root.join("etc/edge-agent/agent.toml")).unwrap();

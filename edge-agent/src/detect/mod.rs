@@ -547,12 +547,12 @@ impl DetectStage {
         })
     }
 
-    /// Scores the window ending at `timestamp_ms` (its samples as stored).
     /// Whether the warm-up after the agent's start is over.
-    pub fn warmed_up(&self) -> bool {
+    fn warmed_up(&self) -> bool {
         std::time::Instant::now() >= self.warm_at
     }
 
+    /// Scores the window ending at `timestamp_ms` (its samples as stored).
     pub fn observe(&mut self, timestamp_ms: i64, samples: &[(SeriesKey, f64)]) -> Outcome {
         let mut out = Outcome::default();
         let Some(f) = self.features.next(timestamp_ms, samples) else { return out };

@@ -100,7 +100,6 @@ pub fn drop_message(drop_dir: &Path, payload: &[u8]) -> Result<(), String> {
             replace_file(&drop_dir.join(CARD), b.card).map_err(io)?;
         }
     }
-    sync_dir(drop_dir);
     Ok(())
 }
 
@@ -371,7 +370,6 @@ impl Updates {
         let io = |e: std::io::Error| format!("cannot stage the model in {}: {e}", staging.display());
         replace_file(&staging.join(&card.model_file), &model_bytes).map_err(io)?;
         replace_file(&staging.join(CARD), card_bytes).map_err(io)?;
-        sync_dir(&staging);
         let mut m = Model::load(&staging.join(CARD), Some(&self.pin)).map_err(|e| e.to_string())?;
         let (current, previous) = (self.dir.join("current"), self.dir.join("previous"));
         if current.exists() {
