@@ -105,6 +105,13 @@ fn root_is_dropped_after_load_and_reloads_still_work() {
         n => Err(n),
     });
     assert_eq!(status_field(pid, "Uid"), format!("{uid}\t{uid}\t{uid}\t{uid}"), "root came back");
+    // The programs' missed events are still read (their fdinfo) without root.
+    wait_for("missed runs exported without root", Duration::from_secs(10), || {
+        match agent.metric("edge_agent_probe_missed_runs_total{probe=\"tcp_lifecycle\"}") {
+            Some(_) => Ok(()),
+            None => Err(agent.proc.log_text()),
+        }
+    });
     assert!(stored(&dir, "edge_agent_store_bytes", &["lane=\"routine\""]).is_some(), "nothing stored");
 }
 

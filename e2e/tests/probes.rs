@@ -166,20 +166,39 @@ fn retransmits_under_injected_packet_loss_are_counted() {
     let kernel = (a.retrans_segs() + b.retrans_segs() - before) as f64;
     assert!(kernel > 0.0, "no retransmits under 10 % loss?");
     // One segment per packet here: the agent's count is the kernel's own
-    // (RetransSegs of both namespaces; only this connection runs there).
-    let counted = wait_for("the agent's count to equal the kernel's", Duration::from_secs(10), || {
+    // (RetransSegs of both namespaces; only this connection runs there),
+    // less the events the kernel did not give the programs: a retransmit
+    // from a timer's softirq that interrupts any BPF tracing program on that
+    // CPU is skipped (recursion_misses). The agent says how many; 0 is the
+    // usual case, and then the counts are equal. (The misses may also be
+    // retransmits elsewhere on the machine: an upper bound.)
+    let agent_count = || {
         // A retransmission after an end reached CLOSE (its last ACK lost)
         // finds no socket entry: labelled by port, direction "unknown".
-        let n = metric(&agent, "edge_tcp_retransmits_total", "outbound")
+        metric(&agent, "edge_tcp_retransmits_total", "outbound")
             + metric(&agent, "edge_tcp_retransmits_total", "inbound")
-            + metric(&agent, "edge_tcp_retransmits_total", "unknown");
-        if n == kernel {
-            Ok(n)
+            + metric(&agent, "edge_tcp_retransmits_total", "unknown")
+    };
+    let missed = || {
+        ["tcp_retransmits", "tcp_synack_retransmits"]
+            .iter()
+            .map(|p| agent.metric(&format!("edge_agent_probe_missed_runs_total{{probe=\"{p}\"}}")))
+            .sum::<Option<f64>>()
+            .expect("the kernel reports missed runs (5.12+)")
+    };
+    wait_for("the agent's count to reach the kernel's", Duration::from_secs(10), || {
+        let (n, m) = (agent_count(), missed());
+        if n + m >= kernel {
+            Ok(())
         } else {
-            Err(format!("agent {n}, kernel {kernel}"))
+            Err(format!("agent {n} (+{m} missed), kernel {kernel}"))
         }
     });
-    eprintln!("retransmits: agent {counted}, kernel {kernel} segments");
+    // Two windows more: nothing was still on its way.
+    std::thread::sleep(Duration::from_millis(500));
+    let (counted, m) = (agent_count(), missed());
+    eprintln!("retransmits: agent {counted}, kernel {kernel} segments, {m} missed by the programs");
+    assert!(counted <= kernel && kernel <= counted + m, "agent {counted} (+{m} missed), kernel {kernel}");
     assert_eq!(metric(&agent, "edge_tcp_connections_opened_total", "outbound"), 1.0);
     assert_eq!(metric(&agent, "edge_tcp_connections_opened_total", "inbound"), 1.0);
     // RTT and cwnd seen on the received segments of the watched port (from

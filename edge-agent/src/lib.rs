@@ -251,7 +251,13 @@ fn close_window(
         *prev = now.clone();
     }
     metrics.windows.inc();
-    metrics.observe_programs(&probes.program_stats());
+    for probe in metrics.observe_programs(&probes.program_stats()) {
+        tracing::warn!(
+            probe,
+            "the kernel skipped this probe's program for some events (a BPF tracing program was already \
+             running on that CPU); its counts are low by edge_agent_probe_missed_runs_total (docs/probes.md)"
+        );
+    }
     if let Some(d) = &reading.devices {
         metrics.observe_devices(d);
     }

@@ -64,6 +64,10 @@ pub struct AgentMetrics {
     pub tcp_tracked_capacity: Gauge,
     pub probe_runs: Family<ProbeLabels, Counter>,
     pub probe_run_seconds: Family<ProbeLabels, Counter<f64, AtomicU64>>,
+    pub probe_missed_runs: Family<ProbeLabels, Counter>,
+    /// The programs' last cumulative readings, by probe: the kernel's
+    /// counts start again at 0 when a reload loads the programs anew.
+    program_last: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, ProgramStats>>>,
     pub cpu_seconds: Counter<f64, AtomicU64>,
     pub rss_bytes: Gauge,
     pub store_bytes: Family<LaneLabels, Gauge>,
@@ -195,6 +199,11 @@ impl AgentMetrics {
             "edge_agent_probe_run_seconds",
             "Time spent in the probe's eBPF program (kernel BPF statistics)",
             m.probe_run_seconds.clone(),
+        );
+        r.register(
+            "edge_agent_probe_missed_runs",
+            "Events the probe's eBPF program missed: the kernel skipped it because a BPF program was already running on that CPU (5.12+)",
+            m.probe_missed_runs.clone(),
         );
         r.register("edge_agent_cpu_seconds", "CPU time of the agent process (user + system)", m.cpu_seconds.clone());
         r.register("edge_agent_resident_memory_bytes", "Resident memory of the agent process", m.rss_bytes.clone());
@@ -349,18 +358,30 @@ impl AgentMetrics {
         self.uplink_bytes.get_or_create(&StreamLabels { stream: stream.into() }).clone()
     }
 
-    /// Brings the programs' run counters up to the kernel's cumulative ones.
-    pub fn observe_programs(&self, stats: &[ProgramStats]) {
+    /// Adds what the programs' cumulative counts grew by since the last
+    /// reading (all of a count that went down: the programs were loaded
+    /// again). Returns the probes whose first missed events this shows.
+    pub fn observe_programs(&self, stats: &[ProgramStats]) -> Vec<&'static str> {
+        let mut first_misses = Vec::new();
+        let mut last = self.program_last.lock().unwrap_or_else(|p| p.into_inner());
         for s in stats {
+            let before = last.get(s.probe);
+            let grown = |now: u64, then: Option<u64>| now.checked_sub(then.unwrap_or(0)).unwrap_or(now);
             let l = ProbeLabels { probe: s.probe.into() };
-            let runs = self.probe_runs.get_or_create(&l);
-            runs.inc_by(s.runs.saturating_sub(runs.get()));
-            let secs = self.probe_run_seconds.get_or_create(&l);
-            let now = s.run_ns as f64 / 1e9;
-            if now > secs.get() {
-                secs.inc_by(now - secs.get());
+            self.probe_runs.get_or_create(&l).inc_by(grown(s.runs, before.map(|b| b.runs)));
+            let ns = grown(s.run_ns, before.map(|b| b.run_ns));
+            self.probe_run_seconds.get_or_create(&l).inc_by(ns as f64 / 1e9);
+            if let Some(missed) = s.missed {
+                let c = self.probe_missed_runs.get_or_create(&l);
+                let add = grown(missed, before.and_then(|b| b.missed));
+                if c.get() == 0 && add > 0 {
+                    first_misses.push(s.probe);
+                }
+                c.inc_by(add);
             }
+            last.insert(s.probe, s.clone());
         }
+        first_misses
     }
 
     /// The device probe's own health: devices and open files watched, and
@@ -563,4 +584,29 @@ async fn respond(mut stream: async_net::TcpStream, registry: &Registry) -> std::
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_counters_add_growth_and_survive_a_reload() {
+        let (m, _) = AgentMetrics::new();
+        let stats = |runs, missed| ProgramStats { probe: "tcp_retransmits", runs, run_ns: runs * 100, missed };
+        let l = ProbeLabels { probe: "tcp_retransmits".into() };
+        let read = || (m.probe_runs.get_or_create(&l).get(), m.probe_missed_runs.get_or_create(&l).get());
+        assert!(m.observe_programs(&[stats(10, Some(0))]).is_empty());
+        assert_eq!(read(), (10, 0));
+        assert_eq!(m.observe_programs(&[stats(15, Some(2))]), ["tcp_retransmits"], "first misses are told");
+        assert!(m.observe_programs(&[stats(16, Some(3))]).is_empty(), "told once");
+        assert_eq!(read(), (16, 3));
+        // A SIGHUP loaded the program again: its kernel counts restart.
+        m.observe_programs(&[stats(4, Some(1))]);
+        assert_eq!(read(), (20, 4));
+        assert!((m.probe_run_seconds.get_or_create(&l).get() - 2000e-9).abs() < 1e-12);
+        // A kernel without recursion_misses: the counter is left alone.
+        m.observe_programs(&[stats(5, None)]);
+        assert_eq!(read(), (21, 4));
+    }
 }

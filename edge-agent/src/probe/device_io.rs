@@ -679,14 +679,7 @@ impl DeviceIoProbe {
         if self.links.is_empty() {
             return None;
         }
-        let (mut runs, mut run_ns) = (0, 0);
-        for name in PROGRAMS {
-            let prog: &TracePoint = self.ebpf.program(name)?.try_into().ok()?;
-            let info = prog.info().ok()?;
-            runs += info.run_count();
-            run_ns += info.run_time().as_nanos() as u64;
-        }
-        Some(super::tcp_lifecycle::ProgramStats { probe: "device_io", runs, run_ns })
+        super::tcp_lifecycle::ProgramStats::of("device_io", PROGRAMS.iter().map(|name| self.ebpf.program(name)))
     }
 
     /// Sums the per-CPU aggregates: one pass over each hash map.

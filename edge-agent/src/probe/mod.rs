@@ -212,6 +212,21 @@ impl Probes {
     }
 }
 
+/// `recursion_misses` of a loaded program, from `/proc/self/fdinfo` (5.12+):
+/// how often the kernel skipped it because a BPF program (ours or anyone's)
+/// was already running on that CPU, e.g. a retransmit timer's softirq
+/// arriving while a syscall tracepoint program ran. None when the kernel
+/// does not say.
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    fdinfo_field(&info, "recursion_misses")
+}
+
+fn fdinfo_field(info: &str, name: &str) -> Option<u64> {
+    info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+}
+
 /// The value of `#define name <number>` in a C header of ebpf/include
 /// (tests: the Rust mirrors of the kernel side's constants).
 #[cfg(test)]
@@ -341,4 +356,21 @@ pub fn report(cfg: &Config) -> String {
         out += &format!("{name:<24} {where_:<36} {state}\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fdinfo_field;
+
+    #[test]
+    fn fdinfo_fields_are_read_by_exact_name() {
+        // As a 6.x kernel prints a program's fdinfo.
+        let info = "pos:\t0\nflags:\t02000002\nprog_type:\t5\nrun_time_ns:\t27110\nrun_cnt:\t14\n\
+                    recursion_misses:\t3\nverified_insns:\t5150\n";
+        assert_eq!(fdinfo_field(info, "recursion_misses"), Some(3));
+        assert_eq!(fdinfo_field(info, "run_cnt"), Some(14));
+        assert_eq!(fdinfo_field(info, "run"), None);
+        // 5.10: no such line.
+        assert_eq!(fdinfo_field("prog_type:\t5\nrun_cnt:\t0\n", "recursion_misses"), None);
+    }
 }

@@ -269,19 +269,9 @@ impl ProtocolsProbe {
         Ok(ProtocolsProbe { cells, bytes, cgroup, _cells_map: cells_map, ebpf })
     }
 
-    /// Run count and time of both programs together.
+    /// Run statistics of both programs together.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        let mut s = ProgramStats { probe: PROBE, runs: 0, run_ns: 0 };
-        for (name, _) in PROGRAMS {
-            let Some(info) =
-                self.ebpf.program(name).and_then(|p| <&CgroupSkb>::try_from(p).ok()).and_then(|p| p.info().ok())
-            else {
-                continue;
-            };
-            s.runs += info.run_count();
-            s.run_ns += info.run_time().as_nanos() as u64;
-        }
-        vec![s]
+        ProgramStats::of(PROBE, PROGRAMS.iter().map(|(name, _)| self.ebpf.program(name))).into_iter().collect()
     }
 
     pub fn read(&self) -> Result<ProtocolReading, ProbeError> {

@@ -4,8 +4,9 @@
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::TracePoint;
+use aya::programs::{Program, TracePoint};
 use aya::{Ebpf, EbpfLoader};
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use super::tracefs::{self, Layout};
@@ -269,12 +270,34 @@ impl Default for TcpCounters {
     }
 }
 
-/// What the kernel says about one attached program (BPF_ENABLE_STATS).
+/// What the kernel says about the attached programs of one probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProgramStats {
     pub probe: &'static str,
+    /// Runs and time in them (BPF_ENABLE_STATS: 0 while statistics are off).
     pub runs: u64,
     pub run_ns: u64,
+    /// Runs the kernel skipped because a BPF program was already running on
+    /// that CPU (`recursion_misses` in the program's fdinfo, 5.12+; None
+    /// before): the events the probe never saw.
+    pub missed: Option<u64>,
+}
+
+impl ProgramStats {
+    /// The programs together, under one probe name; None when one of them
+    /// cannot be asked (not loaded).
+    pub fn of<'a>(probe: &'static str, programs: impl IntoIterator<Item = Option<&'a Program>>) -> Option<Self> {
+        let mut s = ProgramStats { probe, runs: 0, run_ns: 0, missed: Some(0) };
+        for prog in programs {
+            let prog = prog?;
+            let info = prog.info().ok()?;
+            s.runs += info.run_count();
+            s.run_ns += info.run_time().as_nanos() as u64;
+            let missed = prog.fd().ok().and_then(|fd| super::recursion_misses(fd.as_fd()));
+            s.missed = s.missed.zip(missed).map(|(a, b)| a + b);
+        }
+        Some(s)
+    }
 }
 
 impl TcpCounters {
@@ -661,21 +684,12 @@ impl TcpLifecycleProbe {
         Ok(TcpLifecycleProbe { counters, hists, stats, peers, classes, states, ebpf })
     }
 
-    /// Run count and run time of every attached program (cumulative, while
-    /// statistics are on).
+    /// Run statistics of every attached program (cumulative).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         TRACEPOINTS
             .iter()
             .filter(|tp| self.states.iter().any(|(n, s)| *n == tp.probe && *s == ProbeState::Attached))
-            .filter_map(|tp| {
-                let prog: &TracePoint = self.ebpf.program(tp.program)?.try_into().ok()?;
-                let info = prog.info().ok()?;
-                Some(ProgramStats {
-                    probe: tp.probe,
-                    runs: info.run_count(),
-                    run_ns: info.run_time().as_nanos() as u64,
-                })
-            })
+            .filter_map(|tp| ProgramStats::of(tp.probe, [self.ebpf.program(tp.program)]))
             .collect()
     }
 
