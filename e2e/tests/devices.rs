@@ -220,3 +220,165 @@ fn hooks_attach_only_while_a_watched_device_exists() {
         (device_io_attached(&a) == Some(0.0) && perf_events(a.proc.pid()) == 0).then_some(()).ok_or("still attached")
     });
 }
+
+/// Two threads whose ids share an in-flight slot (tid mod 1,024), both
+/// blocked in a read of a watched file at once: the second times its read in
+/// the overflow hash, and both reads count, exactly.
+#[test]
+fn threads_sharing_an_inflight_slot_are_both_counted() {
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("devices-slots");
+    let fifo = dir.join("fifo0");
+    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: a valid path; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let a = agent(&dir, &fifo.display().to_string(), false);
+    wait_for("the device hooks to attach", Duration::from_secs(20), || {
+        (device_io_attached(&a) == Some(1.0)).then_some(()).ok_or("not attached")
+    });
+    // Read and write ends in one (a FIFO opened read-write does not block).
+    let f = Arc::new(std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap());
+    let tid = || unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+    let reader = |f: Arc<std::fs::File>| {
+        move || {
+            let mut b = [0u8; 1];
+            // SAFETY: reads into a 1-byte buffer from an open descriptor.
+            unsafe { libc::read(f.as_raw_fd(), b.as_mut_ptr().cast(), 1) }
+        }
+    };
+    let first = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let read = reader(f.clone());
+        let h = std::thread::spawn(move || {
+            tx.send(tid()).unwrap();
+            read()
+        });
+        (h, rx.recv().unwrap())
+    };
+    // New threads until one has an id 1,024 apart (ids are handed out in
+    // order; other processes may take some).
+    let second = loop {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let read = reader(f.clone());
+        let want = first.1 % 1024;
+        let h = std::thread::spawn(move || {
+            let me = tid();
+            tx.send(me).unwrap();
+            (me % 1024 == want).then(read)
+        });
+        let me = rx.recv().unwrap();
+        if me % 1024 == want {
+            break (h, me);
+        }
+        h.join().unwrap();
+        assert!(me < first.1 + 100_000, "no thread id sharing slot {want}");
+    };
+    assert_ne!(first.1, second.1);
+    // Both inside read(2) now (blocked on the empty FIFO).
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: writes 2 bytes from a valid buffer.
+    assert_eq!(unsafe { libc::write(f.as_raw_fd(), b"xy".as_ptr().cast(), 2) }, 2);
+    assert_eq!(first.0.join().unwrap(), 1);
+    assert_eq!(second.0.join().unwrap(), Some(1));
+
+    let file = format!("file=\"{}\"", fifo.display());
+    let count = |op: &str| stored(&dir, "edge_device_operation_seconds_count", &[&file, &format!("op=\"{op}\"")]);
+    wait_for("both reads counted", Duration::from_secs(20), || {
+        (count("read") == Some(2.0) && count("write") == Some(1.0)).then_some(()).ok_or(format!(
+            "read {:?} write {:?}",
+            count("read"),
+            count("write")
+        ))
+    });
+    assert_eq!(a.metric("edge_agent_device_inflight_spilled_total"), Some(1.0), "the second read went to the hash");
+    assert_eq!(a.metric("edge_agent_device_inflight_stale_total"), Some(0.0));
+    // Both waited for the write: the latency sum holds two ~0.5 s reads.
+    let sum = stored(&dir, "edge_device_operation_seconds_sum", &[&file, "op=\"read\""]).unwrap();
+    assert!((0.8..4.0).contains(&sum), "read latency sum {sum} s");
+}
+
+/// The newest stored value of every series of `metric` with `labels`, summed.
+fn stored_sum(dir: &Path, metric: &str, labels: &[&str]) -> f64 {
+    let out = Command::new(bin_dir().join("edge-agent"))
+        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
+        .output()
+        .unwrap();
+    let wanted: Vec<String> = labels.iter().map(|l| l.replace('"', "\"\"")).collect();
+    let mut newest = std::collections::BTreeMap::new();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut cols = l.splitn(4, ',');
+        let (Some(_), Some(_), Some(name), Some(rest)) = (cols.next(), cols.next(), cols.next(), cols.next()) else {
+            continue;
+        };
+        let Some((series, value)) = rest.rsplit_once(',') else { continue };
+        if name == metric && wanted.iter().all(|w| series.contains(w.as_str())) {
+            newest.insert(series.to_owned(), value.trim().parse::<f64>().unwrap_or(0.0));
+        }
+    }
+    newest.values().sum()
+}
+
+/// A read blocked while the hooks detach (the watched file vanished) and
+/// attach again (a new file by that name) ends unseen: the agent freed its
+/// in-flight record at the detach, so the thread's next exit counts nothing
+/// that did not happen while watched.
+#[test]
+fn an_operation_in_flight_across_a_detach_is_not_counted() {
+    use std::os::fd::AsRawFd;
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("devices-detach");
+    let fifo = dir.join("fifo0");
+    let mkfifo = || {
+        let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+        // SAFETY: a valid path; mkfifo has no other preconditions.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    };
+    mkfifo();
+    let a = agent(&dir, &fifo.display().to_string(), false);
+    let attached = |want: f64| {
+        wait_for("the device hooks to follow the file", Duration::from_secs(20), || {
+            (device_io_attached(&a) == Some(want)).then_some(()).ok_or("not yet")
+        })
+    };
+    attached(1.0);
+    let f = std::sync::Arc::new(std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap());
+    let g = f.clone();
+    let blocked = std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        // SAFETY: reads into a 1-byte buffer from an open descriptor; then
+        // a second read, of a byte already there.
+        let first = unsafe { libc::read(g.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+        let second = unsafe { libc::read(g.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+        (first, second)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(&fifo).unwrap();
+    attached(0.0);
+    mkfifo();
+    attached(1.0);
+    // SAFETY: writes 2 bytes from a valid buffer: both reads return.
+    assert_eq!(unsafe { libc::write(f.as_raw_fd(), b"xy".as_ptr().cast(), 2) }, 2);
+    assert_eq!(blocked.join().unwrap(), (1, 1));
+    // Two windows for anything to show.
+    std::thread::sleep(Duration::from_millis(1000));
+    let file = format!("file=\"{}\"", fifo.display());
+    // The open (while watched) counted. Of the reads, only the second: the
+    // /proc scan at the attach found the old file's descriptor (a removed
+    // device node still counts), so it was watched from its start; it
+    // returned at once. The first began before the detach: not counted,
+    // neither at its own exit nor at the second read's.
+    // (By process: the test thread's name at the open, the process's from
+    // the scan; summed over both.)
+    let all = |metric: &str, op: &str| stored_sum(&dir, metric, &[&file, &format!("op=\"{op}\"")]);
+    assert_eq!(all("edge_device_operation_seconds_count", "open"), 1.0);
+    assert_eq!(all("edge_device_operation_seconds_count", "read"), 1.0);
+    let sum = all("edge_device_operation_seconds_sum", "read");
+    assert!(sum < 0.1, "the counted read is the quick one: {sum} s");
+    assert_eq!(a.metric("edge_agent_device_inflight_stale_total"), Some(0.0));
+}

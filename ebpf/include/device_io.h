@@ -25,13 +25,14 @@
 #define DIO_MAX_DEVICES 128
 #define DIO_MAX_PATHS 512  /* watched paths: each device's names and links */
 #define DIO_MAX_FDS 4096   /* open watched files, (tgid, fd) */
-#define DIO_MAX_INFLIGHT 1024 /* threads inside a watched operation */
+#define DIO_MAX_INFLIGHT 256 /* threads inside a watched operation whose slot another holds */
 #define DIO_MAX_AGG 256    /* (device, op, process) series */
 #define DIO_MAX_ERRS 256   /* (device, op, process, errno) series */
 
 /* The reject filter: one byte per (tgid mod DIO_PID_SLOTS) and per
- * (fd mod DIO_FD_SLOTS), nonzero when some watched file may match; a u32
- * per (tid mod DIO_TID_SLOTS) counting threads inside a watched operation. */
+ * (fd mod DIO_FD_SLOTS), nonzero when some watched file may match. Then one
+ * in-flight record per (tid mod DIO_TID_SLOTS): the watched operation that
+ * thread is inside (a thread whose slot another holds goes to a hash). */
 #define DIO_PID_SLOTS 4096
 #define DIO_FD_SLOTS 1024
 #define DIO_TID_SLOTS 1024
@@ -41,7 +42,9 @@
 #define DIO_STAT_AGG_FULL 2      /* an operation not counted: series cap */
 #define DIO_STAT_ERRS_FULL 3     /* an error not counted by errno: series cap */
 #define DIO_STAT_FDS_ADDED 4     /* watched descriptors registered by the open hook */
-#define DIO_STATS 5
+#define DIO_STAT_STALE 5         /* an exit found its thread's record of another call: dropped */
+#define DIO_STAT_SPILLED 6       /* an operation timed in the hash: its thread slot was held */
+#define DIO_STATS 7
 
 /* Largest tracepoint record prefix a program copies. */
 #define DIO_REC_MAX 48

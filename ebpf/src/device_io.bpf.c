@@ -15,8 +15,10 @@
 // so the reject path is two byte loads from one mmapable array (dio_filter):
 // is any watched file held by a process whose tgid falls in this slot, and
 // has any watched file a descriptor number in this slot? Only when both say
-// maybe does the program look up the hash. The exit hook's reject path is one
-// load of the per-thread-slot in-flight count.
+// maybe does the program look up the hash. A watched operation is timed in
+// its thread's slot of the same array (no map update, no atomics); the exit
+// hook's reject path is one load of that slot's thread id, and of the count
+// of operations that went to the hash because another thread held the slot.
 //
 // Portable like tcp_lifecycle.bpf.c: no vmlinux.h, no CO-RE; the offsets of
 // `fd`, `filename` and `ret` come from the tracefs format files at start-up.
@@ -40,11 +42,32 @@ const volatile __u32 off_filename = 24;
 const volatile __u32 off_oldfd = 16;
 // sys_exit_*: the return value.
 const volatile __u32 off_ret = 16;
+// Every hook: the system call's number (0: the records have none; the exit
+// then does not check that it ends the call its record began).
+const volatile __u32 off_nr = 8;
+
+struct dio_file {
+	__u32 dev;
+	__u32 pad;
+	char comm[DIO_COMM_LEN]; // process name when the file was found
+};
+
+// A thread inside a watched operation.
+struct dio_op {
+	__u32 tid; // in a slot: 0 when free
+	__u32 op;
+	__u64 start_ns;
+	struct dio_file file;
+	__s32 nr; // the system call it began
+	__u32 pad;
+};
 
 struct dio_filter {
 	__u8 pid[DIO_PID_SLOTS];
 	__u8 fd[DIO_FD_SLOTS];
-	__u32 inflight[DIO_TID_SLOTS];
+	__u32 spilled; // operations in dio_inflight now
+	__u32 pad;
+	struct dio_op slot[DIO_TID_SLOTS];
 };
 
 // One element, mmapped by the agent: it sets and clears filter bytes with
@@ -56,12 +79,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct dio_filter);
 } dio_filter SEC(".maps");
-
-struct dio_file {
-	__u32 dev;
-	__u32 pad;
-	char comm[DIO_COMM_LEN]; // process name when the file was found
-};
 
 // (tgid << 32 | fd) -> watched file.
 struct {
@@ -83,14 +100,8 @@ struct {
 	__type(value, __u32);
 } dio_paths SEC(".maps");
 
-struct dio_op {
-	__u64 start_ns;
-	struct dio_file file;
-	__u32 op;
-	__u32 pad;
-};
-
-// Thread id -> the watched operation it is inside.
+// Thread id -> the watched operation it is inside, when another thread's
+// operation holds its slot.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, DIO_MAX_INFLIGHT);
@@ -169,15 +180,46 @@ static __always_inline struct dio_filter *filter(void)
 	return bpf_map_lookup_elem(&dio_filter, &zero);
 }
 
-static __always_inline void begin(struct dio_filter *f, __u32 tid, struct dio_file *file, __u32 op)
+// The system call's number, from the record (every syscall tracepoint
+// has one, at 8 on every kernel seen).
+static __always_inline __s32 rec_nr(void *ctx)
 {
-	struct dio_op o = { .start_ns = bpf_ktime_get_ns(), .op = op };
+	if (off_nr == 8)
+		return *(__s32 *)((char *)ctx + 8);
+	__s32 v = 0;
+	if (off_nr && off_nr <= DIO_REC_MAX - 4)
+		bpf_probe_read_kernel(&v, sizeof(v), (char *)ctx + off_nr);
+	return v;
+}
+
+// Times the operation in the thread's slot. Only this thread frees or
+// takes its own slot back; another thread whose tid shares the slot sees
+// it held and goes to the hash. (Two such threads starting in the same
+// instant on two CPUs could both take a free slot: the later write wins
+// and the other's exit finds no record, an operation not counted. Slots
+// are tid mod 1024, so this needs two threads 1024 apart in watched
+// calls at once.)
+static __always_inline void begin(void *ctx, struct dio_filter *f, __u32 tid, struct dio_file *file, __u32 op)
+{
+	struct dio_op *s = &f->slot[tid % DIO_TID_SLOTS];
+	__u32 holder = s->tid;
+	if (holder == 0 || holder == tid) {
+		s->tid = tid;
+		s->op = op;
+		s->nr = rec_nr(ctx);
+		__builtin_memcpy(&s->file, file, sizeof(s->file));
+		s->start_ns = bpf_ktime_get_ns();
+		return;
+	}
+	struct dio_op o = { .tid = tid, .op = op, .nr = rec_nr(ctx) };
 	__builtin_memcpy(&o.file, file, sizeof(o.file));
+	o.start_ns = bpf_ktime_get_ns();
 	if (bpf_map_update_elem(&dio_inflight, &tid, &o, BPF_ANY) != 0) {
 		stat(DIO_STAT_INFLIGHT_FULL);
 		return;
 	}
-	__sync_fetch_and_add(&f->inflight[tid % DIO_TID_SLOTS], 1);
+	stat(DIO_STAT_SPILLED);
+	__sync_fetch_and_add(&f->spilled, 1);
 }
 
 // sys_enter of read/write/ioctl-like calls (and dup2/dup3): the watched
@@ -196,7 +238,7 @@ static __always_inline int enter_fd(void *ctx, __u32 off, __u32 op)
 	struct dio_file *file = bpf_map_lookup_elem(&dio_fds, &key);
 	if (!file)
 		return 0;
-	begin(f, (__u32)id, file, op);
+	begin(ctx, f, (__u32)id, file, op);
 	return 0;
 }
 
@@ -244,7 +286,7 @@ int dio_enter_openat(void *ctx)
 		return 0;
 	struct dio_file file = { .dev = *dev };
 	bpf_get_current_comm(file.comm, sizeof(file.comm));
-	begin(f, (__u32)bpf_get_current_pid_tgid(), &file, DIO_OP_OPEN);
+	begin(ctx, f, (__u32)bpf_get_current_pid_tgid(), &file, DIO_OP_OPEN);
 	return 0;
 }
 
@@ -293,18 +335,34 @@ int dio_exit(void *ctx)
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tid = (__u32)id;
 	struct dio_filter *f = filter();
-	if (!f || !f->inflight[tid % DIO_TID_SLOTS])
+	if (!f)
 		return 0;
-	struct dio_op *o = bpf_map_lookup_elem(&dio_inflight, &tid);
-	if (!o)
-		return 0;
+	struct dio_op *s = &f->slot[tid % DIO_TID_SLOTS];
+	struct dio_op o;
+	if (s->tid == tid) {
+		__builtin_memcpy(&o, s, sizeof(o));
+		s->tid = 0;
+	} else {
+		if (!f->spilled)
+			return 0;
+		struct dio_op *h = bpf_map_lookup_elem(&dio_inflight, &tid);
+		if (!h)
+			return 0;
+		__builtin_memcpy(&o, h, sizeof(o));
+		bpf_map_delete_elem(&dio_inflight, &tid);
+		__sync_fetch_and_add(&f->spilled, -1);
+	}
 	__u64 now = bpf_ktime_get_ns();
+	if (off_nr && o.nr != rec_nr(ctx)) {
+		// The record's own exit was never seen (the kernel skipped the
+		// program, or it was attached mid-call): not this call's.
+		stat(DIO_STAT_STALE);
+		return 0;
+	}
 	__s64 ret = (__s64)rec_u64(ctx, off_ret);
-	struct dio_key k = { .dev = o->file.dev, .op = o->op };
-	__builtin_memcpy(k.comm, o->file.comm, sizeof(k.comm));
-	__u64 us = (now - o->start_ns) / 1000;
-	bpf_map_delete_elem(&dio_inflight, &tid);
-	__sync_fetch_and_add(&f->inflight[tid % DIO_TID_SLOTS], -1);
+	struct dio_key k = { .dev = o.file.dev, .op = o.op };
+	__builtin_memcpy(k.comm, o.file.comm, sizeof(k.comm));
+	__u64 us = (now - o.start_ns) / 1000;
 
 	if ((k.op == DIO_OP_OPEN || k.op == DIO_OP_DUP) && ret >= 0) {
 		__u32 tgid = id >> 32;

@@ -99,6 +99,8 @@ pub struct AgentMetrics {
     pub device_files_open: Gauge,
     pub device_files_found: Family<HowLabels, Counter>,
     pub device_map_full: Family<MapLabels, Counter>,
+    pub device_inflight_stale: Counter,
+    pub device_inflight_spilled: Counter,
     pub detect_model_state: Family<StateLabels, Gauge>,
     pub anomaly_score: Gauge<f64, AtomicU64>,
     pub anomaly_threshold: Gauge<f64, AtomicU64>,
@@ -322,6 +324,16 @@ impl AgentMetrics {
             m.device_map_full.clone(),
         );
         r.register(
+            "edge_agent_device_inflight_stale",
+            "Device operations dropped: the exit's thread held the record of another call, whose exit was never seen",
+            m.device_inflight_stale.clone(),
+        );
+        r.register(
+            "edge_agent_device_inflight_spilled",
+            "Device operations timed in the overflow table: another thread held the thread's slot",
+            m.device_inflight_spilled.clone(),
+        );
+        r.register(
             "edge_agent_detect_model_state",
             "1 for the anomaly model's state (loaded, disabled, missing, refused), 0 for the others",
             m.detect_model_state.clone(),
@@ -400,6 +412,8 @@ impl AgentMetrics {
         {
             up(&self.device_map_full.get_or_create(&MapLabels { map: map.into() }), v);
         }
+        up(&self.device_inflight_stale, d.stale_records);
+        up(&self.device_inflight_spilled, d.spilled);
     }
 
     /// The agent's own CPU time and resident memory (/proc/self).

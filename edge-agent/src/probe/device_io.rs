@@ -35,6 +35,10 @@ const STAT_INFLIGHT_FULL: u32 = 1;
 const STAT_AGG_FULL: u32 = 2;
 const STAT_ERRS_FULL: u32 = 3;
 const STAT_FDS_ADDED: u32 = 4;
+const STAT_STALE: u32 = 5;
+const STAT_SPILLED: u32 = 6;
+/// struct dio_op: an in-flight record (a thread slot of the filter).
+const OP_RECORD: usize = 48;
 const REC_MAX: u32 = 48;
 
 /// An operation on a device file.
@@ -140,10 +144,21 @@ pub fn layout_globals(layouts: &[(Hook, Layout)]) -> Result<Vec<(&'static str, u
             _ => {}
         }
     }
+    // The call's number, in every record: checked at exit against the
+    // record of the call that began (0: not checked).
+    let nr: BTreeSet<Option<u32>> = layouts
+        .iter()
+        .map(|(_, l)| l.field("__syscall_nr").filter(|f| f.size == 4 && f.offset + 4 <= REC_MAX).map(|f| f.offset))
+        .collect();
+    let off_nr = match nr.into_iter().collect::<Vec<_>>()[..] {
+        [Some(o)] => o,
+        _ => 0,
+    };
     let g = |name: &'static str, field: &str| off.get(field).map(|o| (name, *o));
     Ok([g("off_fd", "fd"), g("off_filename", "filename"), g("off_oldfd", "oldfd"), g("off_ret", "ret")]
         .into_iter()
         .flatten()
+        .chain([("off_nr", off_nr)])
         .collect())
 }
 
@@ -240,21 +255,38 @@ pub struct DeviceReading {
     pub inflight_full: u64,
     pub series_full: u64,
     pub errors_full: u64,
+    /// Cumulative: an exit whose thread's in-flight record began another
+    /// call (that call's exit never seen): dropped. Operations timed in the
+    /// overflow hash because another thread held the thread's slot.
+    pub stale_records: u64,
+    pub spilled: u64,
     /// Watched files registered by the open hook / by the /proc scan.
     pub files_from_open: u64,
     pub files_from_scan: u64,
 }
 
 /// The kernel's filter array, mapped into the agent: one byte per tgid
-/// slot and per fd slot. Both sides only store whole bytes.
+/// slot and per fd slot (both sides only store whole bytes), then the
+/// count of spilled operations and the threads' in-flight slots (the
+/// kernel's alone while the hooks are attached).
 struct Filter {
     mem: super::MappedArray,
 }
 
 impl Filter {
+    const INFLIGHT: usize = PID_SLOTS + FD_SLOTS;
+    const SIZE: usize = Self::INFLIGHT + 8 + OP_RECORD * TID_SLOTS;
+
     fn map(map: &MapData) -> Result<Filter, ProbeError> {
-        let size = PID_SLOTS + FD_SLOTS + 4 * TID_SLOTS;
-        Ok(Filter { mem: super::MappedArray::map(map, size, true, "device filter")? })
+        Ok(Filter { mem: super::MappedArray::map(map, Self::SIZE, true, "device filter")? })
+    }
+
+    /// Frees every thread slot and the spilled count: only with the hooks
+    /// detached.
+    fn clear_inflight(&self) {
+        // SAFETY: within the mapping (SIZE bytes); no program writes there
+        // while detached, and the agent holds no reference into it.
+        unsafe { std::ptr::write_bytes(self.mem.ptr().add(Self::INFLIGHT), 0, Self::SIZE - Self::INFLIGHT) }
     }
 
     fn byte(&self, i: usize) -> &std::sync::atomic::AtomicU8 {
@@ -393,6 +425,8 @@ pub struct DeviceIoProbe {
     filter: Filter,
     _filter_map: MapData,
     fds: BpfHashMap<MapData, u64, FileVal>,
+    /// Operations of threads whose slot another held: tid -> record.
+    inflight: BpfHashMap<MapData, u32, [u8; OP_RECORD]>,
     paths: BpfHashMap<MapData, PathKey, u32>,
     agg: PerCpuHashMap<MapData, AggKey, AggVal>,
     errs: PerCpuHashMap<MapData, ErrKey, u64>,
@@ -445,6 +479,7 @@ impl DeviceIoProbe {
         };
         let filter = Filter::map(&filter_map)?;
         let fds = BpfHashMap::try_from(take("dio_fds")?).map_err(load)?;
+        let inflight = BpfHashMap::try_from(take("dio_inflight")?).map_err(load)?;
         let paths = BpfHashMap::try_from(take("dio_paths")?).map_err(load)?;
         let agg = PerCpuHashMap::try_from(take("dio_agg")?).map_err(load)?;
         let errs = PerCpuHashMap::try_from(take("dio_errs")?).map_err(load)?;
@@ -459,6 +494,7 @@ impl DeviceIoProbe {
             filter,
             _filter_map: filter_map,
             fds,
+            inflight,
             paths,
             agg,
             errs,
@@ -589,7 +625,14 @@ impl DeviceIoProbe {
         for k in keys {
             let _ = self.fds.remove(&k);
         }
+        // Operations in flight now will not be seen ending: their records
+        // go, or the next hooked exit of their thread would count them.
+        let keys: Vec<u32> = self.inflight.keys().flatten().collect();
+        for k in keys {
+            let _ = self.inflight.remove(&k);
+        }
         self.filter.clear_all();
+        self.filter.clear_inflight();
         self.last_scan = None;
     }
 
@@ -730,6 +773,8 @@ impl DeviceIoProbe {
         out.series_full = stat(STAT_AGG_FULL)?;
         out.errors_full = stat(STAT_ERRS_FULL)?;
         out.files_from_open = stat(STAT_FDS_ADDED)?;
+        out.stale_records = stat(STAT_STALE)?;
+        out.spilled = stat(STAT_SPILLED)?;
         out.files_from_scan = self.files_from_scan;
         out.files_open = self.fds.keys().count() as u64;
         out.devices_present = self.table.names.values().collect::<BTreeSet<_>>().len() as u64;
@@ -832,6 +877,9 @@ mod tests {
         assert_eq!(def("DIO_STAT_AGG_FULL"), STAT_AGG_FULL as usize);
         assert_eq!(def("DIO_STAT_ERRS_FULL"), STAT_ERRS_FULL as usize);
         assert_eq!(def("DIO_STAT_FDS_ADDED"), STAT_FDS_ADDED as usize);
+        assert_eq!(def("DIO_STAT_STALE"), STAT_STALE as usize);
+        assert_eq!(def("DIO_STAT_SPILLED"), STAT_SPILLED as usize);
+        assert_eq!(def("DIO_STATS"), 7);
         assert_eq!(def("DIO_REC_MAX"), REC_MAX as usize);
     }
 
@@ -844,7 +892,22 @@ mod tests {
         let all: Vec<(Hook, Layout)> = HOOKS.iter().map(|h| (*h, layout(h.field, 16))).collect();
         let mut g = layout_globals(&all).unwrap();
         g.sort();
-        assert_eq!(g, [("off_fd", 16), ("off_filename", 16), ("off_oldfd", 16), ("off_ret", 16)]);
+        assert_eq!(g, [("off_fd", 16), ("off_filename", 16), ("off_nr", 0), ("off_oldfd", 16), ("off_ret", 16)]);
+
+        // The call's number: checked at exit when every record has it at
+        // the same place, as every kernel's have (at 8).
+        let nr = |h: &Hook, at: u32| {
+            Layout::parse(&format!(
+                "\tfield:int __syscall_nr;\toffset:{at};\tsize:4;\tsigned:1;\n\
+                 \tfield:unsigned int {};\toffset:16;\tsize:8;\tsigned:0;\n",
+                h.field
+            ))
+        };
+        let with_nr: Vec<(Hook, Layout)> = HOOKS.iter().map(|h| (*h, nr(h, 8))).collect();
+        assert!(layout_globals(&with_nr).unwrap().contains(&("off_nr", 8)));
+        let mut one_differs = with_nr.clone();
+        one_differs[5].1 = nr(&HOOKS[5], 12);
+        assert!(layout_globals(&one_differs).unwrap().contains(&("off_nr", 0)));
 
         // A PREEMPT_RT-style shift applies to every call alike.
         let shifted: Vec<(Hook, Layout)> = HOOKS.iter().map(|h| (*h, layout(h.field, 24))).collect();
