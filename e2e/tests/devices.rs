@@ -221,6 +221,13 @@ fn hooks_attach_only_while_a_watched_device_exists() {
     });
 }
 
+/// A named pipe: a watched "device" whose reads block until the test writes.
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.display().to_string()).unwrap();
+    // SAFETY: a valid path; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+}
+
 /// Two threads whose ids share an in-flight slot (tid mod 1,024), both
 /// blocked in a read of a watched file at once: the second times its read in
 /// the overflow hash, and both reads count, exactly.
@@ -233,9 +240,7 @@ fn threads_sharing_an_inflight_slot_are_both_counted() {
     }
     let dir = tempdir("devices-slots");
     let fifo = dir.join("fifo0");
-    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
-    // SAFETY: a valid path; mkfifo has no other preconditions.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    mkfifo(&fifo);
     let a = agent(&dir, &fifo.display().to_string(), false);
     wait_for("the device hooks to attach", Duration::from_secs(20), || {
         (device_io_attached(&a) == Some(1.0)).then_some(()).ok_or("not attached")
@@ -334,12 +339,7 @@ fn an_operation_in_flight_across_a_detach_is_not_counted() {
     }
     let dir = tempdir("devices-detach");
     let fifo = dir.join("fifo0");
-    let mkfifo = || {
-        let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
-        // SAFETY: a valid path; mkfifo has no other preconditions.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
-    };
-    mkfifo();
+    mkfifo(&fifo);
     let a = agent(&dir, &fifo.display().to_string(), false);
     let attached = |want: f64| {
         wait_for("the device hooks to follow the file", Duration::from_secs(20), || {
@@ -360,7 +360,7 @@ fn an_operation_in_flight_across_a_detach_is_not_counted() {
     std::thread::sleep(Duration::from_millis(300));
     std::fs::remove_file(&fifo).unwrap();
     attached(0.0);
-    mkfifo();
+    mkfifo(&fifo);
     attached(1.0);
     // SAFETY: writes 2 bytes from a valid buffer: both reads return.
     assert_eq!(unsafe { libc::write(f.as_raw_fd(), b"xy".as_ptr().cast(), 2) }, 2);
