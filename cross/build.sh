@@ -10,17 +10,19 @@
 #
 # Debian's cross gcc compiles the C parts (ring) and links the glibc
 # targets; its g++ builds TF Lite (the anomaly model's runtime, crate
-# tflite) for them, with libstdc++ linked in statically. The static musl
-# target links with rust-lld and Rust's own musl start files, and has no
-# TF Lite: Debian has no C++ toolchain for aarch64 musl (its agent reports
-# any model as refused, saying so). The eBPF objects are the same for every
+# tflite) for them, with libstdc++ linked in statically. Debian has no C++
+# toolchain for aarch64 musl: the static target is built by zig (clang with
+# musl and libc++ for the target, from PyPI, pinned: cross/zig/) through
+# cargo-zigbuild, TF Lite included, so one file runs on any arm64 Linux
+# (JetPack 5's glibc 2.31 too). The eBPF objects are the same for every
 # target (built once by clang, little-endian BPF) and are inside the
 # binary. Each binary is started once under qemu-user (--version) so a
-# broken link shows here, and each TF Lite build reproduces the shipped
-# model's golden vectors there. Output: target/cross/<target>/edge-agent
-# and target/cross/sizes.md. Installs what is missing first
-# (scripts/setup.sh). CI builds all three (hil-tests: the emulated boards
-# and the Debian packages).
+# broken link shows here, and each build reproduces the shipped model's
+# golden vectors there (TF Lite computes as the reference interpreter did
+# on x86). Output: target/cross/<target>/edge-agent and
+# target/cross/sizes.md. Installs what is missing first (scripts/setup.sh).
+# CI builds all three (hil-tests: the emulated boards and the Debian
+# packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,8 +32,6 @@ targets=("$@")
 scripts/setup.sh
 
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
-export CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
 export CC_riscv64gc_unknown_linux_gnu=riscv64-linux-gnu-gcc
 
 out=target/cross
@@ -43,10 +43,26 @@ table="$out/sizes.md"
 } > "$table"
 for t in "${targets[@]}"; do
   printf '\n\033[1m==> %s\033[0m\n' "$t" >&2
-  features=()
+  build=(cargo build)
   tfl=yes
   case "$t" in
-    *-musl) features=(--no-default-features); tfl=no ;;
+    aarch64-unknown-linux-musl)
+      # cargo-zigbuild sets CC/CXX/AR and the linker to zig for this
+      # target; TF Lite's Makefile gets zig through these wrappers. The
+      # bindings (types only; the C++ objects stay behind pointers) are
+      # generated against the gnu cross headers: the libclang here cannot
+      # parse zig's newer libc++ headers.
+      export PATH="$PWD/target/zig-venv/bin:$PATH"
+      export TARGET_TOOLCHAIN_PREFIX="$PWD/cross/zig/aarch64-linux-musl-" TFLITE_RS_MAKE_TARGET=aarch64
+      g=aarch64-linux-gnu
+      args="--target=$g -I/usr/$g/include/c++/12 -I/usr/$g/include/c++/12/$g -I/usr/$g/include"
+      args+=" -isystem $(clang -print-resource-dir)/include"
+      # cargo-zigbuild points the target's bindgen arguments at zig's
+      # headers unless set, under both spellings (no shell can export the
+      # hyphenated one): ours win.
+      export "BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_musl=$args"
+      build=(env "BINDGEN_EXTRA_CLANG_ARGS_aarch64-unknown-linux-musl=$args" cargo zigbuild)
+      ;;
     *-linux-gnu)
       triple="${t%%-*}-linux-gnu"
       triple="${triple/riscv64gc/riscv64}"
@@ -59,8 +75,8 @@ for t in "${targets[@]}"; do
       export "BINDGEN_EXTRA_CLANG_ARGS_$v=--target=$triple -I/usr/$triple/include/c++/12 -I/usr/$triple/include/c++/12/$triple -I/usr/$triple/include"
       ;;
   esac
-  cargo build --locked --release --target "$t" -p edge-agent --bin edge-agent "${features[@]}"
-  unset TARGET_TOOLCHAIN_PREFIX
+  "${build[@]}" --locked --release --target "$t" -p edge-agent --bin edge-agent
+  unset TARGET_TOOLCHAIN_PREFIX TFLITE_RS_MAKE_TARGET
   mkdir -p "$out/$t"
   cp "target/$t/release/edge-agent" "$out/$t/edge-agent"
   bin="$out/$t/edge-agent"

@@ -11,7 +11,8 @@
 #                                anomaly model; needs glibc 2.34: JetPack 6
 #                                (Ubuntu 22.04), Debian 12
 #   aarch64-unknown-linux-musl   the `static` variant: any userland (JetPack
-#                                5's glibc 2.31 too), no on-device detection
+#                                5's glibc 2.31 too); the same model, TF
+#                                Lite built in by zig (musl, libc++)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-aarch64-unknown-linux-gnu}

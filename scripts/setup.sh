@@ -69,6 +69,16 @@ if [[ $demo_only -eq 0 ]]; then
   # Fuzzing (cargo fuzz) needs a nightly toolchain and cargo-fuzz.
   rustup toolchain list | grep -q '^nightly' || { say "rustup toolchain install nightly"; rustup toolchain install nightly --profile minimal; }
   command -v cargo-fuzz >/dev/null || { say "cargo install cargo-fuzz"; cargo install cargo-fuzz --locked -q; }
+  # The static aarch64 agent's C/C++ toolchain (cross/build.sh): zig and
+  # cargo-zigbuild from PyPI, pinned, in their own venv; `zig` linked into
+  # its bin/ (cross/build.sh puts that first in PATH).
+  zv=target/zig-venv
+  if ! "$zv/bin/zig" version >/dev/null 2>&1 || ! "$zv/bin/cargo-zigbuild" --version >/dev/null 2>&1; then
+    say "installing zig and cargo-zigbuild into $zv (cross/zig/requirements.txt)"
+    python3 -m venv "$zv"
+    "$zv/bin/pip" install -q --require-hashes -r cross/zig/requirements.txt
+    ln -sf "$("$zv/bin/python" -c 'import os, ziglang; print(os.path.join(os.path.dirname(ziglang.__file__), "zig"))')" "$zv/bin/zig"
+  fi
   # The Debian package (packaging/build-deb.sh, hil-tests/tests/debian_package.rs).
   command -v cargo-deb >/dev/null || { say "cargo install cargo-deb"; cargo install cargo-deb --locked -q; }
   command -v rustfmt >/dev/null || rustup component add rustfmt

@@ -44,8 +44,9 @@ fn parse() -> Result<Option<Args>, String> {
             "--format" => a.format = Some(value("--format")?),
             "--output" | "-o" => a.output = Some(PathBuf::from(value("--output")?)),
             "--version" | "-V" => {
-                // Whether this build can run an anomaly model (the static
-                // musl builds cannot): operators and the board tests ask.
+                // Whether this build can run an anomaly model (one built
+                // with --no-default-features cannot): operators and the
+                // board tests ask.
                 let runtime = if cfg!(feature = "tflite") {
                     "TF Lite runtime: on-device anomaly detection"
                 } else {

@@ -35,7 +35,7 @@ impl Arch {
     /// overrides): the glibc builds with TF Lite, as the Jetson package
     /// and the RISC-V boards run them (image.sh adds their libraries).
     /// `HIL_AGENT_ARM64=target/cross/aarch64-unknown-linux-musl/edge-agent`
-    /// boots the static build instead.
+    /// boots the static build (zig, TF Lite too) instead.
     pub fn agent(self) -> PathBuf {
         let (var, target) = match self {
             Arch::Arm64 => ("HIL_AGENT_ARM64", "aarch64-unknown-linux-gnu"),

@@ -127,7 +127,8 @@ fn the_package_carries_the_agent_model_config_unit_and_user() {
         "agent.toml names another model:\n{config}"
     );
 
-    // The static variant: no library needed, no model.
+    // The static variant: no library needed; the same model, computed as
+    // the reference did by its own TF Lite (zig's musl and libc++).
     let static_deb = pack(&dir, STATIC_TARGET, Some("static"));
     assert_eq!(field(&static_deb, "Package"), "edge-agent");
     assert_eq!(field(&static_deb, "Depends"), "", "the static binary needs no library");
@@ -135,7 +136,14 @@ fn the_package_carries_the_agent_model_config_unit_and_user() {
     run(Command::new("dpkg-deb").arg("-x").arg(&static_deb).arg(&static_root));
     let kind = run(Command::new("file").arg("-b").arg(static_root.join("usr/bin/edge-agent")));
     assert!(kind.contains("ARM aarch64") && kind.contains("statically linked"), "static usr/bin/edge-agent: {kind}");
-    assert!(!static_root.join("usr/share/edge-agent/model").exists(), "a model in the package that cannot run it");
+    let static_card = static_root.join("usr/share/edge-agent/model/anomaly.card.json");
+    for f in ["anomaly.card.json", "anomaly.tflite", "MODEL_CARD.md"] {
+        let p = format!("usr/share/edge-agent/model/{f}");
+        assert_eq!(std::fs::read(static_root.join(&p)).ok(), std::fs::read(root.join(&p)).ok(), "the static /{p}");
+    }
+    let check =
+        run(Command::new(qemu).arg(static_root.join("usr/bin/edge-agent")).args(["model", "check"]).arg(&static_card));
+    assert!(check.contains("golden vectors reproduced on aarch64"), "static model check: {check}");
     for f in ["usr/lib/systemd/system/edge-agent.service", "usr/lib/sysusers.d/edge-agent.conf"] {
         assert_eq!(
             std::fs::read(static_root.join(f)).unwrap(),
