@@ -38,9 +38,14 @@ EDGE_E2E_HIDE_BTF=1 run_tests cargo test --locked -p e2e --test probes --test de
 # Under qemu-user a test cannot start another target binary (that would need
 # binfmt_misc), so the tests that spawn the agent or a child writer
 # (store_tools, store_crash) and those needing a broker run natively only.
+# The agent's own tests run on riscv64 (the issue's foreign-arch target);
+# on aarch64 only the wire format's, for time (45 minutes in all): the
+# arm64 board below runs the agent and its store on aarch64 for real, and
+# riscv64 is as foreign (64-bit, little-endian, weakly ordered).
 for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   step "agent tests on $target under qemu-user"
   run_tests cargo test --locked --target "$target" -p edge-wire --lib
+  [[ $target == riscv64* ]] || continue
   # Without TF Lite (--no-default-features): these are the store's tests;
   # the glibc release builds below carry TF Lite (cross/build.sh).
   run_tests cargo test --locked --target "$target" -p edge-agent --no-default-features --lib \
@@ -55,11 +60,11 @@ step "emulated arm64 and riscv64 boards: cross-built agent, Debian's kernels, th
 cross/build.sh aarch64-unknown-linux-gnu aarch64-unknown-linux-musl riscv64gc-unknown-linux-gnu
 run_tests cargo test --locked -p hil-tests -- --nocapture
 
-step "fuzzing, ${FUZZ_SECONDS:-20} s per target (corpus in fuzz/corpus)"
+step "fuzzing, ${FUZZ_SECONDS:-10} s per target (corpus in fuzz/corpus)"
 fuzz_log=$(mktemp)
 fuzz_runs=0
 for target in record block store_open; do
-  if ! (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}") > "$fuzz_log" 2>&1; then
+  if ! (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-10}") > "$fuzz_log" 2>&1; then
     tail -60 "$fuzz_log"
     echo "fuzz target $target failed; the input is in fuzz/artifacts/$target" >&2
     exit 1
