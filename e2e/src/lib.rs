@@ -792,17 +792,35 @@ pub fn modbus_crc16(data: &[u8]) -> u16 {
 /// on /metrics, like histograms): `edge-agent store export` of its store.
 /// `labels`: `name="value"` pairs the series must carry.
 pub fn stored(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Option<f64> {
+    stored_rows(dir, metric, labels).into_iter().map(|(_, v)| v).next_back()
+}
+
+/// The newest stored value of every series of `metric` with `labels`,
+/// summed (a metric split by a label the caller does not name).
+pub fn stored_sum(dir: &std::path::Path, metric: &str, labels: &[&str]) -> f64 {
+    let newest: std::collections::BTreeMap<String, f64> = stored_rows(dir, metric, labels).into_iter().collect();
+    newest.values().sum()
+}
+
+/// (series labels, value) of every stored row of `metric` with `labels`,
+/// oldest first (`edge-agent store export --format csv`).
+fn stored_rows(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Vec<(String, f64)> {
     let out = Command::new(bin_dir().join("edge-agent"))
         .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
         .output()
         .unwrap();
-    let csv = String::from_utf8_lossy(&out.stdout);
     // CSV quotes double the label values' quotes.
     let wanted: Vec<String> = labels.iter().map(|l| l.replace('"', "\"\"")).collect();
-    csv.lines()
-        .filter(|l| l.split(',').nth(2) == Some(metric) && wanted.iter().all(|w| l.contains(w.as_str())))
-        .filter_map(|l| l.rsplit(',').next().and_then(|v| v.trim().parse().ok()))
-        .next_back()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut cols = l.splitn(4, ',');
+            let (_, _, name, rest) = (cols.next()?, cols.next()?, cols.next()?, cols.next()?);
+            let (series, value) = rest.rsplit_once(',')?;
+            (name == metric && wanted.iter().all(|w| series.contains(w.as_str())))
+                .then(|| Some((series.to_owned(), value.trim().parse().ok()?)))?
+        })
+        .collect()
 }
 
 /// How many of a process's descriptors are kernel objects whose link text

@@ -306,27 +306,6 @@ fn threads_sharing_an_inflight_slot_are_both_counted() {
     assert!((0.8..4.0).contains(&sum), "read latency sum {sum} s");
 }
 
-/// The newest stored value of every series of `metric` with `labels`, summed.
-fn stored_sum(dir: &Path, metric: &str, labels: &[&str]) -> f64 {
-    let out = Command::new(bin_dir().join("edge-agent"))
-        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
-        .output()
-        .unwrap();
-    let wanted: Vec<String> = labels.iter().map(|l| l.replace('"', "\"\"")).collect();
-    let mut newest = std::collections::BTreeMap::new();
-    for l in String::from_utf8_lossy(&out.stdout).lines() {
-        let mut cols = l.splitn(4, ',');
-        let (Some(_), Some(_), Some(name), Some(rest)) = (cols.next(), cols.next(), cols.next(), cols.next()) else {
-            continue;
-        };
-        let Some((series, value)) = rest.rsplit_once(',') else { continue };
-        if name == metric && wanted.iter().all(|w| series.contains(w.as_str())) {
-            newest.insert(series.to_owned(), value.trim().parse::<f64>().unwrap_or(0.0));
-        }
-    }
-    newest.values().sum()
-}
-
 /// A read blocked while the hooks detach (the watched file vanished) and
 /// attach again (a new file by that name) ends unseen: the agent freed its
 /// in-flight record at the detach, so the thread's next exit counts nothing
