@@ -284,6 +284,46 @@ fn bpf_fds(pid: i32) -> usize {
     kernel_objects(pid, &["bpf", "perf_event"])
 }
 
+/// A reload sent while the agent is still starting (the store opened, the
+/// probes loading) is not fatal: the handler is installed before anything
+/// else, so the default action (exit) never applies. CI once sent the
+/// test's SIGHUP in the window where /metrics answered and the handler did
+/// not yet exist.
+#[test]
+fn a_sighup_during_the_start_does_not_kill_the_agent() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("early-hup");
+    let ports = [free_port()];
+    let setup = AgentSetup {
+        device: "early-hup",
+        broker: None,
+        identity: None,
+        mqtt: "",
+        window_ms: 200,
+        class_ports: &ports,
+        state_dir: None,
+        extra: "",
+        top: "",
+    };
+    let mut a = Agent::launch(&dir, &setup);
+    wait_for("the agent to open its store", Duration::from_secs(10), || {
+        a.proc.assert_running();
+        if a.proc.log_text().contains("store opened") {
+            Ok(())
+        } else {
+            Err("not yet")
+        }
+    });
+    a.proc.signal(libc::SIGHUP);
+    wait_for("the probes attached after an early SIGHUP", Duration::from_secs(30), || {
+        a.proc.assert_running();
+        a.metric("edge_agent_probe_attached{probe=\"tcp_lifecycle\"}").filter(|v| *v == 1.0).ok_or("not attached")
+    });
+    a.proc.stop();
+}
+
 #[test]
 fn sighup_reconfigures_the_probes_without_a_restart() {
     if !require_root_and_tools() {

@@ -48,6 +48,16 @@ pub fn now_ms() -> i64 {
 /// again and applies what can change at run time: the probes (enabled,
 /// disabled, port classes), detached and freed before the new ones attach.
 pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), RunError> {
+    // Handlers first: until they are installed a SIGHUP (a reload sent as
+    // soon as /metrics answers, say) would kill the agent by default action.
+    let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
+    let hup = match async_signal::Signals::new([async_signal::Signal::Hup]) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: config reloads need a restart");
+            None
+        }
+    };
     let (metrics, registry) = AgentMetrics::new();
     let store = Lanes::open(&cfg.store_dir(), cfg.store_limits(), cfg.priority_limits())?;
     metrics.observe_lanes(&store);
@@ -110,8 +120,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
             tracing::info!(addr = %cfg.metrics.listen, "serving /metrics");
             smol::spawn(metrics::serve(listener, registry)).detach();
         }
-        let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
-        let windows = window_loop(&cfg, config_path.as_deref(), &sh);
+        let windows = window_loop(&cfg, config_path.as_deref(), &sh, hup);
         let stop = async {
             use futures_lite::StreamExt;
             let mut signals = signals;
@@ -142,14 +151,18 @@ struct Shared<'a> {
     test_offset_ms: i64,
 }
 
-async fn window_loop(cfg: &Config, config_path: Option<&std::path::Path>, sh: &Shared<'_>) {
+async fn window_loop(
+    cfg: &Config,
+    config_path: Option<&std::path::Path>,
+    sh: &Shared<'_>,
+    mut hup: Option<async_signal::Signals>,
+) {
     use futures_lite::StreamExt;
     let mut stage = window::WindowStage::new();
     let mut writer = cfg.block_writer();
     let mut prev = TcpCounters::default();
     let period = cfg.window();
     let mut next = Instant::now() + period;
-    let mut hup = async_signal::Signals::new([async_signal::Signal::Hup]).ok();
     let mut probe_cfg = cfg.probes.clone();
     loop {
         let tick = async {
