@@ -4,8 +4,10 @@
 #
 #   cross/build.sh [TARGET ...]     (default: all three below)
 #
-#   aarch64-unknown-linux-gnu     Jetson (JetPack 6's glibc 2.35; needs 2.34)
-#   aarch64-unknown-linux-musl    any arm64 box: one static file
+#   aarch64-unknown-linux-musl    any arm64 box (Jetsons on JetPack 5 or 6):
+#                                 one static file; the Debian package's
+#   aarch64-unknown-linux-gnu     glibc 2.34+ (JetPack 6, Debian 12): the
+#                                 package's `glibc` variant
 #   riscv64gc-unknown-linux-gnu   RISC-V boards (glibc)
 #
 # Debian's cross gcc compiles the C parts (ring) and links the glibc
@@ -21,13 +23,13 @@
 # golden vectors there (TF Lite computes as the reference interpreter did
 # on x86). Output: target/cross/<target>/edge-agent and
 # target/cross/sizes.md. Installs what is missing first (scripts/setup.sh).
-# CI builds all three (hil-tests: the emulated boards and the Debian
-# packages).
+# CI builds the musl and riscv64 ones (hil-tests: the emulated boards and
+# the Debian package); the glibc arm64 one is built by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(aarch64-unknown-linux-gnu aarch64-unknown-linux-musl riscv64gc-unknown-linux-gnu)
+[ ${#targets[@]} -gt 0 ] || targets=(aarch64-unknown-linux-musl aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu)
 
 scripts/setup.sh
 

@@ -32,13 +32,13 @@ impl Arch {
     }
 
     /// The cross-built agent the image carries (`HIL_AGENT_<ARCH>`
-    /// overrides): the glibc builds with TF Lite, as the Jetson package
-    /// and the RISC-V boards run them (image.sh adds their libraries).
-    /// `HIL_AGENT_ARM64=target/cross/aarch64-unknown-linux-musl/edge-agent`
-    /// boots the static build (zig, TF Lite too) instead.
+    /// overrides), TF Lite in both: on arm64 the static build the Debian
+    /// package carries, on riscv64 the glibc build (image.sh adds its
+    /// libraries). `HIL_AGENT_ARM64=target/cross/aarch64-unknown-linux-gnu/edge-agent`
+    /// boots the glibc arm64 build (the package's `glibc` variant).
     pub fn agent(self) -> PathBuf {
         let (var, target) = match self {
-            Arch::Arm64 => ("HIL_AGENT_ARM64", "aarch64-unknown-linux-gnu"),
+            Arch::Arm64 => ("HIL_AGENT_ARM64", "aarch64-unknown-linux-musl"),
             Arch::Riscv64 => ("HIL_AGENT_RISCV64", "riscv64gc-unknown-linux-gnu"),
         };
         std::env::var_os(var)

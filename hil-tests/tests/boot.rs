@@ -110,9 +110,9 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
     if arch == Arch::Arm64 {
         checks.push(format!("edge_device_bytes_total{{{dev},file=\"/dev/ttyAMA0\",op=\"write\",process=\"syslogd\"}}"));
     }
-    // The shipped anomaly model: the agent (glibc, TF Lite) passes the
-    // model's golden self-test on the board and scores every window (the
-    // static one, HIL_AGENT_ARM64, too; one built without TF Lite says so).
+    // The shipped anomaly model: the agent (static on arm64, glibc on
+    // riscv64; TF Lite in both) passes the model's golden self-test on the
+    // board and scores every window (one built without TF Lite says so).
     let with_tflite = arch.agent_has_tflite();
     let model_line =
         if with_tflite { "anomaly model loaded and self-tested" } else { "built without the TF Lite runtime" };
