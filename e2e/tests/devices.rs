@@ -361,3 +361,61 @@ fn an_operation_in_flight_across_a_detach_is_not_counted() {
     assert!(sum < 0.1, "the counted read is the quick one: {sum} s");
     assert_eq!(a.metric("edge_agent_device_inflight_stale_total"), Some(0.0));
 }
+
+/// More (device, process name) pairs than the kernel numbers (64): the
+/// first 64 threads' operations count under their own names, those of the
+/// rest are counted as not counted (`map_full{map="series"}`), exactly.
+#[test]
+fn pairs_past_the_series_cap_are_counted_as_dropped() {
+    use std::io::{Read, Write};
+    if !require_root_and_tools() {
+        return;
+    }
+    const CAP: usize = 64;
+    const EXTRA: usize = 6;
+    let dir = tempdir("devices-series");
+    let fifo = dir.join("fifo0");
+    mkfifo(&fifo);
+    let a = agent(&dir, &fifo.display().to_string(), false);
+    wait_for("the device hooks to attach", Duration::from_secs(20), || {
+        (device_io_attached(&a) == Some(1.0)).then_some(()).ok_or("not attached")
+    });
+    // One thread after another, each its own name (the kernel's comm):
+    // open, write a byte, read it back, close.
+    for i in 0..CAP + EXTRA {
+        let fifo = fifo.clone();
+        std::thread::Builder::new()
+            .name(format!("pair{i:02}"))
+            .spawn(move || {
+                let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+                f.write_all(b"x").unwrap();
+                let mut b = [0u8; 1];
+                f.read_exact(&mut b).unwrap();
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+    let file = format!("file=\"{}\"", fifo.display());
+    let full = || a.metric("edge_agent_device_map_full_total{map=\"series\"}");
+    wait_for("the dropped operations counted", Duration::from_secs(20), || {
+        (full() == Some((EXTRA * 3) as f64)).then_some(()).ok_or(format!("{:?}", full()))
+    });
+    for op in ["open", "write", "read"] {
+        let op = format!("op=\"{op}\"");
+        wait_for(&format!("{op} of the first {CAP} pairs stored"), Duration::from_secs(20), || {
+            match stored_sum(&dir, "edge_device_operation_seconds_count", &[&file, &op]) {
+                n if n == CAP as f64 => Ok(()),
+                n => Err(n),
+            }
+        });
+    }
+    for (i, want) in [(0, Some(1.0)), (CAP - 1, Some(1.0)), (CAP, None)] {
+        let process = format!("process=\"pair{i:02}\"");
+        assert_eq!(
+            stored(&dir, "edge_device_operation_seconds_count", &[&file, "op=\"read\"", &process]),
+            want,
+            "{process}"
+        );
+    }
+}

@@ -26,8 +26,11 @@
 #define DIO_MAX_PATHS 512  /* watched paths: each device's names and links */
 #define DIO_MAX_FDS 4096   /* open watched files, (tgid, fd) */
 #define DIO_MAX_INFLIGHT 256 /* threads inside a watched operation whose slot another holds */
-#define DIO_MAX_AGG 256    /* (device, op, process) series */
-#define DIO_MAX_ERRS 256   /* (device, op, process, errno) series */
+/* (device, process) series; each has DIO_OPS aggregates in a per-CPU
+ * array, at (series - 1) * DIO_OPS + op. */
+#define DIO_MAX_SERIES 64
+#define DIO_MAX_AGG (DIO_MAX_SERIES * DIO_OPS)
+#define DIO_MAX_ERRS 256   /* (series, op, errno) */
 
 /* The reject filter: one byte per (tgid mod DIO_PID_SLOTS) and per
  * (fd mod DIO_FD_SLOTS), nonzero when some watched file may match. Then one
@@ -39,7 +42,7 @@
 
 #define DIO_STAT_FDS_FULL 0      /* a watched open could not be remembered */
 #define DIO_STAT_INFLIGHT_FULL 1 /* an operation could not be timed */
-#define DIO_STAT_AGG_FULL 2      /* an operation not counted: series cap */
+#define DIO_STAT_AGG_FULL 2      /* an operation not counted: series cap (its file has no series) */
 #define DIO_STAT_ERRS_FULL 3     /* an error not counted by errno: series cap */
 #define DIO_STAT_FDS_ADDED 4     /* watched descriptors registered by the open hook */
 #define DIO_STAT_STALE 5         /* an exit found its thread's record of another call: dropped */

@@ -24,8 +24,11 @@
 // `fd`, `filename` and `ret` come from the tracefs format files at start-up.
 //
 // Aggregated in the kernel per (device, operation, process name): count,
-// bytes, errors, a log2 latency histogram; errors also by errno. User space
-// reads the maps once per window. No events, no wake-ups.
+// bytes, errors, a log2 latency histogram; errors also by errno. A
+// (device, process name) pair is a series, numbered once when a watched
+// file is found (dio_series); the file's entry carries the number, so a
+// watched operation's exit indexes a per-CPU array instead of hashing a
+// key. User space reads the maps once per window. No events, no wake-ups.
 
 #include <linux/bpf.h>
 #include <linux/types.h>
@@ -48,8 +51,9 @@ const volatile __u32 off_nr = 8;
 
 struct dio_file {
 	__u32 dev;
-	__u32 pad;
-	char comm[DIO_COMM_LEN]; // process name when the file was found
+	// 1 + the series of (dev, process name when the file was found);
+	// 0: none (more pairs than DIO_MAX_SERIES), not counted.
+	__u32 series;
 };
 
 // A thread inside a watched operation.
@@ -109,11 +113,28 @@ struct {
 	__type(value, struct dio_op);
 } dio_inflight SEC(".maps");
 
-struct dio_key {
+struct dio_series_key {
 	__u32 dev;
-	__u32 op;
 	char comm[DIO_COMM_LEN];
 };
+
+// (device, process name) -> 1 + its series number. The programs and the
+// agent's /proc scan both add entries.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DIO_MAX_SERIES);
+	__type(key, struct dio_series_key);
+	__type(value, __u32);
+} dio_series SEC(".maps");
+
+// Series numbers not handed out yet (1 + number; the agent fills it at
+// load). A queue pops atomically, on any kernel with BPF: fetch-and-add
+// on a shared counter needs 5.12's atomics, which Jetson's 5.10 lacks.
+struct {
+	__uint(type, BPF_MAP_TYPE_QUEUE);
+	__uint(max_entries, DIO_MAX_SERIES);
+	__type(value, __u32);
+} dio_series_free SEC(".maps");
 
 struct dio_agg {
 	__u64 ops;
@@ -123,18 +144,18 @@ struct dio_agg {
 	__u64 buckets[DIO_BUCKETS];
 };
 
+// (series - 1) * DIO_OPS + op -> the aggregate.
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, DIO_MAX_AGG);
-	__type(key, struct dio_key);
+	__type(key, __u32);
 	__type(value, struct dio_agg);
 } dio_agg SEC(".maps");
 
 struct dio_err_key {
-	__u32 dev;
+	__u32 series; // 1 + series number
 	__u32 op;
 	__u32 err; // errno, positive
-	char comm[DIO_COMM_LEN];
 };
 
 struct {
@@ -284,8 +305,8 @@ int dio_enter_openat(void *ctx)
 	struct dio_filter *f = filter();
 	if (!f)
 		return 0;
+	// The series is found on exit, with the descriptor.
 	struct dio_file file = { .dev = *dev };
-	bpf_get_current_comm(file.comm, sizeof(file.comm));
 	begin(ctx, f, (__u32)bpf_get_current_pid_tgid(), &file, DIO_OP_OPEN);
 	return 0;
 }
@@ -311,10 +332,29 @@ static __always_inline __u32 log2_bucket(__u64 v)
 	return log2_bucket_of(v, DIO_BUCKETS - 1);
 }
 
-static __always_inline void count_error(struct dio_key *k, __s64 ret)
+// 1 + the series number of (dev, this process's name), handed out on first
+// sight; 0 when every number is taken. A number popped for a pair that a
+// racing insert (another CPU, the agent) numbered first goes back.
+static __always_inline __u32 series_of(__u32 dev)
 {
-	struct dio_err_key ek = { .dev = k->dev, .op = k->op, .err = (__u32)(-ret) };
-	__builtin_memcpy(ek.comm, k->comm, sizeof(ek.comm));
+	struct dio_series_key k = { .dev = dev };
+	bpf_get_current_comm(k.comm, sizeof(k.comm));
+	__u32 *s = bpf_map_lookup_elem(&dio_series, &k);
+	if (s)
+		return *s;
+	__u32 n = 0;
+	if (bpf_map_pop_elem(&dio_series_free, &n) != 0)
+		return 0;
+	if (bpf_map_update_elem(&dio_series, &k, &n, BPF_NOEXIST) == 0)
+		return n;
+	bpf_map_push_elem(&dio_series_free, &n, 0);
+	s = bpf_map_lookup_elem(&dio_series, &k);
+	return s ? *s : 0;
+}
+
+static __always_inline void count_error(__u32 series, __u32 op, __s64 ret)
+{
+	struct dio_err_key ek = { .series = series, .op = op, .err = (__u32)(-ret) };
 	__u64 *n = bpf_map_lookup_elem(&dio_errs, &ek);
 	if (!n) {
 		__u64 zero = 0;
@@ -360,15 +400,17 @@ int dio_exit(void *ctx)
 		return 0;
 	}
 	__s64 ret = (__s64)rec_u64(ctx, off_ret);
-	struct dio_key k = { .dev = o.file.dev, .op = o.op };
-	__builtin_memcpy(k.comm, o.file.comm, sizeof(k.comm));
+	__u32 op = o.op;
+	__u32 series = o.file.series;
 	__u64 us = (now - o.start_ns) / 1000;
 
-	if ((k.op == DIO_OP_OPEN || k.op == DIO_OP_DUP) && ret >= 0) {
+	// An open's series is found here, failed or not (its file had none).
+	if (op == DIO_OP_OPEN)
+		series = series_of(o.file.dev);
+	if ((op == DIO_OP_OPEN || op == DIO_OP_DUP) && ret >= 0) {
 		__u32 tgid = id >> 32;
 		__u64 key = ((__u64)tgid << 32) | (__u32)ret;
-		struct dio_file file = { .dev = k.dev };
-		__builtin_memcpy(file.comm, k.comm, sizeof(file.comm));
+		struct dio_file file = { .dev = o.file.dev, .series = series };
 		if (bpf_map_update_elem(&dio_fds, &key, &file, BPF_ANY) == 0) {
 			// Hash entry first, filter bytes after: the agent's
 			// clearing of stale bytes relies on this order.
@@ -379,24 +421,21 @@ int dio_exit(void *ctx)
 			stat(DIO_STAT_FDS_FULL);
 		}
 	}
-	if (k.op >= DIO_OPS)
+	if (op >= DIO_OPS)
 		return 0;
-
-	struct dio_agg *a = bpf_map_lookup_elem(&dio_agg, &k);
-	if (!a) {
-		struct dio_agg zero = {};
-		bpf_map_update_elem(&dio_agg, &k, &zero, BPF_NOEXIST);
-		a = bpf_map_lookup_elem(&dio_agg, &k);
-		if (!a) {
-			stat(DIO_STAT_AGG_FULL);
-			return 0;
-		}
+	if (series == 0 || series > DIO_MAX_SERIES) {
+		stat(DIO_STAT_AGG_FULL);
+		return 0;
 	}
+	__u32 idx = (series - 1) * DIO_OPS + op;
+	struct dio_agg *a = bpf_map_lookup_elem(&dio_agg, &idx);
+	if (!a)
+		return 0;
 	a->ops += 1;
 	if (ret < 0) {
 		a->errors += 1;
-		count_error(&k, ret);
-	} else if (k.op == DIO_OP_READ || k.op == DIO_OP_WRITE) {
+		count_error(series, op, ret);
+	} else if (op == DIO_OP_READ || op == DIO_OP_WRITE) {
 		a->bytes += ret;
 	}
 	a->sum_us += us;

@@ -4,7 +4,7 @@
 //! device exists, and reads the per-(device, operation, process) aggregates
 //! once per window.
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, Queue};
 use aya::programs::trace_point::TracePointLinkId;
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
@@ -27,6 +27,7 @@ pub const PATH_MAX: usize = 128;
 pub const MAX_DEVICES: usize = 128;
 pub const MAX_PATHS: usize = 512;
 pub const MAX_FDS: usize = 4096;
+pub const MAX_SERIES: usize = 64;
 const PID_SLOTS: usize = 4096;
 const FD_SLOTS: usize = 1024;
 const TID_SLOTS: usize = 1024;
@@ -38,7 +39,7 @@ const STAT_FDS_ADDED: u32 = 4;
 const STAT_STALE: u32 = 5;
 const STAT_SPILLED: u32 = 6;
 /// struct dio_op: an in-flight record (a thread slot of the filter).
-const OP_RECORD: usize = 48;
+const OP_RECORD: usize = 32;
 const REC_MAX: u32 = 48;
 
 /// An operation on a device file.
@@ -166,8 +167,8 @@ pub fn layout_globals(layouts: &[(Hook, Layout)]) -> Result<Vec<(&'static str, u
 #[repr(C)]
 struct FileVal {
     dev: u32,
-    pad: u32,
-    comm: [u8; COMM_LEN],
+    /// 1 + the series number of (dev, process name); 0: none (cap).
+    series: u32,
 }
 // SAFETY: plain old data laid out as struct dio_file.
 unsafe impl aya::Pod for FileVal {}
@@ -180,13 +181,12 @@ unsafe impl aya::Pod for PathKey {}
 
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
-struct AggKey {
+struct SeriesKey {
     dev: u32,
-    op: u32,
     comm: [u8; COMM_LEN],
 }
-// SAFETY: plain old data laid out as struct dio_key.
-unsafe impl aya::Pod for AggKey {}
+// SAFETY: plain old data laid out as struct dio_series_key.
+unsafe impl aya::Pod for SeriesKey {}
 
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -203,10 +203,9 @@ unsafe impl aya::Pod for AggVal {}
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 struct ErrKey {
-    dev: u32,
+    series: u32,
     op: u32,
     err: u32,
-    comm: [u8; COMM_LEN],
 }
 // SAFETY: plain old data laid out as struct dio_err_key.
 unsafe impl aya::Pod for ErrKey {}
@@ -428,7 +427,12 @@ pub struct DeviceIoProbe {
     /// Operations of threads whose slot another held: tid -> record.
     inflight: BpfHashMap<MapData, u32, [u8; OP_RECORD]>,
     paths: BpfHashMap<MapData, PathKey, u32>,
-    agg: PerCpuHashMap<MapData, AggKey, AggVal>,
+    /// (device, process name) -> 1 + series number.
+    series: BpfHashMap<MapData, SeriesKey, u32>,
+    /// Series numbers not handed out yet (filled at load).
+    series_free: Queue<MapData, u32>,
+    /// (series - 1) * OPS + op -> aggregate.
+    agg: PerCpuArray<MapData, AggVal>,
     errs: PerCpuHashMap<MapData, ErrKey, u64>,
     stats: PerCpuArray<MapData, u64>,
     files_from_scan: u64,
@@ -481,7 +485,12 @@ impl DeviceIoProbe {
         let fds = BpfHashMap::try_from(take("dio_fds")?).map_err(load)?;
         let inflight = BpfHashMap::try_from(take("dio_inflight")?).map_err(load)?;
         let paths = BpfHashMap::try_from(take("dio_paths")?).map_err(load)?;
-        let agg = PerCpuHashMap::try_from(take("dio_agg")?).map_err(load)?;
+        let series = BpfHashMap::try_from(take("dio_series")?).map_err(load)?;
+        let mut series_free = Queue::try_from(take("dio_series_free")?).map_err(load)?;
+        for n in 1..=MAX_SERIES as u32 {
+            series_free.push(n, 0).map_err(load)?;
+        }
+        let agg = PerCpuArray::try_from(take("dio_agg")?).map_err(load)?;
         let errs = PerCpuHashMap::try_from(take("dio_errs")?).map_err(load)?;
         let stats = PerCpuArray::try_from(take("dio_stats")?).map_err(load)?;
         let mut p = DeviceIoProbe {
@@ -496,6 +505,8 @@ impl DeviceIoProbe {
             fds,
             inflight,
             paths,
+            series,
+            series_free,
             agg,
             errs,
             stats,
@@ -666,8 +677,13 @@ impl DeviceIoProbe {
             let comm = *comms.entry(tgid).or_insert_with(|| {
                 comm_bytes(std::fs::read_to_string(format!("/proc/{tgid}/comm")).unwrap_or_default().trim())
             });
+            if self.fds.get(key, 0).is_ok() {
+                self.filter.mark(*key);
+                continue; // the open hook's entry, with its series
+            }
+            let series = series_of(&mut self.series, &mut self.series_free, *dev, comm);
             // BPF_NOEXIST: an entry the open hook made stays as it is.
-            if self.fds.insert(*key, FileVal { dev: *dev, pad: 0, comm }, 1).is_ok() {
+            if self.fds.insert(*key, FileVal { dev: *dev, series }, 1).is_ok() {
                 self.files_from_scan += 1;
             }
             self.filter.mark(*key);
@@ -725,42 +741,52 @@ impl DeviceIoProbe {
         super::tcp_lifecycle::ProgramStats::of("device_io", PROGRAMS.iter().map(|name| self.ebpf.program(name)))
     }
 
-    /// Sums the per-CPU aggregates: one pass over each hash map.
+    /// Sums the per-CPU aggregates of every series handed out.
     pub fn read(&self) -> Result<DeviceReading, ProbeError> {
         let err = |e: aya::maps::MapError| ProbeError::Read(e.to_string());
         let label = |dev: u32| self.table.labels.get(dev as usize).cloned().unwrap_or_else(|| format!("device{dev}"));
         let mut out = DeviceReading::default();
-        for item in self.agg.iter() {
-            let (k, per_cpu) = item.map_err(err)?;
-            let Some(op) = Op::from_raw(k.op) else { continue };
-            let mut s = DeviceSeries {
-                device: label(k.dev),
-                op,
-                process: comm_str(&k.comm),
-                ops: 0,
-                bytes: 0,
-                errors: 0,
-                sum_us: 0,
-                buckets: [0; BUCKETS],
-            };
-            for v in per_cpu.iter() {
-                s.ops += v.ops;
-                s.bytes += v.bytes;
-                s.errors += v.errors;
-                s.sum_us += v.sum_us;
-                for (b, n) in s.buckets.iter_mut().zip(v.buckets) {
-                    *b += n;
+        let mut names: HashMap<u32, (String, String)> = HashMap::new();
+        for item in self.series.iter() {
+            let (k, n) = item.map_err(err)?;
+            if n == 0 || n as usize > MAX_SERIES {
+                continue;
+            }
+            let (device, process) = (label(k.dev), comm_str(&k.comm));
+            for op in Op::ALL {
+                let per_cpu = self.agg.get(&((n - 1) * OPS as u32 + op as u32), 0).map_err(err)?;
+                let mut s = DeviceSeries {
+                    device: device.clone(),
+                    op,
+                    process: process.clone(),
+                    ops: 0,
+                    bytes: 0,
+                    errors: 0,
+                    sum_us: 0,
+                    buckets: [0; BUCKETS],
+                };
+                for v in per_cpu.iter() {
+                    s.ops += v.ops;
+                    s.bytes += v.bytes;
+                    s.errors += v.errors;
+                    s.sum_us += v.sum_us;
+                    for (b, n) in s.buckets.iter_mut().zip(v.buckets) {
+                        *b += n;
+                    }
+                }
+                if s.ops > 0 {
+                    out.series.push(s);
                 }
             }
-            out.series.push(s);
+            names.insert(n, (device, process));
         }
         for item in self.errs.iter() {
             let (k, per_cpu) = item.map_err(err)?;
-            let Some(op) = Op::from_raw(k.op) else { continue };
+            let (Some(op), Some((device, process))) = (Op::from_raw(k.op), names.get(&k.series)) else { continue };
             out.errors.push(DeviceErrors {
-                device: label(k.dev),
+                device: device.clone(),
                 op,
-                process: comm_str(&k.comm),
+                process: process.clone(),
                 errno: k.err as i32,
                 count: per_cpu.iter().sum(),
             });
@@ -781,6 +807,27 @@ impl DeviceIoProbe {
         out.devices_over_cap = self.table.over_cap.len() as u64;
         Ok(out)
     }
+}
+
+/// 1 + the series number of (dev, comm), handed out here if the kernel
+/// has not yet; 0 when every number is taken.
+fn series_of(
+    series: &mut BpfHashMap<MapData, SeriesKey, u32>,
+    free: &mut Queue<MapData, u32>,
+    dev: u32,
+    comm: [u8; COMM_LEN],
+) -> u32 {
+    let key = SeriesKey { dev, comm };
+    if let Ok(n) = series.get(&key, 0) {
+        return n;
+    }
+    let Ok(n) = free.pop(0) else { return 0 };
+    // BPF_NOEXIST: a racing insert by a program wins (n goes back).
+    if series.insert(key, n, 1).is_ok() {
+        return n;
+    }
+    let _ = free.push(n, 0);
+    series.get(&key, 0).unwrap_or(0)
 }
 
 impl Drop for DeviceIoProbe {
@@ -869,6 +916,7 @@ mod tests {
         assert_eq!(def("DIO_MAX_DEVICES"), MAX_DEVICES);
         assert_eq!(def("DIO_MAX_PATHS"), MAX_PATHS);
         assert_eq!(def("DIO_MAX_FDS"), MAX_FDS);
+        assert_eq!(def("DIO_MAX_SERIES"), MAX_SERIES);
         assert_eq!(def("DIO_PID_SLOTS"), PID_SLOTS);
         assert_eq!(def("DIO_FD_SLOTS"), FD_SLOTS);
         assert_eq!(def("DIO_TID_SLOTS"), TID_SLOTS);
