@@ -228,6 +228,19 @@ fn mkfifo(path: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
 }
 
+/// An agent watching a FIFO in a new test directory, its hooks attached:
+/// (directory, FIFO, agent).
+fn watched_fifo(name: &str) -> (std::path::PathBuf, std::path::PathBuf, Agent) {
+    let dir = tempdir(name);
+    let fifo = dir.join("fifo0");
+    mkfifo(&fifo);
+    let a = agent(&dir, &fifo.display().to_string(), false);
+    wait_for("the device hooks to attach", Duration::from_secs(20), || {
+        (device_io_attached(&a) == Some(1.0)).then_some(()).ok_or("not attached")
+    });
+    (dir, fifo, a)
+}
+
 /// Two threads whose ids share an in-flight slot (tid mod 1,024), both
 /// blocked in a read of a watched file at once: the second times its read in
 /// the overflow hash, and both reads count, exactly.
@@ -238,13 +251,7 @@ fn threads_sharing_an_inflight_slot_are_both_counted() {
     if !require_root_and_tools() {
         return;
     }
-    let dir = tempdir("devices-slots");
-    let fifo = dir.join("fifo0");
-    mkfifo(&fifo);
-    let a = agent(&dir, &fifo.display().to_string(), false);
-    wait_for("the device hooks to attach", Duration::from_secs(20), || {
-        (device_io_attached(&a) == Some(1.0)).then_some(()).ok_or("not attached")
-    });
+    let (dir, fifo, a) = watched_fifo("devices-slots");
     // Read and write ends in one (a FIFO opened read-write does not block).
     let f = Arc::new(std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap());
     let tid = || unsafe { libc::syscall(libc::SYS_gettid) } as u32;
@@ -373,13 +380,7 @@ fn pairs_past_the_series_cap_are_counted_as_dropped() {
     }
     const CAP: usize = 64;
     const EXTRA: usize = 6;
-    let dir = tempdir("devices-series");
-    let fifo = dir.join("fifo0");
-    mkfifo(&fifo);
-    let a = agent(&dir, &fifo.display().to_string(), false);
-    wait_for("the device hooks to attach", Duration::from_secs(20), || {
-        (device_io_attached(&a) == Some(1.0)).then_some(()).ok_or("not attached")
-    });
+    let (dir, fifo, a) = watched_fifo("devices-series");
     // One thread after another, each its own name (the kernel's comm):
     // open, write a byte, read it back, close.
     for i in 0..CAP + EXTRA {

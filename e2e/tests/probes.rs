@@ -67,20 +67,9 @@ impl Drop for Netns {
 /// The agent with every TCP probe on (RTT included) and `port` watched.
 fn agent(dir: &std::path::Path, port: u16) -> Agent {
     let ports = [port];
-    Agent::start(
-        dir,
-        &AgentSetup {
-            device: "probes",
-            broker: None,
-            identity: None,
-            mqtt: "",
-            window_ms: 200,
-            class_ports: &ports,
-            state_dir: None,
-            extra: "[probes.tcp_lifecycle]\nrtt = true\n",
-            top: "",
-        },
-    )
+    let setup =
+        AgentSetup { class_ports: &ports, ..AgentSetup::offline("probes", "[probes.tcp_lifecycle]\nrtt = true\n") };
+    Agent::start(dir, &setup)
 }
 
 fn metric(a: &Agent, name: &str, direction: &str) -> f64 {
@@ -295,19 +284,7 @@ fn a_sighup_during_the_start_does_not_kill_the_agent() {
         return;
     }
     let dir = tempdir("early-hup");
-    let ports = [free_port()];
-    let setup = AgentSetup {
-        device: "early-hup",
-        broker: None,
-        identity: None,
-        mqtt: "",
-        window_ms: 200,
-        class_ports: &ports,
-        state_dir: None,
-        extra: "",
-        top: "",
-    };
-    let mut a = Agent::launch(&dir, &setup);
+    let mut a = Agent::launch(&dir, &AgentSetup::offline("early-hup", ""));
     wait_for("the agent to open its store", Duration::from_secs(10), || {
         a.proc.assert_running();
         if a.proc.log_text().contains("store opened") {
