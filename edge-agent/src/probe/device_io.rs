@@ -673,18 +673,18 @@ impl DeviceIoProbe {
         }
         let mut comms: HashMap<u32, [u8; COMM_LEN]> = HashMap::new();
         for (key, dev) in &found {
-            let tgid = (key >> 32) as u32;
-            let comm = *comms.entry(tgid).or_insert_with(|| {
-                comm_bytes(std::fs::read_to_string(format!("/proc/{tgid}/comm")).unwrap_or_default().trim())
-            });
-            if self.fds.get(key, 0).is_ok() {
-                self.filter.mark(*key);
-                continue; // the open hook's entry, with its series
-            }
-            let series = series_of(&mut self.series, &mut self.series_free, *dev, comm);
-            // BPF_NOEXIST: an entry the open hook made stays as it is.
-            if self.fds.insert(*key, FileVal { dev: *dev, series }, 1).is_ok() {
-                self.files_from_scan += 1;
+            // An entry the open hook made stays as it is, with its series;
+            // only files it lacks cost a comm read and a series lookup.
+            if self.fds.get(key, 0).is_err() {
+                let tgid = (key >> 32) as u32;
+                let comm = *comms.entry(tgid).or_insert_with(|| {
+                    comm_bytes(std::fs::read_to_string(format!("/proc/{tgid}/comm")).unwrap_or_default().trim())
+                });
+                let series = series_of(&mut self.series, &mut self.series_free, *dev, comm);
+                // BPF_NOEXIST: the open hook may have made it since.
+                if self.fds.insert(*key, FileVal { dev: *dev, series }, 1).is_ok() {
+                    self.files_from_scan += 1;
+                }
             }
             self.filter.mark(*key);
         }
