@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["tcp_lifecycle", "device_io", "protocols", "empty"];
+const PROGRAMS: &[&str] = &["tcp_lifecycle", "device_io", "protocols", "buses", "empty"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets this"));

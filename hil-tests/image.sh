@@ -134,7 +134,11 @@ add_module() {
   for dep in $(/sbin/modinfo -F depends "$path" | tr ',' ' '); do add_module "$dep"; done
   order+=("${path#"$moddir"/}")
 }
-for m in $(grep -v '^#' "$repo/hil-tests/image/modules"); do add_module "$m"; done
+# Every board's, then this architecture's (modules.$arch).
+for list in "$repo/hil-tests/image/modules" "$repo/hil-tests/image/modules.$arch"; do
+  [[ -f "$list" ]] || continue
+  for m in $(grep -v '^#' "$list"); do add_module "$m"; done
+done
 
 # The kernel against the probes' fragment. Options Debian builds as
 # modules count when the board loads that module.
@@ -190,6 +194,8 @@ for f in anomaly.card.json anomaly.tflite; do
 done
 cp -a "$repo/buildroot/board/edge/rootfs-overlay/." "$root/"
 install -m 0755 "$repo/hil-tests/image/init" "$root/init"
+# The bus exercise, where the board has buses (arm64-buses.dtsi).
+[[ $arch != arm64 ]] || install -m 0755 "$repo/hil-tests/image/buses.sh" "$root/etc/hil/buses.sh"
 echo edge-device > "$root/etc/hostname"
 printf '127.0.0.1\tlocalhost\n' > "$root/etc/hosts"
 if [[ -n "$provision" ]]; then cp -a "$provision/." "$root/"; fi

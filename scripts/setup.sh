@@ -23,7 +23,7 @@ if [[ $demo_only -eq 0 ]]; then
   packages+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross
              gcc-riscv64-linux-gnu g++-riscv64-linux-gnu libc6-dev-riscv64-cross
              qemu-user-static qemu-system-arm qemu-system-misc opensbi cpio file kmod
-             xz-utils gpgv debian-archive-keyring)
+             xz-utils gpgv debian-archive-keyring device-tree-compiler)
 fi
 
 # The emulated board (hil-tests/image.sh) boots Debian's arm64 kernel

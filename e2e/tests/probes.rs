@@ -325,8 +325,14 @@ fn sighup_reconfigures_the_probes_without_a_restart() {
     // protocol probe's cgroup programs too): every program, map and link is
     // let go, the process lives on.
     let off = original.replace("[probes.tcp_lifecycle]\n", "[probes.tcp_lifecycle]\nenabled = false\n");
-    std::fs::write(&conf, format!("{off}\n[probes.devices]\nenabled = false\n[probes.protocols]\nenabled = false\n"))
-        .unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "{off}\n[probes.devices]\nenabled = false\n[probes.protocols]\nenabled = false\n\
+             [probes.buses]\nenabled = false\n"
+        ),
+    )
+    .unwrap();
     agent.proc.signal(libc::SIGHUP);
     wait_for("the probes detached and freed", Duration::from_secs(10), || {
         agent.proc.assert_running();
@@ -500,4 +506,52 @@ fn connections_are_counted_per_peer_group() {
         .unwrap();
     let csv = String::from_utf8_lossy(&out.stdout);
     assert!(!csv.contains("127.0.0.") && !csv.contains("::1"), "an address left the probe");
+}
+
+/// The bus probes (i2c, SMBus, SPI, GPIO, regmap) attach where the kernel
+/// has their tracepoints and say exactly which one is missing elsewhere
+/// (this machine's kernel has no i2c, spi, gpio or regmap events: no such
+/// hardware). Their counts against real buses: the arm64 board
+/// (hil-tests/tests/boot.rs).
+#[test]
+fn bus_probes_attach_where_their_tracepoints_exist_and_say_why_not_elsewhere() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("buses");
+    let mut a = Agent::start(&dir, &AgentSetup::offline("buses", ""));
+    let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(std::path::Path::new)
+        .find(|p| p.join("events").is_dir())
+        .expect("the agent mounted tracefs");
+    let out = Command::new(bin_dir().join("edge-agent"))
+        .args(["probes", "--config", &a.config_path().display().to_string()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "edge-agent probes: {report}{}", String::from_utf8_lossy(&out.stderr));
+    for (probe, group, first_event) in [
+        ("i2c", "i2c", "i2c_write"),
+        ("smbus", "smbus", "smbus_write"),
+        ("spi", "spi", "spi_message_start"),
+        ("gpio", "gpio", "gpio_value"),
+        ("regmap", "regmap", "regmap_hw_read_start"),
+    ] {
+        let present = tracefs.join("events").join(group).is_dir();
+        let q = format!("edge_agent_probe_attached{{probe=\"{probe}\"}}");
+        let v = wait_for(&q, Duration::from_secs(10), || a.metric(&q).ok_or("not exported"));
+        assert_eq!(v, if present { 1.0 } else { 0.0 }, "{q} with tracepoint group {group} present: {present}");
+        let line =
+            report.lines().find(|l| l.split_whitespace().next() == Some(probe)).unwrap_or_else(|| panic!("{report}"));
+        if present {
+            assert!(line.contains("attached"), "{line}");
+        } else {
+            let why =
+                format!("unavailable: tracepoint {group}:{first_event} does not exist on this kernel (needs CONFIG_");
+            assert!(line.contains(&why), "{line}\nexpected: {why}");
+        }
+    }
+    a.proc.assert_running();
+    a.proc.stop();
 }

@@ -237,6 +237,7 @@ pub struct ProbesConfig {
     pub tcp_lifecycle: TcpLifecycleConfig,
     pub devices: DevicesConfig,
     pub protocols: ProtocolsConfig,
+    pub buses: BusesConfig,
 }
 
 impl Default for ProbesConfig {
@@ -246,7 +247,34 @@ impl Default for ProbesConfig {
             tcp_lifecycle: TcpLifecycleConfig::default(),
             devices: DevicesConfig::default(),
             protocols: ProtocolsConfig::default(),
+            buses: BusesConfig::default(),
         }
+    }
+}
+
+/// Sensor buses from the kernel's own tracepoints (docs/probes.md, "Sensor
+/// buses"): i2c transfers, SMBus transactions, SPI messages, GPIO line
+/// operations and regmap hardware accesses, whoever drives them (a
+/// process through /dev/i2c-*, or a kernel driver). A family attaches when
+/// its tracepoints exist; a family whose tracepoints appear later (a bus
+/// driver's module loaded) is attached then, checked every
+/// `probes.devices.rescan_secs`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusesConfig {
+    pub enabled: bool,
+    pub i2c: bool,
+    pub smbus: bool,
+    pub spi: bool,
+    /// Every read and write of every GPIO line: a bit-banged bus (i2c-gpio,
+    /// spi-gpio) makes a dozen per bit.
+    pub gpio: bool,
+    pub regmap: bool,
+}
+
+impl Default for BusesConfig {
+    fn default() -> Self {
+        BusesConfig { enabled: true, i2c: true, smbus: true, spi: true, gpio: true, regmap: true }
     }
 }
 
@@ -782,6 +810,16 @@ mod tests {
         assert!(with(&many).unwrap_err().contains("at most 15"));
         let prefixes: Vec<String> = (0..65).map(|i| format!("\"10.{i}.0.0/16\"")).collect();
         assert!(with(&format!("a = [{}]", prefixes.join(", "))).unwrap_err().contains("at most 64"));
+    }
+
+    #[test]
+    fn bus_families_are_switched_one_by_one() {
+        let d = Config::default().probes.buses;
+        assert!(d.enabled && d.i2c && d.smbus && d.spi && d.gpio && d.regmap);
+        let c = Config::parse("[probes.buses]\ngpio = false\n", Path::new("x.toml")).unwrap();
+        assert!(!c.probes.buses.gpio && c.probes.buses.i2c && c.probes.buses.enabled);
+        let e = Config::parse("[probes.buses]\nuart = true\n", Path::new("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("uart"), "{e}");
     }
 
     #[test]

@@ -274,6 +274,9 @@ fn close_window(
     if let Some(d) = &reading.devices {
         metrics.observe_devices(d);
     }
+    if let Some(b) = &reading.buses {
+        metrics.observe_buses(b);
+    }
     metrics.observe_process();
     let mut lanes = uplink::lock(store);
     // A new clock era (step, sync state, boot) starts a new block.

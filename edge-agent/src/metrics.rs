@@ -101,6 +101,9 @@ pub struct AgentMetrics {
     pub device_map_full: Family<MapLabels, Counter>,
     pub device_inflight_stale: Counter,
     pub device_inflight_spilled: Counter,
+    pub bus_map_full: Family<MapLabels, Counter>,
+    pub bus_map_entries: Family<MapLabels, Gauge>,
+    pub bus_untimed: Counter,
     pub detect_model_state: Family<StateLabels, Gauge>,
     pub anomaly_score: Gauge<f64, AtomicU64>,
     pub anomaly_threshold: Gauge<f64, AtomicU64>,
@@ -324,6 +327,22 @@ impl AgentMetrics {
             m.device_map_full.clone(),
         );
         r.register(
+            "edge_agent_bus_map_full",
+            "Bus events a bounded kernel table could not hold, by map: series, errors, gpio",
+            m.bus_map_full.clone(),
+        );
+        r.register(
+            "edge_agent_bus_map_entries",
+            "Entries in the bus probe's kernel tables now, by map: series (capacity 128), errors (64), gpio (256)",
+            m.bus_map_entries.clone(),
+        );
+        r.register(
+            "edge_agent_bus_untimed",
+            "Bus operations whose start the probe did not see (attached mid-operation, adapter number >= 64): \
+             counted without latency (i2c: not counted)",
+            m.bus_untimed.clone(),
+        );
+        r.register(
             "edge_agent_device_inflight_stale",
             "Device operations dropped: the exit's thread held the record of another call, whose exit was never seen",
             m.device_inflight_stale.clone(),
@@ -414,6 +433,23 @@ impl AgentMetrics {
         }
         up(&self.device_inflight_stale, d.stale_records);
         up(&self.device_inflight_spilled, d.spilled);
+    }
+
+    /// The bus probe's own health (cumulative counts of the kernel side;
+    /// they start over when the probe is attached again).
+    pub fn observe_buses(&self, b: &crate::probe::buses::BusReading) {
+        let up = |c: &Counter, v: u64| {
+            c.inc_by(v.saturating_sub(c.get()));
+        };
+        for (map, full, entries) in [
+            ("series", b.series_full, b.series.len()),
+            ("errors", b.errors_full, b.errors.len()),
+            ("gpio", b.gpio_full, b.gpio.len()),
+        ] {
+            up(&self.bus_map_full.get_or_create(&MapLabels { map: map.into() }), full);
+            self.bus_map_entries.get_or_create(&MapLabels { map: map.into() }).set(entries as i64);
+        }
+        up(&self.bus_untimed, b.untimed);
     }
 
     /// The agent's own CPU time and resident memory (/proc/self).

@@ -1,6 +1,7 @@
 //! Window stage: turns one reading of the probes into the batch of samples
 //! stored for that window. Pure; owns only which series it has emitted.
 
+use crate::probe::buses::{self, BusReading};
 use crate::probe::device_io::{self, DeviceReading};
 use crate::probe::protocols::{self, ProtocolReading};
 use crate::probe::tcp_idle::IdleCensus as TcpIdleCensus;
@@ -71,6 +72,9 @@ impl WindowStage {
         }
         if let Some(d) = &reading.devices {
             device_series(d, &mut samples);
+        }
+        if let Some(b) = &reading.buses {
+            bus_series(b, &mut samples);
         }
         if let Some(p) = &reading.protocols {
             protocol_series(p, &mut samples);
@@ -201,6 +205,83 @@ fn device_series(d: &DeviceReading, out: &mut Vec<(SeriesKey, f64)>) {
     }
 }
 
+/// Sensor buses (docs/metrics.md, "Sensor buses"): per i2c adapter and
+/// address, SPI bus and chip select, and regmap device, a latency
+/// histogram (its `_count` is the operations), bytes (regmap: registers)
+/// and errors by errno; per GPIO line its reads and writes by level and
+/// its direction changes. Every cell is cumulative and the kernel never
+/// drops one while attached, so a series once seen is in every later
+/// reading; zero cells are left out.
+fn bus_series(b: &BusReading, out: &mut Vec<(SeriesKey, f64)>) {
+    use buses::Kind;
+    for s in &b.series {
+        let (prefix, mut labels, bytes) = match s.kind {
+            Kind::I2c => (
+                "edge_i2c_transfer",
+                vec![Label::new("adapter", s.bus.to_string()), Label::new("addr", format!("0x{:02x}", s.target))],
+                Some("edge_i2c_bytes_total"),
+            ),
+            Kind::Smbus => (
+                "edge_smbus_transfer",
+                vec![Label::new("adapter", s.bus.to_string()), Label::new("addr", format!("0x{:02x}", s.target))],
+                None,
+            ),
+            Kind::Spi => (
+                "edge_spi_message",
+                vec![Label::new("bus", s.bus.to_string()), Label::new("chip_select", s.target.to_string())],
+                Some("edge_spi_bytes_total"),
+            ),
+            Kind::Regmap => {
+                ("edge_regmap_access", vec![Label::new("regmap", &s.regmap)], Some("edge_regmap_registers_total"))
+            }
+            Kind::Gpio => continue,
+        };
+        if s.kind != Kind::Spi {
+            labels.push(Label::new("op", s.op.name()));
+        }
+        labels.sort_by(|a, b| a.name.cmp(&b.name));
+        histogram(&format!("{prefix}_seconds"), &labels, &s.buckets, s.sum_us, 1e-6, out);
+        if let Some(name) = bytes.filter(|_| s.bytes > 0) {
+            out.push((SeriesKey::new(name, labels.clone()), s.bytes as f64));
+        }
+    }
+    for e in &b.errors {
+        let (name, bus, target) = match e.kind {
+            Kind::I2c => {
+                ("edge_i2c_errors_total", ("adapter", e.bus.to_string()), ("addr", format!("0x{:02x}", e.target)))
+            }
+            Kind::Smbus => {
+                ("edge_smbus_errors_total", ("adapter", e.bus.to_string()), ("addr", format!("0x{:02x}", e.target)))
+            }
+            Kind::Spi => ("edge_spi_errors_total", ("bus", e.bus.to_string()), ("chip_select", e.target.to_string())),
+            Kind::Regmap | Kind::Gpio => continue,
+        };
+        let mut labels =
+            vec![Label::new(bus.0, bus.1), Label::new(target.0, target.1), Label::new("errno", e.errno.as_str())];
+        labels.sort_by(|a, b| a.name.cmp(&b.name));
+        out.push((SeriesKey::new(name, labels), e.count as f64));
+    }
+    for g in &b.gpio {
+        let line = [Label::new("chip", &g.chip), Label::new("line", g.line.to_string())];
+        let ops = [("get", "0"), ("get", "1"), ("set", "0"), ("set", "1")];
+        for (i, (op, value)) in ops.iter().enumerate() {
+            if g.counts[i] > 0 {
+                let labels = vec![line[0].clone(), line[1].clone(), Label::new("op", *op), Label::new("value", *value)];
+                out.push((SeriesKey::new("edge_gpio_operations_total", labels), g.counts[i] as f64));
+            }
+        }
+        for (i, direction) in [(4, "in"), (5, "out")] {
+            if g.counts[i] > 0 {
+                let labels = vec![line[0].clone(), Label::new("direction", direction), line[1].clone()];
+                out.push((SeriesKey::new("edge_gpio_direction_changes_total", labels), g.counts[i] as f64));
+            }
+        }
+        if g.counts[6] > 0 {
+            out.push((SeriesKey::new("edge_gpio_direction_errors_total", line.to_vec()), g.counts[6] as f64));
+        }
+    }
+}
+
 /// TCP payload bytes sent and received by port class (cumulative, so a
 /// series once non-zero stays non-zero).
 fn byte_series(b: &[[u64; protocols::CLASSES]; 2], classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
@@ -279,7 +360,7 @@ mod tests {
         assert!(w
             .close(
                 1,
-                &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None, tcp_idle: None },
+                &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None, buses: None, tcp_idle: None },
                 Some(&classes)
             )
             .is_none());
@@ -288,7 +369,7 @@ mod tests {
         let b = w
             .close(
                 2,
-                &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None, tcp_idle: None },
+                &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None, buses: None, tcp_idle: None },
                 Some(&classes),
             )
             .unwrap();
@@ -304,7 +385,13 @@ mod tests {
         let b = w
             .close(
                 3,
-                &ProbeReading { tcp: Some(TcpCounters::default()), devices: None, protocols: None, tcp_idle: None },
+                &ProbeReading {
+                    tcp: Some(TcpCounters::default()),
+                    devices: None,
+                    protocols: None,
+                    buses: None,
+                    tcp_idle: None,
+                },
                 Some(&classes),
             )
             .unwrap();
@@ -319,7 +406,11 @@ mod tests {
         c.values[TcpCounters::index(Kind::CloseWaitEntered, 1, 0)] = 5;
         c.values[TcpCounters::index(Kind::CloseWaitLeft, 1, 0)] = 3;
         let b = w
-            .close(1, &ProbeReading { tcp: Some(c), devices: None, protocols: None, tcp_idle: None }, Some(&classes))
+            .close(
+                1,
+                &ProbeReading { tcp: Some(c), devices: None, protocols: None, buses: None, tcp_idle: None },
+                Some(&classes),
+            )
             .unwrap();
         assert_eq!(b.samples.len(), 1);
         assert_eq!(b.samples[0].0.name, "edge_tcp_connections_close_wait");
@@ -336,7 +427,11 @@ mod tests {
         slot.buckets[7] = 1; // 128..256 us
         slot.sum = 40 + 50 + 200;
         let b = w
-            .close(1, &ProbeReading { tcp: Some(c), devices: None, protocols: None, tcp_idle: None }, Some(&classes))
+            .close(
+                1,
+                &ProbeReading { tcp: Some(c), devices: None, protocols: None, buses: None, tcp_idle: None },
+                Some(&classes),
+            )
             .unwrap();
         let get = |name: &str, le: Option<&str>| sample(&b, name, le);
         let m = "edge_tcp_connect_latency_seconds";
@@ -379,8 +474,9 @@ mod tests {
             ..Default::default()
         };
         let mut w = WindowStage::new();
-        let b =
-            w.close(1, &ProbeReading { tcp: None, devices: Some(d), protocols: None, tcp_idle: None }, None).unwrap();
+        let b = w
+            .close(1, &ProbeReading { tcp: None, devices: Some(d), protocols: None, buses: None, tcp_idle: None }, None)
+            .unwrap();
         for (k, _) in &b.samples {
             k.validate().unwrap();
         }
@@ -397,6 +493,74 @@ mod tests {
     }
 
     #[test]
+    fn bus_series_are_labelled_per_bus_family() {
+        use crate::probe::buses::{BusError, BusSeries, GpioLine, Kind, Op as BusOp, BUCKETS as BUS_BUCKETS};
+        let mut buckets = [0; BUS_BUCKETS];
+        buckets[7] = 3; // 128..256 us
+        let series = |kind, op, bus, target, regmap: &str, bytes| BusSeries {
+            kind,
+            op,
+            bus,
+            target,
+            regmap: regmap.into(),
+            ops: 3,
+            errors: 0,
+            bytes,
+            sum_us: 600,
+            buckets,
+        };
+        let b = BusReading {
+            series: vec![
+                series(Kind::I2c, BusOp::Read, 0, 0x48, "", 0),
+                series(Kind::Smbus, BusOp::Read, 0, 0x48, "", 0),
+                series(Kind::Spi, BusOp::Transfer, 1, 0, "", 24),
+                series(Kind::Regmap, BusOp::Write, 0, 0, "0-0050", 6),
+            ],
+            errors: vec![
+                BusError { kind: Kind::I2c, bus: 0, target: 0x48, errno: "ENXIO".into(), count: 3 },
+                BusError { kind: Kind::Spi, bus: 1, target: 0, errno: "short".into(), count: 1 },
+            ],
+            gpio: vec![GpioLine { chip: "9030000.pl061".into(), line: 7, counts: [0, 10, 0, 0, 1, 0, 0] }],
+            ..Default::default()
+        };
+        let mut w = WindowStage::new();
+        let reading = ProbeReading { buses: Some(b), ..Default::default() };
+        let out = w.close(1, &reading, None).unwrap();
+        for (k, _) in &out.samples {
+            k.validate().unwrap();
+        }
+        let find = |name: &str, labels: &[(&str, &str)]| {
+            out.samples
+                .iter()
+                .find(|(k, _)| {
+                    k.name == name
+                        && k.labels.len() == labels.len()
+                        && labels.iter().all(|(n, v)| k.labels.iter().any(|l| l.name == *n && l.value == *v))
+                })
+                .map(|(_, v)| *v)
+        };
+        let i2c = [("adapter", "0"), ("addr", "0x48"), ("op", "read")];
+        assert_eq!(find("edge_i2c_transfer_seconds_count", &i2c), Some(3.0));
+        assert_eq!(find("edge_i2c_transfer_seconds_sum", &i2c), Some(600e-6));
+        // Nothing moved by failed transfers: no bytes series.
+        assert_eq!(find("edge_i2c_bytes_total", &i2c), None);
+        assert_eq!(find("edge_smbus_transfer_seconds_count", &i2c), Some(3.0));
+        let spi = [("bus", "1"), ("chip_select", "0")];
+        assert_eq!(find("edge_spi_message_seconds_count", &spi), Some(3.0));
+        assert_eq!(find("edge_spi_bytes_total", &spi), Some(24.0));
+        let rm = [("op", "write"), ("regmap", "0-0050")];
+        assert_eq!(find("edge_regmap_access_seconds_count", &rm), Some(3.0));
+        assert_eq!(find("edge_regmap_registers_total", &rm), Some(6.0));
+        assert_eq!(find("edge_i2c_errors_total", &[("adapter", "0"), ("addr", "0x48"), ("errno", "ENXIO")]), Some(3.0));
+        assert_eq!(find("edge_spi_errors_total", &[("bus", "1"), ("chip_select", "0"), ("errno", "short")]), Some(1.0));
+        let line = [("chip", "9030000.pl061"), ("line", "7")];
+        assert_eq!(find("edge_gpio_operations_total", &[line[0], line[1], ("op", "get"), ("value", "1")]), Some(10.0));
+        assert_eq!(find("edge_gpio_operations_total", &[line[0], line[1], ("op", "get"), ("value", "0")]), None);
+        assert_eq!(find("edge_gpio_direction_changes_total", &[line[0], ("direction", "in"), line[1]]), Some(1.0));
+        assert_eq!(find("edge_gpio_direction_errors_total", &line), None);
+    }
+
+    #[test]
     fn protocol_series_carry_function_side_and_code_names() {
         use crate::probe::protocols::ModbusSeries;
         let mut buckets = [0; protocols::BUCKETS];
@@ -410,8 +574,9 @@ mod tests {
             tcp_bytes: None,
         };
         let mut w = WindowStage::new();
-        let b =
-            w.close(1, &ProbeReading { tcp: None, devices: None, protocols: Some(p), tcp_idle: None }, None).unwrap();
+        let b = w
+            .close(1, &ProbeReading { tcp: None, devices: None, protocols: Some(p), buses: None, tcp_idle: None }, None)
+            .unwrap();
         for (k, _) in &b.samples {
             k.validate().unwrap();
         }

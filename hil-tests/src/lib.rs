@@ -101,7 +101,7 @@ pub fn require_board_tools(arch: Arch) -> bool {
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root (a private network namespace for the fleet side)".to_string());
     }
-    for tool in [arch.qemu(), arch.qemu_user().0, "cpio", "gpgv", "mosquitto", "prometheus"] {
+    for tool in [arch.qemu(), arch.qemu_user().0, "cpio", "gpgv", "dtc", "mosquitto", "prometheus"] {
         if e2e::which(tool).is_none() {
             missing.push(format!("{tool} (scripts/setup.sh installs it)"));
         }
@@ -171,6 +171,28 @@ impl Image {
     }
 }
 
+/// The arm64 board's device tree: the one QEMU's virt machine makes for
+/// these exact options (dumped, decompiled), with the sensor buses of
+/// `hil-tests/image/arm64-buses.dtsi` added.
+fn board_dtb(dir: &Path, args: &[String]) -> PathBuf {
+    let (virt, dts, dtb) = (dir.join("virt.dtb"), dir.join("board.dts"), dir.join("board.dtb"));
+    let dump: Vec<String> =
+        args.iter().map(|a| if a == "virt" { format!("virt,dumpdtb={}", virt.display()) } else { a.clone() }).collect();
+    let run = |program: &str, args: &[String]| {
+        let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    run("qemu-system-aarch64", &dump);
+    let mut source =
+        run("dtc", &["-q".into(), "-I".into(), "dtb".into(), "-O".into(), "dts".into(), virt.display().to_string()]);
+    source.extend(std::fs::read(repo_dir().join("hil-tests/image/arm64-buses.dtsi")).expect("arm64-buses.dtsi"));
+    std::fs::write(&dts, source).expect("board.dts");
+    let to_dtb = ["-q", "-I", "dts", "-O", "dtb", "-o"].map(String::from);
+    run("dtc", &[&to_dtb[..], &[dtb.display().to_string(), dts.display().to_string()]].concat());
+    dtb
+}
+
 /// A booted board; QEMU is killed when it drops.
 pub struct Board {
     pub proc: Proc,
@@ -219,6 +241,12 @@ impl Board {
             .iter()
             .map(|s| s.to_string()),
         );
+        if image.arch == Arch::Arm64 {
+            let dtb = board_dtb(dir, &args);
+            args.extend(["-dtb".to_string(), dtb.display().to_string()]);
+        }
+        let _ = std::fs::remove_file(&console);
+        let _ = std::fs::remove_file(&monitor);
         let started_ms = e2e::now_ms();
         let started = Instant::now();
         let proc = Proc::spawn("qemu", dir, Path::new(image.arch.qemu()), &args, &[]);

@@ -137,6 +137,10 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
         eprintln!("{q} = {v}");
     }
 
+    if arch == Arch::Arm64 {
+        buses_match_the_kernels_own_counts(&mut board, &prom, &dev);
+    }
+
     let per_window = format!("edge_agent_store_bytes{{{dev},lane=\"routine\"}}");
     let first = prom.raw_samples(&per_window, 3600).unwrap();
     let first_ts = first.first().expect("a first window").0;
@@ -208,4 +212,98 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
     let _ = std::fs::create_dir_all(e2e::repo_dir().join("target/hil"));
     let _ = std::fs::write(e2e::repo_dir().join(format!("target/hil/boot_{}.md", arch.debian())), &table);
     assert!(rss_kib > 0, "no RSS reading from the board:\n{}", board.console_tail());
+}
+
+/// The arm64 board's sensor buses (i2c and SPI bit-banged on its GPIO
+/// controller, hil-tests/image/arm64-buses.dtsi) exercised by
+/// hil-tests/image/buses.sh while the agent runs: what reaches Prometheus
+/// equals what the kernel's own tracer (ftrace) recorded of the same
+/// tracepoints, operation for operation.
+fn buses_match_the_kernels_own_counts(board: &mut Board, prom: &Prom, dev: &str) {
+    let line = board.wait_line("buses:", Duration::from_secs(240));
+    eprintln!("bus exercise, the kernel's counts: {line}");
+    let truth: std::collections::BTreeMap<&str, f64> = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
+    let t = |k: &str| *truth.get(k).unwrap_or_else(|| panic!("no {k} in the exercise's line: {line}"));
+    assert_eq!(t("lost"), 0.0, "ftrace lost events: no ground truth ({line})");
+    // What the exercise did, at least (at24's probe retries its read for
+    // 25 ms, so its transfers vary).
+    assert!(t("i2c") >= 9.0 && t("i2c_enxio") == t("i2c"), "{line}");
+    assert_eq!((t("smbus"), t("spi"), t("spi_bytes")), (5.0, 5.0, 28.0), "{line}");
+    // A sysfs read of the value may read the line more than once.
+    assert!(t("gpio_line7_get") >= 10.0, "{line}");
+    assert!(t("regmap_read") >= 1.0 && t("gpio_value") > 10.0 && t("gpio_direction") >= 1.0, "{line}");
+    let gpio7 = format!("chip=\"9030000.pl061\",{dev},line=\"7\",op=\"get\"");
+    let checks = [
+        (format!("sum(edge_i2c_transfer_seconds_count{{{dev}}})"), t("i2c")),
+        (format!("sum(edge_i2c_errors_total{{{dev},errno=\"ENXIO\"}})"), t("i2c_enxio")),
+        (format!("sum(edge_smbus_transfer_seconds_count{{{dev},addr=\"0x48\",op=\"read\"}})"), t("smbus")),
+        (format!("sum(edge_smbus_errors_total{{{dev},errno=\"ENXIO\"}})"), t("smbus")),
+        (format!("sum(edge_spi_message_seconds_count{{{dev}}})"), t("spi")),
+        (format!("sum(edge_spi_bytes_total{{{dev}}})"), t("spi_bytes")),
+        (format!("sum(edge_gpio_operations_total{{{dev}}})"), t("gpio_value")),
+        (format!("sum(edge_gpio_operations_total{{{gpio7}}})"), t("gpio_line7_get")),
+        (format!("sum(edge_gpio_direction_changes_total{{{dev}}})"), t("gpio_direction")),
+        (format!("sum(edge_regmap_access_seconds_count{{{dev},regmap=\"0-0050\",op=\"read\"}})"), t("regmap_read")),
+    ];
+    for (q, want) in &checks {
+        let got = wait_for(&format!("{q} = {want} in Prometheus"), Duration::from_secs(120), || {
+            board.proc.assert_running();
+            match prom.scalar(q) {
+                Ok(Some(v)) if v == *want => Ok(v),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        eprintln!("{q} = {got} (the kernel: {want})");
+    }
+    // Timed, not just counted: every i2c transfer and SPI message has a
+    // latency (the bit-banged bus takes tens of microseconds at least).
+    for h in ["edge_i2c_transfer_seconds", "edge_spi_message_seconds"] {
+        let sum = prom.scalar(&format!("sum({h}_sum{{{dev}}})")).unwrap().unwrap_or(0.0);
+        assert!(sum > 0.0, "{h}_sum is {sum}");
+        eprintln!("{h}: mean {:.1} us", sum / t(if h.contains("i2c") { "i2c" } else { "spi" }) * 1e6);
+    }
+    program_costs(board, t("gpio_value"));
+}
+
+/// The bus programs' own run time on the board, from the kernel's BPF
+/// statistics (the agent's /metrics, printed by init every 10 s), next to
+/// the device probe's programs in the same run: emulated (TCG) time, so
+/// the ratios mean more than the nanoseconds (BENCHMARKS.md).
+fn program_costs(board: &mut Board, gpio_events: f64) {
+    let last = |board: &Board| {
+        let mut m = std::collections::BTreeMap::<String, f64>::new();
+        for l in board.hil_lines("metric: ") {
+            if let Some((k, v)) = l.rsplit_once(' ') {
+                if let Ok(v) = v.parse() {
+                    m.insert(k.to_owned(), v);
+                }
+            }
+        }
+        m
+    };
+    let runs = |p: &str| format!("edge_agent_probe_runs_total{{probe=\"{p}\"}}");
+    let m = wait_for("the agent's program counts after the exercise", Duration::from_secs(60), || {
+        board.proc.assert_running();
+        let m = last(board);
+        match m.get(&runs("gpio")) {
+            Some(n) if *n >= gpio_events => Ok(m),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let mut table = String::from("| probe | program runs | run time | ns per run |\n|---|---|---|---|\n");
+    for p in ["gpio", "i2c", "smbus", "spi", "regmap", "device_io", "tcp_lifecycle"] {
+        let (Some(n), Some(s)) =
+            (m.get(&runs(p)), m.get(&format!("edge_agent_probe_run_seconds_total{{probe=\"{p}\"}}")))
+        else {
+            continue;
+        };
+        let per = if *n > 0.0 { format!("{:.0}", s / n * 1e9) } else { "-".into() };
+        table.push_str(&format!("| {p} | {n} | {:.3} ms | {per} |\n", s * 1e3));
+    }
+    println!("\nBPF program costs on the arm64 board (TCG):\n{table}");
+    let _ = std::fs::write(e2e::repo_dir().join("target/hil/bus_costs_arm64.md"), &table);
 }

@@ -21,7 +21,7 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/device_io.bpf.o
 
 // Mirrors ebpf/include/device_io.h (a test below checks they agree).
 pub const OPS: usize = 4;
-pub const BUCKETS: usize = 24;
+pub const BUCKETS: usize = super::AGG_BUCKETS;
 const COMM_LEN: usize = 16;
 pub const PATH_MAX: usize = 128;
 pub const MAX_DEVICES: usize = 128;
@@ -187,18 +187,6 @@ struct SeriesKey {
 }
 // SAFETY: plain old data laid out as struct dio_series_key.
 unsafe impl aya::Pod for SeriesKey {}
-
-#[derive(Debug, Clone, Copy)]
-#[repr(C)]
-struct AggVal {
-    ops: u64,
-    bytes: u64,
-    errors: u64,
-    sum_us: u64,
-    buckets: [u64; BUCKETS],
-}
-// SAFETY: plain old data laid out as struct dio_agg.
-unsafe impl aya::Pod for AggVal {}
 
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -432,7 +420,7 @@ pub struct DeviceIoProbe {
     /// Series numbers not handed out yet (filled at load).
     series_free: Queue<MapData, u32>,
     /// (series - 1) * OPS + op -> aggregate.
-    agg: PerCpuArray<MapData, AggVal>,
+    agg: PerCpuArray<MapData, super::OpAgg>,
     errs: PerCpuHashMap<MapData, ErrKey, u64>,
     stats: PerCpuArray<MapData, u64>,
     files_from_scan: u64,
@@ -755,25 +743,17 @@ impl DeviceIoProbe {
             let (device, process) = (label(k.dev), comm_str(&k.comm));
             for op in Op::ALL {
                 let per_cpu = self.agg.get(&((n - 1) * OPS as u32 + op as u32), 0).map_err(err)?;
-                let mut s = DeviceSeries {
+                let t = super::OpAgg::total(per_cpu.iter());
+                let s = DeviceSeries {
                     device: device.clone(),
                     op,
                     process: process.clone(),
-                    ops: 0,
-                    bytes: 0,
-                    errors: 0,
-                    sum_us: 0,
-                    buckets: [0; BUCKETS],
+                    ops: t.ops,
+                    bytes: t.bytes,
+                    errors: t.errors,
+                    sum_us: t.sum_us,
+                    buckets: t.buckets,
                 };
-                for v in per_cpu.iter() {
-                    s.ops += v.ops;
-                    s.bytes += v.bytes;
-                    s.errors += v.errors;
-                    s.sum_us += v.sum_us;
-                    for (b, n) in s.buckets.iter_mut().zip(v.buckets) {
-                        *b += n;
-                    }
-                }
                 if s.ops > 0 {
                     out.series.push(s);
                 }
@@ -838,7 +818,7 @@ impl Drop for DeviceIoProbe {
 
 /// A label value fits the wire format (at most MAX_LABEL_VALUE bytes): a
 /// longer path keeps its end, which names the device.
-fn fit_label(s: &str) -> String {
+pub(crate) fn fit_label(s: &str) -> String {
     let max = edge_wire::MAX_LABEL_VALUE;
     if s.len() <= max {
         return s.to_string();

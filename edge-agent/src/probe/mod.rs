@@ -1,6 +1,7 @@
 //! Probe stage: kernel programs and the in-kernel aggregates they keep.
 //! Each probe reports whether it is attached, and why not.
 
+pub mod buses;
 pub mod device_io;
 pub mod protocols;
 pub mod tcp_idle;
@@ -8,6 +9,7 @@ pub mod tcp_lifecycle;
 pub mod tracefs;
 
 use crate::config::Config;
+use buses::{BusReading, BusesProbe};
 use device_io::{DeviceIoProbe, DeviceReading};
 use protocols::{ProtocolReading, ProtocolsProbe};
 use tcp_lifecycle::{TcpCounters, TcpLifecycleProbe};
@@ -41,6 +43,7 @@ pub struct Probes {
     pub tcp: Option<TcpLifecycleProbe>,
     pub devices: Option<DeviceIoProbe>,
     pub protocols: Option<ProtocolsProbe>,
+    pub buses: Option<BusesProbe>,
     /// Every probe (tracepoint program) by name, for `/metrics`.
     pub states: Vec<(&'static str, ProbeState)>,
     /// The idle limit (ms) when the idle-connection census runs: with the
@@ -57,6 +60,7 @@ pub struct ProbeReading {
     pub tcp: Option<TcpCounters>,
     pub devices: Option<DeviceReading>,
     pub protocols: Option<ProtocolReading>,
+    pub buses: Option<BusReading>,
     /// Established and idle connections now (with the TCP probe).
     pub tcp_idle: Option<tcp_idle::IdleCensus>,
 }
@@ -64,7 +68,15 @@ pub struct ProbeReading {
 impl Probes {
     /// No probes (between a detach and the next attach).
     pub fn none() -> Probes {
-        Probes { tcp: None, devices: None, protocols: None, states: Vec::new(), census_idle_ms: None, _stats_on: None }
+        Probes {
+            tcp: None,
+            devices: None,
+            protocols: None,
+            buses: None,
+            states: Vec::new(),
+            census_idle_ms: None,
+            _stats_on: None,
+        }
     }
 
     /// Attaches what the config enables. A probe that cannot attach is
@@ -154,13 +166,34 @@ impl Probes {
                 }
             }
         };
+        let buses = if !cfg.probes.buses.enabled {
+            states.extend(buses::Kind::ALL.iter().map(|k| (k.probe(), ProbeState::Disabled)));
+            None
+        } else {
+            let rescan = std::time::Duration::from_secs(cfg.probes.devices.rescan_secs);
+            match tracefs::ensure_mounted()
+                .map_err(ProbeError::from)
+                .and_then(|root| BusesProbe::attach(&root, &cfg.probes.buses, rescan))
+            {
+                Ok(p) => {
+                    states.extend(p.states.iter().cloned());
+                    Some(p)
+                }
+                Err(e) => {
+                    states.extend(buses::Kind::ALL.iter().map(|k| (k.probe(), ProbeState::Unavailable(e.to_string()))));
+                    None
+                }
+            }
+        };
         for (name, st) in &states {
             if let ProbeState::Unavailable(why) = st {
                 tracing::warn!(probe = name, reason = %why, "probe unavailable");
             }
         }
         // Statistics only while some program of ours is loaded.
-        let stats_on = if cfg.probes.program_stats && (tcp.is_some() || devices.is_some() || protocols.is_some()) {
+        let stats_on = if cfg.probes.program_stats
+            && (tcp.is_some() || devices.is_some() || protocols.is_some() || buses.is_some())
+        {
             aya::sys::enable_stats(aya::sys::Stats::RunTime)
                 .inspect_err(|e| tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8, or CAP_SYS_ADMIN given up with root)"))
                 .ok()
@@ -168,18 +201,36 @@ impl Probes {
             None
         };
         release_loader_memory();
-        Probes { tcp, devices, protocols, states, census_idle_ms, _stats_on: stats_on }
+        Probes { tcp, devices, protocols, buses, states, census_idle_ms, _stats_on: stats_on }
     }
 
     /// Once per window, before [`Probes::read`]: lets the device probe
-    /// follow devices that appeared or vanished. Returns whether any
+    /// follow devices that appeared or vanished, and the bus probe attach
+    /// families whose tracepoints appeared. Returns whether any
     /// probe's state changed.
     pub fn refresh(&mut self) -> bool {
-        let Some(d) = self.devices.as_mut() else { return false };
+        let mut changed = false;
+        if let Some(b) = self.buses.as_mut() {
+            match b.should_reload().then(|| b.reload()).transpose() {
+                Ok(None) => {}
+                Ok(Some(new)) => {
+                    tracing::info!(probes = ?new.states, "bus tracepoints appeared: bus probes attached again");
+                    for (name, state) in &new.states {
+                        if let Some(slot) = self.states.iter_mut().find(|(n, _)| n == name) {
+                            slot.1 = state.clone();
+                        }
+                    }
+                    *b = new;
+                    changed = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "bus probes not reloaded"),
+            }
+        }
+        let Some(d) = self.devices.as_mut() else { return changed };
         d.refresh();
-        let Some(slot) = self.states.iter_mut().find(|(n, _)| *n == DEVICE_IO) else { return false };
+        let Some(slot) = self.states.iter_mut().find(|(n, _)| *n == DEVICE_IO) else { return changed };
         if slot.1 == d.state {
-            return false;
+            return changed;
         }
         slot.1 = d.state.clone();
         true
@@ -189,11 +240,12 @@ impl Probes {
         let tcp = self.tcp.as_ref().and_then(|p| usable("tcp_lifecycle", p.read()));
         let devices = self.devices.as_ref().and_then(|p| usable(DEVICE_IO, p.read()));
         let protocols = self.protocols.as_ref().and_then(|p| usable(protocols::PROBE, p.read()));
+        let buses = self.buses.as_ref().and_then(|p| usable("buses", p.read()));
         let tcp_idle = self.tcp.as_ref().zip(self.census_idle_ms).and_then(|(p, idle_ms)| {
             let (conns, listening) = usable(TCP_IDLE, tcp_idle::dump().map_err(|e| ProbeError::Read(e.to_string())))?;
             Some(tcp_idle::census(&conns, &listening, p.classes(), idle_ms))
         });
-        ProbeReading { tcp, devices, protocols, tcp_idle }
+        ProbeReading { tcp, devices, protocols, buses, tcp_idle }
     }
 
     /// Run count and time of every attached program, by probe.
@@ -206,6 +258,9 @@ impl Probes {
             s.extend(p.program_stats());
         }
         if let Some(p) = &self.protocols {
+            s.extend(p.program_stats());
+        }
+        if let Some(p) = &self.buses {
             s.extend(p.program_stats());
         }
         s
@@ -237,6 +292,42 @@ pub(crate) fn header_define(header: &str, name: &str) -> usize {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{name} not in header"))
+}
+
+/// Buckets of the device and bus programs' latency histograms (log2 of
+/// microseconds).
+pub const AGG_BUCKETS: usize = 24;
+
+/// One operation's cumulative aggregate as the device and bus programs
+/// keep it per CPU (`struct dio_agg`, `struct bus_agg`: the same layout):
+/// count, bytes, errors, latency sum and log2 histogram in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub(crate) struct OpAgg {
+    pub ops: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub sum_us: u64,
+    pub buckets: [u64; AGG_BUCKETS],
+}
+// SAFETY: plain old data laid out as struct dio_agg / struct bus_agg.
+unsafe impl aya::Pod for OpAgg {}
+
+impl OpAgg {
+    /// The sum of the per-CPU values.
+    pub(crate) fn total<'a>(per_cpu: impl IntoIterator<Item = &'a OpAgg>) -> OpAgg {
+        let mut t = OpAgg::default();
+        for v in per_cpu {
+            t.ops += v.ops;
+            t.bytes += v.bytes;
+            t.errors += v.errors;
+            t.sum_us += v.sum_us;
+            for (a, b) in t.buckets.iter_mut().zip(v.buckets) {
+                *a += b;
+            }
+        }
+        t
+    }
 }
 
 /// A BPF array created with `BPF_F_MMAPABLE`, mapped into the agent's
@@ -345,7 +436,7 @@ pub fn report(cfg: &Config) -> String {
                 Some(p) => format!("cgroup_skb {}", p.cgroup.display()),
                 None => "cgroup_skb (cgroup v2 root)".to_string(),
             },
-            None => String::new(),
+            None => buses::tracepoints_of(name).unwrap_or_default(),
         };
         let state = match state {
             ProbeState::Attached => "attached".to_string(),
