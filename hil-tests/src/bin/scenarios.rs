@@ -20,7 +20,13 @@
 //! after how many windows; window-level F1 of the score against the
 //! threshold; false alarms in the normal-only time, per 24 hours.
 //!
-//! Runs as root (probes, port 502, nftables).
+//! ```text
+//! scenarios tail --out DIR --model CARD [--window-ms MS]
+//! ```
+//! The false-alarm rate extrapolated from the tail of the scores in
+//! DIR/samples.csv (a normal-only `evaluate` run): DIR/tail.md.
+//!
+//! Runs as root (probes, port 502, nftables); `tail` does not.
 
 use hil_tests::workload;
 use std::path::{Path, PathBuf};
@@ -28,6 +34,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: scenarios record --minutes M --out DIR [--window-ms MS] [--seed N] [--agent PATH]\n       \
+     scenarios tail --out DIR --model CARD [--window-ms MS]\n       \
      scenarios evaluate --model CARD --out DIR [--rounds R] [--fault-windows F] [--gap-windows G] \
      [--normal-minutes N] [--window-ms MS] [--seed N] [--agent PATH]";
 
@@ -96,6 +103,7 @@ fn main() -> ExitCode {
     let r = match args.command.as_str() {
         "record" => record(&args),
         "evaluate" => evaluate(&args),
+        "tail" => tail(&args),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     };
     match r {
@@ -390,11 +398,13 @@ fn report(
     // tail, and the gaps once a fault's after-effects had a window to pass).
     let mut false_alarms = 0u32;
     let mut normal_windows = 0u32;
+    let mut normal_scores = Vec::new();
     let mut prev = false;
     for x in w {
         let near_fault = inj.iter().any(|i| x.ts > i.start_ms && x.ts <= i.end_ms + 2 * win_ms);
         if !near_fault {
             normal_windows += 1;
+            normal_scores.push(x.score);
             if x.alarm && !prev {
                 false_alarms += 1;
             }
@@ -422,6 +432,7 @@ fn report(
          ## False alarms\n\n\
          {false_alarms} alarm(s) raised in {normal_windows} normal windows ({normal_hours:.2} h of normal activity, \
          the gaps' first two windows after each fault excluded): **{per_day:.2} per 24 h** (extrapolated).\n\n\
+         {tail}\n\n\
          ## Agent memory with the model loaded\n\n\
          RSS at the end {:.1} MiB, peak {:.1} MiB (the peak is at start: loading the probes parses the kernel's BTF).\n\n\
          ## Goals\n\n\
@@ -443,5 +454,153 @@ fn report(
         if f1 >= 0.9 { "met" } else { "NOT met" },
         if per_day <= 1.0 { "met" } else { "NOT met" },
         model = model.display(),
+        tail = tail_text(&normal_scores, threshold, args.window_ms),
     )
+}
+
+/// The runner's agent raises the alarm after this many windows above the
+/// threshold in a row (`detect.raise_after`'s default; the runner's config
+/// keeps it).
+const RAISE_AFTER: i32 = 2;
+
+/// Peaks over a threshold (extreme value theory) of the normal windows'
+/// scores: how often a window would score above the model's threshold,
+/// extrapolated from the highest 5 % of the scores seen.
+#[derive(Debug, Clone, PartialEq)]
+struct Tail {
+    windows: usize,
+    /// Scores above `u`, the tail fitted.
+    exceedances: usize,
+    u: f64,
+    /// Windows actually above the threshold.
+    above: usize,
+    /// Exponential tail (Gumbel domain): its scale.
+    exp_scale: f64,
+    /// Generalised Pareto by the method of moments: shape and scale.
+    shape: f64,
+    scale: f64,
+    /// P(a window's score > threshold) under each fit.
+    p_exp: f64,
+    p_gpd: f64,
+}
+
+fn tail_estimate(scores: &[f64], threshold: f64) -> Option<Tail> {
+    let n = scores.len();
+    if n < 200 {
+        return None;
+    }
+    let mut s = scores.to_vec();
+    s.sort_by(f64::total_cmp);
+    let k = (n / 20).max(20);
+    let u = s[n - k - 1];
+    let y: Vec<f64> = s[n - k..].iter().map(|x| x - u).collect();
+    let m = y.iter().sum::<f64>() / k as f64;
+    let v = y.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (k - 1) as f64;
+    let above = s.iter().filter(|x| **x > threshold).count();
+    let rate = k as f64 / n as f64;
+    let d = threshold - u;
+    let (shape, scale) = if v > 0.0 && m > 0.0 {
+        let r = m * m / v;
+        (0.5 * (1.0 - r), 0.5 * m * (r + 1.0))
+    } else {
+        (0.0, m)
+    };
+    let (p_exp, p_gpd) = if d <= 0.0 || m <= 0.0 {
+        (above as f64 / n as f64, above as f64 / n as f64)
+    } else {
+        let p_exp = rate * (-d / m).exp();
+        let z = 1.0 + shape * d / scale;
+        let p_gpd = if shape.abs() < 1e-9 {
+            rate * (-d / scale).exp()
+        } else if z <= 0.0 {
+            0.0 // a bounded tail ending below the threshold
+        } else {
+            rate * z.powf(-1.0 / shape)
+        };
+        (p_exp, p_gpd)
+    };
+    Some(Tail { windows: n, exceedances: k, u, above, exp_scale: m, shape, scale, p_exp, p_gpd })
+}
+
+/// The tail extrapolation as a report paragraph.
+fn tail_text(scores: &[f64], threshold: f64, window_ms: u64) -> String {
+    let Some(t) = tail_estimate(scores, threshold) else {
+        return format!("Tail extrapolation: too few normal windows ({}; 200 at least).", scores.len());
+    };
+    let per_day = 86_400_000.0 / window_ms as f64;
+    let p = t.p_exp.max(t.p_gpd);
+    format!(
+        "Tail extrapolation (peaks over threshold) from the {} normal windows' scores: the {} highest, over u = {:.4}, \
+         fitted by an exponential tail (scale {:.4}) and a generalised Pareto by moments (shape {:.3}, scale {:.4}). \
+         P(a window scores above the threshold {threshold:.4}) = {:.2e} (exponential), {:.2e} (Pareto); {} of these \
+         windows did. At {per_day:.0} windows a day the larger gives **{:.2e} windows above the threshold per 24 h**: \
+         an upper bound on false alarms, each of which needs {RAISE_AFTER} such windows in a row (if windows were \
+         independent: {:.2e} alarms per 24 h).",
+        t.windows,
+        t.exceedances,
+        t.u,
+        t.exp_scale,
+        t.shape,
+        t.scale,
+        t.p_exp,
+        t.p_gpd,
+        t.above,
+        p * per_day,
+        p.powi(RAISE_AFTER) * per_day,
+    )
+}
+
+/// `scenarios tail`: the extrapolation over DIR/samples.csv.
+fn tail(args: &Args) -> Result<(), String> {
+    let model = args.model.as_ref().ok_or("--model CARD is required")?;
+    let card = std::fs::read_to_string(model).map_err(|e| format!("{}: {e}", model.display()))?;
+    let threshold = serde_json::from_str::<serde_json::Value>(&card)
+        .map_err(|e| format!("{}: not a model card ({e})", model.display()))?["threshold"]
+        .as_f64()
+        .ok_or_else(|| format!("{}: no threshold in the card", model.display()))?;
+    let windows = read_agent_windows(&args.out.join("samples.csv"))?;
+    let alarms = windows.windows(2).filter(|w| w[1].alarm && !w[0].alarm).count()
+        + usize::from(windows.first().is_some_and(|w| w.alarm));
+    let scores: Vec<f64> = windows.iter().map(|w| w.score).collect();
+    let hours = scores.len() as f64 * args.window_ms as f64 / 3_600_000.0;
+    let highest = scores.iter().copied().fold(0.0, f64::max);
+    let text = format!(
+        "# Normal-only run: false alarms\n\n{} windows ({hours:.2} h), {alarms} alarm(s) raised, highest score \
+         {highest:.4} (threshold {threshold:.4}).\n\n{}\n",
+        scores.len(),
+        tail_text(&scores, threshold, args.window_ms)
+    );
+    std::fs::write(args.out.join("tail.md"), &text).map_err(|e| e.to_string())?;
+    println!("{text}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scores at the quantiles of an exponential distribution (mean 0.1):
+    /// the fits recover its tail.
+    #[test]
+    fn the_tail_of_exponential_scores_is_extrapolated_to_its_true_probability() {
+        let n = 10_000;
+        let scores: Vec<f64> = (0..n).map(|i| -0.1 * (1.0 - (i as f64 + 0.5) / n as f64).ln()).collect();
+        let t = tail_estimate(&scores, 2.0).unwrap();
+        let truth = (-2.0f64 / 0.1).exp(); // 2.1e-9
+        assert_eq!(t.above, 0);
+        assert!((t.p_exp / truth).ln().abs() < 1.0, "{t:?} vs {truth:e}");
+        assert!((t.p_gpd / truth).ln().abs() < 2.0, "{t:?} vs {truth:e}");
+        assert!(t.shape.abs() < 0.1, "{t:?}");
+    }
+
+    #[test]
+    fn a_bounded_tail_below_the_threshold_extrapolates_to_zero_and_few_windows_to_nothing() {
+        let scores: Vec<f64> = (0..1000).map(|i| (i % 100) as f64 / 100.0).collect(); // uniform on [0, 1)
+        let t = tail_estimate(&scores, 2.0).unwrap();
+        assert!(t.shape < 0.0 && t.p_gpd == 0.0, "{t:?}");
+        assert!(tail_estimate(&scores[..100], 2.0).is_none());
+        // Windows already above the threshold count as they are.
+        let t = tail_estimate(&scores, 0.5).unwrap();
+        assert_eq!(t.p_exp, t.above as f64 / 1000.0);
+    }
 }
