@@ -3,6 +3,7 @@
 # are attached): i2c transfers and SMBus reads to absent chips, SPI writes
 # and reads through spidev, reads of a GPIO line through sysfs, and an
 # at24 EEPROM bound and unbound (its probe's test reads go through regmap).
+# Before it, six SIGHUP reloads that detach and attach the bus programs.
 # The ground truth is the kernel's own record of the same tracepoints
 # (ftrace, enabled only for the exercise); one line for the test:
 #   hil: buses: i2c=N i2c_enxio=N smbus=N spi=N spi_bytes=N gpio_value=N
@@ -25,6 +26,34 @@ until wget -q -O - http://127.0.0.1:9464/metrics 2>/dev/null | grep -q '^edge_ag
 	[ $i -gt 120 ] && { echo "hil: buses: the agent's bus probes never attached"; exit 1; }
 	sleep 1
 done
+
+# Reload cycles first (SIGHUP with the GPIO family off, then on again):
+# each detaches every probe, bus programs included, and attaches anew; the
+# agent must hold exactly the BPF and perf descriptors it held before.
+pid=$(pidof edge-agent | cut -d' ' -f1)
+conf=/etc/edge-agent/agent.toml
+bpf_fds() { ls -l "/proc/$pid/fd" 2>/dev/null | grep -cE 'bpf|perf_event'; }
+gpio_is() {
+	i=0
+	until wget -q -O - http://127.0.0.1:9464/metrics 2>/dev/null | grep -q "^edge_agent_probe_attached{probe=\"gpio\"} $1"; do
+		i=$((i + 1))
+		[ $i -gt 120 ] && { echo "hil: reload: the gpio probe never became $1"; exit 1; }
+		sleep 1
+	done
+}
+before=$(bpf_fds)
+cp "$conf" /tmp/agent.toml.orig
+for c in 1 2 3; do
+	{ cat /tmp/agent.toml.orig; printf '\n[probes.buses]\ngpio = false\n'; } > "$conf"
+	kill -HUP "$pid"
+	gpio_is 0
+	cp /tmp/agent.toml.orig "$conf"
+	kill -HUP "$pid"
+	gpio_is 1
+done
+# The reload's last probe (regmap) attached too.
+until wget -q -O - http://127.0.0.1:9464/metrics 2>/dev/null | grep -q '^edge_agent_probe_attached{probe="regmap"} 1'; do sleep 1; done
+echo "hil: reload: cycles=6 pid=$pid now=$(pidof edge-agent | cut -d' ' -f1) bpf_fds_before=$before bpf_fds_after=$(bpf_fds)"
 
 echo 8192 > $t/buffer_size_kb
 echo > $t/trace

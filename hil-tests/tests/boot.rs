@@ -227,6 +227,15 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
 /// equals what the kernel's own tracer (ftrace) recorded of the same
 /// tracepoints, operation for operation.
 fn buses_match_the_kernels_own_counts(board: &mut Board, prom: &Prom, dev: &str) {
+    // Six SIGHUP reloads before the exercise (the bus programs detached
+    // and attached again): nothing leaked, the same process.
+    let reload = board.wait_line("reload:", Duration::from_secs(240));
+    eprintln!("reload cycles: {reload}");
+    let r: std::collections::BTreeMap<&str, &str> =
+        reload.split_whitespace().filter_map(|kv| kv.split_once('=')).collect();
+    assert!(r.get("cycles") == Some(&"6") && r.get("pid") == r.get("now"), "{reload}");
+    assert!(r.get("bpf_fds_before").is_some_and(|b| b.parse::<u32>().is_ok_and(|n| n >= 20)), "{reload}");
+    assert_eq!(r.get("bpf_fds_before"), r.get("bpf_fds_after"), "BPF descriptors leaked across reloads: {reload}");
     let line = board.wait_line("buses:", Duration::from_secs(240));
     eprintln!("bus exercise, the kernel's counts: {line}");
     let truth: std::collections::BTreeMap<&str, f64> = line
