@@ -187,10 +187,34 @@ fn overlay_and_fragment_are_what_the_board_uses_and_the_agent_accepts() {
     let conf_file = overlay.join(conf.trim_start_matches('/'));
     assert!(conf_file.exists(), "the init script's config {conf} is not in the overlay");
 
-    // The agent accepts the overlay's config as it is.
+    // The agent accepts the overlay's config as it is, once the device is
+    // provisioned: check-config reads the TLS files the config names, so
+    // they are made here (scripts/fleet-certs.sh, as provisioning would)
+    // and the config's /etc/edge-agent/tls/ points at them. Nothing on
+    // this machine's /etc is needed.
     let agent = e2e::bin_dir().join("edge-agent");
     if agent.exists() {
-        let out = Command::new(&agent).args(["check-config", "--config"]).arg(&conf_file).output().unwrap();
+        let dir = e2e::tempdir("overlay-config");
+        let (pki, tls) = (dir.join("pki"), dir.join("tls"));
+        let certs = e2e::repo_dir().join("scripts/fleet-certs.sh");
+        for args in [&["ca"][..], &["device", "edge-device"][..]] {
+            let ok = Command::new(&certs).arg(&pki).args(args).status().unwrap();
+            assert!(ok.success(), "fleet-certs.sh {args:?}");
+        }
+        std::fs::create_dir_all(&tls).unwrap();
+        for (from, to) in
+            [("ca.crt", "ca.crt"), ("devices/edge-device.crt", "device.crt"), ("devices/edge-device.key", "device.key")]
+        {
+            std::fs::copy(pki.join(from), tls.join(to)).unwrap_or_else(|e| panic!("{from}: {e}"));
+        }
+        let text = read(&conf_file);
+        assert!(
+            text.contains("\"/etc/edge-agent/tls/"),
+            "the overlay's config names no TLS files under /etc/edge-agent/tls"
+        );
+        let provisioned = dir.join("agent.toml");
+        std::fs::write(&provisioned, text.replace("\"/etc/edge-agent/tls/", &format!("\"{}/", tls.display()))).unwrap();
+        let out = Command::new(&agent).args(["check-config", "--config"]).arg(&provisioned).output().unwrap();
         assert!(
             out.status.success(),
             "edge-agent check-config {}: {}",
