@@ -52,6 +52,8 @@ pub struct Probes {
     /// Keeps the kernel's BPF run-time statistics on while the probes live
     /// (`probes.program_stats`; None: off, or refused before 5.8).
     _stats_on: Option<std::os::fd::OwnedFd>,
+    /// `probes.program_stats`: for a probe attached later (bus families).
+    program_stats: bool,
 }
 
 /// One reading of every attached probe.
@@ -76,6 +78,7 @@ impl Probes {
             states: Vec::new(),
             census_idle_ms: None,
             _stats_on: None,
+            program_stats: false,
         }
     }
 
@@ -191,17 +194,19 @@ impl Probes {
             }
         }
         // Statistics only while some program of ours is loaded.
-        let stats_on = if cfg.probes.program_stats
-            && (tcp.is_some() || devices.is_some() || protocols.is_some() || buses.is_some())
-        {
-            aya::sys::enable_stats(aya::sys::Stats::RunTime)
-                .inspect_err(|e| tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8, or CAP_SYS_ADMIN given up with root)"))
-                .ok()
-        } else {
-            None
-        };
+        let loaded = tcp.is_some() || devices.is_some() || protocols.is_some() || buses.is_some();
+        let stats_on = (cfg.probes.program_stats && loaded).then(enable_stats).flatten();
         release_loader_memory();
-        Probes { tcp, devices, protocols, buses, states, census_idle_ms, _stats_on: stats_on }
+        Probes {
+            tcp,
+            devices,
+            protocols,
+            buses,
+            states,
+            census_idle_ms,
+            _stats_on: stats_on,
+            program_stats: cfg.probes.program_stats,
+        }
     }
 
     /// Once per window, before [`Probes::read`]: lets the device probe
@@ -222,6 +227,9 @@ impl Probes {
                     }
                     *b = new;
                     changed = true;
+                    if self.program_stats && self._stats_on.is_none() {
+                        self._stats_on = enable_stats();
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "bus probes not reloaded"),
             }
@@ -265,6 +273,15 @@ impl Probes {
         }
         s
     }
+}
+
+/// The kernel's BPF run-time statistics, on while the descriptor lives.
+fn enable_stats() -> Option<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "no BPF run-time statistics (kernel before 5.8, or CAP_SYS_ADMIN given up with root)")
+        })
+        .ok()
 }
 
 /// `recursion_misses` of a loaded program, from `/proc/self/fdinfo` (5.12+):
