@@ -19,13 +19,18 @@ if [ -z "$bus" ] || [ -z "$spidev" ] || [ -z "$chip" ]; then
 fi
 nr=${bus##*i2c-}
 
+# Waits until the agent's /metrics says probe $1 is attached ($2 = 1) or
+# not (0); two minutes at most.
+probe_is() {
+	i=0
+	until wget -q -O - http://127.0.0.1:9464/metrics 2>/dev/null | grep -q "^edge_agent_probe_attached{probe=\"$1\"} $2"; do
+		i=$((i + 1))
+		[ $i -gt 120 ] && { echo "hil: buses: the agent's $1 probe never became $2"; exit 1; }
+		sleep 1
+	done
+}
 # The agent's bus probes must be attached before anything moves.
-i=0
-until wget -q -O - http://127.0.0.1:9464/metrics 2>/dev/null | grep -q '^edge_agent_probe_attached{probe="regmap"} 1'; do
-	i=$((i + 1))
-	[ $i -gt 120 ] && { echo "hil: buses: the agent's bus probes never attached"; exit 1; }
-	sleep 1
-done
+probe_is regmap 1
 
 # Reload cycles first (SIGHUP with the GPIO family off, then on again):
 # each detaches every probe, bus programs included, and attaches anew; the
@@ -33,26 +38,18 @@ done
 pid=$(pidof edge-agent | cut -d' ' -f1)
 conf=/etc/edge-agent/agent.toml
 bpf_fds() { ls -l "/proc/$pid/fd" 2>/dev/null | grep -cE 'bpf|perf_event'; }
-gpio_is() {
-	i=0
-	until wget -q -O - http://127.0.0.1:9464/metrics 2>/dev/null | grep -q "^edge_agent_probe_attached{probe=\"gpio\"} $1"; do
-		i=$((i + 1))
-		[ $i -gt 120 ] && { echo "hil: reload: the gpio probe never became $1"; exit 1; }
-		sleep 1
-	done
-}
 before=$(bpf_fds)
 cp "$conf" /tmp/agent.toml.orig
 for c in 1 2 3; do
 	{ cat /tmp/agent.toml.orig; printf '\n[probes.buses]\ngpio = false\n'; } > "$conf"
 	kill -HUP "$pid"
-	gpio_is 0
+	probe_is gpio 0
 	cp /tmp/agent.toml.orig "$conf"
 	kill -HUP "$pid"
-	gpio_is 1
+	probe_is gpio 1
 done
 # The reload's last probe (regmap) attached too.
-until wget -q -O - http://127.0.0.1:9464/metrics 2>/dev/null | grep -q '^edge_agent_probe_attached{probe="regmap"} 1'; do sleep 1; done
+probe_is regmap 1
 echo "hil: reload: cycles=6 pid=$pid now=$(pidof edge-agent | cut -d' ' -f1) bpf_fds_before=$before bpf_fds_after=$(bpf_fds)"
 
 echo 8192 > $t/buffer_size_kb
