@@ -421,35 +421,29 @@ impl AgentMetrics {
         self.devices_watched.set(d.devices_present as i64);
         self.devices_over_cap.set(d.devices_over_cap as i64);
         self.device_files_open.set(d.files_open as i64);
-        let up = |c: &Counter, v: u64| {
-            c.inc_by(v.saturating_sub(c.get()));
-        };
-        up(&self.device_files_found.get_or_create(&HowLabels { how: "open".into() }), d.files_from_open);
-        up(&self.device_files_found.get_or_create(&HowLabels { how: "scan".into() }), d.files_from_scan);
+        advance_to(&self.device_files_found.get_or_create(&HowLabels { how: "open".into() }), d.files_from_open);
+        advance_to(&self.device_files_found.get_or_create(&HowLabels { how: "scan".into() }), d.files_from_scan);
         for (map, v) in
             [("files", d.fds_full), ("inflight", d.inflight_full), ("series", d.series_full), ("errors", d.errors_full)]
         {
-            up(&self.device_map_full.get_or_create(&MapLabels { map: map.into() }), v);
+            advance_to(&self.device_map_full.get_or_create(&MapLabels { map: map.into() }), v);
         }
-        up(&self.device_inflight_stale, d.stale_records);
-        up(&self.device_inflight_spilled, d.spilled);
+        advance_to(&self.device_inflight_stale, d.stale_records);
+        advance_to(&self.device_inflight_spilled, d.spilled);
     }
 
     /// The bus probe's own health (cumulative counts of the kernel side;
     /// they start over when the probe is attached again).
     pub fn observe_buses(&self, b: &crate::probe::buses::BusReading) {
-        let up = |c: &Counter, v: u64| {
-            c.inc_by(v.saturating_sub(c.get()));
-        };
         for (map, full, entries) in [
             ("series", b.series_full, b.series.len()),
             ("errors", b.errors_full, b.errors.len()),
             ("gpio", b.gpio_full, b.gpio.len()),
         ] {
-            up(&self.bus_map_full.get_or_create(&MapLabels { map: map.into() }), full);
+            advance_to(&self.bus_map_full.get_or_create(&MapLabels { map: map.into() }), full);
             self.bus_map_entries.get_or_create(&MapLabels { map: map.into() }).set(entries as i64);
         }
-        up(&self.bus_untimed, b.untimed);
+        advance_to(&self.bus_untimed, b.untimed);
     }
 
     /// The agent's own CPU time and resident memory (/proc/self).
@@ -578,6 +572,12 @@ impl AgentMetrics {
 
 /// Serves `GET /metrics` until the listener fails. One short-lived task per
 /// connection; requests are capped at 8 KiB and 5 s.
+/// Moves a counter up to a cumulative kernel count (never down: after the
+/// probe is attached anew it waits for the new count to pass the old).
+fn advance_to(c: &Counter, v: u64) {
+    c.inc_by(v.saturating_sub(c.get()));
+}
+
 pub async fn serve(listener: async_net::TcpListener, registry: Arc<Registry>) {
     loop {
         let (stream, _) = match listener.accept().await {

@@ -461,8 +461,10 @@ impl BusesProbe {
     /// Whether a family that was missing now has its tracepoints (a bus
     /// driver's module was loaded): checked every `rescan`. The caller
     /// then attaches the probe again (its counts start over).
+    /// Every `rescan` the GPIO controllers are listed again as well (one
+    /// may appear later: an expander's driver probing).
     pub fn should_reload(&mut self) -> bool {
-        if self.missing.is_empty() || self.last_check.elapsed() < self.rescan {
+        if self.last_check.elapsed() < self.rescan {
             return false;
         }
         self.last_check = Instant::now();

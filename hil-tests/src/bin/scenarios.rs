@@ -301,15 +301,20 @@ fn evaluate(args: &Args) -> Result<(), String> {
     }
     std::fs::write(out.join("labels.csv"), labels).map_err(|e| e.to_string())?;
     let windows = read_agent_windows(&samples)?;
-    let card = std::fs::read_to_string(&model).map_err(|e| e.to_string())?;
-    let threshold = serde_json::from_str::<serde_json::Value>(&card)
-        .map_err(|e| format!("{}: not a model card ({e})", model.display()))?["threshold"]
-        .as_f64()
-        .ok_or_else(|| format!("{}: no threshold in the card", model.display()))?;
+    let threshold = card_threshold(&model)?;
     let report = report(args, &model, threshold, &windows, &injections, (normal_from, normal_to), memory);
     std::fs::write(out.join("report.md"), &report).map_err(|e| e.to_string())?;
     println!("{report}");
     Ok(())
+}
+
+/// The alarm threshold of a model card.
+fn card_threshold(model: &Path) -> Result<f64, String> {
+    let card = std::fs::read_to_string(model).map_err(|e| format!("{}: {e}", model.display()))?;
+    serde_json::from_str::<serde_json::Value>(&card)
+        .map_err(|e| format!("{}: not a model card ({e})", model.display()))?["threshold"]
+        .as_f64()
+        .ok_or_else(|| format!("{}: no threshold in the card", model.display()))
 }
 
 /// One window as the agent scored it.
@@ -559,12 +564,7 @@ fn tail_text(scores: &[f64], threshold: f64, window_ms: u64) -> String {
 
 /// `scenarios tail`: the extrapolation over DIR/samples.csv.
 fn tail(args: &Args) -> Result<(), String> {
-    let model = args.model.as_ref().ok_or("--model CARD is required")?;
-    let card = std::fs::read_to_string(model).map_err(|e| format!("{}: {e}", model.display()))?;
-    let threshold = serde_json::from_str::<serde_json::Value>(&card)
-        .map_err(|e| format!("{}: not a model card ({e})", model.display()))?["threshold"]
-        .as_f64()
-        .ok_or_else(|| format!("{}: no threshold in the card", model.display()))?;
+    let threshold = card_threshold(args.model.as_ref().ok_or("--model CARD is required")?)?;
     let windows = read_agent_windows(&args.out.join("samples.csv"))?;
     let alarms = windows.windows(2).filter(|w| w[1].alarm && !w[0].alarm).count()
         + usize::from(windows.first().is_some_and(|w| w.alarm));
