@@ -15,6 +15,7 @@
 
 pub mod bits;
 pub mod block;
+pub mod throttle;
 #[cfg(feature = "tls")]
 pub mod tls;
 
@@ -27,6 +28,19 @@ pub const ENVELOPE_VERSION: u8 = 3;
 
 /// Largest accepted MQTT payload (envelope), in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest MQTT packet a message may travel in: [`MAX_MESSAGE_BYTES`] plus
+/// room for the fixed header, the topic, the packet id and MQTT 5
+/// properties. The one size limit of the whole path: the agent never
+/// builds a larger one (its blocks are at most half the payload limit),
+/// the shipped broker refuses larger ones (`max_packet_size` in
+/// configs/mosquitto/mosquitto.conf, checked by a test), and the bridge
+/// dead-letters a payload over [`MAX_MESSAGE_BYTES`] that reaches it
+/// through a broker without that limit.
+pub const MAX_PACKET_BYTES: usize = MAX_MESSAGE_BYTES + 1024;
+/// Device ids starting with this are refused: the identities of the
+/// central side (`fleet-bridge`, `fleet-admin`) live there, so that no
+/// device certificate or user name can ever carry one of them.
+pub const RESERVED_ID_PREFIX: &str = "fleet-";
 /// Largest device id, in bytes.
 pub const MAX_DEVICE_ID: usize = 64;
 /// Most series in one batch.
@@ -293,13 +307,19 @@ fn versioned<'a>(bytes: &'a [u8], what: &'static str, supported: u8) -> Result<&
 }
 
 /// Device ids appear in MQTT topics and label values: 1..=64 bytes of
-/// `[A-Za-z0-9._-]`, so they can never contain MQTT wildcards or separators.
+/// `[A-Za-z0-9._-]`, so they can never contain MQTT wildcards or separators,
+/// and not starting with [`RESERVED_ID_PREFIX`] (any case).
 pub fn validate_device_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_DEVICE_ID {
         return Err(format!("device id {id:?} must be 1..={MAX_DEVICE_ID} bytes"));
     }
     if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
         return Err(format!("device id {id:?} may only contain A-Z a-z 0-9 . _ -"));
+    }
+    if id.to_ascii_lowercase().starts_with(RESERVED_ID_PREFIX) {
+        return Err(format!(
+            "device id {id:?} is reserved: ids starting with {RESERVED_ID_PREFIX:?} name the fleet's central identities"
+        ));
     }
     Ok(())
 }
@@ -470,6 +490,16 @@ mod tests {
         assert_eq!(device_of_topic("edge", "edge/a/b/metrics"), None);
         assert_eq!(device_of_topic("edge", "other/d1/metrics"), None);
         assert_eq!(device_of_topic("edge", "edgex/d1/metrics"), None);
+    }
+
+    #[test]
+    fn central_identities_are_not_device_ids() {
+        for id in ["fleet-bridge", "fleet-admin", "FLEET-bridge", "fleet-"] {
+            assert!(validate_device_id(id).unwrap_err().contains("reserved"), "{id}");
+        }
+        for id in ["fleet", "fleetbridge", "press-fleet-1"] {
+            validate_device_id(id).unwrap();
+        }
     }
 }
 

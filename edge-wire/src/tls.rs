@@ -7,11 +7,64 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// rustls' own verifier, asked about a time no earlier than `floor`.
+#[derive(Debug)]
+struct FloorVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    floor: Option<Duration>,
+}
+
+impl ServerCertVerifier for FloorVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let now = match self.floor {
+            Some(floor) if now.as_secs() < floor.as_secs() => UnixTime::since_unix_epoch(floor),
+            _ => now,
+        };
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// false: plain TCP (only for a broker on the same host or a test).
+    /// On unless a config says `enabled = false`: a `[mqtt.tls]` table
+    /// that leaves the key out still means TLS.
     pub enabled: bool,
     /// PEM: the CA(s) that signed the broker's certificate. The broker's
     /// host name (`mqtt.host`) must be in that certificate's names.
@@ -51,15 +104,29 @@ impl TlsConfig {
     /// Reads the files and builds the client configuration. Errors name the
     /// file and what is wrong with it.
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        self.client_config_with_floor(None)
+    }
+
+    /// As [`TlsConfig::client_config`], with the broker's certificate
+    /// checked at `floor` (Unix seconds) whenever this machine's clock is
+    /// before it: a box that boots with its clock years behind (no RTC)
+    /// still connects, so it can learn the true time. Everything else
+    /// (chain, name, signatures, expiry at the floor) is checked as always.
+    pub fn client_config_with_floor(&self, floor: Option<u64>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in read_certs(&self.ca_file)? {
             roots.add(cert).map_err(|e| TlsError::new(&self.ca_file, format!("not a usable CA certificate: {e}")))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| TlsError::new(&self.ca_file, format!("no usable CA: {e}")))?;
+        let verifier = Arc::new(FloorVerifier { inner: webpki, floor: floor.map(Duration::from_secs) });
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::new(&self.ca_file, e.to_string()))?
-            .with_root_certificates(roots);
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
         let config = if self.cert_file.as_os_str().is_empty() {
             builder.with_no_client_auth()
         } else {
@@ -74,9 +141,28 @@ impl TlsConfig {
     }
 }
 
+/// What a table gives for the keys it leaves out: TLS on (secure by
+/// default), no files. A table that names no `ca_file` is then refused by
+/// [`TlsConfig::validate`], naming the key; a config without the table at
+/// all gets its program's files ([`TlsConfig::in_dir`]).
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig { enabled: false, ca_file: PathBuf::new(), cert_file: PathBuf::new(), key_file: PathBuf::new() }
+        TlsConfig { enabled: true, ca_file: PathBuf::new(), cert_file: PathBuf::new(), key_file: PathBuf::new() }
+    }
+}
+
+impl TlsConfig {
+    /// Whether a warning is due: plain TCP to `host` that is not this
+    /// machine (a loopback address or `localhost`). Both programs say so at
+    /// every start.
+    pub fn plain_to_remote(&self, host: &str) -> bool {
+        if self.enabled {
+            return false;
+        }
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback =
+            host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        !loopback
     }
 }
 
@@ -102,6 +188,50 @@ pub struct TlsError {
 impl TlsError {
     fn new(path: &Path, message: String) -> TlsError {
         TlsError { path: path.to_owned(), message }
+    }
+}
+
+/// Why a connection to the broker failed, in a word an operator can act
+/// on: `tls` (handshake: certificate, CA, name, validity), `refused` (no
+/// broker listening), `dns` (the host name does not resolve), `timeout`,
+/// `not_authorized` (the broker refused the login), `refused_by_broker`
+/// (another CONNACK refusal), `closed` (the broker closed the connection)
+/// or `other`. Walks `err`'s source chain.
+pub fn connection_failure(err: &(dyn std::error::Error + 'static)) -> &'static str {
+    let top = err.to_string();
+    if top.contains("Connection refused, return code") || top.contains("ConnectionRefused(") {
+        return if top.contains("NotAuthorized") || top.contains("BadUserName") {
+            "not_authorized"
+        } else {
+            "refused_by_broker"
+        };
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return "tls";
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            match io.kind() {
+                K::ConnectionRefused => return "refused",
+                K::TimedOut => return "timeout",
+                K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof | K::BrokenPipe => return "closed",
+                _ if io.to_string().contains("lookup address") => return "dns",
+                _ => {}
+            }
+            if io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) {
+                return "tls";
+            }
+        }
+        cur = e.source();
+    }
+    match top.to_ascii_lowercase() {
+        t if t.contains("tls") || t.contains("certificate") => "tls",
+        t if t.contains("timeout") => "timeout",
+        t if t.contains("lookup address") => "dns",
+        t if t.contains("connection closed") || t.contains("reset") => "closed",
+        _ => "other",
     }
 }
 
@@ -144,6 +274,52 @@ mod tests {
         let mut half = t.clone();
         half.key_file = PathBuf::new();
         assert!(half.validate("mqtt.tls").unwrap_err().contains("mqtt.tls.cert_file"));
+    }
+
+    #[test]
+    fn a_table_without_enabled_means_tls() {
+        #[derive(Deserialize)]
+        struct Wrap {
+            tls: TlsConfig,
+        }
+        let w: Wrap = toml::from_str("[tls]\nca_file = \"/x/ca.crt\"\n").unwrap();
+        assert!(w.tls.enabled, "a table that names files but leaves out `enabled` is TLS");
+        let w: Wrap = toml::from_str("[tls]\nenabled = false\n").unwrap();
+        assert!(!w.tls.enabled);
+        // Without a CA the table is refused, naming the key.
+        let w: Wrap = toml::from_str("[tls]\n").unwrap();
+        assert!(w.tls.validate("mqtt.tls").unwrap_err().contains("mqtt.tls.ca_file"));
+    }
+
+    #[test]
+    fn plain_tcp_beyond_this_machine_is_flagged() {
+        let plain = TlsConfig { enabled: false, ..TlsConfig::default() };
+        for host in ["127.0.0.1", "127.3.4.5", "::1", "[::1]", "localhost", "LOCALHOST"] {
+            assert!(!plain.plain_to_remote(host), "{host}");
+        }
+        for host in ["10.0.0.2", "fleet-broker", "broker.example"] {
+            assert!(plain.plain_to_remote(host), "{host}");
+        }
+        assert!(!TlsConfig::default().plain_to_remote("fleet-broker"));
+    }
+
+    #[test]
+    fn connection_failures_are_named() {
+        use std::io::{Error, ErrorKind};
+        let refused = Error::from(ErrorKind::ConnectionRefused);
+        assert_eq!(connection_failure(&refused), "refused");
+        let tls = Error::new(
+            ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYet),
+        );
+        assert_eq!(connection_failure(&tls), "tls");
+        let dns = Error::other("failed to lookup address information: Name or service not known");
+        assert_eq!(connection_failure(&dns), "dns");
+        assert_eq!(connection_failure(&Error::from(ErrorKind::ConnectionReset)), "closed");
+        #[derive(Debug, thiserror::Error)]
+        #[error("Connection refused, return code: `NotAuthorized`")]
+        struct Refused;
+        assert_eq!(connection_failure(&Refused), "not_authorized");
     }
 
     #[test]

@@ -63,6 +63,15 @@ pub struct RemoteWriteConfig {
     /// A block's series are written by up to this many requests at once
     /// (each series whole, in one of them).
     pub concurrency: usize,
+    /// Samples dated later than the bridge's clock plus this are never
+    /// written (counted per device, the message dead-lettered): one
+    /// device's far-future sample would move the store's newest time and
+    /// make every other device's current samples "too old".
+    pub max_sample_ahead_secs: u64,
+    /// Samples older than the bridge's clock minus this are never written
+    /// either: the store would refuse them (Prometheus: its out-of-order
+    /// window, `out_of_order_time_window: 7d` in configs/prometheus.yml).
+    pub max_sample_age_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +105,8 @@ impl Default for RemoteWriteConfig {
             retry_min_ms: 100,
             retry_max_ms: 30_000,
             concurrency: 2,
+            max_sample_ahead_secs: 300,
+            max_sample_age_secs: 7 * 86_400,
         }
     }
 }
@@ -122,22 +133,53 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Every setting that could fail at run time is checked here, at start,
+    /// with the key named.
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.remote_write.url.starts_with("http://") || self.remote_write.url.starts_with("https://")) {
-            return Err(format!("remote_write.url {:?} must be an http:// or https:// URL", self.remote_write.url));
+        let rw = &self.remote_write;
+        if !(rw.url.starts_with("http://") || rw.url.starts_with("https://")) {
+            return Err(format!("remote_write.url {:?} must be an http:// or https:// URL", rw.url));
         }
-        if self.remote_write.url.starts_with("https://") {
+        if rw.url.starts_with("https://") {
             return Err("remote_write.url: https is not built into this version yet; use a local TLS proxy".into());
+        }
+        match rw.url.parse::<ureq::http::Uri>() {
+            Ok(u) if u.host().is_some_and(|h| !h.is_empty()) => {}
+            _ => return Err(format!("remote_write.url {:?} is not a URL with a host", rw.url)),
+        }
+        if rw.timeout_ms == 0 {
+            return Err("remote_write.timeout_ms must be > 0 (0 would time every request out at once)".into());
+        }
+        if rw.max_sample_ahead_secs > 86_400 {
+            return Err("remote_write.max_sample_ahead_secs must be 0..=86400: a later sample moves the store's \
+                        newest time past every other device's current samples"
+                .into());
+        }
+        if !(60..=10 * 366 * 86_400).contains(&rw.max_sample_age_secs) {
+            return Err("remote_write.max_sample_age_secs must be 60..=316224000 (ten years)".into());
         }
         if self.mqtt.share_group.contains(['/', '+', '#']) {
             return Err("mqtt.share_group may not contain / + or #".into());
+        }
+        if self.mqtt.host.is_empty() {
+            return Err("mqtt.host must not be empty".into());
+        }
+        let dl = &self.mqtt.dead_letter_prefix;
+        if dl.contains(['+', '#', '\0']) || dl.starts_with(['$', '/']) || dl.ends_with('/') || dl.contains("//") {
+            return Err(format!(
+                "mqtt.dead_letter_prefix {dl:?} must be a plain topic (no + # or empty levels, not starting with $ \
+                 or /, not ending with /), or \"\" to disable dead letters"
+            ));
         }
         self.mqtt.tls.validate("mqtt.tls")?;
         if self.mqtt.client_id.is_empty() {
             return Err("mqtt.client_id must not be empty".into());
         }
-        if self.mqtt.topic_prefix.is_empty() || self.mqtt.topic_prefix.contains(['+', '#']) {
-            return Err("mqtt.topic_prefix must be non-empty, without + or #".into());
+        let tp = &self.mqtt.topic_prefix;
+        if tp.is_empty() || tp.contains(['+', '#', '\0']) || tp.starts_with('$') || tp.ends_with('/') {
+            return Err(
+                "mqtt.topic_prefix must be non-empty, without + or #, not starting with $ or ending with /".into()
+            );
         }
         if !(1..=16).contains(&self.remote_write.concurrency) {
             return Err("remote_write.concurrency must be 1..=16".into());
@@ -159,5 +201,60 @@ mod tests {
         let mut c = Config::default();
         c.remote_write.url = "ftp://x".into();
         assert!(c.validate().unwrap_err().contains("remote_write.url"));
+    }
+
+    /// Settings that were accepted and then broke the bridge at run time.
+    #[test]
+    fn settings_that_fail_at_run_time_are_refused_at_start() {
+        type Break = fn(&mut Config);
+        let cases: [(&str, Break); 7] = [
+            ("remote_write.timeout_ms", |c| c.remote_write.timeout_ms = 0),
+            ("mqtt.dead_letter_prefix", |c| c.mqtt.dead_letter_prefix = "fleet/+/dead".into()),
+            ("mqtt.dead_letter_prefix", |c| c.mqtt.dead_letter_prefix = "fleet/#".into()),
+            ("mqtt.dead_letter_prefix", |c| c.mqtt.dead_letter_prefix = "$SYS/dead".into()),
+            ("remote_write.url", |c| c.remote_write.url = "http://".into()),
+            ("remote_write.max_sample_ahead_secs", |c| c.remote_write.max_sample_ahead_secs = 366 * 86_400),
+            ("remote_write.max_sample_age_secs", |c| c.remote_write.max_sample_age_secs = 0),
+        ];
+        for (key, break_it) in cases {
+            let mut c = Config::default();
+            break_it(&mut c);
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let mut c = Config::default();
+        c.mqtt.dead_letter_prefix = String::new();
+        c.validate().unwrap();
+    }
+
+    /// Every default documented in docs/configuration.md is the code's.
+    #[test]
+    fn documented_defaults_are_the_defaults() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md")).unwrap();
+        let section = doc.split("\n## fleet-bridge\n").nth(1).expect("a fleet-bridge section");
+        let block = section.split("```toml\n").nth(1).and_then(|b| b.split("\n```").next()).expect("its TOML block");
+        let documented: Config = toml::from_str(block).unwrap_or_else(|e| panic!("the documented config: {e}"));
+        assert_eq!(format!("{documented:#?}"), format!("{:#?}", Config::default()));
+        // Every key is documented: the block, parsed back to a table, has
+        // as many entries as the defaults have fields.
+        let keys = |v: &toml::Value| -> Vec<String> {
+            fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+                if let toml::Value::Table(t) = v {
+                    for (k, v) in t {
+                        walk(&format!("{prefix}{k}."), v, out);
+                    }
+                } else {
+                    out.push(prefix.trim_end_matches('.').to_owned());
+                }
+            }
+            let mut out = Vec::new();
+            walk("", v, &mut out);
+            out.sort();
+            out
+        };
+        let doc_keys = keys(&toml::from_str(block).unwrap());
+        let debug = format!("{:#?}", Config::default());
+        let fields = debug.lines().filter(|l| l.trim_end().ends_with(',') && l.contains(": ")).count();
+        assert_eq!(doc_keys.len(), fields, "documented keys {doc_keys:?} vs the config's fields:\n{debug}");
     }
 }

@@ -2,7 +2,7 @@
 //! is a device's valid batch, and build the remote-write body for it.
 
 use crate::remote_write::{self, WriteRequest};
-use edge_wire::Envelope;
+use edge_wire::{Batch, Envelope};
 
 /// A message ready to be written.
 #[derive(Debug)]
@@ -12,9 +12,78 @@ pub struct Write {
     /// Store sequence numbers of the block's first and last frames.
     pub first_seq: u64,
     pub last_seq: u64,
+    /// Samples to write (those within the time bounds).
     pub samples: usize,
+    /// Samples the bridge will not write: outside [`TimeBounds`].
+    pub out_of_bounds: OutOfBounds,
     /// What to write; split on refusal (see [`split`]).
     pub req: WriteRequest,
+}
+
+/// The span of sample times the bridge writes, around its own wall clock:
+/// no later than `now + max_ahead`, no earlier than `now - max_age`.
+///
+/// Why the upper bound matters (docs/threat-model.md): Prometheus's
+/// out-of-order window is relative to the newest sample it holds, not to
+/// the wall clock. One sample dated a year ahead moves its head a year
+/// ahead, and from then on every device's current samples are "too old".
+/// Bounding at the bridge keeps the head within `max_ahead` of true time
+/// whatever a device sends. The lower bound spares the store samples it
+/// would refuse anyway (older than its out-of-order window) and counts
+/// them per device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeBounds {
+    pub oldest_ms: i64,
+    pub newest_ms: i64,
+}
+
+impl TimeBounds {
+    pub fn around(now_ms: i64, max_age_ms: i64, max_ahead_ms: i64) -> TimeBounds {
+        TimeBounds { oldest_ms: now_ms.saturating_sub(max_age_ms), newest_ms: now_ms.saturating_add(max_ahead_ms) }
+    }
+
+    /// Wide open: every representable time (tests of the other checks).
+    pub const ANY: TimeBounds = TimeBounds { oldest_ms: i64::MIN, newest_ms: i64::MAX };
+}
+
+/// Samples of a message left out because of their time, by side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutOfBounds {
+    /// Later than the bridge's clock plus `max_sample_ahead_secs`.
+    pub ahead: usize,
+    /// Earlier than the bridge's clock minus `max_sample_age_secs`.
+    pub too_old: usize,
+    /// The first time left out (for the log).
+    pub example_ms: Option<i64>,
+}
+
+impl OutOfBounds {
+    pub fn total(&self) -> usize {
+        self.ahead + self.too_old
+    }
+}
+
+/// Removes the samples outside `bounds` from `batch` (and the series left
+/// empty); returns what was removed.
+pub fn keep_within(batch: &mut Batch, bounds: TimeBounds) -> OutOfBounds {
+    let mut out = OutOfBounds::default();
+    for series in &mut batch.series {
+        series.samples.retain(|p| {
+            let t = p.timestamp_ms;
+            let keep = (bounds.oldest_ms..=bounds.newest_ms).contains(&t);
+            if !keep {
+                if t > bounds.newest_ms {
+                    out.ahead += 1;
+                } else {
+                    out.too_old += 1;
+                }
+                out.example_ms.get_or_insert(t);
+            }
+            keep
+        });
+    }
+    batch.series.retain(|s| !s.samples.is_empty());
+    out
 }
 
 /// Why a message will never be written. Such messages are acknowledged (so
@@ -27,6 +96,9 @@ pub enum Refusal {
     Undecodable(String),
     /// The envelope names a different device than the topic.
     WrongDevice { topic: String, claimed: String },
+    /// The payload is over [`edge_wire::MAX_MESSAGE_BYTES`]: it reached
+    /// the bridge through a broker without the shipped size limit.
+    TooLarge(usize),
 }
 
 impl Refusal {
@@ -35,18 +107,26 @@ impl Refusal {
             Refusal::BadTopic => "bad_topic",
             Refusal::Undecodable(_) => "undecodable",
             Refusal::WrongDevice { .. } => "wrong_device",
+            Refusal::TooLarge(_) => "too_large",
         }
     }
 }
 
-pub fn prepare(prefix: &str, topic: &str, payload: &[u8]) -> Result<Write, Refusal> {
+/// Decodes and checks a message on `topic`, and builds what to write:
+/// the samples within `bounds` (the rest counted in
+/// [`Write::out_of_bounds`]).
+pub fn prepare(prefix: &str, topic: &str, payload: &[u8], bounds: TimeBounds) -> Result<Write, Refusal> {
     let device = edge_wire::device_of_topic(prefix, topic).ok_or(Refusal::BadTopic)?;
     edge_wire::validate_device_id(device).map_err(|_| Refusal::BadTopic)?;
+    if payload.len() > edge_wire::MAX_MESSAGE_BYTES {
+        return Err(Refusal::TooLarge(payload.len()));
+    }
     let env = Envelope::decode(payload).map_err(|e| Refusal::Undecodable(e.to_string()))?;
     if env.device != device {
         return Err(Refusal::WrongDevice { topic: device.into(), claimed: env.device.into() });
     }
-    let batch = env.block().map_err(|e| Refusal::Undecodable(e.to_string()))?;
+    let mut batch = env.block().map_err(|e| Refusal::Undecodable(e.to_string()))?;
+    let out_of_bounds = keep_within(&mut batch, bounds);
     let req = WriteRequest { timeseries: remote_write::to_timeseries(device, &batch) };
     Ok(Write {
         device: device.into(),
@@ -54,6 +134,7 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8]) -> Result<Write, Refus
         first_seq: env.first_seq,
         last_seq: env.first_seq + env.frames.len() as u64 - 1,
         samples: batch.sample_count(),
+        out_of_bounds,
         req,
     })
 }
@@ -167,7 +248,7 @@ mod tests {
 
     #[test]
     fn valid_message_becomes_a_write() {
-        let w = prepare("edge", "edge/d1/metrics", &payload("d1")).unwrap();
+        let w = prepare("edge", "edge/d1/metrics", &payload("d1"), TimeBounds::ANY).unwrap();
         assert_eq!((w.device.as_str(), w.first_seq, w.last_seq, w.samples), ("d1", 3, 4, 2));
         let req = w.req;
         let ts: Vec<i64> = req.timeseries[0].samples.iter().map(|s| s.timestamp).collect();
@@ -177,19 +258,67 @@ mod tests {
     #[test]
     fn a_device_cannot_speak_for_another() {
         assert_eq!(
-            prepare("edge", "edge/d1/metrics", &payload("d2")).unwrap_err(),
+            prepare("edge", "edge/d1/metrics", &payload("d2"), TimeBounds::ANY).unwrap_err(),
             Refusal::WrongDevice { topic: "d1".into(), claimed: "d2".into() }
         );
     }
 
     #[test]
     fn garbage_and_bad_topics_are_refused() {
-        assert_eq!(prepare("edge", "edge/d1/x", &payload("d1")).unwrap_err(), Refusal::BadTopic);
-        assert_eq!(prepare("edge", "edge/+/metrics", &payload("d1")).unwrap_err(), Refusal::BadTopic);
+        let any = TimeBounds::ANY;
+        assert_eq!(prepare("edge", "edge/d1/x", &payload("d1"), any).unwrap_err(), Refusal::BadTopic);
+        assert_eq!(prepare("edge", "edge/+/metrics", &payload("d1"), any).unwrap_err(), Refusal::BadTopic);
         let p = payload("d1");
         for n in 0..p.len() {
-            assert!(prepare("edge", "edge/d1/metrics", &p[..n]).is_err());
+            assert!(prepare("edge", "edge/d1/metrics", &p[..n], any).is_err());
         }
+        let huge = vec![edge_wire::ENVELOPE_VERSION; edge_wire::MAX_MESSAGE_BYTES + 1];
+        assert_eq!(
+            prepare("edge", "edge/d1/metrics", &huge, any).unwrap_err(),
+            Refusal::TooLarge(edge_wire::MAX_MESSAGE_BYTES + 1)
+        );
+    }
+
+    #[test]
+    fn samples_beyond_the_bounds_are_left_out_and_counted() {
+        let now = 1_800_000_000_000;
+        let year = 366 * 86_400_000;
+        let mut e = BlockEncoder::new();
+        let k = SeriesKey::new("m", vec![Label::new("k", "v")]);
+        let only_future = SeriesKey::new("f", vec![]);
+        let times = [1_000, now - 8 * 86_400_000, now - 60_000, now, now + 200_000, now + year];
+        let frames: Vec<Vec<u8>> = times
+            .iter()
+            .map(|&t| {
+                let mut s = vec![(k.clone(), 1.0)];
+                if t > now + 300_000 {
+                    s.push((only_future.clone(), 2.0));
+                }
+                e.frame(t, &s).unwrap()
+            })
+            .collect();
+        let p = Envelope {
+            device: "d",
+            lane: 0,
+            first_seq: 9,
+            clock_shift_ms: 0,
+            frames: frames.iter().map(Vec::as_slice).collect(),
+        }
+        .encode();
+        let bounds = TimeBounds::around(now, 7 * 86_400_000, 300_000);
+        let w = prepare("edge", "edge/d/metrics", &p, bounds).unwrap();
+        assert_eq!(w.out_of_bounds, OutOfBounds { ahead: 2, too_old: 2, example_ms: Some(1_000) });
+        assert_eq!(w.samples, 3);
+        assert_eq!((w.first_seq, w.last_seq), (9, 14), "the whole block is confirmed");
+        assert_eq!(w.req.timeseries.len(), 1, "a series with nothing left is not written");
+        let kept: Vec<i64> = w.req.timeseries[0].samples.iter().map(|s| s.timestamp).collect();
+        assert_eq!(kept, [now - 60_000, now, now + 200_000]);
+        // The bounds apply after the device's clock correction.
+        let ahead = BlockEncoder::new().frame(now + year, &[(k, 1.0), (only_future, 2.0)]).unwrap();
+        let shifted =
+            Envelope { device: "d", lane: 0, first_seq: 9, clock_shift_ms: -year, frames: vec![&ahead] }.encode();
+        let w = prepare("edge", "edge/d/metrics", &shifted, bounds).unwrap();
+        assert_eq!((w.out_of_bounds.total(), w.samples), (0, 2));
     }
 
     /// The request for a block of `series` series over `windows` windows.
@@ -208,7 +337,7 @@ mod tests {
             frames: frames.iter().map(Vec::as_slice).collect(),
         }
         .encode();
-        prepare("edge", "edge/d/metrics", &p).unwrap().req
+        prepare("edge", "edge/d/metrics", &p, TimeBounds::ANY).unwrap().req
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use config::Config;
-use handle::Verdict;
+use edge_wire::throttle::Throttle;
+use handle::{TimeBounds, Verdict};
 use metrics::BridgeMetrics;
 use remote_write::WriteRequest;
 
@@ -40,9 +41,21 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_secs.max(5)))
         .set_clean_session(false)
         .set_manual_acks(true)
-        .set_max_packet_size(edge_wire::MAX_MESSAGE_BYTES + 1024, 64 * 1024);
+        // Incoming: MQTT's own maximum, not ours. A message over our limit
+        // that reaches us (a broker without the shipped `max_packet_size`)
+        // must be read, to be dead-lettered and acknowledged: refusing it
+        // here would drop the connection, the broker would deliver it
+        // again, and the bridge would reconnect in a loop forever.
+        .set_max_packet_size(MQTT_MAX_PACKET, edge_wire::MAX_PACKET_BYTES);
     // Read once at start: a bridge with unusable TLS files stops at once,
     // naming the file, instead of retrying forever.
+    if cfg.mqtt.tls.plain_to_remote(&cfg.mqtt.host) {
+        tracing::warn!(
+            host = %cfg.mqtt.host,
+            "mqtt.tls.enabled = false: plain TCP to a broker that is not on this machine; credentials and \
+             every device's data cross the network in clear"
+        );
+    }
     if cfg.mqtt.tls.enabled {
         let tls = cfg.mqtt.tls.client_config()?;
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
@@ -64,10 +77,12 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     std::thread::Builder::new().name("writer".into()).spawn(move || writer.run(rx))?;
 
     let mut failures = 0u32;
+    let mut said = Throttle::new(Duration::from_secs(60));
     for event in connection.iter() {
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
+                said.reset();
                 metrics.mqtt_connected.set(1);
                 tracing::info!(session_present = ack.session_present, filter, "connected to broker");
                 let filters = [
@@ -101,7 +116,19 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                 metrics.mqtt_connected.set(0);
                 metrics.subscribed.set(0);
                 failures = failures.saturating_add(1);
-                tracing::warn!(error = %e, "broker connection failed; retrying");
+                let reason = edge_wire::tls::connection_failure(&e);
+                metrics.connection_failures.get_or_create(&metrics::ReasonLabels { reason: reason.into() }).inc();
+                if let Some(suppressed) = said.due() {
+                    tracing::warn!(
+                        error = %e,
+                        reason,
+                        host = %cfg.mqtt.host,
+                        port = cfg.mqtt.port,
+                        failures,
+                        suppressed,
+                        "broker connection failed; retrying (said at most once a minute)"
+                    );
+                }
                 // rumqttc reconnects on the next poll; pace it.
                 std::thread::sleep(Duration::from_millis((100u64 << failures.min(6)).min(5_000)));
             }
@@ -109,6 +136,9 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     }
     Ok(())
 }
+
+/// MQTT's largest packet (remaining length of 268,435,455 bytes).
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
 
 /// Answers a device's time request with this bridge's wall clock.
 fn answer_time(client: &Client, prefix: &str, p: &Publish, metrics: &BridgeMetrics) {
@@ -137,6 +167,10 @@ struct Writer {
     retry_max: Duration,
     dead_letter_prefix: String,
     concurrency: usize,
+    max_ahead_ms: i64,
+    max_age_ms: i64,
+    /// Refusal warnings, at most one a minute per kind.
+    said: std::sync::Mutex<std::collections::HashMap<&'static str, Throttle>>,
 }
 
 impl Writer {
@@ -156,6 +190,9 @@ impl Writer {
             retry_max: Duration::from_millis(cfg.remote_write.retry_max_ms),
             dead_letter_prefix: cfg.mqtt.dead_letter_prefix.clone(),
             concurrency: cfg.remote_write.concurrency,
+            max_ahead_ms: (cfg.remote_write.max_sample_ahead_secs * 1000) as i64,
+            max_age_ms: (cfg.remote_write.max_sample_age_secs * 1000) as i64,
+            said: Default::default(),
         }
     }
 
@@ -175,18 +212,44 @@ impl Writer {
             self.presence(device, &publish.payload);
             return;
         }
-        let w = match handle::prepare(&self.prefix, &publish.topic, &publish.payload) {
+        let bounds = TimeBounds::around(now_ms(), self.max_age_ms, self.max_ahead_ms);
+        let w = match handle::prepare(&self.prefix, &publish.topic, &publish.payload, bounds) {
             Ok(w) => w,
             Err(refusal) => {
                 self.metrics.messages.get_or_create(&metrics::ResultLabels::new(refusal.label())).inc();
-                tracing::warn!(topic = %publish.topic, why = ?refusal, "message refused");
+                if let Some(suppressed) = self.said(refusal.label()) {
+                    tracing::warn!(topic = %publish.topic, why = ?refusal, suppressed, "message refused (dead-lettered)");
+                }
                 self.dead_letter(publish, refusal.label());
                 return;
             }
         };
         let mut refused = 0;
         let (device, lane, first_seq, last_seq) = (w.device.clone(), w.lane, w.first_seq, w.last_seq);
-        let written = self.write_parallel(w.req, &device, &mut refused);
+        let oob = w.out_of_bounds;
+        if oob.total() > 0 {
+            for (reason, n) in [("ahead", oob.ahead), ("too_old", oob.too_old)] {
+                if n > 0 {
+                    let labels = metrics::DeviceReasonLabels { device: device.clone(), reason: reason.into() };
+                    self.metrics.samples_out_of_bounds.get_or_create(&labels).inc_by(n as u64);
+                }
+            }
+            if let Some(suppressed) = self.said("out_of_bounds") {
+                tracing::warn!(
+                    device,
+                    ahead = oob.ahead,
+                    too_old = oob.too_old,
+                    example_ms = ?oob.example_ms,
+                    oldest_ms = bounds.oldest_ms,
+                    newest_ms = bounds.newest_ms,
+                    suppressed,
+                    "samples outside the accepted times not written (the message is dead-lettered; \
+                     remote_write.max_sample_ahead_secs / max_sample_age_secs)"
+                );
+            }
+            self.dead_letter(publish, "out_of_bounds");
+        }
+        let written = if w.samples == 0 { 0 } else { self.write_parallel(w.req, &device, &mut refused) };
         // Every sample is now in the store or refused by it for good: confirm
         // the block end to end, so the device may let go of it. QoS 0 (see
         // dead_letter): a lost confirmation only means a re-send.
@@ -195,7 +258,12 @@ impl Writer {
         if let Err(e) = self.client.publish(topic, QoS::AtMostOnce, false, ack) {
             tracing::warn!(error = %e, "delivery confirmation not sent");
         }
-        let result = if refused == 0 { "written" } else { "partly_refused" };
+        let result = match (refused, oob.total()) {
+            (0, 0) => "written",
+            (0, _) if written == 0 => "out_of_bounds",
+            (0, _) => "partly_out_of_bounds",
+            _ => "partly_refused",
+        };
         self.metrics.messages.get_or_create(&metrics::ResultLabels::new(result)).inc();
         tracing::debug!(device, lane, first_seq, last_seq, written, refused, "block handled");
     }
@@ -291,31 +359,42 @@ impl Writer {
             self.metrics.messages.get_or_create(&metrics::ResultLabels::new("bad_topic")).inc();
             return;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let req = WriteRequest { timeseries: vec![remote_write::presence(device, value, now)] };
+        let req = WriteRequest { timeseries: vec![remote_write::presence(device, value, now_ms())] };
         let mut refused = 0;
         self.write(req, device, &mut refused);
         self.metrics.messages.get_or_create(&metrics::ResultLabels::new("presence")).inc();
         tracing::info!(device, online = value == 1.0, "device presence");
     }
 
+    /// Whether to log a refusal of this kind now (at most once a minute),
+    /// and how many went unlogged since.
+    fn said(&self, kind: &'static str) -> Option<u64> {
+        self.said
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_insert_with(|| Throttle::new(Duration::from_secs(60)))
+            .due()
+    }
+
     /// Republishes a message that can never be written on the dead-letter
     /// topic, so it can be looked at; it never blocks the device's stream.
+    /// A payload over the size limit goes as an empty message (the topic
+    /// still says why).
     fn dead_letter(&self, publish: &Publish, why: &str) {
         let topic = format!("{}/{}", self.dead_letter_prefix, why);
         if self.dead_letter_prefix.is_empty() {
             return;
         }
+        let payload =
+            if publish.payload.len() > edge_wire::MAX_MESSAGE_BYTES { Vec::new() } else { publish.payload.to_vec() };
         // QoS 0, on purpose: rumqttc takes no request at all, our manual
         // PUBACKs included, while its outgoing QoS 1 window is full
         // (eventloop.rs, `!inflight_full`), and the broker sends us nothing
         // new until we acknowledge. With QoS 1 dead letters a burst of
         // garbage could wedge the bridge on a slow broker. Dead letters are
         // diagnostics: best effort.
-        if let Err(e) = self.client.publish(topic, QoS::AtMostOnce, false, publish.payload.to_vec()) {
+        if let Err(e) = self.client.publish(topic, QoS::AtMostOnce, false, payload) {
             tracing::warn!(error = %e, "dead-letter publish failed");
         }
     }
@@ -334,6 +413,10 @@ impl Writer {
         };
         Ok((status, text.trim().to_owned()))
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 pub fn init_logging() {

@@ -27,6 +27,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceReasonLabels {
+    pub device: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
 }
@@ -36,6 +42,8 @@ pub struct BridgeMetrics {
     pub messages: Family<ResultLabels, Counter>,
     pub samples: Counter,
     pub samples_refused: Family<ReasonLabels, Counter>,
+    pub samples_out_of_bounds: Family<DeviceReasonLabels, Counter>,
+    pub connection_failures: Family<ReasonLabels, Counter>,
     pub requests: Family<StatusLabels, Counter>,
     pub retries: Counter,
     pub mqtt_connected: Gauge,
@@ -52,6 +60,18 @@ impl BridgeMetrics {
             "fleet_bridge_samples_refused",
             "Samples the store refused for good, isolated by splitting requests, by reason",
             m.samples_refused.clone(),
+        );
+        r.register(
+            "fleet_bridge_samples_out_of_bounds",
+            "Samples never written because of their time, by device and reason (ahead: later than the bridge's \
+             clock plus remote_write.max_sample_ahead_secs; too_old: earlier than its clock minus max_sample_age_secs)",
+            m.samples_out_of_bounds.clone(),
+        );
+        r.register(
+            "fleet_bridge_mqtt_connection_failures",
+            "Failed or lost broker connections, by reason (tls, refused, dns, timeout, not_authorized, \
+             refused_by_broker, closed, other)",
+            m.connection_failures.clone(),
         );
         r.register(
             "fleet_bridge_remote_write_requests",
