@@ -44,7 +44,7 @@ scripts/fleet-certs.sh "$pki" ca
 scripts/fleet-certs.sh "$pki" server localhost
 scripts/fleet-certs.sh "$pki" device "$device"
 scripts/fleet-certs.sh "$pki" bridge
-cp configs/mosquitto/acl "$pki/acl"
+cp configs/mosquitto/acl configs/mosquitto/acl-central "$pki/"
 touch "$pki/passwd"
 chown -R mosquitto: "$work/mosquitto" "$pki" 2>/dev/null || true
 install_tls() { # dir cert key name

@@ -6,12 +6,15 @@
 #   scripts/fleet-certs.sh DIR ca                    fleet CA and bridge CA (once)
 #   scripts/fleet-certs.sh DIR server NAME [IP...]   DIR/server.{crt,key}, SANs NAME, localhost, IPs
 #   scripts/fleet-certs.sh DIR device ID             DIR/devices/ID.{crt,key}, CN=ID
-#   scripts/fleet-certs.sh DIR bridge [CN]           DIR/bridge.{crt,key}, CN=fleet-bridge
+#   scripts/fleet-certs.sh DIR bridge                DIR/bridge.{crt,key}, CN=fleet-bridge
+#   scripts/fleet-certs.sh DIR admin                 DIR/admin.{crt,key}, CN=fleet-admin (publishes models)
 #
 # Two CAs on purpose (configs/mosquitto/mosquitto.conf): the fleet CA signs
 # the server and the devices; the bridge CA signs only bridges. The bridge
 # listener trusts only the bridge CA, so a device's certificate (whose CN the
-# broker uses as its user name and client id) can never log in there.
+# broker uses as its user name and client id) can never log in there. Device
+# ids starting with "fleet-" are refused (the central identities' names,
+# edge_wire::RESERVED_ID_PREFIX): no device certificate carries one.
 # Existing files are kept: running a command twice changes nothing.
 set -euo pipefail
 
@@ -61,12 +64,18 @@ subjectAltName=$san"
   device)
     id="${1:?device needs an id}"
     [[ "$id" =~ ^[A-Za-z0-9._-]{1,64}$ ]] || { echo "device id '$id': 1..64 of [A-Za-z0-9._-]" >&2; exit 2; }
+    shopt -s nocasematch
+    [[ "$id" != fleet-* ]] || { echo "device id '$id' is reserved: ids starting with 'fleet-' name the central identities" >&2; exit 2; }
+    shopt -u nocasematch
     mkdir -p "$dir/devices"
     sign ca "$dir/devices/$id" "$id" "$client_ext"
     ;;
   bridge)
-    sign bridge-ca "$dir/bridge" "${1:-fleet-bridge}" "$client_ext"
+    sign bridge-ca "$dir/bridge" fleet-bridge "$client_ext"
+    ;;
+  admin)
+    sign bridge-ca "$dir/admin" fleet-admin "$client_ext"
     ;;
   *)
-    echo "unknown command '$cmd' (ca, server, device, bridge)" >&2; exit 2 ;;
+    echo "unknown command '$cmd' (ca, server, device, bridge, admin)" >&2; exit 2 ;;
 esac

@@ -251,8 +251,11 @@ pub struct Broker {
 pub enum Who<'a> {
     /// A device with its client certificate (CN = the id).
     Device(&'a str),
-    /// A fleet bridge (certificate from the bridge CA).
+    /// A fleet bridge (certificate from the bridge CA, CN fleet-bridge).
     Bridge,
+    /// An operator (certificate from the bridge CA, CN fleet-admin):
+    /// publishes models on the central listener.
+    Admin,
     /// User name and password on the password listener (no client
     /// certificate); see [`Broker::add_password`].
     User(&'a str, &'a str),
@@ -274,7 +277,10 @@ impl Broker {
         certs(&pki, &["ca"]);
         certs(&pki, &["server", server_name]);
         certs(&pki, &["bridge"]);
-        std::fs::copy(repo_dir().join("configs/mosquitto/acl"), pki.join("acl")).expect("acl");
+        certs(&pki, &["admin"]);
+        for acl in ["acl", "acl-central"] {
+            std::fs::copy(repo_dir().join("configs/mosquitto").join(acl), pki.join(acl)).expect("acl");
+        }
         std::fs::write(pki.join("passwd"), "").expect("passwd");
         let [port, password_port, bridge_port] = ports;
         let mut b = Broker { port, password_port, bridge_port, pki, dir, proc: None };
@@ -316,6 +322,7 @@ impl Broker {
                 (self.port, c, k, String::new())
             }
             Who::Bridge => (self.bridge_port, self.pki.join("bridge.crt"), self.pki.join("bridge.key"), String::new()),
+            Who::Admin => (self.bridge_port, self.pki.join("admin.crt"), self.pki.join("admin.key"), String::new()),
             Who::User(user, password) => {
                 let file = self.pki.join(format!("{user}.password"));
                 std::fs::write(&file, format!("{password}\n")).expect("password file");
@@ -340,6 +347,7 @@ impl Broker {
                 (edge_wire::tls::TlsConfig { enabled: true, ca_file, cert_file, key_file }, self.port)
             }
             Who::Bridge => (edge_wire::tls::TlsConfig::in_dir(&self.pki, "bridge"), self.bridge_port),
+            Who::Admin => (edge_wire::tls::TlsConfig::in_dir(&self.pki, "admin"), self.bridge_port),
             Who::User(..) => {
                 (edge_wire::tls::TlsConfig { enabled: true, ca_file, ..Default::default() }, self.password_port)
             }
@@ -683,13 +691,14 @@ impl Agent {
             ),
         )
         .expect("agent config");
-        Agent { proc: Agent::spawn(dir, &conf), metrics_port, conf, dir: dir.to_owned() }
+        Agent { proc: Agent::spawn(dir, &conf, &[]), metrics_port, conf, dir: dir.to_owned() }
     }
 
-    fn spawn(dir: &Path, conf: &Path) -> Proc {
+    fn spawn(dir: &Path, conf: &Path, more_env: &[(&str, &str)]) -> Proc {
         let bin = bin_dir().join("edge-agent");
         let args = ["--config".to_string(), conf.display().to_string()];
-        let env = [("EDGE_AGENT_LOG", "info,edge_agent=debug")];
+        let mut env = vec![("EDGE_AGENT_LOG", "info,edge_agent=debug")];
+        env.extend_from_slice(more_env);
         if std::env::var_os(HIDE_BTF).is_none() {
             return Proc::spawn("edge-agent", dir, &bin, &args, &env);
         }
@@ -727,7 +736,12 @@ impl Agent {
 
     /// Starts the agent again with the same config and state directory.
     pub fn restart(&mut self) {
-        self.proc = Agent::spawn(&self.dir, &self.conf);
+        self.restart_with(&[]);
+    }
+
+    /// Starts the agent again with more environment (e.g. libfaketime's).
+    pub fn restart_with(&mut self, env: &[(&str, &str)]) {
+        self.proc = Agent::spawn(&self.dir, &self.conf, env);
         self.wait_attached();
     }
 
@@ -802,9 +816,22 @@ pub fn stored_sum(dir: &std::path::Path, metric: &str, labels: &[&str]) -> f64 {
     newest.values().sum()
 }
 
+/// `(timestamp_ms, value)` of every stored sample of the one series of
+/// `metric` with `labels`, oldest first: what Prometheus must hold of it
+/// once everything is delivered.
+pub fn stored_samples(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Vec<(i64, f64)> {
+    stored_export(dir, metric, labels).into_iter().map(|(t, _, v)| (t, v)).collect()
+}
+
 /// (series labels, value) of every stored row of `metric` with `labels`,
 /// oldest first (`edge-agent store export --format csv`).
 fn stored_rows(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Vec<(String, f64)> {
+    stored_export(dir, metric, labels).into_iter().map(|(_, s, v)| (s, v)).collect()
+}
+
+/// (timestamp_ms, series labels, value) of every stored row of `metric`
+/// with `labels`, oldest first.
+fn stored_export(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Vec<(i64, String, f64)> {
     let out = Command::new(bin_dir().join("edge-agent"))
         .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
         .output()
@@ -815,10 +842,10 @@ fn stored_rows(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Vec<(Str
         .lines()
         .filter_map(|l| {
             let mut cols = l.splitn(4, ',');
-            let (_, _, name, rest) = (cols.next()?, cols.next()?, cols.next()?, cols.next()?);
+            let (t, _, name, rest) = (cols.next()?, cols.next()?, cols.next()?, cols.next()?);
             let (series, value) = rest.rsplit_once(',')?;
             (name == metric && wanted.iter().all(|w| series.contains(w.as_str())))
-                .then(|| Some((series.to_owned(), value.trim().parse().ok()?)))?
+                .then(|| Some((t.parse().ok()?, series.to_owned(), value.trim().parse().ok()?)))?
         })
         .collect()
 }

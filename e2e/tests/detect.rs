@@ -400,8 +400,7 @@ fn updates(dir: &Path, trained: &Path) {
     let public = d.join("signing.pub");
     openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
     openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
-    let mut broker = Broker::start(&d);
-    broker.add_password("fleet-admin", "admin-secret");
+    let broker = Broker::start(&d);
     let state = d.join("agent-state");
     let drop_dir = state.join("model-drop");
     let section = detect_section(&shipped, &format!("update_public_key_file = \"{}\"", public.display()));
@@ -448,7 +447,7 @@ fn updates(dir: &Path, trained: &Path) {
     copy_model(trained, &m);
     pack(&m, &key);
     let publish = |payload: Vec<u8>| {
-        let mut o = broker.mqtt_options("operator", Who::User("fleet-admin", "admin-secret"));
+        let mut o = broker.mqtt_options("operator", Who::Admin);
         o.set_max_packet_size(2 << 20, 2 << 20);
         let (client, mut conn) = rumqttc::Client::new(o, 10);
         client.publish("edge/detect-upd/model", rumqttc::QoS::AtLeastOnce, true, payload).unwrap();
