@@ -68,3 +68,48 @@ fn a_full_file_system_drops_oldest_and_keeps_going() {
     assert_eq!(store.stats().corrupt_records + store.stats().truncated_bytes, 0);
     assert_eq!(store.append(&payload, 0).unwrap(), 3001);
 }
+
+/// On a full disk the send position cannot be written (its file is
+/// replaced through a new one). It used to stay behind in memory too, so
+/// records the bridge had confirmed were counted as dropped unsent and the
+/// backlog stayed wrong. Now the confirmed position holds in memory, the
+/// caller retries persisting, and it lands once there is room.
+#[test]
+fn a_confirmation_on_a_full_disk_counts_and_is_persisted_later() {
+    let Some(fs) = Tmpfs::mount("256k") else { return };
+    let limits = StoreLimits { max_bytes: 4 << 20, segment_bytes: 32 << 10, max_age_ms: 0, fsync_interval_ms: 0 };
+    let mut store = FileStore::open_dir(fs.path(), limits).unwrap();
+    let payload = vec![0x5a; 1000];
+    for i in 0..100 {
+        store.append(&payload, i).unwrap();
+    }
+    // Fill what is left, so that nothing more can be created.
+    let filler = fs.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+    }
+    let last = store.stats().last_seq;
+    assert!(store.ack(last).is_err(), "the disk is full: persisting fails");
+    assert_eq!(store.stats().acked_seq, last, "confirmed all the same");
+    assert_eq!(store.stats().backlog(), 0);
+    let unsent_before = store.stats().dropped_unsent_records;
+    // New records on the full disk drop the oldest (confirmed) segments.
+    let full_idx = DropReason::ALL.iter().position(|r| *r == DropReason::DiskFull).unwrap();
+    let full_before = store.stats().dropped_records[full_idx];
+    for i in 0..40 {
+        store.append(&payload, 1000 + i).unwrap();
+    }
+    let st = store.stats().clone();
+    assert!(st.dropped_records[full_idx] > full_before, "no disk_full drops: {st:?}");
+    assert_eq!(st.dropped_unsent_records, unsent_before, "confirmed records counted as unsent: {st:?}");
+    assert_eq!(st.backlog(), 40);
+    // Room again: the retried ack persists, and a reopen resumes there.
+    std::fs::remove_file(&filler).unwrap();
+    store.ack(last).unwrap();
+    drop(store);
+    let store = FileStore::open_dir(fs.path(), limits).unwrap();
+    assert_eq!(store.stats().acked_seq, last);
+    assert_eq!(store.stats().backlog(), 40);
+}

@@ -112,6 +112,37 @@ fn a_segment_with_a_bad_header_is_quarantined_not_fatal() {
     assert_eq!(s.read_after(0, 1000).unwrap().last().unwrap().seq, 60);
 }
 
+/// Whatever sits where a segment should (a directory, a dangling link)
+/// used to stop the agent from starting; now it is set aside and counted,
+/// and every good record is still there to be sent.
+#[test]
+fn a_directory_or_dangling_link_in_place_of_a_segment_never_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open_dir(dir.path(), LIMITS).unwrap();
+    for i in 1..=60 {
+        s.append(&payload(i), 0).unwrap();
+    }
+    drop(s);
+    let held = segments(dir.path());
+    assert!(held.len() >= 2, "{held:?}");
+    // A directory named like a segment between the real ones, and a link
+    // to nothing named like the next one.
+    let as_dir = dir.path().join("seg-00000000000000000002.log");
+    fs::create_dir(&as_dir).unwrap();
+    fs::write(as_dir.join("junk"), b"x").unwrap();
+    let dangling = dir.path().join("seg-00000000000000000090.log");
+    std::os::unix::fs::symlink("/nonexistent/edge-agent-test", &dangling).unwrap();
+    // Garbage names are not segments at all.
+    fs::write(dir.path().join("seg-notanumber.log"), b"garbage").unwrap();
+    let mut s = Store::open_dir(dir.path(), LIMITS).expect("the store opens whatever it finds");
+    assert_eq!(s.stats().quarantined_segments, 2, "{:?}", s.stats());
+    assert!(as_dir.with_extension("log.corrupt").is_dir(), "set aside, not deleted");
+    assert!(!dangling.exists() && fs::symlink_metadata(&dangling).is_err());
+    let got: Vec<u64> = s.read_after(0, 1000).unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(got, (1..=60).collect::<Vec<_>>(), "every good record");
+    assert_eq!(s.append(&payload(61), 0).unwrap(), 61);
+}
+
 #[test]
 fn byte_bound_drops_oldest_segments_and_counts_unsent() {
     let dir = tempfile::tempdir().unwrap();

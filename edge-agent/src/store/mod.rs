@@ -66,6 +66,10 @@ pub struct StoreStats {
     pub last_seq: u64,
     /// Everything up to here is durable.
     pub durable_seq: u64,
+    /// The send position: everything up to here is confirmed end to end.
+    /// Persisted by [`Store::ack`]; while the medium is too full to persist
+    /// it, it is held here and persisting is retried, so drops and the
+    /// backlog still count confirmed records as sent.
     pub acked_seq: u64,
     /// Times of the oldest and newest records held (0 when empty).
     pub oldest_ms: i64,
@@ -132,6 +136,8 @@ pub struct Store<M: Medium> {
     block_start_requested: bool,
     /// Drop counters changed and are not yet persisted.
     drops_dirty: bool,
+    /// The send position last persisted (`stats.acked_seq` may be ahead).
+    persisted_ack: u64,
     stats: StoreStats,
     scratch: Vec<u8>,
     // flock on <dir>/LOCK for file stores; released on drop.
@@ -245,7 +251,8 @@ impl<M: Medium> Store<M> {
             let place = place.clone();
             move |e: M::Error| io_error(place, what, e)
         };
-        let mut stats = StoreStats { acked_seq: read_cursor(&mut medium), ..Default::default() };
+        let cursor = read_cursor(&mut medium);
+        let mut stats = StoreStats { acked_seq: cursor.unwrap_or(0), ..Default::default() };
         if let Ok(Some(b)) = medium.read_meta(DROPS) {
             match record::decode_drops(&b) {
                 Ok([cap, age, full, unsent, bytes]) => {
@@ -261,11 +268,13 @@ impl<M: Medium> Store<M> {
         // nothing was ever stored there. Remove such leftovers first, so that
         // "newest" below means the newest segment that holds data.
         while let Some(&id) = ids.last() {
-            let size = medium.open(id).and_then(|mut f| f.size()).map_err(err("read segment"))?;
+            // Unreadable (a directory, no permission): the loop below
+            // quarantines it.
+            let Ok(size) = medium.open(id).and_then(|mut f| f.size()) else { break };
             if size >= SEGMENT_HEADER as u64 {
                 break; // the common case: nothing to read twice
             }
-            let bytes = read_all(&mut medium, id).map_err(err("read segment"))?;
+            let Ok(bytes) = read_all(&mut medium, id) else { break };
             if plan::recovery(&plan::scan(&bytes, id), true, bytes.len() as u64) != Recovery::Remove {
                 break;
             }
@@ -278,7 +287,25 @@ impl<M: Medium> Store<M> {
         let mut segments: Vec<Segment> = Vec::new();
         for (i, &id) in ids.iter().enumerate() {
             let is_newest = i + 1 == ids.len();
-            let bytes = read_all(&mut medium, id).map_err(err("read segment"))?;
+            let bytes = match read_all(&mut medium, id) {
+                Ok(b) => b,
+                // Whatever sits where a segment should (a directory, a
+                // file this user cannot read, a medium error) never stops
+                // the agent: set aside, counted, the other segments kept.
+                Err(e) => {
+                    stats.quarantined_segments += 1;
+                    let moved = if read_only { Ok(()) } else { medium.quarantine(id) };
+                    tracing::warn!(
+                        store = %place,
+                        segment = id,
+                        error = %e,
+                        set_aside = moved.is_ok(),
+                        quarantine_error = moved.err().map(|e| e.to_string()),
+                        "segment cannot be read; quarantined (renamed *.corrupt) or skipped, the rest of the store kept"
+                    );
+                    continue;
+                }
+            };
             let scanned = plan::scan(&bytes, id);
             let action = plan::recovery(&scanned, is_newest, bytes.len() as u64);
             // Sequence numbers must keep rising across segments.
@@ -319,6 +346,13 @@ impl<M: Medium> Store<M> {
 
         let last = segments.iter().rev().find_map(|s| s.entries.last()).map(|e| e.seq);
         let next_seq = last.unwrap_or(0).max(stats.acked_seq) + 1;
+        if cursor.is_none() && last.is_some_and(|l| l > stats.acked_seq) && !read_only {
+            tracing::warn!(
+                store = %place,
+                "no send position saved (file `acked` missing or unreadable): every record held is sent, \
+                 again where it was already delivered (duplicates are harmless downstream)"
+            );
+        }
         // Keep appending to the newest segment while it has room, but only if
         // it ends cleanly: a record after unreadable bytes could never be
         // found again.
@@ -340,6 +374,7 @@ impl<M: Medium> Store<M> {
             read_only,
             block_start_requested: true,
             drops_dirty: false,
+            persisted_ack: stats.acked_seq,
             stats,
             scratch: Vec::new(),
             _lock: None,
@@ -617,12 +652,18 @@ impl<M: Medium> Store<M> {
         if self.read_only {
             return Err(StoreError::ReadOnly);
         }
-        if seq <= self.stats.acked_seq {
+        if seq <= self.persisted_ack {
             return Ok(());
         }
+        // Confirmed end to end whether or not it can be persisted now (a
+        // full medium): drops and the backlog count it as sent at once; the
+        // caller retries persisting. A crash before then only resends.
+        if seq > self.stats.acked_seq {
+            self.stats.acked_seq = seq;
+            self.refresh_stats();
+        }
         self.medium.write_meta(CURSOR, &record::encode_cursor(seq)).map_err(self.err("persist send position"))?;
-        self.stats.acked_seq = seq;
-        self.refresh_stats();
+        self.persisted_ack = seq;
         Ok(())
     }
 
@@ -747,16 +788,17 @@ fn read_all<M: Medium>(medium: &mut M, id: u64) -> Result<Vec<u8>, M::Error> {
     Ok(buf)
 }
 
-fn read_cursor<M: Medium>(medium: &mut M) -> u64 {
+/// The persisted send position; `None` when there is none (a new store,
+/// or the file was deleted or is unreadable: said at open).
+fn read_cursor<M: Medium>(medium: &mut M) -> Option<u64> {
     match medium.read_meta(CURSOR) {
-        Ok(None) => 0,
-        Ok(Some(b)) => record::decode_cursor(&b).unwrap_or_else(|why| {
-            tracing::error!(store = %medium.describe(), why, "send position unreadable; resending everything held");
-            0
-        }),
+        Ok(None) => None,
+        Ok(Some(b)) => record::decode_cursor(&b)
+            .map_err(|why| tracing::error!(store = %medium.describe(), why, "send position unreadable"))
+            .ok(),
         Err(e) => {
-            tracing::error!(store = %medium.describe(), error = %e, "send position unreadable; resending everything held");
-            0
+            tracing::error!(store = %medium.describe(), error = %e, "send position unreadable");
+            None
         }
     }
 }
