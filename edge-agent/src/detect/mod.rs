@@ -14,6 +14,7 @@
 //! error naming the file; the agent keeps running without inference.
 
 pub mod action;
+pub mod trial;
 pub mod update;
 
 use crate::config::DetectConfig;
@@ -187,6 +188,15 @@ mod runtime {
     impl Runtime {
         /// Builds the model; checks one float32 input and output of `n` values.
         pub fn build(bytes: Vec<u8>, n: usize) -> Result<Runtime, String> {
+            // TF Lite's interpreter reads the flatbuffer unverified: first
+            // the schema's own verifier (flatbuffers' C++ Verifier with
+            // TF Lite's generated VerifyModelBuffer), so no offset or size
+            // in the file can point outside it.
+            if tflite::model::Model::from_buffer(&bytes).is_none() {
+                return Err("not a valid TensorFlow Lite file: its structure fails the flatbuffers verifier \
+                            (a damaged or truncated file)"
+                    .into());
+            }
             let fb = tflite::FlatBufferModel::build_from_buffer(bytes)
                 .map_err(|e| format!("not a TensorFlow Lite model: {e}"))?;
             let resolver = tflite::ops::builtin::BuiltinOpResolver::default();
@@ -278,18 +288,40 @@ impl Model {
                 return Err(err(format!("SHA-256 {sha256} is not detect.model_sha256 {pin}: not the approved model")));
             }
         }
+        // First in a child (detect::trial): a file that crashes TF Lite
+        // must not crash the agent.
+        trial::run(trial::TIMEOUT, || Self::build(card.clone(), card_path, &sha256, bytes.clone(), &path).is_ok())
+            .map_err(|e| err(e.to_string()))?;
+        Self::build(card, card_path, &sha256, bytes, &path)
+    }
+
+    /// Loads without the trial in a child: only the benchmark's baseline
+    /// (benches/model_load.rs) may use it.
+    #[doc(hidden)]
+    pub fn load_without_trial(card_path: &Path) -> Result<Model, ModelError> {
+        let card = Card::read(card_path)?;
+        let path = card.model_path(card_path);
+        let bytes = std::fs::read(&path).map_err(|e| ModelError::Model { path: path.clone(), what: e.to_string() })?;
+        let sha256 = sha256_hex(&bytes);
+        Self::build(card, card_path, &sha256, bytes, &path)
+    }
+
+    /// Builds the runtime from the model's bytes and runs the golden
+    /// self-test.
+    fn build(card: Card, card_path: &Path, sha256: &str, bytes: Vec<u8>, path: &Path) -> Result<Model, ModelError> {
         let n = card.features.len();
-        let runtime = runtime::Runtime::build(bytes, n).map_err(err)?;
+        let runtime =
+            runtime::Runtime::build(bytes, n).map_err(|what| ModelError::Model { path: path.to_owned(), what })?;
         let mut m = Model {
             card,
             card_path: card_path.to_owned(),
-            sha256,
+            sha256: sha256.to_owned(),
             runtime,
             z: vec![0.0; n],
             out: vec![0.0; n],
             raw: vec![0.0; n],
         };
-        m.self_test(&path)?;
+        m.self_test(path)?;
         Ok(m)
     }
 
