@@ -28,6 +28,16 @@ fn main() {
     }
 
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
+
+    // A time the true time cannot be before: when this build script ran
+    // (SOURCE_DATE_EPOCH for reproducible builds). The uplink checks the
+    // broker's certificate at no earlier time (crate::clock::time_floor).
+    println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+    let built =
+        std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+        });
+    println!("cargo:rustc-env=EDGE_AGENT_BUILT_UNIX={built}");
     println!("cargo:rerun-if-env-changed=BPF_EXTRA_CFLAGS");
     println!("cargo:rerun-if-changed={}", ebpf.join("include").display());
 

@@ -17,7 +17,7 @@ command -v cargo >/dev/null && command -v rustup >/dev/null \
   || die "cargo and rustup are needed (a Rust toolchain from rustup, Rust >= 1.87)"
 
 # g++, make, libclang-dev: TF Lite (crate tflite) and its bindings; python3-venv: model/run.sh.
-packages=(clang llvm libbpf-dev bpftool gcc g++ make libclang-dev mosquitto mosquitto-clients prometheus curl openssl nftables iproute2
+packages=(clang llvm libbpf-dev bpftool gcc g++ make libclang-dev mosquitto mosquitto-clients prometheus curl openssl nftables iproute2 faketime
           python3 python3-venv)
 if [[ $demo_only -eq 0 ]]; then
   packages+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross

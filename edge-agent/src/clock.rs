@@ -120,6 +120,9 @@ pub struct Clock {
     eras: Vec<Era>,
     /// True `wall - monotonic` per boot, learned from a time source.
     learned: BTreeMap<String, i64>,
+    /// The latest true wall time (Unix ms) the journal saw: a synchronized
+    /// reading or a learned time; 0 when none.
+    known_ms: i64,
     /// Offsets within this much of the truth are left alone.
     tolerance_ms: i64,
 }
@@ -136,7 +139,7 @@ impl Clock {
     /// it held are lost (their records go as stamped), nothing else.
     pub fn open(state_dir: &Path, tolerance_ms: i64) -> (Clock, Option<ClockError>) {
         let path = state_dir.join("clock-eras");
-        let mut c = Clock { path, eras: Vec::new(), learned: BTreeMap::new(), tolerance_ms };
+        let mut c = Clock { path, eras: Vec::new(), learned: BTreeMap::new(), known_ms: 0, tolerance_ms };
         let err = match std::fs::read_to_string(&c.path) {
             Ok(text) => c.parse(&text).err(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -172,6 +175,7 @@ impl Clock {
                 ["true", boot, off] => {
                     self.learned.insert(boot.to_string(), off.parse().map_err(|_| bad())?);
                 }
+                ["known", ms] => self.known_ms = ms.parse().map_err(|_| bad())?,
                 _ => return Err(bad()),
             }
         }
@@ -186,6 +190,9 @@ impl Clock {
         }
         for (boot, off) in &self.learned {
             s += &format!("true {boot} {off}\n");
+        }
+        if self.known_ms > 0 {
+            s += &format!("known {}\n", self.known_ms);
         }
         s
     }
@@ -219,6 +226,7 @@ impl Clock {
         if r.synced {
             // The kernel's synchronized clock is the truth for this boot.
             self.learned.insert(r.boot_id.clone(), r.offset_ms());
+            self.known_ms = self.known_ms.max(r.wall_ms);
         }
         if self.eras.len() > MAX_ERAS {
             self.eras.remove(0);
@@ -236,6 +244,7 @@ impl Clock {
         if self.eras.iter().any(|e| e.boot_id == boot && e.synced) {
             return Ok(false);
         }
+        self.known_ms = self.known_ms.max(offset_ms + mono_ms());
         let old = self.learned.insert(boot.to_owned(), offset_ms);
         if old.is_some_and(|o| (o - offset_ms).abs() <= self.tolerance_ms / 2) {
             self.learned.insert(boot.to_owned(), old.unwrap_or(offset_ms));
@@ -243,6 +252,16 @@ impl Clock {
         }
         self.save()?;
         Ok(true)
+    }
+
+    /// The earliest the true time can be now (Unix seconds): the later of
+    /// this build's time and the latest true time the journal saw. The
+    /// uplink checks the broker's certificate at no earlier time, so a box
+    /// whose clock starts years behind (no RTC) can still connect and learn
+    /// the true time.
+    pub fn time_floor(&self) -> u64 {
+        let built: u64 = env!("EDGE_AGENT_BUILT_UNIX").parse().unwrap_or(0);
+        built.max((self.known_ms / 1000).max(0) as u64)
     }
 
     /// Whether the current era needs a time source (not synchronized and

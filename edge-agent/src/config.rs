@@ -754,6 +754,29 @@ mod tests {
         Config::default().validate().unwrap();
     }
 
+    /// Every default documented in docs/configuration.md is the code's
+    /// (`device_id` documented as the host name).
+    #[test]
+    fn documented_defaults_are_the_defaults() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md")).unwrap();
+        let section = doc.split("\n## edge-agent\n").nth(1).expect("an edge-agent section");
+        let block = section.split("```toml\n").nth(1).and_then(|b| b.split("\n```").next()).expect("its TOML block");
+        let defaults = Config::default();
+        let block = block.replace("\"<host name>\"", &format!("{:?}", defaults.device_id));
+        let documented = Config::parse(&block, Path::new("docs/configuration.md")).unwrap();
+        assert_eq!(format!("{documented:#?}"), format!("{defaults:#?}"));
+    }
+
+    #[test]
+    fn a_tls_table_without_enabled_is_tls() {
+        let c = Config::parse("[mqtt.tls]\nca_file = \"/x/ca.crt\"\n", Path::new("x.toml")).unwrap();
+        assert!(c.mqtt.tls.enabled, "TLS silently off");
+        c.validate().unwrap();
+        let c = Config::parse("[mqtt.tls]\ncert_file = \"/x/d.crt\"\nkey_file = \"/x/d.key\"\n", Path::new("x.toml"));
+        let e = c.unwrap().validate().unwrap_err();
+        assert!(e.contains("mqtt.tls.ca_file"), "{e}");
+    }
+
     #[test]
     fn partial_file_keeps_other_defaults() {
         let c = Config::parse("device_id = \"press-1\"\n[mqtt]\nport = 1999\n", Path::new("x.toml")).unwrap();

@@ -58,6 +58,13 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
             None
         }
     };
+    if cfg.mqtt.tls.plain_to_remote(&cfg.mqtt.host) {
+        tracing::warn!(
+            host = %cfg.mqtt.host,
+            "mqtt.tls.enabled = false: plain TCP to a broker that is not on this machine; the password and \
+             every window cross the network in clear"
+        );
+    }
     let (metrics, registry) = AgentMetrics::new();
     let store = Lanes::open(&cfg.store_dir(), cfg.store_limits(), cfg.priority_limits())?;
     metrics.observe_lanes(&store);

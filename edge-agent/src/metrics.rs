@@ -89,6 +89,7 @@ pub struct AgentMetrics {
     pub uplink_errors: Counter,
     pub uplink_refused: Counter,
     pub uplink_unacknowledged: Counter,
+    pub uplink_confirmations_ignored: Counter,
     pub uplink_acked_seq: Family<LaneLabels, Gauge>,
     pub uplink_bytes: Family<StreamLabels, Counter>,
     pub clock_replies: Counter,
@@ -221,7 +222,7 @@ impl AgentMetrics {
         r.register("edge_agent_store_segments", "Segment files held by the store", m.store_segments.clone());
         r.register(
             "edge_agent_store_backlog_records",
-            "Records stored and not yet acknowledged by the broker",
+            "Records stored and not yet confirmed by the bridge (not yet in the central store)",
             m.store_backlog.clone(),
         );
         r.register("edge_agent_store_appended_records", "Records appended to the store", m.store_appended.clone());
@@ -266,6 +267,12 @@ impl AgentMetrics {
         );
         r.register("edge_agent_uplink_connects", "Successful MQTT connections", m.uplink_connects.clone());
         r.register("edge_agent_uplink_errors", "MQTT connection errors", m.uplink_errors.clone());
+        r.register(
+            "edge_agent_uplink_confirmations_ignored",
+            "Delivery confirmations not trusted: malformed, of an unknown lane, or covering records this agent \
+             never published (the send position does not move)",
+            m.uplink_confirmations_ignored.clone(),
+        );
         r.register(
             "edge_agent_uplink_unacknowledged_sessions",
             "Connections that ended before the broker acknowledged anything (e.g. refused by its ACL)",

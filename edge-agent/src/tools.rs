@@ -56,7 +56,7 @@ fn inspect_lane(dir: &Path) -> Result<String, ToolError> {
         let _ = writeln!(o, "oldest       {}", rfc3339(s.oldest_ms));
         let _ = writeln!(o, "newest       {}", rfc3339(s.newest_ms));
     }
-    let _ = writeln!(o, "sent up to   seq {} (acknowledged by the broker)", s.acked_seq);
+    let _ = writeln!(o, "sent up to   seq {} (confirmed by the bridge: in the central store)", s.acked_seq);
     let _ = writeln!(o, "backlog      {} records not yet sent", s.backlog());
     let by_reason: Vec<String> =
         DropReason::ALL.iter().zip(s.dropped_records).map(|(r, n)| format!("{} {n}", r.label())).collect();

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::metrics::AgentMetrics;
 use crate::store::{Lane, Lanes};
 use delivery::Delivery;
+use edge_wire::throttle::Throttle;
 use window::SendWindow;
 
 /// How often a moving send position is made durable, at most.
@@ -48,6 +49,8 @@ pub struct Uplink {
     boot: String,
     metrics: AgentMetrics,
     shutdown: Arc<AtomicBool>,
+    /// The clock-before-floor warning was given (once a run).
+    said_floor: AtomicBool,
 }
 
 /// Time requests of one connection.
@@ -73,6 +76,9 @@ struct LaneSend {
     delivery: Delivery,
     /// The send position moved and is not yet persisted.
     dirty: bool,
+    /// Failures to persist it (a full disk: retried every 250 ms), said at
+    /// most once a minute.
+    persist_failures: Throttle,
 }
 
 /// A cursor over a run of one lane's records, with its own flow-control
@@ -154,7 +160,7 @@ impl Uplink {
         shutdown: Arc<AtomicBool>,
     ) -> Self {
         let boot = crate::clock::boot_id().to_owned();
-        Uplink { cfg, store, clock, boot, metrics, shutdown }
+        Uplink { cfg, store, clock, boot, metrics, shutdown, said_floor: AtomicBool::new(false) }
     }
 
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -171,13 +177,20 @@ impl Uplink {
                 .map(|&lane| {
                     let pos = store.get(lane).stats().acked_seq;
                     let timeout = Duration::from_millis(self.cfg.mqtt.delivery_timeout_ms);
-                    LaneSend { lane, delivery: Delivery::new(pos, timeout), dirty: false }
+                    LaneSend {
+                        lane,
+                        delivery: Delivery::new(pos, timeout),
+                        dirty: false,
+                        persist_failures: Throttle::new(Duration::from_secs(60)),
+                    }
                 })
                 .collect()
         };
         let mut backoff = Backoff::new(self.cfg.mqtt.reconnect_min_ms, self.cfg.mqtt.reconnect_max_ms);
+        // Connection failures: said at WARN at once, then once a minute.
+        let mut failures = Throttle::new(Duration::from_secs(60));
         while !self.shutdown.load(Ordering::Relaxed) {
-            let connected = self.session(&topic, &mut lanes);
+            let connected = self.session(&topic, &mut lanes, &mut failures);
             self.metrics.uplink_connected.set(0);
             if connected {
                 backoff.reset();
@@ -193,7 +206,7 @@ impl Uplink {
 
     /// One MQTT connection, from connect to error or shutdown. Returns
     /// whether the broker accepted the connection and its publishes.
-    fn session(&self, topic: &str, lanes: &mut [LaneSend]) -> bool {
+    fn session(&self, topic: &str, lanes: &mut [LaneSend], failures: &mut Throttle) -> bool {
         let m = &self.cfg.mqtt;
         // Presence: the broker publishes the will (retained `offline`) when
         // this connection dies without a DISCONNECT, which includes our own
@@ -222,8 +235,10 @@ impl Uplink {
             credentials,
         };
         let mut conn = Conn::open(m.protocol, settings, m.max_inflight as usize + 8);
-        // Resend everything not confirmed end to end.
-        let mut streams = self.streams(lanes);
+        // Made once the broker accepted the connection: a failed attempt
+        // neither cuts the store's open block nor says anything of a backlog.
+        let mut streams: Vec<Stream> = Vec::new();
+        let mut forged = Throttle::new(Duration::from_secs(60));
         let mut budget = Budget::new(m.drain_bytes_per_sec);
         let ack_topic = edge_wire::ack_topic(&m.topic_prefix, &self.cfg.device_id);
         let reply_topic = edge_wire::time_reply_topic(&m.topic_prefix, &self.cfg.device_id);
@@ -250,13 +265,16 @@ impl Uplink {
             if connected {
                 self.ask_time(&conn, &mut time);
                 let mut out = Outbox { conn: &conn, topic, awaiting_pkid: &mut awaiting_pkid, budget: &mut budget };
-                if let Err(e) = self.publish_more(&mut out, &mut streams, &mut last_live, &mut time) {
+                if let Err(e) = self.publish_more(&mut out, &mut streams, lanes, &mut last_live, &mut time) {
                     tracing::error!(error = %e, "reading the store failed");
                 }
             }
             match conn.recv(POLL) {
                 Ev::ConnAck => {
                     connected = true;
+                    failures.reset();
+                    // Resend everything not confirmed end to end.
+                    streams = self.streams(lanes);
                     self.metrics.uplink_connects.inc();
                     self.metrics.uplink_connected.set(1);
                     // QoS 0: a lost confirmation only means a re-send, a lost
@@ -322,31 +340,54 @@ impl Uplink {
                 Ev::Publish { topic: t, payload } if t == reply_topic => {
                     self.time_reply(&payload, &mut time);
                 }
-                Ev::Publish { topic: t, payload } if t == ack_topic => match edge_wire::DeliveryAck::decode(&payload) {
-                    Ok(a) => {
-                        self.metrics.uplink_confirmed.inc();
-                        if let Some(l) = lanes.iter_mut().find(|l| l.lane as u8 == a.lane) {
-                            if l.delivery.confirm(a.first_seq, a.last_seq).is_some() {
-                                l.dirty = true;
-                            }
+                Ev::Publish { topic: t, payload } if t == ack_topic => {
+                    let confirmed = edge_wire::DeliveryAck::decode(&payload).map_err(|e| e.to_string()).and_then(|a| {
+                        let l = lanes.iter_mut().find(|l| l.lane as u8 == a.lane).ok_or("unknown lane")?;
+                        if l.delivery.confirm(a.first_seq, a.last_seq).map_err(|e| e.to_string())?.is_some() {
+                            l.dirty = true;
                         }
+                        Ok(())
+                    });
+                    if let Err(why) = confirmed {
+                        // Never trusted: the send position stays where it
+                        // is, so nothing stored is skipped.
+                        self.metrics.uplink_confirmations_ignored.inc();
+                        if let Some(suppressed) = forged.due() {
+                            tracing::warn!(why, suppressed, "delivery confirmation ignored");
+                        }
+                    } else {
+                        self.metrics.uplink_confirmed.inc();
                     }
-                    Err(e) => tracing::warn!(error = %e, "malformed delivery confirmation ignored"),
-                },
+                }
                 Ev::Publish { .. } | Ev::Other | Ev::Timeout => {}
-                Ev::Error { message, refused } => {
+                Ev::Error { message, reason } => {
                     self.metrics.uplink_errors.inc();
                     if connected {
-                        tracing::warn!(error = message, "connection to broker lost");
-                    } else if refused {
-                        tracing::error!(
+                        tracing::warn!(error = message, reason, "connection to broker lost");
+                    } else if let Some(suppressed) = failures.due() {
+                        let (what, hint) = match reason {
+                            "tls" => (
+                                "TLS handshake with the broker failed",
+                                "check mqtt.tls (CA, certificate, key) against the broker's certificate, and this \
+                                 box's clock against the certificates' validity",
+                            ),
+                            "not_authorized" | "refused_by_broker" => (
+                                "broker refused the connection",
+                                "check mqtt.tls / mqtt.auth against the broker's certificates, password file and ACL",
+                            ),
+                            "dns" => ("cannot connect to the broker", "mqtt.host does not resolve"),
+                            "refused" => ("cannot connect to the broker", "nothing listens at mqtt.host:mqtt.port"),
+                            _ => ("cannot connect to the broker", "the agent keeps storing and retries with back-off"),
+                        };
+                        tracing::warn!(
                             error = message,
+                            reason,
+                            host = %m.host,
+                            port = m.port,
                             device = %self.cfg.device_id,
-                            "broker refused the connection: check mqtt.tls / mqtt.auth against the broker's \
-                             certificates, password file and ACL (docs/configuration.md)"
+                            suppressed,
+                            "{what}: {hint} (docs/configuration.md; said at most once a minute)"
                         );
-                    } else {
-                        tracing::debug!(error = message, "cannot connect to broker");
                     }
                     break;
                 }
@@ -405,7 +446,17 @@ impl Uplink {
     fn secure(&self) -> Result<(Option<Transport>, Option<(String, String)>), edge_wire::tls::TlsError> {
         let m = &self.cfg.mqtt;
         let transport = if m.tls.enabled {
-            Some(Transport::tls_with_config(TlsConfiguration::Rustls(m.tls.client_config()?)))
+            let floor = lock(&self.clock).time_floor();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            if now < floor && !self.said_floor.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    clock_behind_secs = floor - now,
+                    floor,
+                    "this box's clock is before this build's time or the last true time it knew: the broker's \
+                     certificate is checked at that time instead, until the clock is right (docs/clock.md)"
+                );
+            }
+            Some(Transport::tls_with_config(TlsConfiguration::Rustls(m.tls.client_config_with_floor(Some(floor))?)))
         } else {
             None
         };
@@ -458,6 +509,7 @@ impl Uplink {
         &self,
         out: &mut Outbox<'_>,
         streams: &mut [Stream],
+        lanes: &mut [LaneSend],
         last_live: &mut Instant,
         time: &mut TimeAsk,
     ) -> Result<(), crate::store::StoreError> {
@@ -501,6 +553,7 @@ impl Uplink {
                     return Ok(());
                 }
                 s.win.sent(last.seq);
+                lanes[s.lane].delivery.published(last.seq);
                 out.awaiting_pkid.push_back((i, last.seq));
                 if s.kind == StreamKind::Backlog {
                     out.budget.spend(bytes);
@@ -594,9 +647,22 @@ impl Uplink {
         let mut store = lock(&self.store);
         for l in lanes.iter_mut().filter(|l| l.dirty) {
             match store.get(l.lane).ack(l.delivery.delivered()) {
-                Ok(()) => l.dirty = false,
-                // Not fatal: the records will be sent again after a restart.
-                Err(e) => tracing::error!(lane = l.lane.label(), error = %e, "cannot persist the send position"),
+                Ok(()) => {
+                    l.dirty = false;
+                    l.persist_failures.reset();
+                }
+                // Not fatal: the store counts the position as confirmed;
+                // after a restart the records would be sent again.
+                Err(e) => {
+                    if let Some(suppressed) = l.persist_failures.due() {
+                        tracing::error!(
+                            lane = l.lane.label(),
+                            error = %e,
+                            suppressed,
+                            "cannot persist the send position (retried; said at most once a minute)"
+                        );
+                    }
+                }
             }
         }
         self.metrics.observe_lanes(&store);

@@ -50,10 +50,11 @@ pub enum Ev {
     },
     Other,
     Timeout,
-    /// The connection failed; `refused`: the broker refused the login.
+    /// The connection failed, and why in a word
+    /// ([`edge_wire::tls::connection_failure`]).
     Error {
         message: String,
-        refused: bool,
+        reason: &'static str,
     },
     Closed,
 }
@@ -71,7 +72,7 @@ impl Conn {
                 o.set_keep_alive(s.keep_alive)
                     .set_clean_session(true)
                     .set_inflight(s.inflight)
-                    .set_max_packet_size(s.max_incoming, edge_wire::MAX_MESSAGE_BYTES + 1024)
+                    .set_max_packet_size(s.max_incoming, edge_wire::MAX_PACKET_BYTES)
                     .set_last_will(rumqttc::LastWill::new(s.will.0, s.will.1, rumqttc::QoS::AtLeastOnce, true));
                 if let Some(t) = s.transport {
                     o.set_transport(t);
@@ -147,10 +148,7 @@ impl Conn {
                 },
                 Ok(Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid)))) => Ev::OutgoingPublish(pkid),
                 Ok(Ok(_)) => Ev::Other,
-                Ok(Err(e)) => Ev::Error {
-                    refused: matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)),
-                    message: e.to_string(),
-                },
+                Ok(Err(e)) => Ev::Error { reason: edge_wire::tls::connection_failure(&e), message: e.to_string() },
                 Err(rumqttc::RecvTimeoutError::Timeout) => Ev::Timeout,
                 Err(rumqttc::RecvTimeoutError::Disconnected) => Ev::Closed,
             },
@@ -172,10 +170,7 @@ impl Conn {
                 },
                 Ok(Ok(v5::Event::Outgoing(Outgoing::Publish(pkid)))) => Ev::OutgoingPublish(pkid),
                 Ok(Ok(_)) => Ev::Other,
-                Ok(Err(e)) => Ev::Error {
-                    refused: matches!(e, v5::ConnectionError::ConnectionRefused(_)),
-                    message: e.to_string(),
-                },
+                Ok(Err(e)) => Ev::Error { reason: edge_wire::tls::connection_failure(&e), message: e.to_string() },
                 Err(v5::RecvTimeoutError::Timeout) => Ev::Timeout,
                 Err(v5::RecvTimeoutError::Disconnected) => Ev::Closed,
             },
