@@ -11,24 +11,18 @@
 
 use edge_agent::detect::Model;
 use edge_agent::features::Features;
-use std::path::PathBuf;
 use std::time::Instant;
+
+#[path = "model_card/mod.rs"]
+mod model_card;
+use model_card::median;
 
 const N: usize = 2000;
 const REPEATS: usize = 7;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let card = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("model/shipped/anomaly.card.json"));
+    let repo = model_card::repo();
+    let card = model_card::from_args();
     let mut m = Model::load(&card, None).unwrap_or_else(|e| panic!("{e}"));
     let names: Vec<String> = m.card.features.iter().map(|f| f.name.clone()).collect();
     let windows: Vec<Features> = m

@@ -9,16 +9,14 @@
 //! model/shipped/anomaly.card.json.
 
 use edge_agent::detect::Model;
-use std::path::PathBuf;
 use std::time::Instant;
+
+#[path = "model_card/mod.rs"]
+mod model_card;
+use model_card::median;
 
 const LOADS: usize = 20;
 const REPEATS: usize = 7;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn time_ms(load: &dyn Fn()) -> f64 {
     let rounds: Vec<f64> = (0..REPEATS)
@@ -34,12 +32,7 @@ fn time_ms(load: &dyn Fn()) -> f64 {
 }
 
 fn main() {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let card = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("model/shipped/anomaly.card.json"));
+    let card = model_card::from_args();
     let size = std::fs::metadata(card.with_file_name("anomaly.tflite")).map(|m| m.len()).unwrap_or(0);
     let alone = time_ms(&|| drop(std::hint::black_box(Model::load_without_trial(&card).unwrap())));
     let guarded = time_ms(&|| drop(std::hint::black_box(Model::load(&card, None).unwrap())));

@@ -232,18 +232,16 @@ mod tests {
     use super::*;
     use edge_wire::{BlockEncoder, Label, SeriesKey};
 
+    /// An encoded envelope of `device`'s `frames`, the first record `first_seq`.
+    fn envelope(device: &str, first_seq: u64, clock_shift_ms: i64, frames: &[Vec<u8>]) -> Vec<u8> {
+        Envelope { device, lane: 0, first_seq, clock_shift_ms, frames: frames.iter().map(Vec::as_slice).collect() }
+            .encode()
+    }
+
     fn payload(device: &str) -> Vec<u8> {
         let k = SeriesKey::new("m", vec![Label::new("k", "v")]);
         let mut e = BlockEncoder::new();
-        let frames = [e.frame(5, &[(k.clone(), 1.5)]).unwrap(), e.frame(15, &[(k, 2.5)]).unwrap()];
-        Envelope {
-            device,
-            lane: 0,
-            first_seq: 3,
-            clock_shift_ms: 0,
-            frames: frames.iter().map(Vec::as_slice).collect(),
-        }
-        .encode()
+        envelope(device, 3, 0, &[e.frame(5, &[(k.clone(), 1.5)]).unwrap(), e.frame(15, &[(k, 2.5)]).unwrap()])
     }
 
     #[test]
@@ -297,14 +295,7 @@ mod tests {
                 e.frame(t, &s).unwrap()
             })
             .collect();
-        let p = Envelope {
-            device: "d",
-            lane: 0,
-            first_seq: 9,
-            clock_shift_ms: 0,
-            frames: frames.iter().map(Vec::as_slice).collect(),
-        }
-        .encode();
+        let p = envelope("d", 9, 0, &frames);
         let bounds = TimeBounds::around(now, 7 * 86_400_000, 300_000);
         let w = prepare("edge", "edge/d/metrics", &p, bounds).unwrap();
         assert_eq!(w.out_of_bounds, OutOfBounds { ahead: 2, too_old: 2, example_ms: Some(1_000) });
@@ -315,8 +306,7 @@ mod tests {
         assert_eq!(kept, [now - 60_000, now, now + 200_000]);
         // The bounds apply after the device's clock correction.
         let ahead = BlockEncoder::new().frame(now + year, &[(k, 1.0), (only_future, 2.0)]).unwrap();
-        let shifted =
-            Envelope { device: "d", lane: 0, first_seq: 9, clock_shift_ms: -year, frames: vec![&ahead] }.encode();
+        let shifted = envelope("d", 9, -year, &[ahead]);
         let w = prepare("edge", "edge/d/metrics", &shifted, bounds).unwrap();
         assert_eq!((w.out_of_bounds.total(), w.samples), (0, 2));
     }
@@ -329,15 +319,7 @@ mod tests {
         let frames: Vec<Vec<u8>> = (0..windows)
             .map(|w| e.frame(w * 10, &keys.iter().map(|k| (k.clone(), w as f64)).collect::<Vec<_>>()).unwrap())
             .collect();
-        let p = Envelope {
-            device: "d",
-            lane: 0,
-            first_seq: 1,
-            clock_shift_ms: 0,
-            frames: frames.iter().map(Vec::as_slice).collect(),
-        }
-        .encode();
-        prepare("edge", "edge/d/metrics", &p, TimeBounds::ANY).unwrap().req
+        prepare("edge", "edge/d/metrics", &envelope("d", 1, 0, &frames), TimeBounds::ANY).unwrap().req
     }
 
     #[test]
