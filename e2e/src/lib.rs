@@ -866,3 +866,86 @@ pub fn kernel_objects(pid: i32, kinds: &[&str]) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// Fault injection in front of a real remote-write endpoint: a loopback
+/// HTTP forwarder that answers `500 injected failure` to every request
+/// whose body (snappy-decompressed protobuf) contains `marker`, e.g. a
+/// label value, and passes every other request to `upstream` unchanged,
+/// returning its answer. Stops with the test process.
+pub struct FaultyStore {
+    pub port: u16,
+    /// Requests answered with the injected failure.
+    pub injected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FaultyStore {
+    pub fn start(upstream: &str, marker: &str) -> FaultyStore {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let injected = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (upstream, marker, count) = (upstream.to_owned(), marker.as_bytes().to_vec(), injected.clone());
+        std::thread::spawn(move || {
+            let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                // Headers, then Content-Length bytes of body.
+                let (head_len, body_len) = loop {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break (0, 0),
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (i + 4, len);
+                    }
+                };
+                if head_len == 0 {
+                    continue;
+                }
+                while buf.len() < head_len + body_len {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                let body = &buf[head_len..];
+                let raw = snap::raw::Decoder::new().decompress_vec(body).unwrap_or_default();
+                let (status, text) = if raw.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (500, "injected failure".to_string())
+                } else {
+                    let mut req = http.post(&upstream);
+                    for (k, v) in [
+                        ("Content-Encoding", "snappy"),
+                        ("Content-Type", "application/x-protobuf"),
+                        ("X-Prometheus-Remote-Write-Version", "0.1.0"),
+                    ] {
+                        req = req.header(k, v);
+                    }
+                    match req.send(body) {
+                        Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
+                        Err(e) => (502, e.to_string()),
+                    }
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        FaultyStore { port, injected }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1/write", self.port)
+    }
+}

@@ -369,3 +369,67 @@ fn one_size_limit_from_agent_to_broker_to_bridge() {
     let doc = std::fs::read_to_string(repo_dir().join("docs/wire-format.md")).unwrap();
     assert!(doc.contains(&format!("{}", edge_wire::MAX_PACKET_BYTES)), "docs/wire-format.md names the limit");
 }
+
+/// A sample the store answers with a retryable error (5xx) every time,
+/// while it takes everything else: it used to be retried forever, holding
+/// every device's messages behind it. Now the bridge probes the store,
+/// isolates the failing sample (halves down to one), refuses and counts
+/// it, and the rest of its block and every other device's data land.
+#[test]
+fn a_sample_that_always_fails_never_wedges_the_bridge() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("poison");
+    let broker = Broker::start(&dir);
+    let prom = Prom::start(&dir);
+    let faulty = FaultyStore::start(&prom.write_url(), "ZQXJ7f3a");
+    let (mut bridge, bm) =
+        bridge_full(&dir, &broker, &faulty.url(), "bridge-poison", "", "isolate_after_failures = 2\n");
+    let now = now_ms();
+    let mut enc = BlockEncoder::new();
+    let series = |v: &str| SeriesKey::new("isolated_m", vec![Label::new("k", v)]);
+    let frames: Vec<Vec<u8>> = (0..4)
+        .map(|i| {
+            let t = now - 10_000 + i * 1000;
+            enc.frame(t, &[(series("ok-a"), 1.0), (series("ZQXJ7f3a"), 2.0), (series("ok-b"), 3.0)]).unwrap()
+        })
+        .collect();
+    let block = Envelope {
+        device: "dev-poison",
+        lane: 0,
+        first_seq: 1,
+        clock_shift_ms: 0,
+        frames: frames.iter().map(Vec::as_slice).collect(),
+    }
+    .encode();
+    assert_eq!(
+        publish_once(broker.mqtt_options("dev-poison", Who::Device("dev-poison")), "edge/dev-poison/metrics", block),
+        Answer::Taken
+    );
+    // Another device right behind it.
+    let other = envelope("dev-other", 1, "other_m", &[now - 5_000]);
+    assert_eq!(
+        publish_once(broker.mqtt_options("dev-other", Who::Device("dev-other")), "edge/dev-other/metrics", other),
+        Answer::Taken
+    );
+    wait_for("the other device's sample behind the poisoned block", LANDING, || {
+        bridge.assert_running();
+        match prom.raw_samples("other_m{device=\"dev-other\"}", 3600) {
+            Ok(v) if v.len() == 1 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    for ok in ["ok-a", "ok-b"] {
+        let got = prom.raw_samples(&format!("isolated_m{{device=\"dev-poison\",k=\"{ok}\"}}"), 3600).unwrap();
+        assert_eq!(got.len(), 4, "{ok}: the block's other samples are written");
+    }
+    assert!(prom.raw_samples("isolated_m{k=\"ZQXJ7f3a\"}", 3600).unwrap().is_empty());
+    wait_metric(
+        "the failing samples counted",
+        bm,
+        "fleet_bridge_samples_refused_total{reason=\"persistent_error\"}",
+        4.0,
+    );
+    assert!(faulty.injected.load(std::sync::atomic::Ordering::Relaxed) >= 4 * 2);
+}

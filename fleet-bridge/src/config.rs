@@ -72,6 +72,13 @@ pub struct RemoteWriteConfig {
     /// either: the store would refuse them (Prometheus: its out-of-order
     /// window, `out_of_order_time_window: 7d` in configs/prometheus.yml).
     pub max_sample_age_secs: u64,
+    /// A request that failed this many times with a retryable answer (5xx,
+    /// 429, no answer) while the store takes a probe write is isolated:
+    /// split down to single samples, and a sample that still fails is
+    /// refused (`persistent_error`) instead of holding the fleet's other
+    /// messages behind it forever. While the probe fails too (the store is
+    /// down), requests are retried without end: nothing is lost.
+    pub isolate_after_failures: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +114,7 @@ impl Default for RemoteWriteConfig {
             concurrency: 2,
             max_sample_ahead_secs: 300,
             max_sample_age_secs: 7 * 86_400,
+            isolate_after_failures: 5,
         }
     }
 }
@@ -157,6 +165,9 @@ impl Config {
         }
         if !(60..=10 * 366 * 86_400).contains(&rw.max_sample_age_secs) {
             return Err("remote_write.max_sample_age_secs must be 60..=316224000 (ten years)".into());
+        }
+        if !(1..=100).contains(&rw.isolate_after_failures) {
+            return Err("remote_write.isolate_after_failures must be 1..=100".into());
         }
         if self.mqtt.share_group.contains(['/', '+', '#']) {
             return Err("mqtt.share_group may not contain / + or #".into());

@@ -139,6 +139,20 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8], bounds: TimeBounds) ->
     })
 }
 
+/// The request that asks whether the store takes writes at all: one
+/// sample `fleet_bridge_store_probe{bridge="<client id>"} 1` at `now_ms`.
+pub fn store_probe(bridge: &str, now_ms: i64) -> WriteRequest {
+    let labels = [("__name__", "fleet_bridge_store_probe"), ("bridge", bridge)]
+        .map(|(name, value)| remote_write::Label { name: name.into(), value: value.into() })
+        .to_vec();
+    WriteRequest {
+        timeseries: vec![remote_write::TimeSeries {
+            labels,
+            samples: vec![remote_write::Sample { value: 1.0, timestamp: now_ms }],
+        }],
+    }
+}
+
 /// Samples in a request.
 pub fn sample_count(req: &WriteRequest) -> usize {
     req.timeseries.iter().map(|t| t.samples.len()).sum()

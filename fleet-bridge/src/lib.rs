@@ -169,6 +169,9 @@ struct Writer {
     concurrency: usize,
     max_ahead_ms: i64,
     max_age_ms: i64,
+    /// Retryable failures of one request before the store is probed.
+    isolate_after: u32,
+    client_id: String,
     /// Refusal warnings, at most one a minute per kind.
     said: std::sync::Mutex<std::collections::HashMap<&'static str, Throttle>>,
 }
@@ -192,6 +195,8 @@ impl Writer {
             concurrency: cfg.remote_write.concurrency,
             max_ahead_ms: (cfg.remote_write.max_sample_ahead_secs * 1000) as i64,
             max_age_ms: (cfg.remote_write.max_sample_age_secs * 1000) as i64,
+            isolate_after: cfg.remote_write.isolate_after_failures,
+            client_id: cfg.mqtt.client_id.clone(),
             said: Default::default(),
         }
     }
@@ -302,6 +307,7 @@ impl Writer {
         let n = handle::sample_count(&req);
         let body = remote_write::encode(&req);
         let mut wait = self.retry_min;
+        let mut failures = 0u32;
         loop {
             let outcome = self.post(&body);
             let label = match &outcome {
@@ -309,7 +315,7 @@ impl Writer {
                 Err(_) => "error",
             };
             self.metrics.requests.get_or_create(&metrics::StatusLabels { status: label.into() }).inc();
-            match outcome {
+            let text = match outcome {
                 Ok((status, text)) => match handle::verdict(status, &text) {
                     Verdict::Written => {
                         self.metrics.samples.inc_by(n as u64);
@@ -321,25 +327,58 @@ impl Writer {
                     }
                     Verdict::Refused => {
                         let reason = handle::refusal_reason(&text);
-                        self.metrics
-                            .samples_refused
-                            .get_or_create(&metrics::ReasonLabels { reason: reason.into() })
-                            .inc();
-                        *refused += 1;
-                        let ts = req.timeseries.first().and_then(|t| t.samples.first()).map(|s| s.timestamp);
-                        tracing::warn!(device, status, reason, timestamp = ?ts, body = %text, "store refused a sample");
-                        return 0;
+                        return self.refuse(&req, device, reason, &format!("{status} {text}"), refused);
                     }
-                    Verdict::Retry => {
-                        tracing::warn!(device, status, body = %text, "store busy or failing; retrying");
-                    }
+                    Verdict::Retry => format!("{status} {text}"),
                 },
-                Err(e) => tracing::warn!(device, error = %e, "remote write failed; retrying"),
+                Err(e) => e.to_string(),
+            };
+            failures += 1;
+            // A retryable failure that goes on while the store takes other
+            // writes is this request's own: isolate it (halves, down to
+            // single samples) instead of retrying it forever, which would
+            // hold every other device's messages behind it. While the store
+            // takes nothing (down, overloaded), keep retrying: nothing is
+            // lost.
+            if failures >= self.isolate_after && self.store_takes_writes() {
+                if n > 1 {
+                    let (a, b) = handle::split(req);
+                    return self.write(a, device, refused) + self.write(b, device, refused);
+                }
+                return self.refuse(&req, device, "persistent_error", &text, refused);
+            }
+            if let Some(suppressed) = self.said("retry") {
+                tracing::warn!(device, failures, answer = %text, suppressed, "store busy or failing; retrying");
             }
             self.metrics.retries.inc();
             std::thread::sleep(wait);
             wait = (wait * 2).min(self.retry_max);
         }
+    }
+
+    /// Counts a sample the store will never take; returns 0 (written).
+    fn refuse(
+        &self,
+        req: &WriteRequest,
+        device: &str,
+        reason: &'static str,
+        answer: &str,
+        refused: &mut usize,
+    ) -> usize {
+        self.metrics.samples_refused.get_or_create(&metrics::ReasonLabels { reason: reason.into() }).inc();
+        *refused += 1;
+        if let Some(suppressed) = self.said(reason) {
+            let ts = req.timeseries.first().and_then(|t| t.samples.first()).map(|s| s.timestamp);
+            tracing::warn!(device, reason, timestamp = ?ts, answer, suppressed, "store refused a sample");
+        }
+        0
+    }
+
+    /// Whether the store takes a write now: one sample of
+    /// `fleet_bridge_store_probe{bridge}` (docs/metrics.md).
+    fn store_takes_writes(&self) -> bool {
+        let probe = handle::store_probe(&self.client_id, now_ms());
+        matches!(self.post(&remote_write::encode(&probe)), Ok((s, _)) if (200..300).contains(&s))
     }
 
     /// A device's retained birth (`online`) or last will (`offline`) becomes
