@@ -60,13 +60,16 @@ step "emulated arm64 and riscv64 boards: cross-built agent, Debian's kernels, th
 cross/build.sh aarch64-unknown-linux-musl riscv64gc-unknown-linux-gnu
 run_tests cargo test --locked -p hil-tests -- --nocapture
 
-step "fuzzing, ${FUZZ_SECONDS:-10} s per target (corpus in fuzz/corpus)"
+step "fuzzing, ${FUZZ_SECONDS:-10} s per target (corpus in fuzz/corpus, fuzz-model/corpus)"
 fuzz_log=$(mktemp)
 fuzz_runs=0
-for target in record block store_open; do
-  if ! (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-10}") > "$fuzz_log" 2>&1; then
+# fuzz/: the store and wire formats, without TF Lite; fuzz-model/: model
+# file bytes through the agent's load (TF Lite inside: a build of its own).
+for dir_target in fuzz/record fuzz/block fuzz/store_open fuzz-model/model; do
+  dir=${dir_target%/*} target=${dir_target#*/}
+  if ! cargo +nightly fuzz run --fuzz-dir "$dir" "$target" -- -max_total_time="${FUZZ_SECONDS:-10}" > "$fuzz_log" 2>&1; then
     tail -60 "$fuzz_log"
-    echo "fuzz target $target failed; the input is in fuzz/artifacts/$target" >&2
+    echo "fuzz target $target failed; the input is in $dir/artifacts/$target" >&2
     exit 1
   fi
   echo "fuzz $target: $(grep -E '^Done [0-9]+ runs' "$fuzz_log" | tail -1)"

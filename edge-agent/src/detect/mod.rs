@@ -288,11 +288,24 @@ impl Model {
                 return Err(err(format!("SHA-256 {sha256} is not detect.model_sha256 {pin}: not the approved model")));
             }
         }
-        // First in a child (detect::trial): a file that crashes TF Lite
-        // must not crash the agent.
-        trial::run(trial::TIMEOUT, || Self::build(card.clone(), card_path, &sha256, bytes.clone(), &path).is_ok())
-            .map_err(|e| err(e.to_string()))?;
-        Self::build(card, card_path, &sha256, bytes, &path)
+        Self::load_checked(card, card_path, &sha256, bytes)
+    }
+
+    /// Builds a model from its card and whatever file bytes, as a load
+    /// does after its hash checks: the model fuzz target's entry
+    /// (fuzz/model).
+    pub fn load_bytes(card: Card, card_path: &Path, bytes: Vec<u8>) -> Result<Model, ModelError> {
+        let sha256 = sha256_hex(&bytes);
+        Self::load_checked(card, card_path, &sha256, bytes)
+    }
+
+    /// First in a child (detect::trial), so that bytes that crash TF Lite
+    /// cannot crash the agent, then here.
+    fn load_checked(card: Card, card_path: &Path, sha256: &str, bytes: Vec<u8>) -> Result<Model, ModelError> {
+        let path = card.model_path(card_path);
+        trial::run(trial::TIMEOUT, || Self::build(card.clone(), card_path, sha256, bytes.clone(), &path).is_ok())
+            .map_err(|e| ModelError::Model { path: path.clone(), what: e.to_string() })?;
+        Self::build(card, card_path, sha256, bytes, &path)
     }
 
     /// Loads without the trial in a child: only the benchmark's baseline
