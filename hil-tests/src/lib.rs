@@ -193,6 +193,15 @@ fn board_dtb(dir: &Path, args: &[String]) -> PathBuf {
     dtb
 }
 
+/// The rest of every *complete* console line holding `tag` (after it). A
+/// line the board is still printing (no newline yet) is not one: read
+/// half-written, "init at uptime 2.22 s, kernel ... riscv64" was once cut
+/// to "... kern" and failed the architecture check.
+fn complete_lines_tagged(console: &str, tag: &str) -> Vec<String> {
+    let complete = console.rfind('\n').map_or("", |end| &console[..end]);
+    complete.lines().filter_map(|l| l.find(tag).map(|i| l[i + tag.len()..].trim().to_owned())).collect()
+}
+
 /// A booted board; QEMU is killed when it drops.
 pub struct Board {
     pub proc: Proc,
@@ -260,8 +269,7 @@ impl Board {
 
     /// The console's lines starting `hil: <prefix>`, without that.
     pub fn hil_lines(&self, prefix: &str) -> Vec<String> {
-        let tag = format!("hil: {prefix}");
-        self.console().lines().filter_map(|l| l.find(&tag).map(|i| l[i + tag.len()..].trim().to_owned())).collect()
+        complete_lines_tagged(&self.console(), &format!("hil: {prefix}"))
     }
 
     /// Waits for a console line `hil: <prefix>...`; returns the first.
@@ -295,5 +303,19 @@ impl Board {
         read_prompt(&mut s);
         s.write_all(format!("{cmd}\n").as_bytes()).expect("QEMU monitor write");
         read_prompt(&mut s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_still_being_printed_is_not_read() {
+        let half = "boot\nhil: init at uptime 2.22 s, kern";
+        assert!(complete_lines_tagged(half, "hil: init at uptime").is_empty());
+        let whole = "boot\nhil: init at uptime 2.22 s, kernel 6.12 riscv64\nhil: agent st";
+        assert_eq!(complete_lines_tagged(whole, "hil: init at uptime"), ["2.22 s, kernel 6.12 riscv64"]);
+        assert!(complete_lines_tagged(whole, "hil: agent started").is_empty());
     }
 }
