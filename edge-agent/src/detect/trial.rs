@@ -58,6 +58,8 @@ pub fn run<F: FnOnce() -> bool>(timeout: Duration, f: F) -> Result<(), TrialErro
     }
     let deadline = Instant::now() + timeout;
     let mut status = 0;
+    // A model loads in well under a millisecond: poll often at first.
+    let mut pause = Duration::from_micros(50);
     loop {
         // SAFETY: waitpid on our own child, status is a valid out-pointer.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
@@ -79,7 +81,8 @@ pub fn run<F: FnOnce() -> bool>(timeout: Duration, f: F) -> Result<(), TrialErro
             }
             return Err(TrialError::TimedOut(timeout));
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
     }
     if libc::WIFSIGNALED(status) {
         return Err(TrialError::Crashed(libc::WTERMSIG(status)));
