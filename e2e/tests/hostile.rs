@@ -73,11 +73,17 @@ fn publish(mut opts: MqttOptions, topic: &str, payload: Vec<u8>, denied: bool) -
     answer
 }
 
-/// An envelope of one block: `series` samples at `times`, one frame each.
+/// An envelope of one block: one series `name` with a sample at each of
+/// `times` (its value the time), one frame each.
 fn envelope(device: &str, first_seq: u64, name: &str, times: &[i64]) -> Vec<u8> {
     let mut enc = BlockEncoder::new();
     let key = SeriesKey::new(name, vec![Label::new("k", "v")]);
     let frames: Vec<Vec<u8>> = times.iter().map(|&t| enc.frame(t, &[(key.clone(), t as f64)]).unwrap()).collect();
+    of_frames(device, first_seq, &frames)
+}
+
+/// An envelope of `frames` (a block: the first a start frame).
+fn of_frames(device: &str, first_seq: u64, frames: &[Vec<u8>]) -> Vec<u8> {
     Envelope { device, lane: 0, first_seq, clock_shift_ms: 0, frames: frames.iter().map(Vec::as_slice).collect() }
         .encode()
 }
@@ -395,14 +401,7 @@ fn a_sample_that_always_fails_never_wedges_the_bridge() {
             enc.frame(t, &[(series("ok-a"), 1.0), (series("ZQXJ7f3a"), 2.0), (series("ok-b"), 3.0)]).unwrap()
         })
         .collect();
-    let block = Envelope {
-        device: "dev-poison",
-        lane: 0,
-        first_seq: 1,
-        clock_shift_ms: 0,
-        frames: frames.iter().map(Vec::as_slice).collect(),
-    }
-    .encode();
+    let block = of_frames("dev-poison", 1, &frames);
     assert_eq!(
         publish_once(broker.mqtt_options("dev-poison", Who::Device("dev-poison")), "edge/dev-poison/metrics", block),
         Answer::Taken
