@@ -150,4 +150,5 @@ fn a_clock_years_behind_still_connects_and_lands_at_the_true_time() {
     let (_, error) = errors.last().copied().expect("the clock error in Prometheus");
     let three_years = 1095.0 * 86_400_000.0;
     assert!((error - three_years).abs() < 5_000.0, "clock error {error}");
+    let _ = std::fs::remove_dir_all(dir);
 }

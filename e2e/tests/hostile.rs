@@ -340,6 +340,7 @@ fn no_device_can_lose_delay_or_corrupt_another_devices_data() {
     let seen: Vec<String> = spied.try_iter().collect();
     assert!(seen.is_empty(), "a device certificate named fleet-bridge read {seen:?}");
     bridge.assert_running();
+    let _ = std::fs::remove_dir_all(dir); // kept for reading when a check fails
 }
 
 /// The shipped tooling issues no device certificate with a central name.
@@ -431,4 +432,5 @@ fn a_sample_that_always_fails_never_wedges_the_bridge() {
         4.0,
     );
     assert!(faulty.injected.load(std::sync::atomic::Ordering::Relaxed) >= 4 * 2);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -49,4 +49,5 @@ fn an_unreachable_broker_is_said_at_warn_once_with_the_reason() {
     assert!(warned[0].contains("reason") && warned[0].contains("\"refused\""), "{}", warned[0]);
     assert!(!log.contains("draining the backlog"), "no backlog is drained without a broker:\n{log}");
     assert!(!log.contains("plain TCP to a broker"), "loopback is not warned about");
+    let _ = std::fs::remove_dir_all(dir);
 }
