@@ -2,7 +2,7 @@
 //! is a device's valid batch, and build the remote-write body for it.
 
 use crate::remote_write::{self, WriteRequest};
-use edge_wire::{Batch, Envelope};
+use edge_wire::{Batch, DecodeError, Envelope};
 
 /// A message ready to be written.
 #[derive(Debug)]
@@ -118,10 +118,10 @@ impl Refusal {
 pub fn prepare(prefix: &str, topic: &str, payload: &[u8], bounds: TimeBounds) -> Result<Write, Refusal> {
     let device = edge_wire::device_of_topic(prefix, topic).ok_or(Refusal::BadTopic)?;
     edge_wire::validate_device_id(device).map_err(|_| Refusal::BadTopic)?;
-    if payload.len() > edge_wire::MAX_MESSAGE_BYTES {
-        return Err(Refusal::TooLarge(payload.len()));
-    }
-    let env = Envelope::decode(payload).map_err(|e| Refusal::Undecodable(e.to_string()))?;
+    let env = Envelope::decode(payload).map_err(|e| match e {
+        DecodeError::TooLarge(n) => Refusal::TooLarge(n),
+        e => Refusal::Undecodable(e.to_string()),
+    })?;
     if env.device != device {
         return Err(Refusal::WrongDevice { topic: device.into(), claimed: env.device.into() });
     }

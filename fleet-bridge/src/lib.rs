@@ -239,7 +239,9 @@ impl Writer {
                     self.metrics.samples_out_of_bounds.get_or_create(&labels).inc_by(n as u64);
                 }
             }
-            if let Some(suppressed) = self.said("out_of_bounds") {
+            // Its own throttle key: "out_of_bounds" is also a reason the
+            // store gives for refusing a sample (Writer::refuse).
+            if let Some(suppressed) = self.said("time_bounds") {
                 tracing::warn!(
                     device,
                     ahead = oob.ahead,
@@ -321,10 +323,7 @@ impl Writer {
                         self.metrics.samples.inc_by(n as u64);
                         return n;
                     }
-                    Verdict::Refused if n > 1 => {
-                        let (a, b) = handle::split(req);
-                        return self.write(a, device, refused) + self.write(b, device, refused);
-                    }
+                    Verdict::Refused if n > 1 => return self.write_halves(req, device, refused),
                     Verdict::Refused => {
                         let reason = handle::refusal_reason(&text);
                         return self.refuse(&req, device, reason, &format!("{status} {text}"), refused);
@@ -342,8 +341,7 @@ impl Writer {
             // lost.
             if failures >= self.isolate_after && self.store_takes_writes() {
                 if n > 1 {
-                    let (a, b) = handle::split(req);
-                    return self.write(a, device, refused) + self.write(b, device, refused);
+                    return self.write_halves(req, device, refused);
                 }
                 return self.refuse(&req, device, "persistent_error", &text, refused);
             }
@@ -354,6 +352,13 @@ impl Writer {
             std::thread::sleep(wait);
             wait = (wait * 2).min(self.retry_max);
         }
+    }
+
+    /// Isolates what the store refuses: writes each half of a request of
+    /// two or more samples on its own.
+    fn write_halves(&self, req: WriteRequest, device: &str, refused: &mut usize) -> usize {
+        let (a, b) = handle::split(req);
+        self.write(a, device, refused) + self.write(b, device, refused)
     }
 
     /// Counts a sample the store will never take; returns 0 (written).
