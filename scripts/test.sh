@@ -33,7 +33,7 @@ step "tests (unit, store, end to end)"
 run_tests cargo test --workspace --locked --exclude hil-tests
 
 step "probe tests again with the kernel's BTF hidden (the baseline a 5.10 kernel without BTF gets)"
-EDGE_E2E_HIDE_BTF=1 run_tests cargo test --locked -p e2e --test probes --test devices --test protocols
+EDGE_E2E_HIDE_BTF=1 run_tests cargo test --locked -p e2e --test probes --test devices --test protocols --test values
 
 # Under qemu-user a test cannot start another target binary (that would need
 # binfmt_misc), so the tests that spawn the agent or a child writer

@@ -51,7 +51,16 @@
  * IPP_PENDING newer requests still pending on the socket). */
 #define IPP_CELL_UNMATCHED 10784 /* IPP_CELL_EXC + IPP_SIDES * IPP_FUNCTIONS * IPP_EXC_CODES */
 #define IPP_CELL_ABANDONED 10786
-#define IPP_CELLS 10788
+/* Process values (docs/process-values.md): value events lost because the
+ * ring was full, and ADUs with mapped registers that could not be read,
+ * by reason (IPP_BAD_*). */
+#define IPP_CELL_VALUE_LOST 10788
+#define IPP_CELL_VALUE_BAD 10789
+#define IPP_BAD_LENGTH 0  /* counts and lengths disagree */
+#define IPP_BAD_PARTIAL 1 /* the ADU continues in the next segment */
+#define IPP_BAD_VALUE 2   /* write single coil with neither FF00 nor 0000 */
+#define IPP_BADS 3
+#define IPP_CELLS 10792
 
 /* Modbus requests awaiting their reply, per socket. */
 #define IPP_PENDING 8
@@ -62,6 +71,23 @@
 #define IPP_FLOW_RECEIVED 1
 #define IPP_CLASSES 16
 #define IPP_BYTE_SLOTS 32
+
+/* Modbus tables (ipp_tag_key.table). */
+#define IPP_TABLE_COIL 0
+#define IPP_TABLE_DISCRETE_INPUT 1
+#define IPP_TABLE_HOLDING 2
+#define IPP_TABLE_INPUT 3
+
+/* Value events (struct ipp_value.kind). */
+#define IPP_VALUE_READ 0         /* a read's reply: what the server returned */
+#define IPP_VALUE_WRITE 1        /* a write request: what the client sent */
+#define IPP_VALUE_WRITE_OK 2     /* the normal reply to a captured write */
+#define IPP_VALUE_WRITE_FAILED 3 /* an exception reply to a captured write */
+/* Data bytes of an event: 125 registers or 2000 coils read (250 bytes),
+ * 123 registers or 1968 coils written (246). */
+#define IPP_VALUE_DATA 252
+/* The value events' ring (bytes, a power of two). */
+#define IPP_VALUE_RING (256 * 1024)
 
 /* ipp_sock.payload before the client's first bytes were seen. */
 #define IPP_PAYLOAD_UNSEEN 255

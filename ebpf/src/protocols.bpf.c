@@ -58,6 +58,56 @@ struct {
 	__type(value, __u64);
 } ipp_cells SEC(".maps");
 
+// Process values (docs/process-values.md): with a tag map, the registers
+// and coils of mapped addresses that a read's reply returns or a write
+// request sends reach user space through ipp_values; every other register
+// is zeroed here and never leaves the kernel. ipp_tags holds, per (side,
+// unit, table, address / 64), the mapped addresses' bits. Without tags
+// (ipp_capture 0) none of this runs.
+const volatile __u32 ipp_capture = 0;
+
+struct ipp_tag_key {
+	__u8 side;
+	__u8 unit;
+	__u8 table;
+	__u8 pad;
+	__u32 chunk; // address / 64
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct ipp_tag_key);
+	__type(value, __u64);
+} ipp_tags SEC(".maps");
+
+struct ipp_value {
+	__u64 ts_ns;  // bpf_ktime_get_ns when the packet passed
+	__u64 cookie; // the socket's cookie: pairs a write with its reply
+	__u8 server[16]; // the server's address (IPv4-mapped for IPv4)
+	__u16 server_port;
+	__u16 tid;
+	__u16 start;    // first address
+	__u16 quantity; // registers or coils
+	__u8 kind;      // IPP_VALUE_*
+	__u8 unit;
+	__u8 function;
+	__u8 side;
+	__u8 data_len;
+	__u8 pad[3];
+	// Registers (2 bytes each, big-endian as on the wire) or coils (bit i
+	// of byte i / 8 = coil start + i): unmapped ones zeroed. 256 bytes so
+	// that both arrays are 8-byte aligned; at most IPP_VALUE_DATA used.
+	__u8 data[256];
+	// Bit i of byte i / 8: register or coil start + i is mapped.
+	__u8 mask[256];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, IPP_VALUE_RING);
+} ipp_values SEC(".maps");
+
 // Per socket of a configured port (socket local storage: created at its
 // first payload, freed with the socket, no table to fill or evict): what
 // its client sent first, and the Modbus requests awaiting their reply.
@@ -65,9 +115,12 @@ struct ipp_pending {
 	__u64 sent_ns; // 0: free
 	__u16 tid;     // MBAP transaction identifier
 	__u8 unit;
-	__u8 function;
-	__u32 pad;
+	__u8 function; // bit 7: the request covers mapped addresses
+	__u16 start;   // its first address and quantity (value capture)
+	__u16 quantity;
 };
+
+#define IPP_WANTED 0x80
 
 struct ipp_sock {
 	__u8 payload; // IPP_PAYLOAD_*, IPP_PAYLOAD_UNSEEN at first
@@ -151,7 +204,8 @@ static __always_inline __u8 classify(struct __sk_buff *skb, __u32 off, __u8 prot
 // A request: into the socket's pending slots. The slot of the same
 // (transaction, unit) if one is pending (that request is given up), else a
 // free one, else the oldest (given up).
-static __always_inline void remember(struct ipp_sock *st, __u32 side, __u16 tid, __u8 unit, __u8 function, __u64 now)
+static __always_inline void remember(struct ipp_sock *st, __u32 side, __u16 tid, __u8 unit, __u8 function, __u64 now,
+				     __u16 start, __u16 quantity)
 {
 	__u32 at = IPP_PENDING, free = IPP_PENDING, oldest = 0;
 	__u64 oldest_ns = ~0ULL;
@@ -183,6 +237,8 @@ static __always_inline void remember(struct ipp_sock *st, __u32 side, __u16 tid,
 	p->tid = tid;
 	p->unit = unit;
 	p->function = function;
+	p->start = start;
+	p->quantity = quantity;
 }
 
 // A reply: its pending request, or IPP_PENDING.
@@ -192,10 +248,178 @@ static __always_inline __u32 find(struct ipp_sock *st, __u16 tid, __u8 unit, __u
 #pragma unroll
 	for (__u32 i = 0; i < IPP_PENDING; i++) {
 		struct ipp_pending *p = &st->pending[i];
-		if (p->sent_ns && p->tid == tid && p->unit == unit && p->function == function)
+		if (p->sent_ns && p->tid == tid && p->unit == unit && (p->function & 0x7f) == function)
 			at = i;
 	}
 	return at;
+}
+
+static __always_inline __u64 chunk_bits(struct ipp_tag_key *k, __u32 chunk)
+{
+	k->chunk = chunk;
+	__u64 *m = bpf_map_lookup_elem(&ipp_tags, k);
+	return m ? *m : 0;
+}
+
+// The mapped bits of the 64 addresses from addr on (bit i: addr + i).
+static __always_inline __u64 mapped_from(struct ipp_tag_key *k, __u32 addr)
+{
+	__u32 sh = addr & 63;
+	__u64 bits = chunk_bits(k, addr >> 6) >> sh;
+	if (sh)
+		bits |= chunk_bits(k, (addr >> 6) + 1) << (64 - sh);
+	return bits;
+}
+
+// The table a function reads or writes, or -1.
+static __always_inline int table_of(__u8 function)
+{
+	switch (function) {
+	case 1:
+	case 5:
+	case 15:
+		return IPP_TABLE_COIL;
+	case 2:
+		return IPP_TABLE_DISCRETE_INPUT;
+	case 3:
+	case 6:
+	case 16:
+		return IPP_TABLE_HOLDING;
+	case 4:
+		return IPP_TABLE_INPUT;
+	}
+	return -1;
+}
+
+// Whether any address in [start, start + quantity) of (side, unit, table)
+// is mapped (quantity at most 2000: 33 windows of 64). A global function:
+// the verifier checks it once, not at every call site of the unrolled
+// ADU loop.
+__attribute__((noinline)) int any_mapped(__u32 side, __u32 unit, __u32 table, __u32 start, __u32 quantity)
+{
+	struct ipp_tag_key k = { .side = side, .unit = unit, .table = table };
+	start &= 0xffff;
+	for (__u32 g = 0; g < 33; g++) {
+		if (g * 64 >= quantity)
+			break;
+		__u64 bits = mapped_from(&k, start + g * 64);
+		__u32 left = quantity - g * 64;
+		if (left < 64)
+			bits &= (1ULL << left) - 1;
+		if (bits)
+			return 1;
+	}
+	return 0;
+}
+
+// Fields of an ADU for capture(), packed into scalars: a global function
+// takes at most 5 arguments, and scalars load on every kernel with BTF.
+#define ADU_FIELDS(tid, start, quantity, kind, unit)                                                        \
+	((__u64)(tid) | (__u64)(start) << 16 | (__u64)(quantity) << 32 | (__u64)(kind) << 48 | (__u64)(unit) << 56)
+#define ADU_MORE(function, side, coil_value, request) \
+	((__u64)(function) | (__u64)(side) << 8 | (__u64)(coil_value) << 16 | (__u64)(request) << 24)
+
+// 4 register mask bits -> the 8 data bytes of those registers (LE load).
+static __always_inline __u64 register_bytes(__u64 m)
+{
+	return (m & 1) * 0xffffULL | ((m >> 1) & 1) * 0xffff0000ULL | ((m >> 2) & 1) * 0xffff00000000ULL |
+	       ((m >> 3) & 1) * 0xffff000000000000ULL;
+}
+
+// One value event: the ADU's data (data_len bytes at data_off of the skb),
+// unmapped registers and coils zeroed, with the mask of the mapped ones.
+// A full ring is counted, never waited for. Global: verified once.
+__attribute__((noinline)) int capture(struct __sk_buff *skb, __u64 now, __u64 where, __u64 fields, __u64 more)
+{
+	__u32 data_off = where >> 32;
+	__u64 len = where & 0xff; // 64-bit: the verifier keeps its bounds
+	__u16 tid = fields, start = fields >> 16, quantity = fields >> 32;
+	__u8 kind = fields >> 48, unit = fields >> 56;
+	__u8 function = more, side = more >> 8, coil_value = more >> 16, request = more >> 24;
+	if (!skb)
+		return 0;
+	struct ipp_value *ev = bpf_ringbuf_reserve(&ipp_values, sizeof(*ev), 0);
+	if (!ev) {
+		add(IPP_CELL_VALUE_LOST, 1);
+		return 0;
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts_ns = now;
+	ev->cookie = bpf_get_socket_cookie(skb);
+	// The server: the end with the protocol's port (the destination of a
+	// request). Headers as inspect() checked them.
+	__u8 h[40] = {};
+	__u32 l4 = 0;
+	if (bpf_skb_load_bytes(skb, 0, h, 20) == 0 && (h[0] >> 4) == 4) {
+		ev->server[10] = 0xff;
+		ev->server[11] = 0xff;
+		if (request)
+			__builtin_memcpy(ev->server + 12, h + 16, 4);
+		else
+			__builtin_memcpy(ev->server + 12, h + 12, 4);
+		l4 = (h[0] & 0xf) * 4;
+	} else if (bpf_skb_load_bytes(skb, 0, h, 40) == 0) {
+		if (request)
+			__builtin_memcpy(ev->server, h + 24, 16);
+		else
+			__builtin_memcpy(ev->server, h + 8, 16);
+		l4 = 40;
+	}
+	__u8 ports[4] = {};
+	if (l4 && bpf_skb_load_bytes(skb, l4 & 0x3f, ports, 4) == 0) {
+		__u16 sport = (__u16)ports[0] << 8 | ports[1], dport = (__u16)ports[2] << 8 | ports[3];
+		ev->server_port = request ? dport : sport;
+	}
+	ev->tid = tid;
+	ev->start = start;
+	ev->quantity = quantity;
+	ev->kind = kind;
+	ev->unit = unit;
+	ev->function = function;
+	ev->side = side;
+	if (kind == IPP_VALUE_WRITE_OK || kind == IPP_VALUE_WRITE_FAILED) {
+		bpf_ringbuf_submit(ev, 0);
+		return 0;
+	}
+	if (function == 5) {
+		ev->data[0] = coil_value;
+		len = 1;
+	} else {
+		if (len < 1 || len > IPP_VALUE_DATA || bpf_skb_load_bytes(skb, data_off, ev->data, len)) {
+			bpf_ringbuf_discard(ev, 0);
+			return 0;
+		}
+	}
+	ev->data_len = len;
+	int table = table_of(function);
+	struct ipp_tag_key k = { .side = side, .unit = unit, .table = table < 0 ? 0 : table };
+	__u64 *mask = (__u64 *)ev->mask;
+	__u64 *data = (__u64 *)ev->data;
+	// The mask, 64 addresses at a time.
+	for (__u32 g = 0; g < 32; g++) {
+		if (g * 64 >= quantity)
+			break;
+		__u64 bits = mapped_from(&k, (__u32)start + g * 64);
+		__u32 left = quantity - g * 64;
+		if (left < 64)
+			bits &= (1ULL << left) - 1;
+		mask[g] = bits;
+	}
+	if (table == IPP_TABLE_COIL || table == IPP_TABLE_DISCRETE_INPUT) {
+		for (__u32 g = 0; g < 32; g++)
+			data[g] &= mask[g];
+	} else {
+		// 4 registers per 8 data bytes: 125 registers in 32 steps.
+		for (__u32 g = 0; g < 32; g++)
+			data[g] &= register_bytes(mask[g >> 4] >> ((g & 15) * 4));
+	}
+	bpf_ringbuf_submit(ev, 0);
+	return 0;
+}
+
+static __always_inline void bad(__u32 reason)
+{
+	add(IPP_CELL_VALUE_BAD + reason, 1);
 }
 
 // Every Modbus/TCP ADU of the segment (up to IPP_MAX_ADUS): requests are
@@ -216,9 +440,55 @@ static __always_inline void modbus(struct __sk_buff *skb, __u32 off, struct ipp_
 			return; // not (or no longer) an MBAP header
 		__u8 function = h[7] & 0x7f;
 		__u16 tid = (__u16)h[0] << 8 | h[1];
+		// The PDU's fields after the function code (value capture).
+		__u8 f[8] = {};
+		int whole = off + 6 + len <= skb->len;
+		if (ipp_capture) {
+			// Constant sizes: the verifier loses a computed length's
+			// bounds on the way to the helper. Requests need 4 or 5
+			// bytes, read replies 1 (the byte count).
+			if (off + 13 <= skb->len)
+				bpf_skb_load_bytes(skb, off + 8, f, 5);
+			else if (off + 12 <= skb->len)
+				bpf_skb_load_bytes(skb, off + 8, f, 4);
+			else if (off + 9 <= skb->len)
+				bpf_skb_load_bytes(skb, off + 8, f, 1);
+		}
 		if (request) {
 			add(fn_cell(side, function, IPP_FN_REQUESTS), 1);
-			remember(st, side, tid, h[6], function, now);
+			__u16 start = (__u16)f[0] << 8 | f[1];
+			__u16 quantity = (__u16)f[2] << 8 | f[3];
+			if (function == 5 || function == 6)
+				quantity = 1;
+			int table = table_of(function);
+			__u8 flag = 0;
+			if (ipp_capture && table >= 0 && len >= 6 && quantity >= 1 && quantity <= 2000 &&
+			    any_mapped(side, h[6], table, start, quantity))
+				flag = IPP_WANTED;
+			remember(st, side, tid, h[6], function | flag, now, start, quantity);
+			if (flag && function >= 5) {
+				// A write: its values now, its outcome with the reply.
+				__u64 fields = ADU_FIELDS(tid, start, quantity, IPP_VALUE_WRITE, h[6]);
+				if (!whole) {
+					bad(IPP_BAD_PARTIAL);
+				} else if (function == 5) {
+					if ((f[2] == 0xff || f[2] == 0) && f[3] == 0 && len == 6)
+						capture(skb, now, 1, fields, ADU_MORE(function, side, f[2] ? 1 : 0, 1));
+					else
+						bad(IPP_BAD_VALUE);
+				} else if (function == 6) {
+					if (len == 6)
+						capture(skb, now, (__u64)(off + 10) << 32 | 2, fields, ADU_MORE(function, side, 0, 1));
+					else
+						bad(IPP_BAD_LENGTH);
+				} else {
+					__u32 want = function == 15 ? (quantity + 7) / 8 : quantity * 2;
+					if (f[4] == want && len == 7 + want && want <= 246)
+						capture(skb, now, (__u64)(off + 13) << 32 | want, fields, ADU_MORE(function, side, 0, 1));
+					else
+						bad(IPP_BAD_LENGTH);
+				}
+			}
 		} else {
 			__u32 at = find(st, tid, h[6], function);
 			if (at >= IPP_PENDING) {
@@ -236,6 +506,23 @@ static __always_inline void modbus(struct __sk_buff *skb, __u32 off, struct ipp_
 					if (code >= IPP_EXC_CODES)
 						code = 0;
 					add(IPP_CELL_EXC + (side * IPP_FUNCTIONS + function) * IPP_EXC_CODES + code, 1);
+				}
+				if (p->function & IPP_WANTED) {
+					if (function >= 5) {
+						__u8 kind = (h[7] & 0x80) ? IPP_VALUE_WRITE_FAILED : IPP_VALUE_WRITE_OK;
+						capture(skb, now, 0, ADU_FIELDS(tid, p->start, p->quantity, kind, h[6]),
+							ADU_MORE(function, side, 0, 0));
+					} else if (!(h[7] & 0x80)) {
+						__u32 want = function <= 2 ? ((__u32)p->quantity + 7) / 8 : (__u32)p->quantity * 2;
+						if (!whole)
+							bad(IPP_BAD_PARTIAL);
+						else if (f[0] == want && len == 3 + want && want <= 250)
+							capture(skb, now, (__u64)(off + 9) << 32 | want,
+								ADU_FIELDS(tid, p->start, p->quantity, IPP_VALUE_READ, h[6]),
+								ADU_MORE(function, side, 0, 0));
+						else
+							bad(IPP_BAD_LENGTH);
+					}
 				}
 			}
 		}

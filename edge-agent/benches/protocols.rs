@@ -146,7 +146,7 @@ fn main() {
         floor.1 += after.1 - before.1;
         drop(e);
 
-        let p = ProtocolsProbe::attach(&cfg, Some(&classes)).expect("attach");
+        let p = ProtocolsProbe::attach(&cfg, Some(&classes), &Default::default()).expect("attach");
         let before = p.program_stats()[0].clone();
         attached.watched.push(round_trips(&mut w, ROUND_TRIPS));
         let after = p.program_stats()[0].clone();

@@ -35,6 +35,8 @@ pub struct Config {
     pub probes: ProbesConfig,
     pub clock: ClockConfig,
     pub detect: DetectConfig,
+    /// The tag map: process values (docs/process-values.md).
+    pub tags: Vec<crate::values::tags::TagConfig>,
 }
 
 /// On-device anomaly detection (docs/model.md).
@@ -415,6 +417,7 @@ impl Default for Config {
             probes: ProbesConfig::default(),
             clock: ClockConfig::default(),
             detect: DetectConfig::default(),
+            tags: Vec::new(),
         }
     }
 }
@@ -542,8 +545,23 @@ impl Config {
         toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
     }
 
+    /// The validated tag map.
+    pub fn tag_map(&self) -> Result<crate::values::tags::TagMap, String> {
+        let cx = crate::values::tags::Context {
+            modbus_ports: &self.probes.protocols.modbus_ports,
+            peers: &self.probes.tcp_lifecycle.peers,
+        };
+        crate::values::tags::TagMap::build(&self.tags, &cx)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         edge_wire::validate_device_id(&self.device_id).map_err(|e| format!("device_id: {e}"))?;
+        let tags = self.tag_map()?;
+        if tags.tcp().next().is_some() && !self.probes.protocols.enabled {
+            return Err(
+                "tags: modbus_tcp tags are captured by the protocol probe: set probes.protocols.enabled = true".into(),
+            );
+        }
         if self.detect.action.command.first().is_some_and(|c| c.is_empty()) {
             return Err("detect.action.command: the first element is the program, and it is empty".into());
         }
@@ -765,6 +783,26 @@ mod tests {
         let block = block.replace("\"<host name>\"", &format!("{:?}", defaults.device_id));
         let documented = Config::parse(&block, Path::new("docs/configuration.md")).unwrap();
         assert_eq!(format!("{documented:#?}"), format!("{defaults:#?}"));
+    }
+
+    /// The commented `[[tags]]` example of docs/configuration.md names
+    /// every key of a tag (unknown keys are refused), and is a valid tag.
+    #[test]
+    fn the_documented_tag_has_every_key() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md")).unwrap();
+        let example: String = doc
+            .split("# [[tags]]\n")
+            .nth(1)
+            .expect("a [[tags]] example")
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("#  ") && !l.starts_with("# ["))
+            .map(|l| l.trim_start_matches("# ").split(" #").next().unwrap_or("").to_string() + "\n")
+            .collect();
+        let c = Config::parse(&format!("[[tags]]\n{example}"), Path::new("docs/configuration.md")).unwrap();
+        c.validate().unwrap();
+        let keys = example.lines().filter(|l| l.contains(" = ")).count();
+        assert_eq!(keys, 14, "keys of TagConfig documented: {example}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod privileges;
 pub mod probe;
 pub mod store;
 pub mod uplink;
+pub mod values;
 pub mod window;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,7 +114,15 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     detect.action.counts = metrics.action_counts();
     metrics.set_model_state(&detect);
     let detect = std::cell::RefCell::new(detect);
+    let tags = cfg.tag_map().unwrap_or_default();
+    if !tags.is_empty() {
+        tracing::info!(tags = tags.tags.len(), "tag map: process values are captured");
+    }
+    let values = values::ValuesStage::new(tags);
+    metrics.observe_values(&values);
+    let values = std::cell::RefCell::new(values);
     let sh = Shared {
+        values: &values,
         detect: &detect,
         probes: &probes,
         store: &store,
@@ -149,6 +158,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
 
 /// What the window loop works with.
 struct Shared<'a> {
+    values: &'a std::cell::RefCell<values::ValuesStage>,
     detect: &'a std::cell::RefCell<detect::DetectStage>,
     /// Replaced on SIGHUP (the window loop is the only user).
     probes: &'a std::cell::RefCell<Probes>,
@@ -171,21 +181,51 @@ async fn window_loop(
     let period = cfg.window();
     let mut next = Instant::now() + period;
     let mut probe_cfg = cfg.probes.clone();
+    // Readable when the protocol probe has value events waiting.
+    let watch_values =
+        || sh.probes.borrow().protocols.as_ref().and_then(|p| p.values_fd()).and_then(|fd| smol::Async::new(fd).ok());
+    let mut values_ready = watch_values();
     loop {
+        #[derive(PartialEq)]
+        enum Wake {
+            Tick,
+            Reload,
+            Values,
+        }
         let tick = async {
             smol::Timer::at(next).await;
-            false
+            Wake::Tick
         };
         let reload = async {
             match hup.as_mut() {
-                Some(h) => h.next().await.is_some(),
+                Some(h) => match h.next().await {
+                    Some(_) => Wake::Reload,
+                    None => Wake::Tick,
+                },
                 None => std::future::pending().await,
             }
         };
-        if futures_lite::future::or(tick, reload).await {
+        let values = async {
+            match &values_ready {
+                Some(fd) => {
+                    let _ = fd.readable().await;
+                    Wake::Values
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let wake = futures_lite::future::or(futures_lite::future::or(tick, reload), values).await;
+        if wake == Wake::Values {
+            drain_values(sh);
+            continue;
+        }
+        if wake == Wake::Reload {
             // Count what the old probes saw into a window first.
             close_window(sh, &mut stage, &mut writer, &mut prev);
+            // The old ring's descriptor goes with the old probe.
+            drop(values_ready.take());
             reload_probes(cfg, config_path, sh, &mut probe_cfg, &mut prev);
+            values_ready = watch_values();
             continue;
         }
         next += period;
@@ -249,12 +289,22 @@ fn reload_probes(
     tracing::info!(probes = ?probes.states.iter().map(|(n, s)| format!("{n}: {s:?}")).collect::<Vec<_>>(), "SIGHUP: probes reloaded");
 }
 
+/// The protocol probe's value events into the values stage.
+fn drain_values(sh: &Shared<'_>) {
+    let offset_ns = values::wall_minus_mono_ns() + sh.test_offset_ms * 1_000_000;
+    let mut probes = sh.probes.borrow_mut();
+    let Some(p) = probes.protocols.as_mut() else { return };
+    let mut stage = sh.values.borrow_mut();
+    p.drain_values(|ev| stage.tcp_event(ev, offset_ns));
+}
+
 fn close_window(
     sh: &Shared<'_>,
     stage: &mut window::WindowStage,
     writer: &mut store::blocks::BlockWriter,
     prev: &mut TcpCounters,
 ) {
+    drain_values(sh);
     let mut probes = sh.probes.borrow_mut();
     let (store, metrics) = (sh.store, sh.metrics);
     if probes.refresh() {
@@ -309,6 +359,17 @@ fn close_window(
         window.samples.push((edge_wire::SeriesKey::new("edge_agent_clock_error_ms", vec![]), e as f64));
     }
     window.timestamp_ms = ts;
+    // Process values: each at its own time, and per tag statistics.
+    {
+        let mut values = sh.values.borrow_mut();
+        if let Some(p) = &reading.protocols {
+            values.kernel_counts(p.values_lost, p.values_bad);
+        }
+        let closed = values.close(ts);
+        metrics.observe_values(&values);
+        window.samples.extend(closed.samples);
+        window.values = closed.series;
+    }
     // Detect: the window's features through the model; the score goes
     // with the window, an alarm's raising or clearing into the priority lane.
     let mut detect = sh.detect.borrow_mut();
@@ -320,7 +381,7 @@ fn close_window(
     metrics.observe_detect(&outcome, detect.alarm.active);
     window.samples.extend(outcome.samples);
     if let Some(record) = outcome.record {
-        let rec = store::blocks::Window { timestamp_ms: ts, samples: record };
+        let rec = store::blocks::Window { timestamp_ms: ts, samples: record, values: Vec::new() };
         // One record per block: sendable at once, synced at once.
         let mut w = store::blocks::BlockWriter::new(1, 64 * 1024);
         match w.write(&mut lanes.priority, &rec).and_then(|_| lanes.priority.sync().map_err(Into::into)) {

@@ -82,7 +82,7 @@ impl WindowStage {
                 byte_series(b, classes, &mut samples);
             }
         }
-        (!samples.is_empty()).then_some(Window { timestamp_ms, samples })
+        (!samples.is_empty()).then_some(Window { timestamp_ms, samples, values: Vec::new() })
     }
 
     fn tcp_series(&mut self, c: &TcpCounters, classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
@@ -572,6 +572,7 @@ mod tests {
             unmatched: [0, 4],
             abandoned: [0, 0],
             tcp_bytes: None,
+            ..Default::default()
         };
         let mut w = WindowStage::new();
         let b = w

@@ -21,7 +21,9 @@ fn fill(cfg: &Config, t0: i64) {
         (0..SERIES).map(|k| SeriesKey::new("fleet_sim", vec![Label::new("k", k.to_string())])).collect();
     for i in 0..WINDOWS {
         let samples = keys.iter().enumerate().map(|(k, key)| (key.clone(), (i * k as i64) as f64)).collect();
-        writer.write(&mut lanes.routine, &Window { timestamp_ms: t0 + i * 10_000, samples }).unwrap();
+        writer
+            .write(&mut lanes.routine, &Window { timestamp_ms: t0 + i * 10_000, samples, values: Vec::new() })
+            .unwrap();
     }
     lanes.routine.sync().unwrap();
 }

@@ -22,7 +22,9 @@ fn write_fuzz_seeds() {
                 (SeriesKey::new("edge_m_total", vec![Label::new("i", i.to_string())]), v)
             })
             .collect();
-        writer.write(&mut store, &Window { timestamp_ms: 1_700_000_000_000 + w * 10_000, samples }).unwrap();
+        writer
+            .write(&mut store, &Window { timestamp_ms: 1_700_000_000_000 + w * 10_000, samples, values: Vec::new() })
+            .unwrap();
     }
     let blocks = store.read_blocks(0, usize::MAX, usize::MAX, true).unwrap();
     for (n, b) in blocks.iter().enumerate() {

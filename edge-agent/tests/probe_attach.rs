@@ -100,7 +100,7 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
     drop(DeviceIoProbe::load(&real, &dev).unwrap());
     let protocols = ProtocolsConfig::default();
     let classes = edge_agent::probe::tcp_lifecycle::PortClasses::from_config(&all);
-    drop(ProtocolsProbe::attach(&protocols, Some(&classes)).unwrap());
+    drop(ProtocolsProbe::attach(&protocols, Some(&classes), &Default::default()).unwrap());
     let before = count();
     let maps_before = mappings();
     for _ in 0..100 {
@@ -108,7 +108,7 @@ fn a_hundred_attach_detach_cycles_leak_nothing() {
         assert!(p.states.iter().all(|(_, s)| *s == ProbeState::Attached), "{:?}", p.states);
         let d = DeviceIoProbe::load(&real, &dev).unwrap();
         assert_eq!(d.state, ProbeState::Attached);
-        let i = ProtocolsProbe::attach(&protocols, Some(&classes)).unwrap();
+        let i = ProtocolsProbe::attach(&protocols, Some(&classes), &Default::default()).unwrap();
         drop(p);
         drop(d);
         drop(i);

@@ -27,6 +27,7 @@ fn fill(dir: &std::path::Path) {
                 ),
                 (SeriesKey::new("temperature_celsius", vec![Label::new("sensor", "a\"b")]), 20.5 + w as f64 / 10.0),
             ],
+            values: Vec::new(),
         };
         writer.write(&mut s, &window).unwrap();
     }

@@ -14,7 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn window(ts: i64, name: &str) -> Window {
-    Window { timestamp_ms: ts, samples: vec![(SeriesKey::new(name, vec![Label::new("k", "v")]), ts as f64)] }
+    Window {
+        timestamp_ms: ts,
+        samples: vec![(SeriesKey::new(name, vec![Label::new("k", "v")]), ts as f64)],
+        values: Vec::new(),
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //! * other values: Gorilla XOR against the previous value, `0` when equal.
 
 use crate::bits::{BitReader, BitWriter};
+use crate::values::{get_signed, put_signed, ValueCodec, ValueSeries, ValueType};
 use crate::{is_label_name, is_metric_name, Batch, DecodeError, Label, Sample, Series};
 use crate::{MAX_LABELS, MAX_LABEL_VALUE, MAX_SAMPLES_PER_SERIES, MAX_SERIES, RESERVED_LABELS};
 use std::collections::HashMap;
@@ -21,6 +22,8 @@ pub const FRAME_START: u8 = 0x21;
 /// First byte of a frame that continues a block (version 2, kind 2).
 pub const FRAME_CONTINUE: u8 = 0x22;
 const FLAG_ALL_PRESENT: u8 = 0x01;
+/// The frame carries a value section (process values, [`ValueSeries`]).
+const FLAG_VALUES: u8 = 0x02;
 /// Most frames in one block.
 pub const MAX_FRAMES: usize = MAX_SAMPLES_PER_SERIES;
 /// Largest integral value coded as an integer (beyond it f64 loses units).
@@ -257,6 +260,18 @@ pub enum EncodeError {
     TimeOrder { ts: i64, prev: i64 },
     #[error("a block holds at most {MAX_SERIES} series and {MAX_FRAMES} frames; start a new block")]
     Full,
+    #[error("value series {name}: {reason}")]
+    Value { name: String, reason: String },
+}
+
+/// A value series' state within a block (encoder and decoder alike).
+#[derive(Debug, Clone, Copy)]
+struct ValueState {
+    codec: ValueCodec,
+    prev_ts: i64,
+    prev_delta: i64,
+    prev_raw: i64,
+    samples: usize,
 }
 
 /// Encodes the frames of one block. Start a new encoder for every block.
@@ -268,6 +283,8 @@ pub struct BlockEncoder {
     prev_ts: i64,
     prev_delta: i64,
     frames: usize,
+    value_index: HashMap<SeriesKey, usize>,
+    value_states: Vec<ValueState>,
 }
 
 impl BlockEncoder {
@@ -281,11 +298,23 @@ impl BlockEncoder {
     }
 
     pub fn series(&self) -> usize {
-        self.values.len()
+        self.values.len() + self.value_states.len()
     }
 
     /// The frame for the window at `ts`: the first one is a start frame.
     pub fn frame(&mut self, ts: i64, samples: &[(SeriesKey, f64)]) -> Result<Vec<u8>, EncodeError> {
+        self.frame_with_values(ts, samples, &[])
+    }
+
+    /// The frame for the window at `ts` with the process values captured
+    /// since the previous frame (series with no sample are left out).
+    /// Nothing changes in the encoder when it fails.
+    pub fn frame_with_values(
+        &mut self,
+        ts: i64,
+        samples: &[(SeriesKey, f64)],
+        values: &[ValueSeries],
+    ) -> Result<Vec<u8>, EncodeError> {
         if self.frames > 0 && ts <= self.prev_ts {
             return Err(EncodeError::TimeOrder { ts, prev: self.prev_ts });
         }
@@ -314,14 +343,74 @@ impl BlockEncoder {
                 }
             }
         }
-        if self.values.len() + new.len() > MAX_SERIES {
+        // The value series: their slots, the new ones, and every sample
+        // checked before anything is written.
+        let mut value_slots: Vec<(usize, &ValueSeries)> = Vec::new();
+        let mut new_values: Vec<&ValueSeries> = Vec::new();
+        for vs in values.iter().filter(|v| !v.samples.is_empty()) {
+            let name = || vs.key.name.clone();
+            let slot = match self.value_index.get(&vs.key) {
+                Some(&i) => {
+                    if self.value_states[i].codec != vs.codec {
+                        return Err(EncodeError::Value { name: name(), reason: "codec changed within a block".into() });
+                    }
+                    i
+                }
+                None => {
+                    vs.key.validate().map_err(EncodeError::Invalid)?;
+                    vs.codec.validate().map_err(|reason| EncodeError::Value { name: name(), reason })?;
+                    if self.index.contains_key(&vs.key)
+                        || new.contains(&&vs.key)
+                        || new_values.iter().any(|v| v.key == vs.key)
+                    {
+                        return Err(EncodeError::Duplicate(name()));
+                    }
+                    new_values.push(vs);
+                    self.value_states.len() + new_values.len() - 1
+                }
+            };
+            if value_slots.iter().any(|(s, _)| *s == slot) {
+                return Err(EncodeError::Duplicate(name()));
+            }
+            let (mut prev, had) = match self.value_states.get(slot) {
+                Some(st) => (st.prev_ts, st.samples),
+                None => (i64::MIN, 0),
+            };
+            if had + vs.samples.len() > MAX_SAMPLES_PER_SERIES {
+                return Err(EncodeError::Full);
+            }
+            for (t, raw) in &vs.samples {
+                if *t <= prev {
+                    return Err(EncodeError::Value {
+                        name: name(),
+                        reason: format!("sample time {t} not after {prev}"),
+                    });
+                }
+                if !vs.codec.kind.valid_raw(*raw) {
+                    return Err(EncodeError::Value {
+                        name: name(),
+                        reason: format!("raw value {raw} is not a {}", vs.codec.kind.name()),
+                    });
+                }
+                prev = *t;
+            }
+            value_slots.push((slot, vs));
+        }
+        if self.values.len() + new.len() + self.value_states.len() + new_values.len() > MAX_SERIES {
             return Err(EncodeError::Full);
         }
+        for (key, _) in samples {
+            if self.value_index.contains_key(key) || new_values.iter().any(|v| &v.key == key) {
+                return Err(EncodeError::Duplicate(key.name.clone()));
+            }
+        }
+        value_slots.sort_unstable_by_key(|s| s.0);
         let all_present = seen.iter().all(|s| *s);
 
         let mut out = Vec::with_capacity(16 + new.len() * 24 + samples.len() / 2);
         out.push(if self.frames == 0 { FRAME_START } else { FRAME_CONTINUE });
-        out.push(if all_present { FLAG_ALL_PRESENT } else { 0 });
+        let values_flag = if value_slots.is_empty() { 0 } else { FLAG_VALUES };
+        out.push(if all_present { FLAG_ALL_PRESENT } else { 0 } | values_flag);
         if self.frames == 0 {
             put_varint(&mut out, zigzag(ts));
             self.prev_delta = 0;
@@ -340,9 +429,32 @@ impl BlockEncoder {
                 self.put_str(&mut out, &l.value);
             }
         }
+        if !value_slots.is_empty() {
+            put_varint(&mut out, new_values.len() as u64);
+            for vs in &new_values {
+                self.put_str(&mut out, &vs.key.name);
+                put_varint(&mut out, vs.key.labels.len() as u64);
+                for l in &vs.key.labels {
+                    self.put_str(&mut out, &l.name);
+                    self.put_str(&mut out, &l.value);
+                }
+                out.push(vs.codec.kind.code());
+                out.extend_from_slice(&vs.codec.scale.to_le_bytes());
+                out.extend_from_slice(&vs.codec.offset.to_le_bytes());
+            }
+            put_varint(&mut out, value_slots.len() as u64);
+            for (slot, vs) in &value_slots {
+                put_varint(&mut out, *slot as u64);
+                put_varint(&mut out, vs.samples.len() as u64);
+            }
+        }
         let old = self.values.len();
         for key in new {
             self.index.insert(key.clone(), self.index.len());
+        }
+        for vs in new_values {
+            self.value_index.insert(vs.key.clone(), self.value_states.len());
+            self.value_states.push(ValueState { codec: vs.codec, prev_ts: 0, prev_delta: 0, prev_raw: 0, samples: 0 });
         }
         let mut bits = BitWriter::new();
         if !all_present {
@@ -359,6 +471,9 @@ impl BlockEncoder {
                 bits.bits(v.to_bits(), 64);
                 self.values.push(first_value(v));
             }
+        }
+        for (slot, vs) in value_slots {
+            put_value_samples(&mut bits, &mut self.value_states[slot], ts, &vs.samples);
         }
         out.extend_from_slice(&bits.finish());
         self.frames += 1;
@@ -378,6 +493,62 @@ impl BlockEncoder {
     }
 }
 
+/// A value series' samples of one frame: per sample the time code, then
+/// the value code. Time: the first sample of the block as its distance
+/// from the frame's time, later ones as delta-of-delta; value: the first of
+/// the block as 64 raw bits, later ones as the change from the previous
+/// (sensor noise makes the change small, not steady).
+fn put_value_samples(w: &mut BitWriter, st: &mut ValueState, frame_ts: i64, samples: &[(i64, i64)]) {
+    for &(t, raw) in samples {
+        if st.samples == 0 {
+            put_signed(w, t.wrapping_sub(frame_ts));
+            w.bits(raw as u64, 64);
+            st.prev_delta = 0;
+        } else {
+            let d = t.wrapping_sub(st.prev_ts);
+            put_signed(w, d.wrapping_sub(st.prev_delta));
+            put_signed(w, raw.wrapping_sub(st.prev_raw));
+            st.prev_delta = d;
+        }
+        st.prev_ts = t;
+        st.prev_raw = raw;
+        st.samples += 1;
+    }
+}
+
+fn get_value_samples(
+    r: &mut BitReader,
+    st: &mut ValueState,
+    frame_ts: i64,
+    n: usize,
+    out: &mut Vec<Sample>,
+) -> Result<(), &'static str> {
+    for _ in 0..n {
+        let (t, raw) = if st.samples == 0 {
+            let t = frame_ts.checked_add(get_signed(r)?).ok_or("sample time overflows")?;
+            let raw = r.bits(64).map_err(|_| "value section bits end early")? as i64;
+            st.prev_delta = 0;
+            (t, raw)
+        } else {
+            let d = st.prev_delta.checked_add(get_signed(r)?).ok_or("sample time overflows")?;
+            if d <= 0 {
+                return Err("sample times must strictly increase");
+            }
+            let t = st.prev_ts.checked_add(d).ok_or("sample time overflows")?;
+            st.prev_delta = d;
+            (t, st.prev_raw.wrapping_add(get_signed(r)?))
+        };
+        if !st.codec.kind.valid_raw(raw) {
+            return Err("raw value out of its type's range");
+        }
+        st.prev_ts = t;
+        st.prev_raw = raw;
+        st.samples += 1;
+        out.push(Sample { timestamp_ms: t, value: st.codec.value(raw) });
+    }
+    Ok(())
+}
+
 /// Decodes the frames of one block into series with their samples.
 #[derive(Debug, Default)]
 pub struct BlockDecoder {
@@ -388,6 +559,8 @@ pub struct BlockDecoder {
     prev_delta: i64,
     frames: usize,
     keys: std::collections::HashSet<SeriesKey>,
+    value_series: Vec<Series>,
+    value_states: Vec<ValueState>,
 }
 
 fn bad(reason: &'static str) -> DecodeError {
@@ -412,7 +585,7 @@ impl BlockDecoder {
             return Err(DecodeError::Invalid(format!("more than {MAX_FRAMES} frames in a block")));
         }
         let flags = c.byte().map_err(bad)?;
-        if flags & !FLAG_ALL_PRESENT != 0 {
+        if flags & !(FLAG_ALL_PRESENT | FLAG_VALUES) != 0 {
             return Err(bad("unknown frame flags"));
         }
         let raw_ts = unzigzag(c.varint().map_err(bad)?);
@@ -434,23 +607,50 @@ impl BlockDecoder {
         }
         let old = self.series.len();
         for _ in 0..new {
-            let name = self.get_str(&mut c)?;
-            let n = c.varint().map_err(bad)? as usize;
-            if n > MAX_LABELS {
-                return Err(DecodeError::Invalid(format!("{name}: more than {MAX_LABELS} labels")));
-            }
-            let mut labels = Vec::with_capacity(n);
-            for _ in 0..n {
-                let k = self.get_str(&mut c)?;
-                let v = self.get_str(&mut c)?;
-                labels.push(Label { name: k, value: v });
-            }
-            let key = SeriesKey { name, labels };
-            key.validate().map_err(DecodeError::Invalid)?;
-            if !self.keys.insert(key.clone()) {
-                return Err(DecodeError::Invalid(format!("series {} defined twice", key.name)));
-            }
+            let key = self.get_key(&mut c)?;
             self.series.push(Series { name: key.name, labels: key.labels, samples: Vec::new() });
+        }
+        // The value section's header: new value series, then which carry
+        // how many samples.
+        let mut value_counts: Vec<(usize, usize)> = Vec::new();
+        if flags & FLAG_VALUES != 0 {
+            let new = c.varint().map_err(bad)? as usize;
+            if self.series.len() + self.value_series.len() + new > MAX_SERIES {
+                return Err(DecodeError::Invalid(format!("more than {MAX_SERIES} series in a block")));
+            }
+            for _ in 0..new {
+                let key = self.get_key(&mut c)?;
+                let code = c.byte().map_err(bad)?;
+                let kind = ValueType::from_code(code)
+                    .ok_or_else(|| DecodeError::Invalid(format!("{}: unknown value type {code}", key.name)))?;
+                let mut f = [0u8; 8];
+                f.copy_from_slice(c.bytes(8).map_err(bad)?);
+                let scale = f64::from_le_bytes(f);
+                f.copy_from_slice(c.bytes(8).map_err(bad)?);
+                let offset = f64::from_le_bytes(f);
+                let codec = ValueCodec { kind, scale, offset };
+                codec.validate().map_err(|e| DecodeError::Invalid(format!("{}: {e}", key.name)))?;
+                self.value_series.push(Series { name: key.name, labels: key.labels, samples: Vec::new() });
+                self.value_states.push(ValueState { codec, prev_ts: 0, prev_delta: 0, prev_raw: 0, samples: 0 });
+            }
+            let present = c.varint().map_err(bad)? as usize;
+            if present == 0 || present > self.value_series.len() {
+                return Err(bad("value section names no series or more than exist"));
+            }
+            for _ in 0..present {
+                let slot = c.varint().map_err(bad)? as usize;
+                if slot >= self.value_series.len() || value_counts.last().is_some_and(|(s, _)| *s >= slot) {
+                    return Err(bad("value series out of range or out of order"));
+                }
+                let n = c.varint().map_err(bad)? as usize;
+                if n == 0 || self.value_states[slot].samples + n > MAX_SAMPLES_PER_SERIES {
+                    return Err(DecodeError::Invalid(format!(
+                        "value series {}: 0 or more than {MAX_SAMPLES_PER_SERIES} samples",
+                        self.value_series[slot].name
+                    )));
+                }
+                value_counts.push((slot, n));
+            }
         }
         let mut r = BitReader::new(&frame[c.pos..]);
         let present: Vec<bool> = if flags & FLAG_ALL_PRESENT != 0 {
@@ -469,11 +669,37 @@ impl BlockDecoder {
             self.values.push(first_value(v));
             self.series[i].samples.push(Sample { timestamp_ms: ts, value: v });
         }
+        for (slot, n) in value_counts {
+            let series = &mut self.value_series[slot];
+            get_value_samples(&mut r, &mut self.value_states[slot], ts, n, &mut series.samples)
+                .map_err(|e| DecodeError::Invalid(format!("value series {}: {e}", series.name)))?;
+        }
         if r.remaining() >= 8 {
             return Err(DecodeError::Trailing(r.remaining() / 8, "frame"));
         }
         self.frames += 1;
         Ok(())
+    }
+
+    /// A new series' name and labels, checked, and not defined before.
+    fn get_key(&mut self, c: &mut Cursor) -> Result<SeriesKey, DecodeError> {
+        let name = self.get_str(c)?;
+        let n = c.varint().map_err(bad)? as usize;
+        if n > MAX_LABELS {
+            return Err(DecodeError::Invalid(format!("{name}: more than {MAX_LABELS} labels")));
+        }
+        let mut labels = Vec::with_capacity(n);
+        for _ in 0..n {
+            let k = self.get_str(c)?;
+            let v = self.get_str(c)?;
+            labels.push(Label { name: k, value: v });
+        }
+        let key = SeriesKey { name, labels };
+        key.validate().map_err(DecodeError::Invalid)?;
+        if !self.keys.insert(key.clone()) {
+            return Err(DecodeError::Invalid(format!("series {} defined twice", key.name)));
+        }
+        Ok(key)
     }
 
     fn get_str(&mut self, c: &mut Cursor) -> Result<String, DecodeError> {
@@ -494,8 +720,10 @@ impl BlockDecoder {
         self.frames
     }
 
-    /// The series decoded so far, each with its samples in time order.
-    pub fn finish(self) -> Batch {
+    /// The series decoded so far, each with its samples in time order:
+    /// the windows' series, then the process value series.
+    pub fn finish(mut self) -> Batch {
+        self.series.append(&mut self.value_series);
         Batch { series: self.series }
     }
 }
@@ -635,5 +863,133 @@ mod tests {
             }
         }
         assert!(decode_block(frames[1..].iter().map(Vec::as_slice)).is_err(), "continuation first");
+    }
+
+    fn value_series(tag: &str, kind: ValueType, samples: Vec<(i64, i64)>) -> ValueSeries {
+        ValueSeries {
+            key: key("edge_process_value", &[("tag", tag), ("unit", "bar")]),
+            codec: ValueCodec { kind, scale: 0.01, offset: -1.0 },
+            samples,
+        }
+    }
+
+    #[test]
+    fn process_values_come_back_at_their_own_times() {
+        let w = key("w_total", &[]);
+        let mut e = BlockEncoder::new();
+        let mut frames = vec![];
+        let mut want: Vec<Vec<(i64, f64)>> = vec![vec![]; ValueType::ALL.len()];
+        let mut t = 1_700_000_000_000i64;
+        for f in 0..4i64 {
+            let mut vs = vec![];
+            for (k, kind) in ValueType::ALL.into_iter().enumerate() {
+                let mut samples = vec![];
+                for i in 0..(3 + k as i64) {
+                    let bits = (f * 977 + i * 31 + k as i64).wrapping_mul(0x9e37_79b9_7f4a_7c15u64 as i64) as u64;
+                    let raw = kind.raw_of_bits(bits);
+                    samples.push((t + i * 97 + k as i64, raw));
+                }
+                let s = value_series(&format!("t{k}"), kind, samples);
+                want[k].extend(s.samples.iter().map(|(t, r)| (*t, s.codec.value(*r))));
+                // Series 0 is missing from frame 2.
+                if !(k == 0 && f == 2) {
+                    vs.push(s);
+                } else {
+                    let keep = want[k].len() - (3 + k);
+                    want[k].truncate(keep);
+                }
+            }
+            t += 10_000;
+            frames.push(e.frame_with_values(t, &[(w.clone(), f as f64)], &vs).unwrap());
+        }
+        let batch = decode_block(frames.iter().map(Vec::as_slice)).unwrap();
+        assert_eq!(batch.series.len(), 1 + ValueType::ALL.len());
+        assert_eq!(batch.series[0].samples.len(), 4);
+        for (k, s) in batch.series[1..].iter().enumerate() {
+            assert_eq!(s.labels[0].value, format!("t{k}"));
+            let got: Vec<(i64, u64)> = s.samples.iter().map(|p| (p.timestamp_ms, p.value.to_bits())).collect();
+            let want: Vec<(i64, u64)> = want[k].iter().map(|(t, v)| (*t, v.to_bits())).collect();
+            assert_eq!(got, want, "{}", ValueType::ALL[k].name());
+        }
+    }
+
+    #[test]
+    fn a_noisy_register_polled_steadily_costs_under_two_bytes_per_sample() {
+        // 1 Hz polling with a few ms of jitter, a 16-bit reading wandering
+        // by a few counts: the goal is at most 2 B per sample.
+        let mut e = BlockEncoder::new();
+        let mut seed = 7u64;
+        let mut rnd = move |n: i64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as i64 % (2 * n + 1) - n
+        };
+        let (mut bytes, mut samples, mut t, mut raw) = (0usize, 0usize, 1_000_000i64, 20_000i64);
+        let empty = e.frame_with_values(1, &[], &[]).unwrap().len();
+        for f in 0..60 {
+            let mut s = vec![];
+            for _ in 0..10 {
+                t += 1000 + rnd(3);
+                raw = (raw + rnd(4)).clamp(0, 65535);
+                s.push((t, raw));
+            }
+            let frame = e.frame_with_values(2 + f, &[], &[value_series("p", ValueType::U16, s)]).unwrap();
+            bytes += frame.len() - empty;
+            samples += 10;
+        }
+        let per = bytes as f64 / samples as f64;
+        assert!(per <= 2.0, "{per} B per sample");
+    }
+
+    #[test]
+    fn value_series_are_checked() {
+        let mut e = BlockEncoder::new();
+        let s = value_series("p", ValueType::U16, vec![(5, 1), (5, 2)]);
+        assert!(matches!(e.frame_with_values(10, &[], &[s]), Err(EncodeError::Value { .. })));
+        let s = value_series("p", ValueType::U16, vec![(5, 70_000)]);
+        assert!(matches!(e.frame_with_values(10, &[], &[s]), Err(EncodeError::Value { .. })));
+        let mut s = value_series("p", ValueType::U16, vec![(5, 1)]);
+        s.codec.scale = f64::NAN;
+        assert!(matches!(e.frame_with_values(10, &[], &[s]), Err(EncodeError::Value { .. })));
+        let s = value_series("p", ValueType::U16, vec![(5, 1)]);
+        assert!(matches!(e.frame_with_values(10, &[], &[s.clone(), s.clone()]), Err(EncodeError::Duplicate(_))));
+        assert!(matches!(
+            e.frame_with_values(10, &[(s.key.clone(), 1.0)], std::slice::from_ref(&s)),
+            Err(EncodeError::Duplicate(_))
+        ));
+        // A failed frame changed nothing: the same series still starts fresh.
+        e.frame_with_values(10, &[], std::slice::from_ref(&s)).unwrap();
+        let mut later = s.clone();
+        later.samples = vec![(4, 2)];
+        assert!(matches!(e.frame_with_values(20, &[], &[later.clone()]), Err(EncodeError::Value { .. })));
+        later.codec.offset = 1.0;
+        later.samples = vec![(6, 2)];
+        assert!(matches!(e.frame_with_values(20, &[], &[later]), Err(EncodeError::Value { .. })));
+    }
+
+    #[test]
+    fn value_sections_never_panic_the_decoder() {
+        let mut e = BlockEncoder::new();
+        let frames: Vec<Vec<u8>> = (0..3)
+            .map(|f| {
+                let s = value_series("p", ValueType::I32, vec![(f * 100 + 1, -f), (f * 100 + 50, f * 1000)]);
+                let s2 = value_series("q", ValueType::F32, vec![(f * 100 + 2, 0x3fc0_0000 + f)]);
+                e.frame_with_values(f * 100 + 90, &[(key("m", &[]), 1.0)], &[s, s2]).unwrap()
+            })
+            .collect();
+        decode_block(frames.iter().map(Vec::as_slice)).unwrap();
+        for f in 0..frames.len() {
+            for cut in 0..frames[f].len() {
+                let mut fs = frames.clone();
+                fs[f].truncate(cut);
+                assert!(decode_block(fs.iter().map(Vec::as_slice)).is_err() || cut + 1 >= frames[f].len());
+            }
+            for byte in 0..frames[f].len() {
+                for bit in 0..8 {
+                    let mut fs = frames.clone();
+                    fs[f][byte] ^= 1 << bit;
+                    let _ = decode_block(fs.iter().map(Vec::as_slice));
+                }
+            }
+        }
     }
 }

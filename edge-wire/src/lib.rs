@@ -18,8 +18,10 @@ pub mod block;
 pub mod throttle;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod values;
 
 pub use block::{BlockDecoder, BlockEncoder, EncodeError, SeriesKey};
+pub use values::{ValueCodec, ValueSeries, ValueType};
 
 use serde::{Deserialize, Serialize};
 

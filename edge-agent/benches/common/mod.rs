@@ -96,7 +96,11 @@ pub fn windows(n: usize, t0: i64) -> Vec<Window> {
             }
             // Timer jitter of a few ms, as a real window loop has.
             let ts = t0 + w as i64 * WINDOW_MS + (rng.next() % 5) as i64;
-            Window { timestamp_ms: ts, samples: m.iter().zip(&state).map(|((k, _), v)| (k.clone(), *v)).collect() }
+            Window {
+                timestamp_ms: ts,
+                samples: m.iter().zip(&state).map(|((k, _), v)| (k.clone(), *v)).collect(),
+                values: Vec::new(),
+            }
         })
         .collect()
 }

@@ -157,7 +157,8 @@ impl Probes {
             // The TCP probe's port classes, for TCP payload bytes: counted
             // only when the TCP probe runs (the window labels them with its
             // classes).
-            match ProtocolsProbe::attach(&cfg.probes.protocols, tcp.as_ref().map(TcpLifecycleProbe::classes)) {
+            let tags = cfg.tag_map().unwrap_or_default();
+            match ProtocolsProbe::attach(&cfg.probes.protocols, tcp.as_ref().map(TcpLifecycleProbe::classes), &tags) {
                 Ok(p) => {
                     tracing::info!(cgroup = %p.cgroup.display(), "protocol probe attached");
                     states.push((protocols::PROBE, ProbeState::Attached));

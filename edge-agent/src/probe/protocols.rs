@@ -2,7 +2,7 @@
 //! attaches the two cgroup_skb programs to the cgroup v2 root, and reads
 //! the counts (an mmapped array of u64 cells) once per window.
 
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::{Ebpf, EbpfLoader};
 use std::path::PathBuf;
@@ -30,7 +30,12 @@ const CELL_FN: usize = 32;
 const CELL_EXC: usize = CELL_FN + SIDES * FUNCTIONS * FN_CELLS;
 const CELL_UNMATCHED: usize = CELL_EXC + SIDES * FUNCTIONS * EXC_CODES;
 const CELL_ABANDONED: usize = CELL_UNMATCHED + SIDES;
-const CELLS: usize = CELL_ABANDONED + SIDES;
+const CELL_VALUE_LOST: usize = CELL_ABANDONED + SIDES;
+const CELL_VALUE_BAD: usize = CELL_VALUE_LOST + 1;
+/// Kernel-side refusals of value capture (IPP_BAD_*), in order.
+pub const VALUE_BADS: [crate::values::Refusal; 3] =
+    [crate::values::Refusal::Length, crate::values::Refusal::Partial, crate::values::Refusal::CoilValue];
+const CELLS: usize = CELL_VALUE_BAD + VALUE_BADS.len();
 /// TCP port classes (the TCP probe's CLASSES) and byte slots per flow.
 pub const CLASSES: usize = 16;
 const BYTE_SLOTS: usize = 2 * CLASSES;
@@ -123,6 +128,87 @@ pub struct ProtocolReading {
     /// TCP payload bytes [sent, received] by the TCP probe's port class
     /// (with the TCP probe on).
     pub tcp_bytes: Option<[[u64; CLASSES]; 2]>,
+    /// Value events lost to a full ring, and ADUs with mapped registers
+    /// refused in the kernel (VALUE_BADS order).
+    pub values_lost: u64,
+    pub values_bad: [u64; 3],
+}
+
+/// One value event of the kernel (struct ipp_value), borrowed from the ring.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValueEvent<'a> {
+    /// CLOCK_MONOTONIC, ns.
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub server: [u8; 16],
+    pub server_port: u16,
+    pub tid: u16,
+    pub start: u16,
+    pub quantity: u16,
+    pub kind: u8,
+    pub unit: u8,
+    pub function: u8,
+    pub side: u8,
+    pub data: &'a [u8],
+    pub mask: &'a [u8],
+}
+
+/// IPP_VALUE_*.
+pub const VALUE_READ: u8 = 0;
+pub const VALUE_WRITE: u8 = 1;
+pub const VALUE_WRITE_OK: u8 = 2;
+pub const VALUE_WRITE_FAILED: u8 = 3;
+/// IPP_VALUE_DATA (data bytes used at most), and struct ipp_value's
+/// layout: a 48-byte header, then data and mask of 256 bytes each.
+pub const VALUE_DATA: usize = 252;
+const VALUE_ARRAY: usize = 256;
+const VALUE_MASK_AT: usize = 48 + VALUE_ARRAY;
+pub const VALUE_EVENT_BYTES: usize = VALUE_MASK_AT + VALUE_ARRAY;
+/// Entries of ipp_tags (its max_entries).
+pub const MAX_TAG_CHUNKS: usize = 4096;
+
+impl<'a> ValueEvent<'a> {
+    pub fn parse(b: &'a [u8]) -> Option<ValueEvent<'a>> {
+        if b.len() < VALUE_EVENT_BYTES {
+            return None;
+        }
+        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        let u64_at = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap_or_default());
+        let len = usize::from(b[44]).min(VALUE_DATA);
+        let mut server = [0u8; 16];
+        server.copy_from_slice(&b[16..32]);
+        Some(ValueEvent {
+            ts_ns: u64_at(0),
+            cookie: u64_at(8),
+            server,
+            server_port: u16_at(32),
+            tid: u16_at(34),
+            start: u16_at(36),
+            quantity: u16_at(38),
+            kind: b[40],
+            unit: b[41],
+            function: b[42],
+            side: b[43],
+            data: &b[48..48 + len],
+            mask: &b[VALUE_MASK_AT..VALUE_MASK_AT + usize::from(u16_at(38)).div_ceil(8).min(VALUE_ARRAY)],
+        })
+    }
+}
+
+/// The kernel's tag filter: per (side, unit, table, address / 64) the
+/// mapped addresses' bits, for the Modbus/TCP tags.
+pub fn tag_chunks(map: &crate::values::tags::TagMap) -> std::collections::BTreeMap<[u8; 8], u64> {
+    use crate::values::tags::Source;
+    let mut out = std::collections::BTreeMap::new();
+    for t in map.tcp() {
+        let Source::Tcp { side, .. } = t.source else { continue };
+        for a in u32::from(t.address)..u32::from(t.address) + u32::from(t.width()) {
+            let chunk = (a >> 6).to_ne_bytes();
+            let key = [side, t.unit_id, t.table as u8, 0, chunk[0], chunk[1], chunk[2], chunk[3]];
+            *out.entry(key).or_insert(0u64) |= 1 << (a & 63);
+        }
+    }
+    out
 }
 
 /// The mmapped cells, read-only for the agent.
@@ -145,6 +231,8 @@ impl Cells {
 
 pub struct ProtocolsProbe {
     cells: Cells,
+    /// The value events (with Modbus/TCP tags).
+    values: Option<RingBuf<MapData>>,
     bytes: Option<PerCpuArray<MapData, u64>>,
     /// Where the programs are attached, for the logs and `edge-agent probes`.
     pub cgroup: PathBuf,
@@ -220,7 +308,11 @@ impl ProtocolsProbe {
     /// Loads both programs with the port table and attaches them to the
     /// configured cgroup (default: the v2 root, i.e. every socket). With
     /// the TCP probe's `classes`, they count TCP payload bytes by class too.
-    pub fn attach(cfg: &ProtocolsConfig, classes: Option<&PortClasses>) -> Result<Self, ProbeError> {
+    pub fn attach(
+        cfg: &ProtocolsConfig,
+        classes: Option<&PortClasses>,
+        tags: &crate::values::tags::TagMap,
+    ) -> Result<Self, ProbeError> {
         let cgroup = match &cfg.cgroup {
             Some(p) => p.clone(),
             None => cgroup2_root()?,
@@ -239,7 +331,25 @@ impl ProtocolsProbe {
         loader.override_global("ipp_port_class", class_table.as_ref(), true);
         let count_bytes = u32::from(classes.is_some());
         loader.override_global("ipp_count_bytes", &count_bytes, true);
+        let chunks = tag_chunks(tags);
+        if chunks.len() > MAX_TAG_CHUNKS {
+            return Err(ProbeError::Load(format!(
+                "the Modbus/TCP tags span {} blocks of 64 addresses, at most {MAX_TAG_CHUNKS}",
+                chunks.len()
+            )));
+        }
+        let capture = u32::from(!chunks.is_empty());
+        loader.override_global("ipp_capture", &capture, true);
         let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
+        if capture == 1 {
+            let mut filter: BpfHashMap<_, [u8; 8], u64> = BpfHashMap::try_from(
+                ebpf.map_mut("ipp_tags").ok_or_else(|| ProbeError::Load("map ipp_tags missing".into()))?,
+            )
+            .map_err(|e| ProbeError::Load(e.to_string()))?;
+            for (k, bits) in &chunks {
+                filter.insert(k, bits, 0).map_err(|e| ProbeError::Load(format!("ipp_tags: {e}")))?;
+            }
+        }
         for (name, attach_type) in PROGRAMS {
             let prog: &mut CgroupSkb = ebpf
                 .program_mut(name)
@@ -266,7 +376,33 @@ impl ProtocolsProbe {
             (Some(_), Some(m)) => Some(PerCpuArray::try_from(m).map_err(|e| ProbeError::Load(e.to_string()))?),
             (Some(_), None) => return Err(ProbeError::Load("map ipp_bytes missing".into())),
         };
-        Ok(ProtocolsProbe { cells, bytes, cgroup, _cells_map: cells_map, ebpf })
+        let values = match capture {
+            0 => None,
+            _ => Some(
+                RingBuf::try_from(
+                    ebpf.take_map("ipp_values").ok_or_else(|| ProbeError::Load("map ipp_values missing".into()))?,
+                )
+                .map_err(|e| ProbeError::Load(e.to_string()))?,
+            ),
+        };
+        Ok(ProtocolsProbe { cells, values, bytes, cgroup, _cells_map: cells_map, ebpf })
+    }
+
+    /// A descriptor that is readable when value events wait (None without
+    /// Modbus/TCP tags).
+    pub fn values_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.values.as_ref().and_then(|r| r.as_fd().try_clone_to_owned().ok())
+    }
+
+    /// Hands every waiting value event to `f`.
+    pub fn drain_values(&mut self, mut f: impl FnMut(&ValueEvent)) {
+        let Some(ring) = self.values.as_mut() else { return };
+        while let Some(item) = ring.next() {
+            if let Some(ev) = ValueEvent::parse(&item) {
+                f(&ev);
+            }
+        }
     }
 
     /// Run statistics of both programs together.
@@ -327,6 +463,10 @@ pub fn read_cells(get: impl Fn(usize) -> u64) -> ProtocolReading {
         r.unmatched[side] = get(CELL_UNMATCHED + side);
         r.abandoned[side] = get(CELL_ABANDONED + side);
     }
+    r.values_lost = get(CELL_VALUE_LOST);
+    for (i, v) in r.values_bad.iter_mut().enumerate() {
+        *v = get(CELL_VALUE_BAD + i);
+    }
     r
 }
 
@@ -360,6 +500,21 @@ mod tests {
             ("IPP_CELL_UNMATCHED", CELL_UNMATCHED),
             ("IPP_CELL_ABANDONED", CELL_ABANDONED),
             ("IPP_CELLS", CELLS),
+            ("IPP_CELL_VALUE_LOST", CELL_VALUE_LOST),
+            ("IPP_CELL_VALUE_BAD", CELL_VALUE_BAD),
+            ("IPP_BADS", VALUE_BADS.len()),
+            ("IPP_BAD_LENGTH", 0),
+            ("IPP_BAD_PARTIAL", 1),
+            ("IPP_BAD_VALUE", 2),
+            ("IPP_VALUE_DATA", VALUE_DATA),
+            ("IPP_VALUE_READ", VALUE_READ as usize),
+            ("IPP_VALUE_WRITE", VALUE_WRITE as usize),
+            ("IPP_VALUE_WRITE_OK", VALUE_WRITE_OK as usize),
+            ("IPP_VALUE_WRITE_FAILED", VALUE_WRITE_FAILED as usize),
+            ("IPP_TABLE_COIL", crate::values::tags::Table::Coil as usize),
+            ("IPP_TABLE_DISCRETE_INPUT", crate::values::tags::Table::DiscreteInput as usize),
+            ("IPP_TABLE_HOLDING", crate::values::tags::Table::Holding as usize),
+            ("IPP_TABLE_INPUT", crate::values::tags::Table::Input as usize),
             ("IPP_PROTO_MODBUS", 1),
             ("IPP_PROTO_MQTT", 2),
             ("IPP_PROTO_OPCUA", 3),

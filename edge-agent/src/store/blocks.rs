@@ -9,11 +9,13 @@ use super::record::FLAG_BLOCK_START;
 use super::{Store, StoreError};
 use edge_wire::{BlockEncoder, EncodeError, SeriesKey};
 
-/// One window's samples, all taken at `timestamp_ms`.
+/// One window's samples, all taken at `timestamp_ms`, and the process
+/// values captured during it, each at its own time.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Window {
     pub timestamp_ms: i64,
     pub samples: Vec<(SeriesKey, f64)>,
+    pub values: Vec<edge_wire::ValueSeries>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,16 +56,16 @@ impl BlockWriter {
         if store.take_block_start_request() || self.enc.frames() >= self.max_frames || self.bytes >= self.max_bytes {
             self.restart();
         }
-        let mut frame = match self.enc.frame(w.timestamp_ms, &w.samples) {
+        let mut frame = match self.enc.frame_with_values(w.timestamp_ms, &w.samples, &w.values) {
             Err(EncodeError::Full) if self.enc.frames() > 0 => {
                 self.restart();
-                self.enc.frame(w.timestamp_ms, &w.samples)?
+                self.enc.frame_with_values(w.timestamp_ms, &w.samples, &w.values)?
             }
             other => other?,
         };
         if self.enc.frames() > 1 && store.would_start_segment(frame.len()) {
             self.restart();
-            frame = self.enc.frame(w.timestamp_ms, &w.samples)?;
+            frame = self.enc.frame_with_values(w.timestamp_ms, &w.samples, &w.values)?;
         }
         let flags = if self.enc.frames() == 1 { FLAG_BLOCK_START } else { 0 };
         match store.append_flagged(&frame, w.timestamp_ms, flags) {
@@ -92,6 +94,7 @@ mod tests {
             samples: (0..n)
                 .map(|i| (SeriesKey::new("m_total", vec![Label::new("i", i.to_string())]), (ts / 10) as f64))
                 .collect(),
+            values: Vec::new(),
         }
     }
 

@@ -1,0 +1,423 @@
+//! A simulated PLC serving a pump (e2e::pump) over Modbus/TCP, polled by an
+//! HMI-like client in the same process, for the process-value tests and the
+//! demo. The Modbus encoding on both ends is rmodbus's, not the agent's.
+//!
+//! ```text
+//! pump_sim [--port P] [--hz H] [--unit U] [--seed S] [--log FILE]
+//!          [--seconds N] [--fault KIND:FROM_S:TO_S]... [--no-poll]
+//! ```
+//!
+//! Prints `listening <port>` once the server accepts connections. The HMI
+//! polls every 1/H s: input registers 0..16 (measurements and unmapped
+//! diagnostics, one request), holding registers 0..16, coils 0..8 and
+//! discrete inputs 0..8; every 10th poll it writes the speed setpoint (fn
+//! 6), the pressure limit (fn 16) and the run coil (fn 5), every 25th
+//! coils 0..4 (fn 15). With `--log`, every value it read or wrote (and the
+//! server accepted) is a JSON line `{"t": ms, "tag": name, "value": v,
+//! "bits": the f64's bits}`, the
+//! value computed as the tag map does (number × scale + offset), and every
+//! second a line `{"t": ms, "labels": [...]}` with the faults active.
+
+use e2e::pump::{self, map, Fault, FaultKind, Pump};
+use rmodbus::client::ModbusRequest;
+use rmodbus::server::context::ModbusContext;
+use rmodbus::server::storage::ModbusStorageFull;
+use rmodbus::server::ModbusFrame;
+use rmodbus::ModbusProto;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+type Storage = Arc<Mutex<ModbusStorageFull>>;
+
+/// A tag as the simulator knows it (configs/tags/pump.toml must agree: a
+/// test compares them).
+pub struct SimTag {
+    pub name: &'static str,
+    pub table: &'static str,
+    pub address: u16,
+    pub kind: &'static str,
+    pub order: &'static str,
+    pub scale: f64,
+}
+
+const TAGS: &[SimTag] = &[
+    SimTag { name: "vibration_rms", table: "input", address: map::VIBRATION, kind: "u16", order: "ABCD", scale: 0.01 },
+    SimTag { name: "motor_current", table: "input", address: map::CURRENT, kind: "i16", order: "ABCD", scale: 0.1 },
+    SimTag {
+        name: "discharge_pressure",
+        table: "input",
+        address: map::PRESSURE,
+        kind: "f32",
+        order: "ABCD",
+        scale: 1.0,
+    },
+    SimTag {
+        name: "bearing_temperature",
+        table: "input",
+        address: map::TEMPERATURE,
+        kind: "f32",
+        order: "CDAB",
+        scale: 1.0,
+    },
+    SimTag { name: "flow", table: "input", address: map::FLOW, kind: "u32", order: "BADC", scale: 0.001 },
+    SimTag { name: "motor_power", table: "input", address: map::POWER, kind: "i32", order: "DCBA", scale: 1.0 },
+    SimTag {
+        name: "speed_setpoint",
+        table: "holding",
+        address: map::SPEED_SETPOINT,
+        kind: "u16",
+        order: "ABCD",
+        scale: 1.0,
+    },
+    SimTag {
+        name: "pressure_limit",
+        table: "holding",
+        address: map::PRESSURE_LIMIT,
+        kind: "f32",
+        order: "BADC",
+        scale: 1.0,
+    },
+    SimTag { name: "run_seconds", table: "holding", address: map::RUN_SECONDS, kind: "u64", order: "ABCD", scale: 1.0 },
+    SimTag { name: "efficiency", table: "holding", address: map::EFFICIENCY, kind: "f64", order: "CDAB", scale: 1.0 },
+    SimTag {
+        name: "energy_delta",
+        table: "holding",
+        address: map::ENERGY_DELTA,
+        kind: "i64",
+        order: "DCBA",
+        scale: 1.0,
+    },
+    SimTag { name: "pump_run", table: "coil", address: map::RUN, kind: "bool", order: "ABCD", scale: 1.0 },
+    SimTag {
+        name: "motor_ready",
+        table: "discrete_input",
+        address: map::MOTOR_READY,
+        kind: "bool",
+        order: "ABCD",
+        scale: 1.0,
+    },
+];
+
+/// The value a tag's registers (address order) stand for, decoded here
+/// with the simulator's own code: number × scale + offset (0).
+fn decode(t: &SimTag, regs: &[u16]) -> f64 {
+    let n = match t.kind {
+        "u16" | "i16" | "bool" => 1,
+        "u32" | "i32" | "f32" => 2,
+        _ => 4,
+    };
+    let mut words = regs[..n].to_vec();
+    if t.order == "BADC" || t.order == "DCBA" {
+        for w in &mut words {
+            *w = w.swap_bytes();
+        }
+    }
+    if t.order == "CDAB" || t.order == "DCBA" {
+        words.reverse();
+    }
+    let bits = words.iter().fold(0u64, |a, w| a << 16 | u64::from(*w));
+    let number = match t.kind {
+        "bool" => (bits != 0) as u8 as f64,
+        "u16" => bits as u16 as f64,
+        "i16" => bits as u16 as i16 as f64,
+        "u32" => bits as u32 as f64,
+        "i32" => bits as u32 as i32 as f64,
+        "u64" => bits as f64,
+        "i64" => bits as i64 as f64,
+        "f32" => f64::from(f32::from_bits(bits as u32)),
+        _ => f64::from_bits(bits),
+    };
+    if t.scale == 1.0 {
+        number
+    } else {
+        number * t.scale + 0.0
+    }
+}
+
+fn now_ms() -> i64 {
+    e2e::now_ms()
+}
+
+struct Args {
+    port: u16,
+    hz: f64,
+    unit: u8,
+    seed: u64,
+    log: Option<String>,
+    seconds: Option<f64>,
+    faults: Vec<Fault>,
+    poll: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args { port: 0, hz: 1.0, unit: 1, seed: 1, log: None, seconds: None, faults: vec![], poll: true };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--port" => a.port = v().parse().expect("--port"),
+            "--hz" => a.hz = v().parse().expect("--hz"),
+            "--unit" => a.unit = v().parse().expect("--unit"),
+            "--seed" => a.seed = v().parse().expect("--seed"),
+            "--log" => a.log = Some(v()),
+            "--seconds" => a.seconds = Some(v().parse().expect("--seconds")),
+            "--fault" => {
+                let s = v();
+                let p: Vec<&str> = s.split(':').collect();
+                let kind = FaultKind::from_name(p[0]).unwrap_or_else(|| panic!("unknown fault {}", p[0]));
+                a.faults.push(Fault { kind, from_s: p[1].parse().expect("from"), to_s: p[2].parse().expect("to") });
+            }
+            "--no-poll" => a.poll = false,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn main() {
+    let a = args();
+    let storage: Storage = Arc::default();
+    let mut pump = Pump::new(a.seed);
+    pump.faults = a.faults.clone();
+    let pump = Arc::new(Mutex::new(pump));
+    update(&storage, &mut pump.lock().unwrap(), 0.0);
+    let listener = TcpListener::bind(("127.0.0.1", a.port)).expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    {
+        let storage = storage.clone();
+        let unit = a.unit;
+        std::thread::spawn(move || {
+            for c in listener.incoming().flatten() {
+                let storage = storage.clone();
+                std::thread::spawn(move || serve(c, unit, storage));
+            }
+        });
+    }
+    // The process at 10 Hz.
+    {
+        let (storage, pump) = (storage.clone(), pump.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut ticks = 0u64;
+            loop {
+                ticks += 1;
+                let at = start + Duration::from_millis(100 * ticks);
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                update(&storage, &mut pump.lock().unwrap(), 0.1);
+            }
+        });
+    }
+    println!("listening {port}");
+    std::io::stdout().flush().ok();
+    let log = a.log.as_ref().map(|p| Mutex::new(std::fs::File::create(p).expect("log file")));
+    let stop = a.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    if !a.poll {
+        loop {
+            if stop.is_some_and(|s| Instant::now() >= s) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let mut hmi = Hmi { stream: None, port, unit: a.unit, tid: 0, log, pump: pump.clone(), polls: 0 };
+    let period = Duration::from_secs_f64(1.0 / a.hz);
+    let start = Instant::now();
+    let mut last_label = 0i64;
+    loop {
+        if stop.is_some_and(|s| Instant::now() >= s) {
+            return;
+        }
+        if let Err(e) = hmi.poll() {
+            eprintln!("pump_sim: poll: {e}");
+            hmi.stream = None;
+        }
+        let t = now_ms();
+        if t - last_label >= 1000 {
+            last_label = t;
+            let labels = pump.lock().unwrap().labels();
+            hmi.line(&format!("{{\"t\":{t},\"labels\":{labels:?}}}"));
+        }
+        hmi.polls += 1;
+        let at = start + period.mul_f64(hmi.polls as f64);
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// The process model's sensors into the PLC's registers.
+fn update(storage: &Storage, pump: &mut Pump, dt: f64) {
+    let mut s = storage.lock().unwrap();
+    // What the HMI wrote drives the process.
+    pump.speed_rpm = f64::from(s.get_holding(map::SPEED_SETPOINT).unwrap_or(1450)).clamp(0.0, 3000.0);
+    if pump.speed_rpm == 0.0 {
+        pump.speed_rpm = 1450.0;
+    }
+    pump.running = s.get_coil(map::RUN).unwrap_or(true) || pump.t_s < 1.0;
+    let r = pump.step(dt);
+    let diag = pump.diagnostics();
+    let inputs = pump::input_registers(&r, diag);
+    s.set_inputs_bulk(0, &inputs).unwrap();
+    let mut h = [0u16; 12];
+    pump::put64(&mut h, 0, pump.run_seconds(), "ABCD");
+    pump::put64(&mut h, 4, r.efficiency.to_bits(), "CDAB");
+    pump::put64(&mut h, 8, pump.energy_delta() as u64, "DCBA");
+    s.set_holdings_bulk(map::RUN_SECONDS, &h).unwrap();
+    if s.get_holding(map::SPEED_SETPOINT).unwrap_or(0) == 0 {
+        s.set_holding(map::SPEED_SETPOINT, 1450).unwrap();
+        let mut l = [0u16; 2];
+        pump::put32(&mut l, 0, pump.pressure_limit.to_bits(), "BADC");
+        s.set_holdings_bulk(map::PRESSURE_LIMIT, &l).unwrap();
+        s.set_coil(map::RUN, true).unwrap();
+    }
+    s.set_discrete(map::MOTOR_READY, r.current_a > 1.0).unwrap();
+    // Unmapped coils and discrete inputs toggle.
+    for b in 1..map::BITS {
+        s.set_discrete(b, (pump.t_s as u64 + u64::from(b)).is_multiple_of(3)).unwrap();
+    }
+}
+
+fn read_adu(c: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut h = [0u8; 6];
+    c.read_exact(&mut h)?;
+    let len = usize::from(u16::from_be_bytes([h[4], h[5]]));
+    let mut adu = h.to_vec();
+    adu.resize(6 + len, 0);
+    c.read_exact(&mut adu[6..])?;
+    Ok(adu)
+}
+
+fn serve(mut c: TcpStream, unit: u8, storage: Storage) {
+    c.set_nodelay(true).ok();
+    while let Ok(adu) = read_adu(&mut c) {
+        let mut buf = [0u8; 256];
+        buf[..adu.len().min(256)].copy_from_slice(&adu[..adu.len().min(256)]);
+        let mut response = Vec::new();
+        let mut frame = ModbusFrame::new(unit, &buf, ModbusProto::TcpUdp, &mut response);
+        if frame.parse().is_err() {
+            return;
+        }
+        if frame.processing_required {
+            let r = if frame.readonly {
+                frame.process_read(&*storage.lock().unwrap())
+            } else {
+                frame.process_write(&mut *storage.lock().unwrap())
+            };
+            if r.is_err() {
+                return;
+            }
+        }
+        if frame.response_required && (frame.finalize_response().is_err() || c.write_all(&response).is_err()) {
+            return;
+        }
+    }
+}
+
+struct Hmi {
+    stream: Option<TcpStream>,
+    port: u16,
+    unit: u8,
+    tid: u16,
+    log: Option<Mutex<std::fs::File>>,
+    pump: Arc<Mutex<Pump>>,
+    polls: u64,
+}
+
+impl Hmi {
+    fn line(&self, s: &str) {
+        if let Some(f) = &self.log {
+            let mut f = f.lock().unwrap();
+            writeln!(f, "{s}").ok();
+            f.flush().ok();
+        }
+    }
+
+    fn value(&self, t: i64, tag: &str, v: f64) {
+        // JSON has no NaN: the pump never makes one. The bits too: JSON
+        // readers may round a decimal by an ulp.
+        self.line(&format!("{{\"t\":{t},\"tag\":\"{tag}\",\"value\":{v:?},\"bits\":{}}}", v.to_bits()));
+    }
+
+    /// One request and its reply; the reply and the time it arrived.
+    fn call(
+        &mut self,
+        gen: impl FnOnce(&mut ModbusRequest, &mut Vec<u8>),
+    ) -> std::io::Result<(ModbusRequest, Vec<u8>, i64, i64)> {
+        if self.stream.is_none() {
+            let s = TcpStream::connect(("127.0.0.1", self.port))?;
+            s.set_nodelay(true).ok();
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            self.stream = Some(s);
+        }
+        self.tid = self.tid.wrapping_add(1);
+        let mut req = ModbusRequest::new_tcp_udp(self.unit, self.tid);
+        let mut out = Vec::new();
+        gen(&mut req, &mut out);
+        let c = self.stream.as_mut().expect("connected");
+        let sent = now_ms();
+        c.write_all(&out)?;
+        let reply = read_adu(c)?;
+        Ok((req, reply, sent, now_ms()))
+    }
+
+    fn poll(&mut self) -> std::io::Result<()> {
+        let bad = |e: rmodbus::ErrorKind| std::io::Error::other(format!("{e:?}"));
+        let (req, reply, _, t) = self.call(|r, o| r.generate_get_inputs(0, map::INPUTS, o).unwrap())?;
+        let mut regs = Vec::new();
+        req.parse_u16(&reply, &mut regs).map_err(bad)?;
+        self.log_registers("input", t, &regs);
+        let (req, reply, _, t) = self.call(|r, o| r.generate_get_holdings(0, map::HOLDINGS, o).unwrap())?;
+        let mut regs = Vec::new();
+        req.parse_u16(&reply, &mut regs).map_err(bad)?;
+        self.log_registers("holding", t, &regs);
+        for (table, f) in [("coil", 1u8), ("discrete_input", 2)] {
+            let (req, reply, _, t) = self.call(|r, o| {
+                if f == 1 {
+                    r.generate_get_coils(0, map::BITS, o).unwrap()
+                } else {
+                    r.generate_get_discretes(0, map::BITS, o).unwrap()
+                }
+            })?;
+            let mut bits = Vec::new();
+            req.parse_bool(&reply, &mut bits).map_err(bad)?;
+            let regs: Vec<u16> = bits.iter().map(|b| u16::from(*b)).collect();
+            self.log_registers(table, t, &regs);
+        }
+        // A tag read and then written in the same millisecond would have
+        // two values at one time: the writes come a few ms after the reads.
+        if self.polls.is_multiple_of(10) || self.polls % 25 == 12 {
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        if self.polls.is_multiple_of(10) {
+            let speed = 1400 + (self.polls / 10 % 7) as u16 * 25;
+            let (req, reply, sent, _) =
+                self.call(|r, o| r.generate_set_holding(map::SPEED_SETPOINT, speed, o).unwrap())?;
+            req.parse_ok(&reply).map_err(bad)?;
+            self.value(sent, "speed_setpoint", f64::from(speed));
+            let limit = 8.0f32 + (self.polls / 10 % 5) as f32 * 0.25;
+            let words = pump::order_words(u64::from(limit.to_bits()), 2, "BADC");
+            let (req, reply, sent, _) =
+                self.call(|r, o| r.generate_set_holdings_bulk(map::PRESSURE_LIMIT, &words, o).unwrap())?;
+            req.parse_ok(&reply).map_err(bad)?;
+            self.value(sent, "pressure_limit", f64::from(limit));
+            let (req, reply, sent, _) = self.call(|r, o| r.generate_set_coil(map::RUN, true, o).unwrap())?;
+            req.parse_ok(&reply).map_err(bad)?;
+            self.value(sent, "pump_run", 1.0);
+        }
+        if self.polls % 25 == 12 {
+            let coils = [true, self.polls.is_multiple_of(2), true, false];
+            let (req, reply, sent, _) = self.call(|r, o| r.generate_set_coils_bulk(0, &coils, o).unwrap())?;
+            req.parse_ok(&reply).map_err(bad)?;
+            self.value(sent, "pump_run", 1.0);
+        }
+        let _ = &self.pump;
+        Ok(())
+    }
+
+    fn log_registers(&self, table: &str, t: i64, regs: &[u16]) {
+        for tag in TAGS.iter().filter(|tag| tag.table == table) {
+            let v = decode(tag, &regs[tag.address as usize..]);
+            self.value(t, tag.name, v);
+        }
+    }
+}
