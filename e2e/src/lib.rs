@@ -791,6 +791,31 @@ pub fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
+/// A pseudo-terminal pair in raw mode (no echo, no line editing, 8 bits):
+/// the master side as a file, and the slave side's path (a serial line as
+/// a process sees it). The slave is held open by a leaked descriptor so the
+/// line never reads as hung up.
+pub fn pty_pair() -> std::io::Result<(std::fs::File, String)> {
+    use std::os::fd::FromRawFd;
+    let check = |rc: i32| if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) };
+    // SAFETY: plain libc calls on descriptors this process owns; the
+    // master descriptor is handed to the File exactly once.
+    unsafe {
+        let master = check(libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY))?;
+        check(libc::grantpt(master))?;
+        check(libc::unlockpt(master))?;
+        let mut name = [0 as libc::c_char; 64];
+        check(libc::ptsname_r(master, name.as_mut_ptr(), name.len()))?;
+        let path = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
+        let slave = check(libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY))?;
+        let mut t: libc::termios = std::mem::zeroed();
+        check(libc::tcgetattr(slave, &mut t))?;
+        libc::cfmakeraw(&mut t);
+        check(libc::tcsetattr(slave, libc::TCSANOW, &t))?;
+        Ok((std::fs::File::from_raw_fd(master), path))
+    }
+}
+
 /// The Modbus RTU frame check (CRC-16, polynomial 0xA001, initial 0xFFFF),
 /// sent low byte first.
 pub fn modbus_crc16(data: &[u8]) -> u16 {

@@ -1,18 +1,22 @@
 //! Process values end to end (docs/process-values.md): a simulated PLC
-//! serving a pump over Modbus/TCP (`pump_sim`, rmodbus on both ends),
-//! polled by its HMI at 10 Hz on this box; the agent captures every value
-//! of the shipped tag map (configs/tags/pump.toml) from the wire with the
-//! protocol probe; store -> MQTT -> fleet-bridge -> Prometheus. Every value
-//! the HMI read or wrote lands, exactly, at its own time; nothing else.
+//! serving a pump over Modbus/TCP and Modbus RTU on a pseudo-terminal
+//! (`pump_sim`, rmodbus on both ends), polled by its HMI at 10 Hz on this
+//! box; the agent captures every value of the shipped tag map
+//! (configs/tags/pump.toml) from the wire (the protocol probe) and from the
+//! serial line's bytes (the device probe); store -> MQTT -> fleet-bridge ->
+//! Prometheus. Every value the HMI read or wrote lands, exactly, at its own
+//! time; nothing else.
 
 use e2e::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// The shipped tag map with every tag on the simulator's port.
-fn tags_on(port: u16) -> String {
+/// The shipped tag map with every TCP tag on the simulator's port and
+/// every RTU tag on its serial line.
+fn tags_on(port: u16, serial: &std::path::Path) -> String {
     let text = std::fs::read_to_string(repo_dir().join("configs/tags/pump.toml")).expect("configs/tags/pump.toml");
     text.replace("source = \"modbus_tcp\"", &format!("source = \"modbus_tcp\"\nport = {port}"))
+        .replace("/run/pump-sim/ttyPLC", &serial.display().to_string())
 }
 
 /// The simulator's log: per tag, (time ms, value) in order.
@@ -39,7 +43,13 @@ fn every_value_the_hmi_read_or_wrote_lands_exactly_at_its_time() {
     let prom = Prom::start(&dir);
     let (mut bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
     let port = free_port();
-    let extra = format!("[probes.protocols]\nmodbus_ports = [{port}]\n{}", tags_on(port));
+    let serial = dir.join("ttyPLC");
+    // The device probe watches nothing else: it attaches when the line
+    // appears.
+    let extra = format!(
+        "[probes.protocols]\nmodbus_ports = [{port}]\n[probes.devices]\nwatch = []\nrescan_secs = 1\n{}",
+        tags_on(port, &serial)
+    );
     let mut agent = Agent::start(
         &dir,
         &AgentSetup { broker: Some(&broker), window_ms: 1000, ..AgentSetup::offline(&device, &extra) },
@@ -51,20 +61,36 @@ fn every_value_the_hmi_read_or_wrote_lands_exactly_at_its_time() {
             other => Err(format!("{other:?}")),
         }
     });
-    assert_eq!(agent.metric("edge_agent_value_tags"), Some(13.0));
+    assert_eq!(agent.metric("edge_agent_value_tags"), Some(26.0));
 
-    // The PLC and its HMI, for 8 s at 10 Hz, started after the probe
-    // attached: everything they exchange is on the wire while it watches.
+    // The PLC and its HMI, for 8 s at 10 Hz, started after the protocol
+    // probe attached: everything they exchange on TCP is on the wire while
+    // it watches. The serial line appears with the simulator: the HMI
+    // waits until the device probe watches it (--wait-watched).
     let log = dir.join("pump.log");
-    let sim = std::process::Command::new(bin_dir().join("pump_sim"))
+    let mut sim = std::process::Command::new(bin_dir().join("pump_sim"))
         .args(["--port", &port.to_string(), "--hz", "10", "--seconds", "8", "--seed", "7"])
         .arg("--log")
         .arg(&log)
-        .output()
+        .arg("--rtu")
+        .arg(&serial)
+        .arg("--wait-file")
+        .arg(dir.join("go"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
         .expect("pump_sim");
-    assert!(sim.status.success(), "pump_sim: {}", String::from_utf8_lossy(&sim.stderr));
+    wait_for("the device probe to watch the serial line", Duration::from_secs(30), || {
+        agent.proc.assert_running();
+        match agent.metric("edge_agent_device_files_open") {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    std::fs::write(dir.join("go"), b"").unwrap();
+    let status = sim.wait().expect("pump_sim");
+    assert!(status.success(), "pump_sim failed");
     let want = served(&log);
-    assert_eq!(want.len(), 13, "the simulator served every tag: {:?}", want.keys());
+    assert_eq!(want.len(), 26, "the simulator served every tag: {:?}", want.keys());
     let total: usize = want.values().map(Vec::len).sum();
 
     // All of them in Prometheus.
@@ -97,14 +123,14 @@ fn every_value_the_hmi_read_or_wrote_lands_exactly_at_its_time() {
     // Only the tags: the unmapped diagnostics (inputs 10..15, coils and
     // discrete inputs 1..7) are not series of any name.
     let series = prom.scalar(&format!("count(count by (tag) (edge_process_value{{device=\"{device}\"}}))")).unwrap();
-    assert_eq!(series, Some(13.0));
+    assert_eq!(series, Some(26.0));
     // The window statistics count the same values.
     let counted = prom
         .scalar(&format!("sum(sum_over_time(edge_process_value_count{{device=\"{device}\"}}[10m]))"))
         .unwrap()
         .unwrap_or(0.0);
     assert_eq!(counted, total as f64, "edge_process_value_count over all windows");
-    for reason in ["length", "partial", "same_time", "ring_full", "no_reply"] {
+    for reason in ["length", "partial", "same_time", "ring_full", "no_reply", "crc", "unpaired", "exception"] {
         assert_eq!(
             agent.metric(&format!("edge_agent_values_refused_total{{reason=\"{reason}\"}}")),
             Some(0.0),

@@ -47,7 +47,16 @@
 #define DIO_STAT_FDS_ADDED 4     /* watched descriptors registered by the open hook */
 #define DIO_STAT_STALE 5         /* an exit found its thread's record of another call: dropped */
 #define DIO_STAT_SPILLED 6       /* an operation timed in the hash: its thread slot was held */
-#define DIO_STATS 7
+#define DIO_STATS 9
+
+/* Serial bytes of devices read as Modbus RTU (docs/process-values.md): the
+ * bytes one read() or write() moved, at most DIO_BYTES per event (more are
+ * cut and counted: DIO_STAT_BYTES_CUT), into the ring dio_bytes. */
+#define DIO_BYTES 512
+#define DIO_BYTES_RING (256 * 1024)
+#define DIO_MAX_BUFS 256 /* threads inside a captured read/write at once */
+#define DIO_STAT_BYTES_LOST 7 /* an event the full ring could not take */
+#define DIO_STAT_BYTES_CUT 8  /* a read/write of more than DIO_BYTES */
 
 /* Largest tracepoint record prefix a program copies. */
 #define DIO_REC_MAX 48

@@ -40,6 +40,8 @@
 
 // First syscall argument (the fd, or openat's dfd: filename is the second).
 const volatile __u32 off_fd = 16;
+// read/write: the buffer (second argument).
+const volatile __u32 off_buf = 24;
 const volatile __u32 off_filename = 24;
 // dup2/dup3: the descriptor duplicated.
 const volatile __u32 off_oldfd = 16;
@@ -172,6 +174,38 @@ struct {
 	__type(value, __u64);
 } dio_stats SEC(".maps");
 
+// Devices whose bytes are captured (Modbus RTU tags): 1 at the device's
+// index. Written by the agent.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DIO_MAX_DEVICES);
+	__type(key, __u32);
+	__type(value, __u32);
+} dio_capture SEC(".maps");
+
+// Thread id -> the user buffer of its captured read or write in flight.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DIO_MAX_BUFS);
+	__type(key, __u32);
+	__type(value, __u64);
+} dio_bufs SEC(".maps");
+
+struct dio_bytes_event {
+	__u64 ts_ns; // bpf_ktime_get_ns when the call returned
+	__u32 dev;
+	__u32 tgid;
+	__u16 len; // bytes in data
+	__u8 op;   // DIO_OP_READ or DIO_OP_WRITE
+	__u8 pad[5];
+	__u8 data[DIO_BYTES];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, DIO_BYTES_RING);
+} dio_bytes SEC(".maps");
+
 static __always_inline void stat(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&dio_stats, &idx);
@@ -263,14 +297,54 @@ static __always_inline int enter_fd(void *ctx, __u32 off, __u32 op)
 	return 0;
 }
 
+// read(2) and write(2) of a captured device also remember the buffer,
+// which the exit copies (the bytes that moved).
+static __always_inline int enter_buf(void *ctx, __u32 op)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	struct dio_filter *f = filter();
+	if (!f || !f->pid[tgid % DIO_PID_SLOTS])
+		return 0;
+	__u32 fd = (__u32)rec_u64(ctx, off_fd);
+	if (!f->fd[fd % DIO_FD_SLOTS])
+		return 0;
+	__u64 key = ((__u64)tgid << 32) | fd;
+	struct dio_file *file = bpf_map_lookup_elem(&dio_fds, &key);
+	if (!file)
+		return 0;
+	__u32 dev = file->dev;
+	__u32 *capture = bpf_map_lookup_elem(&dio_capture, &dev);
+	if (capture && *capture) {
+		__u32 tid = (__u32)id;
+		__u64 buf = rec_u64(ctx, off_buf);
+		bpf_map_update_elem(&dio_bufs, &tid, &buf, BPF_ANY);
+	}
+	begin(ctx, f, (__u32)id, file, op);
+	return 0;
+}
+
 SEC("tracepoint/syscalls/sys_enter_read")
 int dio_enter_read(void *ctx)
 {
-	return enter_fd(ctx, off_fd, DIO_OP_READ);
+	return enter_buf(ctx, DIO_OP_READ);
 }
 
 SEC("tracepoint/syscalls/sys_enter_write")
 int dio_enter_write(void *ctx)
+{
+	return enter_buf(ctx, DIO_OP_WRITE);
+}
+
+// pread64, readv, pwrite64, writev: counted, bytes not captured.
+SEC("tracepoint/syscalls/sys_enter_pread64")
+int dio_enter_readx(void *ctx)
+{
+	return enter_fd(ctx, off_fd, DIO_OP_READ);
+}
+
+SEC("tracepoint/syscalls/sys_enter_pwrite64")
+int dio_enter_writex(void *ctx)
 {
 	return enter_fd(ctx, off_fd, DIO_OP_WRITE);
 }
@@ -368,6 +442,43 @@ static __always_inline void count_error(__u32 series, __u32 op, __s64 ret)
 	*n += 1; // per-CPU value: no atomics needed
 }
 
+// A captured read or write: the bytes it moved, into the ring. Global:
+// verified once.
+__attribute__((noinline)) int copy_bytes(__u64 dev_op, __u64 id, __s64 ret, __u64 now)
+{
+	__u32 dev = (__u32)dev_op, op = dev_op >> 32;
+	__u32 tid = (__u32)id, tgid = id >> 32;
+	__u32 *capture = bpf_map_lookup_elem(&dio_capture, &dev);
+	if (!capture || !*capture)
+		return 0;
+	__u64 *bufp = bpf_map_lookup_elem(&dio_bufs, &tid);
+	if (!bufp)
+		return 0;
+	__u64 buf = *bufp;
+	bpf_map_delete_elem(&dio_bufs, &tid);
+	if (ret <= 0)
+		return 0;
+	__u64 len = ret;
+	if (len > DIO_BYTES) {
+		stat(DIO_STAT_BYTES_CUT);
+		len = DIO_BYTES;
+	}
+	struct dio_bytes_event *ev = bpf_ringbuf_reserve(&dio_bytes, sizeof(*ev), 0);
+	if (!ev) {
+		stat(DIO_STAT_BYTES_LOST);
+		return 0;
+	}
+	ev->ts_ns = now;
+	ev->dev = dev;
+	ev->tgid = tgid;
+	ev->op = op;
+	ev->len = 0;
+	if (len >= 1 && len <= DIO_BYTES && bpf_probe_read_user(ev->data, len, (void *)buf) == 0)
+		ev->len = len;
+	bpf_ringbuf_submit(ev, 0);
+	return 0;
+}
+
 // Every sys_exit of a hooked call (openat included).
 SEC("tracepoint/syscalls/sys_exit_read")
 int dio_exit(void *ctx)
@@ -401,6 +512,8 @@ int dio_exit(void *ctx)
 	}
 	__s64 ret = (__s64)rec_u64(ctx, off_ret);
 	__u32 op = o.op;
+	if (op == DIO_OP_READ || op == DIO_OP_WRITE)
+		copy_bytes((__u64)op << 32 | o.file.dev, id, ret, now);
 	__u32 series = o.file.series;
 	__u64 us = (now - o.start_ns) / 1000;
 

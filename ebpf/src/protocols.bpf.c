@@ -65,6 +65,9 @@ struct {
 // unit, table, address / 64), the mapped addresses' bits. Without tags
 // (ipp_capture 0) none of this runs.
 const volatile __u32 ipp_capture = 0;
+// `edge-agent tags discover`: every address counts as mapped (what the
+// command prints stays in the terminal of whoever ran it).
+const volatile __u32 ipp_discover = 0;
 
 struct ipp_tag_key {
 	__u8 side;
@@ -264,6 +267,8 @@ static __always_inline __u64 chunk_bits(struct ipp_tag_key *k, __u32 chunk)
 // The mapped bits of the 64 addresses from addr on (bit i: addr + i).
 static __always_inline __u64 mapped_from(struct ipp_tag_key *k, __u32 addr)
 {
+	if (ipp_discover)
+		return ~0ULL;
 	__u32 sh = addr & 63;
 	__u64 bits = chunk_bits(k, addr >> 6) >> sh;
 	if (sh)

@@ -181,9 +181,14 @@ async fn window_loop(
     let period = cfg.window();
     let mut next = Instant::now() + period;
     let mut probe_cfg = cfg.probes.clone();
-    // Readable when the protocol probe has value events waiting.
-    let watch_values =
-        || sh.probes.borrow().protocols.as_ref().and_then(|p| p.values_fd()).and_then(|fd| smol::Async::new(fd).ok());
+    // Readable when the protocol probe has value events waiting, or the
+    // device probe serial bytes.
+    let watch_values = || {
+        let p = sh.probes.borrow();
+        let tcp = p.protocols.as_ref().and_then(|p| p.values_fd()).and_then(|fd| smol::Async::new(fd).ok());
+        let rtu = p.devices.as_ref().and_then(|d| d.bytes_fd()).and_then(|fd| smol::Async::new(fd).ok());
+        (tcp, rtu)
+    };
     let mut values_ready = watch_values();
     loop {
         #[derive(PartialEq)]
@@ -206,13 +211,8 @@ async fn window_loop(
             }
         };
         let values = async {
-            match &values_ready {
-                Some(fd) => {
-                    let _ = fd.readable().await;
-                    Wake::Values
-                }
-                None => std::future::pending().await,
-            }
+            futures_lite::future::or(readable(values_ready.0.as_ref()), readable(values_ready.1.as_ref())).await;
+            Wake::Values
         };
         let wake = futures_lite::future::or(futures_lite::future::or(tick, reload), values).await;
         if wake == Wake::Values {
@@ -222,8 +222,8 @@ async fn window_loop(
         if wake == Wake::Reload {
             // Count what the old probes saw into a window first.
             close_window(sh, &mut stage, &mut writer, &mut prev);
-            // The old ring's descriptor goes with the old probe.
-            drop(values_ready.take());
+            // The old rings' descriptors go with the old probes.
+            drop(std::mem::take(&mut values_ready));
             reload_probes(cfg, config_path, sh, &mut probe_cfg, &mut prev);
             values_ready = watch_values();
             continue;
@@ -289,13 +289,31 @@ fn reload_probes(
     tracing::info!(probes = ?probes.states.iter().map(|(n, s)| format!("{n}: {s:?}")).collect::<Vec<_>>(), "SIGHUP: probes reloaded");
 }
 
-/// The protocol probe's value events into the values stage.
+/// Returns when `fd` is readable; never without one.
+async fn readable(fd: Option<&smol::Async<std::os::fd::OwnedFd>>) {
+    match fd {
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The protocol probe's value events and the device probe's serial bytes
+/// into the values stage.
 fn drain_values(sh: &Shared<'_>) {
     let offset_ns = values::wall_minus_mono_ns() + sh.test_offset_ms * 1_000_000;
     let mut probes = sh.probes.borrow_mut();
-    let Some(p) = probes.protocols.as_mut() else { return };
     let mut stage = sh.values.borrow_mut();
-    p.drain_values(|ev| stage.tcp_event(ev, offset_ns));
+    if let Some(p) = probes.protocols.as_mut() {
+        p.drain_values(|ev| stage.tcp_event(ev, offset_ns));
+    }
+    if let Some(d) = probes.devices.as_mut() {
+        d.drain_bytes(|ev| {
+            let time_ms = (ev.ts_ns as i64).saturating_add(offset_ns).div_euclid(1_000_000);
+            stage.serial_bytes(ev.device, ev.tgid, ev.written, ev.data, time_ms)
+        });
+    }
 }
 
 fn close_window(
@@ -364,6 +382,9 @@ fn close_window(
         let mut values = sh.values.borrow_mut();
         if let Some(p) = &reading.protocols {
             values.kernel_counts(p.values_lost, p.values_bad);
+        }
+        if let Some(d) = &reading.devices {
+            values.serial_kernel_counts(d.bytes_lost, d.bytes_cut);
         }
         let closed = values.close(ts);
         metrics.observe_values(&values);

@@ -13,6 +13,10 @@ const USAGE: &str = "usage: edge-agent [run] [--config FILE]
                                 [--from TIME] [--to TIME] [--format openmetrics|csv|features] [--output FILE]
        edge-agent model check [CARD] [--config FILE]   load an anomaly model, run its golden
                                                        self-test, print the verdict (default: detect.model)
+       edge-agent tags discover [--seconds N] [--format text|toml] [--config FILE]
+                                watch Modbus/TCP and RTU traffic for N s (default 30): which servers,
+                                units, tables and addresses are read and written, recent values under
+                                each plausible type and order; toml: a starting tag map
        edge-agent --version
 
 Without --config the built-in defaults are used (docs/configuration.md).
@@ -29,6 +33,7 @@ struct Args {
     to: Option<String>,
     format: Option<String>,
     output: Option<PathBuf>,
+    seconds: Option<u64>,
 }
 
 fn parse() -> Result<Option<Args>, String> {
@@ -43,6 +48,10 @@ fn parse() -> Result<Option<Args>, String> {
             "--to" => a.to = Some(value("--to")?),
             "--format" => a.format = Some(value("--format")?),
             "--output" | "-o" => a.output = Some(PathBuf::from(value("--output")?)),
+            "--seconds" => {
+                let v = value("--seconds")?;
+                a.seconds = Some(v.parse().map_err(|_| format!("--seconds {v:?}: a whole number of seconds"))?)
+            }
             "--version" | "-V" => {
                 // Whether this build can run an anomaly model (one built
                 // with --no-default-features cannot): operators and the
@@ -147,6 +156,26 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(1, &e.to_string()),
+            }
+        }
+        ["tags", "discover"] => {
+            let toml = match args.format.as_deref().unwrap_or("text") {
+                "text" => false,
+                "toml" => true,
+                f => return fail(2, &format!("unknown --format {f:?}: use text or toml")),
+            };
+            let seconds = args.seconds.unwrap_or(30);
+            eprintln!("edge-agent: watching Modbus traffic for {seconds} s");
+            match edge_agent::values::discover_driver::discover(&cfg, seconds) {
+                Ok(d) if toml => {
+                    print!("{}", d.toml());
+                    ExitCode::SUCCESS
+                }
+                Ok(d) => {
+                    print!("{}", d.text());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &format!("{e} (run as root)")),
             }
         }
         _ => fail(2, &format!("unknown command {:?}\n{USAGE}", args.command.join(" "))),

@@ -5,7 +5,16 @@
 //! ```text
 //! pump_sim [--port P] [--hz H] [--unit U] [--seed S] [--log FILE]
 //!          [--seconds N] [--fault KIND:FROM_S:TO_S]... [--no-poll]
+//!          [--rtu LINK] [--wait-file F]
 //! ```
+//!
+//! `--wait-file F`: the HMI starts polling once F exists (a test lets the
+//! agent see the serial line first).
+//!
+//! With `--rtu LINK` the same PLC is also a Modbus RTU slave (the same
+//! unit) on a pseudo-terminal whose slave side is linked at LINK (a serial
+//! device as the HMI sees it); the HMI polls it too, in the same way, and
+//! logs its values as `rtu_<tag>`.
 //!
 //! Prints `listening <port>` once the server accepts connections. The HMI
 //! polls every 1/H s: input registers 0..16 (measurements and unmapped
@@ -149,10 +158,23 @@ struct Args {
     seconds: Option<f64>,
     faults: Vec<Fault>,
     poll: bool,
+    rtu: Option<String>,
+    wait_file: Option<String>,
 }
 
 fn args() -> Args {
-    let mut a = Args { port: 0, hz: 1.0, unit: 1, seed: 1, log: None, seconds: None, faults: vec![], poll: true };
+    let mut a = Args {
+        port: 0,
+        hz: 1.0,
+        unit: 1,
+        seed: 1,
+        log: None,
+        seconds: None,
+        faults: vec![],
+        poll: true,
+        rtu: None,
+        wait_file: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -170,6 +192,8 @@ fn args() -> Args {
                 a.faults.push(Fault { kind, from_s: p[1].parse().expect("from"), to_s: p[2].parse().expect("to") });
             }
             "--no-poll" => a.poll = false,
+            "--rtu" => a.rtu = Some(v()),
+            "--wait-file" => a.wait_file = Some(v()),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -209,10 +233,19 @@ fn main() {
             }
         });
     }
+    // The RTU slave: the pty's master side, served like the TCP port.
+    let serial = a.rtu.as_ref().map(|link| {
+        let (master, path) = e2e::pty_pair().expect("pseudo-terminal");
+        let _ = std::fs::remove_file(link);
+        std::os::unix::fs::symlink(&path, link).expect("link to the pty");
+        let (storage, unit) = (storage.clone(), a.unit);
+        std::thread::spawn(move || serve_rtu(master, unit, storage));
+        link.clone()
+    });
     println!("listening {port}");
     std::io::stdout().flush().ok();
     let log = a.log.as_ref().map(|p| Mutex::new(std::fs::File::create(p).expect("log file")));
-    let stop = a.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let mut stop = a.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
     if !a.poll {
         loop {
             if stop.is_some_and(|s| Instant::now() >= s) {
@@ -221,7 +254,16 @@ fn main() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let mut hmi = Hmi { stream: None, port, unit: a.unit, tid: 0, log, pump: pump.clone(), polls: 0 };
+    let serial = serial
+        .map(|link| std::fs::OpenOptions::new().read(true).write(true).open(&link).expect("open the serial line"));
+    if let Some(f) = &a.wait_file {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::path::Path::new(f).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop = a.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    }
+    let mut hmi = Hmi { stream: None, serial, port, unit: a.unit, tid: 0, log, pump: pump.clone(), polls: 0 };
     let period = Duration::from_secs_f64(1.0 / a.hz);
     let start = Instant::now();
     let mut last_label = 0i64;
@@ -232,6 +274,11 @@ fn main() {
         if let Err(e) = hmi.poll() {
             eprintln!("pump_sim: poll: {e}");
             hmi.stream = None;
+        }
+        if hmi.serial.is_some() {
+            if let Err(e) = hmi.poll_rtu() {
+                eprintln!("pump_sim: RTU poll: {e}");
+            }
         }
         let t = now_ms();
         if t - last_label >= 1000 {
@@ -313,8 +360,71 @@ fn serve(mut c: TcpStream, unit: u8, storage: Storage) {
     }
 }
 
+/// The length of the RTU request at the start of `b`, once known.
+fn rtu_request_len(b: &[u8]) -> Option<usize> {
+    match *b.get(1)? {
+        15 | 16 => Some(9 + usize::from(*b.get(6)?)),
+        _ => Some(8),
+    }
+}
+
+/// The length of the RTU reply at the start of `b`, once known.
+fn rtu_reply_len(b: &[u8]) -> Option<usize> {
+    let f = *b.get(1)?;
+    match f {
+        1..=4 => Some(5 + usize::from(*b.get(2)?)),
+        f if f & 0x80 != 0 => Some(5),
+        _ => Some(8),
+    }
+}
+
+/// Reads one frame whose length `len_of` tells from its first bytes.
+fn read_frame(f: &mut impl Read, len_of: fn(&[u8]) -> Option<usize>) -> std::io::Result<Vec<u8>> {
+    let mut b = Vec::new();
+    loop {
+        if let Some(n) = len_of(&b) {
+            if b.len() >= n {
+                return Ok(b);
+            }
+        }
+        let mut one = [0u8; 64];
+        let want = len_of(&b).map_or(1, |n| n - b.len()).min(64);
+        let got = f.read(&mut one[..want])?;
+        if got == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        b.extend_from_slice(&one[..got]);
+    }
+}
+
+fn serve_rtu(mut master: std::fs::File, unit: u8, storage: Storage) {
+    while let Ok(req) = read_frame(&mut master, rtu_request_len) {
+        let mut buf = [0u8; 256];
+        buf[..req.len().min(256)].copy_from_slice(&req[..req.len().min(256)]);
+        let mut response = Vec::new();
+        let mut frame = ModbusFrame::new(unit, &buf, ModbusProto::Rtu, &mut response);
+        if frame.parse().is_err() {
+            continue;
+        }
+        if frame.processing_required {
+            let r = if frame.readonly {
+                frame.process_read(&*storage.lock().unwrap())
+            } else {
+                frame.process_write(&mut *storage.lock().unwrap())
+            };
+            if r.is_err() {
+                continue;
+            }
+        }
+        if frame.response_required && frame.finalize_response().is_ok() && master.write_all(&response).is_err() {
+            return;
+        }
+    }
+}
+
 struct Hmi {
     stream: Option<TcpStream>,
+    serial: Option<std::fs::File>,
     port: u16,
     unit: u8,
     tid: u16,
@@ -415,9 +525,72 @@ impl Hmi {
     }
 
     fn log_registers(&self, table: &str, t: i64, regs: &[u16]) {
+        self.log_registers_as("", table, t, regs);
+    }
+
+    fn log_registers_as(&self, prefix: &str, table: &str, t: i64, regs: &[u16]) {
         for tag in TAGS.iter().filter(|tag| tag.table == table) {
             let v = decode(tag, &regs[tag.address as usize..]);
-            self.value(t, tag.name, v);
+            self.value(t, &format!("{prefix}{}", tag.name), v);
         }
+    }
+
+    /// One RTU request and its reply on the serial line.
+    fn call_rtu(
+        &mut self,
+        gen: impl FnOnce(&mut ModbusRequest, &mut Vec<u8>),
+    ) -> std::io::Result<(ModbusRequest, Vec<u8>, i64, i64)> {
+        let mut req = ModbusRequest::new(self.unit, ModbusProto::Rtu);
+        let mut out = Vec::new();
+        gen(&mut req, &mut out);
+        let f = self.serial.as_mut().expect("serial line");
+        let sent = now_ms();
+        f.write_all(&out)?;
+        let reply = read_frame(f, rtu_reply_len)?;
+        Ok((req, reply, sent, now_ms()))
+    }
+
+    /// The same poll over the serial line.
+    fn poll_rtu(&mut self) -> std::io::Result<()> {
+        let bad = |e: rmodbus::ErrorKind| std::io::Error::other(format!("{e:?}"));
+        let (req, reply, _, t) = self.call_rtu(|r, o| r.generate_get_inputs(0, map::INPUTS, o).unwrap())?;
+        let mut regs = Vec::new();
+        req.parse_u16(&reply, &mut regs).map_err(bad)?;
+        self.log_registers_as("rtu_", "input", t, &regs);
+        let (req, reply, _, t) = self.call_rtu(|r, o| r.generate_get_holdings(0, map::HOLDINGS, o).unwrap())?;
+        let mut regs = Vec::new();
+        req.parse_u16(&reply, &mut regs).map_err(bad)?;
+        self.log_registers_as("rtu_", "holding", t, &regs);
+        for (table, f) in [("coil", 1u8), ("discrete_input", 2)] {
+            let (req, reply, _, t) = self.call_rtu(|r, o| {
+                if f == 1 {
+                    r.generate_get_coils(0, map::BITS, o).unwrap()
+                } else {
+                    r.generate_get_discretes(0, map::BITS, o).unwrap()
+                }
+            })?;
+            let mut bits = Vec::new();
+            req.parse_bool(&reply, &mut bits).map_err(bad)?;
+            let regs: Vec<u16> = bits.iter().map(|b| u16::from(*b)).collect();
+            self.log_registers_as("rtu_", table, t, &regs);
+        }
+        if self.polls.is_multiple_of(10) {
+            std::thread::sleep(Duration::from_millis(3));
+            let speed = 1400 + (self.polls / 10 % 7) as u16 * 25;
+            let (req, reply, sent, _) =
+                self.call_rtu(|r, o| r.generate_set_holding(map::SPEED_SETPOINT, speed, o).unwrap())?;
+            req.parse_ok(&reply).map_err(bad)?;
+            self.value(sent, "rtu_speed_setpoint", f64::from(speed));
+            let limit = 8.0f32 + (self.polls / 10 % 5) as f32 * 0.25;
+            let words = pump::order_words(u64::from(limit.to_bits()), 2, "BADC");
+            let (req, reply, sent, _) =
+                self.call_rtu(|r, o| r.generate_set_holdings_bulk(map::PRESSURE_LIMIT, &words, o).unwrap())?;
+            req.parse_ok(&reply).map_err(bad)?;
+            self.value(sent, "rtu_pressure_limit", f64::from(limit));
+            let (req, reply, sent, _) = self.call_rtu(|r, o| r.generate_set_coil(map::RUN, true, o).unwrap())?;
+            req.parse_ok(&reply).map_err(bad)?;
+            self.value(sent, "rtu_pump_run", 1.0);
+        }
+        Ok(())
     }
 }

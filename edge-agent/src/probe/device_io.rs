@@ -38,6 +38,13 @@ const STAT_ERRS_FULL: u32 = 3;
 const STAT_FDS_ADDED: u32 = 4;
 const STAT_STALE: u32 = 5;
 const STAT_SPILLED: u32 = 6;
+const STAT_BYTES_LOST: u32 = 7;
+const STAT_BYTES_CUT: u32 = 8;
+#[cfg(test)]
+const STATS: usize = 9;
+/// Serial bytes per event (DIO_BYTES) and struct dio_bytes_event's size.
+pub const BYTES: usize = 512;
+const BYTES_EVENT: usize = 24 + BYTES;
 /// struct dio_op: an in-flight record (a thread slot of the filter).
 const OP_RECORD: usize = 32;
 const REC_MAX: u32 = 48;
@@ -91,11 +98,11 @@ const fn optional(event: &'static str, program: &'static str, field: &'static st
 /// pwrite64/writev as writes. One exit program serves every call.
 pub const HOOKS: [Hook; 21] = [
     hook("sys_enter_read", "dio_enter_read", "fd"),
-    hook("sys_enter_pread64", "dio_enter_read", "fd"),
-    hook("sys_enter_readv", "dio_enter_read", "fd"),
+    hook("sys_enter_pread64", "dio_enter_readx", "fd"),
+    hook("sys_enter_readv", "dio_enter_readx", "fd"),
     hook("sys_enter_write", "dio_enter_write", "fd"),
-    hook("sys_enter_pwrite64", "dio_enter_write", "fd"),
-    hook("sys_enter_writev", "dio_enter_write", "fd"),
+    hook("sys_enter_pwrite64", "dio_enter_writex", "fd"),
+    hook("sys_enter_writev", "dio_enter_writex", "fd"),
     hook("sys_enter_ioctl", "dio_enter_ioctl", "fd"),
     hook("sys_enter_openat", "dio_enter_openat", "filename"),
     hook("sys_enter_close", "dio_enter_close", "fd"),
@@ -113,9 +120,11 @@ pub const HOOKS: [Hook; 21] = [
     optional("sys_exit_dup2", "dio_exit", "ret"),
 ];
 
-const PROGRAMS: [&str; 7] = [
+const PROGRAMS: [&str; 9] = [
     "dio_enter_read",
+    "dio_enter_readx",
     "dio_enter_write",
+    "dio_enter_writex",
     "dio_enter_ioctl",
     "dio_enter_openat",
     "dio_enter_close",
@@ -250,6 +259,22 @@ pub struct DeviceReading {
     /// Watched files registered by the open hook / by the /proc scan.
     pub files_from_open: u64,
     pub files_from_scan: u64,
+    /// Cumulative: serial byte events lost (ring full), reads or writes
+    /// cut to BYTES (Modbus RTU capture).
+    pub bytes_lost: u64,
+    pub bytes_cut: u64,
+}
+
+/// The bytes one read() or write() of a captured device moved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BytesEvent<'a> {
+    /// CLOCK_MONOTONIC, ns, when the call returned.
+    pub ts_ns: u64,
+    /// The device's label (the path its watch pattern matched).
+    pub device: &'a str,
+    pub tgid: u32,
+    pub written: bool,
+    pub data: &'a [u8],
 }
 
 /// The kernel's filter array, mapped into the agent: one byte per tgid
@@ -423,6 +448,11 @@ pub struct DeviceIoProbe {
     agg: PerCpuArray<MapData, super::OpAgg>,
     errs: PerCpuHashMap<MapData, ErrKey, u64>,
     stats: PerCpuArray<MapData, u64>,
+    /// Device index -> 1 when its bytes are captured.
+    capture: aya::maps::Array<MapData, u32>,
+    /// Globs of the devices whose bytes are captured (Modbus RTU tags).
+    capture_globs: Vec<String>,
+    bytes: aya::maps::RingBuf<MapData>,
     files_from_scan: u64,
     /// Names too long for the open hook, warned about once.
     long_names: BTreeSet<PathBuf>,
@@ -435,6 +465,13 @@ impl DeviceIoProbe {
     /// Checks every hook's layout, loads the programs (not attached yet)
     /// and resolves the watched devices, attaching when one is present.
     pub fn load(tracefs_root: &Path, cfg: &DevicesConfig) -> Result<Self, ProbeError> {
+        Self::load_capturing(tracefs_root, cfg, &[])
+    }
+
+    /// Like `load`; the bytes read and written on devices matching
+    /// `capture` (Modbus RTU tags' device globs, watched too) reach user
+    /// space (`drain_bytes`).
+    pub fn load_capturing(tracefs_root: &Path, cfg: &DevicesConfig, capture: &[String]) -> Result<Self, ProbeError> {
         let mut layouts = Vec::new();
         let mut hooks = Vec::new();
         for h in HOOKS {
@@ -447,8 +484,23 @@ impl DeviceIoProbe {
                 Err(e) => tracing::info!(hook = h.event, reason = %e, "optional device I/O hook not on this kernel"),
             }
         }
-        let globals = layout_globals(&layouts)
+        let mut globals = layout_globals(&layouts)
             .map_err(|message| ProbeError::Layout { tracepoint: "syscalls:*".into(), message })?;
+        // read/write: the buffer argument, for the serial bytes.
+        let bufs: BTreeSet<Option<u32>> = layouts
+            .iter()
+            .filter(|(h, _)| matches!(h.event, "sys_enter_read" | "sys_enter_write"))
+            .map(|(_, l)| l.field("buf").filter(|f| f.size == 8 && f.offset + 8 <= REC_MAX).map(|f| f.offset))
+            .collect();
+        match bufs.into_iter().collect::<Vec<_>>()[..] {
+            [Some(o)] => globals.push(("off_buf", o)),
+            _ => {
+                return Err(ProbeError::Layout {
+                    tracepoint: "syscalls:sys_enter_read/write".into(),
+                    message: "field buf missing or placed differently".into(),
+                })
+            }
+        }
         let mut loader = EbpfLoader::new();
         loader.btf(None);
         for (name, value) in &globals {
@@ -481,8 +533,16 @@ impl DeviceIoProbe {
         let agg = PerCpuArray::try_from(take("dio_agg")?).map_err(load)?;
         let errs = PerCpuHashMap::try_from(take("dio_errs")?).map_err(load)?;
         let stats = PerCpuArray::try_from(take("dio_stats")?).map_err(load)?;
+        let capture_map = aya::maps::Array::try_from(take("dio_capture")?).map_err(load)?;
+        let bytes = aya::maps::RingBuf::try_from(take("dio_bytes")?).map_err(load)?;
+        let mut patterns = cfg.watch.clone();
+        for c in capture {
+            if !patterns.contains(c) {
+                patterns.push(c.clone());
+            }
+        }
         let mut p = DeviceIoProbe {
-            patterns: cfg.watch.clone(),
+            patterns,
             hooks,
             rescan: Duration::from_secs(cfg.rescan_secs),
             last_scan: None,
@@ -498,6 +558,9 @@ impl DeviceIoProbe {
             agg,
             errs,
             stats,
+            capture: capture_map,
+            capture_globs: capture.to_vec(),
+            bytes,
             files_from_scan: 0,
             long_names: BTreeSet::new(),
             state: ProbeState::Waiting("no watched device present yet".into()),
@@ -562,6 +625,14 @@ impl DeviceIoProbe {
         }
         if names == self.table.names {
             return false;
+        }
+        // Which devices' bytes are captured: any of their names matches a
+        // capture glob.
+        for idx in 0..MAX_DEVICES as u32 {
+            let on = names.iter().any(|(n, i)| {
+                *i == idx && self.capture_globs.iter().any(|g| crate::values::glob_matches(g, &n.to_string_lossy()))
+            });
+            let _ = self.capture.set(idx, u32::from(on), 0);
         }
         for (old, _) in self.table.names.iter().filter(|(n, _)| !names.contains_key(*n)) {
             if let Some(k) = path_key(old) {
@@ -781,11 +852,45 @@ impl DeviceIoProbe {
         out.files_from_open = stat(STAT_FDS_ADDED)?;
         out.stale_records = stat(STAT_STALE)?;
         out.spilled = stat(STAT_SPILLED)?;
+        out.bytes_lost = stat(STAT_BYTES_LOST)?;
+        out.bytes_cut = stat(STAT_BYTES_CUT)?;
         out.files_from_scan = self.files_from_scan;
         out.files_open = self.fds.keys().count() as u64;
         out.devices_present = self.table.names.values().collect::<BTreeSet<_>>().len() as u64;
         out.devices_over_cap = self.table.over_cap.len() as u64;
         Ok(out)
+    }
+}
+
+impl DeviceIoProbe {
+    /// A descriptor readable when serial byte events wait.
+    pub fn bytes_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        if self.capture_globs.is_empty() {
+            return None;
+        }
+        self.bytes.as_fd().try_clone_to_owned().ok()
+    }
+
+    /// Hands every waiting serial byte event to `f`.
+    pub fn drain_bytes(&mut self, mut f: impl FnMut(&BytesEvent)) {
+        let labels = &self.table.labels;
+        while let Some(item) = self.bytes.next() {
+            let b: &[u8] = &item;
+            if b.len() < BYTES_EVENT {
+                continue;
+            }
+            let dev = u32::from_ne_bytes([b[8], b[9], b[10], b[11]]) as usize;
+            let len = usize::from(u16::from_ne_bytes([b[16], b[17]])).min(BYTES);
+            let Some(device) = labels.get(dev) else { continue };
+            f(&BytesEvent {
+                ts_ns: u64::from_ne_bytes(b[0..8].try_into().unwrap_or_default()),
+                device,
+                tgid: u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+                written: b[18] == Op::Write as u8,
+                data: &b[24..24 + len],
+            });
+        }
     }
 }
 
@@ -907,7 +1012,10 @@ mod tests {
         assert_eq!(def("DIO_STAT_FDS_ADDED"), STAT_FDS_ADDED as usize);
         assert_eq!(def("DIO_STAT_STALE"), STAT_STALE as usize);
         assert_eq!(def("DIO_STAT_SPILLED"), STAT_SPILLED as usize);
-        assert_eq!(def("DIO_STATS"), 7);
+        assert_eq!(def("DIO_STAT_BYTES_LOST"), STAT_BYTES_LOST as usize);
+        assert_eq!(def("DIO_STAT_BYTES_CUT"), STAT_BYTES_CUT as usize);
+        assert_eq!(def("DIO_STATS"), STATS);
+        assert_eq!(def("DIO_BYTES"), BYTES);
         assert_eq!(def("DIO_REC_MAX"), REC_MAX as usize);
     }
 

@@ -125,10 +125,10 @@ impl Probes {
             states.push((DEVICE_IO, ProbeState::Disabled));
             None
         } else {
-            match tracefs::ensure_mounted()
-                .map_err(ProbeError::from)
-                .and_then(|root| DeviceIoProbe::load(&root, &cfg.probes.devices))
-            {
+            match tracefs::ensure_mounted().map_err(ProbeError::from).and_then(|root| {
+                let rtu = cfg.tag_map().unwrap_or_default().rtu_devices();
+                DeviceIoProbe::load_capturing(&root, &cfg.probes.devices, &rtu)
+            }) {
                 Ok(p) => {
                     states.push((DEVICE_IO, p.state.clone()));
                     Some(p)

@@ -313,6 +313,21 @@ impl ProtocolsProbe {
         classes: Option<&PortClasses>,
         tags: &crate::values::tags::TagMap,
     ) -> Result<Self, ProbeError> {
+        Self::attach_with(cfg, classes, tags, false)
+    }
+
+    /// For `edge-agent tags discover`: every register of every Modbus/TCP
+    /// read and write reaches the ring, mapped or not.
+    pub fn attach_discovering(cfg: &ProtocolsConfig) -> Result<Self, ProbeError> {
+        Self::attach_with(cfg, None, &Default::default(), true)
+    }
+
+    fn attach_with(
+        cfg: &ProtocolsConfig,
+        classes: Option<&PortClasses>,
+        tags: &crate::values::tags::TagMap,
+        discover: bool,
+    ) -> Result<Self, ProbeError> {
         let cgroup = match &cfg.cgroup {
             Some(p) => p.clone(),
             None => cgroup2_root()?,
@@ -338,10 +353,12 @@ impl ProtocolsProbe {
                 chunks.len()
             )));
         }
-        let capture = u32::from(!chunks.is_empty());
+        let capture = u32::from(!chunks.is_empty() || discover);
         loader.override_global("ipp_capture", &capture, true);
+        let discovering = u32::from(discover);
+        loader.override_global("ipp_discover", &discovering, true);
         let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
-        if capture == 1 {
+        if !chunks.is_empty() {
             let mut filter: BpfHashMap<_, [u8; 8], u64> = BpfHashMap::try_from(
                 ebpf.map_mut("ipp_tags").ok_or_else(|| ProbeError::Load("map ipp_tags missing".into()))?,
             )

@@ -7,6 +7,8 @@
 //!
 //! Pure: events in, samples and counts out; the probe reads the kernel.
 
+pub mod discover;
+pub mod discover_driver;
 pub mod rtu;
 pub mod tags;
 
@@ -150,7 +152,7 @@ impl TagMap {
                 (Source::Tcp { servers, port, side }, Transport::Tcp { server, port: p, side: s }) => {
                     *port == p && *side == s && tags::server_matches(servers, &server)
                 }
-                (Source::Rtu { device }, Transport::Rtu { device: d }) => glob_matches(device, d),
+                (Source::Rtu { device, .. }, Transport::Rtu { device: d }) => glob_matches(device, d),
                 _ => false,
             };
             if !from_here {
@@ -219,7 +221,13 @@ pub struct ValuesStage {
     /// Refusals since start, by reason (Refusal::ALL order).
     pub refused: [u64; Refusal::ALL.len()],
     kernel_prev: (u64, [u64; 3]),
+    serial_prev: (u64, u64),
+    /// Serial lines by (device, process).
+    links: HashMap<(String, u32), rtu::Link>,
 }
+
+/// Serial lines followed at once (device, process); past it all start over.
+pub const MAX_LINKS: usize = 256;
 
 /// CLOCK_REALTIME - CLOCK_MONOTONIC now, in ns: what turns a BPF
 /// timestamp (bpf_ktime_get_ns) into wall-clock time.
@@ -331,6 +339,44 @@ impl ValuesStage {
             VALUE_WRITE_FAILED => self.write_reply(conn, false),
             _ => {}
         }
+    }
+
+    /// The bytes one read() or write() of a captured serial device moved
+    /// (`written`: the process wrote them), at `time_ms`.
+    pub fn serial_bytes(&mut self, device: &str, tgid: u32, written: bool, data: &[u8], time_ms: i64) {
+        let Some(master) = self.map.rtu_master(device) else { return };
+        if self.links.len() >= MAX_LINKS && !self.links.contains_key(&(device.to_string(), tgid)) {
+            self.links.clear();
+        }
+        let link = self.links.entry((device.to_string(), tgid)).or_insert_with(|| rtu::Link::new(master));
+        let exchanges = link.bytes(time_ms, written, data);
+        let refused = link.take_refusals();
+        for r in refused {
+            self.refuse(r, 1);
+        }
+        for x in exchanges {
+            let a = Access {
+                time_ms: x.time_ms,
+                transport: Transport::Rtu { device },
+                unit: x.unit,
+                table: x.table,
+                start: x.start,
+                quantity: x.quantity,
+                data: &x.data,
+                mask: None,
+            };
+            self.access(&a);
+        }
+    }
+
+    /// The device probe's serial capture counts (cumulative since it
+    /// attached): events lost to a full ring, reads or writes cut.
+    pub fn serial_kernel_counts(&mut self, lost: u64, cut: u64) {
+        let (plost, pcut) = self.serial_prev;
+        let d = |now: u64, prev: u64| if now >= prev { now - prev } else { now };
+        self.refuse(Refusal::RingFull, d(lost, plost));
+        self.refuse(Refusal::Length, d(cut, pcut));
+        self.serial_prev = (lost, cut);
     }
 
     /// The protocol probe's own refusals (cumulative since it attached;

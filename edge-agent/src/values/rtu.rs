@@ -44,6 +44,8 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exchange {
     pub time_ms: i64,
+    /// A write (functions 5, 6, 15, 16) the slave took.
+    pub written: bool,
     pub unit: u8,
     pub table: Table,
     pub start: u16,
@@ -275,7 +277,15 @@ fn exchange(t: i64, req: &Request, f: &[u8], refused: &mut Vec<Refusal>) -> Opti
             (req.time_ms, req.data.clone())
         }
     };
-    Some(Exchange { time_ms, unit: req.unit, table, start: req.start, quantity: req.quantity, data })
+    Some(Exchange {
+        time_ms,
+        written: req.function >= 5,
+        unit: req.unit,
+        table,
+        start: req.start,
+        quantity: req.quantity,
+        data,
+    })
 }
 
 #[cfg(test)]
@@ -309,6 +319,7 @@ mod tests {
             x,
             vec![Exchange {
                 time_ms: 110,
+                written: false,
                 unit: 1,
                 table: Table::Holding,
                 start: 10,

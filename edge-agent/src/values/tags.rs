@@ -179,6 +179,8 @@ pub enum Source {
     Rtu {
         /// The device path or glob.
         device: String,
+        /// `side = "client"`: the box is the master (writes requests).
+        master: bool,
     },
 }
 
@@ -285,6 +287,28 @@ impl TagMap {
         self.tags.is_empty()
     }
 
+    /// The device globs of the Modbus RTU tags (each once).
+    pub fn rtu_devices(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for t in &self.tags {
+            if let Source::Rtu { device, .. } = &t.source {
+                if !out.contains(device) {
+                    out.push(device.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the box is the master on this serial device (the side of
+    /// the first RTU tag whose glob matches it); None: no tag reads it.
+    pub fn rtu_master(&self, device: &str) -> Option<bool> {
+        self.tags.iter().find_map(|t| match &t.source {
+            Source::Rtu { device: glob, master } if super::glob_matches(glob, device) => Some(*master),
+            _ => None,
+        })
+    }
+
     /// The tags read from Modbus/TCP.
     pub fn tcp(&self) -> impl Iterator<Item = &Tag> {
         self.tags.iter().filter(|t| matches!(t.source, Source::Tcp { .. }))
@@ -383,7 +407,12 @@ fn build_tag(c: &TagConfig, cx: &Context) -> Result<Tag, (&'static str, String)>
             if !(1..=247).contains(&c.unit_id) {
                 return Err(("unit_id", format!("{}: a Modbus RTU slave address is 1..=247", c.unit_id)));
             }
-            Source::Rtu { device: c.device.clone() }
+            let master = match c.side.as_str() {
+                "client" => true,
+                "server" => false,
+                other => return Err(("side", format!("{other:?}: must be client or server"))),
+            };
+            Source::Rtu { device: c.device.clone(), master }
         }
         other => return Err(("source", format!("{other:?}: must be modbus_tcp or modbus_rtu"))),
     };
