@@ -68,6 +68,8 @@ struct Run {
     values_only: f64,
     with_stats: f64,
     one_per_window: f64,
+    /// Per tag alone: (name, type, B/sample).
+    per_tag: Vec<(String, &'static str, f64)>,
 }
 
 fn run(hz: i64) -> Run {
@@ -138,8 +140,23 @@ fn run(hz: i64) -> Run {
     let empty: Vec<_> = windows_values.iter().map(|(t, _, _)| (*t, vec![], vec![])).collect();
     let base = encode(&empty);
     let per = |b: usize| (b - base) as f64 / samples as f64;
+    let names: Vec<(String, &'static str)> =
+        stage.map.tags.iter().map(|t| (t.name.clone(), t.codec.kind.name())).collect();
+    let per_tag = names
+        .into_iter()
+        .map(|(name, kind)| {
+            let only: Vec<Window> = windows_values
+                .iter()
+                .map(|(t, _, v)| (*t, vec![], v.iter().filter(|s| s.key.labels[0].value == name).cloned().collect()))
+                .collect();
+            let n: usize = only.iter().map(|w| w.2.iter().map(|s| s.samples.len()).sum::<usize>()).sum();
+            let bytes = encode(&only) - base;
+            (name, kind, bytes as f64 / n as f64)
+        })
+        .collect();
     Run {
         samples,
+        per_tag,
         values_only: per(encode(&windows_values)),
         with_stats: per(encode(&windows_stats)),
         one_per_window: per(encode(&windows_last)),
@@ -147,11 +164,12 @@ fn run(hz: i64) -> Run {
 }
 
 fn main() {
+    let runs: Vec<(i64, Run)> = [1, 10].into_iter().map(|hz| (hz, run(hz))).collect();
     println!("## Bytes per process-value sample (the pump's 13 tags, 1 h, 10 s windows)\n");
     println!("| polling | samples | value section B/sample | with window stats B/sample | one sample per window instead (B/kept sample) | naive ts+f64 |");
     println!("|---|---|---|---|---|---|");
-    for hz in [1, 10] {
-        let r = run(hz);
+    for (hz, r) in &runs {
+        let hz = *hz;
         let kept = r.samples as f64 / hz as f64 / (WINDOW_MS as f64 / 1000.0);
         println!(
             "| {hz} Hz | {} | {:.2} | {:.2} | {:.2} ({:.0} samples kept) | 16.00 |",
@@ -161,5 +179,11 @@ fn main() {
             r.one_per_window * r.samples as f64 / kept,
             kept
         );
+    }
+    println!("\nEach tag alone (its own time table; B/sample):\n");
+    println!("| tag | type | 1 Hz | 10 Hz |");
+    println!("|---|---|---|---|");
+    for (i, (name, kind, b1)) in runs[0].1.per_tag.iter().enumerate() {
+        println!("| {name} | {kind} | {b1:.2} | {:.2} |", runs[1].1.per_tag[i].2);
     }
 }

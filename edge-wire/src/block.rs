@@ -12,7 +12,7 @@
 //! * other values: Gorilla XOR against the previous value, `0` when equal.
 
 use crate::bits::{BitReader, BitWriter};
-use crate::values::{get_signed, put_signed, ValueCodec, ValueSeries, ValueType};
+use crate::values::{get_signed, put_signed, signed_bits, Rice, ValueCodec, ValueSeries, ValueType};
 use crate::{is_label_name, is_metric_name, Batch, DecodeError, Label, Sample, Series};
 use crate::{MAX_LABELS, MAX_LABEL_VALUE, MAX_SAMPLES_PER_SERIES, MAX_SERIES, RESERVED_LABELS};
 use std::collections::HashMap;
@@ -269,9 +269,15 @@ pub enum EncodeError {
 struct ValueState {
     codec: ValueCodec,
     prev_ts: i64,
-    prev_delta: i64,
     prev_raw: i64,
     samples: usize,
+    rice: Rice,
+}
+
+impl ValueState {
+    fn new(codec: ValueCodec) -> Self {
+        ValueState { codec, prev_ts: i64::MIN, prev_raw: 0, samples: 0, rice: Rice::default() }
+    }
 }
 
 /// Encodes the frames of one block. Start a new encoder for every block.
@@ -285,6 +291,7 @@ pub struct BlockEncoder {
     frames: usize,
     value_index: HashMap<SeriesKey, usize>,
     value_states: Vec<ValueState>,
+    time_state: TimeState,
 }
 
 impl BlockEncoder {
@@ -405,6 +412,10 @@ impl BlockEncoder {
             }
         }
         value_slots.sort_unstable_by_key(|s| s.0);
+        // The frame's time table: every distinct sample time, in order.
+        let mut times: Vec<i64> = value_slots.iter().flat_map(|(_, vs)| vs.samples.iter().map(|s| s.0)).collect();
+        times.sort_unstable();
+        times.dedup();
         let all_present = seen.iter().all(|s| *s);
 
         let mut out = Vec::with_capacity(16 + new.len() * 24 + samples.len() / 2);
@@ -447,6 +458,7 @@ impl BlockEncoder {
                 put_varint(&mut out, *slot as u64);
                 put_varint(&mut out, vs.samples.len() as u64);
             }
+            put_varint(&mut out, times.len() as u64);
         }
         let old = self.values.len();
         for key in new {
@@ -454,7 +466,7 @@ impl BlockEncoder {
         }
         for vs in new_values {
             self.value_index.insert(vs.key.clone(), self.value_states.len());
-            self.value_states.push(ValueState { codec: vs.codec, prev_ts: 0, prev_delta: 0, prev_raw: 0, samples: 0 });
+            self.value_states.push(ValueState::new(vs.codec));
         }
         let mut bits = BitWriter::new();
         if !all_present {
@@ -472,8 +484,11 @@ impl BlockEncoder {
                 self.values.push(first_value(v));
             }
         }
+        if !times.is_empty() {
+            put_times(&mut bits, &mut self.time_state, ts, &times);
+        }
         for (slot, vs) in value_slots {
-            put_value_samples(&mut bits, &mut self.value_states[slot], ts, &vs.samples);
+            put_value_samples(&mut bits, &mut self.value_states[slot], &times, &vs.samples);
         }
         out.extend_from_slice(&bits.finish());
         self.frames += 1;
@@ -493,22 +508,98 @@ impl BlockEncoder {
     }
 }
 
-/// A value series' samples of one frame: per sample the time code, then
-/// the value code. Time: the first sample of the block as its distance
-/// from the frame's time, later ones as delta-of-delta; value: the first of
-/// the block as 64 raw bits, later ones as the change from the previous
-/// (sensor noise makes the change small, not steady).
-fn put_value_samples(w: &mut BitWriter, st: &mut ValueState, frame_ts: i64, samples: &[(i64, i64)]) {
-    for &(t, raw) in samples {
+/// Where the block's time tables left off: the last time and the last
+/// delta between two times (0 when the table had one time and none came
+/// before).
+#[derive(Debug, Clone, Copy, Default)]
+struct TimeState {
+    last: Option<(i64, i64)>,
+}
+
+/// The codes of a time table under one mode: 0 deltas `s(t - t_prev - 1)`,
+/// 1 delta-of-delta `s((t - t_prev) - d_prev)`. The first time is
+/// relative to where the block's previous table ended, or to the frame's
+/// time in the block's first table.
+fn time_codes(st: TimeState, frame_ts: i64, times: &[i64], dod: bool) -> (Vec<i64>, TimeState) {
+    let mut codes = Vec::with_capacity(times.len());
+    let mut prev = st.last;
+    for &t in times {
+        let code = match prev {
+            None => t.wrapping_sub(frame_ts),
+            Some((p, d)) => {
+                let delta = t.wrapping_sub(p);
+                if dod {
+                    delta.wrapping_sub(d)
+                } else {
+                    delta.wrapping_sub(1)
+                }
+            }
+        };
+        codes.push(code);
+        let d = prev.map_or(0, |(p, _)| t.wrapping_sub(p));
+        prev = Some((t, d));
+    }
+    (codes, TimeState { last: prev })
+}
+
+/// The frame's time table (strictly increasing): a mode bit, then one code
+/// per time, in whichever mode is shorter.
+fn put_times(w: &mut BitWriter, st: &mut TimeState, frame_ts: i64, times: &[i64]) {
+    let (delta, next) = time_codes(*st, frame_ts, times, false);
+    let (dod, _) = time_codes(*st, frame_ts, times, true);
+    let size = |c: &[i64]| c.iter().map(|v| signed_bits(*v)).sum::<u32>();
+    let use_dod = size(&dod) < size(&delta);
+    w.bit(use_dod);
+    for c in if use_dod { &dod } else { &delta } {
+        put_signed(w, *c);
+    }
+    *st = next;
+}
+
+fn get_times(r: &mut BitReader, st: &mut TimeState, frame_ts: i64, n: usize) -> Result<Vec<i64>, &'static str> {
+    const SHORT: &str = "value section bits end early";
+    let dod = r.bit().map_err(|_| SHORT)?;
+    let mut out: Vec<i64> = Vec::with_capacity(n.min(4096));
+    let mut prev = st.last;
+    for _ in 0..n {
+        let code = get_signed(r)?;
+        let t = match prev {
+            None => frame_ts.checked_add(code),
+            Some((p, d)) => {
+                let delta = if dod { d.checked_add(code) } else { code.checked_add(1) };
+                delta.and_then(|delta| p.checked_add(delta))
+            }
+        }
+        .ok_or("sample time overflows")?;
+        if out.last().is_some_and(|l| t <= *l) {
+            return Err("time table not increasing");
+        }
+        let d = prev.map_or(0, |(p, _)| t.wrapping_sub(p));
+        prev = Some((t, d));
+        out.push(t);
+    }
+    st.last = prev;
+    Ok(out)
+}
+
+/// A value series' samples of one frame: per sample its place in the time
+/// table (the first as `s(index)`, later ones as the change of the step
+/// `s(step - previous step)`: 1 bit for a series read in every poll,
+/// whatever else the poll reads), then the value: the
+/// block's first as 64 raw bits, later ones as the change from the
+/// previous in adaptive Rice code (sensor noise makes the change small,
+/// not steady).
+fn put_value_samples(w: &mut BitWriter, st: &mut ValueState, times: &[i64], samples: &[(i64, i64)]) {
+    let (mut prev_idx, mut prev_step) = (-1i64, 1i64);
+    for (i, &(t, raw)) in samples.iter().enumerate() {
+        let idx = times.partition_point(|x| *x < t) as i64;
+        let step = idx - prev_idx;
+        put_signed(w, if i == 0 { idx } else { step - prev_step });
+        (prev_idx, prev_step) = (idx, step);
         if st.samples == 0 {
-            put_signed(w, t.wrapping_sub(frame_ts));
             w.bits(raw as u64, 64);
-            st.prev_delta = 0;
         } else {
-            let d = t.wrapping_sub(st.prev_ts);
-            put_signed(w, d.wrapping_sub(st.prev_delta));
-            put_signed(w, raw.wrapping_sub(st.prev_raw));
-            st.prev_delta = d;
+            st.rice.put(w, raw.wrapping_sub(st.prev_raw));
         }
         st.prev_ts = t;
         st.prev_raw = raw;
@@ -519,24 +610,28 @@ fn put_value_samples(w: &mut BitWriter, st: &mut ValueState, frame_ts: i64, samp
 fn get_value_samples(
     r: &mut BitReader,
     st: &mut ValueState,
-    frame_ts: i64,
+    times: &[i64],
     n: usize,
     out: &mut Vec<Sample>,
 ) -> Result<(), &'static str> {
-    for _ in 0..n {
-        let (t, raw) = if st.samples == 0 {
-            let t = frame_ts.checked_add(get_signed(r)?).ok_or("sample time overflows")?;
-            let raw = r.bits(64).map_err(|_| "value section bits end early")? as i64;
-            st.prev_delta = 0;
-            (t, raw)
+    let (mut prev_idx, mut prev_step) = (-1i64, 1i64);
+    for i in 0..n {
+        let code = get_signed(r)?;
+        let step =
+            if i == 0 { code.checked_add(1) } else { prev_step.checked_add(code) }.ok_or("time index overflows")?;
+        let idx = prev_idx.checked_add(step).ok_or("time index overflows")?;
+        if step < 1 || idx < 0 || idx as usize >= times.len() {
+            return Err("time index out of the frame's table");
+        }
+        (prev_idx, prev_step) = (idx, step);
+        let t = times[idx as usize];
+        if t <= st.prev_ts {
+            return Err("sample times must strictly increase");
+        }
+        let raw = if st.samples == 0 {
+            r.bits(64).map_err(|_| "value section bits end early")? as i64
         } else {
-            let d = st.prev_delta.checked_add(get_signed(r)?).ok_or("sample time overflows")?;
-            if d <= 0 {
-                return Err("sample times must strictly increase");
-            }
-            let t = st.prev_ts.checked_add(d).ok_or("sample time overflows")?;
-            st.prev_delta = d;
-            (t, st.prev_raw.wrapping_add(get_signed(r)?))
+            st.prev_raw.wrapping_add(st.rice.get(r)?)
         };
         if !st.codec.kind.valid_raw(raw) {
             return Err("raw value out of its type's range");
@@ -561,6 +656,7 @@ pub struct BlockDecoder {
     keys: std::collections::HashSet<SeriesKey>,
     value_series: Vec<Series>,
     value_states: Vec<ValueState>,
+    time_state: TimeState,
 }
 
 fn bad(reason: &'static str) -> DecodeError {
@@ -613,6 +709,7 @@ impl BlockDecoder {
         // The value section's header: new value series, then which carry
         // how many samples.
         let mut value_counts: Vec<(usize, usize)> = Vec::new();
+        let mut time_count = 0;
         if flags & FLAG_VALUES != 0 {
             let new = c.varint().map_err(bad)? as usize;
             if self.series.len() + self.value_series.len() + new > MAX_SERIES {
@@ -631,7 +728,7 @@ impl BlockDecoder {
                 let codec = ValueCodec { kind, scale, offset };
                 codec.validate().map_err(|e| DecodeError::Invalid(format!("{}: {e}", key.name)))?;
                 self.value_series.push(Series { name: key.name, labels: key.labels, samples: Vec::new() });
-                self.value_states.push(ValueState { codec, prev_ts: 0, prev_delta: 0, prev_raw: 0, samples: 0 });
+                self.value_states.push(ValueState::new(codec));
             }
             let present = c.varint().map_err(bad)? as usize;
             if present == 0 || present > self.value_series.len() {
@@ -651,6 +748,12 @@ impl BlockDecoder {
                 }
                 value_counts.push((slot, n));
             }
+            let t = c.varint().map_err(bad)? as usize;
+            let total: usize = value_counts.iter().map(|(_, n)| n).sum();
+            if t == 0 || t > total {
+                return Err(bad("time table empty or longer than the samples"));
+            }
+            time_count = t;
         }
         let mut r = BitReader::new(&frame[c.pos..]);
         let present: Vec<bool> = if flags & FLAG_ALL_PRESENT != 0 {
@@ -669,9 +772,14 @@ impl BlockDecoder {
             self.values.push(first_value(v));
             self.series[i].samples.push(Sample { timestamp_ms: ts, value: v });
         }
+        let times = if time_count > 0 {
+            get_times(&mut r, &mut self.time_state, ts, time_count).map_err(bad)?
+        } else {
+            Vec::new()
+        };
         for (slot, n) in value_counts {
             let series = &mut self.value_series[slot];
-            get_value_samples(&mut r, &mut self.value_states[slot], ts, n, &mut series.samples)
+            get_value_samples(&mut r, &mut self.value_states[slot], &times, n, &mut series.samples)
                 .map_err(|e| DecodeError::Invalid(format!("value series {}: {e}", series.name)))?;
         }
         if r.remaining() >= 8 {

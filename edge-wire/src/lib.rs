@@ -523,5 +523,27 @@ mod golden {
         assert_eq!(hex.join(" "), GOLDEN);
     }
 
+    /// The value section's worked example of docs/wire-format.md.
+    #[test]
+    fn documented_value_example() {
+        let vs = |samples| crate::ValueSeries {
+            key: SeriesKey::new("v", vec![Label::new("tag", "p")]),
+            codec: crate::ValueCodec::new(crate::ValueType::U16),
+            samples,
+        };
+        let mut e = BlockEncoder::new();
+        let f0 = e.frame_with_values(1000, &[], &[vs(vec![(900, 5), (950, 6)])]).unwrap();
+        let f1 = e.frame_with_values(2000, &[], &[vs(vec![(1000, 6)])]).unwrap();
+        let hex = |f: &[u8]| f.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+        assert_eq!(hex(&f0), GOLDEN_VALUES_0);
+        assert_eq!(hex(&f1), GOLDEN_VALUES_1);
+        let batch = block::decode_block([f0.as_slice(), f1.as_slice()]).unwrap();
+        let got: Vec<(i64, f64)> = batch.series[0].samples.iter().map(|s| (s.timestamp_ms, s.value)).collect();
+        assert_eq!(got, [(900, 5.0), (950, 6.0), (1000, 6.0)]);
+    }
+
+    const GOLDEN_VALUES_0: &str = "21 03 d0 0f 00 01 00 01 76 01 00 03 74 61 67 00 01 70 02 00 00 00 00 00 00 f0 3f 00 00 00 00 00 00 00 00 01 00 02 02 69 cc 62 00 00 00 00 00 00 00 05 60";
+    const GOLDEN_VALUES_1: &str = "22 03 d0 0f 00 00 01 00 01 01 80";
+
     const GOLDEN: &str = "03 02 64 31 01 ac 02 00 03 17 21 01 d0 0f 01 00 01 6d 01 00 01 6b 00 01 76 3f f0 00 00 00 00 00 00 08 22 01 a0 9c 01 00 80 80 05 22 01 02 00 00";
 }

@@ -2,7 +2,7 @@
 //! encoder/decoder round trip on windows derived from the input.
 #![no_main]
 
-use edge_wire::{block, BlockEncoder, Envelope, Label, SeriesKey};
+use edge_wire::{block, BlockEncoder, Envelope, Label, SeriesKey, ValueCodec, ValueSeries, ValueType};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -35,8 +35,31 @@ fuzz_target!(|data: &[u8]| {
     let mut sent: Vec<Vec<(i64, u64)>> = vec![Vec::new(); series];
     let mut out = Vec::new();
     let mut ts = 0i64;
+    // Process values too: one series per type, samples at times and raw
+    // values from the input (wrapping changes, gaps, several per window).
+    let mut value_sent: Vec<Vec<(i64, u64)>> = vec![Vec::new(); ValueType::ALL.len()];
+    let mut value_t = -5000i64;
     for chunk in data[1..].chunks(9) {
+        let window_start = ts;
         ts += 1 + i64::from(chunk[0] % 4) * 1000;
+        let mut values = Vec::new();
+        for (k, kind) in ValueType::ALL.into_iter().enumerate() {
+            if chunk.len() < 9 || chunk[k % 9] & 1 == 1 {
+                continue;
+            }
+            let mut samples = Vec::new();
+            for j in 0..(chunk[(k + 3) % 9] % 4) {
+                value_t = value_t.max(window_start - 3000) + 1 + i64::from(chunk[(k + j as usize) % 9] % 50);
+                let bits = u64::from_le_bytes(chunk[1..9].try_into().unwrap()).rotate_left(u32::from(j) * 7 + k as u32);
+                samples.push((value_t, kind.raw_of_bits(bits)));
+            }
+            let codec = ValueCodec { kind, scale: if k % 2 == 0 { 1.0 } else { 0.5 }, offset: k as f64 };
+            for (t, raw) in &samples {
+                value_sent[k].push((*t, codec.value(*raw).to_bits()));
+            }
+            let key = SeriesKey::new("v", vec![Label::new("k", k.to_string())]);
+            values.push(ValueSeries { key, codec, samples });
+        }
         let mut samples = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             if chunk[0] & (1 << (i % 8)) == 0 && i > 0 {
@@ -50,12 +73,22 @@ fuzz_target!(|data: &[u8]| {
             samples.push((k.clone(), v));
             sent[i].push((ts, v.to_bits()));
         }
-        out.push(enc.frame(ts, &samples).expect("valid windows encode"));
+        match enc.frame_with_values(ts, &samples, &values) {
+            Ok(f) => out.push(f),
+            // More than a block holds: the round trip ends here.
+            Err(edge_wire::EncodeError::Full) => break,
+            Err(e) => panic!("valid windows encode: {e}"),
+        }
     }
     let batch = block::decode_block(out.iter().map(Vec::as_slice)).expect("own frames decode");
     for s in &batch.series {
-        let i: usize = s.labels[0].value.parse().unwrap();
         let got: Vec<(i64, u64)> = s.samples.iter().map(|p| (p.timestamp_ms, p.value.to_bits())).collect();
-        assert_eq!(got, sent[i]);
+        let i: usize = s.labels[0].value.parse().unwrap();
+        if s.name == "v" {
+            assert_eq!(got, value_sent[i][..got.len()]);
+            assert_eq!(got.len(), value_sent[i].len());
+        } else {
+            assert_eq!(got, sent[i][..got.len()]);
+        }
     }
 });
