@@ -10,7 +10,7 @@
 //! cut arrive after it comes back. It prints boot-to-first-sample and the
 //! agent's RSS (BENCHMARKS.md).
 
-use e2e::{bridge, now_ms, tempdir, wait_for, Broker, Prom};
+use e2e::{bridge, free_port, now_ms, tempdir, wait_for, Broker, Proc, Prom};
 use hil_tests::{private_network, require_board_tools, Arch, Board, Image};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -56,6 +56,39 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
     std::fs::copy(crt, prov.join("etc/edge-agent/tls/device.crt")).unwrap();
     std::fs::copy(key, prov.join("etc/edge-agent/tls/device.key")).unwrap();
     std::fs::copy(broker.pki.join("ca.crt"), prov.join("etc/edge-agent/tls/ca.crt")).unwrap();
+    // Process values: the simulated pump PLC on the host; the board polls
+    // its input registers once a second (BusyBox nc, one connection per
+    // poll) and the agent, given two of the pump's tags, captures them.
+    let plc_port = free_port();
+    let _plc = Proc::spawn(
+        "pump_sim",
+        &dir,
+        &e2e::bin_dir().join("pump_sim"),
+        &["--port".into(), plc_port.to_string(), "--no-poll".into()],
+        &[],
+    );
+    let overlay =
+        std::fs::read_to_string(e2e::repo_dir().join("buildroot/board/edge/rootfs-overlay/etc/edge-agent/agent.toml"))
+            .expect("the image's agent.toml");
+    let tags = format!(
+        "\n[probes.protocols]\nmodbus_ports = [{plc_port}]\n\n\
+         [[tags]]\nname = \"vibration_rms\"\nunit = \"mm/s\"\nsource = \"modbus_tcp\"\nserver = \"10.0.2.2\"\n\
+         port = {plc_port}\ntable = \"input\"\naddress = 0\nscale = 0.01\n\n\
+         [[tags]]\nname = \"bearing_temperature\"\nunit = \"degC\"\nsource = \"modbus_tcp\"\nserver = \"10.0.2.2\"\n\
+         port = {plc_port}\ntable = \"input\"\naddress = 4\ntype = \"f32\"\norder = \"CDAB\"\n"
+    );
+    std::fs::write(prov.join("etc/edge-agent/agent.toml"), format!("{overlay}{tags}")).unwrap();
+    std::fs::create_dir_all(prov.join("etc/hil")).unwrap();
+    // Read input registers 0..16 (function 4), transaction 1, unit 1.
+    let poll = format!(
+        "#!/bin/sh\nwhile :; do\n\tprintf '\\000\\001\\000\\000\\000\\006\\001\\004\\000\\000\\000\\020' \
+         | nc -w 2 10.0.2.2 {plc_port} > /dev/null 2>&1\n\tsleep 1\ndone\n"
+    );
+    std::fs::write(prov.join("etc/hil/modbus.sh"), poll).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(prov.join("etc/hil/modbus.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
 
     let image = Image::build(arch, &dir, &prov);
     let mut board = Board::boot(&dir, &image);
@@ -133,6 +166,10 @@ fn boots_attaches_and_delivers_across_a_link_cut(arch: Arch) {
     if with_tflite {
         checks.push(format!("edge_anomaly_score{{{dev}}}"));
     }
+    // The pump's values, captured from the board's polls by the protocol
+    // probe on this kernel: positive readings in the pump's range.
+    checks.push(format!("edge_process_value{{{dev},tag=\"vibration_rms\"}} > 1"));
+    checks.push(format!("edge_process_value{{{dev},tag=\"bearing_temperature\"}} > 20"));
     for q in &checks {
         let v = wait_for(&format!("{q} in Prometheus"), Duration::from_secs(120), || {
             board.proc.assert_running();

@@ -11,6 +11,10 @@
 //! `--wait-file F`: the HMI starts polling once F exists (a test lets the
 //! agent see the serial line first).
 //!
+//! `--extra-inputs N`: N more input registers from address 100 (a slow,
+//! noisy reading each), polled every cycle in requests of 100 (the load
+//! benchmark's 200 tags).
+//!
 //! With `--rtu LINK` the same PLC is also a Modbus RTU slave (the same
 //! unit) on a pseudo-terminal whose slave side is linked at LINK (a serial
 //! device as the HMI sees it); the HMI polls it too, in the same way, and
@@ -160,6 +164,7 @@ struct Args {
     poll: bool,
     rtu: Option<String>,
     wait_file: Option<String>,
+    extra_inputs: u16,
 }
 
 fn args() -> Args {
@@ -174,6 +179,7 @@ fn args() -> Args {
         poll: true,
         rtu: None,
         wait_file: None,
+        extra_inputs: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -194,6 +200,7 @@ fn args() -> Args {
             "--no-poll" => a.poll = false,
             "--rtu" => a.rtu = Some(v()),
             "--wait-file" => a.wait_file = Some(v()),
+            "--extra-inputs" => a.extra_inputs = v().parse().expect("--extra-inputs"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -206,7 +213,7 @@ fn main() {
     let mut pump = Pump::new(a.seed);
     pump.faults = a.faults.clone();
     let pump = Arc::new(Mutex::new(pump));
-    update(&storage, &mut pump.lock().unwrap(), 0.0);
+    update(&storage, &mut pump.lock().unwrap(), 0.0, a.extra_inputs);
     let listener = TcpListener::bind(("127.0.0.1", a.port)).expect("bind");
     let port = listener.local_addr().unwrap().port();
     {
@@ -221,7 +228,7 @@ fn main() {
     }
     // The process at 10 Hz.
     {
-        let (storage, pump) = (storage.clone(), pump.clone());
+        let (storage, pump, extra) = (storage.clone(), pump.clone(), a.extra_inputs);
         std::thread::spawn(move || {
             let start = Instant::now();
             let mut ticks = 0u64;
@@ -229,7 +236,7 @@ fn main() {
                 ticks += 1;
                 let at = start + Duration::from_millis(100 * ticks);
                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
-                update(&storage, &mut pump.lock().unwrap(), 0.1);
+                update(&storage, &mut pump.lock().unwrap(), 0.1, extra);
             }
         });
     }
@@ -263,7 +270,17 @@ fn main() {
         }
         stop = a.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
     }
-    let mut hmi = Hmi { stream: None, serial, port, unit: a.unit, tid: 0, log, pump: pump.clone(), polls: 0 };
+    let mut hmi = Hmi {
+        stream: None,
+        serial,
+        port,
+        unit: a.unit,
+        tid: 0,
+        log,
+        pump: pump.clone(),
+        polls: 0,
+        extra: a.extra_inputs,
+    };
     let period = Duration::from_secs_f64(1.0 / a.hz);
     let start = Instant::now();
     let mut last_label = 0i64;
@@ -293,8 +310,19 @@ fn main() {
 }
 
 /// The process model's sensors into the PLC's registers.
-fn update(storage: &Storage, pump: &mut Pump, dt: f64) {
+fn update(storage: &Storage, pump: &mut Pump, dt: f64, extra: u16) {
     let mut s = storage.lock().unwrap();
+    if extra > 0 {
+        let t = pump.t_s;
+        let regs: Vec<u16> = (0..extra)
+            .map(|i| {
+                let base = 1000.0 + 40.0 * f64::from(i);
+                let slow = 25.0 * (t / 60.0 + f64::from(i)).sin();
+                (base + slow + 3.0 * ((t * 7.3 + f64::from(i) * 1.7).sin())).round() as u16
+            })
+            .collect();
+        s.set_inputs_bulk(100, &regs).unwrap();
+    }
     // What the HMI wrote drives the process.
     pump.speed_rpm = f64::from(s.get_holding(map::SPEED_SETPOINT).unwrap_or(1450)).clamp(0.0, 3000.0);
     if pump.speed_rpm == 0.0 {
@@ -431,6 +459,7 @@ struct Hmi {
     log: Option<Mutex<std::fs::File>>,
     pump: Arc<Mutex<Pump>>,
     polls: u64,
+    extra: u16,
 }
 
 impl Hmi {
@@ -521,6 +550,13 @@ impl Hmi {
             self.value(sent, "pump_run", 1.0);
         }
         let _ = &self.pump;
+        let mut at = 0;
+        while at < self.extra {
+            let n = (self.extra - at).min(100);
+            let (req, reply, _, _) = self.call(|r, o| r.generate_get_inputs(100 + at, n, o).unwrap())?;
+            req.parse_ok(&reply).map_err(bad)?;
+            at += n;
+        }
         Ok(())
     }
 

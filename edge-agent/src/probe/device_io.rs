@@ -506,6 +506,10 @@ impl DeviceIoProbe {
         for (name, value) in &globals {
             loader.override_global(name, value, true);
         }
+        if capture.is_empty() {
+            // No RTU tags: the byte ring stays one page (never written).
+            loader.map_max_entries("dio_bytes", super::protocols::page_size());
+        }
         let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
         for name in PROGRAMS {
             let prog: &mut TracePoint = ebpf

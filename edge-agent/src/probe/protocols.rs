@@ -195,6 +195,17 @@ impl<'a> ValueEvent<'a> {
     }
 }
 
+/// The system's page size: the smallest ring buffer.
+pub fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u32
+    } else {
+        4096
+    }
+}
+
 /// The kernel's tag filter: per (side, unit, table, address / 64) the
 /// mapped addresses' bits, for the Modbus/TCP tags.
 pub fn tag_chunks(map: &crate::values::tags::TagMap) -> std::collections::BTreeMap<[u8; 8], u64> {
@@ -357,6 +368,10 @@ impl ProtocolsProbe {
         loader.override_global("ipp_capture", &capture, true);
         let discovering = u32::from(discover);
         loader.override_global("ipp_discover", &discovering, true);
+        if capture == 0 {
+            // No tags: the ring stays one page (the programs never use it).
+            loader.map_max_entries("ipp_values", page_size());
+        }
         let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
         if !chunks.is_empty() {
             let mut filter: BpfHashMap<_, [u8; 8], u64> = BpfHashMap::try_from(
