@@ -277,21 +277,28 @@ static __always_inline void begin(void *ctx, struct dio_filter *f, __u32 tid, st
 	__sync_fetch_and_add(&f->spilled, 1);
 }
 
-// sys_enter of read/write/ioctl-like calls (and dup2/dup3): the watched
-// file behind the descriptor at `off` of the record, timed until exit.
-static __always_inline int enter_fd(void *ctx, __u32 off, __u32 op)
+// The watched file behind the descriptor at `off` of the record, if any:
+// the reject path is the two filter bytes.
+static __always_inline struct dio_file *watched_file(void *ctx, __u32 off, struct dio_filter *f, __u64 id)
 {
-	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
-	struct dio_filter *f = filter();
 	if (!f || !f->pid[tgid % DIO_PID_SLOTS])
 		return 0;
 	__u32 fd = (__u32)rec_u64(ctx, off);
 	if (!f->fd[fd % DIO_FD_SLOTS])
 		return 0;
 	__u64 key = ((__u64)tgid << 32) | fd;
-	struct dio_file *file = bpf_map_lookup_elem(&dio_fds, &key);
-	if (!file)
+	return bpf_map_lookup_elem(&dio_fds, &key);
+}
+
+// sys_enter of read/write/ioctl-like calls (and dup2/dup3): the watched
+// file behind the descriptor at `off` of the record, timed until exit.
+static __always_inline int enter_fd(void *ctx, __u32 off, __u32 op)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct dio_filter *f = filter();
+	struct dio_file *file = watched_file(ctx, off, f, id);
+	if (!file || !f)
 		return 0;
 	begin(ctx, f, (__u32)id, file, op);
 	return 0;
@@ -302,16 +309,9 @@ static __always_inline int enter_fd(void *ctx, __u32 off, __u32 op)
 static __always_inline int enter_buf(void *ctx, __u32 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tgid = id >> 32;
 	struct dio_filter *f = filter();
-	if (!f || !f->pid[tgid % DIO_PID_SLOTS])
-		return 0;
-	__u32 fd = (__u32)rec_u64(ctx, off_fd);
-	if (!f->fd[fd % DIO_FD_SLOTS])
-		return 0;
-	__u64 key = ((__u64)tgid << 32) | fd;
-	struct dio_file *file = bpf_map_lookup_elem(&dio_fds, &key);
-	if (!file)
+	struct dio_file *file = watched_file(ctx, off_fd, f, id);
+	if (!file || !f)
 		return 0;
 	__u32 dev = file->dev;
 	__u32 *capture = bpf_map_lookup_elem(&dio_capture, &dev);

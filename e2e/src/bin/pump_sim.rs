@@ -288,12 +288,12 @@ fn main() {
         if stop.is_some_and(|s| Instant::now() >= s) {
             return;
         }
-        if let Err(e) = hmi.poll() {
+        if let Err(e) = hmi.poll(false) {
             eprintln!("pump_sim: poll: {e}");
             hmi.stream = None;
         }
         if hmi.serial.is_some() {
-            if let Err(e) = hmi.poll_rtu() {
+            if let Err(e) = hmi.poll(true) {
                 eprintln!("pump_sim: RTU poll: {e}");
             }
         }
@@ -499,18 +499,34 @@ impl Hmi {
         Ok((req, reply, sent, now_ms()))
     }
 
-    fn poll(&mut self) -> std::io::Result<()> {
+    /// One request and its reply over Modbus/TCP, or RTU on the line.
+    fn call_on(
+        &mut self,
+        rtu: bool,
+        gen: impl FnOnce(&mut ModbusRequest, &mut Vec<u8>),
+    ) -> std::io::Result<(ModbusRequest, Vec<u8>, i64, i64)> {
+        if rtu {
+            self.call_rtu(gen)
+        } else {
+            self.call(gen)
+        }
+    }
+
+    /// One poll over TCP, or over the serial line (tags `rtu_<name>`): the
+    /// four reads, and now and then the writes.
+    fn poll(&mut self, rtu: bool) -> std::io::Result<()> {
         let bad = |e: rmodbus::ErrorKind| std::io::Error::other(format!("{e:?}"));
-        let (req, reply, _, t) = self.call(|r, o| r.generate_get_inputs(0, map::INPUTS, o).unwrap())?;
+        let prefix = if rtu { "rtu_" } else { "" };
+        let (req, reply, _, t) = self.call_on(rtu, |r, o| r.generate_get_inputs(0, map::INPUTS, o).unwrap())?;
         let mut regs = Vec::new();
         req.parse_u16(&reply, &mut regs).map_err(bad)?;
-        self.log_registers("input", t, &regs);
-        let (req, reply, _, t) = self.call(|r, o| r.generate_get_holdings(0, map::HOLDINGS, o).unwrap())?;
+        self.log_registers_as(prefix, "input", t, &regs);
+        let (req, reply, _, t) = self.call_on(rtu, |r, o| r.generate_get_holdings(0, map::HOLDINGS, o).unwrap())?;
         let mut regs = Vec::new();
         req.parse_u16(&reply, &mut regs).map_err(bad)?;
-        self.log_registers("holding", t, &regs);
+        self.log_registers_as(prefix, "holding", t, &regs);
         for (table, f) in [("coil", 1u8), ("discrete_input", 2)] {
-            let (req, reply, _, t) = self.call(|r, o| {
+            let (req, reply, _, t) = self.call_on(rtu, |r, o| {
                 if f == 1 {
                     r.generate_get_coils(0, map::BITS, o).unwrap()
                 } else {
@@ -520,7 +536,7 @@ impl Hmi {
             let mut bits = Vec::new();
             req.parse_bool(&reply, &mut bits).map_err(bad)?;
             let regs: Vec<u16> = bits.iter().map(|b| u16::from(*b)).collect();
-            self.log_registers(table, t, &regs);
+            self.log_registers_as(prefix, table, t, &regs);
         }
         // A tag read and then written in the same millisecond would have
         // two values at one time: the writes come a few ms after the reads.
@@ -530,38 +546,34 @@ impl Hmi {
         if self.polls.is_multiple_of(10) {
             let speed = 1400 + (self.polls / 10 % 7) as u16 * 25;
             let (req, reply, sent, _) =
-                self.call(|r, o| r.generate_set_holding(map::SPEED_SETPOINT, speed, o).unwrap())?;
+                self.call_on(rtu, |r, o| r.generate_set_holding(map::SPEED_SETPOINT, speed, o).unwrap())?;
             req.parse_ok(&reply).map_err(bad)?;
-            self.value(sent, "speed_setpoint", f64::from(speed));
+            self.value(sent, &format!("{prefix}speed_setpoint"), f64::from(speed));
             let limit = 8.0f32 + (self.polls / 10 % 5) as f32 * 0.25;
             let words = pump::order_words(u64::from(limit.to_bits()), 2, "BADC");
             let (req, reply, sent, _) =
-                self.call(|r, o| r.generate_set_holdings_bulk(map::PRESSURE_LIMIT, &words, o).unwrap())?;
+                self.call_on(rtu, |r, o| r.generate_set_holdings_bulk(map::PRESSURE_LIMIT, &words, o).unwrap())?;
             req.parse_ok(&reply).map_err(bad)?;
-            self.value(sent, "pressure_limit", f64::from(limit));
-            let (req, reply, sent, _) = self.call(|r, o| r.generate_set_coil(map::RUN, true, o).unwrap())?;
+            self.value(sent, &format!("{prefix}pressure_limit"), f64::from(limit));
+            let (req, reply, sent, _) = self.call_on(rtu, |r, o| r.generate_set_coil(map::RUN, true, o).unwrap())?;
             req.parse_ok(&reply).map_err(bad)?;
-            self.value(sent, "pump_run", 1.0);
+            self.value(sent, &format!("{prefix}pump_run"), 1.0);
         }
-        if self.polls % 25 == 12 {
+        if self.polls % 25 == 12 && !rtu {
             let coils = [true, self.polls.is_multiple_of(2), true, false];
-            let (req, reply, sent, _) = self.call(|r, o| r.generate_set_coils_bulk(0, &coils, o).unwrap())?;
+            let (req, reply, sent, _) = self.call_on(rtu, |r, o| r.generate_set_coils_bulk(0, &coils, o).unwrap())?;
             req.parse_ok(&reply).map_err(bad)?;
-            self.value(sent, "pump_run", 1.0);
+            self.value(sent, &format!("{prefix}pump_run"), 1.0);
         }
         let _ = &self.pump;
         let mut at = 0;
-        while at < self.extra {
+        while at < self.extra && !rtu {
             let n = (self.extra - at).min(100);
-            let (req, reply, _, _) = self.call(|r, o| r.generate_get_inputs(100 + at, n, o).unwrap())?;
+            let (req, reply, _, _) = self.call_on(rtu, |r, o| r.generate_get_inputs(100 + at, n, o).unwrap())?;
             req.parse_ok(&reply).map_err(bad)?;
             at += n;
         }
         Ok(())
-    }
-
-    fn log_registers(&self, table: &str, t: i64, regs: &[u16]) {
-        self.log_registers_as("", table, t, regs);
     }
 
     fn log_registers_as(&self, prefix: &str, table: &str, t: i64, regs: &[u16]) {
@@ -584,49 +596,5 @@ impl Hmi {
         f.write_all(&out)?;
         let reply = read_frame(f, rtu_reply_len)?;
         Ok((req, reply, sent, now_ms()))
-    }
-
-    /// The same poll over the serial line.
-    fn poll_rtu(&mut self) -> std::io::Result<()> {
-        let bad = |e: rmodbus::ErrorKind| std::io::Error::other(format!("{e:?}"));
-        let (req, reply, _, t) = self.call_rtu(|r, o| r.generate_get_inputs(0, map::INPUTS, o).unwrap())?;
-        let mut regs = Vec::new();
-        req.parse_u16(&reply, &mut regs).map_err(bad)?;
-        self.log_registers_as("rtu_", "input", t, &regs);
-        let (req, reply, _, t) = self.call_rtu(|r, o| r.generate_get_holdings(0, map::HOLDINGS, o).unwrap())?;
-        let mut regs = Vec::new();
-        req.parse_u16(&reply, &mut regs).map_err(bad)?;
-        self.log_registers_as("rtu_", "holding", t, &regs);
-        for (table, f) in [("coil", 1u8), ("discrete_input", 2)] {
-            let (req, reply, _, t) = self.call_rtu(|r, o| {
-                if f == 1 {
-                    r.generate_get_coils(0, map::BITS, o).unwrap()
-                } else {
-                    r.generate_get_discretes(0, map::BITS, o).unwrap()
-                }
-            })?;
-            let mut bits = Vec::new();
-            req.parse_bool(&reply, &mut bits).map_err(bad)?;
-            let regs: Vec<u16> = bits.iter().map(|b| u16::from(*b)).collect();
-            self.log_registers_as("rtu_", table, t, &regs);
-        }
-        if self.polls.is_multiple_of(10) {
-            std::thread::sleep(Duration::from_millis(3));
-            let speed = 1400 + (self.polls / 10 % 7) as u16 * 25;
-            let (req, reply, sent, _) =
-                self.call_rtu(|r, o| r.generate_set_holding(map::SPEED_SETPOINT, speed, o).unwrap())?;
-            req.parse_ok(&reply).map_err(bad)?;
-            self.value(sent, "rtu_speed_setpoint", f64::from(speed));
-            let limit = 8.0f32 + (self.polls / 10 % 5) as f32 * 0.25;
-            let words = pump::order_words(u64::from(limit.to_bits()), 2, "BADC");
-            let (req, reply, sent, _) =
-                self.call_rtu(|r, o| r.generate_set_holdings_bulk(map::PRESSURE_LIMIT, &words, o).unwrap())?;
-            req.parse_ok(&reply).map_err(bad)?;
-            self.value(sent, "rtu_pressure_limit", f64::from(limit));
-            let (req, reply, sent, _) = self.call_rtu(|r, o| r.generate_set_coil(map::RUN, true, o).unwrap())?;
-            req.parse_ok(&reply).map_err(bad)?;
-            self.value(sent, "rtu_pump_run", 1.0);
-        }
-        Ok(())
     }
 }
