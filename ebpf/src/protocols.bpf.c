@@ -390,7 +390,12 @@ __attribute__((noinline)) int capture(struct __sk_buff *skb, __u64 now, __u64 wh
 		ev->data[0] = coil_value;
 		len = 1;
 	} else {
-		if (len < 1 || len > IPP_VALUE_DATA || bpf_skb_load_bytes(skb, data_off, ev->data, len)) {
+		// 1..256 by arithmetic, then at most IPP_VALUE_DATA: verifiers
+		// before 6.x do not learn "not 0" from a comparison with 0, and
+		// the helper refuses a size that may be 0 (a length of 0 wraps
+		// to 256 and is refused below).
+		len = ((len - 1) & 0xff) + 1;
+		if (len > IPP_VALUE_DATA || bpf_skb_load_bytes(skb, data_off, ev->data, len)) {
 			bpf_ringbuf_discard(ev, 0);
 			return 0;
 		}
