@@ -362,28 +362,38 @@ fn read_adu(c: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(adu)
 }
 
+/// The PLC's answer to one request (TCP ADU or RTU frame), by rmodbus:
+/// `Ok(None)` when it owes none (another unit, a broadcast), `Err` when the
+/// request is malformed or cannot be processed.
+fn answer(request: &[u8], proto: ModbusProto, unit: u8, storage: &Storage) -> Result<Option<Vec<u8>>, ()> {
+    let mut buf = [0u8; 256];
+    let n = request.len().min(256);
+    buf[..n].copy_from_slice(&request[..n]);
+    let mut response = Vec::new();
+    let mut frame = ModbusFrame::new(unit, &buf, proto, &mut response);
+    frame.parse().map_err(drop)?;
+    if frame.processing_required {
+        let r = if frame.readonly {
+            frame.process_read(&*storage.lock().unwrap())
+        } else {
+            frame.process_write(&mut *storage.lock().unwrap())
+        };
+        r.map_err(drop)?;
+    }
+    if !frame.response_required {
+        return Ok(None);
+    }
+    frame.finalize_response().map_err(drop)?;
+    Ok(Some(response))
+}
+
 fn serve(mut c: TcpStream, unit: u8, storage: Storage) {
     c.set_nodelay(true).ok();
     while let Ok(adu) = read_adu(&mut c) {
-        let mut buf = [0u8; 256];
-        buf[..adu.len().min(256)].copy_from_slice(&adu[..adu.len().min(256)]);
-        let mut response = Vec::new();
-        let mut frame = ModbusFrame::new(unit, &buf, ModbusProto::TcpUdp, &mut response);
-        if frame.parse().is_err() {
-            return;
-        }
-        if frame.processing_required {
-            let r = if frame.readonly {
-                frame.process_read(&*storage.lock().unwrap())
-            } else {
-                frame.process_write(&mut *storage.lock().unwrap())
-            };
-            if r.is_err() {
-                return;
-            }
-        }
-        if frame.response_required && (frame.finalize_response().is_err() || c.write_all(&response).is_err()) {
-            return;
+        match answer(&adu, ModbusProto::TcpUdp, unit, &storage) {
+            Ok(Some(reply)) if c.write_all(&reply).is_err() => return,
+            Ok(_) => {}
+            Err(()) => return,
         }
     }
 }
@@ -427,25 +437,10 @@ fn read_frame(f: &mut impl Read, len_of: fn(&[u8]) -> Option<usize>) -> std::io:
 
 fn serve_rtu(mut master: std::fs::File, unit: u8, storage: Storage) {
     while let Ok(req) = read_frame(&mut master, rtu_request_len) {
-        let mut buf = [0u8; 256];
-        buf[..req.len().min(256)].copy_from_slice(&req[..req.len().min(256)]);
-        let mut response = Vec::new();
-        let mut frame = ModbusFrame::new(unit, &buf, ModbusProto::Rtu, &mut response);
-        if frame.parse().is_err() {
-            continue;
-        }
-        if frame.processing_required {
-            let r = if frame.readonly {
-                frame.process_read(&*storage.lock().unwrap())
-            } else {
-                frame.process_write(&mut *storage.lock().unwrap())
-            };
-            if r.is_err() {
-                continue;
+        if let Ok(Some(reply)) = answer(&req, ModbusProto::Rtu, unit, &storage) {
+            if master.write_all(&reply).is_err() {
+                return;
             }
-        }
-        if frame.response_required && frame.finalize_response().is_ok() && master.write_all(&response).is_err() {
-            return;
         }
     }
 }
