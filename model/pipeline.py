@@ -22,20 +22,37 @@ import sys
 import numpy as np
 
 SEED = 0
-CARD_VERSION = 1
-FEATURE_VERSION = 1
+CARD_VERSION = 2
+# Exports this pipeline reads: version 2 keeps every definition of 1.
+FEATURE_VERSIONS = ("1", "2")
 HIDDEN = (16, 4)
 EPOCHS = 300
 # Normalised inputs are clipped to this, so a wild value cannot overflow
 # the score; far beyond any threshold anyway.
 CLIP = 1000.0
+# The floor of a log-transformed feature's std (in ln units: a rate or a
+# count that never moved in training may move by 10 % before z reaches 1).
 STD_FLOOR = 0.1
+# A linear feature's std is at least this fraction of its mean's size, or
+# the smallest step between its training values (the sensor's resolution):
+# the floor is in the feature's own units, never a global constant.
+RELATIVE_FLOOR = 1e-3
 META = ("timestamp_ms", "time", "feature_version", "window_s")
 
 
-def scale_of(name):
-    """Units before the log: latencies in ms, ratios in percent."""
+def transform_of(name):
+    """`linear` for a process value's statistics (physical, signed, any
+    size); `log` for rates, ratios, latencies and counts (docs/model.md)."""
     base = name.split("{", 1)[0]
+    return "linear" if base.startswith("value_") and base != "value_count" else "log"
+
+
+def scale_of(name):
+    """Units before the log: latencies in ms, ratios in percent; 1 for a
+    linear feature."""
+    base = name.split("{", 1)[0]
+    if transform_of(name) == "linear":
+        return 1.0
     if base.endswith("_s") and not base.endswith("_per_s"):
         return 1000.0
     if base.endswith("_ratio"):
@@ -44,7 +61,7 @@ def scale_of(name):
 
 
 def read_features(path):
-    """(timestamps, window_s, {feature: column}) of one export."""
+    """(timestamps, window_s, {feature: column}, feature version) of one export."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
@@ -56,12 +73,13 @@ def read_features(path):
     ix = {h: i for i, h in enumerate(header)}
     data = rows[1:]
     for r in data:
-        if r[ix["feature_version"]] != str(FEATURE_VERSION):
-            sys.exit(f"{path}: feature_version {r[ix['feature_version']]}, this pipeline knows {FEATURE_VERSION}")
+        if r[ix["feature_version"]] not in FEATURE_VERSIONS:
+            sys.exit(f"{path}: feature_version {r[ix['feature_version']]}, this pipeline reads {', '.join(FEATURE_VERSIONS)}")
     ts = np.array([int(r[ix["timestamp_ms"]]) for r in data], dtype=np.int64)
     win = np.array([float(r[ix["window_s"]]) for r in data])
     cols = {h: np.array([float(r[i]) for r in data]) for h, i in ix.items() if h not in META}
-    return ts, win, cols
+    version = max((int(r[ix["feature_version"]]) for r in data), default=1)
+    return ts, win, cols, version
 
 
 def matrix(cols, names, n):
@@ -69,12 +87,39 @@ def matrix(cols, names, n):
     return np.stack([cols.get(name, np.zeros(n)) for name in names], axis=1) if names else np.zeros((n, 0))
 
 
-def normalise(raw, features):
+def transformed(raw, features):
+    """Each column in its feature's units before standardising: ln(1 +
+    scale x) (x below 0 taken as 0) for `log`, scale x for `linear`."""
     scale = np.array([f["scale"] for f in features])
+    log = np.array([f["transform"] == "log" for f in features])
+    u = raw * scale
+    return np.where(log, np.log1p(np.maximum(u, 0.0)), u)
+
+
+def normalise(raw, features):
     mean = np.array([f["mean"] for f in features])
     std = np.array([f["std"] for f in features])
-    z = (np.log1p(np.maximum(raw, 0.0) * scale) - mean) / std
+    z = (transformed(raw, features) - mean) / std
     return np.clip(z, -CLIP, CLIP).astype(np.float32)
+
+
+def fit_normalisation(names, fit_raw):
+    """Per feature: its transform, scale, and the mean and floored std of
+    the transformed training values (docs/model.md)."""
+    features = []
+    for i, name in enumerate(names):
+        t, scale = transform_of(name), scale_of(name)
+        spec = {"name": name, "transform": t, "scale": scale}
+        u = transformed(fit_raw[:, i:i + 1], [spec])[:, 0]
+        mean = float(u.mean())
+        if t == "log":
+            floor = STD_FLOOR
+        else:
+            steps = np.diff(np.unique(u))
+            resolution = float(steps.min()) if len(steps) else 0.0
+            floor = max(RELATIVE_FLOOR * abs(mean), resolution, np.finfo(np.float32).tiny)
+        features.append({**spec, "mean": mean, "std": float(max(u.std(), floor)), "std_floor": float(floor)})
+    return features
 
 
 def build(n):
@@ -137,7 +182,7 @@ def train(args):
     # threshold. A port class in the agent's config makes traffic modelled.
     import re
     exclude = re.compile(args.exclude) if args.exclude else None
-    names = sorted({n for _, _, cols in parts for n in cols if not (exclude and exclude.search(n))})
+    names = sorted({n for _, _, cols, _ in parts for n in cols if not (exclude and exclude.search(n))})
     if not names:
         sys.exit("no feature columns in the training data")
     ts = np.concatenate([p[0] for p in parts])
@@ -158,13 +203,7 @@ def train(args):
     # Held out: the last quarter in time, never seen by training.
     cut = int(n * 0.75)
     fit_raw, held_raw = raw[:cut], raw[cut:]
-    scale = np.array([scale_of(x) for x in names])
-    logs = np.log1p(np.maximum(fit_raw, 0.0) * scale)
-    features = [
-        {"name": name, "scale": float(scale[i]), "mean": float(logs[:, i].mean()),
-         "std": float(max(logs[:, i].std(), STD_FLOOR))}
-        for i, name in enumerate(names)
-    ]
+    features = fit_normalisation(names, fit_raw)
     z_fit, z_held = normalise(fit_raw, features), normalise(held_raw, features)
     model = build(len(names))
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss="mse")
@@ -183,10 +222,24 @@ def train(args):
     # lone spike in the training data (a 7 ms connect under CPU load) is
     # what the debounce absorbs; it does not set the threshold.
     s_all = np.concatenate([s_fit, s_held])
+
+    def base_for(k):
+        runs = np.array([s_all[i:i + k].min() for i in range(len(s_all) - k + 1)])
+        return float(max(s_held.max(), runs.max())), float(runs.max())
+
     k = args.raise_after
-    runs = np.array([s_all[i:i + k].min() for i in range(len(s_all) - k + 1)])
-    base = float(max(s_held.max(), runs.max()))
+    base, run_max = base_for(k)
     threshold = base * args.margin
+    warn = None
+    if args.warn_margin >= args.margin:
+        sys.exit(f"--warn-margin {args.warn_margin} is not below --margin {args.margin}: the warn level must be "
+                 "the more sensitive one (0: no warn level)")
+    if args.warn_margin > 0:
+        warn_base, _ = base_for(args.warn_raise_after)
+        # Never above the stop level's (a shorter debounce may have a
+        # higher base): a warning comes first or with the stop.
+        warn = {"threshold": min(warn_base * args.warn_margin, threshold), "raise_after": args.warn_raise_after,
+                "margin": args.warn_margin}
 
     os.makedirs(args.out, exist_ok=True)
     model_path = os.path.join(args.out, "anomaly.tflite")
@@ -219,17 +272,24 @@ def train(args):
         "card_version": CARD_VERSION,
         "name": args.name,
         "created": when(int(ts[-1])) if args.reproducible else datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "feature_version": FEATURE_VERSION,
+        # The oldest definitions that cover the data: an agent computing
+        # them (or any later version) can run the model.
+        "feature_version": max(p[3] for p in parts),
         "window_s": float(np.median(win)),
         "model_file": "anomaly.tflite",
         "model_sha256": hashlib.sha256(tfl).hexdigest(),
-        "input": {"transform": "z = clip((ln(1 + scale * max(x, 0)) - mean) / std, -clip, clip)", "clip": CLIP},
+        "input": {"transform": "z = clip((u - mean) / std, -clip, clip); u = ln(1 + scale * max(x, 0)) (log) or scale * x (linear)",
+                  "clip": CLIP},
         "features": features,
         "score": "mean squared error between input z and output",
+        "threshold_rule": "margin x max(held-out maximum, the highest score raise_after consecutive normal "
+                          "windows all reached)",
         "threshold": threshold,
         "raise_after": k,
+        "margin": args.margin,
         "golden": golden,
         "golden_tolerance": {"relative": 1e-4, "absolute": 1e-5},
+        **({"warn": warn} if warn else {}),
         "training": {
             "sources": [os.path.basename(os.path.dirname(os.path.abspath(p))) + "/" + os.path.basename(p) for p in args.normal],
             "windows": int(n), "fit_windows": int(cut), "heldout_windows": int(n - cut),
@@ -240,7 +300,7 @@ def train(args):
             "fit_score_p50": float(np.median(s_fit)), "fit_score_p999": float(np.quantile(s_fit, 0.999)),
             "heldout_score_p50": float(np.median(s_held)), "heldout_score_max": float(s_held.max()),
             "threshold_margin": args.margin,
-            "run_score_max": float(runs.max()), "fit_score_max": float(s_fit.max()),
+            "run_score_max": run_max, "fit_score_max": float(s_fit.max()),
             "architecture": f"dense {len(names)}-" + "-".join(str(h) for h in HIDDEN + tuple(reversed(HIDDEN[:-1]))) + f"-{len(names)}, relu, float32",
             "tensorflow": tf.__version__, "seed": SEED, "about": args.about, "excluded": args.exclude,
         },
@@ -278,7 +338,7 @@ def read_labels(path):
 def evaluate_run(card, tfl, run_dir):
     """Reference scores of a scenario run's windows, and their labels: a
     window is faulty when a fault covers at least half of it."""
-    ts, win, cols = read_features(os.path.join(run_dir, "features.csv"))
+    ts, win, cols, _ = read_features(os.path.join(run_dir, "features.csv"))
     # As the agent: windows under half the model's length are not scored.
     keep = win >= 0.5 * card["window_s"]
     ts, win, cols = ts[keep], win[keep], {k: v[keep] for k, v in cols.items()}
@@ -532,6 +592,9 @@ def main():
     t.add_argument("--name", default="edge-anomaly")
     t.add_argument("--margin", type=float, default=1.5)
     t.add_argument("--raise-after", type=int, default=2, help="the agent's detect.raise_after the threshold is for")
+    t.add_argument("--warn-margin", type=float, default=1.1,
+                   help="the warn level's margin (0: no warn level); below --margin: warns before it stops")
+    t.add_argument("--warn-raise-after", type=int, default=2, help="the agent's detect.warn_raise_after")
     t.add_argument("--reproducible", action="store_true", help="date the card by its data, not by now")
     t.add_argument("--exclude", default=r"\{other\}$",
                    help="features left out (regex on names; default: the `other` port class; '' keeps all)")

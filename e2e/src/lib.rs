@@ -976,3 +976,35 @@ impl FaultyStore {
         format!("http://127.0.0.1:{}/api/v1/write", self.port)
     }
 }
+
+/// `edge-agent store export --format features` of a test's store: one map
+/// per window row, column name -> value.
+pub fn export_features(dir: &Path) -> Vec<std::collections::HashMap<String, f64>> {
+    let out = std::process::Command::new(bin_dir().join("edge-agent"))
+        .args([
+            "store",
+            "export",
+            "--dir",
+            &dir.join("agent-state/store").display().to_string(),
+            "--format",
+            "features",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let header: Vec<String> =
+        lines.next().unwrap().split(',').map(|h| h.trim_matches('"').replace("\"\"", "\"")).collect();
+    assert_eq!(&header[..4], ["timestamp_ms", "time", "feature_version", "window_s"]);
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split(','))
+                .filter(|(h, _)| h.as_str() != "time")
+                .map(|(h, v)| (h.clone(), v.parse().unwrap_or_else(|_| panic!("{h}={v}"))))
+                .collect()
+        })
+        .collect()
+}

@@ -39,6 +39,9 @@ pub mod map {
     pub const HOLDINGS: u16 = 16;
     /// Coils and discrete inputs.
     pub const RUN: u16 = 0;
+    /// The e-stop: set, the pump stands still (a `modbus_write` action's
+    /// target in the tests).
+    pub const ESTOP: u16 = 7;
     pub const MOTOR_READY: u16 = 0;
     pub const BITS: u16 = 8;
 }

@@ -108,7 +108,7 @@ fn export(dir: &Path, format: &str, out: &Path) {
 fn train(dir: &Path, features: &Path) -> PathBuf {
     let out = dir.join("model");
     let o = Command::new(repo_dir().join("model/run.sh"))
-        .args(["train", "--name", "e2e", "--margin", "100", "--out"])
+        .args(["train", "--name", "e2e", "--margin", "100", "--warn-margin", "30", "--out"])
         .arg(&out)
         .arg("--normal")
         .arg(features)
@@ -181,11 +181,35 @@ fn trained_model_scores_windows_and_alarms_offline() {
         &[],
     );
     let (line_rx, line_msgs) = line_subscriber(line_port);
+    // And the line's PLC (the simulated pump, not polled): its e-stop coil.
+    let writes = dir.join("plc-writes.log");
+    let plc_port = free_port();
+    let _plc = Proc::spawn(
+        "plc",
+        &dir,
+        &e2e::bin_dir().join("pump_sim"),
+        &[
+            "--port".into(),
+            plc_port.to_string(),
+            "--no-poll".into(),
+            "--writes-log".into(),
+            writes.display().to_string(),
+        ],
+        &[],
+    );
     let action = format!(
         "[detect.action]\ncommand = [\"sh\", \"-c\", \"env | grep ^EDGE_ | sort >> {0}; grep CapAmb /proc/self/status >> {0}\"]\n\
-         mqtt_port = {line_port}\nmqtt_topic = \"line/3/stop\"\non_clear = true\nmin_interval_secs = 600\n",
+         mqtt_port = {line_port}\nmqtt_topic = \"line/3/stop\"\non_clear = true\nmin_interval_secs = 600\n\n\
+         [detect.action.modbus_write]\nserver = \"127.0.0.1:{plc_port}\"\ntable = \"coil\"\naddress = 7\n",
         actions.display()
     );
+    let plc_writes = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&writes)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
     let extra = format!("{}{action}", detect_section(&card, ""));
     setup.extra = &extra;
     let mut agent = Agent::start(&dir, &setup);
@@ -226,6 +250,9 @@ fn trained_model_scores_windows_and_alarms_offline() {
     let took = scored(&agent) - before;
     assert!(took <= 4.0, "alarm after {took} windows");
     assert_eq!(agent.metric("edge_agent_anomaly_alarms_total"), Some(1.0));
+    // The warn level (30 times the base, the stop 100 times) rose with it,
+    // in the same window: one record for both.
+    assert_eq!(agent.metric("edge_agent_anomaly_warnings_total"), Some(1.0));
     assert_eq!(priority(&agent), 1.0, "the raised record");
     assert!(agent.proc.log_text().contains("anomaly alarm raised"));
     // The command ran with the event, without the agent's capabilities.
@@ -241,6 +268,20 @@ fn trained_model_scores_windows_and_alarms_offline() {
         assert!(ran.contains(want), "{want} not in:\n{ran}");
     }
     // The line's broker got the stop message.
+    // The PLC's e-stop coil was set, once (function 5, coil 7, on).
+    let set = wait_for("the e-stop write", Duration::from_secs(10), || {
+        let w = plc_writes();
+        if w.is_empty() {
+            Err(())
+        } else {
+            Ok(w)
+        }
+    });
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert_eq!(
+        (set[0]["function"].as_u64(), set[0]["address"].as_u64(), set[0]["values"].to_string()),
+        (Some(5), Some(7), "[1]".to_string())
+    );
     let msg = line_rx.recv_timeout(Duration::from_secs(10)).expect("a message on line/3/stop");
     let v: serde_json::Value = serde_json::from_slice(&msg).unwrap();
     assert_eq!((v["event"].as_str(), v["device"].as_str()), (Some("raised"), Some("detect")));
@@ -261,6 +302,10 @@ fn trained_model_scores_windows_and_alarms_offline() {
     wait_for("both actions counted", Duration::from_secs(5), || {
         agent.metric("edge_agent_anomaly_actions_total{result=\"ok\"}").filter(|&v| v == 2.0).ok_or(())
     });
+    // The coil once set and once reset: one write per alarm event.
+    let w = plc_writes();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert_eq!((w[1]["function"].as_u64(), w[1]["values"].to_string()), (Some(5), "[0]".to_string()));
     drop(line_msgs);
     agent.proc.stop();
     stop.store(true, Ordering::Relaxed);
@@ -272,6 +317,16 @@ fn trained_model_scores_windows_and_alarms_offline() {
     let text = std::fs::read_to_string(&csv).unwrap();
     let scores = text.lines().filter(|l| l.contains("edge_anomaly_score")).count();
     assert!(scores >= 15, "{scores} scores stored");
+    // Each firing of the local action is in the records, by level.
+    for (what, want) in [
+        ("edge_anomaly_action{event=\"raised\",result=\"started\"}", 1),
+        ("edge_anomaly_action{event=\"cleared\",result=\"started\"}", 1),
+        ("edge_anomaly_event{event=\"raised\",level=\"stop\"", 1),
+        ("edge_anomaly_event{event=\"raised\",level=\"warn\"", 1),
+    ] {
+        let n = text.lines().filter(|l| l.contains(what)).count();
+        assert_eq!(n, want, "{what} in the export:\n{text}");
+    }
 
     refusals(&dir, &card);
     updates(&dir, &card);

@@ -133,7 +133,7 @@ fn serial_sensor_ops_bytes_errors_and_stall_match_the_reader() {
     // rates times the window's length add up to what the reader did, and
     // the stall is in some window's p99.
     let all_ops = n("opens") + n("ioctls") + n("reads") + n("writes");
-    let rows = features(&dir);
+    let rows = export_features(&dir);
     let col = |name: &str| -> Vec<(f64, f64)> {
         rows.iter().map(|r| (r["window_s"], r.get(&format!("{name}{{{tty}}}")).copied().unwrap_or(0.0))).collect()
     };
@@ -145,38 +145,6 @@ fn serial_sensor_ops_bytes_errors_and_stall_match_the_reader() {
     assert!((0.262144..=0.524288).contains(&p99), "the 400 ms stall in a window's p99: {p99}");
     let errors: f64 = col("dev_error_ratio").iter().zip(col("dev_ops_per_s")).map(|((w, r), (_, o))| r * o * w).sum();
     assert!((errors - n("eagain")).abs() < 1e-6, "features say {errors} errors, the reader had {}", n("eagain"));
-}
-
-/// `edge-agent store export --format features` of a test's store: one map
-/// per window row, column name -> value.
-fn features(dir: &Path) -> Vec<std::collections::HashMap<String, f64>> {
-    let out = Command::new(bin_dir().join("edge-agent"))
-        .args([
-            "store",
-            "export",
-            "--dir",
-            &dir.join("agent-state/store").display().to_string(),
-            "--format",
-            "features",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    let header: Vec<String> =
-        lines.next().unwrap().split(',').map(|h| h.trim_matches('"').replace("\"\"", "\"")).collect();
-    assert_eq!(&header[..4], ["timestamp_ms", "time", "feature_version", "window_s"]);
-    lines
-        .map(|l| {
-            header
-                .iter()
-                .zip(l.split(','))
-                .filter(|(h, _)| h.as_str() != "time")
-                .map(|(h, v)| (h.clone(), v.parse().unwrap_or_else(|_| panic!("{h}={v}"))))
-                .collect()
-        })
-        .collect()
 }
 
 #[test]

@@ -139,5 +139,19 @@ fn every_value_the_hmi_read_or_wrote_lands_exactly_at_its_time() {
     }
     agent.proc.stop();
     bridge.stop();
+
+    // The model's view (`store export --format features`, version 2):
+    // every served value counted in one window, the windows' means
+    // weighing up to the served values' sum.
+    let rows = export_features(&dir);
+    assert!(rows.iter().all(|r| r["feature_version"] == 2.0));
+    for (tag, served) in &want {
+        let col = |f: &str| format!("{f}{{{tag}}}");
+        let count: f64 = rows.iter().map(|r| r[&col("value_count")]).sum();
+        assert_eq!(count, served.len() as f64, "{tag}: values counted in the feature rows");
+        let sum: f64 = rows.iter().map(|r| r[&col("value_mean")] * r[&col("value_count")]).sum();
+        let want_sum: f64 = served.iter().map(|(_, v)| v).sum();
+        assert!((sum - want_sum).abs() <= 1e-9 * want_sum.abs().max(1.0), "{tag}: {sum} vs {want_sum}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

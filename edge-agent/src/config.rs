@@ -49,10 +49,14 @@ pub struct DetectConfig {
     /// When set: the SHA-256 (hex) the model file must have; any other
     /// model is refused, whatever its card says.
     pub model_sha256: String,
-    /// Consecutive windows above the threshold that raise the alarm.
+    /// Consecutive windows above the (stop) threshold that raise the alarm.
     pub raise_after: u32,
     /// Consecutive windows below it that clear the alarm.
     pub clear_after: u32,
+    /// The warning level (a model card with a `warn` threshold): windows
+    /// above it that raise the warning, and below it that clear it.
+    pub warn_raise_after: u32,
+    pub warn_clear_after: u32,
     /// For this long after the agent starts, windows are scored and
     /// exported but cannot raise the alarm: the agent's own start (loading
     /// and attaching probes, parsing the kernel's BTF) slows the box for a
@@ -83,6 +87,9 @@ pub struct ActionConfig {
     pub on_clear: bool,
     /// At most one action per this many seconds.
     pub min_interval_secs: u64,
+    /// A coil or register written on the line's Modbus server (the line's
+    /// e-stop or an interlock).
+    pub modbus_write: ModbusWriteConfig,
     /// A command still running (or a broker not acknowledging) after this
     /// is given up (the command killed).
     pub timeout_secs: u64,
@@ -98,10 +105,33 @@ impl Default for ActionConfig {
             on_clear: false,
             min_interval_secs: 60,
             timeout_secs: 10,
+            modbus_write: ModbusWriteConfig::default(),
         }
     }
 }
 
+/// The `modbus_write` action: one write (function 5 for a coil, 6 for a
+/// holding register) to a Modbus/TCP server on the line.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModbusWriteConfig {
+    /// `host:port` of the Modbus/TCP server (the PLC); empty: no write.
+    pub server: String,
+    pub unit: u8,
+    /// `coil` or `holding`.
+    pub table: String,
+    pub address: u16,
+    /// Written when the alarm is raised (a coil: 0 or 1).
+    pub value: u16,
+    /// Written when the alarm clears (with `on_clear`).
+    pub clear_value: u16,
+}
+
+impl Default for ModbusWriteConfig {
+    fn default() -> Self {
+        ModbusWriteConfig { server: String::new(), unit: 1, table: "coil".into(), address: 0, value: 1, clear_value: 0 }
+    }
+}
 impl DetectConfig {
     pub fn drop_dir(&self, state_dir: &Path) -> PathBuf {
         if self.drop_dir.as_os_str().is_empty() {
@@ -122,6 +152,8 @@ impl Default for DetectConfig {
             model_sha256: String::new(),
             raise_after: 2,
             clear_after: 3,
+            warn_raise_after: 2,
+            warn_clear_after: 3,
             warmup_secs: 20,
             drop_dir: PathBuf::new(),
             update_public_key_file: PathBuf::new(),
@@ -565,8 +597,39 @@ impl Config {
         if self.detect.action.command.first().is_some_and(|c| c.is_empty()) {
             return Err("detect.action.command: the first element is the program, and it is empty".into());
         }
-        if !(1..=100).contains(&self.detect.raise_after) || !(1..=100).contains(&self.detect.clear_after) {
-            return Err("detect.raise_after and detect.clear_after must be between 1 and 100 windows".into());
+        let mw = &self.detect.action.modbus_write;
+        if !mw.server.is_empty() {
+            let host_port = mw.server.rsplit_once(':').filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if host_port.is_none() {
+                return Err(format!(
+                    "detect.action.modbus_write.server: {:?} is not host:port (e.g. \"192.168.10.5:502\")",
+                    mw.server
+                ));
+            }
+            match mw.table.as_str() {
+                "coil" if mw.value > 1 || mw.clear_value > 1 => {
+                    return Err("detect.action.modbus_write: a coil's value and clear_value are 0 or 1".into())
+                }
+                "coil" | "holding" => {}
+                t => {
+                    return Err(format!(
+                        "detect.action.modbus_write.table: {t:?}; write a \"coil\" or a \"holding\" register"
+                    ))
+                }
+            }
+        }
+        let levels = [
+            self.detect.raise_after,
+            self.detect.clear_after,
+            self.detect.warn_raise_after,
+            self.detect.warn_clear_after,
+        ];
+        if levels.iter().any(|n| !(1..=100).contains(n)) {
+            return Err(
+                "detect.raise_after, clear_after, warn_raise_after and warn_clear_after must be between 1 and 100 \
+                 windows"
+                    .into(),
+            );
         }
         if self.detect.warmup_secs > 3600 {
             return Err("detect.warmup_secs must be at most 3600 (an hour without alarms after each start)".into());
@@ -843,6 +906,30 @@ mod tests {
         assert_eq!(Config::default().detect.warmup_secs, 20);
         let c = Config::parse("[detect]\nwarmup_secs = 3601\n", Path::new("x.toml")).unwrap();
         assert!(c.validate().unwrap_err().contains("detect.warmup_secs"));
+    }
+
+    #[test]
+    fn the_modbus_write_action_is_checked() {
+        let check = |body: &str| {
+            Config::parse(&format!("[detect.action.modbus_write]\n{body}"), Path::new("x.toml")).unwrap().validate()
+        };
+        check("").unwrap();
+        check("server = \"192.168.10.5:502\"\naddress = 7\n").unwrap();
+        check("server = \"plc-3:1502\"\ntable = \"holding\"\nvalue = 900\nclear_value = 0\n").unwrap();
+        for (body, want) in [
+            ("server = \"192.168.10.5\"\n", "modbus_write.server"),
+            ("server = \":502\"\n", "modbus_write.server"),
+            ("server = \"plc:70000\"\n", "modbus_write.server"),
+            ("server = \"plc:502\"\ntable = \"input\"\n", "modbus_write.table"),
+            ("server = \"plc:502\"\nvalue = 2\n", "0 or 1"),
+        ] {
+            let e = check(body).unwrap_err();
+            assert!(e.contains(want), "{body}: {e}");
+        }
+        let e = Config::parse("[detect.action.modbus_write]\nregister = 3\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("register"), "{e}");
+        let e = Config::parse("[detect]\nwarn_raise_after = 0\n", Path::new("x.toml")).unwrap().validate().unwrap_err();
+        assert!(e.contains("warn_raise_after"), "{e}");
     }
 
     #[test]

@@ -110,11 +110,12 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     let shutdown = Arc::new(AtomicBool::new(false));
     let uplink =
         uplink::Uplink::new(cfg.clone(), store.clone(), clock.clone(), metrics.clone(), shutdown.clone()).spawn()?;
-    let mut detect = detect::DetectStage::new(&cfg.detect, &cfg.state_dir, cfg.window(), &cfg.device_id);
+    let tags = cfg.tag_map().unwrap_or_default();
+    let tag_names = tags.tags.iter().map(|t| t.name.clone()).collect();
+    let mut detect = detect::DetectStage::new(&cfg.detect, &cfg.state_dir, cfg.window(), &cfg.device_id, tag_names);
     detect.action.counts = metrics.action_counts();
     metrics.set_model_state(&detect);
     let detect = std::cell::RefCell::new(detect);
-    let tags = cfg.tag_map().unwrap_or_default();
     if !tags.is_empty() {
         tracing::info!(tags = tags.tags.len(), "tag map: process values are captured");
     }
@@ -398,8 +399,8 @@ fn close_window(
         metrics.model_changes.get_or_create(&metrics::ResultLabels { result: result.into() }).inc();
         metrics.set_model_state(&detect);
     }
-    let outcome = detect.observe(ts, &window.samples);
-    metrics.observe_detect(&outcome, detect.alarm.active);
+    let outcome = detect.observe(ts, &window.samples, &features::tag_values(&window.values));
+    metrics.observe_detect(&outcome, detect.alarm.active, detect.warning.active);
     window.samples.extend(outcome.samples);
     if let Some(record) = outcome.record {
         let rec = store::blocks::Window { timestamp_ms: ts, samples: record, values: Vec::new() };

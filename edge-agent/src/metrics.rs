@@ -120,10 +120,13 @@ pub struct AgentMetrics {
     pub anomaly_threshold: Gauge<f64, AtomicU64>,
     pub anomaly_alarm: Gauge,
     pub anomaly_alarms: Counter,
+    pub anomaly_warning: Gauge,
+    pub anomaly_warnings: Counter,
     pub detect_scored: Counter,
     pub detect_inference_seconds: Counter<f64, AtomicU64>,
     pub model_changes: Family<ResultLabels, Counter>,
     pub model_info: Family<ModelLabels, Gauge>,
+    pub model_missing_tags: Gauge,
     pub anomaly_actions: Family<ResultLabels, Counter>,
     pub value_tags: Gauge,
     pub values_captured: Family<TransportLabels, Counter>,
@@ -392,6 +395,12 @@ impl AgentMetrics {
         r.register("edge_anomaly_threshold", "The loaded model's alarm threshold", m.anomaly_threshold.clone());
         r.register("edge_anomaly_alarm", "1 while the anomaly alarm is raised", m.anomaly_alarm.clone());
         r.register("edge_agent_anomaly_alarms", "Anomaly alarms raised", m.anomaly_alarms.clone());
+        r.register(
+            "edge_anomaly_warning",
+            "1 while the anomaly warning (the model's warn level) is raised",
+            m.anomaly_warning.clone(),
+        );
+        r.register("edge_agent_anomaly_warnings", "Anomaly warnings raised", m.anomaly_warnings.clone());
         r.register("edge_agent_detect_windows_scored", "Windows scored by the anomaly model", m.detect_scored.clone());
         r.register(
             "edge_agent_detect_inference_seconds",
@@ -412,6 +421,11 @@ impl AgentMetrics {
             "edge_agent_detect_model_info",
             "1 for the running anomaly model, by its name and SHA-256",
             m.model_info.clone(),
+        );
+        r.register(
+            "edge_agent_detect_model_missing_tags",
+            "Tags the running model uses that this box's tag map does not name (their features are 0)",
+            m.model_missing_tags.clone(),
         );
         (m, Arc::new(r))
     }
@@ -518,21 +532,26 @@ impl AgentMetrics {
                 .set(i64::from(s == d.state));
         }
         self.anomaly_threshold.set(d.model.as_ref().map_or(0.0, |m| m.card.threshold));
+        self.model_missing_tags.set(if d.model.is_some() { d.missing_tags.len() as i64 } else { 0 });
         self.model_info.clear();
         if let Some(m) = &d.model {
             self.model_info.get_or_create(&ModelLabels { name: m.card.name.clone(), sha256: m.sha256.clone() }).set(1);
         }
     }
 
-    pub fn observe_detect(&self, o: &crate::detect::Outcome, alarm: bool) {
+    pub fn observe_detect(&self, o: &crate::detect::Outcome, alarm: bool, warning: bool) {
         if let Some(s) = &o.scored {
             self.anomaly_score.set(s.score);
             self.detect_scored.inc();
             self.detect_inference_seconds.inc_by(o.inference_s);
         }
         self.anomaly_alarm.set(i64::from(alarm));
+        self.anomaly_warning.set(i64::from(warning));
         if o.transition == Some(crate::detect::Transition::Raised) {
             self.anomaly_alarms.inc();
+        }
+        if o.warning == Some(crate::detect::Transition::Raised) {
+            self.anomaly_warnings.inc();
         }
     }
 

@@ -167,22 +167,43 @@ pub fn export(dir: &Path, from_ms: i64, to_ms: i64, format: Format, out: &mut dy
 
 /// The feature rows of every window after the first: `timestamp_ms`,
 /// `time`, `feature_version`, `window_s`, then every feature any window has,
-/// in name order (0 where a window lacks it). Returns the rows written.
+/// in name order (0 where a window lacks it). A process value belongs to
+/// the first window ending at or after its capture time. Returns the rows
+/// written.
 fn write_features(families: &BTreeMap<String, Family>, out: &mut dyn Write) -> Result<u64, ToolError> {
-    let mut windows: BTreeMap<i64, Vec<(edge_wire::SeriesKey, f64)>> = BTreeMap::new();
+    use crate::features::TagValues;
+    let mut windows: BTreeMap<i64, (Vec<(edge_wire::SeriesKey, f64)>, TagValues)> = BTreeMap::new();
     for (name, series) in families {
+        if name == crate::values::VALUE_SERIES {
+            continue;
+        }
         for (labels, samples) in series {
             let key = edge_wire::SeriesKey::new(
                 name.clone(),
                 labels.iter().map(|(n, v)| edge_wire::Label::new(n.clone(), v.clone())).collect(),
             );
             for (t, v) in samples {
-                windows.entry(*t).or_default().push((key.clone(), *v));
+                windows.entry(*t).or_default().0.push((key.clone(), *v));
+            }
+        }
+    }
+    for (labels, samples) in families.get(crate::values::VALUE_SERIES).into_iter().flatten() {
+        let Some((_, tag)) = labels.iter().find(|(n, _)| n == "tag") else { continue };
+        for &(t, v) in samples {
+            // Values after the last window belong to one not exported.
+            if let Some((_, (_, tags))) = windows.range_mut(t..).next() {
+                tags.entry(tag.clone()).or_default().push((t, v));
             }
         }
     }
     let mut stage = crate::features::FeatureStage::new();
-    let rows: Vec<crate::features::Features> = windows.iter().filter_map(|(t, s)| stage.next(*t, s)).collect();
+    let rows: Vec<crate::features::Features> = windows
+        .iter_mut()
+        .filter_map(|(t, (s, tags))| {
+            tags.values_mut().for_each(|v| v.sort_by_key(|p| p.0));
+            stage.next(*t, s, tags)
+        })
+        .collect();
     let names: std::collections::BTreeSet<&String> = rows.iter().flat_map(|r| r.values.keys()).collect();
     let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
     let header: Vec<String> = names.iter().map(|n| quote(n)).collect();

@@ -5,8 +5,14 @@
 //! ```text
 //! pump_sim [--port P] [--hz H] [--unit U] [--seed S] [--log FILE]
 //!          [--seconds N] [--fault KIND:FROM_S:TO_S]... [--no-poll]
-//!          [--rtu LINK] [--wait-file F]
+//!          [--rtu LINK] [--wait-file F] [--writes-log FILE]
 //! ```
+//!
+//! `--writes-log FILE`: every write request (functions 5, 6, 15, 16) the
+//! server accepted from a TCP client is a JSON line `{"t": ms, "function":
+//! f, "address": a, "values": [...]}` (a coil as 0 or 1): what a test's
+//! `modbus_write` action did to the PLC. Coil 7 is the pump's e-stop: while
+//! it is set the pump stands still.
 //!
 //! `--wait-file F`: the HMI starts polling once F exists (a test lets the
 //! agent see the serial line first).
@@ -165,6 +171,7 @@ struct Args {
     rtu: Option<String>,
     wait_file: Option<String>,
     extra_inputs: u16,
+    writes_log: Option<String>,
 }
 
 fn args() -> Args {
@@ -180,6 +187,7 @@ fn args() -> Args {
         rtu: None,
         wait_file: None,
         extra_inputs: 0,
+        writes_log: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -201,6 +209,7 @@ fn args() -> Args {
             "--rtu" => a.rtu = Some(v()),
             "--wait-file" => a.wait_file = Some(v()),
             "--extra-inputs" => a.extra_inputs = v().parse().expect("--extra-inputs"),
+            "--writes-log" => a.writes_log = Some(v()),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -219,10 +228,12 @@ fn main() {
     {
         let storage = storage.clone();
         let unit = a.unit;
+        let writes: WritesLog =
+            a.writes_log.as_ref().map(|p| Arc::new(Mutex::new(std::fs::File::create(p).expect("writes log"))));
         std::thread::spawn(move || {
             for c in listener.incoming().flatten() {
-                let storage = storage.clone();
-                std::thread::spawn(move || serve(c, unit, storage));
+                let (storage, writes) = (storage.clone(), writes.clone());
+                std::thread::spawn(move || serve(c, unit, storage, writes));
             }
         });
     }
@@ -328,7 +339,7 @@ fn update(storage: &Storage, pump: &mut Pump, dt: f64, extra: u16) {
     if pump.speed_rpm == 0.0 {
         pump.speed_rpm = 1450.0;
     }
-    pump.running = s.get_coil(map::RUN).unwrap_or(true) || pump.t_s < 1.0;
+    pump.running = (s.get_coil(map::RUN).unwrap_or(true) || pump.t_s < 1.0) && !s.get_coil(map::ESTOP).unwrap_or(false);
     let r = pump.step(dt);
     let diag = pump.diagnostics();
     let inputs = pump::input_registers(&r, diag);
@@ -387,15 +398,48 @@ fn answer(request: &[u8], proto: ModbusProto, unit: u8, storage: &Storage) -> Re
     Ok(Some(response))
 }
 
-fn serve(mut c: TcpStream, unit: u8, storage: Storage) {
+type WritesLog = Option<Arc<Mutex<std::fs::File>>>;
+
+fn serve(mut c: TcpStream, unit: u8, storage: Storage, writes: WritesLog) {
     c.set_nodelay(true).ok();
     while let Ok(adu) = read_adu(&mut c) {
         match answer(&adu, ModbusProto::TcpUdp, unit, &storage) {
-            Ok(Some(reply)) if c.write_all(&reply).is_err() => return,
-            Ok(_) => {}
+            Ok(Some(reply)) => {
+                // Accepted (not an exception reply): logged before the
+                // client hears of it.
+                if let (Some(log), Some(line)) = (&writes, write_line(&adu)) {
+                    if reply.get(7).is_some_and(|f| f & 0x80 == 0) {
+                        let mut f = log.lock().unwrap();
+                        writeln!(f, "{line}").and_then(|()| f.flush()).expect("writes log");
+                    }
+                }
+                if c.write_all(&reply).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
             Err(()) => return,
         }
     }
+}
+
+/// A write request (TCP ADU) as a line of the writes log; None for others.
+fn write_line(adu: &[u8]) -> Option<String> {
+    let be = |i: usize| Some(u16::from_be_bytes([*adu.get(i)?, *adu.get(i + 1)?]));
+    let (f, address) = (*adu.get(7)?, be(8)?);
+    let values: Vec<u16> = match f {
+        5 => vec![u16::from(be(10)? == 0xFF00)],
+        6 => vec![be(10)?],
+        15 => {
+            let n = be(10)?;
+            (0..n)
+                .map(|i| adu.get(13 + usize::from(i / 8)).map(|b| u16::from(b >> (i % 8) & 1)))
+                .collect::<Option<_>>()?
+        }
+        16 => (0..be(10)?).map(|i| be(13 + 2 * usize::from(i))).collect::<Option<_>>()?,
+        _ => return None,
+    };
+    Some(format!("{{\"t\":{},\"function\":{f},\"address\":{address},\"values\":{values:?}}}", now_ms()))
 }
 
 /// The length of the RTU request at the start of `b`, once known.

@@ -1,14 +1,16 @@
-//! The local action on an anomaly alarm: the factory floor's "stop the
-//! line" hook. It works with no uplink: a command run on the box, and/or a
-//! message to an MQTT broker on the line (a PLC gateway's, usually on
-//! loopback or the machine network), never the fleet's.
+//! The local action on an anomaly alarm (the stop level): the factory
+//! floor's "stop the line" hook. It works with no uplink: a command run on
+//! the box, a message to an MQTT broker on the line (a PLC gateway's,
+//! usually on loopback or the machine network), never the fleet's, and/or
+//! a coil or register written on the line's Modbus/TCP server (its e-stop
+//! or an interlock).
 //!
 //! Rate limited: at most one action on a raised alarm per
 //! `min_interval_secs`; raises in between are counted as suppressed (a
 //! clear, with `on_clear`, always goes). Each action runs on its own thread
 //! with a timeout, so a hung command or broker never holds up the windows.
 
-use crate::config::ActionConfig;
+use crate::config::{ActionConfig, ModbusWriteConfig};
 use prometheus_client::metrics::counter::Counter;
 use std::time::{Duration, Instant};
 
@@ -52,6 +54,27 @@ pub struct Counts {
     pub suppressed: Counter,
 }
 
+/// What `Action::fire` did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fired {
+    /// No action configured for it.
+    Nothing,
+    /// Started (its result is counted when it is done).
+    Started,
+    /// Held back by the rate limit.
+    Suppressed,
+}
+
+impl Fired {
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            Fired::Nothing => None,
+            Fired::Started => Some("started"),
+            Fired::Suppressed => Some("suppressed"),
+        }
+    }
+}
+
 pub struct Action {
     cfg: ActionConfig,
     device: String,
@@ -65,13 +88,14 @@ impl Action {
     }
 
     pub fn configured(&self) -> bool {
-        !self.cfg.command.is_empty() || !self.cfg.mqtt_topic.is_empty()
+        !self.cfg.command.is_empty() || !self.cfg.mqtt_topic.is_empty() || !self.cfg.modbus_write.server.is_empty()
     }
 
-    /// Starts the action for `e` unless the rate limit holds it back.
-    pub fn fire(&mut self, e: &Event) {
+    /// Starts the action for `e` unless the rate limit holds it back;
+    /// returns what happened (for the alarm's record).
+    pub fn fire(&mut self, e: &Event) -> Fired {
         if !self.configured() || (e.event == "cleared" && !self.cfg.on_clear) {
-            return;
+            return Fired::Nothing;
         }
         // The rate limit holds back raises; a clear always follows its raise
         // (a "stop the line" needs its "line may run again").
@@ -83,7 +107,7 @@ impl Action {
                 min_interval_secs = self.cfg.min_interval_secs,
                 "anomaly action suppressed (rate limit)"
             );
-            return;
+            return Fired::Suppressed;
         }
         if e.event == "raised" {
             self.last = Some(Instant::now());
@@ -111,12 +135,27 @@ impl Action {
                     }
                 }
             }
+            let mw = &cfg.modbus_write;
+            if !mw.server.is_empty() {
+                let value = if e.event == "raised" { mw.value } else { mw.clear_value };
+                match modbus_write(mw, value, Duration::from_secs(cfg.timeout_secs.max(1))) {
+                    Ok(()) => tracing::info!(
+                        server = %mw.server, table = %mw.table, address = mw.address, value, event = e.event,
+                        "anomaly action: Modbus write acknowledged"
+                    ),
+                    Err(err) => {
+                        ok = false;
+                        tracing::error!(server = %mw.server, error = %err, "anomaly action: Modbus write failed");
+                    }
+                }
+            }
             if ok { &counts.ok } else { &counts.failed }.inc();
         });
         if let Err(err) = spawned {
             self.counts.failed.inc();
             tracing::error!(error = %err, "anomaly action: cannot start its thread");
         }
+        Fired::Started
     }
 }
 
@@ -181,4 +220,149 @@ fn publish(cfg: &ActionConfig, payload: &str) -> Result<(), String> {
         }
     }
     Err(format!("no acknowledgement from {}:{} within {} s", cfg.mqtt_host, cfg.mqtt_port, cfg.timeout_secs))
+}
+
+/// One write to the line's Modbus/TCP server: function 5 (a coil) or 6 (a
+/// holding register), and its echo; an exception reply or no reply within
+/// `timeout` fails.
+pub fn modbus_write(cfg: &ModbusWriteConfig, value: u16, timeout: Duration) -> Result<(), String> {
+    use rmodbus::{client::ModbusRequest, guess_response_frame_len, ModbusProto};
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let deadline = Instant::now() + timeout;
+    let addr = cfg
+        .server
+        .to_socket_addrs()
+        .map_err(|e| format!("{}: {e}", cfg.server))?
+        .next()
+        .ok_or_else(|| format!("{}: no address", cfg.server))?;
+    let mut req = ModbusRequest::new(cfg.unit, ModbusProto::TcpUdp);
+    let mut frame = Vec::new();
+    let generated = match cfg.table.as_str() {
+        "coil" => req.generate_set_coil(cfg.address, u8::from(value > 0), &mut frame),
+        _ => req.generate_set_holding(cfg.address, value, &mut frame),
+    };
+    generated.map_err(|e| format!("request: {e:?}"))?;
+    let mut c = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    c.set_nodelay(true).ok();
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    c.set_write_timeout(Some(left())).ok();
+    c.write_all(&frame).map_err(|e| format!("{addr}: {e}"))?;
+    // The MBAP header says how long the rest is.
+    let mut reply = vec![0u8; 6];
+    c.set_read_timeout(Some(left())).ok();
+    c.read_exact(&mut reply).map_err(|e| format!("{addr}: no reply: {e}"))?;
+    let len = usize::from(guess_response_frame_len(&reply, ModbusProto::TcpUdp).map_err(|e| format!("reply: {e:?}"))?);
+    if !(6..=260).contains(&len) {
+        return Err(format!("reply of {len} bytes"));
+    }
+    reply.resize(len, 0);
+    c.set_read_timeout(Some(left())).ok();
+    c.read_exact(&mut reply[6..]).map_err(|e| format!("{addr}: reply cut: {e}"))?;
+    req.parse_ok(&reply).map_err(|e| format!("{addr} answered {e:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmodbus::server::context::ModbusContext;
+    use rmodbus::server::{storage::ModbusStorageSmall, ModbusFrame};
+    use rmodbus::ModbusProto;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    /// A Modbus/TCP server (rmodbus's, unit 1) on loopback, answering one
+    /// connection after another; `silent` reads and never answers.
+    fn server(silent: bool) -> (String, Arc<Mutex<ModbusStorageSmall>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let storage = Arc::new(Mutex::new(ModbusStorageSmall::default()));
+        let s = storage.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 256];
+                let mut h = [0u8; 6];
+                if c.read_exact(&mut h).is_err() {
+                    continue;
+                }
+                let len = usize::from(u16::from_be_bytes([h[4], h[5]]));
+                buf[..6].copy_from_slice(&h);
+                if c.read_exact(&mut buf[6..6 + len]).is_err() || silent {
+                    std::thread::sleep(Duration::from_secs(3));
+                    continue;
+                }
+                let mut reply = Vec::new();
+                let mut frame = ModbusFrame::new(1, &buf, ModbusProto::TcpUdp, &mut reply);
+                frame.parse().unwrap();
+                if frame.processing_required {
+                    let mut st = s.lock().unwrap();
+                    if frame.readonly { frame.process_read(&*st) } else { frame.process_write(&mut *st) }.unwrap();
+                }
+                if frame.response_required {
+                    frame.finalize_response().unwrap();
+                    c.write_all(&reply).unwrap();
+                }
+            }
+        });
+        (addr, storage)
+    }
+
+    fn cfg(server: &str, table: &str, address: u16) -> ModbusWriteConfig {
+        ModbusWriteConfig { server: server.into(), table: table.into(), address, ..Default::default() }
+    }
+
+    #[test]
+    fn modbus_write_sets_a_coil_or_a_register_and_waits_for_the_echo() {
+        let (addr, storage) = server(false);
+        let t = Duration::from_secs(2);
+        modbus_write(&cfg(&addr, "coil", 7), 1, t).unwrap();
+        assert!(storage.lock().unwrap().get_coil(7).unwrap());
+        modbus_write(&cfg(&addr, "coil", 7), 0, t).unwrap();
+        assert!(!storage.lock().unwrap().get_coil(7).unwrap());
+        modbus_write(&cfg(&addr, "holding", 3), 900, t).unwrap();
+        assert_eq!(storage.lock().unwrap().get_holding(3).unwrap(), 900);
+        // Past the server's table: its exception reply is the error.
+        let e = modbus_write(&cfg(&addr, "holding", 60_000), 1, t).unwrap_err();
+        assert!(e.contains("answered"), "{e}");
+    }
+
+    #[test]
+    fn modbus_write_gives_up_at_its_timeout() {
+        let (addr, _) = server(true);
+        let started = Instant::now();
+        let e = modbus_write(&cfg(&addr, "coil", 0), 1, Duration::from_millis(300)).unwrap_err();
+        assert!(e.contains("no reply"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        // Nothing listening.
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let e = modbus_write(&cfg(&format!("127.0.0.1:{port}"), "coil", 0), 1, Duration::from_millis(300)).unwrap_err();
+        assert!(e.contains("127.0.0.1"), "{e}");
+    }
+
+    #[test]
+    fn firing_says_what_it_did() {
+        let (addr, storage) = server(false);
+        let ac = ActionConfig { modbus_write: cfg(&addr, "coil", 2), min_interval_secs: 600, ..Default::default() };
+        let mut a = Action::new(&ac, "press-1");
+        let e = |event| Event {
+            event,
+            score: 9.0,
+            threshold: 1.0,
+            timestamp_ms: 0,
+            model_sha256: String::new(),
+            top: vec![],
+        };
+        assert_eq!(a.fire(&e("raised")), Fired::Started);
+        assert_eq!(a.fire(&e("raised")), Fired::Suppressed, "within min_interval_secs");
+        assert_eq!(a.fire(&e("cleared")), Fired::Nothing, "on_clear is off");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while a.counts.ok.get() < 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(a.counts.ok.get(), 1);
+        assert!(storage.lock().unwrap().get_coil(2).unwrap());
+        let none = Action::new(&ActionConfig::default(), "press-1");
+        assert!(!none.configured());
+    }
 }

@@ -18,20 +18,49 @@ pub mod trial;
 pub mod update;
 
 use crate::config::DetectConfig;
-use crate::features::{FeatureStage, Features};
+use crate::features::{FeatureStage, Features, TagValues};
 use edge_wire::{Label, SeriesKey};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 pub const CARD_FORMAT: &str = "edge-agent-model-card";
-pub const CARD_VERSION: u32 = 1;
+/// The card version this agent writes about; it reads 1 too (every
+/// feature `log`).
+pub const CARD_VERSION: u32 = 2;
+const CARD_VERSIONS: [u32; 2] = [1, 2];
+
+/// How a feature's value becomes the model's input (docs/model.md,
+/// "Normalisation"), before standardising.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transform {
+    /// `ln(1 + scale * max(x, 0))`: rates, ratios, latencies, counts.
+    #[default]
+    Log,
+    /// `scale * x`: physical values, signed, of any size.
+    Linear,
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct FeatureSpec {
     pub name: String,
+    /// Card version 1 has none: every feature is `log`.
+    #[serde(default)]
+    pub transform: Transform,
     pub scale: f64,
     pub mean: f64,
     pub std: f64,
+}
+
+impl FeatureSpec {
+    /// The model's input for one raw value.
+    pub fn normalise(&self, x: f64, clip: f64) -> f32 {
+        let u = match self.transform {
+            Transform::Log => (x.max(0.0) * self.scale).ln_1p(),
+            Transform::Linear => x * self.scale,
+        };
+        ((u - self.mean) / self.std).clamp(-clip, clip) as f32
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +75,15 @@ pub struct Golden {
 pub struct Tolerance {
     pub relative: f64,
     pub absolute: f64,
+}
+
+/// An alarm level's operating point: its threshold on the score and the
+/// debounce it was calibrated for.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct Level {
+    pub threshold: f64,
+    #[serde(default = "one")]
+    pub raise_after: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +108,11 @@ pub struct Card {
     /// The alarm debounce the threshold was calibrated for (windows).
     #[serde(default = "one")]
     pub raise_after: u32,
+    /// The warning level (card version 2, optional): a lower threshold
+    /// and its own debounce; `threshold` and `raise_after` are the stop
+    /// level's.
+    #[serde(default)]
+    pub warn: Option<Level>,
     pub golden: Vec<Golden>,
     pub golden_tolerance: Tolerance,
 }
@@ -114,17 +157,19 @@ impl Card {
         let text = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let card: Card = serde_json::from_slice(&text)
             .map_err(|e| err(format!("not a model card ({e}); write cards with model/run.sh train")))?;
-        if card.format != CARD_FORMAT || card.card_version != CARD_VERSION {
+        if card.format != CARD_FORMAT || !CARD_VERSIONS.contains(&card.card_version) {
             return Err(err(format!(
-                "format {:?} version {}, this agent reads {CARD_FORMAT:?} version {CARD_VERSION}",
+                "format {:?} version {}, this agent reads {CARD_FORMAT:?} versions {CARD_VERSIONS:?}",
                 card.format, card.card_version
             )));
         }
-        if card.feature_version != crate::features::VERSION {
+        if !crate::features::RUNS_MODELS_OF.contains(&card.feature_version) {
             return Err(err(format!(
-                "trained on feature version {}, this agent computes version {}: retrain on its export",
+                "trained on feature version {}, this agent computes version {} (and runs models of {:?}): retrain \
+                 on its export",
                 card.feature_version,
-                crate::features::VERSION
+                crate::features::VERSION,
+                crate::features::RUNS_MODELS_OF
             )));
         }
         update::plain_name(&card.model_file).map_err(err)?;
@@ -139,6 +184,17 @@ impl Card {
         }
         if !(card.threshold > 0.0 && card.threshold.is_finite()) {
             return Err(err(format!("threshold {} is not a positive number", card.threshold)));
+        }
+        if let Some(w) = card.warn {
+            if !(w.threshold > 0.0 && w.threshold.is_finite()) {
+                return Err(err(format!("warn.threshold {} is not a positive number", w.threshold)));
+            }
+            if w.threshold > card.threshold {
+                return Err(err(format!(
+                    "warn.threshold {} is above the stop threshold {}: the warning would never come first",
+                    w.threshold, card.threshold
+                )));
+            }
         }
         if card.golden.is_empty() {
             return Err(err("has no golden vectors: the model cannot be checked".into()));
@@ -158,9 +214,17 @@ impl Card {
     /// The model's input for a window's raw feature values (in card order).
     pub fn normalise(&self, raw: &[f64], out: &mut [f32]) {
         for ((f, &x), o) in self.features.iter().zip(raw).zip(out.iter_mut()) {
-            let z = ((x.max(0.0) * f.scale).ln_1p() - f.mean) / f.std;
-            *o = z.clamp(-self.input.clip, self.input.clip) as f32;
+            *o = f.normalise(x, self.input.clip);
         }
+    }
+
+    /// The tags whose values the model uses (the subjects of its
+    /// `value_*` features), in order.
+    pub fn tags(&self) -> std::collections::BTreeSet<&str> {
+        fn subject(name: &str) -> Option<&str> {
+            name.strip_suffix('}')?.split_once('{').map(|(_, s)| s)
+        }
+        self.features.iter().filter(|f| f.name.starts_with("value_")).filter_map(|f| subject(&f.name)).collect()
     }
 }
 
@@ -479,8 +543,27 @@ pub struct Outcome {
     /// An anomaly record for the priority lane (alarm raised or cleared).
     pub record: Option<Vec<(SeriesKey, f64)>>,
     pub scored: Option<Scored>,
+    /// The stop level's decision.
     pub transition: Option<Transition>,
+    /// The warn level's (a model with one).
+    pub warning: Option<Transition>,
     pub inference_s: f64,
+}
+
+/// The samples of one level's raise or clear in the priority record: the
+/// event with the score, and the threshold crossed.
+fn level_record(level: &str, event: &str, model_id: &str, score: f64, threshold: f64) -> [(SeriesKey, f64); 2] {
+    let labels = |extra: Option<(&str, &str)>| {
+        let mut l = vec![Label::new("level", level), Label::new("model", model_id)];
+        if let Some((n, v)) = extra {
+            l.insert(0, Label::new(n, v));
+        }
+        l
+    };
+    [
+        (SeriesKey::new("edge_anomaly_event", labels(Some(("event", event)))), score),
+        (SeriesKey::new("edge_anomaly_threshold", labels(None)), threshold),
+    ]
 }
 
 /// The detect stage: owns the feature stage, the model, its updates and
@@ -489,10 +572,15 @@ pub struct DetectStage {
     features: FeatureStage,
     pub model: Option<Model>,
     pub state: ModelState,
+    /// The stop level: the alarm that runs the local action.
     pub alarm: Alarm,
+    /// The warn level (when the model has one).
+    pub warning: Alarm,
     updates: Option<update::Updates>,
     raise_after: u32,
     clear_after: u32,
+    warn_raise_after: u32,
+    warn_clear_after: u32,
     /// Windows shorter than this (half the configured length) are not
     /// scored: the partial window a SIGHUP or the shutdown closes has
     /// rates over a second or two, noisier than any the model learned.
@@ -501,24 +589,41 @@ pub struct DetectStage {
     /// counts toward raising the alarm.
     warm_at: std::time::Instant,
     pub action: action::Action,
+    /// The tags of this box's tag map.
+    box_tags: std::collections::BTreeSet<String>,
+    /// Tags the running model uses that the box's tag map does not name.
+    pub missing_tags: Vec<String>,
 }
 
 impl DetectStage {
     /// Loads the model (an installed update, else the configured one); a
     /// missing or refused model leaves the stage scoring nothing (the
     /// reason is logged and in the state) until an update installs one.
-    pub fn new(cfg: &DetectConfig, state_dir: &Path, window: std::time::Duration, device: &str) -> DetectStage {
+    /// `box_tags`: the names of the box's tag map (a model using another
+    /// tag is loaded, and said to miss it).
+    pub fn new(
+        cfg: &DetectConfig,
+        state_dir: &Path,
+        window: std::time::Duration,
+        device: &str,
+        box_tags: std::collections::BTreeSet<String>,
+    ) -> DetectStage {
         let mut s = DetectStage {
             features: FeatureStage::new(),
             model: None,
             state: ModelState::Disabled,
             alarm: Alarm::new(cfg.raise_after, cfg.clear_after),
+            warning: Alarm::new(cfg.warn_raise_after, cfg.warn_clear_after),
             updates: None,
             raise_after: cfg.raise_after,
             clear_after: cfg.clear_after,
+            warn_raise_after: cfg.warn_raise_after,
+            warn_clear_after: cfg.warn_clear_after,
             warm_at: std::time::Instant::now() + std::time::Duration::from_secs(cfg.warmup_secs),
             min_window_s: window.as_secs_f64() / 2.0,
             action: action::Action::new(&cfg.action, device),
+            box_tags,
+            missing_tags: Vec::new(),
         };
         if !cfg.enabled {
             tracing::info!("detection disabled (detect.enabled = false)");
@@ -554,6 +659,14 @@ impl DetectStage {
                 "detect.raise_after is below what the model's threshold was calibrated for: expect more false alarms"
             );
         }
+        if let Some(w) = m.card.warn.filter(|w| self.warn_raise_after < w.raise_after) {
+            tracing::warn!(
+                configured = self.warn_raise_after,
+                calibrated_for = w.raise_after,
+                "detect.warn_raise_after is below what the model's warn threshold was calibrated for: expect more \
+                 false warnings"
+            );
+        }
         tracing::info!(
             card = %m.card_path.display(),
             name = %m.card.name,
@@ -563,10 +676,22 @@ impl DetectStage {
             golden = m.card.golden.len(),
             "{what}"
         );
+        self.missing_tags =
+            m.card.tags().into_iter().filter(|t| !self.box_tags.contains(*t)).map(String::from).collect();
+        if !self.missing_tags.is_empty() {
+            tracing::warn!(
+                card = %m.card_path.display(),
+                missing = ?self.missing_tags,
+                "the model uses process values of tags this box's tag map does not name: their features are 0 in \
+                 every window, so expect high scores; add the tags to [[tags]] (configs/tags/), or use a model \
+                 trained on this box's export"
+            );
+        }
         self.model = Some(m);
         self.state = ModelState::Loaded;
-        // A new threshold: the alarm starts over.
+        // New thresholds: the alarm and the warning start over.
         self.alarm = Alarm::new(self.raise_after, self.clear_after);
+        self.warning = Alarm::new(self.warn_raise_after, self.warn_clear_after);
     }
 
     /// Once per window: a dropped model or rollback request, if any.
@@ -598,9 +723,9 @@ impl DetectStage {
     }
 
     /// Scores the window ending at `timestamp_ms` (its samples as stored).
-    pub fn observe(&mut self, timestamp_ms: i64, samples: &[(SeriesKey, f64)]) -> Outcome {
+    pub fn observe(&mut self, timestamp_ms: i64, samples: &[(SeriesKey, f64)], tags: &TagValues) -> Outcome {
         let mut out = Outcome::default();
-        let Some(f) = self.features.next(timestamp_ms, samples) else { return out };
+        let Some(f) = self.features.next(timestamp_ms, samples, tags) else { return out };
         if f.window_s < self.min_window_s {
             return out;
         }
@@ -619,21 +744,47 @@ impl DetectStage {
         // Scored and exported during the warm-up, but not counted toward
         // a raise (config.rs: DetectConfig::warmup_secs).
         let transition = self.alarm.observe(scored.score > threshold && warmed_up);
+        let warn = model.card.warn;
+        let warned = warn.map(|w| self.warning.observe(scored.score > w.threshold && warmed_up));
         out.samples.push((SeriesKey::new("edge_anomaly_score", vec![]), scored.score));
         out.samples.push((SeriesKey::new("edge_anomaly_alarm", vec![]), f64::from(u8::from(self.alarm.active))));
+        if warn.is_some() {
+            out.samples
+                .push((SeriesKey::new("edge_anomaly_warning", vec![]), f64::from(u8::from(self.warning.active))));
+        }
+        let model_id = model.sha256[..12].to_string();
+        let mut rec = Vec::new();
+        // The warn level: a record (and the log) only.
+        if let (Some(w), Some(t @ (Transition::Raised | Transition::Cleared))) = (warn, warned) {
+            let event = if t == Transition::Raised { "raised" } else { "cleared" };
+            tracing::warn!(event, score = scored.score, threshold = w.threshold, top = ?scored.top, "anomaly warning {event}");
+            rec.extend(level_record("warn", event, &model_id, scored.score, w.threshold));
+        }
         if transition != Transition::None {
             let event = if transition == Transition::Raised { "raised" } else { "cleared" };
-            let model_id = model.sha256[..12].to_string();
-            let mut rec = vec![
-                (
+            tracing::warn!(event, score = scored.score, threshold, top = ?scored.top, "anomaly alarm {event}");
+            rec.extend(level_record("stop", event, &model_id, scored.score, threshold));
+            let fired = self.action.fire(&action::Event {
+                event,
+                score: scored.score,
+                threshold,
+                timestamp_ms,
+                model_sha256: model.sha256.clone(),
+                top: scored.top.clone(),
+            });
+            // Every firing of the local action is in the record, beside
+            // the score and the features that caused it.
+            if let Some(result) = fired.label() {
+                rec.push((
                     SeriesKey::new(
-                        "edge_anomaly_event",
-                        vec![Label::new("event", event), Label::new("model", model_id.as_str())],
+                        "edge_anomaly_action",
+                        vec![Label::new("event", event), Label::new("result", result)],
                     ),
-                    scored.score,
-                ),
-                (SeriesKey::new("edge_anomaly_threshold", vec![Label::new("model", model_id.as_str())]), threshold),
-            ];
+                    1.0,
+                ));
+            }
+        }
+        if !rec.is_empty() {
             for (rank, (name, share)) in scored.top.iter().enumerate() {
                 let rank = (rank + 1).to_string();
                 rec.push((
@@ -644,18 +795,9 @@ impl DetectStage {
                     *share,
                 ));
             }
-            tracing::warn!(event, score = scored.score, threshold, top = ?scored.top, "anomaly alarm {event}");
             out.record = Some(rec);
-            let sha = model.sha256.clone();
-            self.action.fire(&action::Event {
-                event,
-                score: scored.score,
-                threshold,
-                timestamp_ms,
-                model_sha256: sha,
-                top: scored.top.clone(),
-            });
         }
+        out.warning = warned;
         out.transition = Some(transition);
         out.scored = Some(scored);
         out
@@ -687,11 +829,12 @@ mod tests {
             model_sha256: String::new(),
             input: InputSpec { clip: 5.0 },
             features: vec![
-                FeatureSpec { name: "a".into(), scale: 1.0, mean: 1.0, std: 0.5 },
-                FeatureSpec { name: "b".into(), scale: 1000.0, mean: 0.0, std: 0.1 },
+                FeatureSpec { name: "a".into(), transform: Transform::Log, scale: 1.0, mean: 1.0, std: 0.5 },
+                FeatureSpec { name: "b".into(), transform: Transform::Log, scale: 1000.0, mean: 0.0, std: 0.1 },
             ],
             threshold: 1.0,
             raise_after: 2,
+            warn: None,
             golden: vec![],
             golden_tolerance: Tolerance { relative: 0.0, absolute: 0.0 },
         };
@@ -702,6 +845,110 @@ mod tests {
         card.normalise(&[-3.0, 0.0], &mut z);
         assert!((z[0] + 2.0).abs() < 1e-6, "negative treated as 0: {z:?}");
     }
+
+    /// Fits a feature as model/run.sh does (pipeline.py, fit_normalisation):
+    /// mean and std of the training values, the std floored at 1e-3 of the
+    /// mean's size or the smallest step between training values.
+    fn fit(transform: Transform, scale: f64, xs: &[f64]) -> FeatureSpec {
+        let mut spec = FeatureSpec { name: "x".into(), transform, scale, mean: 0.0, std: 1.0 };
+        let u: Vec<f64> = xs
+            .iter()
+            .map(|&x| match transform {
+                Transform::Log => (x.max(0.0) * scale).ln_1p(),
+                Transform::Linear => x * scale,
+            })
+            .collect();
+        let n = u.len() as f64;
+        spec.mean = u.iter().sum::<f64>() / n;
+        let std = (u.iter().map(|v| (v - spec.mean).powi(2)).sum::<f64>() / n).sqrt();
+        let floor = match transform {
+            Transform::Log => 0.1,
+            Transform::Linear => {
+                let mut sorted = u.clone();
+                sorted.sort_by(f64::total_cmp);
+                let step = sorted.windows(2).map(|w| w[1] - w[0]).filter(|d| *d > 0.0).fold(f64::INFINITY, f64::min);
+                (1e-3 * spec.mean.abs()).max(if step.is_finite() { step } else { 0.0 }).max(f32::MIN_POSITIVE.into())
+            }
+        };
+        spec.std = std.max(floor);
+        spec
+    }
+
+    /// Sensors from 1e-5 to 1e5, positive and negative: under `linear`
+    /// each one's normal spread is about one unit of z and a shift of
+    /// three of its standard deviations is about three, whatever its units
+    /// and sign; under `log` (the version-1 rule for every feature) the
+    /// small ones are flat and the negative ones vanish.
+    #[test]
+    fn linear_normalisation_fits_physical_values_of_any_size_and_sign() {
+        let wobble = |centre: f64, spread: f64| -> Vec<f64> {
+            (0..200).map(|i| centre + spread * ((i as f64) * 0.7).sin()).collect()
+        };
+        let spread_of = |xs: &[f64]| {
+            let m = xs.iter().sum::<f64>() / xs.len() as f64;
+            (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64).sqrt()
+        };
+        for exp in -5..=5 {
+            for sign in [1.0, -1.0] {
+                let centre = sign * 10f64.powi(exp);
+                let spread = 10f64.powi(exp) * 0.05;
+                let xs = wobble(centre, spread);
+                let sd = spread_of(&xs);
+                let lin = fit(Transform::Linear, 1.0, &xs);
+                assert!((lin.std - sd).abs() <= 1e-9 * sd, "{centre}: the spread itself, not a floor: {}", lin.std);
+                let z_normal = lin.normalise(centre, 1000.0);
+                let z_shift = lin.normalise(centre + 3.0 * sd, 1000.0);
+                assert!(z_normal.abs() < 0.05, "{centre}: normal at z {z_normal}");
+                assert!((z_shift - z_normal - 3.0).abs() < 1e-3, "{centre}: a shift of 3 sd is z {z_shift}");
+                let z_down = lin.normalise(centre - 3.0 * sd, 1000.0);
+                assert!((z_normal - z_down - 3.0).abs() < 1e-3, "{centre}: the sign is kept: {z_down}");
+                // The version-1 rule: ln(1 + max(x, 0)), std at least 0.1.
+                let log = fit(Transform::Log, 1.0, &xs);
+                let z_log = log.normalise(centre + 3.0 * sd, 1000.0) - log.normalise(centre, 1000.0);
+                if sign < 0.0 {
+                    assert_eq!(z_log, 0.0, "{centre}: a negative value is 0 to the log rule");
+                } else if exp <= -2 {
+                    assert!(z_log.abs() < 0.02, "{centre}: the log rule flattens a small sensor ({z_log})");
+                }
+            }
+        }
+        // A sensor toggling by its last digit: the floor is its resolution
+        // (1e-7, above 1e-3 of its size); a constant one: 1e-3 of its size,
+        // in its own units, so a step of 1 % of its size is z 10.
+        let steps: Vec<f64> = (0..100).map(|i| 2.5e-5 + if i % 2 == 0 { 0.0 } else { 1e-7 }).collect();
+        let lin = fit(Transform::Linear, 1.0, &steps);
+        assert!((lin.std - 1e-7).abs() < 1e-12, "the resolution: {}", lin.std);
+        let frozen = fit(Transform::Linear, 1.0, &[-40_000.0; 50]);
+        assert_eq!(frozen.std, 40.0);
+        assert!((frozen.normalise(-39_600.0, 1000.0) - 10.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn the_transform_is_named_in_the_card_and_defaults_to_log() {
+        let spec =
+            |t: &str| serde_json::from_str::<FeatureSpec>(&format!(r#"{{"name":"v","scale":1,"mean":0,"std":1{t}}}"#));
+        assert_eq!(spec("").unwrap().transform, Transform::Log, "card version 1 has none");
+        assert_eq!(spec(r#","transform":"linear""#).unwrap().transform, Transform::Linear);
+        let err = spec(r#","transform":"cube""#).unwrap_err().to_string();
+        assert!(err.contains("cube") && err.contains("linear"), "{err}");
+        let card = Card {
+            features: [
+                "value_mean{flow}",
+                "value_band1_rms{vibration_rms}",
+                "tcp_opened_per_s{hmi}",
+                "value_std{flow}",
+            ]
+            .iter()
+            .map(|n| FeatureSpec { name: (*n).into(), transform: Transform::Linear, scale: 1.0, mean: 0.0, std: 1.0 })
+            .collect(),
+            ..serde_json::from_str(CARD_FOR_TESTS).unwrap()
+        };
+        assert_eq!(card.tags().into_iter().collect::<Vec<_>>(), ["flow", "vibration_rms"]);
+    }
+
+    const CARD_FOR_TESTS: &str = r#"{"format":"edge-agent-model-card","card_version":2,"name":"t","feature_version":2,
+        "window_s":10,"model_file":"m.tflite","model_sha256":"","input":{"clip":5},"features":[],"threshold":1,
+        "golden":[],"golden_tolerance":{"relative":0,"absolute":0}}"#;
 
     #[test]
     fn score_is_mean_squared_error() {

@@ -1,19 +1,32 @@
-//! Detect stage, input side: the feature vector of a window (version 1,
-//! docs/features.md), computed from that window's samples and the previous
-//! window's. Counters are cumulative, so rates and ratios come from their
-//! differences; latency quantiles from the differences of histogram
-//! buckets. Pure; owns only the previous window.
+//! Detect stage, input side: the feature vector of a window (version 2,
+//! docs/features.md), computed from that window's samples, its process
+//! values (values.rs) and the previous window's samples. Counters are
+//! cumulative, so rates and ratios come from their differences; latency
+//! quantiles from the differences of histogram buckets. Pure; owns only
+//! the previous window (and the FFT plans).
 //!
 //! Feature names are `<feature>{<subject>}`: the subject is a port class,
-//! a device file or a Modbus side, so the same name means the same thing on
-//! every box. A model lists the names it was trained on (its model card);
-//! the agent computes every feature its data allows and the model picks.
+//! a device file, a Modbus side or a tag, so the same name means the same
+//! thing on every box. A model lists the names it was trained on (its model
+//! card); the agent computes every feature its data allows and the model
+//! picks.
+
+pub mod values;
 
 use edge_wire::SeriesKey;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+pub use values::{tag_values, TagValues};
 
 /// Version of the feature definitions below; in every export and model card.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+
+/// Feature versions whose models this agent runs: each later version kept
+/// every definition of the earlier ones (docs/features.md).
+pub const RUNS_MODELS_OF: [u32; 2] = [1, 2];
+
+/// The series counting a tag's values each window: every tag of the map
+/// has one, so its features exist (count 0) in a window without values.
+const VALUE_COUNT_SERIES: &str = "edge_process_value_count";
 
 /// One window's features.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +42,7 @@ type SeriesId = (String, Vec<(String, String)>);
 #[derive(Debug, Default)]
 pub struct FeatureStage {
     prev: Option<(i64, HashMap<SeriesId, f64>)>,
+    values: values::ValueFeatures,
 }
 
 fn id(k: &SeriesKey) -> SeriesId {
@@ -99,10 +113,11 @@ impl FeatureStage {
         Self::default()
     }
 
-    /// The features of the window ending at `timestamp_ms`; `None` for the
-    /// first window seen (nothing to difference against) or a window not
-    /// after the previous one.
-    pub fn next(&mut self, timestamp_ms: i64, samples: &[(SeriesKey, f64)]) -> Option<Features> {
+    /// The features of the window ending at `timestamp_ms` (its samples
+    /// and the process values captured in it); `None` for the first window
+    /// seen (nothing to difference against) or a window not after the
+    /// previous one.
+    pub fn next(&mut self, timestamp_ms: i64, samples: &[(SeriesKey, f64)], tags: &TagValues) -> Option<Features> {
         let now: HashMap<SeriesId, f64> = samples.iter().map(|(k, v)| (id(k), *v)).collect();
         let (prev_ts, prev) = self.prev.replace((timestamp_ms, now))?;
         let now = &self.prev.as_ref().expect("just stored").1;
@@ -180,6 +195,14 @@ impl FeatureStage {
             values.insert(format!("modbus_abandoned_per_s{{{s}}}"), acc.get("mb_abandoned", &s) / window_s);
             values.insert(format!("modbus_reply_p99_s{{{s}}}"), acc.quantile("mb_reply", &s, 0.99));
         }
+        // Every tag the map names (its count series) and every tag with values.
+        let counted = samples.iter().filter(|(k, _)| k.name == VALUE_COUNT_SERIES);
+        let mut names: BTreeSet<&str> =
+            counted.filter_map(|(k, _)| k.labels.iter().find(|l| l.name == "tag")).map(|l| l.value.as_str()).collect();
+        names.extend(tags.keys().map(String::as_str));
+        for tag in names {
+            self.values.add(tag, tags.get(tag).map_or(&[][..], Vec::as_slice), &mut values);
+        }
         Some(Features { timestamp_ms, window_s, values })
     }
 }
@@ -244,7 +267,7 @@ mod tests {
             (bucket("0.002"), 100.0),
             (bucket("+Inf"), 100.0),
         ];
-        assert_eq!(st.next(1_000, &w1), None, "the first window has nothing to difference");
+        assert_eq!(st.next(1_000, &w1, &TagValues::new()), None, "the first window has nothing to difference");
         let w2 = [
             (opened, 30.0),
             (failed, 1.0),
@@ -255,7 +278,7 @@ mod tests {
             (bucket("0.002"), 150.0),
             (bucket("+Inf"), 150.0),
         ];
-        let f = st.next(11_000, &w2).unwrap();
+        let f = st.next(11_000, &w2, &TagValues::new()).unwrap();
         assert_eq!(f.window_s, 10.0);
         let v = |n: &str| f.values.get(n).copied().unwrap_or_else(|| panic!("{n} missing: {:?}", f.values));
         assert_eq!(v("tcp_opened_per_s{modbus}"), 2.0);
@@ -271,8 +294,34 @@ mod tests {
     fn a_restarted_counter_counts_from_zero() {
         let opened = key("edge_tcp_connections_opened_total", &[("direction", "inbound"), ("port_class", "other")]);
         let mut st = FeatureStage::new();
-        st.next(1_000, &[(opened.clone(), 500.0)]);
-        let f = st.next(2_000, &[(opened, 7.0)]).unwrap();
+        st.next(1_000, &[(opened.clone(), 500.0)], &TagValues::new());
+        let f = st.next(2_000, &[(opened, 7.0)], &TagValues::new()).unwrap();
         assert_eq!(f.values["tcp_opened_per_s{other}"], 7.0);
+    }
+
+    #[test]
+    fn every_tag_of_the_map_has_features_and_the_values_their_statistics() {
+        let count = |tag: &str, n: f64| (key("edge_process_value_count", &[("tag", tag)]), n);
+        let mut st = FeatureStage::new();
+        st.next(1_000, &[count("flow", 0.0), count("speed", 0.0)], &TagValues::new());
+        let tags: TagValues = [("speed".to_string(), vec![(1_500, 10.0), (2_000, 14.0)])].into();
+        let f = st.next(2_000, &[count("flow", 0.0), count("speed", 2.0)], &tags).unwrap();
+        let named: Vec<&str> = f.values.keys().map(String::as_str).collect();
+        assert_eq!(
+            named,
+            [
+                "value_count{flow}",
+                "value_count{speed}",
+                "value_last{speed}",
+                "value_max{speed}",
+                "value_mean{speed}",
+                "value_min{speed}",
+                "value_slope_per_s{speed}",
+                "value_std{speed}"
+            ],
+            "nobody read flow: only its count"
+        );
+        assert_eq!(f.values["value_slope_per_s{speed}"], 8.0);
+        assert_eq!(f.values["value_std{speed}"], 2.0);
     }
 }
