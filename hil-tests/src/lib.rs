@@ -280,10 +280,19 @@ impl Board {
         })
     }
 
+    /// The console's last 40 lines, after the agent's warnings, errors and
+    /// probes not attached (from the start: what a failed check needs).
     pub fn console_tail(&self) -> String {
         let c = self.console();
         let lines: Vec<&str> = c.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        let notable: Vec<&str> = lines
+            .iter()
+            .filter(|l| !l.starts_with("hil: "))
+            .filter(|l| ["WARN", "ERROR", "unavailable", "failed", "refused"].iter().any(|w| l.contains(w)))
+            .take(30)
+            .copied()
+            .collect();
+        format!("{}\n...\n{}", notable.join("\n"), lines[lines.len().saturating_sub(40)..].join("\n"))
     }
 
     /// One QEMU monitor command; returns what the monitor answered.
