@@ -4,6 +4,8 @@ evaluate a model on labelled scenario runs.
 
   pipeline.py train --out DIR --normal CSV [CSV ...] [--eval RUN_DIR ...]
   pipeline.py evaluate --model DIR --run RUN_DIR [RUN_DIR ...] [--out DIR]
+  pipeline.py report --model CARD --run RUN_DIR [--out DIR]
+  pipeline.py compare --model DIR --normal CSV [CSV ...] --run RUN_DIR [...] [--history H ...]
   pipeline.py sign --model DIR --key KEY.pem
 
 Input: CSVs of `edge-agent store export --format features`
@@ -182,7 +184,9 @@ def train(args):
     # threshold. A port class in the agent's config makes traffic modelled.
     import re
     exclude = re.compile(args.exclude) if args.exclude else None
-    names = sorted({n for _, _, cols, _ in parts for n in cols if not (exclude and exclude.search(n))})
+    include = re.compile(args.include) if args.include else None
+    names = sorted({n for _, _, cols, _ in parts for n in cols
+                    if not (exclude and exclude.search(n)) and (include is None or include.search(n))})
     if not names:
         sys.exit("no feature columns in the training data")
     ts = np.concatenate([p[0] for p in parts])
@@ -202,6 +206,17 @@ def train(args):
         sys.exit(f"only {n} windows of normal data: record more (at least 50; hours are better)")
     # Held out: the last quarter in time, never seen by training.
     cut = int(n * 0.75)
+    # A feature whose held-out values all lie outside what the training
+    # part saw is a trend, not a state (a counter or a clock in a register:
+    # its mean grows for ever): no model of normal can know its next value.
+    # Left out, and named in the card.
+    trending = [name for i, name in enumerate(names)
+                if raw[cut:, i].min() > raw[:cut, i].max() or raw[cut:, i].max() < raw[:cut, i].min()]
+    if trending:
+        print(f"left out (trending: held-out values outside the training range): {', '.join(trending)}")
+        kept = [i for i, name in enumerate(names) if name not in trending]
+        names = [names[i] for i in kept]
+        raw = raw[:, kept]
     fit_raw, held_raw = raw[:cut], raw[cut:]
     features = fit_normalisation(names, fit_raw)
     z_fit, z_held = normalise(fit_raw, features), normalise(held_raw, features)
@@ -256,6 +271,9 @@ def train(args):
     for i, name in enumerate(names):
         if name.startswith(("tcp_refused_per_s", "tcp_retransmits_per_s", "dev_error_ratio")):
             wild[i] = 50.0 if "ratio" not in name else 0.5
+        elif features[i]["transform"] == "linear":
+            # A process value far off (ten of its standard deviations).
+            wild[i] += 10.0 * features[i]["std"] / features[i]["scale"]
     golden_raw.append(wild)
     golden_raw = np.array(golden_raw)
     gz = normalise(golden_raw, features)
@@ -303,6 +321,7 @@ def train(args):
             "run_score_max": run_max, "fit_score_max": float(s_fit.max()),
             "architecture": f"dense {len(names)}-" + "-".join(str(h) for h in HIDDEN + tuple(reversed(HIDDEN[:-1]))) + f"-{len(names)}, relu, float32",
             "tensorflow": tf.__version__, "seed": SEED, "about": args.about, "excluded": args.exclude,
+            "included": args.include, "trending": trending,
         },
     }
     with open(os.path.join(args.out, "anomaly.card.json"), "w") as f:
@@ -517,6 +536,308 @@ def evaluate(args):
     print(json.dumps(ev, indent=1))
 
 
+def window_truth(ts, win_ms, labels):
+    """Per window (ts - win_ms, ts]: the fault covering at least half of it,
+    "" for normal, None when it counts neither way (a fault covers less
+    than half, or the process is still recovering after one): as the
+    scenario runner's report (hil-tests/src/evaluation.rs)."""
+    out = []
+    for t in ts:
+        frm = t - win_ms
+        truth = ""
+        for a, b, name, rec in labels:
+            if (min(b, t) - max(a, frm)) * 2 >= win_ms:
+                truth = name
+                break
+        else:
+            if any(a < t and max(rec, b) > frm for a, b, _, rec in labels):
+                truth = None
+        out.append(truth)
+    return out
+
+
+def debounced(above, raise_after, clear_after):
+    """The agent's alarm state per window: raised after `raise_after`
+    windows above in a row, cleared after `clear_after` below in a row."""
+    state, up, down, out = False, 0, 0, []
+    for a in above:
+        up, down = (up + 1, 0) if a else (0, down + 1)
+        if not state and up >= raise_after:
+            state = True
+        elif state and down >= clear_after:
+            state = False
+        out.append(state)
+    return np.array(out, dtype=bool)
+
+
+def read_agent_scores(path):
+    """(ts, score) of every scored window of a samples export."""
+    by = {}
+    with open(path, newline="") as f:
+        for r in csv.reader(f):
+            if len(r) >= 5 and r[2] == "edge_anomaly_score":
+                by[int(r[0])] = float(r[-1])
+    ts = np.array(sorted(by), dtype=np.int64)
+    return ts, np.array([by[t] for t in ts])
+
+
+def read_run_labels(path):
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            a, b = int(r["start_ms"]), int(r["end_ms"])
+            out.append((a, b, r["fault"], int(r.get("recovered_ms") or b)))
+    return out
+
+
+def confusion(decided, truth):
+    c = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    for d, t in zip(decided, truth):
+        if t is None:
+            continue
+        c[("tp" if d else "fn") if t else ("fp" if d else "tn")] += 1
+    tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
+    c["f1"] = 2 * tp / max(2 * tp + fp + fn, 1)
+    c["far"] = fp / max(fp + tn, 1)
+    c["mar"] = fn / max(fn + tp, 1)
+    return c
+
+
+MARGINS = (1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def report(args):
+    """Plots and operating points of a scenario run (`scenarios
+    pump-evaluate`) from the agent's own scores: score against time with
+    the fault spans, windows to detect per fault, and the false-alarm rate
+    against the missed-alarm rate at several margins, each with the
+    card's debounce (docs/model.md, "Operating points")."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(args.model) as f:
+        card = json.load(f)
+    out = args.out or args.run
+    os.makedirs(out, exist_ok=True)
+    ts, scores = read_agent_scores(os.path.join(args.run, "samples.csv"))
+    labels = read_run_labels(os.path.join(args.run, "labels.csv"))
+    win_ms = int(round(card["window_s"] * 1000))
+    truth = window_truth(ts, win_ms, labels)
+    base = card["threshold"] / card["margin"]
+    k = card.get("raise_after", 2)
+    warn = card.get("warn")
+    levels = [("stop", card["threshold"], k, args.clear_after)]
+    if warn:
+        levels.append(("warn", warn["threshold"], warn["raise_after"], args.warn_clear_after))
+    # Score against time.
+    t0 = labels[0][0] if labels else int(ts[0])
+    minutes = (ts - t0) / 60000.0
+    colours = {}
+    palette = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    for a, b, name, rec in labels:
+        c = colours.setdefault(name, palette(len(colours) % 10))
+        ax.axvspan((a - t0) / 60000, (b - t0) / 60000, color=c, alpha=0.3,
+                   label=name if name not in ax.get_legend_handles_labels()[1] else None)
+        if rec > b:
+            ax.axvspan((b - t0) / 60000, (rec - t0) / 60000, color="grey", alpha=0.12, hatch="//",
+                       label="recovering" if "recovering" not in ax.get_legend_handles_labels()[1] else None)
+    ax.plot(minutes, np.maximum(scores, 1e-6), color="black", linewidth=0.7, label="score (the agent's)")
+    for name, thr, _, _ in levels:
+        ax.axhline(thr, color="red" if name == "stop" else "orange", linestyle="--", label=f"{name} {thr:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("minutes since the first fault")
+    ax.set_ylabel("anomaly score")
+    ax.set_title(f"{card['name']}: the agent's score per {card['window_s']:g} s window, faults shaded")
+    ax.legend(loc="upper left", fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "score_vs_time.png"), dpi=100)
+    plt.close(fig)
+    # Windows to detect per injection, per level.
+    per = {}
+    for name, thr, ra, ca in levels:
+        state = debounced(scores > thr, ra, ca)
+        for a, b, fault, _ in labels:
+            idx = [i for i, t in enumerate(ts) if a < t <= b + win_ms]
+            hit = next((j + 1 for j, i in enumerate(idx) if state[i]), None)
+            per.setdefault(fault, {}).setdefault(name, []).append(hit)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    faults = sorted(per)
+    width = 0.8 / len(levels)
+    for j, (name, *_r) in enumerate(levels):
+        vals = [np.mean([h for h in per[f][name] if h]) if any(per[f][name]) else 0 for f in faults]
+        ax.bar(np.arange(len(faults)) + j * width, vals, width, label=f"{name} (0: not detected)",
+               color="red" if name == "stop" else "orange")
+    ax.set_xticks(np.arange(len(faults)) + width * (len(levels) - 1) / 2)
+    ax.set_xticklabels(faults, rotation=20, ha="right")
+    ax.set_ylabel("windows to detect (mean)")
+    ax.set_title("Detection delay per fault class")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "delays.png"), dpi=100)
+    plt.close(fig)
+    # Operating points: margins over the card's base, with each level's
+    # debounce, over the windows that count.
+    rows = []
+    for name, _, ra, ca in levels:
+        for m in MARGINS:
+            state = debounced(scores > base * m, ra, ca)
+            c = confusion(state, truth)
+            detected = len({f for a, b, f, _r in labels if state[(ts > a) & (ts <= b + win_ms)].any()})
+            rows.append({"level": name, "margin": m, "threshold": base * m, "raise_after": ra, "clear_after": ca,
+                         "classes_detected": detected, **c})
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, *_r in levels:
+        r = [x for x in rows if x["level"] == name]
+        ax.plot([100 * x["far"] for x in r], [100 * x["mar"] for x in r], marker="o", label=f"{name} debounce")
+        for x in r:
+            ax.annotate(f"{x['margin']:g}", (100 * x["far"], 100 * x["mar"]), fontsize=7)
+    ax.set_xlabel("false-alarm rate, % of normal windows")
+    ax.set_ylabel("missed-alarm rate, % of faulty windows")
+    ax.set_title("Operating points (labels: margin)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "operating_points.png"), dpi=100)
+    plt.close(fig)
+    lines = ["# Operating points", "",
+             f"The agent's scores of {len(ts)} windows of {os.path.basename(os.path.normpath(args.run))}, the card's base"
+             f" {base:.4g} (its threshold {card['threshold']:.4g} / its margin {card['margin']:g}) times each margin,"
+             " with each level's debounce (raise after, clear after); windows that count neither way (a fault covering"
+             " less than half, a process recovering) left out. The card's own margins: stop"
+             f" {card['margin']:g}" + (f", warn {warn['margin']:g}" if warn else "") + ".", "",
+             "| level | margin | threshold | raise/clear after | fault classes detected | F1 | FAR | MAR |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| {x['level']} | {x['margin']:g} | {x['threshold']:.4g} | {x['raise_after']}/{x['clear_after']} |"
+                     f" {x['classes_detected']} of {len(per)} | {x['f1']:.3f} | {100 * x['far']:.2f} % | {100 * x['mar']:.2f} % |")
+    lines += ["", "Plots: score_vs_time.png, delays.png, operating_points.png."]
+    with open(os.path.join(out, "operating_points.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "operating_points.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")
+    print("\n".join(lines))
+
+
+def stacked(z, h):
+    """Each window with the h - 1 before it, flattened (oldest first); the
+    first h - 1 windows have no full history and are dropped."""
+    if h == 1:
+        return z
+    return np.stack([z[i - h + 1:i + 1].reshape(-1) for i in range(h - 1, len(z))])
+
+
+def build_history(n, h, kind):
+    """An autoencoder over h consecutive windows of n features: `dense`
+    (the flattened history through the same hidden sizes) or `conv` (a
+    Conv1D over time, kernel 2, then dense)."""
+    import tensorflow as tf
+
+    inp = tf.keras.Input(shape=(n * h,), name="features")
+    if kind == "conv":
+        x = tf.keras.layers.Reshape((h, n))(inp)
+        x = tf.keras.layers.Conv1D(HIDDEN[0], min(2, h), activation="relu")(x)
+        x = tf.keras.layers.Flatten()(x)
+    else:
+        x = tf.keras.layers.Dense(HIDDEN[0], activation="relu")(inp)
+    for hsize in HIDDEN[1:]:
+        x = tf.keras.layers.Dense(hsize, activation="relu")(x)
+    for hsize in reversed(HIDDEN[:-1]):
+        x = tf.keras.layers.Dense(hsize, activation="relu")(x)
+    out = tf.keras.layers.Dense(n * h, name="reconstruction")(x)
+    return tf.keras.Model(inp, out)
+
+
+def compare(args):
+    """Models over a short history of windows against the one-window model,
+    trained on the same normal data as `model`'s card (its features and
+    normalisation), thresholds by the card's rule and margins, scored on
+    labelled runs with the agent's debounce: is a history worth keeping?"""
+    import tensorflow as tf
+
+    card, _ = load_model(args.model)
+    feats = card["features"]
+    names = [f["name"] for f in feats]
+    parts = [read_features(p) for p in args.normal]
+    ts = np.concatenate([p[0] for p in parts])
+    raw = np.concatenate([matrix(p[2], names, len(p[0])) for p in parts])
+    win = np.concatenate([p[1] for p in parts])
+    order = np.argsort(ts, kind="stable")
+    ts, raw, win = ts[order], raw[order], win[order]
+    keep = (win >= 0.5 * np.median(win)) & (win <= 1.5 * np.median(win))
+    z = normalise(raw[keep], feats)
+    cut = int(len(z) * 0.75)
+    runs = []
+    for d in args.run:
+        rts, rwin, cols, _ = read_features(os.path.join(d, "features.csv"))
+        ok = rwin >= 0.5 * card["window_s"]
+        rts = rts[ok]
+        rz = normalise(matrix({k: v[ok] for k, v in cols.items()}, names, len(rts)), feats)
+        labels = read_run_labels(os.path.join(d, "labels.csv"))
+        runs.append((rts, rz, labels))
+    win_ms = int(round(card["window_s"] * 1000))
+    k = card.get("raise_after", 2)
+    rows = []
+    for kind, h in [("dense", 1)] + [(kind, h) for h in args.history if h > 1 for kind in ("dense", "conv")]:
+        tf.keras.utils.set_random_seed(SEED)
+        x_fit, x_held = stacked(z[:cut], h), stacked(z[cut:], h)
+        m = build_history(len(names), h, kind)
+        m.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss="mse")
+        vcut = int(len(x_fit) * 0.9)
+        stop = tf.keras.callbacks.EarlyStopping(patience=30, restore_best_weights=True)
+        m.fit(x_fit[:vcut], x_fit[:vcut], validation_data=(x_fit[vcut:], x_fit[vcut:]), epochs=EPOCHS,
+              batch_size=32, shuffle=True, verbose=0, callbacks=[stop])
+
+        def score(x):
+            return scores_of(x, m.predict(x, verbose=0, batch_size=256))
+
+        s_all = np.concatenate([score(x_fit), score(x_held)])
+        s_held = s_all[len(x_fit):]
+        runs_min = np.array([s_all[i:i + k].min() for i in range(len(s_all) - k + 1)])
+        base = max(s_held.max(), runs_min.max())
+        all_scores, all_truth, detected, delays = [], [], {}, []
+        for rts, rz, labels in runs:
+            sc = score(stacked(rz, h))
+            t = rts[h - 1:]
+            all_scores.append(sc)
+            all_truth += window_truth(t, win_ms, labels)
+            state = debounced(sc > base * card["margin"], k, args.clear_after)
+            for a, b, f, _r in labels:
+                idx = np.nonzero((t > a) & (t <= b + win_ms))[0]
+                hit = next((j + 1 for j, i in enumerate(idx) if state[i]), None)
+                detected.setdefault(f, []).append(hit)
+                if hit:
+                    delays.append(hit)
+        sc = np.concatenate(all_scores)
+        counted = np.array([x is not None for x in all_truth])
+        positive = np.array([bool(x) for x in all_truth])
+        _, _, auc = roc(sc[counted], positive[counted])
+        c = confusion(debounced(sc > base * card["margin"], k, args.clear_after), all_truth)
+        rows.append({"model": f"{kind}, {h} window(s)", "parameters": int(m.count_params()), "auc": auc,
+                     "classes_detected": sum(1 for v in detected.values() if any(v)), "classes": len(detected),
+                     "mean_delay": float(np.mean(delays)) if delays else float("nan"), **c})
+        print(rows[-1])
+    lines = ["# Models over a history of windows", "",
+             f"Trained on {', '.join(os.path.basename(p) for p in args.normal)} with the features and normalisation of"
+             f" {card['name']} ({len(names)} features), seed {SEED}; each threshold by the card's rule (margin"
+             f" {card['margin']:g} x the larger of the held-out maximum and the highest score {k} consecutive normal"
+             f" windows reached); scored on {', '.join(os.path.basename(os.path.normpath(d)) for d in args.run)} with"
+             f" the agent's debounce (raise after {k}, clear after {args.clear_after}). Point-wise over the windows"
+             " that count (docs/model.md).", "",
+             "| model | parameters | ROC AUC | fault classes detected | mean windows to detect | F1 | FAR | MAR |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['parameters']} | {r['auc']:.4f} | {r['classes_detected']} of {r['classes']} |"
+                     f" {r['mean_delay']:.2f} | {r['f1']:.3f} | {100 * r['far']:.2f} % | {100 * r['mar']:.2f} % |")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
 def sign(args):
     """Signs the card (Ed25519, openssl) and writes the MQTT model message
     (docs/model.md, "Updates"): DIR/anomaly.card.json.sig, DIR/model.bundle."""
@@ -598,11 +919,26 @@ def main():
     t.add_argument("--reproducible", action="store_true", help="date the card by its data, not by now")
     t.add_argument("--exclude", default=r"\{other\}$",
                    help="features left out (regex on names; default: the `other` port class; '' keeps all)")
+    t.add_argument("--include", default="",
+                   help="only the features whose names match (regex; default: all), before --exclude")
     t.add_argument("--about", default="", help="how the training data was recorded (into the model card)")
     e = sub.add_parser("evaluate", help="score labelled scenario runs with a model")
     e.add_argument("--model", required=True)
     e.add_argument("--run", nargs="+", required=True)
     e.add_argument("--out")
+    r = sub.add_parser("report", help="plots and operating points of a scenario run, from the agent's scores")
+    r.add_argument("--model", required=True, help="the model card (anomaly.card.json) the run used")
+    r.add_argument("--run", required=True, help="a `scenarios pump-evaluate` directory (samples.csv, labels.csv)")
+    r.add_argument("--out", help="default: the run directory")
+    r.add_argument("--clear-after", type=int, default=3, help="the agent's detect.clear_after")
+    r.add_argument("--warn-clear-after", type=int, default=3, help="the agent's detect.warn_clear_after")
+    c = sub.add_parser("compare", help="models over a history of windows against the one-window model")
+    c.add_argument("--model", required=True, help="the one-window model's directory (its features and rule)")
+    c.add_argument("--normal", nargs="+", required=True, help="the features CSVs it was trained on")
+    c.add_argument("--run", nargs="+", required=True, help="labelled `scenarios pump-evaluate` directories")
+    c.add_argument("--history", nargs="+", type=int, default=[3, 5], help="history lengths, windows")
+    c.add_argument("--clear-after", type=int, default=3)
+    c.add_argument("--out", help="write the table here (markdown)")
     g = sub.add_parser("sign", help="sign a model's card and write its MQTT model message")
     g.add_argument("--model", required=True)
     g.add_argument("--key", required=True, help="Ed25519 private key, PEM")
@@ -611,7 +947,7 @@ def main():
     b.add_argument("--n", type=int, default=2000)
     b.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
-    {"train": train, "evaluate": evaluate, "sign": sign, "bench": bench}[args.cmd](args)
+    {"train": train, "evaluate": evaluate, "report": report, "compare": compare, "sign": sign, "bench": bench}[args.cmd](args)
 
 
 if __name__ == "__main__":

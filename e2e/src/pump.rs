@@ -46,6 +46,15 @@ pub mod map {
     pub const BITS: u16 = 8;
 }
 
+/// The bearing's temperature follows its equilibrium with this time
+/// constant (seconds).
+pub const TEMPERATURE_TIME_CONSTANT_S: f64 = 120.0;
+
+/// The bearing temperature the load and vibration settle it at.
+fn equilibrium_temperature(current_a: f64, vibration_mm_s: f64) -> f64 {
+    38.0 + 0.6 * current_a + 4.0 * (vibration_mm_s - 3.0).max(0.0)
+}
+
 /// A fault and when it is active (seconds since the simulation began).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Fault {
@@ -82,6 +91,17 @@ impl FaultKind {
             FaultKind::SensorDrift => "sensor_drift",
             FaultKind::StuckSensor => "stuck_sensor",
             FaultKind::SensorDropout => "sensor_dropout",
+        }
+    }
+
+    /// How long the process takes to return to normal after the fault
+    /// ends, in seconds: a worn bearing's heat decays with the bearing's
+    /// time constant (three of them: 5 % of the excess left); the other
+    /// faults end at once.
+    pub fn recovery_s(self) -> f64 {
+        match self {
+            FaultKind::BearingWear => 3.0 * TEMPERATURE_TIME_CONSTANT_S,
+            _ => 0.0,
         }
     }
 
@@ -155,7 +175,9 @@ impl Pump {
             speed_rpm: 1450.0,
             running: true,
             faults: Vec::new(),
-            temperature: 40.0,
+            // In production from the start: the bearing at its running
+            // temperature (nominal speed, no fault).
+            temperature: equilibrium_temperature(4.0 + 0.21 * 42.0 + 0.9 * 6.2, 3.0),
             drift: [0.0; 5],
             stuck_temperature: None,
             energy_j: 0.0,
@@ -203,8 +225,8 @@ impl Pump {
         let power = 560.0 * current;
         let hydraulic = flow / 3600.0 * pressure * 1e5;
         let efficiency = if power > 0.0 { (hydraulic / power).min(1.0) } else { 0.0 };
-        let equilibrium = 38.0 + 0.6 * current + 4.0 * (vibration - 3.0).max(0.0);
-        self.temperature += (equilibrium - self.temperature) * (dt_s / 120.0).min(1.0);
+        let equilibrium = equilibrium_temperature(current, vibration);
+        self.temperature += (equilibrium - self.temperature) * (dt_s / TEMPERATURE_TIME_CONSTANT_S).min(1.0);
         self.energy_j += power * dt_s;
         let mut r = Reading {
             vibration_mm_s: (vibration + self.drift[0] + self.rng.normal() * 0.05).max(0.0),

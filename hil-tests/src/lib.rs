@@ -4,6 +4,7 @@
 //! it), user-mode networking (the guest reaches the host's loopback at
 //! 10.0.2.2).
 
+pub mod evaluation;
 pub mod workload;
 
 use e2e::{repo_dir, wait_for, Proc};

@@ -26,8 +26,22 @@
 //! The false-alarm rate extrapolated from the tail of the scores in
 //! DIR/samples.csv (a normal-only `evaluate` run): DIR/tail.md.
 //!
+//! ```text
+//! scenarios pump-record --minutes M --out DIR [--window-ms MS] [--hz H] [--seed N]
+//! scenarios pump-evaluate --model CARD --out DIR [--faults A,B,..] [--rounds R]
+//!     [--fault-windows F] [--gap-windows G] [--normal-minutes N] [--window-ms MS] [--hz H] [--seed N]
+//! ```
+//! The same on the simulated pump (pump.rs): its PLC polled at H Hz (10 by
+//! default), the agent capturing its tags; the pump's process faults (all
+//! six by default). `pump-evaluate` also writes labels.csv with the time
+//! the process had recovered, and a report with per-fault delays at the
+//! stop and warn levels and point-wise F1, FAR and MAR.
+//!
 //! Runs as root (probes, port 502, nftables); `tail` does not.
 
+mod pump;
+
+use hil_tests::evaluation::Scored;
 use hil_tests::workload;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -36,7 +50,10 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage: scenarios record --minutes M --out DIR [--window-ms MS] [--seed N] [--agent PATH]\n       \
      scenarios tail --out DIR --model CARD [--window-ms MS]\n       \
      scenarios evaluate --model CARD --out DIR [--rounds R] [--fault-windows F] [--gap-windows G] \
-     [--normal-minutes N] [--window-ms MS] [--seed N] [--agent PATH]";
+     [--normal-minutes N] [--window-ms MS] [--seed N] [--agent PATH]\n       \
+     scenarios pump-record --minutes M --out DIR [--window-ms MS] [--hz H] [--seed N] [--agent PATH]\n       \
+     scenarios pump-evaluate --model CARD --out DIR [--faults A,B,..] [--rounds R] [--fault-windows F] \
+     [--gap-windows G] [--normal-minutes N] [--window-ms MS] [--hz H] [--seed N] [--agent PATH]";
 
 struct Args {
     command: String,
@@ -50,14 +67,16 @@ struct Args {
     fault_windows: u32,
     gap_windows: u32,
     normal_minutes: f64,
+    /// Pump runs: the HMI's polls per second.
+    hz: f64,
+    /// Pump runs: the fault classes injected (default: all).
+    faults: Vec<String>,
 }
 
-fn parse() -> Result<Args, String> {
-    let mut it = std::env::args().skip(1);
-    let command = it.next().ok_or("no command")?;
+fn default_args() -> Args {
     let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default();
-    let mut a = Args {
-        command,
+    Args {
+        command: String::new(),
         minutes: 10.0,
         out: PathBuf::new(),
         window_ms: 10_000,
@@ -68,7 +87,15 @@ fn parse() -> Result<Args, String> {
         fault_windows: 6,
         gap_windows: 9,
         normal_minutes: 10.0,
-    };
+        hz: 10.0,
+        faults: Vec::new(),
+    }
+}
+
+fn parse() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let command = it.next().ok_or("no command")?;
+    let mut a = Args { command, ..default_args() };
     while let Some(k) = it.next() {
         let mut v = || it.next().ok_or_else(|| format!("{k} needs a value"));
         let num = |s: String| s.parse::<f64>().map_err(|_| format!("{k}: not a number: {s:?}"));
@@ -83,6 +110,8 @@ fn parse() -> Result<Args, String> {
             "--fault-windows" => a.fault_windows = num(v()?)? as u32,
             "--gap-windows" => a.gap_windows = num(v()?)? as u32,
             "--normal-minutes" => a.normal_minutes = num(v()?)?,
+            "--hz" => a.hz = num(v()?)?,
+            "--faults" => a.faults = v()?.split(',').map(str::to_owned).collect(),
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -104,6 +133,8 @@ fn main() -> ExitCode {
         "record" => record(&args),
         "evaluate" => evaluate(&args),
         "tail" => tail(&args),
+        "pump-record" => pump::record(&args),
+        "pump-evaluate" => pump::evaluate(&args),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     };
     match r {
@@ -125,18 +156,39 @@ struct Agent {
 }
 
 impl Agent {
+    /// The workload box's agent: the sensor's link watched.
     fn start(args: &Args, dir: &Path, sensor: &Path, detect: &str) -> Result<Agent, String> {
-        let template = e2e::repo_dir().join("hil-tests/scenarios/agent.toml");
+        let sensor = sensor.display().to_string();
+        Agent::start_with(
+            args,
+            dir,
+            "agent.toml",
+            &[("@SENSOR@", &sensor), ("@DETECT@", detect)],
+            &["tcp_lifecycle", "device_io"],
+        )
+    }
+
+    /// The agent on hil-tests/scenarios/`template` with `values` filled in,
+    /// once its `probes` are attached (and the model loaded, if any).
+    fn start_with(
+        args: &Args,
+        dir: &Path,
+        template: &str,
+        values: &[(&str, &str)],
+        probes: &[&str],
+    ) -> Result<Agent, String> {
+        let template = e2e::repo_dir().join("hil-tests/scenarios").join(template);
         let t = std::fs::read_to_string(&template).map_err(|e| format!("{}: {e}", template.display()))?;
         let state = dir.join("agent-state");
         let metrics_port = e2e::free_port();
-        let conf = t
+        let mut conf = t
             .replace("@STATE_DIR@", &state.display().to_string())
             .replace("@WINDOW_MS@", &args.window_ms.to_string())
             .replace("@METRICS_PORT@", &metrics_port.to_string())
-            .replace("@CLOSED_PORT@", &e2e::free_port().to_string())
-            .replace("@SENSOR@", &sensor.display().to_string())
-            .replace("@DETECT@", detect);
+            .replace("@CLOSED_PORT@", &e2e::free_port().to_string());
+        for (k, v) in values {
+            conf = conf.replace(k, v);
+        }
         let config = dir.join("agent.toml");
         std::fs::write(&config, conf).map_err(|e| e.to_string())?;
         if !args.agent.exists() {
@@ -157,7 +209,7 @@ impl Agent {
             e2e::scrape(metrics_port, &format!("edge_agent_probe_attached{{probe=\"{what}\"}}")).ok().flatten()
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while attached("tcp_lifecycle") != Some(1.0) || attached("device_io") != Some(1.0) {
+        while probes.iter().any(|p| attached(p) != Some(1.0)) {
             a.check()?;
             if Instant::now() > deadline {
                 return Err(format!("the agent's probes did not attach in 60 s; log {}", a.proc.log.display()));
@@ -165,6 +217,15 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(a)
+    }
+
+    /// Fails unless the agent loaded `model`.
+    fn loaded(&self, model: &Path) -> Result<(), String> {
+        let state = e2e::scrape(self.metrics_port, "edge_agent_detect_model_state{state=\"loaded\"}").ok().flatten();
+        if state != Some(1.0) {
+            return Err(format!("the agent did not load {}; log {}", model.display(), self.proc.log.display()));
+        }
+        Ok(())
     }
 
     fn check(&mut self) -> Result<(), String> {
@@ -255,10 +316,7 @@ fn evaluate(args: &Args) -> Result<(), String> {
     let warmup_secs = (args.window_ms * 3).div_ceil(1000);
     let detect = format!("[detect]\nmodel = \"{}\"\nwarmup_secs = {warmup_secs}\n", model.display());
     let mut agent = Agent::start(args, &out, &b.sensor_link, &detect)?;
-    let state = e2e::scrape(agent.metrics_port, "edge_agent_detect_model_state{state=\"loaded\"}").ok().flatten();
-    if state != Some(1.0) {
-        return Err(format!("the agent did not load {}; log {}", model.display(), agent.proc.log.display()));
-    }
+    agent.loaded(&model)?;
     let window = Duration::from_millis(args.window_ms);
     // Warm-up: the first window has no features; the next ones settle.
     run_until(&mut agent, Instant::now() + window * 4)?;
@@ -317,17 +375,12 @@ fn card_threshold(model: &Path) -> Result<f64, String> {
         .ok_or_else(|| format!("{}: no threshold in the card", model.display()))
 }
 
-/// One window as the agent scored it.
-struct Scored {
-    ts: i64,
-    score: f64,
-    alarm: bool,
-}
-
 /// The agent's scores and alarm states, by window, from its samples export.
 fn read_agent_windows(samples: &Path) -> Result<Vec<Scored>, String> {
     let text = std::fs::read_to_string(samples).map_err(|e| format!("{}: {e}", samples.display()))?;
-    let mut by_ts: std::collections::BTreeMap<i64, (Option<f64>, Option<f64>)> = Default::default();
+    // By window: its score, alarm state and warning state.
+    type Window = (Option<f64>, Option<f64>, Option<f64>);
+    let mut by_ts: std::collections::BTreeMap<i64, Window> = Default::default();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
         if f.len() < 5 {
@@ -337,10 +390,16 @@ fn read_agent_windows(samples: &Path) -> Result<Vec<Scored>, String> {
         match f[2] {
             "edge_anomaly_score" => by_ts.entry(ts).or_default().0 = Some(v),
             "edge_anomaly_alarm" => by_ts.entry(ts).or_default().1 = Some(v),
+            "edge_anomaly_warning" => by_ts.entry(ts).or_default().2 = Some(v),
             _ => {}
         }
     }
-    Ok(by_ts.into_iter().filter_map(|(ts, (s, a))| Some(Scored { ts, score: s?, alarm: a? == 1.0 })).collect())
+    Ok(by_ts
+        .into_iter()
+        .filter_map(|(ts, (s, a, w))| {
+            Some(Scored { ts, score: s?, alarm: a? == 1.0, warning: w.unwrap_or(0.0) == 1.0 })
+        })
+        .collect())
 }
 
 /// The report; `memory`: the agent's RSS and peak RSS, MiB.

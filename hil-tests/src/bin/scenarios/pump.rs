@@ -1,0 +1,395 @@
+//! Pump runs: the simulated pump's PLC (`pump_sim`, e2e/src/pump.rs) with
+//! its HMI polling it over Modbus/TCP, the agent capturing the pump's tags
+//! from the wire (configs/tags/pump.toml), and the pump's labelled process
+//! faults. The faults are scheduled up front on the pump's own clock (its
+//! `--fault` options), so a run is the same for a seed whatever the load.
+
+use super::{read_agent_windows, run_until, Agent, Args};
+use e2e::pump::FaultKind;
+use hil_tests::evaluation::{detection_delay, false_raises, truth, Confusion, Label, Scored, Truth};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The probes a pump run needs.
+const PROBES: &[&str] = &["tcp_lifecycle", "protocols"];
+
+/// The simulated pump's PLC and HMI.
+struct Plant {
+    proc: e2e::Proc,
+    /// When the pump's clock started (its second 0), ms.
+    started_ms: i64,
+}
+
+impl Plant {
+    fn start(args: &Args, dir: &Path, port: u16, faults: &[(FaultKind, f64, f64)]) -> Result<Plant, String> {
+        let bin = args.agent.with_file_name("pump_sim");
+        if !bin.exists() {
+            return Err(format!("no pump_sim at {} (cargo build --release --bins)", bin.display()));
+        }
+        let mut a: Vec<String> = ["--port", &port.to_string(), "--hz", &args.hz.to_string(), "--seed"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.push(args.seed.to_string());
+        for (kind, from, to) in faults {
+            a.push("--fault".into());
+            a.push(format!("{}:{from}:{to}", kind.name()));
+        }
+        let started_ms = e2e::now_ms();
+        let mut proc = e2e::Proc::spawn("pump_sim", dir, &bin, &a, &[]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if proc.exited().is_some() || Instant::now() > deadline {
+                return Err(format!("pump_sim did not listen on {port}; log {}", proc.log.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Plant { proc, started_ms })
+    }
+
+    fn check(&mut self) -> Result<(), String> {
+        match self.proc.exited() {
+            None => Ok(()),
+            Some(st) => Err(format!("pump_sim exited ({st}); log {}", self.proc.log.display())),
+        }
+    }
+}
+
+/// The shipped tag map's Modbus/TCP tags, their server at `port`.
+fn tag_map(port: u16) -> Result<String, String> {
+    let path = e2e::repo_dir().join("configs/tags/pump.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let tags: Vec<String> = text
+        .split("[[tags]]")
+        .skip(1)
+        .filter(|t| t.contains("source = \"modbus_tcp\""))
+        .map(|t| {
+            let body: String = t.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+            format!("[[tags]]{}\nport = {port}\n", body.trim_end())
+        })
+        .collect();
+    if tags.is_empty() {
+        return Err(format!("{}: no modbus_tcp tags", path.display()));
+    }
+    Ok(tags.join("\n"))
+}
+
+fn start_agent(args: &Args, dir: &Path, port: u16, detect: &str) -> Result<Agent, String> {
+    let port_s = port.to_string();
+    let detect = format!("{detect}\n{}", tag_map(port)?);
+    Agent::start_with(args, dir, "pump-agent.toml", &[("@PLC_PORT@", &port_s), ("@DETECT@", &detect)], PROBES)
+}
+
+fn out_dir(args: &Args) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let out = std::fs::canonicalize(&args.out).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(out.join("agent-state"));
+    Ok(out)
+}
+
+/// `scenarios pump-record`: normal operation only, for training.
+pub fn record(args: &Args) -> Result<(), String> {
+    let out = out_dir(args)?;
+    let port = e2e::free_port();
+    let mut agent = start_agent(args, &out, port, "")?;
+    let mut plant = Plant::start(args, &out, port, &[])?;
+    eprintln!("scenarios: recording the pump's normal operation for {} min into {}", args.minutes, out.display());
+    let end = Instant::now() + Duration::from_secs_f64(args.minutes * 60.0);
+    while Instant::now() < end {
+        run_until(&mut agent, (Instant::now() + Duration::from_secs(5)).min(end))?;
+        plant.check()?;
+    }
+    agent.stop_and_export(&[("features", &out.join("features.csv"))])?;
+    plant.proc.stop();
+    let summary = serde_json::json!({
+        "kind": "pump-normal", "minutes": args.minutes, "window_ms": args.window_ms, "hz": args.hz,
+        "seed": args.seed, "started_ms": plant.started_ms, "ended_ms": e2e::now_ms(), "kernel": kernel(),
+    });
+    std::fs::write(out.join("run.json"), format!("{summary:#}\n")).map_err(|e| e.to_string())?;
+    eprintln!("scenarios: wrote {}", out.join("features.csv").display());
+    Ok(())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned()
+}
+
+/// The fault schedule on the pump's clock (seconds): `lead_s` of normal
+/// operation, then per round every class in a seeded order, each on for
+/// `fault_windows` and followed by `gap_windows` of normal operation (at
+/// least its recovery time); then the normal-only tail. Also the end.
+fn schedule(args: &Args, classes: &[FaultKind], lead_s: f64) -> (Vec<(FaultKind, f64, f64)>, f64) {
+    let w = args.window_ms as f64 / 1000.0;
+    let mut rng = e2e::pump::Rng::new(args.seed);
+    let mut order = classes.to_vec();
+    let mut t = lead_s;
+    let mut out = Vec::new();
+    for _ in 0..args.rounds {
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        for &k in &order {
+            let to = t + f64::from(args.fault_windows) * w;
+            out.push((k, t, to));
+            t = to + (f64::from(args.gap_windows) * w).max(k.recovery_s());
+        }
+    }
+    (out, t + args.normal_minutes * 60.0)
+}
+
+/// `scenarios pump-evaluate`: the agent with the model, the pump's faults.
+pub fn evaluate(args: &Args) -> Result<(), String> {
+    let model = args.model.as_ref().ok_or("--model CARD is required")?;
+    let model = std::fs::canonicalize(model).map_err(|e| format!("{}: {e}", model.display()))?;
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&model).map_err(|e| format!("{}: {e}", model.display()))?)
+            .map_err(|e| format!("{}: not a model card ({e})", model.display()))?;
+    let classes: Vec<FaultKind> = if args.faults.is_empty() {
+        FaultKind::ALL.to_vec()
+    } else {
+        args.faults
+            .iter()
+            .map(|f| FaultKind::from_name(f).ok_or_else(|| format!("unknown fault {f:?}")))
+            .collect::<Result<_, _>>()?
+    };
+    let out = out_dir(args)?;
+    let port = e2e::free_port();
+    // The agent's warm-up (no raise) covers its first windows, which
+    // start before the pump does.
+    let warmup_secs = (args.window_ms * 3).div_ceil(1000);
+    let detect = format!("[detect]\nmodel = \"{}\"\nwarmup_secs = {warmup_secs}\n", model.display());
+    let mut agent = start_agent(args, &out, port, &detect)?;
+    agent.loaded(&model)?;
+    // The pump runs normally for 6 windows before the first fault: the
+    // agent's warm-up ends and its windows see the pump polled throughout.
+    let lead_s = 6.0 * args.window_ms as f64 / 1000.0 + warmup_secs as f64;
+    let (faults, end_s) = schedule(args, &classes, lead_s);
+    let mut plant = Plant::start(args, &out, port, &faults)?;
+    let t0 = plant.started_ms;
+    let labels: Vec<Label> = faults
+        .iter()
+        .map(|(k, from, to)| Label {
+            fault: k.name().to_owned(),
+            start_ms: t0 + (from * 1000.0) as i64,
+            end_ms: t0 + (to * 1000.0) as i64,
+            recovered_ms: t0 + ((to + k.recovery_s()) * 1000.0) as i64,
+        })
+        .collect();
+    eprintln!(
+        "scenarios: {} fault(s) over {:.1} min; pump_sim log {}",
+        faults.len(),
+        end_s / 60.0,
+        plant.proc.log.display()
+    );
+    let end = Instant::now() + Duration::from_secs_f64(end_s);
+    while Instant::now() < end {
+        run_until(&mut agent, (Instant::now() + Duration::from_secs(5)).min(end))?;
+        plant.check()?;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.proc.pid())).unwrap_or_default();
+    let mib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(f64::NAN, |k| k / 1024.0)
+    };
+    let memory = (mib("VmRSS:"), mib("VmHWM:"));
+    let (features, samples) = (out.join("features.csv"), out.join("samples.csv"));
+    agent.stop_and_export(&[("features", &features), ("csv", &samples)])?;
+    plant.proc.stop();
+    let mut csv = String::from("start_ms,end_ms,fault,recovered_ms\n");
+    for l in &labels {
+        csv.push_str(&format!("{},{},{},{}\n", l.start_ms, l.end_ms, l.fault, l.recovered_ms));
+    }
+    std::fs::write(out.join("labels.csv"), csv).map_err(|e| e.to_string())?;
+    let windows = read_agent_windows(&samples)?;
+    let stop = card["threshold"].as_f64().ok_or("the card has no threshold")?;
+    let warn = card["warn"]["threshold"].as_f64();
+    let text = report(args, &model, (stop, warn), &windows, &labels, memory);
+    std::fs::write(out.join("report.md"), &text).map_err(|e| e.to_string())?;
+    println!("{text}");
+    Ok(())
+}
+
+fn yes(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+fn report(
+    args: &Args,
+    model: &Path,
+    (stop, warn): (f64, Option<f64>),
+    w: &[Scored],
+    labels: &[Label],
+    memory: (f64, f64),
+) -> String {
+    let win = args.window_ms as i64;
+    let warn_thr = warn.unwrap_or(stop);
+    let by_alarm = |s: &Scored| s.alarm;
+    let by_warning = |s: &Scored| if warn.is_some() { s.warning || s.alarm } else { s.alarm };
+    let stop_score = |s: &Scored| s.score > stop;
+    let warn_score = |s: &Scored| s.score > warn_thr;
+    // Per class and per injection.
+    // Per class: (stop, warn) windows to detect of each injection.
+    type Delays = Vec<(Option<usize>, Option<usize>)>;
+    let mut classes: std::collections::BTreeMap<&str, Delays> = Default::default();
+    let mut rows = String::new();
+    for l in labels {
+        let (s, v) = (detection_delay(w, l, win, by_alarm), detection_delay(w, l, win, by_warning));
+        let first = detection_delay(w, l, win, stop_score);
+        let peak =
+            w.iter().filter(|x| x.ts > l.start_ms && x.ts <= l.end_ms + win).map(|x| x.score).fold(0.0, f64::max);
+        classes.entry(&l.fault).or_default().push((s, v));
+        let show = |d: Option<usize>| d.map_or("no".to_owned(), |k| format!("window {k}"));
+        rows.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.3} |\n",
+            l.fault,
+            (l.start_ms - labels[0].start_ms) / 1000,
+            (l.end_ms - l.start_ms) / win,
+            show(s),
+            show(v),
+            first.map_or("-".to_owned(), |k| k.to_string()),
+            peak
+        ));
+    }
+    let list = |v: &[Option<usize>]| {
+        v.iter().map(|d| d.map_or("-".to_owned(), |k| k.to_string())).collect::<Vec<_>>().join(", ")
+    };
+    let mut class_rows = String::new();
+    let mut every_class = true;
+    for (name, d) in &classes {
+        let (s, v): (Vec<_>, Vec<_>) = d.iter().copied().unzip();
+        let (ns, nv) = (s.iter().flatten().count(), v.iter().flatten().count());
+        every_class &= ns > 0;
+        class_rows.push_str(&format!("| {name} | {} | {ns} | {} | {nv} | {} |\n", d.len(), list(&s), list(&v)));
+    }
+    // Point-wise.
+    let levels = [
+        ("stop", "the agent's alarm".to_owned(), Confusion::of(w, labels, win, by_alarm)),
+        ("stop", format!("score > {stop:.4} (no debounce)"), Confusion::of(w, labels, win, stop_score)),
+        ("warn", "the agent's warning (or alarm)".to_owned(), Confusion::of(w, labels, win, by_warning)),
+        ("warn", format!("score > {warn_thr:.4} (no debounce)"), Confusion::of(w, labels, win, warn_score)),
+    ];
+    let mut point = String::new();
+    for (level, how, c) in &levels {
+        point.push_str(&format!(
+            "| {level} | {how} | {} | {} | {} | {} | **{:.3}** | {:.2} % | {:.2} % |\n",
+            c.tp,
+            c.fp,
+            c.fn_,
+            c.tn,
+            c.f1(),
+            100.0 * c.far(),
+            100.0 * c.mar()
+        ));
+    }
+    let (normal, excluded) = w.iter().fold((0u32, 0u32), |(n, e), x| match truth(labels, x.ts, win) {
+        Truth::Normal => (n + 1, e),
+        Truth::Excluded => (n, e + 1),
+        Truth::Faulty(_) => (n, e),
+    });
+    let hours = f64::from(normal) * args.window_ms as f64 / 3_600_000.0;
+    let raises = (false_raises(w, labels, win, by_alarm), false_raises(w, labels, win, by_warning));
+    let per_day = |n: u32| if hours > 0.0 { f64::from(n) * 24.0 / hours } else { f64::NAN };
+    let (stop_c, warn_c) = (levels[0].2, levels[2].2);
+    format!(
+        "# Pump evaluation: process faults through the agent\n\n\
+         Model {model}: stop threshold {stop:.4}, warn threshold {}. The simulated pump (e2e/src/pump.rs, seed {}) \
+         polled at {} Hz over Modbus/TCP; the agent captures its tags from the wire, {} ms windows. {} round(s) of \
+         {} fault class(es), each on for {} windows, then at least {} windows of normal operation (longer while the \
+         process recovers: a worn bearing's heat); then {:.1} min of normal operation only. Kernel {}.\n\n\
+         Truth per window: faulty when a fault covers at least half of it; windows a fault covers less, and those \
+         while the process returns to normal after a fault, count neither way ({excluded} windows).\n\n\
+         ## Per fault class\n\n\
+         Windows to detect: 1 = the first window ending after the fault began; - = not detected.\n\n\
+         | fault | injected | stop: detected | stop: windows to detect | warn: detected | warn: windows to detect |\n\
+         |---|---|---|---|---|---|\n{class_rows}\n\
+         ## Per injection\n\n\
+         | fault | start (s) | windows | stop alarm | warning | first window above the stop threshold | peak score |\n\
+         |---|---|---|---|---|---|---|\n{rows}\n\
+         ## Point-wise, every window scored ({} windows: {normal} normal)\n\n\
+         | level | decision | tp | fp | fn | tn | F1 | FAR | MAR |\n|---|---|---|---|---|---|---|---|---|\n{point}\n\
+         FAR: normal windows decided faulty; MAR: faulty windows decided normal. The agent's alarm comes \
+         `raise_after` windows into a fault and stays `clear_after` windows after it: both count.\n\n\
+         ## False alarms\n\n\
+         In {normal} normal windows ({hours:.2} h): the stop alarm raised {} time(s) ({:.2} per 24 h), the warning \
+         {} time(s) ({:.2} per 24 h).\n\n\
+         ## Agent memory with the model loaded\n\n\
+         RSS at the end {:.1} MiB, peak {:.1} MiB.\n\n\
+         ## Goals (the agent's alarm states)\n\n\
+         - every fault class detected at the stop level: **{}**\n\
+         - stop: F1 >= 0.85 with FAR <= 5 %: **{}** (F1 {:.3}, FAR {:.2} %)\n\
+         - warn: F1 >= 0.9: **{}** (F1 {:.3})\n",
+        warn.map_or("none".to_owned(), |t| format!("{t:.4}")),
+        args.seed,
+        args.hz,
+        args.window_ms,
+        args.rounds,
+        classes.len(),
+        args.fault_windows,
+        args.gap_windows,
+        args.normal_minutes,
+        kernel(),
+        w.len(),
+        raises.0,
+        per_day(raises.0),
+        raises.1,
+        per_day(raises.1),
+        memory.0,
+        memory.1,
+        yes(every_class),
+        yes(stop_c.f1() >= 0.85 && stop_c.far() <= 0.05),
+        stop_c.f1(),
+        100.0 * stop_c.far(),
+        yes(warn_c.f1() >= 0.9),
+        warn_c.f1(),
+        model = model.display(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_keeps_each_fault_apart_and_waits_for_the_bearing_to_cool() {
+        let args = Args {
+            window_ms: 5000,
+            rounds: 2,
+            fault_windows: 4,
+            gap_windows: 2,
+            normal_minutes: 1.0,
+            ..super::super::default_args()
+        };
+        let (f, end) = schedule(&args, &FaultKind::ALL, 30.0);
+        assert_eq!(f.len(), 12);
+        assert_eq!(f[0].1, 30.0);
+        for k in FaultKind::ALL {
+            assert_eq!(f.iter().filter(|x| x.0 == k).count(), 2);
+        }
+        for p in f.windows(2) {
+            assert_eq!(p[0].2 - p[0].1, 20.0);
+            let gap = p[1].1 - p[0].2;
+            assert_eq!(gap, if p[0].0 == FaultKind::BearingWear { 360.0 } else { 10.0 }, "{p:?}");
+        }
+        let last = f.last().unwrap();
+        assert_eq!(end, last.2 + 10f64.max(last.0.recovery_s()) + 60.0);
+        // Seeded: the same order again; another seed, another order.
+        assert_eq!(schedule(&args, &FaultKind::ALL, 30.0).0, f);
+        let other = Args { seed: 2, ..args };
+        assert_ne!(schedule(&other, &FaultKind::ALL, 30.0).0, f);
+    }
+
+    #[test]
+    fn the_tag_map_has_the_tcp_tags_at_the_port() {
+        let t = tag_map(1502).unwrap();
+        assert_eq!(t.matches("[[tags]]").count(), 13);
+        assert_eq!(t.matches("port = 1502").count(), 13);
+        assert!(!t.contains("modbus_rtu"));
+    }
+}
