@@ -105,9 +105,39 @@ def normalise(raw, features):
     return np.clip(z, -CLIP, CLIP).astype(np.float32)
 
 
-def fit_normalisation(names, fit_raw):
+def tag_of(name):
+    """The tag of a `value_*{tag}` feature, else None."""
+    if not name.startswith("value_") or "{" not in name:
+        return None
+    return name.split("{", 1)[1].rstrip("}")
+
+
+DISPERSION = ("value_std", "value_slope_per_s", "value_band")
+
+
+def tag_resolutions(names, fit_raw, window_s):
+    """Per tag: the smallest step between the distinct readings the
+    training saw (its `value_min`, `value_max` and `value_last`): the
+    sensor's resolution as the data shows it (a register scaled by 0.01
+    reads in steps of 0.01; a setpoint an HMI writes, in its own steps).
+    A tag that read one value only: 1e-3 of its size."""
+    readings = {}
+    for i, name in enumerate(names):
+        base, tag = name.split("{", 1)[0], tag_of(name)
+        if tag is not None and base in ("value_min", "value_max", "value_last"):
+            readings.setdefault(tag, []).append(fit_raw[:, i])
+    out = {}
+    for tag, cols in readings.items():
+        v = np.unique(np.concatenate(cols))
+        steps = np.diff(v)
+        out[tag] = float(steps.min()) if len(steps) else RELATIVE_FLOOR * float(np.abs(v).max(initial=0.0))
+    return out
+
+
+def fit_normalisation(names, fit_raw, window_s=10.0):
     """Per feature: its transform, scale, and the mean and floored std of
     the transformed training values (docs/model.md)."""
+    resolution_of = tag_resolutions(names, fit_raw, window_s)
     features = []
     for i, name in enumerate(names):
         t, scale = transform_of(name), scale_of(name)
@@ -120,6 +150,14 @@ def fit_normalisation(names, fit_raw):
             steps = np.diff(np.unique(u))
             resolution = float(steps.min()) if len(steps) else 0.0
             floor = max(RELATIVE_FLOOR * abs(mean), resolution, np.finfo(np.float32).tiny)
+            # A spread (std, slope, band energy) below one step of its
+            # sensor is no signal: a feature that the poll schedule alone
+            # sets (a setpoint written every tenth poll) may not read as
+            # exact in the model.
+            tag = tag_of(name)
+            if name.startswith(DISPERSION) and tag in resolution_of:
+                step = resolution_of[tag] / (window_s if name.startswith("value_slope_per_s") else 1.0)
+                floor = max(floor, step)
         features.append({**spec, "mean": mean, "std": float(max(u.std(), floor)), "std_floor": float(floor)})
     return features
 
@@ -206,19 +244,25 @@ def train(args):
         sys.exit(f"only {n} windows of normal data: record more (at least 50; hours are better)")
     # Held out: the last quarter in time, never seen by training.
     cut = int(n * 0.75)
-    # A feature whose held-out values all lie outside what the training
-    # part saw is a trend, not a state (a counter or a clock in a register:
-    # its mean grows for ever): no model of normal can know its next value.
-    # Left out, and named in the card.
-    trending = [name for i, name in enumerate(names)
-                if raw[cut:, i].min() > raw[:cut, i].max() or raw[cut:, i].max() < raw[:cut, i].min()]
+    # A feature whose last quarter in some export lies wholly outside what
+    # that export's first three quarters saw is a trend, not a state (a
+    # counter or a clock in a register: its mean grows for ever): no model
+    # of normal can know its next value. Left out, and named in the card.
+    def outside(col):
+        c = int(len(col) * 0.75)
+        return len(col) >= 8 and (col[c:].min() > col[:c].max() or col[c:].max() < col[:c].min())
+
+    def full(p):  # the export's full windows
+        return (p[1] >= 0.5 * typical) & (p[1] <= 1.5 * typical)
+
+    trending = [name for name in names if any(outside(p[2][name][full(p)]) for p in parts if name in p[2])]
     if trending:
-        print(f"left out (trending: held-out values outside the training range): {', '.join(trending)}")
+        print(f"left out (trending: an export's last quarter outside the range of its first three): {', '.join(trending)}")
         kept = [i for i, name in enumerate(names) if name not in trending]
         names = [names[i] for i in kept]
         raw = raw[:, kept]
     fit_raw, held_raw = raw[:cut], raw[cut:]
-    features = fit_normalisation(names, fit_raw)
+    features = fit_normalisation(names, fit_raw, float(np.median(win)))
     z_fit, z_held = normalise(fit_raw, features), normalise(held_raw, features)
     model = build(len(names))
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss="mse")

@@ -2,6 +2,8 @@
 # One command for the model pipeline (model/pipeline.py --help):
 #   model/run.sh train --out DIR --normal FEATURES.csv... [--eval RUN_DIR...]
 #   model/run.sh evaluate --model DIR --run RUN_DIR...
+#   model/run.sh report|compare|sign|bench ...   (pipeline.py --help)
+#   model/run.sh test      the pipeline's unit tests (model/test_pipeline.py)
 # Creates a pinned virtual environment (model/requirements.txt) in
 # target/model-venv on first use, then runs model/pipeline.py.
 set -euo pipefail
@@ -17,4 +19,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "$want" > "$stamp"
 fi
 export PYTHONHASHSEED=0 TF_CPP_MIN_LOG_LEVEL=2 TF_ENABLE_ONEDNN_OPTS=0 CUDA_VISIBLE_DEVICES=""
+if [ "${1:-}" = test ]; then
+    exec "$venv/bin/python" -m unittest -v "$here/test_pipeline.py"
+fi
 exec "$venv/bin/python" "$here/pipeline.py" "$@"

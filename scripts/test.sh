@@ -32,6 +32,9 @@ cargo build --workspace --bins --locked
 step "tests (unit, store, end to end)"
 run_tests cargo test --workspace --locked --exclude hil-tests
 
+step "the model pipeline's unit tests (model/test_pipeline.py)"
+run_tests model/run.sh test
+
 step "probe tests again with the kernel's BTF hidden (the baseline a 5.10 kernel without BTF gets)"
 EDGE_E2E_HIDE_BTF=1 run_tests cargo test --locked -p e2e --test probes --test devices --test protocols --test values
 
