@@ -63,8 +63,11 @@ def scale_of(name):
 
 
 def read_features(path):
-    """(timestamps, window_s, {feature: column}, feature version) of one export."""
-    with open(path, newline="") as f:
+    """(timestamps, window_s, {feature: column}, feature version) of one
+    export (gzip-compressed when its name ends in .gz)."""
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
         sys.exit(f"{path}: empty (expected a header: {', '.join(META)}, features...)")

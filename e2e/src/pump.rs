@@ -55,6 +55,26 @@ fn equilibrium_temperature(current_a: f64, vibration_mm_s: f64) -> f64 {
     38.0 + 0.6 * current_a + 4.0 * (vibration_mm_s - 3.0).max(0.0)
 }
 
+/// The shipped tag map's (configs/tags/pump.toml) Modbus/TCP tags, their
+/// server on loopback at `port` (a test's or a benchmark's simulator).
+pub fn tcp_tag_map(port: u16) -> Result<String, String> {
+    let path = crate::repo_dir().join("configs/tags/pump.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let tags: Vec<String> = text
+        .split("[[tags]]")
+        .skip(1)
+        .filter(|t| t.contains("source = \"modbus_tcp\""))
+        .map(|t| {
+            let body: String = t.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+            format!("[[tags]]{}\nport = {port}\n", body.trim_end())
+        })
+        .collect();
+    if tags.is_empty() {
+        return Err(format!("{}: no modbus_tcp tags", path.display()));
+    }
+    Ok(tags.join("\n"))
+}
+
 /// A fault and when it is active (seconds since the simulation began).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Fault {
@@ -94,14 +114,33 @@ impl FaultKind {
         }
     }
 
-    /// How long the process takes to return to normal after the fault
-    /// ends, in seconds: a worn bearing's heat decays with the bearing's
-    /// time constant (three of them: 5 % of the excess left); the other
-    /// faults end at once.
-    pub fn recovery_s(self) -> f64 {
-        match self {
-            FaultKind::BearingWear => 3.0 * TEMPERATURE_TIME_CONSTANT_S,
-            _ => 0.0,
+    /// Whether the fault changes the process (the pump's flow, pressure,
+    /// load, vibration and so its bearing's heat), not only a sensor's
+    /// reading.
+    pub fn changes_the_process(self) -> bool {
+        matches!(self, FaultKind::BearingWear | FaultKind::Cavitation | FaultKind::ValveClosure)
+    }
+
+    /// How long the process takes to return to normal after this fault
+    /// was on for `duration_s`, in seconds: the bearing's heat decays with
+    /// its time constant from the excess the fault left (simulated here,
+    /// at nominal speed) until it is within `tolerance_c` of where it would
+    /// be without the fault; 0 for a fault of a sensor only.
+    pub fn recovery_s(self, duration_s: f64, tolerance_c: f64) -> f64 {
+        if !self.changes_the_process() {
+            return 0.0;
+        }
+        let (mut with, mut without) = (Pump::new(1), Pump::new(1));
+        with.faults.push(Fault { kind: self, from_s: 0.0, to_s: duration_s + 1.0 });
+        for _ in 0..(duration_s * 10.0).round() as u64 {
+            with.step(0.1);
+            without.step(0.1);
+        }
+        let excess = (with.temperature - without.temperature).abs();
+        if excess <= tolerance_c {
+            0.0
+        } else {
+            TEMPERATURE_TIME_CONSTANT_S * (excess / tolerance_c).ln()
         }
     }
 
@@ -336,6 +375,29 @@ mod tests {
         let worn: f64 = (0..600).map(|_| p.step(0.1).vibration_mm_s).sum::<f64>() / 600.0;
         assert!(worn > normal + 4.0, "{normal} -> {worn}");
         assert_eq!(p.labels(), vec!["bearing_wear"]);
+    }
+
+    #[test]
+    fn a_fault_of_the_process_leaves_heat_that_takes_time_to_go() {
+        let worn = FaultKind::BearingWear.recovery_s(120.0, 0.05);
+        let cavitation = FaultKind::Cavitation.recovery_s(120.0, 0.05);
+        let valve = FaultKind::ValveClosure.recovery_s(120.0, 0.05);
+        // Several of the bearing's time constants after two minutes of wear.
+        assert!(worn > 3.0 * TEMPERATURE_TIME_CONSTANT_S && worn < 8.0 * TEMPERATURE_TIME_CONSTANT_S, "{worn}");
+        assert!(cavitation > TEMPERATURE_TIME_CONSTANT_S, "{cavitation}");
+        assert!(valve > 0.0 && valve < worn, "{valve}");
+        assert!(FaultKind::BearingWear.recovery_s(10.0, 0.05) < worn);
+        for sensor in [FaultKind::SensorDrift, FaultKind::StuckSensor, FaultKind::SensorDropout] {
+            assert_eq!(sensor.recovery_s(120.0, 0.05), 0.0);
+        }
+    }
+
+    #[test]
+    fn the_tcp_tag_map_has_the_tcp_tags_at_the_port() {
+        let t = tcp_tag_map(1502).unwrap();
+        assert_eq!(t.matches("[[tags]]").count(), 13);
+        assert_eq!(t.matches("port = 1502").count(), 13);
+        assert!(!t.contains("modbus_rtu"));
     }
 
     #[test]

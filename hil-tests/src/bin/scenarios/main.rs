@@ -35,7 +35,8 @@
 //! default), the agent capturing its tags; the pump's process faults (all
 //! six by default). `pump-evaluate` also writes labels.csv with the time
 //! the process had recovered, and a report with per-fault delays at the
-//! stop and warn levels and point-wise F1, FAR and MAR.
+//! stop and warn levels and point-wise F1, FAR and MAR. `pump-report`
+//! writes a finished run's report again (the same options).
 //!
 //! Runs as root (probes, port 502, nftables); `tail` does not.
 
@@ -53,7 +54,8 @@ const USAGE: &str = "usage: scenarios record --minutes M --out DIR [--window-ms 
      [--normal-minutes N] [--window-ms MS] [--seed N] [--agent PATH]\n       \
      scenarios pump-record --minutes M --out DIR [--window-ms MS] [--hz H] [--seed N] [--agent PATH]\n       \
      scenarios pump-evaluate --model CARD --out DIR [--faults A,B,..] [--rounds R] [--fault-windows F] \
-     [--gap-windows G] [--normal-minutes N] [--window-ms MS] [--hz H] [--seed N] [--agent PATH]";
+     [--gap-windows G] [--normal-minutes N] [--window-ms MS] [--hz H] [--seed N] [--agent PATH]\n       \
+     scenarios pump-report --model CARD --out DIR [--window-ms MS] [...the run's options, for its text]";
 
 struct Args {
     command: String,
@@ -135,6 +137,7 @@ fn main() -> ExitCode {
         "tail" => tail(&args),
         "pump-record" => pump::record(&args),
         "pump-evaluate" => pump::evaluate(&args),
+        "pump-report" => pump::rewrite_report(&args),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     };
     match r {
