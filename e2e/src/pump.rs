@@ -58,7 +58,9 @@ fn equilibrium_temperature(current_a: f64, vibration_mm_s: f64) -> f64 {
 /// The shipped tag map's (configs/tags/pump.toml) Modbus/TCP tags, their
 /// server on loopback at `port` (a test's or a benchmark's simulator).
 pub fn tcp_tag_map(port: u16) -> Result<String, String> {
-    let path = crate::repo_dir().join("configs/tags/pump.toml");
+    // e2e/ or, where a bench includes this file, edge-agent/: both one
+    // level under the repository.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tags/pump.toml");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let tags: Vec<String> = text
         .split("[[tags]]")
