@@ -5,7 +5,29 @@
 //! normal runs) is a command in the README; its results are in the shipped
 //! model's card and BENCHMARKS.md.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Runs `scenarios` with `args`, the card and the output directory, on
+/// the workspace's agent; fails the test unless it succeeds.
+fn run_scenarios(command: &str, model: &Path, out: &Path, args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_scenarios"))
+        .args([command, "--model", &model.display().to_string(), "--out", &out.display().to_string()])
+        .args(args)
+        .args(["--agent", &e2e::bin_dir().join("edge-agent").display().to_string()])
+        .output()
+        .expect("scenarios");
+    assert!(o.status.success(), "scenarios failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The workspace's binaries a test needs that are not built.
+fn unbuilt(bins: &[&str]) -> Vec<String> {
+    bins.iter()
+        .map(|b| e2e::bin_dir().join(b))
+        .filter(|p: &PathBuf| !p.exists())
+        .map(|p| format!("{} (cargo build --workspace --bins)", p.display()))
+        .collect()
+}
 
 #[test]
 fn runner_injects_every_fault_and_reports() {
@@ -17,23 +39,18 @@ fn runner_injects_every_fault_and_reports() {
     if e2e::which("nft").is_none() {
         missing.push("nft (apt-get install nftables)".into());
     }
-    let agent = e2e::bin_dir().join("edge-agent");
-    if !agent.exists() {
-        missing.push(format!("{} (cargo build --workspace --bins)", agent.display()));
-    }
+    missing.extend(unbuilt(&["edge-agent"]));
     if !e2e::require("scenario runner test", &missing) {
         return;
     }
     let out = e2e::tempdir("scenarios");
     let model = e2e::repo_dir().join("model/shipped/anomaly.card.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_scenarios"))
-        .args(["evaluate", "--model", &model.display().to_string(), "--out", &out.display().to_string()])
-        .args(["--window-ms", "1000", "--fault-windows", "2", "--gap-windows", "2", "--normal-minutes", "0.2"])
-        .args(["--agent", &agent.display().to_string()])
-        .output()
-        .expect("scenarios");
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "scenarios failed:\n{stderr}");
+    run_scenarios(
+        "evaluate",
+        &model,
+        &out,
+        &["--window-ms", "1000", "--fault-windows", "2", "--gap-windows", "2", "--normal-minutes", "0.2"],
+    );
     let labels = std::fs::read_to_string(out.join("labels.csv")).unwrap();
     for fault in hil_tests::workload::FAULTS {
         assert!(labels.contains(&format!(",{fault}\n")), "{fault} not injected:\n{labels}");
@@ -71,26 +88,31 @@ fn pump_runner_detects_two_process_fault_classes_through_the_agent() {
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root (probes)".to_string());
     }
-    let agent = e2e::bin_dir().join("edge-agent");
-    for bin in ["edge-agent", "pump_sim"] {
-        if !e2e::bin_dir().join(bin).exists() {
-            missing.push(format!("{} (cargo build --workspace --bins)", e2e::bin_dir().join(bin).display()));
-        }
-    }
+    missing.extend(unbuilt(&["edge-agent", "pump_sim"]));
     if !e2e::require("pump scenario runner test", &missing) {
         return;
     }
     let out = e2e::tempdir("pump-scenarios");
     let model = e2e::repo_dir().join("model/pump/anomaly.card.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_scenarios"))
-        .args(["pump-evaluate", "--model", &model.display().to_string(), "--out", &out.display().to_string()])
-        .args(["--faults", "sensor_dropout,valve_closure", "--window-ms", "5000", "--fault-windows", "8"])
-        .args(["--gap-windows", "4", "--normal-minutes", "0.5", "--seed", "3"])
-        .args(["--agent", &agent.display().to_string()])
-        .output()
-        .expect("scenarios");
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "scenarios failed:\n{stderr}");
+    run_scenarios(
+        "pump-evaluate",
+        &model,
+        &out,
+        &[
+            "--faults",
+            "sensor_dropout,valve_closure",
+            "--window-ms",
+            "5000",
+            "--fault-windows",
+            "8",
+            "--gap-windows",
+            "4",
+            "--normal-minutes",
+            "0.5",
+            "--seed",
+            "3",
+        ],
+    );
     let labels = std::fs::read_to_string(out.join("labels.csv")).unwrap();
     for fault in ["sensor_dropout", "valve_closure"] {
         assert!(labels.contains(&format!(",{fault},")), "{fault} not injected:\n{labels}");
