@@ -419,7 +419,12 @@ def evaluate_run(card, tfl, run_dir):
             if min(b, t) - max(a, start) >= w * 500:
                 fault[i] = name
     unknown = set(cols) - set(names)
-    return {"dir": run_dir, "ts": ts, "scores": scores, "fault": fault, "labels": labels, "unknown": sorted(unknown)}
+    # The window truth of "Operating points" (docs/model.md): partly covered
+    # and recovering windows count neither way.
+    path = os.path.join(run_dir, "labels.csv")
+    truth = window_truth(ts, int(round(card["window_s"] * 1000)), read_run_labels(path)) if os.path.exists(path) else [""] * len(ts)
+    return {"dir": run_dir, "ts": ts, "scores": scores, "fault": fault, "labels": labels, "unknown": sorted(unknown),
+            "truth": truth}
 
 
 def plot_distribution(path, groups, threshold, title):
@@ -492,11 +497,27 @@ def write_evaluation(report, card, runs):
     tp, fp, fn = int((pred & positive).sum()), int((pred & ~positive).sum()), int((~pred & positive).sum())
     f1 = 2 * tp / max(2 * tp + fp + fn, 1)
     summary = {"windows": int(len(scores)), "faulty_windows": int(positive.sum()), "tp": tp, "fp": fp, "fn": fn,
-               "f1": f1, "auc": auc, "per_scenario": det}
+               "f1": f1, "auc": auc, "per_scenario": det, "point_wise": point_wise(card, runs)}
     with open(os.path.join(report, "evaluation.json"), "w") as f:
         json.dump(summary, f, indent=1)
         f.write("\n")
     return summary
+
+
+def point_wise(card, runs):
+    """Per level: point-wise F1, FAR and MAR of the score against the
+    level's threshold, and of the agent's debounced state (clear after 3),
+    over the windows that count (docs/model.md, "Operating points")."""
+    levels = [("stop", card["threshold"], card.get("raise_after", 1))]
+    if card.get("warn"):
+        levels.append(("warn", card["warn"]["threshold"], card["warn"]["raise_after"]))
+    out = {}
+    truth = sum((r["truth"] for r in runs), [])
+    for name, thr, k in levels:
+        above = np.concatenate([r["scores"] > thr for r in runs])
+        state = np.concatenate([debounced(r["scores"] > thr, k, 3) for r in runs])
+        out[name] = {"threshold": thr, "score": confusion(above, truth), "debounced": confusion(state, truth)}
+    return out
 
 
 def per_scenario(runs, thr):
@@ -667,7 +688,10 @@ def report(args):
         card = json.load(f)
     out = args.out or args.run
     os.makedirs(out, exist_ok=True)
-    ts, scores = read_agent_scores(os.path.join(args.run, "samples.csv"))
+    # The agent's samples export, or its anomaly series alone (scores.csv:
+    # the same columns; what model/pump/report/ keeps).
+    samples = os.path.join(args.run, "samples.csv")
+    ts, scores = read_agent_scores(samples if os.path.exists(samples) else os.path.join(args.run, "scores.csv"))
     labels = read_run_labels(os.path.join(args.run, "labels.csv"))
     win_ms = int(round(card["window_s"] * 1000))
     truth = window_truth(ts, win_ms, labels)
