@@ -118,7 +118,7 @@ def tag_of(name):
 DISPERSION = ("value_std", "value_slope_per_s", "value_band")
 
 
-def tag_resolutions(names, fit_raw, window_s):
+def tag_resolutions(names, fit_raw):
     """Per tag: the smallest step between the distinct readings the
     training saw (its `value_min`, `value_max` and `value_last`): the
     sensor's resolution as the data shows it (a register scaled by 0.01
@@ -140,7 +140,7 @@ def tag_resolutions(names, fit_raw, window_s):
 def fit_normalisation(names, fit_raw, window_s=10.0):
     """Per feature: its transform, scale, and the mean and floored std of
     the transformed training values (docs/model.md)."""
-    resolution_of = tag_resolutions(names, fit_raw, window_s)
+    resolution_of = tag_resolutions(names, fit_raw)
     features = []
     for i, name in enumerate(names):
         t, scale = transform_of(name), scale_of(name)
