@@ -222,6 +222,20 @@ impl Agent {
         Ok(a)
     }
 
+    /// The agent's resident memory now and at its peak, MiB (the peak
+    /// includes loading the probes, which parses the kernel's BTF).
+    fn memory(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid())).unwrap_or_default();
+        let mib = |key: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .map_or(f64::NAN, |k| k / 1024.0)
+        };
+        (mib("VmRSS:"), mib("VmHWM:"))
+    }
+
     /// Fails unless the agent loaded `model`.
     fn loaded(&self, model: &Path) -> Result<(), String> {
         let state = e2e::scrape(self.metrics_port, "edge_agent_detect_model_state{state=\"loaded\"}").ok().flatten();
@@ -346,13 +360,7 @@ fn evaluate(args: &Args) -> Result<(), String> {
     eprintln!("scenarios: normal activity only for {} min", args.normal_minutes);
     run_until(&mut agent, Instant::now() + Duration::from_secs_f64(args.normal_minutes * 60.0))?;
     let normal_to = e2e::now_ms();
-    // The agent's memory with the model loaded: now and its peak (the
-    // peak includes loading the probes, which parses the kernel's BTF).
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.proc.pid())).unwrap_or_default();
-    let kib = |key: &str| {
-        status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-    };
-    let memory = (kib("VmRSS:").unwrap_or(f64::NAN) / 1024.0, kib("VmHWM:").unwrap_or(f64::NAN) / 1024.0);
+    let memory = agent.memory();
     let (features, samples) = (out.join("features.csv"), out.join("samples.csv"));
     agent.stop_and_export(&[("features", &features), ("csv", &samples)])?;
     b.stop();

@@ -172,15 +172,7 @@ pub fn evaluate(args: &Args) -> Result<(), String> {
         run_until(&mut agent, (Instant::now() + Duration::from_secs(5)).min(end))?;
         plant.check()?;
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.proc.pid())).unwrap_or_default();
-    let mib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .map_or(f64::NAN, |k| k / 1024.0)
-    };
-    let memory = (mib("VmRSS:"), mib("VmHWM:"));
+    let memory = agent.memory();
     let (features, samples) = (out.join("features.csv"), out.join("samples.csv"));
     agent.stop_and_export(&[("features", &features), ("csv", &samples)])?;
     plant.proc.stop();
