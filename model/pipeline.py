@@ -658,10 +658,17 @@ def read_run_labels(path):
     return out
 
 
-def confusion(decided, truth):
+def confusion(decided, truth, hold=0):
+    """Point-wise counts over the windows that count. With `hold` (a
+    debounced state's clear_after): a normal window counts neither way
+    while the state has been on without a break since a faulty window and
+    at most `hold` windows separate the two (as the scenario runner's
+    report, hil-tests/src/evaluation.rs)."""
     c = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    since = None
     for d, t in zip(decided, truth):
-        if t is None:
+        since = None if not d else 0 if t else (since + 1 if since is not None else None)
+        if t is None or (d and t == "" and since is not None and since <= hold):
             continue
         c[("tp" if d else "fn") if t else ("fp" if d else "tn")] += 1
     tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
@@ -755,9 +762,11 @@ def report(args):
         for m in MARGINS:
             state = debounced(scores > base * m, ra, ca)
             c = confusion(state, truth)
+            held = confusion(state, truth, hold=ca)
             detected = len({f for a, b, f, _r in labels if state[(ts > a) & (ts <= b + win_ms)].any()})
             rows.append({"level": name, "margin": m, "threshold": base * m, "raise_after": ra, "clear_after": ca,
-                         "classes_detected": detected, **c})
+                         "classes_detected": detected, **c,
+                         "without_hold": {k: held[k] for k in ("fp", "f1", "far")}})
     fig, ax = plt.subplots(figsize=(6, 5))
     for name, *_r in levels:
         r = [x for x in rows if x["level"] == name]
@@ -775,13 +784,18 @@ def report(args):
              f"The agent's scores of {len(ts)} windows of {os.path.basename(os.path.normpath(args.run))}, the card's base"
              f" {base:.4g} (its threshold {card['threshold']:.4g} / its margin {card['margin']:g}) times each margin,"
              " with each level's debounce (raise after, clear after); windows that count neither way (a fault covering"
-             " less than half, a process recovering) left out. The card's own margins: stop"
+             " less than half, a process recovering) left out. Without the hold: the windows after a fault while"
+             " the state, on since the fault, is within clear_after windows of its last window, left out too."
+             " The card's own margins: stop"
              f" {card['margin']:g}" + (f", warn {warn['margin']:g}" if warn else "") + ".", "",
-             "| level | margin | threshold | raise/clear after | fault classes detected | F1 | FAR | MAR |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| level | margin | threshold | raise/clear after | fault classes detected | F1 | FAR | MAR"
+             " | without the hold: F1 | FAR |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
+        h = x["without_hold"]
         lines.append(f"| {x['level']} | {x['margin']:g} | {x['threshold']:.4g} | {x['raise_after']}/{x['clear_after']} |"
-                     f" {x['classes_detected']} of {len(per)} | {x['f1']:.3f} | {100 * x['far']:.2f} % | {100 * x['mar']:.2f} % |")
+                     f" {x['classes_detected']} of {len(per)} | {x['f1']:.3f} | {100 * x['far']:.2f} % | {100 * x['mar']:.2f} % |"
+                     f" {h['f1']:.3f} | {100 * h['far']:.2f} % |")
     lines += ["", "Plots: score_vs_time.png, delays.png, operating_points.png."]
     with open(os.path.join(out, "operating_points.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -57,6 +57,15 @@ class Evaluation(unittest.TestCase):
         self.assertEqual((c["tp"], c["fp"], c["fn"], c["tn"]), (1, 1, 1, 1))
         self.assertEqual((c["far"], c["mar"], c["f1"]), (0.5, 0.5, 0.5))
 
+    def test_a_held_state_after_a_fault_counts_neither_way_up_to_its_hold(self):
+        # As hil-tests/src/evaluation.rs's test of the same name.
+        truth = ["", "", "s", "s", "", "", "", "", "", ""]
+        state = [False, False, True, True, True, True, True, False, True, False]
+        counts = lambda c: (c["tp"], c["fp"], c["fn"], c["tn"])
+        self.assertEqual(counts(p.confusion(state, truth)), (2, 4, 0, 4))
+        self.assertEqual(counts(p.confusion(state, truth, hold=2)), (2, 2, 0, 4))
+        self.assertEqual(counts(p.confusion(state, truth, hold=3)), (2, 1, 0, 4))
+
     def test_history_stacks_oldest_first(self):
         z = np.arange(8, dtype=np.float32).reshape(4, 2)
         self.assertEqual(p.stacked(z, 3).tolist(), [[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]])

@@ -80,6 +80,41 @@ impl Confusion {
         c
     }
 
+    /// As `of`, for a debounced state that stays on `hold` windows after
+    /// its cause is gone (the agent's `clear_after`): a normal window counts
+    /// neither way while the state has been on without a break since a
+    /// faulty window and at most `hold` windows separate the two. Beyond
+    /// that, or when the state rises in normal time, it is a false alarm.
+    pub fn of_held(
+        windows: &[Scored],
+        labels: &[Label],
+        window_ms: i64,
+        hold: usize,
+        decide: impl Fn(&Scored) -> bool,
+    ) -> Confusion {
+        let mut c = Confusion::default();
+        // Windows since the last faulty window, while the state stayed on.
+        let mut since_fault: Option<usize> = None;
+        for w in windows {
+            let (truth, on) = (truth(labels, w.ts, window_ms), decide(w));
+            since_fault = match (truth, on, since_fault) {
+                (_, false, _) => None,
+                (Truth::Faulty(_), true, _) => Some(0),
+                (_, true, Some(k)) => Some(k + 1),
+                (_, true, None) => None,
+            };
+            match (truth, on) {
+                (Truth::Faulty(_), true) => c.tp += 1,
+                (Truth::Faulty(_), false) => c.fn_ += 1,
+                (Truth::Normal, true) if since_fault.is_some_and(|k| k <= hold) => {}
+                (Truth::Normal, true) => c.fp += 1,
+                (Truth::Normal, false) => c.tn += 1,
+                (Truth::Excluded, _) => {}
+            }
+        }
+        c
+    }
+
     pub fn f1(&self) -> f64 {
         2.0 * f64::from(self.tp) / f64::from((2 * self.tp + self.fp + self.fn_).max(1))
     }
@@ -170,5 +205,20 @@ mod tests {
         // Above 0.15: raised at 20 s and again at 100 s (normal), and at
         // 40 s (faulty).
         assert_eq!(false_raises(&ws, &l, 10_000, |w| w.score > 0.15), 2);
+    }
+
+    #[test]
+    fn a_held_state_after_a_fault_counts_neither_way_up_to_its_hold() {
+        let l = [label("stuck_sensor", 20_000, 40_000, 40_000)];
+        // Windows of 10 s ending at 10..=100 s; faulty: 30, 40.
+        let alarm = [false, false, true, true, true, true, true, false, true, false];
+        let ws: Vec<Scored> = (0..10).map(|i| w(10_000 * (i + 1), 0.0, alarm[i as usize])).collect();
+        // Strict: on at 50, 60, 70 and 90 s in normal time.
+        assert_eq!(Confusion::of(&ws, &l, 10_000, |w| w.alarm), Confusion { tp: 2, fp: 4, fn_: 0, tn: 4 });
+        // A hold of 2: 50 and 60 s are the hold; 70 s is beyond it; 90 s rose
+        // in normal time.
+        assert_eq!(Confusion::of_held(&ws, &l, 10_000, 2, |w| w.alarm), Confusion { tp: 2, fp: 2, fn_: 0, tn: 4 });
+        assert_eq!(Confusion::of_held(&ws, &l, 10_000, 3, |w| w.alarm), Confusion { tp: 2, fp: 1, fn_: 0, tn: 4 });
+        assert_eq!(Confusion::of_held(&ws, &l, 10_000, 0, |w| w.alarm), Confusion::of(&ws, &l, 10_000, |w| w.alarm));
     }
 }

@@ -55,8 +55,9 @@ const USAGE: &str = "usage: scenarios record --minutes M --out DIR [--window-ms 
      scenarios pump-record --minutes M --out DIR [--window-ms MS] [--hz H] [--seed N] [--agent PATH]\n       \
      scenarios pump-evaluate --model CARD --out DIR [--faults A,B,..] [--rounds R] [--fault-windows F] \
      [--gap-windows G] [--normal-minutes N] [--window-ms MS] [--hz H] [--seed N] [--agent PATH]\n       \
-     scenarios pump-report --model CARD --out DIR [--window-ms MS] [...the run's options, for its text]";
+     scenarios pump-report --model CARD --out DIR   (the run's options from its run.json)";
 
+#[derive(Clone)]
 struct Args {
     command: String,
     minutes: f64,
