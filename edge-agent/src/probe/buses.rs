@@ -7,7 +7,7 @@
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::TracePoint;
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -561,7 +561,7 @@ type States = Vec<(&'static str, ProbeState)>;
 /// Loads the object with `globals` and attaches the `usable` families;
 /// their states.
 fn load(globals: &[(&'static str, u32)], usable: &[Kind]) -> Result<(Loaded, States), ProbeError> {
-    let mut loader = EbpfLoader::new();
+    let mut loader = super::loader::new();
     loader.btf(None);
     for (name, value) in globals {
         loader.override_global(name, value, true);

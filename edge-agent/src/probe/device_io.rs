@@ -7,7 +7,7 @@
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, Queue};
 use aya::programs::trace_point::TracePointLinkId;
 use aya::programs::TracePoint;
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
@@ -501,7 +501,7 @@ impl DeviceIoProbe {
                 })
             }
         }
-        let mut loader = EbpfLoader::new();
+        let mut loader = super::loader::new();
         loader.btf(None);
         for (name, value) in &globals {
             loader.override_global(name, value, true);

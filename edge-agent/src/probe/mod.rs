@@ -3,6 +3,7 @@
 
 pub mod buses;
 pub mod device_io;
+pub mod loader;
 pub mod protocols;
 pub mod tcp_idle;
 pub mod tcp_lifecycle;

@@ -4,7 +4,7 @@
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -346,7 +346,7 @@ impl ProtocolsProbe {
         let dir = std::fs::File::open(&cgroup)
             .map_err(|e| ProbeError::Attach(format!("cgroup {}: {e}", cgroup.display())))?;
         let table = port_table(cfg);
-        let mut loader = EbpfLoader::new();
+        let mut loader = super::loader::new();
         // No CO-RE in this object: it loads on kernels without BTF.
         loader.btf(None);
         loader.override_global("ipp_port_proto", table.as_ref(), true);

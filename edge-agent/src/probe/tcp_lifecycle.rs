@@ -5,7 +5,7 @@
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::{Program, TracePoint};
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use std::os::fd::AsFd;
 use std::path::Path;
 
@@ -637,7 +637,7 @@ impl TcpLifecycleProbe {
                 Err(e) => states.push((tp.probe, ProbeState::Unavailable(e.to_string()))),
             }
         }
-        let mut loader = EbpfLoader::new();
+        let mut loader = super::loader::new();
         // The baseline programs have no CO-RE relocations: they must load on
         // kernels without BTF, so never ask for kernel BTF.
         loader.btf(None);
