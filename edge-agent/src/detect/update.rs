@@ -113,50 +113,22 @@ pub fn plain_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// An Ed25519 public key from a PEM file (`openssl pkey -pubout`).
+/// An Ed25519 public key from a PEM file (`openssl pkey -pubout`), read by
+/// rustls' PEM parser.
 pub fn read_public_key(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let body: String = text
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN PUBLIC KEY-----"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    let der = base64_decode(body.trim()).ok_or_else(|| format!("{}: not a PEM public key", path.display()))?;
+    use rustls::pki_types::{pem::PemObject, SubjectPublicKeyInfoDer};
+    const MAKE_ONE: &str =
+        "make one with: openssl genpkey -algorithm ed25519 -out key.pem; openssl pkey -in key.pem -pubout -out key.pub";
+    let spki = SubjectPublicKeyInfoDer::from_pem_file(path).map_err(|e| match e {
+        rustls::pki_types::pem::Error::Io(e) => format!("{}: {e}", path.display()),
+        e => format!("{}: no PEM public key in it ({e:?}; {MAKE_ONE})", path.display()),
+    })?;
     // SubjectPublicKeyInfo of Ed25519 (RFC 8410): a fixed 12-byte prefix.
     const PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
-    match der.strip_prefix(&PREFIX[..]) {
+    match spki.strip_prefix(&PREFIX[..]) {
         Some(key) if key.len() == 32 => Ok(key.to_vec()),
-        _ => Err(format!(
-            "{}: not an Ed25519 public key (make one with: openssl genpkey -algorithm ed25519 -out key.pem; \
-             openssl pkey -in key.pem -pubout -out key.pub)",
-            path.display()
-        )),
+        _ => Err(format!("{}: not an Ed25519 public key ({MAKE_ONE})", path.display())),
     }
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= val(c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
 }
 
 /// What the manager did at a poll.
@@ -496,9 +468,37 @@ mod tests {
     }
 
     #[test]
-    fn base64_decodes_pem_bodies() {
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGVsbG8h").unwrap(), b"hello!");
-        assert!(base64_decode("a*b").is_none());
+    fn public_keys_are_ed25519_spki_pem_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("edge-pubkey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let read = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            read_public_key(&p)
+        };
+        let pem = |body: &str| format!("-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n");
+        // openssl genpkey -algorithm ed25519 | openssl pkey -pubout
+        let good = "MCowBQYDK2VwAyEAOau/MJpQTRj1RLH/x6QbMl61g8kjWChLsr1irmyj03A=";
+        let key = read("good.pub", &format!("a comment before\n{}", pem(good))).unwrap();
+        assert_eq!(key.len(), 32);
+        assert_eq!(&key[..4], &[0x39, 0xab, 0xbf, 0x30]);
+        // One character short: a base64 body of a bad length, refused.
+        let e = read("short.pub", &pem(&good[..good.len() - 2])).unwrap_err();
+        assert!(e.contains("short.pub") && e.contains("openssl genpkey"), "{e}");
+        // Not base64.
+        assert!(read("junk.pub", &pem("MCow*QYDK2VwAyEA")).is_err());
+        // X25519 is not Ed25519.
+        let e = read("x25519.pub", &pem("MCowBQYDK2VuAyEAYhWKMXRAo/Ry4qFmfsnv+USIh3ywnvnTsllyAnkyRRM=")).unwrap_err();
+        assert!(e.contains("not an Ed25519 public key"), "{e}");
+        // A private key or nothing at all: no public key in it.
+        assert!(read(
+            "private.pem",
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n"
+        )
+        .unwrap_err()
+        .contains("no PEM public key"));
+        assert!(read("empty.pub", "").unwrap_err().contains("no PEM public key"));
+        assert!(read_public_key(&dir.join("missing.pub")).unwrap_err().contains("missing.pub"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
