@@ -1,105 +1,141 @@
 //! `edge-agent`: see README.md and docs/configuration.md.
 
+use clap::{Parser, Subcommand, ValueEnum};
 use edge_agent::config::Config;
 use edge_agent::tools::{self, Format};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: edge-agent [run] [--config FILE]
-       edge-agent check-config [--config FILE]
-       edge-agent probes [--config FILE]      attach every enabled probe, report each, detach
-       edge-agent store inspect [--config FILE | --dir STORE_DIR]
-       edge-agent store export  [--config FILE | --dir STORE_DIR]
-                                [--from TIME] [--to TIME] [--format openmetrics|csv|features] [--output FILE]
-       edge-agent model check [CARD] [--config FILE]   load an anomaly model, run its golden
-                                                       self-test, print the verdict (default: detect.model)
-       edge-agent tags discover [--seconds N] [--format text|toml] [--config FILE]
-                                watch Modbus/TCP and RTU traffic for N s (default 30): which servers,
-                                units, tables and addresses are read and written, recent values under
-                                each plausible type and order; toml: a starting tag map
-       edge-agent --version
+/// Whether this build can run an anomaly model (one built with
+/// --no-default-features cannot): operators and the board tests ask.
+#[cfg(feature = "tflite")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (TF Lite runtime: on-device anomaly detection)");
+#[cfg(not(feature = "tflite"))]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (no TF Lite runtime: no on-device anomaly detection)");
 
-Without --config the built-in defaults are used (docs/configuration.md).
-TIME: 2026-11-21T10:00:00Z, Unix seconds, or relative: -2h, -30m, -7d.
-The store commands only read: they are safe next to a running agent.
-Logging: EDGE_AGENT_LOG=debug (tracing EnvFilter syntax).";
-
-#[derive(Default)]
-struct Args {
-    command: Vec<String>,
+/// The command line, one definition: parsing and help.
+#[derive(Parser)]
+#[command(
+    name = "edge-agent",
+    version = VERSION,
+    about = "The edge agent: probes, windows, store, anomaly model, uplink (README.md).",
+    after_help = "Without --config the built-in defaults are used (docs/configuration.md).\n\
+                  Logging: EDGE_AGENT_LOG=debug (tracing EnvFilter syntax)."
+)]
+struct Cli {
+    /// The configuration file (TOML)
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
-    dir: Option<PathBuf>,
-    from: Option<String>,
-    to: Option<String>,
-    format: Option<String>,
-    output: Option<PathBuf>,
-    seconds: Option<u64>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn parse() -> Result<Option<Args>, String> {
-    let mut a = Args::default();
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "--config" | "-c" => a.config = Some(PathBuf::from(value("--config")?)),
-            "--dir" => a.dir = Some(PathBuf::from(value("--dir")?)),
-            "--from" => a.from = Some(value("--from")?),
-            "--to" => a.to = Some(value("--to")?),
-            "--format" => a.format = Some(value("--format")?),
-            "--output" | "-o" => a.output = Some(PathBuf::from(value("--output")?)),
-            "--seconds" => {
-                let v = value("--seconds")?;
-                a.seconds = Some(v.parse().map_err(|_| format!("--seconds {v:?}: a whole number of seconds"))?)
-            }
-            "--version" | "-V" => {
-                // Whether this build can run an anomaly model (one built
-                // with --no-default-features cannot): operators and the
-                // board tests ask.
-                let runtime = if cfg!(feature = "tflite") {
-                    "TF Lite runtime: on-device anomaly detection"
-                } else {
-                    "no TF Lite runtime: no on-device anomaly detection"
-                };
-                println!("edge-agent {} ({runtime})", env!("CARGO_PKG_VERSION"));
-                return Ok(None);
-            }
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                return Ok(None);
-            }
-            s if !s.starts_with('-') => a.command.push(arg),
-            other => return Err(format!("unknown option {other:?}")),
-        }
-    }
-    Ok(Some(a))
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default without a command)
+    Run,
+    /// Check the configuration and the TLS and password files it names
+    CheckConfig,
+    /// Attach every enabled probe, report each, detach
+    Probes,
+    /// Read the store (safe next to a running agent: only reads)
+    #[command(subcommand)]
+    Store(StoreCommand),
+    /// Anomaly models
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Process values: tags
+    #[command(subcommand)]
+    Tags(TagsCommand),
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Segments, records, lanes, what was dropped and why
+    Inspect {
+        /// The store directory (default: the configuration's)
+        #[arg(long, value_name = "STORE_DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// The stored samples or windows, in a time range
+    #[command(after_help = "TIME: 2026-11-21T10:00:00Z, Unix seconds, or relative: -2h, -30m, -7d.")]
+    Export {
+        /// The store directory (default: the configuration's)
+        #[arg(long, value_name = "STORE_DIR")]
+        dir: Option<PathBuf>,
+        /// Only from this time on
+        #[arg(long, value_name = "TIME")]
+        from: Option<String>,
+        /// Only up to this time
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Openmetrics)]
+        format: ExportFormat,
+        /// Write here instead of standard output
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExportFormat {
+    /// OpenMetrics text, every sample with its timestamp
+    Openmetrics,
+    /// One sample per line
+    Csv,
+    /// One window per line, the model's features (model/run.sh train reads it)
+    Features,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Load an anomaly model, run its golden self-test, print the verdict
+    Check {
+        /// The model card (default: detect.model)
+        card: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TagsCommand {
+    /// Watch Modbus/TCP and RTU traffic: which servers, units, tables and
+    /// addresses are read and written, recent values under each plausible
+    /// type and order; toml: a starting tag map
+    Discover {
+        /// How long to watch
+        #[arg(long, default_value_t = 30, value_name = "N")]
+        seconds: u64,
+        #[arg(long, value_enum, default_value_t = DiscoverFormat::Text)]
+        format: DiscoverFormat,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DiscoverFormat {
+    Text,
+    Toml,
 }
 
 fn main() -> ExitCode {
-    let args = match parse() {
-        Ok(Some(a)) => a,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(e) => return fail(2, &format!("{e}\n{USAGE}")),
-    };
+    let cli = Cli::parse();
     edge_agent::init_logging("EDGE_AGENT_LOG");
-    let cfg = match Config::load(args.config.as_deref()) {
+    let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(2, &e.to_string()),
     };
-    let cmd: Vec<&str> = args.command.iter().map(String::as_str).collect();
-    match cmd.as_slice() {
-        [] | ["run"] => match edge_agent::run(cfg, args.config.clone()) {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => match edge_agent::run(cfg, cli.config.clone()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");
                 fail(1, &e.to_string())
             }
         },
-        ["probes"] => {
+        Command::Probes => {
             print!("{}", edge_agent::probe::report(&cfg));
             ExitCode::SUCCESS
         }
-        ["check-config"] => {
+        Command::CheckConfig => {
             println!("device_id = {}", cfg.device_id);
             let m = &cfg.mqtt;
             let how = match (m.tls.enabled, m.tls.cert_file.as_os_str().is_empty()) {
@@ -120,8 +156,8 @@ fn main() -> ExitCode {
                 Err(e) => fail(1, &e.to_string()),
             }
         }
-        ["store", "inspect"] => {
-            let dir = args.dir.unwrap_or_else(|| cfg.store_dir());
+        Command::Store(StoreCommand::Inspect { dir }) => {
+            let dir = dir.unwrap_or_else(|| cfg.store_dir());
             match tools::inspect(&dir) {
                 Ok(text) => {
                     print!("{text}");
@@ -130,16 +166,18 @@ fn main() -> ExitCode {
                 Err(e) => fail(1, &e.to_string()),
             }
         }
-        ["store", "export"] => match export(&args, &cfg) {
-            Ok(n) => {
-                let what = if args.format.as_deref() == Some("features") { "windows" } else { "samples" };
-                eprintln!("edge-agent: exported {n} {what}");
-                ExitCode::SUCCESS
+        Command::Store(StoreCommand::Export { dir, from, to, format, output }) => {
+            match export(&cfg, dir, (from.as_deref(), to.as_deref()), format, output.as_deref()) {
+                Ok(n) => {
+                    let what = if format == ExportFormat::Features { "windows" } else { "samples" };
+                    eprintln!("edge-agent: exported {n} {what}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &e),
             }
-            Err(e) => fail(1, &e),
-        },
-        ["model", "check", rest @ ..] if rest.len() <= 1 => {
-            let card = rest.first().map_or_else(|| cfg.detect.model.clone(), PathBuf::from);
+        }
+        Command::Model(ModelCommand::Check { card }) => {
+            let card = card.unwrap_or_else(|| cfg.detect.model.clone());
             let pin = Some(cfg.detect.model_sha256.as_str());
             match edge_agent::detect::Model::load(&card, pin) {
                 Ok(m) => {
@@ -158,13 +196,8 @@ fn main() -> ExitCode {
                 Err(e) => fail(1, &e.to_string()),
             }
         }
-        ["tags", "discover"] => {
-            let toml = match args.format.as_deref().unwrap_or("text") {
-                "text" => false,
-                "toml" => true,
-                f => return fail(2, &format!("unknown --format {f:?}: use text or toml")),
-            };
-            let seconds = args.seconds.unwrap_or(30);
+        Command::Tags(TagsCommand::Discover { seconds, format }) => {
+            let toml = format == DiscoverFormat::Toml;
             eprintln!("edge-agent: watching Modbus traffic for {seconds} s");
             match edge_agent::values::discover_driver::discover(&cfg, seconds) {
                 Ok(d) if toml => {
@@ -178,22 +211,26 @@ fn main() -> ExitCode {
                 Err(e) => fail(1, &format!("{e} (run as root)")),
             }
         }
-        _ => fail(2, &format!("unknown command {:?}\n{USAGE}", args.command.join(" "))),
     }
 }
 
-fn export(args: &Args, cfg: &Config) -> Result<u64, String> {
+fn export(
+    cfg: &Config,
+    dir: Option<PathBuf>,
+    (from, to): (Option<&str>, Option<&str>),
+    format: ExportFormat,
+    output: Option<&Path>,
+) -> Result<u64, String> {
     let now = edge_agent::now_ms();
-    let from = args.from.as_deref().map_or(Ok(i64::MIN), |t| tools::parse_time(t, now))?;
-    let to = args.to.as_deref().map_or(Ok(i64::MAX), |t| tools::parse_time(t, now))?;
-    let format = match args.format.as_deref().unwrap_or("openmetrics") {
-        "openmetrics" => Format::OpenMetrics,
-        "csv" => Format::Csv,
-        "features" => Format::Features,
-        f => return Err(format!("unknown --format {f:?}: use openmetrics, csv or features")),
+    let from = from.map_or(Ok(i64::MIN), |t| tools::parse_time(t, now))?;
+    let to = to.map_or(Ok(i64::MAX), |t| tools::parse_time(t, now))?;
+    let format = match format {
+        ExportFormat::Openmetrics => Format::OpenMetrics,
+        ExportFormat::Csv => Format::Csv,
+        ExportFormat::Features => Format::Features,
     };
-    let dir = args.dir.clone().unwrap_or_else(|| cfg.store_dir());
-    let mut out: Box<dyn std::io::Write> = match &args.output {
+    let dir = dir.unwrap_or_else(|| cfg.store_dir());
+    let mut out: Box<dyn std::io::Write> = match output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?,
         )),
@@ -207,4 +244,38 @@ fn export(args: &Args, cfg: &Config) -> Result<u64, String> {
 fn fail(code: u8, msg: &str) -> ExitCode {
     eprintln!("edge-agent: {msg}");
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn options_belong_to_their_commands() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["edge-agent"][..], args].concat());
+        // Only the store's commands take --dir, only export takes --from.
+        assert!(parse(&["run", "--from", "x"]).is_err());
+        assert!(parse(&["probes", "--dir", "x"]).is_err());
+        assert!(parse(&["store", "inspect", "--from", "x"]).is_err());
+        // --config anywhere; no command runs the agent.
+        let cli = parse(&["--config", "a.toml"]).unwrap();
+        assert!(cli.config.is_some() && cli.command.is_none());
+        let cli = parse(&["--config", "a.toml", "store", "export", "--format", "csv"]).unwrap();
+        assert!(cli.config.is_some());
+        assert!(matches!(cli.command, Some(Command::Store(StoreCommand::Export { format: ExportFormat::Csv, .. }))));
+        let cli = parse(&["probes", "-c", "a.toml"]).unwrap();
+        assert!(cli.config.is_some() && matches!(cli.command, Some(Command::Probes)));
+        assert!(matches!(
+            parse(&["tags", "discover"]).unwrap().command,
+            Some(Command::Tags(TagsCommand::Discover { seconds: 30, format: DiscoverFormat::Text }))
+        ));
+        assert!(parse(&["tags", "discover", "--seconds", "ten"]).is_err());
+        assert!(parse(&["store", "export", "--format", "json"]).is_err());
+    }
 }
