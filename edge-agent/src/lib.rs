@@ -88,7 +88,6 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
         None
     } else {
         let bound = std::net::TcpListener::bind(cfg.metrics.listen.as_str())
-            .and_then(async_net::TcpListener::try_from)
             .map_err(|source| RunError::Metrics { addr: cfg.metrics.listen.clone(), source })?;
         Some(bound)
     };
@@ -135,7 +134,12 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     let result = smol::block_on(async {
         if let Some(listener) = listener {
             tracing::info!(addr = %cfg.metrics.listen, "serving /metrics");
-            smol::spawn(metrics::serve(listener, registry)).detach();
+            let serve = move || edge_wire::exposition::serve(listener, registry);
+            std::thread::Builder::new()
+                .name("metrics".into())
+                .stack_size(128 * 1024)
+                .spawn(serve)
+                .map_err(|source| RunError::Metrics { addr: cfg.metrics.listen.clone(), source })?;
         }
         let windows = window_loop(&cfg, config_path.as_deref(), &sh, hup);
         let stop = async {

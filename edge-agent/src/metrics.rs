@@ -633,70 +633,10 @@ impl AgentMetrics {
     }
 }
 
-/// Serves `GET /metrics` until the listener fails. One short-lived task per
-/// connection; requests are capped at 8 KiB and 5 s.
 /// Moves a counter up to a cumulative kernel count (never down: after the
 /// probe is attached anew it waits for the new count to pass the old).
 fn advance_to(c: &Counter, v: u64) {
     c.inc_by(v.saturating_sub(c.get()));
-}
-
-pub async fn serve(listener: async_net::TcpListener, registry: Arc<Registry>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                smol::Timer::after(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let registry = registry.clone();
-        smol::spawn(async move {
-            let work = respond(stream, &registry);
-            let timeout = async {
-                smol::Timer::after(std::time::Duration::from_secs(5)).await;
-                Ok(())
-            };
-            if let Err(e) = futures_lite::future::or(work, timeout).await {
-                tracing::debug!(error = %e, "metrics request failed");
-            }
-        })
-        .detach();
-    }
-}
-
-async fn respond(mut stream: async_net::TcpStream, registry: &Registry) -> std::io::Result<()> {
-    use futures_lite::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() + n > 8192 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let line = buf.split(|b| *b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|b| *b == b' ');
-    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-    let path = path.split(|b| *b == b'?').next().unwrap_or_default();
-    let (status, ctype, body) = if method == b"GET" && path == b"/metrics" {
-        let mut text = String::new();
-        match prometheus_client::encoding::text::encode(&mut text, registry) {
-            Ok(()) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
-            Err(_) => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
-        }
-    } else {
-        ("404 Not Found", "text/plain", "only GET /metrics is served here\n".into())
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.flush().await
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 
 pub mod bits;
 pub mod block;
+#[cfg(feature = "exposition")]
+pub mod exposition;
 pub mod throttle;
 #[cfg(feature = "tls")]
 pub mod tls;

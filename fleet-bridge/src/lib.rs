@@ -34,7 +34,9 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     if !cfg.metrics.listen.is_empty() {
         let listener = std::net::TcpListener::bind(&cfg.metrics.listen)?;
         tracing::info!(addr = %cfg.metrics.listen, "serving /metrics");
-        std::thread::Builder::new().name("metrics".into()).spawn(move || metrics::serve(listener, registry))?;
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || edge_wire::exposition::serve(listener, registry))?;
     }
 
     let mut opts = MqttOptions::new(cfg.mqtt.client_id.clone(), cfg.mqtt.host.clone(), cfg.mqtt.port);

@@ -5,10 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -99,37 +96,5 @@ pub fn status_class(status: u16) -> &'static str {
         4 => "4xx",
         5 => "5xx",
         _ => "other",
-    }
-}
-
-/// Blocking `GET /metrics` server; one request per connection.
-pub fn serve(listener: TcpListener, registry: Arc<Registry>) {
-    for stream in listener.incoming() {
-        let Ok(mut s) = stream else { continue };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut buf = [0u8; 2048];
-        let mut n = 0;
-        while n < buf.len() {
-            match s.read(&mut buf[n..]) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        let ok = buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?");
-        let mut body = String::new();
-        let status = if ok && prometheus_client::encoding::text::encode(&mut body, &registry).is_ok() {
-            "200 OK"
-        } else {
-            body = "only GET /metrics is served here\n".into();
-            "404 Not Found"
-        };
-        let _ = write!(
-            s,
-            "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
     }
 }
