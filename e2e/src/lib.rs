@@ -850,6 +850,36 @@ pub fn stored_samples(dir: &std::path::Path, metric: &str, labels: &[&str]) -> V
     stored_export(dir, metric, labels).into_iter().map(|(t, _, v)| (t, v)).collect()
 }
 
+/// Waits until the agent has stored `n` windows that ended after this
+/// call: whatever the kernel counted before it is in the store then. Tests
+/// that check exact counts ("and nothing more arrived") synchronise on
+/// the agent's own windows this way, not on time.
+pub fn settled(dir: &std::path::Path, n: usize) {
+    let since = now_ms();
+    wait_for(&format!("{n} more windows stored"), Duration::from_secs(60 + n as u64), || {
+        let out = Command::new(bin_dir().join("edge-agent"))
+            .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let ends: std::collections::BTreeSet<i64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(',').next()?.parse().ok())
+            .filter(|&t| t > since)
+            .collect();
+        (ends.len() >= n).then_some(()).ok_or(format!("{} of {n}", ends.len()))
+    });
+}
+
+/// Waits until thread `tid` of this process is inside system call `nr`
+/// (`/proc/self/task/<tid>/syscall`), e.g. blocked in read(2).
+pub fn in_syscall(tid: u32, nr: libc::c_long) {
+    let path = format!("/proc/self/task/{tid}/syscall");
+    wait_for(&format!("thread {tid} in system call {nr}"), Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        (text.split(' ').next() == Some(nr.to_string().as_str())).then_some(()).ok_or(text)
+    });
+}
+
 /// (series labels, value) of every stored row of `metric` with `labels`,
 /// oldest first (`edge-agent store export --format csv`).
 fn stored_rows(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Vec<(String, f64)> {

@@ -155,7 +155,7 @@ fn trained_model_scores_windows_and_alarms_offline() {
     setup.class_ports = &ports;
     let mut agent = Agent::start(&dir, &setup);
     assert_eq!(model_state(&agent).as_deref(), Some("missing"));
-    std::thread::sleep(Duration::from_millis(WINDOW_MS * 90));
+    e2e::settled(&dir, 90);
     agent.proc.stop();
     let normal = dir.join("normal.csv");
     export(&dir, "features", &normal);

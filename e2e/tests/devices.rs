@@ -104,7 +104,7 @@ fn serial_sensor_ops_bytes_errors_and_stall_match_the_reader() {
             count("open")
         ))
     });
-    std::thread::sleep(Duration::from_millis(500));
+    e2e::settled(&dir, 2);
     assert_eq!(count("open"), Some(n("opens")));
     assert_eq!(count("ioctl"), Some(n("ioctls")));
     assert_eq!(count("read"), Some(n("reads")));
@@ -226,8 +226,10 @@ fn threads_sharing_an_inflight_slot_are_both_counted() {
     let reader = |f: Arc<std::fs::File>| {
         move || {
             let mut b = [0u8; 1];
+            let started = std::time::Instant::now();
             // SAFETY: reads into a 1-byte buffer from an open descriptor.
-            unsafe { libc::read(f.as_raw_fd(), b.as_mut_ptr().cast(), 1) }
+            let n = unsafe { libc::read(f.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+            (n, started.elapsed().as_secs_f64())
         }
     };
     let first = {
@@ -258,12 +260,14 @@ fn threads_sharing_an_inflight_slot_are_both_counted() {
         assert!(me < first.1 + 100_000, "no thread id sharing slot {want}");
     };
     assert_ne!(first.1, second.1);
-    // Both inside read(2) now (blocked on the empty FIFO).
-    std::thread::sleep(Duration::from_millis(500));
+    // Both inside read(2) (blocked on the empty FIFO).
+    e2e::in_syscall(first.1, libc::SYS_read);
+    e2e::in_syscall(second.1, libc::SYS_read);
     // SAFETY: writes 2 bytes from a valid buffer.
     assert_eq!(unsafe { libc::write(f.as_raw_fd(), b"xy".as_ptr().cast(), 2) }, 2);
-    assert_eq!(first.0.join().unwrap(), 1);
-    assert_eq!(second.0.join().unwrap(), Some(1));
+    let (n1, took1) = first.0.join().unwrap();
+    let (n2, took2) = second.0.join().unwrap().unwrap();
+    assert_eq!((n1, n2), (1, 1));
 
     let file = format!("file=\"{}\"", fifo.display());
     let count = |op: &str| stored(&dir, "edge_device_operation_seconds_count", &[&file, &format!("op=\"{op}\"")]);
@@ -276,9 +280,11 @@ fn threads_sharing_an_inflight_slot_are_both_counted() {
     });
     assert_eq!(a.metric("edge_agent_device_inflight_spilled_total"), Some(1.0), "the second read went to the hash");
     assert_eq!(a.metric("edge_agent_device_inflight_stale_total"), Some(0.0));
-    // Both waited for the write: the latency sum holds two ~0.5 s reads.
+    // Both waited for the write: the latency sum holds both reads' times
+    // (as the threads measured them around the call, a little longer).
     let sum = stored(&dir, "edge_device_operation_seconds_sum", &[&file, "op=\"read\""]).unwrap();
-    assert!((0.8..4.0).contains(&sum), "read latency sum {sum} s");
+    let measured = took1 + took2;
+    assert!(sum <= measured + 0.001 && sum >= 0.8 * measured - 0.02, "read latency sum {sum} s, measured {measured} s");
 }
 
 /// A read blocked while the hooks detach (the watched file vanished) and
@@ -303,7 +309,9 @@ fn an_operation_in_flight_across_a_detach_is_not_counted() {
     attached(1.0);
     let f = std::sync::Arc::new(std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap());
     let g = f.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
     let blocked = std::thread::spawn(move || {
+        tx.send(unsafe { libc::syscall(libc::SYS_gettid) } as u32).unwrap();
         let mut b = [0u8; 1];
         // SAFETY: reads into a 1-byte buffer from an open descriptor; then
         // a second read, of a byte already there.
@@ -311,7 +319,8 @@ fn an_operation_in_flight_across_a_detach_is_not_counted() {
         let second = unsafe { libc::read(g.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
         (first, second)
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Inside the first read(2) (blocked on the empty FIFO).
+    e2e::in_syscall(rx.recv().unwrap(), libc::SYS_read);
     std::fs::remove_file(&fifo).unwrap();
     attached(0.0);
     mkfifo(&fifo);
@@ -320,7 +329,7 @@ fn an_operation_in_flight_across_a_detach_is_not_counted() {
     assert_eq!(unsafe { libc::write(f.as_raw_fd(), b"xy".as_ptr().cast(), 2) }, 2);
     assert_eq!(blocked.join().unwrap(), (1, 1));
     // Two windows for anything to show.
-    std::thread::sleep(Duration::from_millis(1000));
+    e2e::settled(&dir, 2);
     let file = format!("file=\"{}\"", fifo.display());
     // The open (while watched) counted. Of the reads, only the second: the
     // /proc scan at the attach found the old file's descriptor (a removed

@@ -120,15 +120,17 @@ fn retransmits_under_injected_packet_loss_are_counted() {
     let agent = agent(&dir, port);
     let before = a.retrans_segs() + b.retrans_segs();
 
+    let (listening, up) = std::sync::mpsc::channel();
     let server = b.spawn(move || {
         let l = std::net::TcpListener::bind(("10.231.0.2", port)).expect("bind in netns");
+        listening.send(()).unwrap();
         let (mut c, _) = l.accept().unwrap();
         let mut buf = Vec::new();
         c.read_to_end(&mut buf).unwrap();
         c.write_all(&buf[..256 * 1024]).unwrap();
         buf.len()
     });
-    std::thread::sleep(Duration::from_millis(200)); // the listener is up
+    up.recv_timeout(Duration::from_secs(10)).expect("the listener is up");
     let client = a.spawn(move || {
         let mut c = std::net::TcpStream::connect(("10.231.0.2", port)).expect("connect across the veth");
         c.write_all(&vec![7u8; 1 << 20]).unwrap();
@@ -184,7 +186,7 @@ fn retransmits_under_injected_packet_loss_are_counted() {
         }
     });
     // Two windows more: nothing was still on its way.
-    std::thread::sleep(Duration::from_millis(500));
+    e2e::settled(&dir, 2);
     let (counted, m) = (agent_count(), missed());
     eprintln!("retransmits: agent {counted}, kernel {kernel} segments, {m} missed by the programs");
     assert!(counted <= kernel && kernel <= counted + m, "agent {counted} (+{m} missed), kernel {kernel}");

@@ -117,11 +117,15 @@ impl Client {
     }
 }
 
-/// Opens a connection to `port`, sends `bytes`, and closes.
+/// Opens a connection to `port`, sends `bytes`, and closes once the server
+/// (a sink: it reads to the end, then closes) has taken them.
 fn say(port: u16, bytes: &[u8]) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(bytes).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
 }
 
 /// A server that takes anything and answers nothing.
@@ -235,7 +239,7 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
         };
         (seen("client") && seen("server")).then_some(()).ok_or("not yet")
     });
-    std::thread::sleep(Duration::from_millis(500));
+    e2e::settled(&dir, 2);
     for side in ["client", "server"] {
         for (f, n) in requests {
             assert_eq!(get("edge_modbus_requests_total", side, &[&func(f)]), Some(n), "{side} {f} requests");
@@ -305,6 +309,6 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
         let n = get("edge_modbus_requests_total", "client", &[&func("write_single_register")]);
         (n == Some(3.0)).then_some(()).ok_or(n)
     });
-    std::thread::sleep(Duration::from_millis(500));
+    e2e::settled(&dir, 2);
     assert_eq!(get("edge_modbus_requests_total", "server", &[&func("write_single_register")]), Some(3.0));
 }
