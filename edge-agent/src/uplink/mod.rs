@@ -13,13 +13,14 @@
 //! and a new one resumes from the send position. The pure acknowledgement
 //! logic lives in [`window::SendWindow`].
 
+pub mod cursor;
 pub mod delivery;
 pub mod mqtt;
 pub mod window;
 
+use cursor::{Budget, Cursor, CursorKind, PacketIds};
 use mqtt::{Conn, Ev};
 use rumqttc::{TlsConfiguration, Transport};
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,13 +31,10 @@ use crate::metrics::AgentMetrics;
 use crate::store::{Lane, Lanes};
 use delivery::Delivery;
 use edge_wire::throttle::Throttle;
-use window::SendWindow;
 
 /// How often a moving send position is made durable, at most.
 const PERSIST_EVERY: Duration = Duration::from_millis(250);
 const POLL: Duration = Duration::from_millis(100);
-/// Marks a publish that is not a block (the presence birth message).
-const NOT_A_BLOCK: usize = usize::MAX;
 /// Payload bytes read from the store for one round of publishing.
 const READ_BYTES: usize = 4 << 20;
 
@@ -79,76 +77,6 @@ struct LaneSend {
     /// Failures to persist it (a full disk: retried every 250 ms), said at
     /// most once a minute.
     persist_failures: Throttle,
-}
-
-/// A cursor over a run of one lane's records, with its own flow-control
-/// window. A connection has one per lane, or two for a routine lane with a
-/// backlog: live data (records from the connection on) first, the backlog
-/// behind it, paced by `mqtt.drain_bytes_per_sec`. Prometheus takes the
-/// backlog's older samples after newer ones within its out-of-order
-/// window; within each cursor a series' samples stay in order.
-struct Stream {
-    /// Index into the lanes.
-    lane: usize,
-    /// The cursor's records are after `base`...
-    base: u64,
-    /// ...and before `until`.
-    until: u64,
-    kind: StreamKind,
-    /// Flow control: what the broker has acknowledged.
-    win: SendWindow,
-    /// Since when blocks the broker took wait for confirmation (restarts
-    /// whenever a confirmation moves this cursor's confirmed run).
-    waiting_since: Option<Instant>,
-    /// The confirmed run's end when last looked at.
-    confirmed_seen: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamKind {
-    Priority,
-    Live,
-    Backlog,
-}
-
-impl StreamKind {
-    fn label(self) -> &'static str {
-        match self {
-            StreamKind::Priority => "priority",
-            StreamKind::Live => "live",
-            StreamKind::Backlog => "backlog",
-        }
-    }
-}
-
-/// Bytes per second for the backlog, as a token bucket that may go into
-/// debt by one block (blocks are not split), with one second of burst.
-struct Budget {
-    rate: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Budget {
-    fn new(bytes_per_sec: u64) -> Self {
-        Budget { rate: bytes_per_sec as f64, tokens: bytes_per_sec as f64, at: Instant::now() }
-    }
-
-    fn allows(&mut self) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        self.tokens = (self.tokens + self.rate * (now - self.at).as_secs_f64()).min(self.rate);
-        self.at = now;
-        self.tokens > 0.0
-    }
-
-    fn spend(&mut self, bytes: usize) {
-        if self.rate > 0.0 {
-            self.tokens -= bytes as f64;
-        }
-    }
 }
 
 impl Uplink {
@@ -237,16 +165,14 @@ impl Uplink {
         let mut conn = Conn::open(m.protocol, settings, m.max_inflight as usize + 8);
         // Made once the broker accepted the connection: a failed attempt
         // neither cuts the store's open block nor says anything of a backlog.
-        let mut streams: Vec<Stream> = Vec::new();
+        let mut cursors: Vec<Cursor> = Vec::new();
         let mut forged = Throttle::new(Duration::from_secs(60));
-        let mut budget = Budget::new(m.drain_bytes_per_sec);
+        let mut budget = Budget::new(m.drain_bytes_per_sec, Instant::now());
         let ack_topic = edge_wire::ack_topic(&m.topic_prefix, &self.cfg.device_id);
         let reply_topic = edge_wire::time_reply_topic(&m.topic_prefix, &self.cfg.device_id);
         let model_topic = edge_wire::model_topic(&m.topic_prefix, &self.cfg.device_id);
         let mut time = TimeAsk::default();
-        // Publishes whose packet id rumqttc has not reported yet, in order.
-        let mut awaiting_pkid: VecDeque<(usize, u64)> = VecDeque::new();
-        let mut by_pkid: HashMap<u16, (usize, u64)> = HashMap::new();
+        let mut pkids = PacketIds::default();
         let mut connected = false;
         let mut refusals = 0u32;
         // The broker acknowledged something on this connection (the birth
@@ -264,8 +190,8 @@ impl Uplink {
             }
             if connected {
                 self.ask_time(&conn, &mut time);
-                let mut out = Outbox { conn: &conn, topic, awaiting_pkid: &mut awaiting_pkid, budget: &mut budget };
-                if let Err(e) = self.publish_more(&mut out, &mut streams, lanes, &mut last_live, &mut time) {
+                let mut out = Outbox { conn: &conn, topic, pkids: &mut pkids, budget: &mut budget };
+                if let Err(e) = self.publish_more(&mut out, &mut cursors, lanes, &mut last_live, &mut time) {
                     tracing::error!(error = %e, "reading the store failed");
                 }
             }
@@ -274,7 +200,7 @@ impl Uplink {
                     connected = true;
                     failures.reset();
                     // Resend everything not confirmed end to end.
-                    streams = self.streams(lanes);
+                    cursors = self.cursors(lanes);
                     self.metrics.uplink_connects.inc();
                     self.metrics.uplink_connected.set(1);
                     // QoS 0: a lost confirmation only means a re-send, a lost
@@ -293,24 +219,20 @@ impl Uplink {
                     // Birth message. It takes a packet id like the blocks do:
                     // hold its place in the publish order with no block.
                     if conn.publish(&presence, true, true, b"online".to_vec()) {
-                        awaiting_pkid.push_back((NOT_A_BLOCK, 0));
+                        pkids.queued(None);
                     }
                     tracing::info!(host = %m.host, port = m.port, protocol = ?m.protocol, "connected to broker");
                 }
-                Ev::OutgoingPublish(pkid) => {
-                    if let Some(sent) = awaiting_pkid.pop_front() {
-                        by_pkid.insert(pkid, sent);
-                    }
-                }
+                Ev::OutgoingPublish(pkid) => pkids.numbered(pkid),
                 Ev::PubAck { pkid, refused } => {
-                    let sent = by_pkid.remove(&pkid);
+                    let sent = pkids.acked(pkid);
                     acked_any |= refused.is_none();
                     if let Some(reason) = &refused {
                         // mosquitto then closes the connection; reconnect
                         // with growing back-off rather than at once.
                         refusals += 1;
                         self.metrics.uplink_refused.inc();
-                        let what = if sent.is_some_and(|(i, _)| i != NOT_A_BLOCK) { "a block" } else { "presence" };
+                        let what = if sent.is_some_and(|s| s.is_some()) { "a block" } else { "presence" };
                         tracing::error!(
                             reason,
                             what,
@@ -319,13 +241,13 @@ impl Uplink {
                              certificate's CN or the user name (docs/configuration.md)"
                         );
                     }
-                    if let Some((i, seq)) = sent.filter(|(i, _)| *i != NOT_A_BLOCK) {
+                    if let Some(Some((i, seq))) = sent {
                         if refused.is_none() {
                             self.metrics.uplink_acked.inc();
                         }
                         // A refused block stays unconfirmed and goes again
                         // after the delivery timeout (doubling).
-                        streams[i].win.ack(seq);
+                        cursors[i].win.ack(seq);
                     }
                 }
                 Ev::Publish { topic: t, payload } if t == model_topic => {
@@ -393,29 +315,17 @@ impl Uplink {
                 }
                 Ev::Closed => break,
             }
-            for s in streams.iter_mut() {
-                let delivery = &mut lanes[s.lane].delivery;
-                let confirmed = delivery.confirmed_from(s.base);
-                let waiting = s.win.acked() > confirmed;
-                let progress = confirmed > s.confirmed_seen;
-                s.confirmed_seen = confirmed;
-                match s.waiting_since {
-                    _ if !waiting || progress => s.waiting_since = None,
-                    None => s.waiting_since = Some(Instant::now()),
-                    Some(t) if t.elapsed() >= delivery.timeout() => {
-                        tracing::warn!(
-                            stream = s.kind.label(),
-                            confirmed,
-                            broker_acked = s.win.acked(),
-                            waited = ?delivery.timeout(),
-                            "no delivery confirmation; sending again from the confirmed position"
-                        );
-                        self.metrics.uplink_resends.inc();
-                        s.win.reset_to(confirmed);
-                        delivery.expired();
-                        s.waiting_since = None;
-                    }
-                    Some(_) => {}
+            let now = Instant::now();
+            for c in cursors.iter_mut() {
+                if let Some(r) = c.watch(&mut lanes[c.lane].delivery, now) {
+                    tracing::warn!(
+                        stream = c.kind.label(),
+                        confirmed = r.from,
+                        broker_acked = r.broker_acked,
+                        waited = ?r.waited,
+                        "no delivery confirmation; sending again from the confirmed position"
+                    );
+                    self.metrics.uplink_resends.inc();
                 }
             }
             if persisted_at.elapsed() >= PERSIST_EVERY {
@@ -467,34 +377,26 @@ impl Uplink {
     /// priority lane; the routine lane's live data, and behind it its
     /// backlog (when there is one). The store's open block is closed, so
     /// live data starts a block of its own.
-    fn streams(&self, lanes: &[LaneSend]) -> Vec<Stream> {
+    fn cursors(&self, lanes: &[LaneSend]) -> Vec<Cursor> {
         let max = self.cfg.mqtt.max_inflight as usize;
         let mut store = lock(&self.store);
         let mut out = Vec::new();
         for (i, l) in lanes.iter().enumerate() {
             let d = l.delivery.delivered();
-            let stream = |kind, base, until| Stream {
-                lane: i,
-                base,
-                until,
-                kind,
-                win: SendWindow::new(base, max),
-                waiting_since: None,
-                confirmed_seen: base,
-            };
+            let cursor = |kind, base, until| Cursor::new(i, kind, base, until, max);
             if l.lane == Lane::Priority {
-                out.push(stream(StreamKind::Priority, d, u64::MAX));
+                out.push(cursor(CursorKind::Priority, d, u64::MAX));
                 continue;
             }
             let routine = store.get(Lane::Routine);
             let live_from = routine.next_seq();
             if live_from > d + 1 {
                 routine.end_open_block();
-                out.push(stream(StreamKind::Live, live_from - 1, u64::MAX));
-                out.push(stream(StreamKind::Backlog, d, live_from));
+                out.push(cursor(CursorKind::Live, live_from - 1, u64::MAX));
+                out.push(cursor(CursorKind::Backlog, d, live_from));
                 tracing::info!(backlog_from = d + 1, live_from, "draining the backlog behind live data");
             } else {
-                out.push(stream(StreamKind::Live, d, u64::MAX));
+                out.push(cursor(CursorKind::Live, d, u64::MAX));
             }
         }
         out
@@ -508,32 +410,33 @@ impl Uplink {
     fn publish_more(
         &self,
         out: &mut Outbox<'_>,
-        streams: &mut [Stream],
+        cursors: &mut [Cursor],
         lanes: &mut [LaneSend],
         last_live: &mut Instant,
         time: &mut TimeAsk,
     ) -> Result<(), crate::store::StoreError> {
         let max = self.cfg.mqtt.max_inflight as usize;
-        for i in 0..streams.len() {
-            let inflight: usize = streams.iter().map(|s| s.win.inflight()).sum();
-            let room = max.saturating_sub(inflight).min(streams[i].win.room());
+        for i in 0..cursors.len() {
+            let inflight: usize = cursors.iter().map(|s| s.win.inflight()).sum();
+            let room = max.saturating_sub(inflight).min(cursors[i].win.room());
             if room == 0 {
                 return Ok(());
             }
-            let s = &mut streams[i];
-            if s.kind == StreamKind::Backlog && (s.win.last_sent() + 1 >= s.until || !out.budget.allows()) {
+            let s = &mut cursors[i];
+            if s.kind == CursorKind::Backlog && (s.win.last_sent() + 1 >= s.until || !out.budget.allows(Instant::now()))
+            {
                 continue;
             }
-            let lane = if s.kind == StreamKind::Priority { Lane::Priority } else { Lane::Routine };
+            let lane = if s.kind == CursorKind::Priority { Lane::Priority } else { Lane::Routine };
             let live_due = last_live.elapsed() >= Duration::from_millis(self.cfg.mqtt.live_interval_ms);
-            let include_open = s.kind != StreamKind::Live || live_due;
+            let include_open = s.kind != CursorKind::Live || live_due;
             let blocks = lock(&self.store).get(lane).read_blocks(s.win.last_sent(), room, READ_BYTES, include_open)?;
-            if s.kind == StreamKind::Live && include_open && !blocks.is_empty() {
+            if s.kind == CursorKind::Live && include_open && !blocks.is_empty() {
                 *last_live = Instant::now();
             }
             for block in blocks {
                 let (Some(first), Some(last)) = (block.first(), block.last()) else { continue };
-                if first.seq >= s.until || (s.kind == StreamKind::Backlog && !out.budget.allows()) {
+                if first.seq >= s.until || (s.kind == CursorKind::Backlog && !out.budget.allows(Instant::now())) {
                     break;
                 }
                 let Some(clock_shift_ms) = self.shift_for(lane, first.seq, time) else {
@@ -554,8 +457,8 @@ impl Uplink {
                 }
                 s.win.sent(last.seq);
                 lanes[s.lane].delivery.published(last.seq);
-                out.awaiting_pkid.push_back((i, last.seq));
-                if s.kind == StreamKind::Backlog {
+                out.pkids.queued(Some((i, last.seq)));
+                if s.kind == CursorKind::Backlog {
                     out.budget.spend(bytes);
                 }
                 self.metrics.uplink_published.inc();
@@ -680,8 +583,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Outbox<'a> {
     conn: &'a Conn,
     topic: &'a str,
-    /// Publishes whose packet id rumqttc has not reported yet: (stream, seq).
-    awaiting_pkid: &'a mut VecDeque<(usize, u64)>,
+    pkids: &'a mut PacketIds,
     budget: &'a mut Budget,
 }
 
