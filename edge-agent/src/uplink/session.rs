@@ -1,0 +1,475 @@
+//! One MQTT connection's delivery protocol, without sockets or clocks:
+//! what the connection reports goes in ([`Session::on`], with the time),
+//! publishes and subscriptions go out through a [`Wire`], the lanes'
+//! positions move. The driver (`Uplink::session`) is a short loop over the
+//! MQTT client; the same code runs under simulated time in tests.
+
+use std::time::{Duration, Instant};
+
+use super::cursor::{Budget, Cursor, CursorKind, PacketIds};
+use super::mqtt::{Conn, Ev};
+use super::{lock, LaneSend, Uplink};
+use crate::clock::Shift;
+use crate::store::Lane;
+use edge_wire::throttle::Throttle;
+
+/// How often a moving send position is made durable, at most.
+const PERSIST_EVERY: Duration = Duration::from_millis(250);
+/// Payload bytes read from the store for one round of publishing.
+const READ_BYTES: usize = 4 << 20;
+/// Requests again after this long without an answer (QoS 0 may be lost).
+const TIME_ASK_EVERY: Duration = Duration::from_secs(5);
+/// Answers slower than this are not precise enough to use.
+const TIME_MAX_RTT_MS: i64 = 5_000;
+
+/// What the session needs of a connection.
+pub trait Wire {
+    /// Queues a publish (QoS 1 or 0); false: the client's queue is full,
+    /// try again later.
+    fn publish(&self, topic: &str, qos1: bool, retain: bool, payload: Vec<u8>) -> bool;
+    fn subscribe(&self, topics: &[String]) -> bool;
+}
+
+impl Wire for Conn {
+    fn publish(&self, topic: &str, qos1: bool, retain: bool, payload: Vec<u8>) -> bool {
+        Conn::publish(self, topic, qos1, retain, payload)
+    }
+
+    fn subscribe(&self, topics: &[String]) -> bool {
+        Conn::subscribe(self, topics)
+    }
+}
+
+/// Whether the connection goes on after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Go,
+    End,
+}
+
+/// Time requests of one connection.
+#[derive(Default)]
+struct TimeAsk {
+    /// Nonce (= monotonic ms when sent) of the outstanding request.
+    pending: Option<i64>,
+    last: Option<Instant>,
+    connected_at: Option<Instant>,
+    /// Gave up waiting for an answer on this connection.
+    gave_up: bool,
+}
+
+/// One connection's state.
+pub struct Session<'a> {
+    up: &'a Uplink,
+    topic: String,
+    presence: String,
+    ack_topic: String,
+    reply_topic: String,
+    model_topic: String,
+    /// Made once the broker accepted the connection: a failed attempt
+    /// neither cuts the store's open block nor says anything of a backlog.
+    cursors: Vec<Cursor>,
+    pkids: PacketIds,
+    budget: Budget,
+    forged: Throttle,
+    time: TimeAsk,
+    connected: bool,
+    refusals: u32,
+    /// The broker acknowledged something on this connection (the birth
+    /// message at least, on a healthy one).
+    acked_any: bool,
+    persisted_at: Instant,
+    last_live: Instant,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(up: &'a Uplink, now: Instant) -> Session<'a> {
+        let m = &up.cfg.mqtt;
+        let device = &up.cfg.device_id;
+        Session {
+            up,
+            topic: edge_wire::metrics_topic(&m.topic_prefix, device),
+            presence: edge_wire::presence_topic(&m.topic_prefix, device),
+            ack_topic: edge_wire::ack_topic(&m.topic_prefix, device),
+            reply_topic: edge_wire::time_reply_topic(&m.topic_prefix, device),
+            model_topic: edge_wire::model_topic(&m.topic_prefix, device),
+            cursors: Vec::new(),
+            pkids: PacketIds::default(),
+            budget: Budget::new(m.drain_bytes_per_sec, now),
+            forged: Throttle::new(Duration::from_secs(60)),
+            time: TimeAsk::default(),
+            connected: false,
+            refusals: 0,
+            acked_any: false,
+            persisted_at: now,
+            // Send the open routine block at once on connecting.
+            last_live: now.checked_sub(Duration::from_millis(m.live_interval_ms)).unwrap_or(now),
+        }
+    }
+
+    /// Before waiting for the connection: ask for the time, publish what
+    /// the flow control allows.
+    pub fn publish(&mut self, wire: &impl Wire, lanes: &mut [LaneSend], now: Instant) {
+        if !self.connected {
+            return;
+        }
+        self.ask_time(wire, now);
+        if let Err(e) = self.publish_more(wire, lanes, now) {
+            tracing::error!(error = %e, "reading the store failed");
+        }
+    }
+
+    /// What the connection reported, at `now`. `failures` throttles what
+    /// is said of failed connection attempts.
+    pub fn on(
+        &mut self,
+        ev: Ev,
+        wire: &impl Wire,
+        lanes: &mut [LaneSend],
+        failures: &mut Throttle,
+        now: Instant,
+    ) -> Flow {
+        let up = self.up;
+        let m = &up.cfg.mqtt;
+        match ev {
+            Ev::ConnAck => {
+                self.connected = true;
+                failures.reset();
+                // Resend everything not confirmed end to end.
+                self.cursors = self.cursors(lanes);
+                up.metrics.uplink_connects.inc();
+                up.metrics.uplink_connected.set(1);
+                // QoS 0: a lost confirmation only means a re-send, a lost
+                // time reply another request.
+                // Models are published retained: one comes with every
+                // connection, and is installed once.
+                let mut topics = vec![self.ack_topic.clone(), self.reply_topic.clone()];
+                if up.cfg.detect.enabled {
+                    topics.push(self.model_topic.clone());
+                }
+                if !wire.subscribe(&topics) {
+                    tracing::error!("cannot subscribe to delivery confirmations");
+                }
+                self.time.connected_at = Some(now);
+                // Birth message. It takes a packet id like the blocks do:
+                // hold its place in the publish order with no block.
+                if wire.publish(&self.presence, true, true, b"online".to_vec()) {
+                    self.pkids.queued(None);
+                }
+                tracing::info!(host = %m.host, port = m.port, protocol = ?m.protocol, "connected to broker");
+            }
+            Ev::OutgoingPublish(pkid) => self.pkids.numbered(pkid),
+            Ev::PubAck { pkid, refused } => {
+                let sent = self.pkids.acked(pkid);
+                self.acked_any |= refused.is_none();
+                if let Some(reason) = &refused {
+                    // mosquitto then closes the connection; reconnect
+                    // with growing back-off rather than at once.
+                    self.refusals += 1;
+                    up.metrics.uplink_refused.inc();
+                    let what = if sent.is_some_and(|s| s.is_some()) { "a block" } else { "presence" };
+                    tracing::error!(
+                        reason,
+                        what,
+                        device = %up.cfg.device_id,
+                        "broker refused a publish: with the shipped ACL, device_id must equal the \
+                         certificate's CN or the user name (docs/configuration.md)"
+                    );
+                }
+                if let Some(Some((i, seq))) = sent {
+                    if refused.is_none() {
+                        up.metrics.uplink_acked.inc();
+                    }
+                    // A refused block stays unconfirmed and goes again
+                    // after the delivery timeout (doubling).
+                    self.cursors[i].win.ack(seq);
+                }
+            }
+            Ev::Publish { topic: t, payload } if t == self.model_topic => {
+                // Into the drop directory: the detect stage verifies and
+                // installs it at its next window.
+                let dir = up.cfg.detect.drop_dir(&up.cfg.state_dir);
+                match crate::detect::update::drop_message(&dir, &payload) {
+                    Ok(()) => tracing::info!(bytes = payload.len(), "model message received"),
+                    Err(e) => tracing::error!(error = %e, topic = %t, "model message ignored"),
+                }
+            }
+            Ev::Publish { topic: t, payload } if t == self.reply_topic => self.time_reply(&payload),
+            Ev::Publish { topic: t, payload } if t == self.ack_topic => self.confirmation(&payload, lanes),
+            Ev::Publish { .. } | Ev::Other | Ev::Timeout => {}
+            Ev::Error { message, reason } => {
+                up.metrics.uplink_errors.inc();
+                if self.connected {
+                    tracing::warn!(error = message, reason, "connection to broker lost");
+                } else if let Some(suppressed) = failures.due() {
+                    let (what, hint) = failure_hint(reason);
+                    tracing::warn!(
+                        error = message,
+                        reason,
+                        host = %m.host,
+                        port = m.port,
+                        device = %up.cfg.device_id,
+                        suppressed,
+                        "{what}: {hint} (docs/configuration.md; said at most once a minute)"
+                    );
+                }
+                return Flow::End;
+            }
+            Ev::Closed => return Flow::End,
+        }
+        Flow::Go
+    }
+
+    /// A bridge's delivery confirmation: moves the lane's position, or is
+    /// ignored (counted) when it confirms what was never published.
+    fn confirmation(&mut self, payload: &[u8], lanes: &mut [LaneSend]) {
+        let confirmed = edge_wire::DeliveryAck::decode(payload).map_err(|e| e.to_string()).and_then(|a| {
+            let l = lanes.iter_mut().find(|l| l.lane as u8 == a.lane).ok_or("unknown lane")?;
+            if l.delivery.confirm(a.first_seq, a.last_seq).map_err(|e| e.to_string())?.is_some() {
+                l.dirty = true;
+            }
+            Ok(())
+        });
+        if let Err(why) = confirmed {
+            // Never trusted: the send position stays where it is, so
+            // nothing stored is skipped.
+            self.up.metrics.uplink_confirmations_ignored.inc();
+            if let Some(suppressed) = self.forged.due() {
+                tracing::warn!(why, suppressed, "delivery confirmation ignored");
+            }
+        } else {
+            self.up.metrics.uplink_confirmed.inc();
+        }
+    }
+
+    /// After each event: cursors that waited too long for confirmations
+    /// go back; a moved position is made durable now and then.
+    pub fn watch(&mut self, lanes: &mut [LaneSend], now: Instant) {
+        for c in self.cursors.iter_mut() {
+            if let Some(r) = c.watch(&mut lanes[c.lane].delivery, now) {
+                tracing::warn!(
+                    stream = c.kind.label(),
+                    confirmed = r.from,
+                    broker_acked = r.broker_acked,
+                    waited = ?r.waited,
+                    "no delivery confirmation; sending again from the confirmed position"
+                );
+                self.up.metrics.uplink_resends.inc();
+            }
+        }
+        if now.saturating_duration_since(self.persisted_at) >= PERSIST_EVERY {
+            self.up.persist(lanes);
+            self.persisted_at = now;
+        }
+    }
+
+    /// The connection is over: the positions made durable; whether the
+    /// broker accepted the connection and its publishes (the back-off
+    /// starts over then).
+    pub fn end(self, lanes: &mut [LaneSend], stopping: bool) -> bool {
+        self.up.persist(lanes);
+        // mosquitto closes a connection right after refusing a publish, often
+        // before its PUBACK (with the reason) is read: a connection that
+        // ended before the broker acknowledged anything is counted, and like
+        // one with refusals it does not reset the back-off.
+        if self.connected && !self.acked_any && !stopping {
+            self.up.metrics.uplink_unacknowledged.inc();
+            tracing::warn!(
+                device = %self.up.cfg.device_id,
+                "connection ended before the broker acknowledged anything: refused by its ACL? \
+                 (device_id must equal the certificate's CN or the user name)"
+            );
+        }
+        self.connected && self.refusals == 0 && self.acked_any
+    }
+
+    /// The cursors of a new connection, from the confirmed positions: the
+    /// priority lane; the routine lane's live data, and behind it its
+    /// backlog (when there is one). The store's open block is closed, so
+    /// live data starts a block of its own.
+    fn cursors(&self, lanes: &[LaneSend]) -> Vec<Cursor> {
+        let max = self.up.cfg.mqtt.max_inflight as usize;
+        let mut store = lock(&self.up.store);
+        let mut out = Vec::new();
+        for (i, l) in lanes.iter().enumerate() {
+            let d = l.delivery.delivered();
+            let cursor = |kind, base, until| Cursor::new(i, kind, base, until, max);
+            if l.lane == Lane::Priority {
+                out.push(cursor(CursorKind::Priority, d, u64::MAX));
+                continue;
+            }
+            let routine = store.get(Lane::Routine);
+            let live_from = routine.next_seq();
+            if live_from > d + 1 {
+                routine.end_open_block();
+                out.push(cursor(CursorKind::Live, live_from - 1, u64::MAX));
+                out.push(cursor(CursorKind::Backlog, d, live_from));
+                tracing::info!(backlog_from = d + 1, live_from, "draining the backlog behind live data");
+            } else {
+                out.push(cursor(CursorKind::Live, d, u64::MAX));
+            }
+        }
+        out
+    }
+
+    /// Publishes whole blocks, one message each, while the in-flight budget
+    /// (shared by the cursors) has room: the priority lane first, its open
+    /// block at once; then live routine data, its open block only when
+    /// `live_interval_ms` has passed since it last went out; then the
+    /// backlog within the drain budget. Taking an open block closes it.
+    fn publish_more(
+        &mut self,
+        wire: &impl Wire,
+        lanes: &mut [LaneSend],
+        now: Instant,
+    ) -> Result<(), crate::store::StoreError> {
+        let up = self.up;
+        let max = up.cfg.mqtt.max_inflight as usize;
+        let live_every = Duration::from_millis(up.cfg.mqtt.live_interval_ms);
+        for i in 0..self.cursors.len() {
+            let inflight: usize = self.cursors.iter().map(|c| c.win.inflight()).sum();
+            let room = max.saturating_sub(inflight).min(self.cursors[i].win.room());
+            if room == 0 {
+                return Ok(());
+            }
+            let c = &mut self.cursors[i];
+            if c.kind == CursorKind::Backlog && (c.win.last_sent() + 1 >= c.until || !self.budget.allows(now)) {
+                continue;
+            }
+            let lane = if c.kind == CursorKind::Priority { Lane::Priority } else { Lane::Routine };
+            let live_due = now.saturating_duration_since(self.last_live) >= live_every;
+            let include_open = c.kind != CursorKind::Live || live_due;
+            let blocks = lock(&up.store).get(lane).read_blocks(c.win.last_sent(), room, READ_BYTES, include_open)?;
+            if c.kind == CursorKind::Live && include_open && !blocks.is_empty() {
+                self.last_live = now;
+            }
+            for block in blocks {
+                let (Some(first), Some(last)) = (block.first(), block.last()) else { continue };
+                let c = &mut self.cursors[i];
+                if first.seq >= c.until || (c.kind == CursorKind::Backlog && !self.budget.allows(now)) {
+                    break;
+                }
+                let Some(clock_shift_ms) = shift_for(up, &mut self.time, lane, first.seq, now) else {
+                    break; // this boot's true time is not known yet: hold the lane
+                };
+                let env = edge_wire::Envelope {
+                    device: &up.cfg.device_id,
+                    lane: lane as u8,
+                    first_seq: first.seq,
+                    clock_shift_ms,
+                    frames: block.iter().map(|r| r.payload.as_slice()).collect(),
+                };
+                let payload = env.encode();
+                let bytes = payload.len();
+                if !wire.publish(&self.topic, true, false, payload) {
+                    // Request queue full: the block is read again next turn.
+                    return Ok(());
+                }
+                c.win.sent(last.seq);
+                lanes[c.lane].delivery.published(last.seq);
+                self.pkids.queued(Some((i, last.seq)));
+                if c.kind == CursorKind::Backlog {
+                    self.budget.spend(bytes);
+                }
+                up.metrics.uplink_published.inc();
+                up.metrics.published_bytes(c.kind.label()).inc_by(bytes as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks any bridge for the time while this boot's true time is unknown
+    /// and the wall clock is not synchronized.
+    fn ask_time(&mut self, wire: &impl Wire, now: Instant) {
+        let up = self.up;
+        if !lock(&up.clock).needs_time(&up.boot) {
+            return;
+        }
+        if self.time.last.is_some_and(|t| now.saturating_duration_since(t) < TIME_ASK_EVERY) {
+            return;
+        }
+        let nonce = crate::clock::mono_ms();
+        let topic = edge_wire::time_topic(&up.cfg.mqtt.topic_prefix, &up.cfg.device_id);
+        let msg = edge_wire::TimeRequest { nonce: nonce as u64 }.encode();
+        if wire.publish(&topic, false, false, msg) {
+            self.time.pending = Some(nonce);
+            self.time.last = Some(now);
+        }
+    }
+
+    /// A bridge's answer: its wall clock when our request arrived, which
+    /// was between sending and now on our monotonic clock.
+    fn time_reply(&mut self, payload: &[u8]) {
+        let up = self.up;
+        let reply = match edge_wire::TimeReply::decode(payload) {
+            Ok(r) => r,
+            Err(e) => return tracing::warn!(error = %e, "malformed time reply ignored"),
+        };
+        let Some(sent) = self.time.pending.filter(|n| *n as u64 == reply.nonce) else {
+            return; // an answer to an earlier request, or to another bridge's copy
+        };
+        let now = crate::clock::read(up.cfg.clock.test_offset_ms);
+        let rtt = now.mono_ms - sent;
+        if !(0..=TIME_MAX_RTT_MS).contains(&rtt) {
+            return tracing::debug!(rtt, "time reply too slow to use");
+        }
+        self.time.pending = None;
+        let truth = reply.bridge_ms - (sent + now.mono_ms) / 2;
+        up.metrics.clock_replies.inc();
+        up.metrics.clock_error_ms.set(truth - now.offset_ms());
+        match lock(&up.clock).learn(&up.boot, truth) {
+            Ok(true) => tracing::info!(
+                error_ms = truth - now.offset_ms(),
+                round_trip_ms = rtt,
+                "learned the true time from the bridge; blocks of this boot are corrected"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "clock journal not saved"),
+        }
+    }
+}
+
+/// The clock correction for the block starting at `seq`, or `None` while
+/// it must wait for this boot's true time.
+fn shift_for(up: &Uplink, time: &mut TimeAsk, lane: Lane, seq: u64, now: Instant) -> Option<i64> {
+    let shift = lock(&up.clock).shift(lane as usize, seq, &up.boot);
+    match shift {
+        Shift::Known(d) => Some(d),
+        Shift::Pending if !time.gave_up => {
+            let waited = time.connected_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+            if waited < Duration::from_secs(up.cfg.clock.sync_wait_secs) {
+                return None;
+            }
+            tracing::warn!(
+                waited = ?waited,
+                "no answer to time requests (is the bridge older than this agent?): \
+                 sending blocks of the unsynchronized clock as stamped"
+            );
+            time.gave_up = true;
+            up.metrics.clock_uncorrected.inc();
+            Some(0)
+        }
+        Shift::Pending | Shift::Unknowable => {
+            up.metrics.clock_uncorrected.inc();
+            Some(0)
+        }
+    }
+}
+
+/// What a failed connection attempt means, and what to check.
+fn failure_hint(reason: &str) -> (&'static str, &'static str) {
+    match reason {
+        "tls" => (
+            "TLS handshake with the broker failed",
+            "check mqtt.tls (CA, certificate, key) against the broker's certificate, and this box's clock against \
+             the certificates' validity",
+        ),
+        "not_authorized" | "refused_by_broker" => (
+            "broker refused the connection",
+            "check mqtt.tls / mqtt.auth against the broker's certificates, password file and ACL",
+        ),
+        "dns" => ("cannot connect to the broker", "mqtt.host does not resolve"),
+        "refused" => ("cannot connect to the broker", "nothing listens at mqtt.host:mqtt.port"),
+        _ => ("cannot connect to the broker", "the agent keeps storing and retries with back-off"),
+    }
+}
