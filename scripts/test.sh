@@ -51,7 +51,8 @@ for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   [[ $target == riscv64* ]] || continue
   # Without TF Lite (--no-default-features): these are the store's tests;
   # the glibc release builds below carry TF Lite (cross/build.sh).
-  run_tests cargo test --locked --target "$target" -p edge-agent --no-default-features --lib \
+  # The delivery simulation: 100 of its seeded runs here (1,000 natively).
+  EDGE_SIM_RUNS=100 run_tests cargo test --locked --target "$target" -p edge-agent --no-default-features --lib \
     --test store_files --test store_model --test store_regressions --test store_disk_full
 done
 

@@ -39,6 +39,11 @@ impl Delivery {
         self.delivered
     }
 
+    /// The highest record handed to the broker (or delivered).
+    pub fn highest_published(&self) -> u64 {
+        self.published
+    }
+
     /// Records up to `last` were handed to the broker.
     pub fn published(&mut self, last: u64) {
         self.published = self.published.max(last);

@@ -24,6 +24,8 @@ pub mod cursor;
 pub mod delivery;
 pub mod mqtt;
 mod session;
+#[cfg(test)]
+mod sim;
 pub mod window;
 
 use mqtt::Conn;
@@ -83,24 +85,27 @@ impl Uplink {
         std::thread::Builder::new().name("uplink".into()).spawn(move || self.run())
     }
 
+    /// Each lane's delivery state, from its persisted send position.
+    /// Priority first: every round serves it before routine data.
+    fn lane_sends(&self) -> Vec<LaneSend> {
+        let mut store = lock(&self.store);
+        Lane::ALL
+            .iter()
+            .map(|&lane| {
+                let pos = store.get(lane).stats().acked_seq;
+                let timeout = Duration::from_millis(self.cfg.mqtt.delivery_timeout_ms);
+                LaneSend {
+                    lane,
+                    delivery: Delivery::new(pos, timeout),
+                    dirty: false,
+                    persist_failures: Throttle::new(Duration::from_secs(60)),
+                }
+            })
+            .collect()
+    }
+
     fn run(self) {
-        // Priority first: every round serves it before routine data.
-        let mut lanes: Vec<LaneSend> = {
-            let mut store = lock(&self.store);
-            Lane::ALL
-                .iter()
-                .map(|&lane| {
-                    let pos = store.get(lane).stats().acked_seq;
-                    let timeout = Duration::from_millis(self.cfg.mqtt.delivery_timeout_ms);
-                    LaneSend {
-                        lane,
-                        delivery: Delivery::new(pos, timeout),
-                        dirty: false,
-                        persist_failures: Throttle::new(Duration::from_secs(60)),
-                    }
-                })
-                .collect()
-        };
+        let mut lanes = self.lane_sends();
         let mut backoff = Backoff::new(self.cfg.mqtt.reconnect_min_ms, self.cfg.mqtt.reconnect_max_ms);
         // Connection failures: said at WARN at once, then once a minute.
         let mut failures = Throttle::new(Duration::from_secs(60));
