@@ -12,8 +12,9 @@
 //! * write amplification: bytes the process wrote (/proc/self/io wchar) per
 //!   encoded byte.
 
-use edge_agent::store::blocks::{BlockWriter, Window};
+use edge_agent::store::blocks::BlockWriter;
 use edge_agent::store::{FileStore, StoreLimits};
+use edge_agent::window::Window;
 use edge_wire::Label;
 use std::time::Instant;
 

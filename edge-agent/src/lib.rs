@@ -407,7 +407,7 @@ fn close_window(
     metrics.observe_detect(&outcome, detect.alarm.active, detect.warning.active);
     window.samples.extend(outcome.samples);
     if let Some(record) = outcome.record {
-        let rec = store::blocks::Window { timestamp_ms: ts, samples: record, values: Vec::new() };
+        let rec = window::Window { timestamp_ms: ts, samples: record, values: Vec::new() };
         // One record per block: sendable at once, synced at once.
         let mut w = store::blocks::BlockWriter::new(1, 64 * 1024);
         match w.write(&mut lanes.priority, &rec).and_then(|_| lanes.priority.sync().map_err(Into::into)) {
@@ -438,4 +438,3 @@ pub fn init_logging(var: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
-pub mod tools;

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use edge_agent::config::Config;
-use edge_agent::tools::{self, Format};
+use edge_agent::store::tools::{self, Format};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

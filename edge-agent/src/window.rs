@@ -9,9 +9,17 @@ use crate::probe::tcp_lifecycle::{
     Hist, Kind, PeerCounters, PortClasses, TcpCounters, TcpHists, CLASSES, DIRS, DIR_NAMES, PEERS, PEER_METRICS,
 };
 use crate::probe::ProbeReading;
-use crate::store::blocks::Window;
 use edge_wire::{Label, SeriesKey};
 use std::collections::BTreeSet;
+
+/// One window's samples, all taken at `timestamp_ms`, and the process
+/// values captured during it, each at its own time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    pub timestamp_ms: i64,
+    pub samples: Vec<(SeriesKey, f64)>,
+    pub values: Vec<edge_wire::ValueSeries>,
+}
 
 /// Remembers which series have ever been non-zero, so that once a series
 /// exists it gets a sample every window (no gaps for Prometheus to read as

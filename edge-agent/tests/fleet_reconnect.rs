@@ -5,8 +5,8 @@
 
 use e2e::{Agent, AgentSetup, Who};
 use edge_agent::config::Config;
-use edge_agent::store::blocks::Window;
 use edge_agent::store::Lanes;
+use edge_agent::window::Window;
 use edge_wire::{Label, SeriesKey};
 use std::time::Duration;
 

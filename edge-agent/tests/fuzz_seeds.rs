@@ -2,9 +2,10 @@
 //! encodings. Run by hand when a format changes:
 //!   cargo test -p edge-agent --test fuzz_seeds -- --ignored
 
-use edge_agent::store::blocks::{BlockWriter, Window};
+use edge_agent::store::blocks::BlockWriter;
 use edge_agent::store::sim::SimMedium;
 use edge_agent::store::{record, Store, StoreLimits};
+use edge_agent::window::Window;
 use edge_wire::{Envelope, Label, SeriesKey};
 use std::path::Path;
 

@@ -2,8 +2,9 @@
 //! would: the real binary on a real store directory. The OpenMetrics export
 //! is checked by backfilling it with Prometheus's own promtool.
 
-use edge_agent::store::blocks::{BlockWriter, Window};
+use edge_agent::store::blocks::BlockWriter;
 use edge_agent::store::{FileStore, StoreLimits};
+use edge_agent::window::Window;
 use edge_wire::{Label, SeriesKey};
 use std::process::Command;
 

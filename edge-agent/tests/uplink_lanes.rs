@@ -5,8 +5,9 @@
 
 use edge_agent::config::Config;
 use edge_agent::metrics::AgentMetrics;
-use edge_agent::store::blocks::{BlockWriter, Window};
+use edge_agent::store::blocks::BlockWriter;
 use edge_agent::store::{Lane, Lanes};
+use edge_agent::window::Window;
 use edge_wire::{Envelope, Label, SeriesKey};
 use rumqttc::{Client, Event, Packet, QoS};
 use std::sync::atomic::AtomicBool;

@@ -1,7 +1,7 @@
 //! What the benchmarks feed the store and the pipeline: 1,000 series shaped
 //! like the probes' output, 10 s windows.
 
-use edge_agent::store::blocks::Window;
+use edge_agent::window::Window;
 use edge_wire::{Label, SeriesKey};
 
 pub const SERIES: usize = 1000;

@@ -414,7 +414,7 @@ impl Updates {
     fn audit(&self, event: &str, sha256: &str, name: &str, source: Source, detail: &str) {
         let line = format!(
             "{} {event} sha256={sha256} name={name:?} source={} detail={detail:?}\n",
-            crate::tools::rfc3339(crate::now_ms()),
+            crate::store::tools::rfc3339(crate::now_ms()),
             match source {
                 Source::Start => "start",
                 Source::Drop => "drop",

@@ -7,16 +7,8 @@
 use super::medium::Medium;
 use super::record::FLAG_BLOCK_START;
 use super::{Store, StoreError};
-use edge_wire::{BlockEncoder, EncodeError, SeriesKey};
-
-/// One window's samples, all taken at `timestamp_ms`, and the process
-/// values captured during it, each at its own time.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Window {
-    pub timestamp_ms: i64,
-    pub samples: Vec<(SeriesKey, f64)>,
-    pub values: Vec<edge_wire::ValueSeries>,
-}
+use crate::window::Window;
+use edge_wire::{BlockEncoder, EncodeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -86,7 +78,7 @@ mod tests {
     use super::*;
     use crate::store::sim::SimMedium;
     use crate::store::StoreLimits;
-    use edge_wire::Label;
+    use edge_wire::{Label, SeriesKey};
 
     fn window(ts: i64, n: usize) -> Window {
         Window {

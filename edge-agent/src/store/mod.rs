@@ -17,6 +17,7 @@ pub mod medium;
 pub mod plan;
 pub mod record;
 pub mod sim;
+pub mod tools;
 
 use embedded_io::{Read, Seek, SeekFrom, Write};
 use medium::{FsMedium, Medium, SegmentIo};

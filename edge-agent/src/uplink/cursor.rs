@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::delivery::Delivery;
-use super::window::SendWindow;
+use super::inflight::InFlight;
 
 /// A cursor over a run of one lane's records, with its own flow-control
 /// window. A connection has one per lane, or two for a routine lane with a
@@ -23,7 +23,7 @@ pub struct Cursor {
     pub until: u64,
     pub kind: CursorKind,
     /// Flow control: what the broker has acknowledged.
-    pub win: SendWindow,
+    pub win: InFlight,
     /// Since when blocks the broker took wait for confirmation (restarts
     /// whenever a confirmation moves this cursor's confirmed run).
     waiting_since: Option<Instant>,
@@ -66,7 +66,7 @@ impl Cursor {
             base,
             until,
             kind,
-            win: SendWindow::new(base, max_inflight),
+            win: InFlight::new(base, max_inflight),
             waiting_since: None,
             confirmed_seen: base,
         }

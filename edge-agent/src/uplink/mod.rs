@@ -12,7 +12,7 @@
 //! rumqttc client is thrown away (with its in-memory retransmission queue)
 //! and a new one resumes from the send position.
 //!
-//! Layers, each without sockets or clocks except the last: [`window`] (what
+//! Layers, each without sockets or clocks except the last: [`inflight`] (what
 //! the broker acknowledged), [`delivery`] (what the bridge confirmed, how
 //! far the durable position may move), [`cursor`] (a connection's cursors,
 //! their confirmation waits, the backlog budget, packet ids), `session`
@@ -22,11 +22,11 @@
 
 pub mod cursor;
 pub mod delivery;
+pub mod inflight;
 pub mod mqtt;
 mod session;
 #[cfg(test)]
 mod sim;
-pub mod window;
 
 use mqtt::Conn;
 use rumqttc::{TlsConfiguration, Transport};

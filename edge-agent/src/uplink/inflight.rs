@@ -1,24 +1,26 @@
-//! The uplink's acknowledgement logic, without sockets: which records are in
-//! flight, and how far the durable send position may advance.
+//! Flow control toward the broker, without sockets: which published
+//! records the broker has not acknowledged yet (at most `max_inflight`),
+//! and up to where it acknowledged every one. What the bridge confirmed,
+//! and so the durable send position, is [`super::delivery`]'s.
 //!
-//! The send position only ever covers a prefix of what was sent in which every
-//! record was acknowledged, so a crash at any point resends (duplicates are
-//! harmless downstream: same timestamp, same value) and never skips.
+//! The acknowledged position only ever covers a prefix of what was sent in
+//! which every record was acknowledged; a cursor goes back to it (or to the
+//! confirmed run) to send again.
 
 use std::collections::VecDeque;
 
 #[derive(Debug, Clone)]
-pub struct SendWindow {
+pub struct InFlight {
     acked: u64,
     last_sent: u64,
     inflight: VecDeque<(u64, bool)>,
     max_inflight: usize,
 }
 
-impl SendWindow {
+impl InFlight {
     /// `acked`: the persisted send position (0: nothing acknowledged yet).
     pub fn new(acked: u64, max_inflight: usize) -> Self {
-        SendWindow { acked, last_sent: acked, inflight: VecDeque::new(), max_inflight: max_inflight.max(1) }
+        InFlight { acked, last_sent: acked, inflight: VecDeque::new(), max_inflight: max_inflight.max(1) }
     }
 
     /// Everything up to here was acknowledged.
@@ -83,7 +85,7 @@ mod tests {
 
     #[test]
     fn in_order_acks_advance_one_by_one() {
-        let mut w = SendWindow::new(0, 4);
+        let mut w = InFlight::new(0, 4);
         w.sent(1);
         w.sent(2);
         assert_eq!(w.room(), 2);
@@ -94,7 +96,7 @@ mod tests {
 
     #[test]
     fn out_of_order_ack_waits_for_the_gap() {
-        let mut w = SendWindow::new(10, 8);
+        let mut w = InFlight::new(10, 8);
         for s in 11..=13 {
             w.sent(s);
         }
@@ -106,7 +108,7 @@ mod tests {
 
     #[test]
     fn reset_resends_unacknowledged_from_the_position() {
-        let mut w = SendWindow::new(0, 8);
+        let mut w = InFlight::new(0, 8);
         for s in 1..=5 {
             w.sent(s);
         }
@@ -122,7 +124,7 @@ mod tests {
 
     #[test]
     fn gaps_in_sequence_numbers_are_crossed() {
-        let mut w = SendWindow::new(0, 8);
+        let mut w = InFlight::new(0, 8);
         w.sent(4);
         w.sent(9);
         assert_eq!(w.ack(9), None);
@@ -151,7 +153,7 @@ mod tests {
         }
         for order in perms(&[1, 2, 3, 4, 5]) {
             for cut in 0..=order.len() {
-                let mut w = SendWindow::new(0, 5);
+                let mut w = InFlight::new(0, 5);
                 for s in 1..=5 {
                     w.sent(s);
                 }
