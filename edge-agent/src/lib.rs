@@ -107,8 +107,9 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     }
 
     let shutdown = Arc::new(AtomicBool::new(false));
-    let uplink =
-        uplink::Uplink::new(cfg.clone(), store.clone(), clock.clone(), metrics.clone(), shutdown.clone()).spawn()?;
+    let uplink = uplink::Uplink::new(cfg.clone(), store.clone(), clock.clone(), metrics.clone(), shutdown.clone())
+        .with_models(detect::update::Inbox::of(&cfg.detect, &cfg.state_dir))
+        .spawn()?;
     let tags = cfg.tag_map().unwrap_or_default();
     let tag_names = tags.tags.iter().map(|t| t.name.clone()).collect();
     let mut detect = detect::DetectStage::new(&cfg.detect, &cfg.state_dir, cfg.window(), &cfg.device_id, tag_names);

@@ -85,6 +85,27 @@ fn sync_dir(dir: &Path) {
     let _ = crate::store::medium::sync_dir(dir);
 }
 
+/// Where the uplink hands model messages to the detect stage: its drop
+/// directory, which only this stage names. The uplink holds one when
+/// model updates are on.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    dir: PathBuf,
+}
+
+impl Inbox {
+    /// The inbox of `detect` (None: detection is off, no models come).
+    pub fn of(cfg: &crate::config::DetectConfig, state_dir: &Path) -> Option<Inbox> {
+        cfg.enabled.then(|| Inbox { dir: cfg.drop_dir(state_dir) })
+    }
+
+    /// Takes a model message (a model or a rollback); the stage verifies
+    /// and installs it at its next window.
+    pub fn put(&self, payload: &[u8]) -> Result<(), String> {
+        drop_message(&self.dir, payload)
+    }
+}
+
 /// Writes a model message into the drop directory: the model and the
 /// signature first, the card (what the detect stage looks for) last.
 pub fn drop_message(drop_dir: &Path, payload: &[u8]) -> Result<(), String> {

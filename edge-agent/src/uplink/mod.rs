@@ -53,6 +53,8 @@ pub struct Uplink {
     boot: String,
     metrics: AgentMetrics,
     shutdown: Arc<AtomicBool>,
+    /// Where model messages go (detect's; None: no model updates).
+    models: Option<crate::detect::update::Inbox>,
     /// The clock-before-floor warning was given (once a run).
     said_floor: AtomicBool,
 }
@@ -78,7 +80,14 @@ impl Uplink {
         shutdown: Arc<AtomicBool>,
     ) -> Self {
         let boot = crate::clock::boot_id().to_owned();
-        Uplink { cfg, store, clock, boot, metrics, shutdown, said_floor: AtomicBool::new(false) }
+        Uplink { cfg, store, clock, boot, metrics, shutdown, models: None, said_floor: AtomicBool::new(false) }
+    }
+
+    /// Model messages (`<prefix>/<device>/model`) are subscribed to and
+    /// handed to `inbox` (the detect stage's).
+    pub fn with_models(mut self, inbox: Option<crate::detect::update::Inbox>) -> Self {
+        self.models = inbox;
+        self
     }
 
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {

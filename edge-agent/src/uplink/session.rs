@@ -144,7 +144,7 @@ impl<'a> Session<'a> {
                 // Models are published retained: one comes with every
                 // connection, and is installed once.
                 let mut topics = vec![self.ack_topic.clone(), self.reply_topic.clone()];
-                if up.cfg.detect.enabled {
+                if up.models.is_some() {
                     topics.push(self.model_topic.clone());
                 }
                 if !wire.subscribe(&topics) {
@@ -186,10 +186,10 @@ impl<'a> Session<'a> {
                 }
             }
             Ev::Publish { topic: t, payload } if t == self.model_topic => {
-                // Into the drop directory: the detect stage verifies and
-                // installs it at its next window.
-                let dir = up.cfg.detect.drop_dir(&up.cfg.state_dir);
-                match crate::detect::update::drop_message(&dir, &payload) {
+                // To the detect stage: it verifies and installs it at its
+                // next window.
+                let Some(inbox) = &up.models else { return Flow::Go };
+                match inbox.put(&payload) {
                     Ok(()) => tracing::info!(bytes = payload.len(), "model message received"),
                     Err(e) => tracing::error!(error = %e, topic = %t, "model message ignored"),
                 }
