@@ -91,57 +91,12 @@ impl Probes {
         let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
         tracing::info!(kernel_btf = btf, "loading probes (kernel BTF is never used)");
 
-        let (tcp, tcp_state) = if !cfg.probes.tcp_lifecycle.enabled {
-            (None, ProbeState::Disabled)
-        } else {
-            match tracefs::ensure_mounted()
-                .map_err(ProbeError::from)
-                .and_then(|root| TcpLifecycleProbe::attach(&root, &cfg.probes.tcp_lifecycle))
-            {
-                Ok(p) => {
-                    let attached: Vec<&str> =
-                        p.states.iter().filter(|(_, s)| *s == ProbeState::Attached).map(|(n, _)| *n).collect();
-                    tracing::info!(probes = ?attached, "TCP probes attached");
-                    (Some(p), ProbeState::Attached)
-                }
-                Err(e) => {
-                    tracing::error!(probe = "tcp_lifecycle", error = %e, "probe unavailable");
-                    (None, ProbeState::Unavailable(e.to_string()))
-                }
-            }
-        };
-        let mut states = match &tcp {
-            Some(p) => p.states.clone(),
-            None => {
-                let peers =
-                    if cfg.probes.tcp_lifecycle.peers.is_empty() { ProbeState::Disabled } else { tcp_state.clone() };
-                tcp_lifecycle::TRACEPOINTS
-                    .iter()
-                    .map(|t| (t.probe, tcp_state.clone()))
-                    .chain(std::iter::once((tcp_lifecycle::PEERS_PROBE, peers)))
-                    .collect()
-            }
-        };
-        let devices = if !cfg.probes.devices.enabled {
-            states.push((DEVICE_IO, ProbeState::Disabled));
-            None
-        } else {
-            match tracefs::ensure_mounted().map_err(ProbeError::from).and_then(|root| {
-                let rtu = cfg.tag_map().unwrap_or_default().rtu_devices();
-                DeviceIoProbe::load_capturing(&root, &cfg.probes.devices, &rtu)
-            }) {
-                Ok(p) => {
-                    states.push((DEVICE_IO, p.state.clone()));
-                    Some(p)
-                }
-                Err(e) => {
-                    states.push((DEVICE_IO, ProbeState::Unavailable(e.to_string())));
-                    None
-                }
-            }
-        };
+        let mut set = Probes::none();
+        let mut states = Vec::new();
+        set.tcp = start(cfg, &set, &mut states);
+        set.devices = start(cfg, &set, &mut states);
         // The idle census: with the TCP probe, when socket diagnostics work.
-        let census = if tcp.is_none() || cfg.probes.tcp_lifecycle.idle_secs == 0 {
+        let census = if set.tcp.is_none() || cfg.probes.tcp_lifecycle.idle_secs == 0 {
             ProbeState::Disabled
         } else {
             match tcp_idle::dump() {
@@ -151,64 +106,18 @@ impl Probes {
         };
         let census_idle_ms = (census == ProbeState::Attached).then_some(cfg.probes.tcp_lifecycle.idle_secs * 1000);
         states.push((TCP_IDLE, census));
-        let protocols = if !cfg.probes.protocols.enabled {
-            states.push((protocols::PROBE, ProbeState::Disabled));
-            None
-        } else {
-            // The TCP probe's port classes, for TCP payload bytes: counted
-            // only when the TCP probe runs (the window labels them with its
-            // classes).
-            let tags = cfg.tag_map().unwrap_or_default();
-            match ProtocolsProbe::attach(&cfg.probes.protocols, tcp.as_ref().map(TcpLifecycleProbe::classes), &tags) {
-                Ok(p) => {
-                    tracing::info!(cgroup = %p.cgroup.display(), "protocol probe attached");
-                    states.push((protocols::PROBE, ProbeState::Attached));
-                    Some(p)
-                }
-                Err(e) => {
-                    states.push((protocols::PROBE, ProbeState::Unavailable(e.to_string())));
-                    None
-                }
-            }
-        };
-        let buses = if !cfg.probes.buses.enabled {
-            states.extend(buses::Kind::ALL.iter().map(|k| (k.probe(), ProbeState::Disabled)));
-            None
-        } else {
-            let rescan = std::time::Duration::from_secs(cfg.probes.devices.rescan_secs);
-            match tracefs::ensure_mounted()
-                .map_err(ProbeError::from)
-                .and_then(|root| BusesProbe::attach(&root, &cfg.probes.buses, rescan))
-            {
-                Ok(p) => {
-                    states.extend(p.states.iter().cloned());
-                    Some(p)
-                }
-                Err(e) => {
-                    states.extend(buses::Kind::ALL.iter().map(|k| (k.probe(), ProbeState::Unavailable(e.to_string()))));
-                    None
-                }
-            }
-        };
+        set.protocols = start(cfg, &set, &mut states);
+        set.buses = start(cfg, &set, &mut states);
         for (name, st) in &states {
             if let ProbeState::Unavailable(why) = st {
                 tracing::warn!(probe = name, reason = %why, "probe unavailable");
             }
         }
         // Statistics only while some program of ours is loaded.
-        let loaded = tcp.is_some() || devices.is_some() || protocols.is_some() || buses.is_some();
+        let loaded = set.tcp.is_some() || set.devices.is_some() || set.protocols.is_some() || set.buses.is_some();
         let stats_on = (cfg.probes.program_stats && loaded).then(enable_stats).flatten();
         release_loader_memory();
-        Probes {
-            tcp,
-            devices,
-            protocols,
-            buses,
-            states,
-            census_idle_ms,
-            _stats_on: stats_on,
-            program_stats: cfg.probes.program_stats,
-        }
+        Probes { states, census_idle_ms, _stats_on: stats_on, program_stats: cfg.probes.program_stats, ..set }
     }
 
     /// Once per window, before [`Probes::read`]: lets the device probe
@@ -261,19 +170,152 @@ impl Probes {
     /// Run count and time of every attached program, by probe.
     pub fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
         let mut s = Vec::new();
-        if let Some(p) = &self.tcp {
-            s.extend(p.program_stats());
-        }
-        if let Some(p) = &self.devices {
-            s.extend(p.program_stats());
-        }
-        if let Some(p) = &self.protocols {
-            s.extend(p.program_stats());
-        }
-        if let Some(p) = &self.buses {
-            s.extend(p.program_stats());
-        }
+        s.extend(self.tcp.iter().flat_map(Probe::program_stats));
+        s.extend(self.devices.iter().flat_map(Probe::program_stats));
+        s.extend(self.protocols.iter().flat_map(Probe::program_stats));
+        s.extend(self.buses.iter().flat_map(Probe::program_stats));
         s
+    }
+}
+
+/// What the probe set needs of each probe: when it runs, how it starts,
+/// what it reports. A probe's reading stays its own type (the window stage
+/// reads it).
+pub trait Probe: Sized {
+    /// Whether the config turns it on.
+    fn enabled(cfg: &Config) -> bool;
+    /// Its programs' names and states while it is not loaded (off: every
+    /// one `Disabled`; failed: `why`).
+    fn not_loaded(cfg: &Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)>;
+    /// Loads and attaches it; `started` holds the probes started before
+    /// it (the protocol probe counts bytes by the TCP probe's classes).
+    fn start(cfg: &Config, started: &Probes) -> Result<Self, ProbeError>;
+    /// Its programs' states once loaded.
+    fn states(&self) -> Vec<(&'static str, ProbeState)>;
+    /// Run count and time of its attached programs.
+    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats>;
+}
+
+/// Starts `P` when the config enables it; its states go into `states`.
+fn start<P: Probe>(cfg: &Config, started: &Probes, states: &mut Vec<(&'static str, ProbeState)>) -> Option<P> {
+    if !P::enabled(cfg) {
+        states.extend(P::not_loaded(cfg, &ProbeState::Disabled));
+        return None;
+    }
+    match P::start(cfg, started) {
+        Ok(p) => {
+            states.extend(p.states());
+            Some(p)
+        }
+        Err(e) => {
+            states.extend(P::not_loaded(cfg, &ProbeState::Unavailable(e.to_string())));
+            None
+        }
+    }
+}
+
+impl Probe for TcpLifecycleProbe {
+    fn enabled(cfg: &Config) -> bool {
+        cfg.probes.tcp_lifecycle.enabled
+    }
+
+    fn not_loaded(cfg: &Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
+        let peers = if cfg.probes.tcp_lifecycle.peers.is_empty() { ProbeState::Disabled } else { why.clone() };
+        tcp_lifecycle::TRACEPOINTS
+            .iter()
+            .map(|t| (t.probe, why.clone()))
+            .chain(std::iter::once((tcp_lifecycle::PEERS_PROBE, peers)))
+            .collect()
+    }
+
+    fn start(cfg: &Config, _: &Probes) -> Result<Self, ProbeError> {
+        let p = TcpLifecycleProbe::attach(&tracefs::ensure_mounted()?, &cfg.probes.tcp_lifecycle)?;
+        let attached: Vec<&str> =
+            p.states.iter().filter(|(_, s)| *s == ProbeState::Attached).map(|(n, _)| *n).collect();
+        tracing::info!(probes = ?attached, "TCP probes attached");
+        Ok(p)
+    }
+
+    fn states(&self) -> Vec<(&'static str, ProbeState)> {
+        self.states.clone()
+    }
+
+    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
+        TcpLifecycleProbe::program_stats(self)
+    }
+}
+
+impl Probe for DeviceIoProbe {
+    fn enabled(cfg: &Config) -> bool {
+        cfg.probes.devices.enabled
+    }
+
+    fn not_loaded(_: &Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
+        vec![(DEVICE_IO, why.clone())]
+    }
+
+    fn start(cfg: &Config, _: &Probes) -> Result<Self, ProbeError> {
+        let rtu = cfg.tag_map().unwrap_or_default().rtu_devices();
+        DeviceIoProbe::load_capturing(&tracefs::ensure_mounted()?, &cfg.probes.devices, &rtu)
+    }
+
+    fn states(&self) -> Vec<(&'static str, ProbeState)> {
+        vec![(DEVICE_IO, self.state.clone())]
+    }
+
+    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
+        DeviceIoProbe::program_stats(self).into_iter().collect()
+    }
+}
+
+impl Probe for ProtocolsProbe {
+    fn enabled(cfg: &Config) -> bool {
+        cfg.probes.protocols.enabled
+    }
+
+    fn not_loaded(_: &Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
+        vec![(protocols::PROBE, why.clone())]
+    }
+
+    fn start(cfg: &Config, started: &Probes) -> Result<Self, ProbeError> {
+        // The TCP probe's port classes, for TCP payload bytes: counted only
+        // when the TCP probe runs (the window labels them with its classes).
+        let tags = cfg.tag_map().unwrap_or_default();
+        let p =
+            ProtocolsProbe::attach(&cfg.probes.protocols, started.tcp.as_ref().map(TcpLifecycleProbe::classes), &tags)?;
+        tracing::info!(cgroup = %p.cgroup.display(), "protocol probe attached");
+        Ok(p)
+    }
+
+    fn states(&self) -> Vec<(&'static str, ProbeState)> {
+        vec![(protocols::PROBE, ProbeState::Attached)]
+    }
+
+    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
+        ProtocolsProbe::program_stats(self)
+    }
+}
+
+impl Probe for BusesProbe {
+    fn enabled(cfg: &Config) -> bool {
+        cfg.probes.buses.enabled
+    }
+
+    fn not_loaded(_: &Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
+        buses::Kind::ALL.iter().map(|k| (k.probe(), why.clone())).collect()
+    }
+
+    fn start(cfg: &Config, _: &Probes) -> Result<Self, ProbeError> {
+        let rescan = std::time::Duration::from_secs(cfg.probes.devices.rescan_secs);
+        BusesProbe::attach(&tracefs::ensure_mounted()?, &cfg.probes.buses, rescan)
+    }
+
+    fn states(&self) -> Vec<(&'static str, ProbeState)> {
+        self.states.clone()
+    }
+
+    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
+        BusesProbe::program_stats(self)
     }
 }
 
