@@ -297,6 +297,27 @@ impl Clock {
 
 const HEADER: &str = "# edge-agent clock eras v1";
 
+/// The `[clock]` section of the configuration (docs/configuration.md).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockConfig {
+    /// Corrections smaller than this are not applied (the time request's
+    /// own error is half a round trip).
+    pub tolerance_ms: u64,
+    /// Connected this long without an answer to time requests, blocks of an
+    /// unsynchronized clock go as stamped (counted) instead of waiting.
+    pub sync_wait_secs: u64,
+    /// For tests: pretend the wall clock is this far off (and not
+    /// synchronized). 0 in production.
+    pub test_offset_ms: i64,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        ClockConfig { tolerance_ms: 1000, sync_wait_secs: 60, test_offset_ms: 0 }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

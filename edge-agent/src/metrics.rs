@@ -639,6 +639,31 @@ fn advance_to(c: &Counter, v: u64) {
     c.inc_by(v.saturating_sub(c.get()));
 }
 
+/// The `[metrics]` section of the configuration (docs/configuration.md).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Local `/metrics` endpoint. Empty string: disabled.
+    pub listen: String,
+}
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "127.0.0.1:9464".into() }
+    }
+}
+
+impl MetricsConfig {
+    /// Errors name the key (`metrics.…`).
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.listen.is_empty() {
+            self.listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| format!("metrics.listen {:?}: {e}", self.listen))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

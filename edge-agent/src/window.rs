@@ -345,6 +345,29 @@ fn protocol_series(p: &ProtocolReading, out: &mut Vec<(SeriesKey, f64)>) {
     }
 }
 
+/// The `[window]` section of the configuration (docs/configuration.md).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    /// Length of one aggregation window, in milliseconds.
+    pub millis: u64,
+}
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig { millis: 10_000 }
+    }
+}
+
+impl WindowConfig {
+    /// Errors name the key (`window.…`).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.millis < 100 || self.millis > 3_600_000 {
+            return Err("window.millis must be between 100 and 3600000".into());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@
 //! error naming the file; the agent keeps running without inference.
 
 pub mod action;
+pub mod config;
 pub mod trial;
 pub mod update;
 

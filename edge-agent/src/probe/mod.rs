@@ -2,6 +2,7 @@
 //! Each probe reports whether it is attached, and why not.
 
 pub mod buses;
+pub mod config;
 pub mod device_io;
 pub mod loader;
 pub mod protocols;

@@ -13,6 +13,7 @@
 //! cut, skipped or quarantined and counted.
 
 pub mod blocks;
+pub mod config;
 pub mod medium;
 pub mod plan;
 pub mod record;

@@ -20,6 +20,7 @@
 //! through a `Wire`); this module is the driver: the MQTT client, TLS,
 //! reconnection with back-off.
 
+pub mod config;
 pub mod cursor;
 pub mod delivery;
 pub mod inflight;
