@@ -90,18 +90,8 @@ pub struct AgentMetrics {
     pub store_dropped_unsent: Family<LaneLabels, Counter>,
     pub store_corrupt: Family<LaneLabels, Counter>,
     pub store_truncated_bytes: Family<LaneLabels, Counter>,
-    pub uplink_connected: Gauge,
-    pub uplink_published: Counter,
-    pub uplink_acked: Counter,
-    pub uplink_confirmed: Counter,
-    pub uplink_resends: Counter,
-    pub uplink_connects: Counter,
-    pub uplink_errors: Counter,
-    pub uplink_refused: Counter,
-    pub uplink_unacknowledged: Counter,
-    pub uplink_confirmations_ignored: Counter,
-    pub uplink_acked_seq: Family<LaneLabels, Gauge>,
-    pub uplink_bytes: Family<StreamLabels, Counter>,
+    /// The uplink stage's (uplink/metrics.rs).
+    pub uplink: crate::uplink::metrics::UplinkMetrics,
     pub clock_replies: Counter,
     pub clock_uncorrected: Counter,
     pub clock_error_ms: Gauge,
@@ -167,6 +157,7 @@ impl AgentMetrics {
             ..Default::default()
         };
         let mut r = Registry::default();
+        m.uplink.register(&mut r);
         r.register(
             "edge_agent_probe_attached",
             "1 if the probe is attached, 0 if disabled or unavailable",
@@ -264,25 +255,6 @@ impl AgentMetrics {
             "Bytes of torn tails cut at recovery",
             m.store_truncated_bytes.clone(),
         );
-        r.register("edge_agent_uplink_connected", "1 while connected to the MQTT broker", m.uplink_connected.clone());
-        r.register(
-            "edge_agent_uplink_published_records",
-            "Records published (including re-sends)",
-            m.uplink_published.clone(),
-        );
-        r.register("edge_agent_uplink_acked_records", "Records acknowledged by the broker", m.uplink_acked.clone());
-        r.register(
-            "edge_agent_uplink_confirmed_blocks",
-            "Blocks the fleet bridge confirmed as written to the central store",
-            m.uplink_confirmed.clone(),
-        );
-        r.register(
-            "edge_agent_uplink_resends",
-            "Times unconfirmed blocks were sent again after the delivery timeout",
-            m.uplink_resends.clone(),
-        );
-        r.register("edge_agent_uplink_connects", "Successful MQTT connections", m.uplink_connects.clone());
-        r.register("edge_agent_uplink_errors", "MQTT connection errors", m.uplink_errors.clone());
         r.register("edge_agent_value_tags", "Tags in the tag map (docs/process-values.md)", m.value_tags.clone());
         r.register(
             "edge_agent_values_captured",
@@ -293,32 +265,6 @@ impl AgentMetrics {
             "edge_agent_values_refused",
             "Process values (or frames and replies carrying them) not kept, by reason (docs/process-values.md)",
             m.values_refused.clone(),
-        );
-        r.register(
-            "edge_agent_uplink_confirmations_ignored",
-            "Delivery confirmations not trusted: malformed, of an unknown lane, or covering records this agent \
-             never published (the send position does not move)",
-            m.uplink_confirmations_ignored.clone(),
-        );
-        r.register(
-            "edge_agent_uplink_unacknowledged_sessions",
-            "Connections that ended before the broker acknowledged anything (e.g. refused by its ACL)",
-            m.uplink_unacknowledged.clone(),
-        );
-        r.register(
-            "edge_agent_uplink_refused",
-            "Blocks the broker refused (MQTT 5 PUBACK reason code, e.g. not authorized)",
-            m.uplink_refused.clone(),
-        );
-        r.register(
-            "edge_agent_uplink_acked_seq",
-            "Persisted send position (store sequence number)",
-            m.uplink_acked_seq.clone(),
-        );
-        r.register(
-            "edge_agent_uplink_published_bytes",
-            "Message bytes published, by stream: priority, live, backlog (re-sends included)",
-            m.uplink_bytes.clone(),
         );
         r.register(
             "edge_agent_clock_time_replies",
@@ -428,10 +374,6 @@ impl AgentMetrics {
             m.model_missing_tags.clone(),
         );
         (m, Arc::new(r))
-    }
-
-    pub fn published_bytes(&self, stream: &str) -> Counter {
-        self.uplink_bytes.get_or_create(&StreamLabels { stream: stream.into() }).clone()
     }
 
     /// Adds what the programs' cumulative counts grew by since the last
@@ -608,7 +550,7 @@ impl AgentMetrics {
         self.store_bytes.get_or_create(&l).set(s.bytes as i64);
         self.store_segments.get_or_create(&l).set(s.segments as i64);
         self.store_backlog.get_or_create(&l).set(s.backlog() as i64);
-        self.uplink_acked_seq.get_or_create(&l).set(s.acked_seq as i64);
+        self.uplink.acked_seq.get_or_create(&l).set(s.acked_seq as i64);
         self.store_oldest_seconds.get_or_create(&l).set(s.oldest_ms / 1000);
         for (c, v) in [
             (&self.store_appended, s.appended_records),

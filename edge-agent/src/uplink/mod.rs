@@ -24,6 +24,7 @@ pub mod config;
 pub mod cursor;
 pub mod delivery;
 pub mod inflight;
+pub mod metrics;
 pub mod mqtt;
 mod session;
 #[cfg(test)]
@@ -121,7 +122,7 @@ impl Uplink {
         let mut failures = Throttle::new(Duration::from_secs(60));
         while !self.shutdown.load(Ordering::Relaxed) {
             let connected = self.session(&mut lanes, &mut failures);
-            self.metrics.uplink_connected.set(0);
+            self.metrics.uplink.connected.set(0);
             if connected {
                 backoff.reset();
             }
@@ -148,7 +149,7 @@ impl Uplink {
             Err(e) => {
                 // Not fatal: the agent keeps measuring and storing; the files
                 // are read again on the next attempt.
-                self.metrics.uplink_errors.inc();
+                self.metrics.uplink.errors.inc();
                 tracing::error!(error = %e, "cannot connect to the broker");
                 return false;
             }

@@ -137,8 +137,8 @@ impl<'a> Session<'a> {
                 failures.reset();
                 // Resend everything not confirmed end to end.
                 self.cursors = self.cursors(lanes);
-                up.metrics.uplink_connects.inc();
-                up.metrics.uplink_connected.set(1);
+                up.metrics.uplink.connects.inc();
+                up.metrics.uplink.connected.set(1);
                 // QoS 0: a lost confirmation only means a re-send, a lost
                 // time reply another request.
                 // Models are published retained: one comes with every
@@ -166,7 +166,7 @@ impl<'a> Session<'a> {
                     // mosquitto then closes the connection; reconnect
                     // with growing back-off rather than at once.
                     self.refusals += 1;
-                    up.metrics.uplink_refused.inc();
+                    up.metrics.uplink.refused.inc();
                     let what = if sent.is_some_and(|s| s.is_some()) { "a block" } else { "presence" };
                     tracing::error!(
                         reason,
@@ -178,7 +178,7 @@ impl<'a> Session<'a> {
                 }
                 if let Some(Some((i, seq))) = sent {
                     if refused.is_none() {
-                        up.metrics.uplink_acked.inc();
+                        up.metrics.uplink.acked.inc();
                     }
                     // A refused block stays unconfirmed and goes again
                     // after the delivery timeout (doubling).
@@ -198,7 +198,7 @@ impl<'a> Session<'a> {
             Ev::Publish { topic: t, payload } if t == self.ack_topic => self.confirmation(&payload, lanes),
             Ev::Publish { .. } | Ev::Other | Ev::Timeout => {}
             Ev::Error { message, reason } => {
-                up.metrics.uplink_errors.inc();
+                up.metrics.uplink.errors.inc();
                 if self.connected {
                     tracing::warn!(error = message, reason, "connection to broker lost");
                 } else if let Some(suppressed) = failures.due() {
@@ -233,12 +233,12 @@ impl<'a> Session<'a> {
         if let Err(why) = confirmed {
             // Never trusted: the send position stays where it is, so
             // nothing stored is skipped.
-            self.up.metrics.uplink_confirmations_ignored.inc();
+            self.up.metrics.uplink.confirmations_ignored.inc();
             if let Some(suppressed) = self.forged.due() {
                 tracing::warn!(why, suppressed, "delivery confirmation ignored");
             }
         } else {
-            self.up.metrics.uplink_confirmed.inc();
+            self.up.metrics.uplink.confirmed.inc();
         }
     }
 
@@ -254,7 +254,7 @@ impl<'a> Session<'a> {
                     waited = ?r.waited,
                     "no delivery confirmation; sending again from the confirmed position"
                 );
-                self.up.metrics.uplink_resends.inc();
+                self.up.metrics.uplink.resends.inc();
             }
         }
         if now.saturating_duration_since(self.persisted_at) >= PERSIST_EVERY {
@@ -273,7 +273,7 @@ impl<'a> Session<'a> {
         // ended before the broker acknowledged anything is counted, and like
         // one with refusals it does not reset the back-off.
         if self.connected && !self.acked_any && !stopping {
-            self.up.metrics.uplink_unacknowledged.inc();
+            self.up.metrics.uplink.unacknowledged.inc();
             tracing::warn!(
                 device = %self.up.cfg.device_id,
                 "connection ended before the broker acknowledged anything: refused by its ACL? \
@@ -371,8 +371,8 @@ impl<'a> Session<'a> {
                 if c.kind == CursorKind::Backlog {
                     self.budget.spend(bytes);
                 }
-                up.metrics.uplink_published.inc();
-                up.metrics.published_bytes(c.kind.label()).inc_by(bytes as u64);
+                up.metrics.uplink.published.inc();
+                up.metrics.uplink.published_bytes(c.kind.label()).inc_by(bytes as u64);
             }
         }
         Ok(())

@@ -554,8 +554,8 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
     }
     let m = &up.metrics;
     out.records = w.last_seq[0] + w.last_seq[1];
-    out.resends = m.uplink_resends.get();
-    out.forged_ignored = m.uplink_confirmations_ignored.get();
+    out.resends = m.uplink.resends.get();
+    out.forged_ignored = m.uplink.confirmations_ignored.get();
     out.impostors_refused = w.impostors;
     // Each one that reached the session was ignored (a disconnect may lose
     // some on the way).

@@ -1,0 +1,78 @@
+//! The uplink stage's metrics (docs/metrics.md), registered by the stage
+//! under `edge_agent_uplink_`.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::metrics::{LaneLabels, StreamLabels};
+
+/// Its names' common prefix on `/metrics`.
+pub const PREFIX: &str = "edge_agent_uplink";
+
+#[derive(Clone, Debug, Default)]
+pub struct UplinkMetrics {
+    pub connected: Gauge,
+    pub published: Counter,
+    pub acked: Counter,
+    pub confirmed: Counter,
+    pub resends: Counter,
+    pub connects: Counter,
+    pub errors: Counter,
+    pub refused: Counter,
+    pub unacknowledged: Counter,
+    pub confirmations_ignored: Counter,
+    pub acked_seq: Family<LaneLabels, Gauge>,
+    pub bytes: Family<StreamLabels, Counter>,
+}
+
+impl UplinkMetrics {
+    /// Registers every one in a sub-registry of `registry` (prefix
+    /// [`PREFIX`]).
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix(PREFIX);
+        r.register("connected", "1 while connected to the MQTT broker", self.connected.clone());
+        r.register("published_records", "Records published (including re-sends)", self.published.clone());
+        r.register("acked_records", "Records acknowledged by the broker", self.acked.clone());
+        r.register(
+            "confirmed_blocks",
+            "Blocks the fleet bridge confirmed as written to the central store",
+            self.confirmed.clone(),
+        );
+        r.register(
+            "resends",
+            "Times unconfirmed blocks were sent again after the delivery timeout",
+            self.resends.clone(),
+        );
+        r.register("connects", "Successful MQTT connections", self.connects.clone());
+        r.register("errors", "MQTT connection errors", self.errors.clone());
+        r.register(
+            "confirmations_ignored",
+            "Delivery confirmations not trusted: malformed, of an unknown lane, or covering records this agent \
+             never published (the send position does not move)",
+            self.confirmations_ignored.clone(),
+        );
+        r.register(
+            "unacknowledged_sessions",
+            "Connections that ended before the broker acknowledged anything (e.g. refused by its ACL)",
+            self.unacknowledged.clone(),
+        );
+        r.register(
+            "refused",
+            "Blocks the broker refused (MQTT 5 PUBACK reason code, e.g. not authorized)",
+            self.refused.clone(),
+        );
+        r.register("acked_seq", "Persisted send position (store sequence number)", self.acked_seq.clone());
+        r.register(
+            "published_bytes",
+            "Message bytes published, by stream: priority, live, backlog (re-sends included)",
+            self.bytes.clone(),
+        );
+    }
+
+    /// The bytes counter of one stream (`priority`, `live`, `backlog`).
+    pub fn published_bytes(&self, stream: &str) -> Counter {
+        self.bytes.get_or_create(&StreamLabels { stream: stream.into() }).clone()
+    }
+}
