@@ -80,16 +80,8 @@ pub struct AgentMetrics {
     program_last: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, ProgramStats>>>,
     pub cpu_seconds: Counter<f64, AtomicU64>,
     pub rss_bytes: Gauge,
-    pub store_bytes: Family<LaneLabels, Gauge>,
-    pub store_segments: Family<LaneLabels, Gauge>,
-    pub store_backlog: Family<LaneLabels, Gauge>,
-    pub store_appended: Family<LaneLabels, Counter>,
-    pub store_dropped: Family<ReasonLabels, Counter>,
-    pub store_syncs: Family<LaneLabels, Counter>,
-    pub store_oldest_seconds: Family<LaneLabels, Gauge>,
-    pub store_dropped_unsent: Family<LaneLabels, Counter>,
-    pub store_corrupt: Family<LaneLabels, Counter>,
-    pub store_truncated_bytes: Family<LaneLabels, Counter>,
+    /// The store stage's (store/metrics.rs).
+    pub store: crate::store::metrics::StoreMetrics,
     /// The uplink stage's (uplink/metrics.rs).
     pub uplink: crate::uplink::metrics::UplinkMetrics,
     pub clock_replies: Counter,
@@ -157,6 +149,7 @@ impl AgentMetrics {
             ..Default::default()
         };
         let mut r = Registry::default();
+        m.store.register(&mut r);
         m.uplink.register(&mut r);
         r.register(
             "edge_agent_probe_attached",
@@ -224,36 +217,6 @@ impl AgentMetrics {
             "edge_agent_tcp_sock_map_full",
             "Connections whose open the kernel map could not remember",
             m.tcp_sock_map_full.clone(),
-        );
-        r.register("edge_agent_store_bytes", "Bytes held by the store on disk", m.store_bytes.clone());
-        r.register("edge_agent_store_segments", "Segment files held by the store", m.store_segments.clone());
-        r.register(
-            "edge_agent_store_backlog_records",
-            "Records stored and not yet confirmed by the bridge (not yet in the central store)",
-            m.store_backlog.clone(),
-        );
-        r.register("edge_agent_store_appended_records", "Records appended to the store", m.store_appended.clone());
-        r.register(
-            "edge_agent_store_dropped_records",
-            "Records dropped before their time, oldest first, by reason (capacity, age, disk_full)",
-            m.store_dropped.clone(),
-        );
-        r.register("edge_agent_store_syncs", "fsyncs of the store (group commit)", m.store_syncs.clone());
-        r.register(
-            "edge_agent_store_oldest_record_timestamp_seconds",
-            "Time of the oldest record held",
-            m.store_oldest_seconds.clone(),
-        );
-        r.register(
-            "edge_agent_store_dropped_unsent_records",
-            "Dropped records that had not been acknowledged",
-            m.store_dropped_unsent.clone(),
-        );
-        r.register("edge_agent_store_corrupt_records", "Records found corrupt and skipped", m.store_corrupt.clone());
-        r.register(
-            "edge_agent_store_truncated_bytes",
-            "Bytes of torn tails cut at recovery",
-            m.store_truncated_bytes.clone(),
         );
         r.register("edge_agent_value_tags", "Tags in the tag map (docs/process-values.md)", m.value_tags.clone());
         r.register(
@@ -544,29 +507,11 @@ impl AgentMetrics {
         self.tcp_tracked_capacity.set(crate::probe::tcp_lifecycle::MAX_SOCKS as i64);
     }
 
-    /// Brings a lane's store metrics up to date with its statistics.
+    /// Brings a lane's store metrics (and its persisted send position) up
+    /// to date with its statistics.
     pub fn observe_store(&self, lane: crate::store::Lane, s: &StoreStats) {
-        let l = LaneLabels { lane: lane.label().into() };
-        self.store_bytes.get_or_create(&l).set(s.bytes as i64);
-        self.store_segments.get_or_create(&l).set(s.segments as i64);
-        self.store_backlog.get_or_create(&l).set(s.backlog() as i64);
-        self.uplink.acked_seq.get_or_create(&l).set(s.acked_seq as i64);
-        self.store_oldest_seconds.get_or_create(&l).set(s.oldest_ms / 1000);
-        for (c, v) in [
-            (&self.store_appended, s.appended_records),
-            (&self.store_syncs, s.syncs),
-            (&self.store_dropped_unsent, s.dropped_unsent_records),
-            (&self.store_corrupt, s.corrupt_records),
-            (&self.store_truncated_bytes, s.truncated_bytes),
-        ] {
-            let c = c.get_or_create(&l);
-            c.inc_by(v.saturating_sub(c.get()));
-        }
-        for (reason, v) in crate::store::plan::DropReason::ALL.iter().zip(s.dropped_records) {
-            let c =
-                self.store_dropped.get_or_create(&ReasonLabels { lane: l.lane.clone(), reason: reason.label().into() });
-            c.inc_by(v.saturating_sub(c.get()));
-        }
+        self.store.observe(lane, s);
+        self.uplink.acked_seq.get_or_create(&LaneLabels { lane: lane.label().into() }).set(s.acked_seq as i64);
     }
 
     pub fn observe_lanes(&self, lanes: &crate::store::Lanes) {

@@ -15,6 +15,7 @@
 pub mod blocks;
 pub mod config;
 pub mod medium;
+pub mod metrics;
 pub mod plan;
 pub mod record;
 pub mod sim;
@@ -193,11 +194,11 @@ pub fn self_telemetry(lanes: &Lanes) -> Vec<(edge_wire::SeriesKey, f64)> {
     let mut out = Vec::new();
     for (lane, st) in [(Lane::Routine, lanes.routine.stats()), (Lane::Priority, lanes.priority.stats())] {
         let l = || vec![Label::new("lane", lane.label())];
-        out.push((SeriesKey::new("edge_agent_store_backlog_records", l()), st.backlog() as f64));
-        out.push((SeriesKey::new("edge_agent_store_bytes", l()), st.bytes as f64));
+        out.push((SeriesKey::new(metrics::BACKLOG_RECORDS, l()), st.backlog() as f64));
+        out.push((SeriesKey::new(metrics::BYTES, l()), st.bytes as f64));
         for (reason, n) in plan::DropReason::ALL.iter().zip(st.dropped_records) {
             let labels = vec![Label::new("lane", lane.label()), Label::new("reason", reason.label())];
-            out.push((SeriesKey::new("edge_agent_store_dropped_records_total", labels), n as f64));
+            out.push((SeriesKey::new(metrics::DROPPED_RECORDS_TOTAL, labels), n as f64));
         }
     }
     out
