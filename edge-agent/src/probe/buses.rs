@@ -3,7 +3,7 @@
 //! Each family attaches when all of its tracepoints exist on this kernel
 //! and is reported unavailable, with the reason, otherwise; a family whose
 //! tracepoints appear later (a bus driver's module loaded) is picked up by
-//! [`BusesProbe::refresh`].
+//! [`BusesProbe::should_reload`] and [`BusesProbe::reload`].
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::TracePoint;

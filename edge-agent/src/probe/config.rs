@@ -102,7 +102,7 @@ pub struct DevicesConfig {
     /// its target, udev links in /dev and /dev/serial/by-*) is recognised.
     /// While nothing matches, no syscall hook is attached at all.
     pub watch: Vec<String>,
-    /// How often, in seconds, the agent scans /proc/<pid>/fd for watched
+    /// How often, in seconds, the agent scans `/proc/<pid>/fd` for watched
     /// files it did not see opened (opened before the agent started,
     /// inherited by a child, duplicated with dup2, opened by a relative
     /// path). Also when the watched set changes.

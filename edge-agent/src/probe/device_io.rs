@@ -949,7 +949,7 @@ fn path_key(p: &Path) -> Option<PathKey> {
     Some(PathKey(k))
 }
 
-/// The symbolic name of an errno ("EIO"), or "E<n>" for the rare ones.
+/// The symbolic name of an errno ("EIO"), or `"E<n>"` for the rare ones.
 pub fn errno_name(e: i32) -> String {
     let known = [
         (libc::EPERM, "EPERM"),
