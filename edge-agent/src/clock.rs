@@ -297,6 +297,40 @@ impl Clock {
 
 const HEADER: &str = "# edge-agent clock eras v1";
 
+/// How far the wall clock was from the learned true time (true - wall), ms:
+/// on `/metrics` and in every window once known.
+pub const ERROR_MS: &str = "edge_agent_clock_error_ms";
+
+/// The clock's metrics (docs/metrics.md), registered under
+/// `edge_agent_clock_`.
+#[derive(Clone, Debug, Default)]
+pub struct ClockMetrics {
+    pub replies: prometheus_client::metrics::counter::Counter,
+    pub uncorrected: prometheus_client::metrics::counter::Counter,
+    pub error_ms: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ClockMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let r = registry.sub_registry_with_prefix("edge_agent_clock");
+        r.register(
+            "time_replies",
+            "Bridge answers to time requests used to correct the wall clock",
+            self.replies.clone(),
+        );
+        r.register(
+            "uncorrected_blocks",
+            "Blocks of an unsynchronized clock sent without correction (true time never learned)",
+            self.uncorrected.clone(),
+        );
+        r.register(
+            ERROR_MS.trim_start_matches("edge_agent_clock_"),
+            "How far the wall clock was from the learned true time (true - wall), ms",
+            self.error_ms.clone(),
+        );
+    }
+}
+
 /// The `[clock]` section of the configuration (docs/configuration.md).
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]

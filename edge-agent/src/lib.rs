@@ -380,7 +380,7 @@ fn close_window(
     let mut window = stage.close(ts, &reading, classes).unwrap_or_default();
     // How wrong the box's clock is travels too (docs/clock.md).
     if let Some(e) = clock_error {
-        window.samples.push((edge_wire::SeriesKey::new("edge_agent_clock_error_ms", vec![]), e as f64));
+        window.samples.push((edge_wire::SeriesKey::new(clock::ERROR_MS, vec![]), e as f64));
     }
     window.timestamp_ms = ts;
     // Process values: each at its own time, and per tag statistics.

@@ -84,9 +84,8 @@ pub struct AgentMetrics {
     pub store: crate::store::metrics::StoreMetrics,
     /// The uplink stage's (uplink/metrics.rs).
     pub uplink: crate::uplink::metrics::UplinkMetrics,
-    pub clock_replies: Counter,
-    pub clock_uncorrected: Counter,
-    pub clock_error_ms: Gauge,
+    /// The clock's (clock.rs).
+    pub clock: crate::clock::ClockMetrics,
     pub devices_watched: Gauge,
     pub devices_over_cap: Gauge,
     pub device_files_open: Gauge,
@@ -110,9 +109,8 @@ pub struct AgentMetrics {
     pub model_info: Family<ModelLabels, Gauge>,
     pub model_missing_tags: Gauge,
     pub anomaly_actions: Family<ResultLabels, Counter>,
-    pub value_tags: Gauge,
-    pub values_captured: Family<TransportLabels, Counter>,
-    pub values_refused: Family<RefusalLabels, Counter>,
+    /// The values stage's (values/metrics.rs).
+    pub values: crate::values::metrics::ValuesMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,6 +148,8 @@ impl AgentMetrics {
         };
         let mut r = Registry::default();
         m.store.register(&mut r);
+        m.values.register(&mut r);
+        m.clock.register(&mut r);
         m.uplink.register(&mut r);
         r.register(
             "edge_agent_probe_attached",
@@ -217,32 +217,6 @@ impl AgentMetrics {
             "edge_agent_tcp_sock_map_full",
             "Connections whose open the kernel map could not remember",
             m.tcp_sock_map_full.clone(),
-        );
-        r.register("edge_agent_value_tags", "Tags in the tag map (docs/process-values.md)", m.value_tags.clone());
-        r.register(
-            "edge_agent_values_captured",
-            "Process values captured, by transport (modbus_tcp, modbus_rtu)",
-            m.values_captured.clone(),
-        );
-        r.register(
-            "edge_agent_values_refused",
-            "Process values (or frames and replies carrying them) not kept, by reason (docs/process-values.md)",
-            m.values_refused.clone(),
-        );
-        r.register(
-            "edge_agent_clock_time_replies",
-            "Bridge answers to time requests used to correct the wall clock",
-            m.clock_replies.clone(),
-        );
-        r.register(
-            "edge_agent_clock_uncorrected_blocks",
-            "Blocks of an unsynchronized clock sent without correction (true time never learned)",
-            m.clock_uncorrected.clone(),
-        );
-        r.register(
-            "edge_agent_clock_error_ms",
-            "How far the wall clock was from the learned true time (true - wall), ms",
-            m.clock_error_ms.clone(),
         );
         r.register(
             "edge_agent_devices_watched",
@@ -398,15 +372,7 @@ impl AgentMetrics {
 
     /// The values stage's counts (cumulative in the stage).
     pub fn observe_values(&self, v: &crate::values::ValuesStage) {
-        self.value_tags.set(v.map.tags.len() as i64);
-        for (t, n) in ["modbus_tcp", "modbus_rtu"].iter().zip(v.captured) {
-            let c = self.values_captured.get_or_create(&TransportLabels { transport: (*t).into() });
-            c.inc_by(n.saturating_sub(c.get()));
-        }
-        for (r, n) in crate::values::Refusal::ALL.iter().zip(v.refused) {
-            let c = self.values_refused.get_or_create(&RefusalLabels { reason: r.label().into() });
-            c.inc_by(n.saturating_sub(c.get()));
-        }
+        self.values.observe(v);
     }
 
     /// The agent's own CPU time and resident memory (/proc/self).

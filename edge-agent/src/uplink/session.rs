@@ -415,8 +415,8 @@ impl<'a> Session<'a> {
         }
         self.time.pending = None;
         let truth = reply.bridge_ms - (sent + now.mono_ms) / 2;
-        up.metrics.clock_replies.inc();
-        up.metrics.clock_error_ms.set(truth - now.offset_ms());
+        up.metrics.clock.replies.inc();
+        up.metrics.clock.error_ms.set(truth - now.offset_ms());
         match lock(&up.clock).learn(&up.boot, truth) {
             Ok(true) => tracing::info!(
                 error_ms = truth - now.offset_ms(),
@@ -446,11 +446,11 @@ fn shift_for(up: &Uplink, time: &mut TimeAsk, lane: Lane, seq: u64, now: Instant
                  sending blocks of the unsynchronized clock as stamped"
             );
             time.gave_up = true;
-            up.metrics.clock_uncorrected.inc();
+            up.metrics.clock.uncorrected.inc();
             Some(0)
         }
         Shift::Pending | Shift::Unknowable => {
-            up.metrics.clock_uncorrected.inc();
+            up.metrics.clock.uncorrected.inc();
             Some(0)
         }
     }

@@ -9,6 +9,7 @@
 
 pub mod discover;
 pub mod discover_driver;
+pub mod metrics;
 pub mod rtu;
 pub mod tags;
 
