@@ -113,8 +113,8 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     let tags = cfg.tag_map().unwrap_or_default();
     let tag_names = tags.tags.iter().map(|t| t.name.clone()).collect();
     let mut detect = detect::DetectStage::new(&cfg.detect, &cfg.state_dir, cfg.window(), &cfg.device_id, tag_names);
-    detect.action.counts = metrics.action_counts();
-    metrics.set_model_state(&detect);
+    detect.action.counts = metrics.detect.action_counts();
+    metrics.detect.set_model_state(&detect);
     let detect = std::cell::RefCell::new(detect);
     if !tags.is_empty() {
         tracing::info!(tags = tags.tags.len(), "tag map: process values are captured");
@@ -401,11 +401,11 @@ fn close_window(
     // with the window, an alarm's raising or clearing into the priority lane.
     let mut detect = sh.detect.borrow_mut();
     if let Some(result) = detect.poll_updates() {
-        metrics.model_changes.get_or_create(&metrics::ResultLabels { result: result.into() }).inc();
-        metrics.set_model_state(&detect);
+        metrics.detect.model_changed(result);
+        metrics.detect.set_model_state(&detect);
     }
     let outcome = detect.observe(ts, &window.samples, &features::tag_values(&window.values));
-    metrics.observe_detect(&outcome, detect.alarm.active, detect.warning.active);
+    metrics.detect.observe(&outcome, detect.alarm.active, detect.warning.active);
     window.samples.extend(outcome.samples);
     if let Some(record) = outcome.record {
         let rec = window::Window { timestamp_ms: ts, samples: record, values: Vec::new() };

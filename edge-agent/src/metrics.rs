@@ -96,19 +96,8 @@ pub struct AgentMetrics {
     pub bus_map_full: Family<MapLabels, Counter>,
     pub bus_map_entries: Family<MapLabels, Gauge>,
     pub bus_untimed: Counter,
-    pub detect_model_state: Family<StateLabels, Gauge>,
-    pub anomaly_score: Gauge<f64, AtomicU64>,
-    pub anomaly_threshold: Gauge<f64, AtomicU64>,
-    pub anomaly_alarm: Gauge,
-    pub anomaly_alarms: Counter,
-    pub anomaly_warning: Gauge,
-    pub anomaly_warnings: Counter,
-    pub detect_scored: Counter,
-    pub detect_inference_seconds: Counter<f64, AtomicU64>,
-    pub model_changes: Family<ResultLabels, Counter>,
-    pub model_info: Family<ModelLabels, Gauge>,
-    pub model_missing_tags: Gauge,
-    pub anomaly_actions: Family<ResultLabels, Counter>,
+    /// The detect stage's (detect/metrics.rs).
+    pub detect: crate::detect::metrics::DetectMetrics,
     /// The values stage's (values/metrics.rs).
     pub values: crate::values::metrics::ValuesMetrics,
 }
@@ -150,6 +139,7 @@ impl AgentMetrics {
         m.store.register(&mut r);
         m.values.register(&mut r);
         m.clock.register(&mut r);
+        m.detect.register(&mut r);
         m.uplink.register(&mut r);
         r.register(
             "edge_agent_probe_attached",
@@ -269,47 +259,6 @@ impl AgentMetrics {
             "Device operations timed in the overflow table: another thread held the thread's slot",
             m.device_inflight_spilled.clone(),
         );
-        r.register(
-            "edge_agent_detect_model_state",
-            "1 for the anomaly model's state (loaded, disabled, missing, refused), 0 for the others",
-            m.detect_model_state.clone(),
-        );
-        r.register("edge_anomaly_score", "The last window's anomaly score", m.anomaly_score.clone());
-        r.register("edge_anomaly_threshold", "The loaded model's alarm threshold", m.anomaly_threshold.clone());
-        r.register("edge_anomaly_alarm", "1 while the anomaly alarm is raised", m.anomaly_alarm.clone());
-        r.register("edge_agent_anomaly_alarms", "Anomaly alarms raised", m.anomaly_alarms.clone());
-        r.register(
-            "edge_anomaly_warning",
-            "1 while the anomaly warning (the model's warn level) is raised",
-            m.anomaly_warning.clone(),
-        );
-        r.register("edge_agent_anomaly_warnings", "Anomaly warnings raised", m.anomaly_warnings.clone());
-        r.register("edge_agent_detect_windows_scored", "Windows scored by the anomaly model", m.detect_scored.clone());
-        r.register(
-            "edge_agent_detect_inference_seconds",
-            "Time spent in inference (normalisation, model, score)",
-            m.detect_inference_seconds.clone(),
-        );
-        r.register(
-            "edge_agent_detect_model_changes",
-            "Model updates: installed, rolled_back, refused (each also a line in the model audit log)",
-            m.model_changes.clone(),
-        );
-        r.register(
-            "edge_agent_anomaly_actions",
-            "Local actions on alarms: ok, failed, suppressed (rate limit)",
-            m.anomaly_actions.clone(),
-        );
-        r.register(
-            "edge_agent_detect_model_info",
-            "1 for the running anomaly model, by its name and SHA-256",
-            m.model_info.clone(),
-        );
-        r.register(
-            "edge_agent_detect_model_missing_tags",
-            "Tags the running model uses that this box's tag map does not name (their features are 0)",
-            m.model_missing_tags.clone(),
-        );
         (m, Arc::new(r))
     }
 
@@ -394,42 +343,6 @@ impl AgentMetrics {
                 self.rss_bytes.set(pages * page);
             }
         }
-    }
-
-    pub fn set_model_state(&self, d: &crate::detect::DetectStage) {
-        for s in crate::detect::ModelState::ALL {
-            self.detect_model_state
-                .get_or_create(&StateLabels { state: s.label().into() })
-                .set(i64::from(s == d.state));
-        }
-        self.anomaly_threshold.set(d.model.as_ref().map_or(0.0, |m| m.card.threshold));
-        self.model_missing_tags.set(if d.model.is_some() { d.missing_tags.len() as i64 } else { 0 });
-        self.model_info.clear();
-        if let Some(m) = &d.model {
-            self.model_info.get_or_create(&ModelLabels { name: m.card.name.clone(), sha256: m.sha256.clone() }).set(1);
-        }
-    }
-
-    pub fn observe_detect(&self, o: &crate::detect::Outcome, alarm: bool, warning: bool) {
-        if let Some(s) = &o.scored {
-            self.anomaly_score.set(s.score);
-            self.detect_scored.inc();
-            self.detect_inference_seconds.inc_by(o.inference_s);
-        }
-        self.anomaly_alarm.set(i64::from(alarm));
-        self.anomaly_warning.set(i64::from(warning));
-        if o.transition == Some(crate::detect::Transition::Raised) {
-            self.anomaly_alarms.inc();
-        }
-        if o.warning == Some(crate::detect::Transition::Raised) {
-            self.anomaly_warnings.inc();
-        }
-    }
-
-    /// The local action's counters, for it to count into as results come.
-    pub fn action_counts(&self) -> crate::detect::action::Counts {
-        let c = |result: &str| self.anomaly_actions.get_or_create(&ResultLabels { result: result.into() }).clone();
-        crate::detect::action::Counts { ok: c("ok"), failed: c("failed"), suppressed: c("suppressed") }
     }
 
     pub fn set_probe(&self, name: &str, state: &ProbeState) {
@@ -545,13 +458,22 @@ mod tests {
     /// docs/metrics.md, by its exposed name (counters with `_total`).
     #[test]
     fn every_registered_metric_is_documented() {
-        let (_, registry) = AgentMetrics::new();
+        let (m, registry) = AgentMetrics::new();
+        // The stages' labelled families, encoded once they have a child.
+        m.observe_store(crate::store::Lane::Routine, &StoreStats::default());
+        m.uplink.published_bytes("live");
+        m.detect.action_counts();
+        m.detect.model_changed("installed");
+        m.detect.model_state.get_or_create(&StateLabels { state: "loaded".into() });
+        m.detect.model_info.get_or_create(&ModelLabels { name: "m".into(), sha256: "s".into() });
+        m.values.captured.get_or_create(&TransportLabels { transport: "modbus_tcp".into() });
+        m.values.refused.get_or_create(&RefusalLabels { reason: "length".into() });
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         let mut names: Vec<String> =
             text.lines().filter_map(|l| Some(l.strip_prefix("# TYPE ")?.split(' ').next()?.to_string())).collect();
-        // Labelled families are encoded only once they have a child: their
-        // names from the registrations in this file.
+        // This file's labelled families are encoded only once they have a
+        // child: their names from its registrations.
         let src = include_str!("metrics.rs");
         for part in src.split("r.register(").skip(1) {
             if let Some(name) = part.trim_start().strip_prefix("\"edge_").and_then(|p| p.split('"').next()) {

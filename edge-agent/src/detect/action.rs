@@ -45,7 +45,7 @@ impl Event {
 }
 
 /// Where the action's results are counted, as they happen: the handles of
-/// `edge_agent_anomaly_actions_total{result}` (`AgentMetrics::action_counts`;
+/// `edge_agent_anomaly_actions_total{result}` (`DetectMetrics::action_counts`;
 /// the default counts into counters nobody exports).
 #[derive(Debug, Clone, Default)]
 pub struct Counts {

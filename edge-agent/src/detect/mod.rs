@@ -15,6 +15,7 @@
 
 pub mod action;
 pub mod config;
+pub mod metrics;
 pub mod trial;
 pub mod update;
 
@@ -562,8 +563,8 @@ fn level_record(level: &str, event: &str, model_id: &str, score: f64, threshold:
         l
     };
     [
-        (SeriesKey::new("edge_anomaly_event", labels(Some(("event", event)))), score),
-        (SeriesKey::new("edge_anomaly_threshold", labels(None)), threshold),
+        (SeriesKey::new(metrics::EVENT, labels(Some(("event", event)))), score),
+        (SeriesKey::new(metrics::THRESHOLD, labels(None)), threshold),
     ]
 }
 
@@ -747,11 +748,10 @@ impl DetectStage {
         let transition = self.alarm.observe(scored.score > threshold && warmed_up);
         let warn = model.card.warn;
         let warned = warn.map(|w| self.warning.observe(scored.score > w.threshold && warmed_up));
-        out.samples.push((SeriesKey::new("edge_anomaly_score", vec![]), scored.score));
-        out.samples.push((SeriesKey::new("edge_anomaly_alarm", vec![]), f64::from(u8::from(self.alarm.active))));
+        out.samples.push((SeriesKey::new(metrics::SCORE, vec![]), scored.score));
+        out.samples.push((SeriesKey::new(metrics::ALARM, vec![]), f64::from(u8::from(self.alarm.active))));
         if warn.is_some() {
-            out.samples
-                .push((SeriesKey::new("edge_anomaly_warning", vec![]), f64::from(u8::from(self.warning.active))));
+            out.samples.push((SeriesKey::new(metrics::WARNING, vec![]), f64::from(u8::from(self.warning.active))));
         }
         let model_id = model.sha256[..12].to_string();
         let mut rec = Vec::new();
@@ -777,10 +777,7 @@ impl DetectStage {
             // the score and the features that caused it.
             if let Some(result) = fired.label() {
                 rec.push((
-                    SeriesKey::new(
-                        "edge_anomaly_action",
-                        vec![Label::new("event", event), Label::new("result", result)],
-                    ),
+                    SeriesKey::new(metrics::ACTION, vec![Label::new("event", event), Label::new("result", result)]),
                     1.0,
                 ));
             }
@@ -790,7 +787,7 @@ impl DetectStage {
                 let rank = (rank + 1).to_string();
                 rec.push((
                     SeriesKey::new(
-                        "edge_anomaly_top_feature",
+                        metrics::TOP_FEATURE,
                         vec![Label::new("feature", name.as_str()), Label::new("rank", rank.as_str())],
                     ),
                     *share,
