@@ -461,13 +461,13 @@ mod tests {
         let (m, registry) = AgentMetrics::new();
         // The stages' labelled families, encoded once they have a child.
         m.observe_store(crate::store::Lane::Routine, &StoreStats::default());
-        m.uplink.published_bytes("live");
-        m.detect.action_counts();
+        let _ = m.uplink.published_bytes("live");
+        let _ = m.detect.action_counts();
         m.detect.model_changed("installed");
-        m.detect.model_state.get_or_create(&StateLabels { state: "loaded".into() });
-        m.detect.model_info.get_or_create(&ModelLabels { name: "m".into(), sha256: "s".into() });
-        m.values.captured.get_or_create(&TransportLabels { transport: "modbus_tcp".into() });
-        m.values.refused.get_or_create(&RefusalLabels { reason: "length".into() });
+        let _ = m.detect.model_state.get_or_create(&StateLabels { state: "loaded".into() });
+        let _ = m.detect.model_info.get_or_create(&ModelLabels { name: "m".into(), sha256: "s".into() });
+        let _ = m.values.captured.get_or_create(&TransportLabels { transport: "modbus_tcp".into() });
+        let _ = m.values.refused.get_or_create(&RefusalLabels { reason: "length".into() });
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         let mut names: Vec<String> =
