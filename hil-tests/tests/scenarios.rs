@@ -117,8 +117,13 @@ fn pump_runner_detects_two_process_fault_classes_through_the_agent() {
     for fault in ["sensor_dropout", "valve_closure"] {
         assert!(labels.contains(&format!(",{fault},")), "{fault} not injected:\n{labels}");
     }
+    // The run's options, for `pump-report` to write the report again.
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!((run["window_ms"].as_u64(), run["fault_windows"].as_u64()), (Some(5000), Some(8)), "{run}");
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for part in ["## Per fault class", "## Point-wise", "## False alarms", "## Goals", "RSS at the end"] {
+    for part in
+        ["## Per fault class", "## Point-wise", "## False alarms", "## Goals", "RSS at the end", "without its hold"]
+    {
         assert!(report.contains(part), "report lacks {part}:\n{report}");
     }
     assert!(report.contains("every fault class detected at the stop level (the agent's alarm): **met**"), "{report}");
