@@ -15,9 +15,10 @@
 #      then EVAL_NORMAL_MINUTES of normal operation -> OUT/eval/report.md
 #   4. model/run.sh report: plots and operating points -> OUT/eval/
 #   5. model/run.sh compare: models over a history of windows -> OUT/eval/history.md
-# Windows of 5 s, the HMI polling at 10 Hz. Takes about 2.5 h with the
-# defaults (NORMAL_MINUTES=40 ROUNDS=2 EVAL_NORMAL_MINUTES=20), 40 min with
-# --model.
+# Windows of 5 s, the HMI polling at 10 Hz. Takes about 3 h with the
+# defaults (NORMAL_MINUTES=40 ROUNDS=2 EVAL_NORMAL_MINUTES=20), 1 h 40 min
+# with --model (two rounds of faults take 78 min: the process recovers
+# from bearing wear and cavitation for about 10 min each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
