@@ -457,6 +457,7 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
             w.to_device.clear();
             w.to_device.push_back(Ev::ConnAck);
         }
+        let mut gone = false;
         if let Some(s) = session.as_mut() {
             s.publish(&wire, &mut lanes, w.now());
             w.client_sends(&wire);
@@ -464,24 +465,18 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
             connected |= matches!(ev, Ev::ConnAck);
             let flow = s.on(ev, &wire, &mut lanes, &mut failures, w.now());
             s.watch(&mut lanes, w.now());
-            let drop_it = w.faulty() && w.rng.chance(w.faults.disconnect);
-            if flow == Flow::End || drop_it {
-                // Gone: what was in flight either way is lost.
-                if let Some(s) = session.take() {
-                    s.end(&mut lanes, false);
-                }
-                connected = false;
-                wire.queued.borrow_mut().clear();
-                w.to_broker.clear();
-                w.to_device.clear();
-                w.reconnect_at = w.now_ms + 100 + w.rng.below(2_000);
-            }
+            let dropped = w.faulty() && w.rng.chance(w.faults.disconnect);
+            gone = flow == Flow::End || dropped;
         }
         // The broker and the bridge.
         if w.faulty() && w.rng.chance(w.faults.broker_restart) {
             // A broker without persistence restarts: its queue and every
             // connection are gone.
             w.to_bridge.clear();
+            gone = true;
+        }
+        if gone {
+            // The connection is gone: what was in flight either way is lost.
             if let Some(s) = session.take() {
                 s.end(&mut lanes, false);
             }
