@@ -857,15 +857,8 @@ pub fn stored_samples(dir: &std::path::Path, metric: &str, labels: &[&str]) -> V
 pub fn settled(dir: &std::path::Path, n: usize) {
     let since = now_ms();
     wait_for(&format!("{n} more windows stored"), Duration::from_secs(60 + n as u64), || {
-        let out = Command::new(bin_dir().join("edge-agent"))
-            .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
-            .output()
-            .map_err(|e| e.to_string())?;
-        let ends: std::collections::BTreeSet<i64> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split(',').next()?.parse().ok())
-            .filter(|&t| t > since)
-            .collect();
+        let ends: std::collections::BTreeSet<i64> =
+            export_csv(dir).lines().filter_map(|l| l.split(',').next()?.parse().ok()).filter(|&t| t > since).collect();
         (ends.len() >= n).then_some(()).ok_or(format!("{} of {n}", ends.len()))
     });
 }
@@ -889,13 +882,9 @@ fn stored_rows(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Vec<(Str
 /// (timestamp_ms, series labels, value) of every stored row of `metric`
 /// with `labels`, oldest first.
 fn stored_export(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Vec<(i64, String, f64)> {
-    let out = Command::new(bin_dir().join("edge-agent"))
-        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
-        .output()
-        .unwrap();
     // CSV quotes double the label values' quotes.
     let wanted: Vec<String> = labels.iter().map(|l| l.replace('"', "\"\"")).collect();
-    String::from_utf8_lossy(&out.stdout)
+    export_csv(dir)
         .lines()
         .filter_map(|l| {
             let mut cols = l.splitn(4, ',');
@@ -905,6 +894,15 @@ fn stored_export(dir: &std::path::Path, metric: &str, labels: &[&str]) -> Vec<(i
                 .then(|| Some((t.parse().ok()?, series.to_owned(), value.trim().parse().ok()?)))?
         })
         .collect()
+}
+
+/// The agent's store in `dir` as CSV (`edge-agent store export --format csv`).
+fn export_csv(dir: &std::path::Path) -> String {
+    let out = Command::new(bin_dir().join("edge-agent"))
+        .args(["store", "export", "--dir", &dir.join("agent-state/store").display().to_string(), "--format", "csv"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// How many of a process's descriptors are kernel objects whose link text

@@ -399,9 +399,10 @@ impl AgentMetrics {
     }
 }
 
-/// Moves a counter up to a cumulative kernel count (never down: after the
-/// probe is attached anew it waits for the new count to pass the old).
-fn advance_to(c: &Counter, v: u64) {
+/// Moves a counter up to a cumulative count kept elsewhere (a kernel map, a
+/// stage's statistics): never down (after a probe is attached anew it waits
+/// for the new count to pass the old).
+pub(crate) fn advance_to(c: &Counter, v: u64) {
     c.inc_by(v.saturating_sub(c.get()));
 }
 

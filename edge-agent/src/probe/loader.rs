@@ -21,7 +21,7 @@
 //! used: the same loader, with the parse.
 
 use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use aya::EbpfLoader;
 
@@ -30,14 +30,13 @@ const KERNEL_BTF_DIR: &std::ffi::CStr = c"/sys/kernel/btf";
 type Request = SyncSender<EbpfLoader<'static>>;
 
 /// The thread that makes loaders, when it could hide the kernel's BTF.
-static MAKER: OnceLock<Option<Mutex<Sender<Request>>>> = OnceLock::new();
+static MAKER: OnceLock<Option<Sender<Request>>> = OnceLock::new();
 
 /// A loader that has not parsed the kernel's BTF where that can be avoided.
 pub fn new() -> EbpfLoader<'static> {
     if let Some(maker) = MAKER.get_or_init(start) {
         let (tx, rx) = sync_channel(1);
-        let sent = maker.lock().map(|m| m.send(tx).is_ok()).unwrap_or(false);
-        if sent {
+        if maker.send(tx).is_ok() {
             if let Ok(loader) = rx.recv() {
                 return loader;
             }
@@ -52,7 +51,7 @@ pub fn hides_kernel_btf() -> bool {
     MAKER.get_or_init(start).is_some()
 }
 
-fn start() -> Option<Mutex<Sender<Request>>> {
+fn start() -> Option<Sender<Request>> {
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         return None; // no BTF: the plain constructor parses nothing
     }
@@ -73,7 +72,7 @@ fn start() -> Option<Mutex<Sender<Request>>> {
         return None;
     }
     match ready_rx.recv() {
-        Ok(Ok(())) => Some(Mutex::new(tx)),
+        Ok(Ok(())) => Some(tx),
         Ok(Err(e)) => {
             tracing::debug!("probe loaders: cannot hide the kernel's BTF ({e}); it is parsed per load");
             None

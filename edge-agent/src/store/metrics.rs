@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 
 use super::plan::DropReason;
 use super::{Lane, Lanes, StoreStats};
-use crate::metrics::{LaneLabels, ReasonLabels};
+use crate::metrics::{advance_to, LaneLabels, ReasonLabels};
 
 /// Its names' common prefix on `/metrics`.
 pub const PREFIX: &str = "edge_agent_store";
@@ -83,12 +83,13 @@ impl StoreMetrics {
             (&self.corrupt, s.corrupt_records),
             (&self.truncated_bytes, s.truncated_bytes),
         ] {
-            let c = c.get_or_create(&l);
-            c.inc_by(v.saturating_sub(c.get()));
+            advance_to(&c.get_or_create(&l), v);
         }
         for (reason, v) in DropReason::ALL.iter().zip(s.dropped_records) {
-            let c = self.dropped.get_or_create(&ReasonLabels { lane: l.lane.clone(), reason: reason.label().into() });
-            c.inc_by(v.saturating_sub(c.get()));
+            advance_to(
+                &self.dropped.get_or_create(&ReasonLabels { lane: l.lane.clone(), reason: reason.label().into() }),
+                v,
+            );
         }
     }
 

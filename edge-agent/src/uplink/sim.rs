@@ -158,10 +158,16 @@ impl Central {
     }
 }
 
-fn series_name(labels: &[fleet_bridge::remote_write::Label]) -> String {
-    let mut l: Vec<String> = labels.iter().map(|l| format!("{}={:?}", l.name, l.value)).collect();
+/// A series' identity in both stores: its labels (`__name__` and `device`
+/// included), sorted.
+fn series_key<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut l: Vec<String> = labels.map(|(n, v)| format!("{n}={v:?}")).collect();
     l.sort();
     l.join(",")
+}
+
+fn series_name(labels: &[fleet_bridge::remote_write::Label]) -> String {
+    series_key(labels.iter().map(|l| (l.name.as_str(), l.value.as_str())))
 }
 
 /// Everything but the uplink: the device's store writer, the broker, the
@@ -242,11 +248,9 @@ impl World {
         assert!(seq > self.last_seq[lane as usize], "sequence numbers rise");
         self.last_seq[lane as usize] = seq;
         for (k, v) in samples {
-            let mut l: Vec<String> = k.labels.iter().map(|l| format!("{}={:?}", l.name, l.value)).collect();
-            l.push(format!("__name__={:?}", k.name));
-            l.push(format!("device={DEVICE:?}"));
-            l.sort();
-            self.stored.insert((l.join(","), ts), v);
+            let own = [("__name__", k.name.as_str()), ("device", DEVICE)];
+            let key = series_key(k.labels.iter().map(|l| (l.name.as_str(), l.value.as_str())).chain(own));
+            self.stored.insert((key, ts), v);
         }
     }
 

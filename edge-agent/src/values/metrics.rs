@@ -5,7 +5,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::{RefusalLabels, TransportLabels};
+use crate::metrics::{advance_to, RefusalLabels, TransportLabels};
 
 #[derive(Clone, Debug, Default)]
 pub struct ValuesMetrics {
@@ -33,12 +33,10 @@ impl ValuesMetrics {
     pub fn observe(&self, v: &super::ValuesStage) {
         self.tags.set(v.map.tags.len() as i64);
         for (t, n) in ["modbus_tcp", "modbus_rtu"].iter().zip(v.captured) {
-            let c = self.captured.get_or_create(&TransportLabels { transport: (*t).into() });
-            c.inc_by(n.saturating_sub(c.get()));
+            advance_to(&self.captured.get_or_create(&TransportLabels { transport: (*t).into() }), n);
         }
         for (r, n) in super::Refusal::ALL.iter().zip(v.refused) {
-            let c = self.refused.get_or_create(&RefusalLabels { reason: r.label().into() });
-            c.inc_by(n.saturating_sub(c.get()));
+            advance_to(&self.refused.get_or_create(&RefusalLabels { reason: r.label().into() }), n);
         }
     }
 }
