@@ -72,7 +72,17 @@ fuzz_runs=0
 for dir_target in fuzz/record fuzz/block fuzz/store_open fuzz-model/model; do
   dir=${dir_target%/*} target=${dir_target#*/}
   if ! cargo +nightly fuzz run --fuzz-dir "$dir" "$target" -- -max_total_time="${FUZZ_SECONDS:-10}" > "$fuzz_log" 2>&1; then
-    tail -60 "$fuzz_log"
+    # The cause (a panic's message, a sanitizer's summary) comes before
+    # libFuzzer's long tail; the input travels in the log as base64, so a
+    # crash found in CI reproduces here (base64 -d > crash; cargo fuzz run
+    # --fuzz-dir $dir $target crash).
+    grep -E -A2 "panicked at|^SUMMARY|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)" "$fuzz_log" | head -40
+    tail -20 "$fuzz_log"
+    for crash in "$dir/artifacts/$target"/*; do
+      [[ -f "$crash" && $(stat -c %s "$crash") -le 65536 ]] || continue
+      echo "input $crash, base64:"
+      base64 -w 120 "$crash"
+    done
     echo "fuzz target $target failed; the input is in $dir/artifacts/$target" >&2
     exit 1
   fi

@@ -258,11 +258,21 @@ mod runtime {
             // the schema's own verifier (flatbuffers' C++ Verifier with
             // TF Lite's generated VerifyModelBuffer), so no offset or size
             // in the file can point outside it.
-            if tflite::model::Model::from_buffer(&bytes).is_none() {
+            let Some(verified) = tflite::model::Model::from_buffer(&bytes) else {
                 return Err("not a valid TensorFlow Lite file: its structure fails the flatbuffers verifier \
                             (a damaged or truncated file)"
                     .into());
+            };
+            // The bindings' tensor_info panics on a tensor name that is not
+            // UTF-8 (tflite 0.9 unwraps it): refused here, by name.
+            for (g, sub) in verified.subgraphs.iter().enumerate() {
+                if let Some(t) = sub.tensors.iter().position(|t| t.name.c_str().to_str().is_err()) {
+                    return Err(format!(
+                        "tensor {t} of subgraph {g} has a name that is not UTF-8: a damaged or hostile file"
+                    ));
+                }
             }
+            drop(verified);
             let fb = tflite::FlatBufferModel::build_from_buffer(bytes)
                 .map_err(|e| format!("not a TensorFlow Lite model: {e}"))?;
             let resolver = tflite::ops::builtin::BuiltinOpResolver::default();
