@@ -104,6 +104,13 @@ impl Cursor {
     }
 }
 
+impl Cursor {
+    /// When this cursor gives up waiting for confirmations, if it waits.
+    pub fn deadline(&self, delivery: &Delivery) -> Option<Instant> {
+        self.waiting_since.map(|t| t + delivery.timeout())
+    }
+}
+
 /// Bytes per second for the backlog, as a token bucket that may go into
 /// debt by one block (blocks are not split), with one second of burst.
 pub struct Budget {
@@ -191,10 +198,13 @@ mod tests {
         let mut c = taken(&mut d);
         assert_eq!(c.watch(&mut d, t0), None, "the wait starts");
         d.confirm(1, 3).unwrap();
+        assert_eq!(c.deadline(&d), Some(t0 + T), "the driver wakes then");
         assert_eq!(c.watch(&mut d, t0 + T / 2), None);
+        assert_eq!(c.deadline(&d), Some(t0 + T + T / 2), "progress moved it");
         assert_eq!(c.watch(&mut d, t0 + T + T / 4), None, "progress at T/2 restarted the wait");
         let r = c.watch(&mut d, t0 + T + T / 2).expect("a full timeout since the last progress");
         assert_eq!((r.from, r.broker_acked, r.waited), (3, 10, T));
+        assert_eq!(c.deadline(&d), None, "nothing waits until the resent blocks are acknowledged");
         assert_eq!(c.win.last_sent(), 3, "sends again after the confirmed run");
         assert_eq!(d.timeout(), T * 2, "and waits twice as long next time");
     }

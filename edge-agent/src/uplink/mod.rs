@@ -32,8 +32,8 @@ mod sim;
 
 use mqtt::Conn;
 use rumqttc::{TlsConfiguration, Transport};
-use session::{Flow, Session};
-use std::sync::atomic::{AtomicBool, Ordering};
+use session::{Action, Flow, Session};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,10 @@ pub struct Uplink {
     models: Option<crate::detect::update::Inbox>,
     /// The clock-before-floor warning was given (once a run).
     said_floor: AtomicBool,
+    /// Time requests' nonces: each connection takes a range, from this
+    /// boot's clock at the start, so that no late answer to another
+    /// connection's (or run's) request is taken for one to ours.
+    nonces: AtomicU64,
 }
 
 /// One lane's end-to-end state.
@@ -82,7 +86,8 @@ impl Uplink {
         shutdown: Arc<AtomicBool>,
     ) -> Self {
         let boot = crate::clock::boot_id().to_owned();
-        Uplink { cfg, store, clock, boot, metrics, shutdown, models: None, said_floor: AtomicBool::new(false) }
+        let nonces = AtomicU64::new((crate::clock::mono_ms().max(0) as u64) << 20);
+        Uplink { cfg, store, clock, boot, metrics, shutdown, models: None, said_floor: AtomicBool::new(false), nonces }
     }
 
     /// Model messages (`<prefix>/<device>/model`) are subscribed to and
@@ -174,13 +179,63 @@ impl Uplink {
                 break;
             }
             session.publish(&conn, lanes, Instant::now());
-            let ev = conn.recv(POLL);
-            if session.on(ev, &conn, lanes, failures, Instant::now()) == Flow::End {
+            // Until the session's next deadline; the shutdown flag is
+            // looked at every POLL.
+            let now = Instant::now();
+            let wait = session.wake_at(lanes, now).map_or(POLL, |t| t.saturating_duration_since(now).min(POLL));
+            let ev = conn.recv(wait.max(Duration::from_millis(1)));
+            let flow = session.on(ev, &conn, lanes, failures, Instant::now());
+            if flow == Flow::Go {
+                session.watch(lanes, Instant::now());
+            }
+            self.carry_out(session.actions(), lanes);
+            if flow == Flow::End {
                 break;
             }
-            session.watch(lanes, Instant::now());
         }
-        session.end(lanes, self.shutdown.load(Ordering::Relaxed))
+        let healthy = session.end(self.shutdown.load(Ordering::Relaxed));
+        self.carry_out(session.actions(), lanes);
+        healthy
+    }
+
+    /// What a session asked of the other stages: the store keeps the
+    /// confirmed positions, detect's inbox takes a model, the clock learns
+    /// the true time.
+    fn carry_out(&self, actions: impl Iterator<Item = Action>, lanes: &mut [LaneSend]) {
+        for action in actions {
+            match action {
+                Action::Persist => self.persist(lanes),
+                Action::Model(payload) => {
+                    let Some(inbox) = &self.models else { continue };
+                    match inbox.put(&payload) {
+                        Ok(()) => tracing::info!(bytes = payload.len(), "model message received"),
+                        Err(e) => tracing::error!(error = %e, "model message ignored"),
+                    }
+                }
+                Action::TrueTime { bridge_ms, sent, received } => self.true_time(bridge_ms, sent, received),
+            }
+        }
+    }
+
+    /// A bridge's answer: its wall clock when our request arrived, which
+    /// was, on this boot's clock, halfway between sending and receiving.
+    fn true_time(&self, bridge_ms: i64, sent: Instant, received: Instant) {
+        let rtt = received.saturating_duration_since(sent);
+        let now = crate::clock::read(self.cfg.clock.test_offset_ms);
+        let midway = received.checked_sub(rtt / 2).unwrap_or(sent);
+        let midway_mono_ms = now.mono_ms - Instant::now().saturating_duration_since(midway).as_millis() as i64;
+        let truth = bridge_ms - midway_mono_ms;
+        self.metrics.clock.replies.inc();
+        self.metrics.clock.error_ms.set(truth - now.offset_ms());
+        match lock(&self.clock).learn(&self.boot, truth) {
+            Ok(true) => tracing::info!(
+                error_ms = truth - now.offset_ms(),
+                round_trip_ms = rtt.as_millis() as u64,
+                "learned the true time from the bridge; blocks of this boot are corrected"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "clock journal not saved"),
+        }
     }
 
     /// TLS and credentials, read from their files on every connection, so

@@ -1,8 +1,11 @@
 //! One MQTT connection's delivery protocol, without sockets or clocks:
 //! what the connection reports goes in ([`Session::on`], with the time),
 //! publishes and subscriptions go out through a [`Wire`], the lanes'
-//! positions move. The driver (`Uplink::session`) is a short loop over the
-//! MQTT client; the same code runs under simulated time in tests.
+//! positions move, and what other stages must do comes out as [`Action`]s
+//! (make the positions durable, a model for detect, a time answer for the
+//! clock). The driver (`Uplink::session`) is a short loop over the MQTT
+//! client that carries the actions out; the same code runs under simulated
+//! time in tests.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +23,7 @@ const READ_BYTES: usize = 4 << 20;
 /// Requests again after this long without an answer (QoS 0 may be lost).
 const TIME_ASK_EVERY: Duration = Duration::from_secs(5);
 /// Answers slower than this are not precise enough to use.
-const TIME_MAX_RTT_MS: i64 = 5_000;
+const TIME_MAX_RTT: Duration = Duration::from_secs(5);
 
 /// What the session needs of a connection.
 pub trait Wire {
@@ -40,6 +43,19 @@ impl Wire for Conn {
     }
 }
 
+/// What the session asks of the other stages; the driver carries it out
+/// ([`super::Uplink::carry_out`]) after each call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// The lanes' confirmed positions moved: make them durable (store).
+    Persist,
+    /// A model message, for the detect stage's inbox.
+    Model(Vec<u8>),
+    /// A bridge's wall clock (`bridge_ms`) when our request, sent at
+    /// `sent`, arrived; its answer came at `received` (clock stage).
+    TrueTime { bridge_ms: i64, sent: Instant, received: Instant },
+}
+
 /// Whether the connection goes on after an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -50,8 +66,11 @@ pub enum Flow {
 /// Time requests of one connection.
 #[derive(Default)]
 struct TimeAsk {
-    /// Nonce (= monotonic ms when sent) of the outstanding request.
-    pending: Option<i64>,
+    /// The outstanding request: its nonce and when it went.
+    pending: Option<(u64, Instant)>,
+    /// The next request's nonce (starts from the uplink's, so that no two
+    /// connections of a run share one).
+    nonce: u64,
     last: Option<Instant>,
     connected_at: Option<Instant>,
     /// Gave up waiting for an answer on this connection.
@@ -80,6 +99,7 @@ pub struct Session<'a> {
     acked_any: bool,
     persisted_at: Instant,
     last_live: Instant,
+    actions: Vec<Action>,
 }
 
 impl<'a> Session<'a> {
@@ -97,14 +117,23 @@ impl<'a> Session<'a> {
             pkids: PacketIds::default(),
             budget: Budget::new(m.drain_bytes_per_sec, now),
             forged: Throttle::new(Duration::from_secs(60)),
-            time: TimeAsk::default(),
+            time: TimeAsk {
+                nonce: up.nonces.fetch_add(1 << 20, std::sync::atomic::Ordering::Relaxed),
+                ..Default::default()
+            },
             connected: false,
             refusals: 0,
             acked_any: false,
             persisted_at: now,
             // Send the open routine block at once on connecting.
             last_live: now.checked_sub(Duration::from_millis(m.live_interval_ms)).unwrap_or(now),
+            actions: Vec::new(),
         }
+    }
+
+    /// What the other stages must do, in order, since the last call.
+    pub fn actions(&mut self) -> std::vec::Drain<'_, Action> {
+        self.actions.drain(..)
     }
 
     /// Before waiting for the connection: ask for the time, publish what
@@ -185,16 +214,10 @@ impl<'a> Session<'a> {
                     self.cursors[i].win.ack(seq);
                 }
             }
-            Ev::Publish { topic: t, payload } if t == self.model_topic => {
-                // To the detect stage: it verifies and installs it at its
-                // next window.
-                let Some(inbox) = &up.models else { return Flow::Go };
-                match inbox.put(&payload) {
-                    Ok(()) => tracing::info!(bytes = payload.len(), "model message received"),
-                    Err(e) => tracing::error!(error = %e, topic = %t, "model message ignored"),
-                }
-            }
-            Ev::Publish { topic: t, payload } if t == self.reply_topic => self.time_reply(&payload),
+            // To the detect stage: it verifies and installs it at its next
+            // window.
+            Ev::Publish { topic: t, payload } if t == self.model_topic => self.actions.push(Action::Model(payload)),
+            Ev::Publish { topic: t, payload } if t == self.reply_topic => self.time_reply(&payload, now),
             Ev::Publish { topic: t, payload } if t == self.ack_topic => self.confirmation(&payload, lanes),
             Ev::Publish { .. } | Ev::Other | Ev::Timeout => {}
             Ev::Error { message, reason } => {
@@ -258,16 +281,37 @@ impl<'a> Session<'a> {
             }
         }
         if now.saturating_duration_since(self.persisted_at) >= PERSIST_EVERY {
-            self.up.persist(lanes);
+            if lanes.iter().any(|l| l.dirty) {
+                self.actions.push(Action::Persist);
+            }
             self.persisted_at = now;
         }
     }
 
-    /// The connection is over: the positions made durable; whether the
-    /// broker accepted the connection and its publishes (the back-off
-    /// starts over then).
-    pub fn end(self, lanes: &mut [LaneSend], stopping: bool) -> bool {
-        self.up.persist(lanes);
+    /// When the session next has something to do on its own (a
+    /// confirmation wait running out, a moved position to make durable,
+    /// live data due, a time request to repeat): the driver waits for the
+    /// connection until then at the latest. `None`: nothing is due; only
+    /// the connection moves it.
+    pub fn wake_at(&self, lanes: &[LaneSend], now: Instant) -> Option<Instant> {
+        if !self.connected {
+            return None;
+        }
+        let live_every = Duration::from_millis(self.up.cfg.mqtt.live_interval_ms);
+        let deadlines = self.cursors.iter().filter_map(|c| c.deadline(&lanes[c.lane].delivery));
+        let persist = lanes.iter().any(|l| l.dirty).then_some(self.persisted_at + PERSIST_EVERY);
+        let live = Some(self.last_live + live_every);
+        let ask = self.time.pending.map(|(_, sent)| sent + TIME_ASK_EVERY);
+        // Only what lies ahead: a time already past with nothing done
+        // (no open block to send, say) waits for the next event.
+        deadlines.chain(persist).chain(live).chain(ask).filter(|&t| t > now).min()
+    }
+
+    /// The connection is over: the positions are to be made durable
+    /// (an action); whether the broker accepted the connection and its
+    /// publishes (the back-off starts over then).
+    pub fn end(&mut self, stopping: bool) -> bool {
+        self.actions.push(Action::Persist);
         // mosquitto closes a connection right after refusing a publish, often
         // before its PUBACK (with the reason) is read: a connection that
         // ended before the broker acknowledged anything is counted, and like
@@ -388,44 +432,32 @@ impl<'a> Session<'a> {
         if self.time.last.is_some_and(|t| now.saturating_duration_since(t) < TIME_ASK_EVERY) {
             return;
         }
-        let nonce = crate::clock::mono_ms();
+        self.time.nonce += 1;
+        let nonce = self.time.nonce;
         let topic = edge_wire::time_topic(&up.cfg.mqtt.topic_prefix, &up.cfg.device_id);
-        let msg = edge_wire::TimeRequest { nonce: nonce as u64 }.encode();
+        let msg = edge_wire::TimeRequest { nonce }.encode();
         if wire.publish(&topic, false, false, msg) {
-            self.time.pending = Some(nonce);
+            self.time.pending = Some((nonce, now));
             self.time.last = Some(now);
         }
     }
 
     /// A bridge's answer: its wall clock when our request arrived, which
-    /// was between sending and now on our monotonic clock.
-    fn time_reply(&mut self, payload: &[u8]) {
-        let up = self.up;
+    /// was between sending and now; for the clock stage.
+    fn time_reply(&mut self, payload: &[u8], now: Instant) {
         let reply = match edge_wire::TimeReply::decode(payload) {
             Ok(r) => r,
             Err(e) => return tracing::warn!(error = %e, "malformed time reply ignored"),
         };
-        let Some(sent) = self.time.pending.filter(|n| *n as u64 == reply.nonce) else {
+        let Some((_, sent)) = self.time.pending.filter(|(n, _)| *n == reply.nonce) else {
             return; // an answer to an earlier request, or to another bridge's copy
         };
-        let now = crate::clock::read(up.cfg.clock.test_offset_ms);
-        let rtt = now.mono_ms - sent;
-        if !(0..=TIME_MAX_RTT_MS).contains(&rtt) {
-            return tracing::debug!(rtt, "time reply too slow to use");
+        let rtt = now.saturating_duration_since(sent);
+        if rtt > TIME_MAX_RTT {
+            return tracing::debug!(rtt = ?rtt, "time reply too slow to use");
         }
         self.time.pending = None;
-        let truth = reply.bridge_ms - (sent + now.mono_ms) / 2;
-        up.metrics.clock.replies.inc();
-        up.metrics.clock.error_ms.set(truth - now.offset_ms());
-        match lock(&up.clock).learn(&up.boot, truth) {
-            Ok(true) => tracing::info!(
-                error_ms = truth - now.offset_ms(),
-                round_trip_ms = rtt,
-                "learned the true time from the bridge; blocks of this boot are corrected"
-            ),
-            Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "clock journal not saved"),
-        }
+        self.actions.push(Action::TrueTime { bridge_ms: reply.bridge_ms, sent, received: now });
     }
 }
 

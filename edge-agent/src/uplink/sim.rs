@@ -469,6 +469,7 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
             connected |= matches!(ev, Ev::ConnAck);
             let flow = s.on(ev, &wire, &mut lanes, &mut failures, w.now());
             s.watch(&mut lanes, w.now());
+            up.carry_out(s.actions(), &mut lanes);
             let dropped = w.faulty() && w.rng.chance(w.faults.disconnect);
             gone = flow == Flow::End || dropped;
         }
@@ -481,8 +482,9 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
         }
         if gone {
             // The connection is gone: what was in flight either way is lost.
-            if let Some(s) = session.take() {
-                s.end(&mut lanes, false);
+            if let Some(mut s) = session.take() {
+                s.end(false);
+                up.carry_out(s.actions(), &mut lanes);
             }
             connected = false;
             wire.queued.borrow_mut().clear();
@@ -509,6 +511,15 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
                     l.delivery.delivered()
                 ));
             }
+            // Nor does the durable one (the store's, moved by Persist).
+            let durable = super::lock(&w.store).get(l.lane).stats().acked_seq;
+            if durable > written {
+                return Err(format!(
+                    "at {} ms the {} lane's durable position {durable} passed what central holds (up to {written})",
+                    w.now_ms,
+                    l.lane.label(),
+                ));
+            }
         }
         let done = w.now_ms >= stop_storing
             && lanes.iter().all(|l| l.delivery.delivered() == w.last_seq[l.lane as usize])
@@ -528,8 +539,20 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
             ));
         }
     }
-    if let Some(s) = session.take() {
-        s.end(&mut lanes, true);
+    if let Some(mut s) = session.take() {
+        s.end(true);
+        up.carry_out(s.actions(), &mut lanes);
+    }
+    // The session's end made every confirmed position durable.
+    for l in &lanes {
+        let durable = super::lock(&w.store).get(l.lane).stats().acked_seq;
+        if durable != l.delivery.delivered() {
+            return Err(format!(
+                "the {} lane's durable position {durable} is not its confirmed one {}",
+                l.lane.label(),
+                l.delivery.delivered()
+            ));
+        }
     }
     if w.central.samples != w.stored {
         let missing = w.stored.keys().filter(|k| !w.central.samples.contains_key(*k)).count();
