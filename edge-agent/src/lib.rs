@@ -27,6 +27,7 @@ use config::Config;
 use metrics::AgentMetrics;
 use probe::tcp_lifecycle::TcpCounters;
 use probe::Probes;
+use store::recorder::Recorder;
 use store::Lanes;
 
 #[derive(Debug, thiserror::Error)]
@@ -93,9 +94,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     };
 
     let probes = Probes::start(&cfg);
-    for (name, state) in &probes.states {
-        metrics.set_probe(name, state);
-    }
+    metrics.probes.set_states(&probes);
     let probes = std::cell::RefCell::new(probes);
     match privileges::drop_root(&cfg.run_as, &cfg.state_dir) {
         Ok(privileges::Outcome::Dropped { user, uid, caps, .. }) => {
@@ -155,8 +154,8 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
 
     // Store what the probes counted since the last window, then let the
     // uplink persist its position and disconnect.
-    let mut writer = cfg.block_writer();
-    close_window(&sh, &mut window::WindowStage::new(), &mut writer, &mut TcpCounters::default());
+    let mut recorder = Recorder::new(cfg.block_writer());
+    close_window(&sh, &mut window::WindowStage::new(), &mut recorder, &mut TcpCounters::default());
     shutdown.store(true, Ordering::Relaxed);
     let _ = uplink.join();
     result
@@ -182,7 +181,7 @@ async fn window_loop(
 ) {
     use futures_lite::StreamExt;
     let mut stage = window::WindowStage::new();
-    let mut writer = cfg.block_writer();
+    let mut recorder = Recorder::new(cfg.block_writer());
     let mut prev = TcpCounters::default();
     let period = cfg.window();
     let mut next = Instant::now() + period;
@@ -227,7 +226,7 @@ async fn window_loop(
         }
         if wake == Wake::Reload {
             // Count what the old probes saw into a window first.
-            close_window(sh, &mut stage, &mut writer, &mut prev);
+            close_window(sh, &mut stage, &mut recorder, &mut prev);
             // The old rings' descriptors go with the old probes.
             drop(std::mem::take(&mut values_ready));
             reload_probes(cfg, config_path, sh, &mut probe_cfg, &mut prev);
@@ -240,7 +239,7 @@ async fn window_loop(
         if next < Instant::now() {
             next = Instant::now() + period;
         }
-        close_window(sh, &mut stage, &mut writer, &mut prev);
+        close_window(sh, &mut stage, &mut recorder, &mut prev);
     }
 }
 
@@ -286,9 +285,7 @@ fn reload_probes(
     // Detach and free the old programs and maps before attaching anew.
     *probes = Probes::none();
     *probes = Probes::start(&new);
-    for (name, state) in &probes.states {
-        sh.metrics.set_probe(name, state);
-    }
+    sh.metrics.probes.set_states(&probes);
     // The new maps count from zero.
     *prev = TcpCounters::default();
     *probe_cfg = new.probes.clone();
@@ -322,114 +319,150 @@ fn drain_values(sh: &Shared<'_>) {
     }
 }
 
-fn close_window(
-    sh: &Shared<'_>,
-    stage: &mut window::WindowStage,
-    writer: &mut store::blocks::BlockWriter,
-    prev: &mut TcpCounters,
-) {
+/// One window, stage after stage: the probes' reading, the clock's time,
+/// the window's samples, the process values, the model's verdict, the
+/// store. Each stage takes what the one before handed on and moves its own
+/// metrics.
+fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut Recorder, prev: &mut TcpCounters) {
     drain_values(sh);
+    let reading = read_probes(sh, prev);
+    let (clocks, era) = clock_era(sh);
+    let ts = clocks.wall_ms;
+    let probes = sh.probes.borrow();
+    let mut window = stage.close(ts, &reading, probes.tcp.as_ref().map(|p| p.classes())).unwrap_or_default();
+    drop(probes);
+    window.timestamp_ms = ts;
+    sh.metrics.window.closed.inc();
+    // How wrong the box's clock is travels too (docs/clock.md).
+    window.samples.extend(era.error_ms.map(|e| (edge_wire::SeriesKey::new(clock::ERROR_MS, vec![]), e as f64)));
+    close_values(sh, &reading, &mut window);
+    let alarm = detect_window(sh, &window);
+    window.samples.extend(alarm.samples);
+    store_window(
+        sh,
+        recorder,
+        era.new,
+        alarm.record.map(|samples| window::Window { timestamp_ms: ts, samples, values: Vec::new() }),
+        window,
+    );
+    sh.metrics.observe_process();
+}
+
+/// Probes: one reading of every attached probe; their states and counts
+/// into the metrics.
+fn read_probes(sh: &Shared<'_>, prev: &mut TcpCounters) -> probe::ProbeReading {
     let mut probes = sh.probes.borrow_mut();
-    let (store, metrics) = (sh.store, sh.metrics);
     if probes.refresh() {
-        for (name, state) in &probes.states {
-            metrics.set_probe(name, state);
-        }
+        sh.metrics.probes.set_states(&probes);
     }
     let reading = probes.read();
-    let clocks = clock::read(sh.test_offset_ms);
-    let ts = clocks.wall_ms;
-    let classes = probes.tcp.as_ref().map(|p| p.classes());
-    if let (Some(now), Some(classes)) = (&reading.tcp, classes) {
-        metrics.observe_tcp(prev, now, classes);
-        *prev = now.clone();
-    }
-    metrics.windows.inc();
-    for probe in metrics.observe_programs(&probes.program_stats()) {
+    for probe in sh.metrics.probes.observe(&probes, &reading, prev) {
         tracing::warn!(
             probe,
             "the kernel skipped this probe's program for some events (a BPF tracing program was already \
              running on that CPU); its counts are low by edge_agent_probe_missed_runs_total (docs/probes.md)"
         );
     }
+    reading
+}
+
+/// What the clock says of this window.
+struct Era {
+    /// A new clock era (step, sync state, boot) starts here.
+    new: bool,
+    /// How far the wall clock is off the true time, when known.
+    error_ms: Option<i64>,
+}
+
+/// Clock: the window's time; a new era is journalled with the records it
+/// starts at.
+fn clock_era(sh: &Shared<'_>) -> (clock::Reading, Era) {
+    let clocks = clock::read(sh.test_offset_ms);
+    let next = {
+        let lanes = uplink::lock(sh.store);
+        [lanes.routine.next_seq(), lanes.priority.next_seq()]
+    };
+    let mut clock = uplink::lock(sh.clock);
+    let new = match clock.observe(&clocks, next) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(error = %e, "clock journal not saved");
+            false
+        }
+    };
+    if new {
+        tracing::info!(
+            boot = %clocks.boot_id,
+            synced = clocks.synced,
+            wall_minus_monotonic_ms = clocks.offset_ms(),
+            first_seq = next[0],
+            "new clock era"
+        );
+    }
+    let error_ms = clock.error_ms(&clocks);
+    (clocks, Era { new, error_ms })
+}
+
+/// Values: the window's process values, each at its own time, and per tag
+/// statistics.
+fn close_values(sh: &Shared<'_>, reading: &probe::ProbeReading, window: &mut window::Window) {
+    let mut values = sh.values.borrow_mut();
+    if let Some(p) = &reading.protocols {
+        values.kernel_counts(p.values_lost, p.values_bad);
+    }
     if let Some(d) = &reading.devices {
-        metrics.observe_devices(d);
+        values.serial_kernel_counts(d.bytes_lost, d.bytes_cut);
     }
-    if let Some(b) = &reading.buses {
-        metrics.observe_buses(b);
-    }
-    metrics.observe_process();
-    let mut lanes = uplink::lock(store);
-    // A new clock era (step, sync state, boot) starts a new block.
-    let next = [lanes.routine.next_seq(), lanes.priority.next_seq()];
-    match uplink::lock(sh.clock).observe(&clocks, next) {
-        Ok(true) => {
-            writer.end_block();
-            tracing::info!(
-                boot = %clocks.boot_id,
-                synced = clocks.synced,
-                wall_minus_monotonic_ms = clocks.offset_ms(),
-                first_seq = next[0],
-                "new clock era"
-            );
-        }
-        Ok(false) => {}
-        Err(e) => tracing::error!(error = %e, "clock journal not saved"),
-    }
-    let clock_error = uplink::lock(sh.clock).error_ms(&clocks);
-    let mut window = stage.close(ts, &reading, classes).unwrap_or_default();
-    // How wrong the box's clock is travels too (docs/clock.md).
-    if let Some(e) = clock_error {
-        window.samples.push((edge_wire::SeriesKey::new(clock::ERROR_MS, vec![]), e as f64));
-    }
-    window.timestamp_ms = ts;
-    // Process values: each at its own time, and per tag statistics.
-    {
-        let mut values = sh.values.borrow_mut();
-        if let Some(p) = &reading.protocols {
-            values.kernel_counts(p.values_lost, p.values_bad);
-        }
-        if let Some(d) = &reading.devices {
-            values.serial_kernel_counts(d.bytes_lost, d.bytes_cut);
-        }
-        let closed = values.close(ts);
-        metrics.observe_values(&values);
-        window.samples.extend(closed.samples);
-        window.values = closed.series;
-    }
-    // Detect: the window's features through the model; the score goes
-    // with the window, an alarm's raising or clearing into the priority lane.
+    let closed = values.close(window.timestamp_ms);
+    sh.metrics.observe_values(&values);
+    window.samples.extend(closed.samples);
+    window.values = closed.series;
+}
+
+/// Detect: the window's features through the model (a new model first,
+/// if one came); the score's samples, and an alarm's record when it rose
+/// or cleared.
+fn detect_window(sh: &Shared<'_>, window: &window::Window) -> detect::Outcome {
     let mut detect = sh.detect.borrow_mut();
     if let Some(result) = detect.poll_updates() {
-        metrics.detect.model_changed(result);
-        metrics.detect.set_model_state(&detect);
+        sh.metrics.detect.model_changed(result);
+        sh.metrics.detect.set_model_state(&detect);
     }
-    let outcome = detect.observe(ts, &window.samples, &features::tag_values(&window.values));
-    metrics.detect.observe(&outcome, detect.alarm.active, detect.warning.active);
-    window.samples.extend(outcome.samples);
-    if let Some(record) = outcome.record {
-        let rec = window::Window { timestamp_ms: ts, samples: record, values: Vec::new() };
-        // One record per block: sendable at once, synced at once.
-        let mut w = store::blocks::BlockWriter::new(1, 64 * 1024);
-        match w.write(&mut lanes.priority, &rec).and_then(|_| lanes.priority.sync().map_err(Into::into)) {
-            Ok(()) => {}
-            Err(e) => tracing::error!(error = %e, "anomaly record could not be stored"),
+    let outcome = detect.observe(window.timestamp_ms, &window.samples, &features::tag_values(&window.values));
+    sh.metrics.detect.observe(&outcome, detect.alarm.active, detect.warning.active);
+    outcome
+}
+
+/// Store: the alarm's record into the priority lane, the window into the
+/// routine lane (a new block at a new clock era).
+fn store_window(
+    sh: &Shared<'_>,
+    recorder: &mut Recorder,
+    new_era: bool,
+    alarm: Option<window::Window>,
+    window: window::Window,
+) {
+    let mut lanes = uplink::lock(sh.store);
+    if new_era {
+        recorder.new_era();
+    }
+    if let Some(record) = alarm {
+        if let Err(e) = recorder.priority(&mut lanes, &record) {
+            tracing::error!(error = %e, "anomaly record could not be stored");
         }
     }
-    // The store stage's own health travels with the measurements, so the
-    // fleet can alert on backlogs and drops (configs/rules/).
-    window.samples.extend(store::self_telemetry(&lanes));
-    match writer.write(&mut lanes.routine, &window) {
-        Ok(seq) => tracing::debug!(seq, series = window.samples.len(), "window stored"),
+    let series = window.samples.len();
+    match recorder.routine(&mut lanes, window) {
+        Ok(seq) => tracing::debug!(seq, series, "window stored"),
         Err(e) => {
-            metrics.window_errors.inc();
+            sh.metrics.window.errors.inc();
             tracing::error!(error = %e, "window could not be stored");
         }
     }
-    if let Err(e) = lanes.routine.tick() {
+    if let Err(e) = recorder.tick(&mut lanes) {
         tracing::error!(error = %e, "store sync failed");
     }
-    metrics.observe_lanes(&lanes);
+    sh.metrics.observe_lanes(&lanes);
 }
 
 /// Tracing to stderr; `EDGE_AGENT_LOG` (or `RUST_LOG`) filters, default info.

@@ -368,6 +368,21 @@ impl WindowConfig {
     }
 }
 
+/// The window stage's metrics (docs/metrics.md).
+#[derive(Clone, Debug, Default)]
+pub struct WindowMetrics {
+    pub closed: prometheus_client::metrics::counter::Counter,
+    /// Windows whose record the store did not take.
+    pub errors: prometheus_client::metrics::counter::Counter,
+}
+
+impl WindowMetrics {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register("edge_agent_windows", "Windows closed", self.closed.clone());
+        r.register("edge_agent_window_errors", "Windows whose record could not be stored", self.errors.clone());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

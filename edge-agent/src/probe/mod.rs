@@ -5,6 +5,7 @@ pub mod buses;
 pub mod config;
 pub mod device_io;
 pub mod loader;
+pub mod metrics;
 pub mod protocols;
 pub mod tcp_idle;
 pub mod tcp_lifecycle;

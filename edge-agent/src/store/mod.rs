@@ -18,6 +18,7 @@ pub mod medium;
 pub mod metrics;
 pub mod plan;
 pub mod record;
+pub mod recorder;
 pub mod sim;
 pub mod tools;
 
