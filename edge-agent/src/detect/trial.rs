@@ -29,6 +29,11 @@ pub enum TrialError {
     Crashed(i32),
     #[error("the TF Lite bindings panicked on it in a trial load: a damaged or hostile file")]
     Panicked,
+    #[error(
+        "its trial load ended abnormally (exit code {0}: a crash handler or sanitizer ended it): a damaged or \
+         hostile file"
+    )]
+    Exited(i32),
     #[error("its trial load did not finish within {0:?}: refused")]
     TimedOut(Duration),
     #[error("cannot fork a trial load: {0}")]
@@ -48,8 +53,8 @@ pub fn run<F: FnOnce() -> bool>(timeout: Duration, f: F) -> Result<(), TrialErro
     }
     if pid == 0 {
         let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-            Ok(true) => 0,
-            Ok(false) => 1,
+            Ok(true) => BUILT,
+            Ok(false) => REFUSED,
             Err(_) => PANICKED,
         };
         // SAFETY: ends the child at once, without running the parent's
@@ -87,14 +92,22 @@ pub fn run<F: FnOnce() -> bool>(timeout: Duration, f: F) -> Result<(), TrialErro
     if libc::WIFSIGNALED(status) {
         return Err(TrialError::Crashed(libc::WTERMSIG(status)));
     }
-    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == PANICKED {
-        return Err(TrialError::Panicked);
+    match libc::WEXITSTATUS(status) {
+        BUILT | REFUSED => Ok(()),
+        PANICKED => Err(TrialError::Panicked),
+        // Not one of ours: something else ended the child (a library's or
+        // a sanitizer's crash handler that exits instead of dying by the
+        // signal): the work did not finish.
+        code => Err(TrialError::Exited(code)),
     }
-    Ok(())
 }
 
-/// The child's exit code when `f` panicked (where panics unwind: tests).
-const PANICKED: i32 = 3;
+/// The child's exit codes: `f` finished and succeeded; finished and
+/// failed; panicked (where panics unwind: tests). Uncommon values, so that
+/// a handler's exit (1, 77, ...) is never taken for a finish.
+const BUILT: i32 = 40;
+const REFUSED: i32 = 41;
+const PANICKED: i32 = 42;
 
 #[cfg(test)]
 mod tests {
@@ -115,6 +128,14 @@ mod tests {
         assert_eq!(run(TIMEOUT, || true), Ok(()));
         assert_eq!(run(TIMEOUT, || false), Ok(()), "an error is the caller's to find, in this process");
         assert_eq!(run(TIMEOUT, || panic!("in the child")), Err(TrialError::Panicked));
+        // A crash handler that exits (libFuzzer's: 77; ASan's: 1) is no
+        // finish: before, exit code 1 read as "finished, failed", and this
+        // process then ran the work itself.
+        for code in [1, 77] {
+            // SAFETY: ends the child as such a handler does.
+            let exited = run(TIMEOUT, || unsafe { libc::_exit(code) });
+            assert_eq!(exited, Err(TrialError::Exited(code)));
+        }
         let slow = run(Duration::from_millis(100), || {
             std::thread::sleep(Duration::from_secs(30));
             true
