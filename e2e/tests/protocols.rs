@@ -11,7 +11,11 @@ use e2e::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+/// Requests the server read and did not answer (function 8).
+static UNANSWERED: AtomicUsize = AtomicUsize::new(0);
 
 /// What the server does with a request's PDU: the reply PDU and how long
 /// to wait before sending it; `None`: no reply (a hung diagnostics call).
@@ -50,7 +54,10 @@ fn modbus_server(listener: TcpListener) {
                     if s.read_exact(&mut pdu).is_err() {
                         return;
                     }
-                    let Some((reply, delay)) = answer(&pdu) else { continue };
+                    let Some((reply, delay)) = answer(&pdu) else {
+                        UNANSWERED.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    };
                     std::thread::sleep(delay);
                     let mut adu = head[..4].to_vec();
                     adu.extend(((reply.len() + 1) as u16).to_be_bytes());
@@ -196,10 +203,17 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
     for _ in 0..2 {
         assert_eq!(c.call(&[&[65, 0, 0, 0, 0]])[0], vec![0xc1, 1]);
     }
-    // A diagnostics request that never gets its reply; the client gives up
-    // and uses the transaction id again for a read (answered).
+    // A diagnostics request that never gets its reply; once the server has
+    // it (so the two never share a segment), the client gives up and uses
+    // the transaction id again for a read (answered).
+    let unanswered = UNANSWERED.load(Ordering::SeqCst);
     c.send(&[8, 0, 0, 0x12, 0x34]);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_for("the server read the unanswered request", Duration::from_secs(10), || {
+        match UNANSWERED.load(Ordering::SeqCst) {
+            n if n > unanswered => Ok(()),
+            n => Err(n),
+        }
+    });
     c.tid -= 1;
     assert_eq!(c.call(&[&[3, 0, 0, 0, 1]])[0][0], 3);
     // A second connection pipelines two requests in one segment.
