@@ -747,6 +747,12 @@ impl Agent {
         self.wait_attached();
     }
 
+    /// Starts the agent again without waiting for its probe (as
+    /// [`Agent::launch`] to [`Agent::start`]).
+    pub fn relaunch(&mut self) {
+        self.proc = Agent::spawn(&self.dir, &self.conf, &[]);
+    }
+
     pub fn metric(&self, series: &str) -> Option<f64> {
         scrape(self.metrics_port, series).ok().flatten()
     }

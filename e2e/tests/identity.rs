@@ -255,3 +255,51 @@ fn an_agent_publishing_as_another_device_is_refused_and_counts_it() {
     // It keeps its data: the backlog only grows.
     assert!(agent.metric("edge_agent_store_backlog_records{lane=\"routine\"}").unwrap_or(0.0) >= 1.0);
 }
+
+/// A broker whose certificate this device cannot trust (the agent given a
+/// CA of its own instead of the fleet's): every connection attempt fails
+/// its TLS handshake, counted by reason (`unknown_ca`); the client
+/// certificate's expiry is exported all the same.
+#[test]
+fn a_broker_certificate_from_another_ca_is_counted_by_reason() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("tls-reason");
+    let broker = Broker::start(&dir);
+    let other_ca = dir.join("other-ca.crt");
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=another CA", "-keyout"])
+        .arg(dir.join("other-ca.key"))
+        .arg("-out")
+        .arg(&other_ca)
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    let quiet = "[probes.tcp_lifecycle]\nenabled = false\n[probes.devices]\nenabled = false\n\
+                 [probes.protocols]\nenabled = false\n[probes.buses]\nenabled = false\n[detect]\nenabled = false\n";
+    let mut s = AgentSetup::offline("dev-untrusting", quiet);
+    s.broker = Some(&broker);
+    let mut agent = Agent::launch(&dir, &s);
+    // The same config with the other CA in place of the fleet's.
+    let conf = std::fs::read_to_string(agent.config_path()).unwrap();
+    let fleet_ca = broker.client_toml(Who::Device("dev-untrusting"));
+    let fleet_ca = fleet_ca.lines().find_map(|l| l.strip_prefix("ca_file = ")).unwrap().to_string();
+    let conf = conf.replace(&format!("ca_file = {fleet_ca}"), &format!("ca_file = \"{}\"", other_ca.display()));
+    assert!(conf.contains("other-ca.crt"), "{conf}");
+    std::fs::write(agent.config_path(), conf).unwrap();
+    agent.relaunch();
+    let failures = wait_for("handshakes refused for the broker's unknown CA", Duration::from_secs(20), || {
+        agent.proc.assert_running();
+        match agent.metric("edge_agent_tls_handshake_failures_total{reason=\"unknown_ca\"}") {
+            Some(n) if n >= 2.0 => Ok(n),
+            other => Err(other),
+        }
+    });
+    assert_eq!(agent.metric("edge_agent_uplink_connects_total"), Some(0.0), "{failures} failures");
+    let (cert, _) = broker.device_cert("dev-untrusting");
+    let not_after = edge_wire::tls::certificate_expiry(&cert).unwrap();
+    assert!(not_after > now_ms() / 1000, "a fresh certificate");
+    assert_eq!(agent.metric("edge_agent_tls_certificate_expiry_timestamp_seconds"), Some(not_after as f64));
+}

@@ -164,6 +164,25 @@ fn exact_counts_arrive_with_the_time_they_happened() {
     // alert rules).
     let health = format!("edge_agent_store_backlog_records{{device=\"{}\",lane=\"routine\"}}", s.device);
     assert!(!s.prom.raw_samples(&health, 600).unwrap_or_default().is_empty(), "no self-telemetry in Prometheus");
+    // So does its client certificate's expiry (EdgeCertificateExpiresSoon):
+    // openssl's notAfter, on the agent's /metrics and in Prometheus.
+    let (cert, _) = s.broker.device_cert(&s.device);
+    let end = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-in"])
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    let end = String::from_utf8_lossy(&end.stdout).trim().trim_start_matches("notAfter=").to_string();
+    let secs = std::process::Command::new("date").args(["-d", &end, "+%s"]).output().expect("date");
+    let not_after: f64 = String::from_utf8_lossy(&secs.stdout).trim().parse().expect("notAfter as seconds");
+    assert_eq!(s.agent.metric("edge_agent_tls_certificate_expiry_timestamp_seconds"), Some(not_after));
+    let expiry = format!("edge_agent_tls_certificate_expiry_timestamp_seconds{{device=\"{}\"}}", s.device);
+    wait_for("the certificate's expiry in Prometheus", ARRIVAL, || {
+        match s.prom.raw_samples(&expiry, 600).map_err(|e| e.to_string())?.last() {
+            Some(&(_, v)) if v == not_after => Ok(()),
+            other => Err(format!("latest {other:?}, want {not_after}")),
+        }
+    });
 }
 
 #[test]

@@ -333,8 +333,10 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
     drop(probes);
     window.timestamp_ms = ts;
     sh.metrics.window.closed.inc();
-    // How wrong the box's clock is travels too (docs/clock.md).
+    // How wrong the box's clock is travels too (docs/clock.md), and when
+    // its certificate expires (the uplink's).
     window.samples.extend(era.error_ms.map(|e| (edge_wire::SeriesKey::new(clock::ERROR_MS, vec![]), e as f64)));
+    window.samples.extend(sh.metrics.uplink.window_samples());
     close_values(sh, &reading, &mut window);
     let alarm = detect_window(sh, &window);
     window.samples.extend(alarm.samples);

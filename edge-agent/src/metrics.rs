@@ -180,6 +180,7 @@ mod tests {
         let _ = m.detect.model_info.get_or_create(&ModelLabels { name: "m".into(), sha256: "s".into() });
         let _ = m.values.captured.get_or_create(&TransportLabels { transport: "modbus_tcp".into() });
         let _ = m.values.refused.get_or_create(&RefusalLabels { reason: "length".into() });
+        let _ = m.uplink.handshake_failures.get_or_create(&RefusalLabels { reason: "expired".into() });
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         let mut names: Vec<String> =

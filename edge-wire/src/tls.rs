@@ -166,6 +166,63 @@ impl TlsConfig {
     }
 }
 
+impl TlsConfig {
+    /// When the client certificate (`cert_file`, its first certificate:
+    /// the leaf) expires, in Unix seconds; `None` without one. Errors name
+    /// the file.
+    pub fn client_certificate_expiry(&self) -> Option<Result<i64, TlsError>> {
+        (self.enabled && !self.cert_file.as_os_str().is_empty()).then(|| certificate_expiry(&self.cert_file))
+    }
+}
+
+/// When the first certificate in the PEM file `path` expires (its
+/// notAfter), in Unix seconds.
+pub fn certificate_expiry(path: &Path) -> Result<i64, TlsError> {
+    use x509_cert::der::Decode;
+    let certs = read_certs(path)?;
+    let cert = x509_cert::Certificate::from_der(certs[0].as_ref())
+        .map_err(|e| TlsError::new(path, format!("not an X.509 certificate: {e}")))?;
+    Ok(cert.tbs_certificate().validity().not_after.to_unix_duration().as_secs() as i64)
+}
+
+/// Why a TLS handshake failed, in a word an operator can act on, when
+/// `err` (or its source chain) is one: `expired`, `not_yet_valid` (the
+/// broker's certificate at this box's clock), `unknown_ca`, `wrong_name`,
+/// `bad_certificate` (the broker's: revoked, bad signature, unusable),
+/// `client_certificate_expired`, `client_certificate_refused` (the broker
+/// refused ours: its alert), `other`. `None`: not a TLS failure.
+pub fn handshake_failure(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        let tls = e.downcast_ref::<E>().or_else(|| {
+            e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<E>())
+        });
+        if let Some(t) = tls {
+            return Some(match t {
+                E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
+                E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
+                E::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
+                E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => "wrong_name",
+                E::InvalidCertificate(_) => "bad_certificate",
+                E::AlertReceived(A::CertificateExpired) => "client_certificate_expired",
+                E::AlertReceived(
+                    A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::AccessDenied
+                    | A::CertificateRequired,
+                ) => "client_certificate_refused",
+                _ => "other",
+            });
+        }
+        cur = e.source();
+    }
+    None
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| TlsError::new(path, format!("cannot read: {e}")))?
@@ -264,6 +321,36 @@ impl Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two self-signed certificates made with openssl (`-days 3650` and
+    /// `-days 10000`): notAfter as UTCTime (2036) and as GeneralizedTime
+    /// (2054, past 2049); the times are `openssl x509 -enddate`'s.
+    #[test]
+    fn certificate_expiry_reads_both_time_forms() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata");
+        assert_eq!(certificate_expiry(&dir.join("utc-time.crt")).unwrap(), 2_111_778_493);
+        assert_eq!(certificate_expiry(&dir.join("generalized-time.crt")).unwrap(), 2_660_418_493);
+        let tmp = std::env::temp_dir().join(format!("edge-wire-not-a-cert-{}", std::process::id()));
+        std::fs::write(&tmp, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        let e = certificate_expiry(&tmp).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&tmp);
+        assert!(e.contains("edge-wire-not-a-cert") && e.contains("not an X.509 certificate"), "{e}");
+    }
+
+    #[test]
+    fn handshake_failures_by_reason() {
+        use rustls::{AlertDescription, CertificateError, Error};
+        let io = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let r = |e: Error| handshake_failure(&io(e));
+        assert_eq!(r(Error::InvalidCertificate(CertificateError::Expired)), Some("expired"));
+        assert_eq!(r(Error::InvalidCertificate(CertificateError::UnknownIssuer)), Some("unknown_ca"));
+        assert_eq!(r(Error::InvalidCertificate(CertificateError::NotValidForName)), Some("wrong_name"));
+        assert_eq!(r(Error::AlertReceived(AlertDescription::CertificateExpired)), Some("client_certificate_expired"));
+        assert_eq!(r(Error::AlertReceived(AlertDescription::UnknownCA)), Some("client_certificate_refused"));
+        assert_eq!(r(Error::DecryptError), Some("other"));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(handshake_failure(&refused), None);
+    }
 
     #[test]
     fn errors_name_the_file() {

@@ -6,10 +6,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::{LaneLabels, StreamLabels};
+use crate::metrics::{LaneLabels, RefusalLabels, StreamLabels};
 
 /// Its names' common prefix on `/metrics`.
 pub const PREFIX: &str = "edge_agent_uplink";
+
+/// When the client certificate expires (Unix seconds): on `/metrics` and,
+/// as a series of every window, to the fleet (configs/rules/: an alert 30
+/// days before).
+pub const CERTIFICATE_EXPIRY: &str = "edge_agent_tls_certificate_expiry_timestamp_seconds";
 
 #[derive(Clone, Debug, Default)]
 pub struct UplinkMetrics {
@@ -25,6 +30,11 @@ pub struct UplinkMetrics {
     pub confirmations_ignored: Counter,
     pub acked_seq: Family<LaneLabels, Gauge>,
     pub bytes: Family<StreamLabels, Counter>,
+    /// [`CERTIFICATE_EXPIRY`]; 0 until a certificate was read.
+    pub certificate_expiry: Gauge,
+    /// TLS handshakes with the broker that failed, by reason
+    /// (`edge_wire::tls::handshake_failure`).
+    pub handshake_failures: Family<RefusalLabels, Counter>,
 }
 
 impl UplinkMetrics {
@@ -69,6 +79,24 @@ impl UplinkMetrics {
             "Message bytes published, by stream: priority, live, backlog (re-sends included)",
             self.bytes.clone(),
         );
+        registry.register(
+            CERTIFICATE_EXPIRY,
+            "When this device's client certificate expires (Unix seconds; read on every connection attempt)",
+            self.certificate_expiry.clone(),
+        );
+        registry.register(
+            "edge_agent_tls_handshake_failures",
+            "TLS handshakes with the broker that failed, by reason: expired, not_yet_valid, unknown_ca, wrong_name, \
+             bad_certificate (the broker's), client_certificate_expired, client_certificate_refused (ours), other",
+            self.handshake_failures.clone(),
+        );
+    }
+
+    /// The uplink's series of every window: the client certificate's
+    /// expiry, once known.
+    pub fn window_samples(&self) -> Option<(edge_wire::SeriesKey, f64)> {
+        let at = self.certificate_expiry.get();
+        (at > 0).then(|| (edge_wire::SeriesKey::new(CERTIFICATE_EXPIRY, vec![]), at as f64))
     }
 
     /// The bytes counter of one stream (`priority`, `live`, `backlog`).

@@ -45,6 +45,9 @@ use delivery::Delivery;
 use edge_wire::throttle::Throttle;
 
 const POLL: Duration = Duration::from_millis(100);
+/// A client certificate this close to its expiry is said at WARN (the
+/// fleet's alert fires at the same distance).
+const EXPIRY_WARN_DAYS: i64 = 30;
 
 pub struct Uplink {
     cfg: Config,
@@ -59,6 +62,8 @@ pub struct Uplink {
     models: Option<crate::detect::update::Inbox>,
     /// The clock-before-floor warning was given (once a run).
     said_floor: AtomicBool,
+    /// The certificate-expires-soon warning was given (once a run).
+    said_expiry: AtomicBool,
     /// Time requests' nonces: each connection takes a range, from this
     /// boot's clock at the start, so that no late answer to another
     /// connection's (or run's) request is taken for one to ours.
@@ -87,7 +92,18 @@ impl Uplink {
     ) -> Self {
         let boot = crate::clock::boot_id().to_owned();
         let nonces = AtomicU64::new((crate::clock::mono_ms().max(0) as u64) << 20);
-        Uplink { cfg, store, clock, boot, metrics, shutdown, models: None, said_floor: AtomicBool::new(false), nonces }
+        Uplink {
+            cfg,
+            store,
+            clock,
+            boot,
+            metrics,
+            shutdown,
+            models: None,
+            said_floor: AtomicBool::new(false),
+            said_expiry: AtomicBool::new(false),
+            nonces,
+        }
     }
 
     /// Model messages (`<prefix>/<device>/model`) are subscribed to and
@@ -254,11 +270,31 @@ impl Uplink {
                      certificate is checked at that time instead, until the clock is right (docs/clock.md)"
                 );
             }
-            Some(Transport::tls_with_config(TlsConfiguration::Rustls(m.tls.client_config_with_floor(Some(floor))?)))
+            let config = m.tls.client_config_with_floor(Some(floor))?;
+            if let Some(expiry) = m.tls.client_certificate_expiry() {
+                self.certificate_expiry(expiry?, now as i64);
+            }
+            Some(Transport::tls_with_config(TlsConfiguration::Rustls(config)))
         } else {
             None
         };
         Ok((transport, m.auth.load()?))
+    }
+
+    /// The client certificate's expiry, read with the TLS files on every
+    /// connection attempt: exported, and said when it is near.
+    fn certificate_expiry(&self, at: i64, now: i64) {
+        self.metrics.uplink.certificate_expiry.set(at);
+        let left_days = (at - now) / 86_400;
+        if left_days < EXPIRY_WARN_DAYS && !self.said_expiry.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                file = %self.cfg.mqtt.tls.cert_file.display(),
+                expires = at,
+                left_days,
+                "the client certificate expires soon (or has expired): the broker will refuse this device then; \
+                 install a new one (docs/configuration.md)"
+            );
+        }
     }
 
     fn persist(&self, lanes: &mut [LaneSend]) {

@@ -55,6 +55,9 @@ pub enum Ev {
     Error {
         message: String,
         reason: &'static str,
+        /// A failed TLS handshake's reason
+        /// ([`edge_wire::tls::handshake_failure`]).
+        tls: Option<&'static str>,
     },
     Closed,
 }
@@ -148,7 +151,11 @@ impl Conn {
                 },
                 Ok(Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid)))) => Ev::OutgoingPublish(pkid),
                 Ok(Ok(_)) => Ev::Other,
-                Ok(Err(e)) => Ev::Error { reason: edge_wire::tls::connection_failure(&e), message: e.to_string() },
+                Ok(Err(e)) => Ev::Error {
+                    reason: edge_wire::tls::connection_failure(&e),
+                    tls: edge_wire::tls::handshake_failure(&e),
+                    message: e.to_string(),
+                },
                 Err(rumqttc::RecvTimeoutError::Timeout) => Ev::Timeout,
                 Err(rumqttc::RecvTimeoutError::Disconnected) => Ev::Closed,
             },
@@ -170,7 +177,11 @@ impl Conn {
                 },
                 Ok(Ok(v5::Event::Outgoing(Outgoing::Publish(pkid)))) => Ev::OutgoingPublish(pkid),
                 Ok(Ok(_)) => Ev::Other,
-                Ok(Err(e)) => Ev::Error { reason: edge_wire::tls::connection_failure(&e), message: e.to_string() },
+                Ok(Err(e)) => Ev::Error {
+                    reason: edge_wire::tls::connection_failure(&e),
+                    tls: edge_wire::tls::handshake_failure(&e),
+                    message: e.to_string(),
+                },
                 Err(v5::RecvTimeoutError::Timeout) => Ev::Timeout,
                 Err(v5::RecvTimeoutError::Disconnected) => Ev::Closed,
             },

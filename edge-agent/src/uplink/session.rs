@@ -220,8 +220,12 @@ impl<'a> Session<'a> {
             Ev::Publish { topic: t, payload } if t == self.reply_topic => self.time_reply(&payload, now),
             Ev::Publish { topic: t, payload } if t == self.ack_topic => self.confirmation(&payload, lanes),
             Ev::Publish { .. } | Ev::Other | Ev::Timeout => {}
-            Ev::Error { message, reason } => {
+            Ev::Error { message, reason, tls } => {
                 up.metrics.uplink.errors.inc();
+                if let Some(why) = tls {
+                    let labels = crate::metrics::RefusalLabels { reason: why.into() };
+                    up.metrics.uplink.handshake_failures.get_or_create(&labels).inc();
+                }
                 if self.connected {
                     tracing::warn!(error = message, reason, "connection to broker lost");
                 } else if let Some(suppressed) = failures.due() {
