@@ -23,7 +23,8 @@ if [[ $demo_only -eq 0 ]]; then
   packages+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross
              gcc-riscv64-linux-gnu g++-riscv64-linux-gnu libc6-dev-riscv64-cross
              qemu-user-static qemu-system-arm qemu-system-misc opensbi cpio file kmod
-             xz-utils gpgv debian-archive-keyring device-tree-compiler)
+             xz-utils gpgv debian-archive-keyring device-tree-compiler
+             victoria-metrics)  # the second remote-write store of the e2e tests
 fi
 
 # The emulated board (hil-tests/image.sh) boots Debian's arm64 kernel
@@ -51,7 +52,7 @@ if ((${#missing[@]})); then
   # Debian starts freshly installed services; ours would then collide with
   # the demo's own instances on 1883 and 9090. Only touch what we installed.
   if [[ -d /run/systemd/system ]]; then
-    for svc in mosquitto prometheus; do
+    for svc in mosquitto prometheus victoria-metrics; do
       if [[ " ${missing[*]} " == *" $svc "* ]]; then
         say "disabling the packaged $svc service (the demo and tests run their own)"
         systemctl disable --now "$svc" >/dev/null 2>&1 || true

@@ -441,17 +441,35 @@ pub struct Prom {
     pub proc: Proc,
     http: ureq::Agent,
     dir: PathBuf,
+    kind: Tsdb,
+}
+
+/// Which remote-write store a [`Prom`] runs: both answer Prometheus's
+/// query API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tsdb {
+    /// Debian's prometheus with configs/prometheus.yml.
+    Prometheus,
+    /// Debian's victoria-metrics (single node), query results uncached and
+    /// visible at once.
+    VictoriaMetrics,
 }
 
 impl Prom {
     pub fn start(dir: &Path) -> Prom {
-        Self::start_on(dir, free_port())
+        Self::start_on(dir, free_port(), Tsdb::Prometheus)
+    }
+
+    /// VictoriaMetrics in place of Prometheus: the same write and query
+    /// paths.
+    pub fn start_victoria(dir: &Path) -> Prom {
+        Self::start_on(dir, free_port(), Tsdb::VictoriaMetrics)
     }
 
     /// Stops it (SIGTERM) and starts it again on the same port and data.
     pub fn restart(&mut self) {
         self.proc.stop();
-        let again = Self::start_on(&self.dir, self.port);
+        let again = Self::start_on(&self.dir, self.port, self.kind);
         *self = again;
     }
 
@@ -460,25 +478,40 @@ impl Prom {
         self.proc.stop();
     }
 
-    fn start_on(dir: &Path, port: u16) -> Prom {
-        let data = dir.join("prometheus");
-        std::fs::create_dir_all(&data).expect("prometheus dir");
-        let bin = which("prometheus").expect("prometheus");
-        let args = vec![
-            format!("--config.file={}", repo_dir().join("configs/prometheus.yml").display()),
-            format!("--storage.tsdb.path={}", data.display()),
-            format!("--web.listen-address=127.0.0.1:{port}"),
-            "--web.enable-remote-write-receiver".into(),
-        ];
-        let proc = Proc::spawn("prometheus", dir, &bin, &args, &[]);
+    fn start_on(dir: &Path, port: u16, kind: Tsdb) -> Prom {
+        let (name, ready) = match kind {
+            Tsdb::Prometheus => ("prometheus", "/-/ready"),
+            Tsdb::VictoriaMetrics => ("victoria-metrics", "/health"),
+        };
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data).expect("tsdb dir");
+        let bin = which(name).unwrap_or_else(|| panic!("{name} (scripts/setup.sh installs it)"));
+        let args = match kind {
+            Tsdb::Prometheus => vec![
+                format!("--config.file={}", repo_dir().join("configs/prometheus.yml").display()),
+                format!("--storage.tsdb.path={}", data.display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+                "--web.enable-remote-write-receiver".into(),
+            ],
+            Tsdb::VictoriaMetrics => vec![
+                format!("-storageDataPath={}", data.display()),
+                format!("-httpListenAddr=127.0.0.1:{port}"),
+                // Samples visible as soon as written, queries never cached:
+                // the tests look for exact counts of what just arrived.
+                "-search.latencyOffset=0s".into(),
+                "-search.disableCache".into(),
+                "-retentionPeriod=100y".into(),
+            ],
+        };
+        let proc = Proc::spawn(name, dir, &bin, &args, &[]);
         let http: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(10)))
             .build()
             .into();
-        let p = Prom { port, proc, http, dir: dir.to_owned() };
-        wait_for("prometheus to be ready", Duration::from_secs(60), || {
-            p.get("/-/ready").and_then(|(s, _)| if s == 200 { Ok(()) } else { Err(format!("status {s}").into()) })
+        let p = Prom { port, proc, http, dir: dir.to_owned(), kind };
+        wait_for(&format!("{name} to be ready"), Duration::from_secs(60), || {
+            p.get(ready).and_then(|(s, _)| if s == 200 { Ok(()) } else { Err(format!("status {s}").into()) })
         });
         p
     }

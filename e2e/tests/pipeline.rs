@@ -23,10 +23,18 @@ struct Stack {
 
 impl Stack {
     fn start(name: &str) -> Stack {
+        Stack::start_on(name, Tsdb::Prometheus)
+    }
+
+    /// With the bridge writing into `tsdb`.
+    fn start_on(name: &str, tsdb: Tsdb) -> Stack {
         let dir = tempdir(name);
         let device = format!("e2e-{name}-{}", std::process::id());
         let broker = Broker::start(&dir);
-        let prom = Prom::start(&dir);
+        let prom = match tsdb {
+            Tsdb::Prometheus => Prom::start(&dir),
+            Tsdb::VictoriaMetrics => Prom::start_victoria(&dir),
+        };
         let (bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
         let server = Server::start();
         let closed_port = free_port();
@@ -190,7 +198,21 @@ fn broker_outage_loses_nothing_and_keeps_timestamps() {
     if !require_root_and_tools() {
         return;
     }
-    let mut s = Stack::start("outage");
+    broker_outage(Stack::start("outage"));
+}
+
+/// The same outage with VictoriaMetrics as the remote-write store: live
+/// data first, then the backlog with its past timestamps (out of order for
+/// each series), the same exact counts.
+#[test]
+fn broker_outage_into_victoria_metrics_loses_nothing_and_keeps_timestamps() {
+    if !require_root_and_tools() {
+        return;
+    }
+    broker_outage(Stack::start_on("outage-vm", Tsdb::VictoriaMetrics));
+}
+
+fn broker_outage(mut s: Stack) {
     s.server.connections(2);
     s.wait_latest("edge_tcp_connections_opened_total", "outbound", 2.0);
 
