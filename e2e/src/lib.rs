@@ -681,6 +681,12 @@ impl<'a> AgentSetup<'a> {
     }
 }
 
+/// `AgentSetup::extra` for an agent with every probe and detection off:
+/// what it stores is its own health (in every window).
+pub const QUIET: &str = "[probes.tcp_lifecycle]\nenabled = false\n[probes.devices]\nenabled = false\n\
+                         [probes.protocols]\nenabled = false\n[probes.buses]\nenabled = false\n[detect]\n\
+                         enabled = false\n";
+
 /// Set (to anything): every agent the tests start runs with the kernel's
 /// BTF hidden (`scripts/test.sh` runs the probe tests once more so).
 pub const HIDE_BTF: &str = "EDGE_E2E_HIDE_BTF";

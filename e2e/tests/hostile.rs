@@ -153,12 +153,10 @@ fn no_device_can_lose_delay_or_corrupt_another_devices_data() {
 
     // Two honest devices: real agents, probes off (their store health is
     // in every window), each in a directory of its own.
-    let quiet = "[probes.tcp_lifecycle]\nenabled = false\n[probes.devices]\nenabled = false\n\
-                 [probes.protocols]\nenabled = false\n[probes.buses]\nenabled = false\n[detect]\nenabled = false\n";
     let honest = ["honest-a", "honest-b"].map(|id| {
         let d = dir.join(id);
         std::fs::create_dir_all(&d).unwrap();
-        let mut s = AgentSetup::offline(id, quiet);
+        let mut s = AgentSetup::offline(id, QUIET);
         s.broker = Some(&broker);
         s.window_ms = WINDOW_MS;
         (id, d.clone(), Agent::launch(&d, &s))

@@ -277,9 +277,7 @@ fn a_broker_certificate_from_another_ca_is_counted_by_reason() {
         .status()
         .expect("openssl");
     assert!(made.success());
-    let quiet = "[probes.tcp_lifecycle]\nenabled = false\n[probes.devices]\nenabled = false\n\
-                 [probes.protocols]\nenabled = false\n[probes.buses]\nenabled = false\n[detect]\nenabled = false\n";
-    let mut s = AgentSetup::offline("dev-untrusting", quiet);
+    let mut s = AgentSetup::offline("dev-untrusting", QUIET);
     s.broker = Some(&broker);
     let mut agent = Agent::launch(&dir, &s);
     // The same config with the other CA in place of the fleet's.
