@@ -25,7 +25,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use config::Config;
 use metrics::AgentMetrics;
-use probe::tcp_lifecycle::TcpCounters;
 use probe::Probes;
 use store::recorder::Recorder;
 use store::Lanes;
@@ -155,7 +154,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     // Store what the probes counted since the last window, then let the
     // uplink persist its position and disconnect.
     let mut recorder = Recorder::new(cfg.block_writer());
-    close_window(&sh, &mut window::WindowStage::new(), &mut recorder, &mut TcpCounters::default());
+    close_window(&sh, &mut window::WindowStage::new(), &mut recorder);
     shutdown.store(true, Ordering::Relaxed);
     let _ = uplink.join();
     result
@@ -182,7 +181,6 @@ async fn window_loop(
     use futures_lite::StreamExt;
     let mut stage = window::WindowStage::new();
     let mut recorder = Recorder::new(cfg.block_writer());
-    let mut prev = TcpCounters::default();
     let period = cfg.window();
     let mut next = Instant::now() + period;
     let mut probe_cfg = cfg.probes.clone();
@@ -226,10 +224,10 @@ async fn window_loop(
         }
         if wake == Wake::Reload {
             // Count what the old probes saw into a window first.
-            close_window(sh, &mut stage, &mut recorder, &mut prev);
+            close_window(sh, &mut stage, &mut recorder);
             // The old rings' descriptors go with the old probes.
             drop(std::mem::take(&mut values_ready));
-            reload_probes(cfg, config_path, sh, &mut probe_cfg, &mut prev);
+            reload_probes(cfg, config_path, sh, &mut probe_cfg);
             values_ready = watch_values();
             continue;
         }
@@ -239,7 +237,7 @@ async fn window_loop(
         if next < Instant::now() {
             next = Instant::now() + period;
         }
-        close_window(sh, &mut stage, &mut recorder, &mut prev);
+        close_window(sh, &mut stage, &mut recorder);
     }
 }
 
@@ -251,7 +249,6 @@ fn reload_probes(
     path: Option<&std::path::Path>,
     sh: &Shared<'_>,
     probe_cfg: &mut config::ProbesConfig,
-    prev: &mut TcpCounters,
 ) {
     let Some(path) = path else {
         tracing::warn!("SIGHUP: the agent runs on its defaults (no --config): nothing to reload");
@@ -286,8 +283,6 @@ fn reload_probes(
     *probes = Probes::none();
     *probes = Probes::start(&new);
     sh.metrics.probes.set_states(&probes);
-    // The new maps count from zero.
-    *prev = TcpCounters::default();
     *probe_cfg = new.probes.clone();
     tracing::info!(probes = ?probes.states.iter().map(|(n, s)| format!("{n}: {s:?}")).collect::<Vec<_>>(), "SIGHUP: probes reloaded");
 }
@@ -323,14 +318,12 @@ fn drain_values(sh: &Shared<'_>) {
 /// the window's samples, the process values, the model's verdict, the
 /// store. Each stage takes what the one before handed on and moves its own
 /// metrics.
-fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut Recorder, prev: &mut TcpCounters) {
+fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut Recorder) {
     drain_values(sh);
-    let reading = read_probes(sh, prev);
+    let reading = read_probes(sh);
     let (clocks, era) = clock_era(sh);
     let ts = clocks.wall_ms;
-    let probes = sh.probes.borrow();
-    let mut window = stage.close(ts, &reading, probes.tcp.as_ref().map(|p| p.classes())).unwrap_or_default();
-    drop(probes);
+    let mut window = stage.close(ts, &reading).unwrap_or_default();
     window.timestamp_ms = ts;
     sh.metrics.window.closed.inc();
     // How wrong the box's clock is travels too (docs/clock.md), and when
@@ -350,15 +343,26 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
     sh.metrics.observe_process();
 }
 
+/// Hands freed heap memory back to the system. glibc keeps it mapped (and
+/// resident) after a burst of allocations (the probes' loading); musl
+/// returns memory by itself.
+pub(crate) fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Probes: one reading of every attached probe; their states and counts
 /// into the metrics.
-fn read_probes(sh: &Shared<'_>, prev: &mut TcpCounters) -> probe::ProbeReading {
+fn read_probes(sh: &Shared<'_>) -> probe::ProbeReading {
     let mut probes = sh.probes.borrow_mut();
     if probes.refresh() {
         sh.metrics.probes.set_states(&probes);
     }
     let reading = probes.read();
-    for probe in sh.metrics.probes.observe(&probes, &reading, prev) {
+    for probe in sh.metrics.probes.observe(&mut probes, &reading) {
         tracing::warn!(
             probe,
             "the kernel skipped this probe's program for some events (a BPF tracing program was already \

@@ -186,11 +186,23 @@ mod tests {
         let mut names: Vec<String> =
             text.lines().filter_map(|l| Some(l.strip_prefix("# TYPE ")?.split(' ').next()?.to_string())).collect();
         // The probe stage's labelled families are encoded only once they
-        // have a child: their names from its registrations.
-        let src = include_str!("probe/metrics.rs");
-        for part in src.split("r.register(").skip(1) {
-            if let Some(name) = part.trim_start().strip_prefix("\"edge_").and_then(|p| p.split('"').next()) {
-                names.push(format!("edge_{name}"));
+        // have a child: their names from its registrations (the set's, and
+        // every probe's own `<probe>/metrics.rs`).
+        let probe_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/probe");
+        let mut sources = vec![probe_dir.join("metrics.rs")];
+        for entry in std::fs::read_dir(&probe_dir).unwrap() {
+            let own = entry.unwrap().path().join("metrics.rs");
+            if own.exists() {
+                sources.push(own);
+            }
+        }
+        assert!(sources.len() >= 4, "{sources:?}");
+        for path in sources {
+            let src = std::fs::read_to_string(&path).unwrap();
+            for part in src.split("r.register(").skip(1) {
+                if let Some(name) = part.trim_start().strip_prefix("\"edge_").and_then(|p| p.split('"').next()) {
+                    names.push(format!("edge_{name}"));
+                }
             }
         }
         assert!(names.len() > 60, "{names:?}");

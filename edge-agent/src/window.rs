@@ -1,23 +1,15 @@
 //! Window stage: turns one reading of the probes into the batch of samples
-//! stored for that window. Pure; owns only which series it has emitted.
+//! stored for that window. Pure; owns only which series it has emitted
+//! (each probe makes its own samples: `probe/<name>/series.rs`).
 
-use crate::probe::buses::{self, BusReading};
-use crate::probe::device_io::{self, DeviceReading};
-use crate::probe::protocols::{self, ProtocolReading};
-use crate::probe::tcp_idle::IdleCensus as TcpIdleCensus;
-use crate::probe::tcp_lifecycle::{
-    Hist, Kind, PeerCounters, PortClasses, TcpCounters, TcpHists, CLASSES, DIRS, DIR_NAMES, PEERS, PEER_METRICS,
-};
-use crate::probe::ProbeReading;
-use edge_wire::{Label, SeriesKey};
-use std::collections::BTreeSet;
+use crate::probe::{ProbeReading, SeenSeries};
 
 /// One window's samples, all taken at `timestamp_ms`, and the process
 /// values captured during it, each at its own time.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Window {
     pub timestamp_ms: i64,
-    pub samples: Vec<(SeriesKey, f64)>,
+    pub samples: Vec<(edge_wire::SeriesKey, f64)>,
     pub values: Vec<edge_wire::ValueSeries>,
 }
 
@@ -26,36 +18,7 @@ pub struct Window {
 /// staleness) while never-seen label combinations cost nothing.
 #[derive(Debug, Default)]
 pub struct WindowStage {
-    live_tcp: BTreeSet<usize>,
-    live_hist: BTreeSet<usize>,
-    /// (metric, direction, class) of the connection gauges once non-zero.
-    live_conns: BTreeSet<(usize, usize, usize)>,
-    /// (kind, direction, group) of the peer counters, and the groups whose
-    /// connect latency histogram, once non-zero.
-    live_peers: BTreeSet<(usize, usize, usize)>,
-    live_peer_hist: BTreeSet<usize>,
-}
-
-/// A histogram's samples: cumulative `_bucket{le}` for log2 bounds of
-/// `unit` (seconds per kernel unit), `_sum`, `_count`. `labels` must be
-/// sorted by name; `le` is put in its place.
-fn histogram(name: &str, labels: &[Label], buckets: &[u64], sum: u64, unit: f64, out: &mut Vec<(SeriesKey, f64)>) {
-    let with_le = |le: String| {
-        let mut l = labels.to_vec();
-        let at = l.iter().position(|x| x.name.as_str() > "le").unwrap_or(l.len());
-        l.insert(at, Label::new("le", le));
-        l
-    };
-    let count: u64 = buckets.iter().sum();
-    let mut cumulative = 0;
-    for (b, n) in buckets.iter().enumerate().take(buckets.len() - 1) {
-        cumulative += n;
-        let le = (1u64 << (b + 1)) as f64 * unit;
-        out.push((SeriesKey::new(format!("{name}_bucket"), with_le(format!("{le}"))), cumulative as f64));
-    }
-    out.push((SeriesKey::new(format!("{name}_bucket"), with_le("+Inf".into())), count as f64));
-    out.push((SeriesKey::new(format!("{name}_sum"), labels.to_vec()), sum as f64 * unit));
-    out.push((SeriesKey::new(format!("{name}_count"), labels.to_vec()), count as f64));
+    seen: SeenSeries,
 }
 
 impl WindowStage {
@@ -65,283 +28,10 @@ impl WindowStage {
 
     /// The samples of the window ending at `timestamp_ms`, or `None` when
     /// there is nothing to say.
-    pub fn close(
-        &mut self,
-        timestamp_ms: i64,
-        reading: &ProbeReading,
-        classes: Option<&PortClasses>,
-    ) -> Option<Window> {
+    pub fn close(&mut self, timestamp_ms: i64, reading: &ProbeReading) -> Option<Window> {
         let mut samples = Vec::new();
-        if let (Some(tcp), Some(classes)) = (&reading.tcp, classes) {
-            self.tcp_series(tcp, classes, &mut samples);
-        }
-        if let (Some(c), Some(classes)) = (&reading.tcp_idle, classes) {
-            self.conn_series(c, classes, &mut samples);
-        }
-        if let Some(d) = &reading.devices {
-            device_series(d, &mut samples);
-        }
-        if let Some(b) = &reading.buses {
-            bus_series(b, &mut samples);
-        }
-        if let Some(p) = &reading.protocols {
-            protocol_series(p, &mut samples);
-            if let (Some(b), Some(classes)) = (&p.tcp_bytes, classes) {
-                byte_series(b, classes, &mut samples);
-            }
-        }
+        self.seen.series(reading, &mut samples);
         (!samples.is_empty()).then_some(Window { timestamp_ms, samples, values: Vec::new() })
-    }
-
-    fn tcp_series(&mut self, c: &TcpCounters, classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
-        for e in c.entries() {
-            if e.value == 0 && !self.live_tcp.contains(&e.index) {
-                continue;
-            }
-            let Some(class_name) = classes.name(e.class) else {
-                continue;
-            };
-            self.live_tcp.insert(e.index);
-            let labels = vec![Label::new("direction", e.direction), Label::new("port_class", class_name)];
-            // CLOSE_WAIT: one gauge from the entries (sent with them) and exits.
-            let value = match e.kind {
-                Kind::CloseWaitLeft => continue,
-                Kind::CloseWaitEntered => c.close_wait(e.index / CLASSES % DIRS, e.class),
-                _ => e.value,
-            };
-            out.push((SeriesKey::new(e.kind.metric(), labels), value as f64));
-        }
-        self.hist_series(&c.hists, classes, out);
-        if let Some(p) = &c.peers {
-            self.peer_series(p, out);
-        }
-    }
-
-    /// Per peer group: connections opened, failed, refused (outbound) and
-    /// closed by direction, and the outbound connect latency. At most 15
-    /// named groups plus "other" (the config's cap): a bounded number of
-    /// series whatever the box talks to.
-    fn peer_series(&mut self, p: &PeerCounters, out: &mut Vec<(SeriesKey, f64)>) {
-        for (kind, metric) in PEER_METRICS.iter().enumerate() {
-            for (dir, direction) in DIR_NAMES.iter().enumerate().take(2) {
-                for group in 0..PEERS {
-                    let v = p.values[dir * PEERS + group][kind];
-                    if v == 0 && !self.live_peers.contains(&(kind, dir, group)) {
-                        continue;
-                    }
-                    let Some(name) = p.names.get(group) else { continue };
-                    self.live_peers.insert((kind, dir, group));
-                    let labels = vec![Label::new("direction", *direction), Label::new("peer", name)];
-                    out.push((SeriesKey::new(*metric, labels), v as f64));
-                }
-            }
-        }
-        for (group, slot) in p.connect.iter().enumerate() {
-            if slot.count() == 0 && !self.live_peer_hist.contains(&group) {
-                continue;
-            }
-            let Some(name) = p.names.get(group) else { continue };
-            self.live_peer_hist.insert(group);
-            let labels = [Label::new("direction", "outbound"), Label::new("peer", name)];
-            histogram("edge_tcp_peer_connect_latency_seconds", &labels, &slot.buckets, slot.sum, 1e-6, out);
-        }
-    }
-
-    /// Gauges of established and idle connections: a series once non-zero
-    /// is sent every window after, 0 included (a gauge that vanished would
-    /// read as "no data", not as "none idle").
-    fn conn_series(&mut self, c: &TcpIdleCensus, classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
-        let metrics = [("edge_tcp_connections_established", &c.established), ("edge_tcp_connections_idle", &c.idle)];
-        for (m, (name, values)) in metrics.iter().enumerate() {
-            for (dir, row) in values.iter().enumerate() {
-                for (class, &v) in row.iter().enumerate() {
-                    if v == 0 && !self.live_conns.contains(&(m, dir, class)) {
-                        continue;
-                    }
-                    let Some(class_name) = classes.name(class) else { continue };
-                    self.live_conns.insert((m, dir, class));
-                    let labels = vec![Label::new("direction", DIR_NAMES[dir]), Label::new("port_class", class_name)];
-                    out.push((SeriesKey::new(*name, labels), v as f64));
-                }
-            }
-        }
-    }
-
-    /// Prometheus histograms: cumulative `_bucket{le}` (log2 bounds), `_sum`
-    /// in seconds, `_count`.
-    fn hist_series(&mut self, h: &TcpHists, classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
-        for hist in Hist::ALL {
-            for (dir, direction) in DIR_NAMES.iter().enumerate().take(2) {
-                for class in 0..CLASSES {
-                    let i = TcpHists::index(hist, dir, class);
-                    let slot = &h.slots[i];
-                    let count = slot.count();
-                    if count == 0 && !self.live_hist.contains(&i) {
-                        continue;
-                    }
-                    let Some(class_name) = classes.name(class) else { continue };
-                    self.live_hist.insert(i);
-                    let labels = [Label::new("direction", *direction), Label::new("port_class", class_name)];
-                    histogram(hist.metric(), &labels, &slot.buckets, slot.sum, hist.unit(), out);
-                }
-            }
-        }
-    }
-}
-
-/// Device-file I/O: per (device, op, process) a latency histogram (its
-/// `_count` is the number of operations), bytes for reads and writes, and
-/// errors by errno. The kernel never drops a series once made, so every
-/// series seen is in every later reading of the same probe.
-fn device_series(d: &DeviceReading, out: &mut Vec<(SeriesKey, f64)>) {
-    for s in &d.series {
-        // "device" is the bridge's label (the box); the file is "file".
-        let labels = [Label::new("file", &s.device), Label::new("op", s.op.name()), Label::new("process", &s.process)];
-        histogram("edge_device_operation_seconds", &labels, &s.buckets, s.sum_us, 1e-6, out);
-        if matches!(s.op, device_io::Op::Read | device_io::Op::Write) {
-            out.push((SeriesKey::new("edge_device_bytes_total", labels.to_vec()), s.bytes as f64));
-        }
-    }
-    for e in &d.errors {
-        let labels = vec![
-            Label::new("errno", device_io::errno_name(e.errno)),
-            Label::new("file", &e.device),
-            Label::new("op", e.op.name()),
-            Label::new("process", &e.process),
-        ];
-        out.push((SeriesKey::new("edge_device_errors_total", labels), e.count as f64));
-    }
-}
-
-/// Sensor buses (docs/metrics.md, "Sensor buses"): per i2c adapter and
-/// address, SPI bus and chip select, and regmap device, a latency
-/// histogram (its `_count` is the operations), bytes (regmap: registers)
-/// and errors by errno; per GPIO line its reads and writes by level and
-/// its direction changes. Every cell is cumulative and the kernel never
-/// drops one while attached, so a series once seen is in every later
-/// reading; zero cells are left out.
-fn bus_series(b: &BusReading, out: &mut Vec<(SeriesKey, f64)>) {
-    use buses::Kind;
-    for s in &b.series {
-        let (prefix, mut labels, bytes) = match s.kind {
-            Kind::I2c => (
-                "edge_i2c_transfer",
-                vec![Label::new("adapter", s.bus.to_string()), Label::new("addr", format!("0x{:02x}", s.target))],
-                Some("edge_i2c_bytes_total"),
-            ),
-            Kind::Smbus => (
-                "edge_smbus_transfer",
-                vec![Label::new("adapter", s.bus.to_string()), Label::new("addr", format!("0x{:02x}", s.target))],
-                None,
-            ),
-            Kind::Spi => (
-                "edge_spi_message",
-                vec![Label::new("bus", s.bus.to_string()), Label::new("chip_select", s.target.to_string())],
-                Some("edge_spi_bytes_total"),
-            ),
-            Kind::Regmap => {
-                ("edge_regmap_access", vec![Label::new("regmap", &s.regmap)], Some("edge_regmap_registers_total"))
-            }
-            Kind::Gpio => continue,
-        };
-        if s.kind != Kind::Spi {
-            labels.push(Label::new("op", s.op.name()));
-        }
-        labels.sort_by(|a, b| a.name.cmp(&b.name));
-        histogram(&format!("{prefix}_seconds"), &labels, &s.buckets, s.sum_us, 1e-6, out);
-        if let Some(name) = bytes.filter(|_| s.bytes > 0) {
-            out.push((SeriesKey::new(name, labels.clone()), s.bytes as f64));
-        }
-    }
-    for e in &b.errors {
-        let (name, bus, target) = match e.kind {
-            Kind::I2c => {
-                ("edge_i2c_errors_total", ("adapter", e.bus.to_string()), ("addr", format!("0x{:02x}", e.target)))
-            }
-            Kind::Smbus => {
-                ("edge_smbus_errors_total", ("adapter", e.bus.to_string()), ("addr", format!("0x{:02x}", e.target)))
-            }
-            Kind::Spi => ("edge_spi_errors_total", ("bus", e.bus.to_string()), ("chip_select", e.target.to_string())),
-            Kind::Regmap | Kind::Gpio => continue,
-        };
-        let mut labels =
-            vec![Label::new(bus.0, bus.1), Label::new(target.0, target.1), Label::new("errno", e.errno.as_str())];
-        labels.sort_by(|a, b| a.name.cmp(&b.name));
-        out.push((SeriesKey::new(name, labels), e.count as f64));
-    }
-    for g in &b.gpio {
-        let line = [Label::new("chip", &g.chip), Label::new("line", g.line.to_string())];
-        let ops = [("get", "0"), ("get", "1"), ("set", "0"), ("set", "1")];
-        for (i, (op, value)) in ops.iter().enumerate() {
-            if g.counts[i] > 0 {
-                let labels = vec![line[0].clone(), line[1].clone(), Label::new("op", *op), Label::new("value", *value)];
-                out.push((SeriesKey::new("edge_gpio_operations_total", labels), g.counts[i] as f64));
-            }
-        }
-        for (i, direction) in [(4, "in"), (5, "out")] {
-            if g.counts[i] > 0 {
-                let labels = vec![line[0].clone(), Label::new("direction", direction), line[1].clone()];
-                out.push((SeriesKey::new("edge_gpio_direction_changes_total", labels), g.counts[i] as f64));
-            }
-        }
-        if g.counts[6] > 0 {
-            out.push((SeriesKey::new("edge_gpio_direction_errors_total", line.to_vec()), g.counts[6] as f64));
-        }
-    }
-}
-
-/// TCP payload bytes sent and received by port class (cumulative, so a
-/// series once non-zero stays non-zero).
-fn byte_series(b: &[[u64; protocols::CLASSES]; 2], classes: &PortClasses, out: &mut Vec<(SeriesKey, f64)>) {
-    for (flow, name) in [(0, "edge_tcp_bytes_sent_total"), (1, "edge_tcp_bytes_received_total")] {
-        for (class, &v) in b[flow].iter().enumerate() {
-            let Some(class_name) = classes.name(class) else { continue };
-            if v > 0 {
-                out.push((SeriesKey::new(name, vec![Label::new("port_class", class_name)]), v as f64));
-            }
-        }
-    }
-}
-
-/// Industrial protocols: connections by what their first client bytes
-/// were; Modbus/TCP requests, reply latency (its `_count` is the replies
-/// matched to a request) and exception replies by function code. Cells
-/// never decrease while the probe is attached, so a series once seen is in
-/// every later reading.
-fn protocol_series(p: &ProtocolReading, out: &mut Vec<(SeriesKey, f64)>) {
-    for &(proto, side, payload, n) in &p.connections {
-        let labels = vec![
-            Label::new("payload", protocols::PAYLOAD_NAMES[payload]),
-            Label::new("protocol", protocols::PROTO_NAMES[proto]),
-            Label::new("side", protocols::SIDE_NAMES[side]),
-        ];
-        out.push((SeriesKey::new("edge_protocol_connections_total", labels), n as f64));
-    }
-    for s in &p.modbus {
-        let labels = [
-            Label::new("function", protocols::function_name(s.function)),
-            Label::new("side", protocols::SIDE_NAMES[s.side]),
-        ];
-        out.push((SeriesKey::new("edge_modbus_requests_total", labels.to_vec()), s.requests as f64));
-        histogram("edge_modbus_reply_seconds", &labels, &s.buckets, s.sum_us, 1e-6, out);
-    }
-    for &(side, function, code, n) in &p.exceptions {
-        let labels = vec![
-            Label::new("code", protocols::exception_name(code)),
-            Label::new("function", protocols::function_name(function)),
-            Label::new("side", protocols::SIDE_NAMES[side]),
-        ];
-        out.push((SeriesKey::new("edge_modbus_exceptions_total", labels), n as f64));
-    }
-    for (side, name) in protocols::SIDE_NAMES.iter().enumerate() {
-        for (metric, v) in [
-            ("edge_modbus_unmatched_replies_total", p.unmatched[side]),
-            ("edge_modbus_abandoned_requests_total", p.abandoned[side]),
-        ] {
-            if v > 0 {
-                out.push((SeriesKey::new(metric, vec![Label::new("side", *name)]), v as f64));
-            }
-        }
     }
 }
 
@@ -387,6 +77,21 @@ impl WindowMetrics {
 mod tests {
     use super::*;
     use crate::config::TcpLifecycleConfig;
+    use crate::probe::buses::BusReading;
+    use crate::probe::device_io::{self, DeviceReading};
+    use crate::probe::protocols::{self, ProtocolReading};
+    use crate::probe::tcp_idle::IdleCensus as TcpIdleCensus;
+    use crate::probe::tcp_lifecycle::{
+        Hist, Kind, PeerCounters, PortClasses, TcpCounters, TcpHists, TcpReading, PEERS,
+    };
+    use edge_wire::Label;
+    use std::sync::Arc;
+
+    /// A reading of the TCP probe alone.
+    fn tcp(counters: TcpCounters, idle: Option<TcpIdleCensus>) -> ProbeReading {
+        let classes = Arc::new(PortClasses::from_config(&TcpLifecycleConfig::default()));
+        ProbeReading { tcp_lifecycle: Some(TcpReading { counters, idle, classes }), ..Default::default() }
+    }
 
     /// The value of the first sample named `name` (with `le`, if given).
     fn sample(b: &Window, name: &str, le: Option<&str>) -> Option<f64> {
@@ -400,25 +105,12 @@ mod tests {
 
     #[test]
     fn emits_nonzero_series_and_keeps_them_once_seen() {
-        let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
         let mut w = WindowStage::new();
         let mut c = TcpCounters::default();
-        assert!(w
-            .close(
-                1,
-                &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None, buses: None, tcp_idle: None },
-                Some(&classes)
-            )
-            .is_none());
+        assert!(w.close(1, &tcp(c.clone(), None),).is_none());
 
         c.values[TcpCounters::index(Kind::Opened, 0, 0)] = 3;
-        let b = w
-            .close(
-                2,
-                &ProbeReading { tcp: Some(c.clone()), devices: None, protocols: None, buses: None, tcp_idle: None },
-                Some(&classes),
-            )
-            .unwrap();
+        let b = w.close(2, &tcp(c.clone(), None)).unwrap();
         assert_eq!(b.timestamp_ms, 2);
         assert_eq!(b.samples.len(), 1);
         let (key, v) = &b.samples[0];
@@ -428,36 +120,17 @@ mod tests {
         key.validate().unwrap();
 
         // Counter reset (agent restart, new kernel map): the series stays.
-        let b = w
-            .close(
-                3,
-                &ProbeReading {
-                    tcp: Some(TcpCounters::default()),
-                    devices: None,
-                    protocols: None,
-                    buses: None,
-                    tcp_idle: None,
-                },
-                Some(&classes),
-            )
-            .unwrap();
+        let b = w.close(3, &tcp(TcpCounters::default(), None)).unwrap();
         assert_eq!(b.samples[0].1, 0.0);
     }
 
     #[test]
     fn close_wait_is_one_gauge_of_entries_minus_exits() {
-        let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
         let mut w = WindowStage::new();
         let mut c = TcpCounters::default();
         c.values[TcpCounters::index(Kind::CloseWaitEntered, 1, 0)] = 5;
         c.values[TcpCounters::index(Kind::CloseWaitLeft, 1, 0)] = 3;
-        let b = w
-            .close(
-                1,
-                &ProbeReading { tcp: Some(c), devices: None, protocols: None, buses: None, tcp_idle: None },
-                Some(&classes),
-            )
-            .unwrap();
+        let b = w.close(1, &tcp(c, None)).unwrap();
         assert_eq!(b.samples.len(), 1);
         assert_eq!(b.samples[0].0.name, "edge_tcp_connections_close_wait");
         assert_eq!(b.samples[0].1, 2.0);
@@ -465,20 +138,13 @@ mod tests {
 
     #[test]
     fn histograms_are_cumulative_with_log2_bounds_in_seconds() {
-        let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
         let mut w = WindowStage::new();
         let mut c = TcpCounters::default();
         let slot = &mut c.hists.slots[TcpHists::index(Hist::ConnectLatency, 0, 0)];
         slot.buckets[5] = 2; // 32..64 us
         slot.buckets[7] = 1; // 128..256 us
         slot.sum = 40 + 50 + 200;
-        let b = w
-            .close(
-                1,
-                &ProbeReading { tcp: Some(c), devices: None, protocols: None, buses: None, tcp_idle: None },
-                Some(&classes),
-            )
-            .unwrap();
+        let b = w.close(1, &tcp(c, None)).unwrap();
         let get = |name: &str, le: Option<&str>| sample(&b, name, le);
         let m = "edge_tcp_connect_latency_seconds";
         assert_eq!(get(&format!("{m}_bucket"), Some("0.000032")), Some(0.0));
@@ -520,9 +186,7 @@ mod tests {
             ..Default::default()
         };
         let mut w = WindowStage::new();
-        let b = w
-            .close(1, &ProbeReading { tcp: None, devices: Some(d), protocols: None, buses: None, tcp_idle: None }, None)
-            .unwrap();
+        let b = w.close(1, &ProbeReading { devices: Some(d), ..Default::default() }).unwrap();
         for (k, _) in &b.samples {
             k.validate().unwrap();
         }
@@ -571,7 +235,7 @@ mod tests {
         };
         let mut w = WindowStage::new();
         let reading = ProbeReading { buses: Some(b), ..Default::default() };
-        let out = w.close(1, &reading, None).unwrap();
+        let out = w.close(1, &reading).unwrap();
         for (k, _) in &out.samples {
             k.validate().unwrap();
         }
@@ -621,9 +285,7 @@ mod tests {
             ..Default::default()
         };
         let mut w = WindowStage::new();
-        let b = w
-            .close(1, &ProbeReading { tcp: None, devices: None, protocols: Some(p), buses: None, tcp_idle: None }, None)
-            .unwrap();
+        let b = w.close(1, &ProbeReading { protocols: Some(p), ..Default::default() }).unwrap();
         for (k, _) in &b.samples {
             k.validate().unwrap();
         }
@@ -647,17 +309,16 @@ mod tests {
 
     #[test]
     fn idle_gauges_stay_once_seen_and_go_back_to_zero() {
-        let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
         let mut w = WindowStage::new();
         let mut c = TcpIdleCensus::default();
         c.established[1][0] = 2;
         c.idle[1][0] = 1;
-        let reading = |c: &TcpIdleCensus| ProbeReading { tcp_idle: Some(c.clone()), ..Default::default() };
-        let b = w.close(1, &reading(&c), Some(&classes)).unwrap();
+        let reading = |c: &TcpIdleCensus| tcp(TcpCounters::default(), Some(c.clone()));
+        let b = w.close(1, &reading(&c)).unwrap();
         assert_eq!(b.samples.len(), 2);
         assert_eq!(sample(&b, "edge_tcp_connections_idle", None), Some(1.0));
         c.idle[1][0] = 0;
-        let b = w.close(2, &reading(&c), Some(&classes)).unwrap();
+        let b = w.close(2, &reading(&c)).unwrap();
         assert_eq!(sample(&b, "edge_tcp_connections_idle", None), Some(0.0), "sent as 0, not dropped");
         assert_eq!(sample(&b, "edge_tcp_connections_established", None), Some(2.0));
         let idle = b.samples.iter().find(|(k, _)| k.name == "edge_tcp_connections_idle").unwrap();
@@ -667,7 +328,6 @@ mod tests {
     #[test]
     fn peer_series_carry_the_group_name_and_stay_once_seen() {
         use crate::probe::tcp_lifecycle::{HistSlot, PEER_KINDS, PEER_SLOTS};
-        let classes = PortClasses::from_config(&TcpLifecycleConfig::default());
         let mut w = WindowStage::new();
         let mut p = PeerCounters {
             names: vec!["other".into(), "plc".into()],
@@ -679,8 +339,8 @@ mod tests {
         p.connect[1].buckets[4] = 3;
         p.connect[1].sum = 75;
         let mut c = TcpCounters { peers: Some(p.clone()), ..Default::default() };
-        let reading = |c: &TcpCounters| ProbeReading { tcp: Some(c.clone()), ..Default::default() };
-        let b = w.close(1, &reading(&c), Some(&classes)).unwrap();
+        let reading = |c: &TcpCounters| tcp(c.clone(), None);
+        let b = w.close(1, &reading(&c)).unwrap();
         let find = |b: &Window, name: &str| {
             b.samples.iter().filter(|(k, _)| k.name == name).map(|(k, v)| (k.labels.clone(), *v)).collect::<Vec<_>>()
         };
@@ -698,7 +358,7 @@ mod tests {
         assert!(b.samples.iter().filter(|(k, _)| k.name.starts_with("edge_tcp_peer")).count() <= 2 + 26);
         // No change: the same series again, none dropped.
         c.peers = Some(p);
-        let b2 = w.close(2, &reading(&c), Some(&classes)).unwrap();
+        let b2 = w.close(2, &reading(&c)).unwrap();
         assert_eq!(b.samples.len(), b2.samples.len());
     }
 }

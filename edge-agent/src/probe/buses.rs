@@ -14,7 +14,11 @@ use std::time::{Duration, Instant};
 use super::device_io::fit_label;
 use super::tracefs::{self, Layout};
 use super::{ProbeError, ProbeState};
-use crate::config::BusesConfig;
+pub use config::BusesConfig;
+
+pub mod config;
+pub mod metrics;
+pub mod series;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/buses.bpf.o"));
 
@@ -612,6 +616,69 @@ pub fn tracepoints_of(probe: &str) -> Option<String> {
     let group = events[0].group;
     let names: Vec<&str> = events.iter().map(|e| e.event).collect();
     Some(format!("{group}:{{{}}}", names.join(",")))
+}
+
+impl super::Probe for BusesProbe {
+    const NAME: &'static str = "buses";
+    type Config = BusesConfig;
+    type Reading = BusReading;
+    type Metrics = metrics::BusMetrics;
+    type Seen = ();
+
+    fn enabled(cfg: &crate::config::Config) -> bool {
+        cfg.probes.buses.enabled
+    }
+
+    fn not_loaded(_: &crate::config::Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
+        Kind::ALL.iter().map(|k| (k.probe(), why.clone())).collect()
+    }
+
+    fn start(cfg: &crate::config::Config, _: &super::Probes) -> Result<Self, ProbeError> {
+        let rescan = Duration::from_secs(cfg.probes.devices.rescan_secs);
+        BusesProbe::attach(&tracefs::ensure_mounted()?, &cfg.probes.buses, rescan)
+    }
+
+    fn states(&self) -> Vec<(&'static str, ProbeState)> {
+        self.states.clone()
+    }
+
+    fn program_stats(&self) -> Vec<super::tcp_lifecycle::ProgramStats> {
+        BusesProbe::program_stats(self)
+    }
+
+    /// Families whose tracepoints appeared since: the probe loaded again.
+    fn refresh(&mut self) -> bool {
+        if !self.should_reload() {
+            return false;
+        }
+        match self.reload() {
+            Ok(new) => {
+                tracing::info!(probes = ?new.states, "bus tracepoints appeared: bus probes attached again");
+                *self = new;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "bus probes not reloaded");
+                false
+            }
+        }
+    }
+
+    fn reading(&self) -> Result<BusReading, ProbeError> {
+        self.read()
+    }
+
+    fn register(metrics: &metrics::BusMetrics, registry: &mut prometheus_client::registry::Registry) {
+        metrics.register(registry);
+    }
+
+    fn observe(&mut self, reading: &BusReading, metrics: &metrics::BusMetrics) {
+        metrics.observe(reading);
+    }
+
+    fn series(reading: &BusReading, _: &mut (), out: &mut super::series::Samples) {
+        series::series(reading, out);
+    }
 }
 
 #[cfg(test)]

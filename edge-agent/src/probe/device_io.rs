@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 
 use super::tracefs::{self, Layout};
 use super::{ProbeError, ProbeState};
-use crate::config::DevicesConfig;
+pub use config::DevicesConfig;
+
+pub mod config;
+pub mod metrics;
+pub mod series;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/device_io.bpf.o"));
 
@@ -983,6 +987,57 @@ pub fn errno_name(e: i32) -> String {
         (libc::ERESTART, "ERESTART"),
     ];
     known.iter().find(|(n, _)| *n == e).map_or_else(|| format!("E{e}"), |(_, s)| s.to_string())
+}
+
+impl super::Probe for DeviceIoProbe {
+    const NAME: &'static str = super::DEVICE_IO;
+    type Config = DevicesConfig;
+    type Reading = DeviceReading;
+    type Metrics = metrics::DeviceMetrics;
+    type Seen = ();
+
+    fn enabled(cfg: &crate::config::Config) -> bool {
+        cfg.probes.devices.enabled
+    }
+
+    fn not_loaded(_: &crate::config::Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
+        vec![(super::DEVICE_IO, why.clone())]
+    }
+
+    fn start(cfg: &crate::config::Config, _: &super::Probes) -> Result<Self, ProbeError> {
+        let rtu = cfg.tag_map().unwrap_or_default().rtu_devices();
+        DeviceIoProbe::load_capturing(&tracefs::ensure_mounted()?, &cfg.probes.devices, &rtu)
+    }
+
+    fn states(&self) -> Vec<(&'static str, ProbeState)> {
+        vec![(super::DEVICE_IO, self.state.clone())]
+    }
+
+    fn program_stats(&self) -> Vec<super::tcp_lifecycle::ProgramStats> {
+        DeviceIoProbe::program_stats(self).into_iter().collect()
+    }
+
+    fn refresh(&mut self) -> bool {
+        let before = self.state.clone();
+        DeviceIoProbe::refresh(self);
+        self.state != before
+    }
+
+    fn reading(&self) -> Result<DeviceReading, ProbeError> {
+        self.read()
+    }
+
+    fn register(metrics: &metrics::DeviceMetrics, registry: &mut prometheus_client::registry::Registry) {
+        metrics.register(registry);
+    }
+
+    fn observe(&mut self, reading: &DeviceReading, metrics: &metrics::DeviceMetrics) {
+        metrics.observe(reading);
+    }
+
+    fn series(reading: &DeviceReading, _: &mut (), out: &mut super::series::Samples) {
+        series::series(reading, out);
+    }
 }
 
 #[cfg(test)]

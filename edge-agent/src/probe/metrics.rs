@@ -12,11 +12,8 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use super::tcp_lifecycle::{
-    Kind, PortClasses, ProgramStats, TcpCounters, CLASSES, DIRS, DIR_NAMES, PEERS, PEER_METRICS,
-};
-use super::{ProbeReading, ProbeState, Probes};
-use crate::metrics::advance_to;
+use super::tcp_lifecycle::ProgramStats;
+use super::{EachProbeMetrics, ProbeReading, ProbeState, Probes};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
@@ -24,25 +21,8 @@ pub struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub direction: String,
-    pub port_class: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PeerLabels {
-    pub direction: String,
-    pub peer: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HowLabels {
-    pub how: String,
 }
 
 /// The probe set's metrics; cheap to clone (atomics behind `Arc`s).
@@ -55,9 +35,8 @@ pub struct ProbeMetrics {
     /// The programs' last cumulative readings, by probe: the kernel's
     /// counts start again at 0 when a reload loads the programs anew.
     program_last: Arc<Mutex<HashMap<&'static str, ProgramStats>>>,
-    pub tcp: TcpMetrics,
-    pub devices: DeviceMetrics,
-    pub buses: BusMetrics,
+    /// Each probe's own, by its name in the probe set.
+    pub each: EachProbeMetrics,
 }
 
 impl ProbeMetrics {
@@ -82,9 +61,7 @@ impl ProbeMetrics {
             "Events the probe's eBPF program missed: the kernel skipped it because a BPF program was already running on that CPU (5.12+)",
             self.missed_runs.clone(),
         );
-        self.tcp.register(r);
-        self.devices.register(r);
-        self.buses.register(r);
+        self.each.register(r);
     }
 
     /// Every probe's state, as `edge_agent_probe_attached`.
@@ -99,21 +76,10 @@ impl ProbeMetrics {
         self.attached.get_or_create(&ProbeLabels { probe: name.into() }).set(v);
     }
 
-    /// One window's reading: the TCP counters against the previous
-    /// reading's (`prev`, then replaced), the device and bus probes'
-    /// health, the programs' statistics. Returns the probes whose first
-    /// missed events this shows.
-    pub fn observe(&self, probes: &Probes, reading: &ProbeReading, prev: &mut TcpCounters) -> Vec<&'static str> {
-        if let (Some(now), Some(p)) = (&reading.tcp, &probes.tcp) {
-            self.tcp.observe(prev, now, p.classes());
-            *prev = now.clone();
-        }
-        if let Some(d) = &reading.devices {
-            self.devices.observe(d);
-        }
-        if let Some(b) = &reading.buses {
-            self.buses.observe(b);
-        }
+    /// One window's reading: each probe's own metrics, the programs'
+    /// statistics. Returns the probes whose first missed events this shows.
+    pub fn observe(&self, probes: &mut Probes, reading: &ProbeReading) -> Vec<&'static str> {
+        probes.observe(reading, &self.each);
         self.observe_programs(&probes.program_stats())
     }
 
@@ -141,228 +107,6 @@ impl ProbeMetrics {
             last.insert(s.probe, s.clone());
         }
         first_misses
-    }
-}
-
-/// The TCP probe's (tcp_lifecycle).
-#[derive(Clone, Debug)]
-pub struct TcpMetrics {
-    /// By [`Kind`], in `Kind::ALL` order.
-    pub counts: Vec<Family<TcpLabels, Counter>>,
-    pub sock_map_full: Counter,
-    pub tracked: Gauge,
-    pub close_wait: Family<TcpLabels, Gauge>,
-    /// Per peer group, by PEER_METRICS order.
-    pub peers: Vec<Family<PeerLabels, Counter>>,
-    pub tracked_capacity: Gauge,
-}
-
-impl Default for TcpMetrics {
-    fn default() -> Self {
-        TcpMetrics {
-            counts: Kind::ALL.iter().map(|_| Family::default()).collect(),
-            sock_map_full: Counter::default(),
-            tracked: Gauge::default(),
-            close_wait: Family::default(),
-            peers: PEER_METRICS.iter().map(|_| Family::default()).collect(),
-            tracked_capacity: Gauge::default(),
-        }
-    }
-}
-
-impl TcpMetrics {
-    fn register(&self, r: &mut Registry) {
-        for kind in Kind::ALL.into_iter().filter(|k| k.is_counter()) {
-            let help = match kind {
-                Kind::Opened => "TCP connections established, by direction and port class",
-                Kind::Failed => "TCP connection attempts that failed during the handshake (refused included)",
-                Kind::Closed => "Established TCP connections closed",
-                Kind::Refused => "Outbound TCP connection attempts answered with a reset",
-                Kind::Retransmits => "TCP segments retransmitted",
-                Kind::ResetsSent => "TCP resets sent",
-                Kind::ResetsReceived => "TCP resets received",
-                Kind::CloseWaitEntered | Kind::CloseWaitLeft => continue,
-            };
-            let name = kind.metric().trim_end_matches("_total");
-            r.register(name, help, self.counts[kind as usize].clone());
-        }
-        let peer_help = [
-            "TCP connections established, by direction and peer group",
-            "TCP connection attempts that failed during the handshake, by direction and peer group",
-            "Outbound TCP connection attempts answered with a reset, by peer group",
-            "Established TCP connections closed, by direction and peer group",
-        ];
-        for (i, metric) in PEER_METRICS.iter().enumerate() {
-            r.register(metric.trim_end_matches("_total"), peer_help[i], self.peers[i].clone());
-        }
-        r.register(
-            "edge_tcp_connections_close_wait",
-            "TCP connections the peer closed and our application has not (CLOSE_WAIT) now",
-            self.close_wait.clone(),
-        );
-        r.register(
-            "edge_agent_tcp_connections_tracked",
-            "Connections the kernel's connection map holds now (map fill)",
-            self.tracked.clone(),
-        );
-        r.register(
-            "edge_agent_tcp_connections_tracked_capacity",
-            "Capacity of the kernel's connection map",
-            self.tracked_capacity.clone(),
-        );
-        r.register(
-            "edge_agent_tcp_sock_map_full",
-            "Connections whose open the kernel map could not remember",
-            self.sock_map_full.clone(),
-        );
-    }
-
-    /// Moves the TCP counters forward to a new cumulative reading.
-    pub fn observe(&self, prev: &TcpCounters, now: &TcpCounters, classes: &PortClasses) {
-        for (was, e) in prev.entries().zip(now.entries()) {
-            let Some(name) = classes.name(e.class) else {
-                continue;
-            };
-            if e.kind == Kind::CloseWaitEntered && e.value > 0 {
-                let dir = e.index / CLASSES % DIRS;
-                let l = TcpLabels { direction: e.direction.into(), port_class: name.into() };
-                self.close_wait.get_or_create(&l).set(now.close_wait(dir, e.class) as i64);
-            }
-            if e.value <= was.value || !e.kind.is_counter() {
-                continue;
-            }
-            let fam = &self.counts[e.kind as usize];
-            let l = TcpLabels { direction: e.direction.into(), port_class: name.into() };
-            fam.get_or_create(&l).inc_by(e.value - was.value);
-        }
-        if let Some(p) = &now.peers {
-            for (slot, values) in p.values.iter().enumerate() {
-                let (dir, group) = (slot / PEERS, slot % PEERS);
-                let Some(name) = p.names.get(group) else { continue };
-                for (kind, &v) in values.iter().enumerate() {
-                    let was = prev.peers.as_ref().map_or(0, |q| q.values[slot][kind]);
-                    if v > was {
-                        let l = PeerLabels { direction: DIR_NAMES[dir].into(), peer: name.clone() };
-                        self.peers[kind].get_or_create(&l).inc_by(v - was);
-                    }
-                }
-            }
-        }
-        self.sock_map_full.inc_by(now.sock_map_full.saturating_sub(prev.sock_map_full));
-        self.tracked.set(now.socks_tracked as i64);
-        self.tracked_capacity.set(crate::probe::tcp_lifecycle::MAX_SOCKS as i64);
-    }
-}
-
-/// The device probe's (device_io).
-#[derive(Clone, Debug, Default)]
-pub struct DeviceMetrics {
-    pub watched: Gauge,
-    pub over_cap: Gauge,
-    pub files_open: Gauge,
-    pub files_found: Family<HowLabels, Counter>,
-    pub map_full: Family<MapLabels, Counter>,
-    pub inflight_stale: Counter,
-    pub inflight_spilled: Counter,
-}
-
-impl DeviceMetrics {
-    fn register(&self, r: &mut Registry) {
-        r.register(
-            "edge_agent_devices_watched",
-            "Watched devices present now (probes.devices.watch matches)",
-            self.watched.clone(),
-        );
-        r.register(
-            "edge_agent_devices_over_cap",
-            "Devices matched past the probe's cap of 128, not watched",
-            self.over_cap.clone(),
-        );
-        r.register(
-            "edge_agent_device_files_open",
-            "Watched device files open now, over all processes (kernel table entries)",
-            self.files_open.clone(),
-        );
-        r.register(
-            "edge_agent_device_files_found",
-            "Watched open files registered, by how: open (the open hook) or scan (/proc)",
-            self.files_found.clone(),
-        );
-        r.register(
-            "edge_agent_device_map_full",
-            "Device events a bounded kernel table could not hold, by map: files, inflight, series, errors",
-            self.map_full.clone(),
-        );
-        r.register(
-            "edge_agent_device_inflight_stale",
-            "Device operations dropped: the exit's thread held the record of another call, whose exit was never seen",
-            self.inflight_stale.clone(),
-        );
-        r.register(
-            "edge_agent_device_inflight_spilled",
-            "Device operations timed in the overflow table: another thread held the thread's slot",
-            self.inflight_spilled.clone(),
-        );
-    }
-
-    /// The device probe's own health: devices and open files watched, and
-    /// what its bounded kernel tables could not hold (cumulative counts).
-    pub fn observe(&self, d: &crate::probe::device_io::DeviceReading) {
-        self.watched.set(d.devices_present as i64);
-        self.over_cap.set(d.devices_over_cap as i64);
-        self.files_open.set(d.files_open as i64);
-        advance_to(&self.files_found.get_or_create(&HowLabels { how: "open".into() }), d.files_from_open);
-        advance_to(&self.files_found.get_or_create(&HowLabels { how: "scan".into() }), d.files_from_scan);
-        for (map, v) in
-            [("files", d.fds_full), ("inflight", d.inflight_full), ("series", d.series_full), ("errors", d.errors_full)]
-        {
-            advance_to(&self.map_full.get_or_create(&MapLabels { map: map.into() }), v);
-        }
-        advance_to(&self.inflight_stale, d.stale_records);
-        advance_to(&self.inflight_spilled, d.spilled);
-    }
-}
-
-/// The bus probe's (buses).
-#[derive(Clone, Debug, Default)]
-pub struct BusMetrics {
-    pub map_full: Family<MapLabels, Counter>,
-    pub map_entries: Family<MapLabels, Gauge>,
-    pub untimed: Counter,
-}
-
-impl BusMetrics {
-    fn register(&self, r: &mut Registry) {
-        r.register(
-            "edge_agent_bus_map_full",
-            "Bus events a bounded kernel table could not hold, by map: series, errors, gpio",
-            self.map_full.clone(),
-        );
-        r.register(
-            "edge_agent_bus_map_entries",
-            "Entries in the bus probe's kernel tables now, by map: series (capacity 128), errors (64), gpio (256)",
-            self.map_entries.clone(),
-        );
-        r.register(
-            "edge_agent_bus_untimed",
-            "Bus operations whose start the probe did not see (attached mid-operation, adapter number >= 64): \
-             counted without latency (i2c: not counted)",
-            self.untimed.clone(),
-        );
-    }
-
-    /// The bus probe's own health (cumulative counts of the kernel side;
-    /// they start over when the probe is attached again).
-    pub fn observe(&self, b: &crate::probe::buses::BusReading) {
-        for (map, full, entries) in [
-            ("series", b.series_full, b.series.len()),
-            ("errors", b.errors_full, b.errors.len()),
-            ("gpio", b.gpio_full, b.gpio.len()),
-        ] {
-            advance_to(&self.map_full.get_or_create(&MapLabels { map: map.into() }), full);
-            self.map_entries.get_or_create(&MapLabels { map: map.into() }).set(entries as i64);
-        }
-        advance_to(&self.untimed, b.untimed);
     }
 }
 

@@ -1,5 +1,12 @@
 //! Probe stage: kernel programs and the in-kernel aggregates they keep.
 //! Each probe reports whether it is attached, and why not.
+//!
+//! A probe is one module: its kernel side's loader, its `[probes.<name>]`
+//! section (`<name>/config.rs`), its window samples (`<name>/series.rs`),
+//! its own metrics, and its [`Probe`] implementation; and one line in
+//! [`probe_set!`]'s list at the end of this file, which makes the probe
+//! set, its reading, its config section and its metrics from that list
+//! (docs/probes.md, "Adding a probe").
 
 pub mod buses;
 pub mod config;
@@ -7,15 +14,18 @@ pub mod device_io;
 pub mod loader;
 pub mod metrics;
 pub mod protocols;
+pub mod series;
 pub mod tcp_idle;
 pub mod tcp_lifecycle;
 pub mod tracefs;
 
 use crate::config::Config;
-use buses::{BusReading, BusesProbe};
-use device_io::{DeviceIoProbe, DeviceReading};
-use protocols::{ProtocolReading, ProtocolsProbe};
-use tcp_lifecycle::{TcpCounters, TcpLifecycleProbe};
+use buses::BusesProbe;
+use device_io::DeviceIoProbe;
+use prometheus_client::registry::Registry;
+use protocols::ProtocolsProbe;
+use series::Samples;
+use tcp_lifecycle::{ProgramStats, TcpLifecycleProbe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -41,149 +51,22 @@ pub enum ProbeState {
     Unavailable(String),
 }
 
-/// All probes of the agent. Owns the kernel objects.
-pub struct Probes {
-    pub tcp: Option<TcpLifecycleProbe>,
-    pub devices: Option<DeviceIoProbe>,
-    pub protocols: Option<ProtocolsProbe>,
-    pub buses: Option<BusesProbe>,
-    /// Every probe (tracepoint program) by name, for `/metrics`.
-    pub states: Vec<(&'static str, ProbeState)>,
-    /// The idle limit (ms) when the idle-connection census runs: with the
-    /// TCP probe, `idle_secs` > 0, and socket diagnostics working.
-    census_idle_ms: Option<u64>,
-    /// Keeps the kernel's BPF run-time statistics on while the probes live
-    /// (`probes.program_stats`; None: off, or refused before 5.8).
-    _stats_on: Option<std::os::fd::OwnedFd>,
-    /// `probes.program_stats`: for a probe attached later (bus families).
-    program_stats: bool,
-}
-
-/// One reading of every attached probe.
-#[derive(Debug, Clone, Default)]
-pub struct ProbeReading {
-    pub tcp: Option<TcpCounters>,
-    pub devices: Option<DeviceReading>,
-    pub protocols: Option<ProtocolReading>,
-    pub buses: Option<BusReading>,
-    /// Established and idle connections now (with the TCP probe).
-    pub tcp_idle: Option<tcp_idle::IdleCensus>,
-}
-
-impl Probes {
-    /// No probes (between a detach and the next attach).
-    pub fn none() -> Probes {
-        Probes {
-            tcp: None,
-            devices: None,
-            protocols: None,
-            buses: None,
-            states: Vec::new(),
-            census_idle_ms: None,
-            _stats_on: None,
-            program_stats: false,
-        }
-    }
-
-    /// Attaches what the config enables. A probe that cannot attach is
-    /// reported unavailable with the reason; the agent runs on without it.
-    pub fn start(cfg: &Config) -> Probes {
-        raise_memlock_limit();
-        // Logged for the record: no program needs it (docs/probes.md).
-        let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
-        tracing::info!(kernel_btf = btf, "loading probes (kernel BTF is never used)");
-
-        let mut set = Probes::none();
-        let mut states = Vec::new();
-        set.tcp = start(cfg, &set, &mut states);
-        set.devices = start(cfg, &set, &mut states);
-        // The idle census: with the TCP probe, when socket diagnostics work.
-        let census = if set.tcp.is_none() || cfg.probes.tcp_lifecycle.idle_secs == 0 {
-            ProbeState::Disabled
-        } else {
-            match tcp_idle::dump() {
-                Ok(_) => ProbeState::Attached,
-                Err(e) => ProbeState::Unavailable(format!("socket diagnostics (NETLINK_SOCK_DIAG) dump failed: {e}")),
-            }
-        };
-        let census_idle_ms = (census == ProbeState::Attached).then_some(cfg.probes.tcp_lifecycle.idle_secs * 1000);
-        states.push((TCP_IDLE, census));
-        set.protocols = start(cfg, &set, &mut states);
-        set.buses = start(cfg, &set, &mut states);
-        for (name, st) in &states {
-            if let ProbeState::Unavailable(why) = st {
-                tracing::warn!(probe = name, reason = %why, "probe unavailable");
-            }
-        }
-        // Statistics only while some program of ours is loaded.
-        let loaded = set.tcp.is_some() || set.devices.is_some() || set.protocols.is_some() || set.buses.is_some();
-        let stats_on = (cfg.probes.program_stats && loaded).then(enable_stats).flatten();
-        release_loader_memory();
-        Probes { states, census_idle_ms, _stats_on: stats_on, program_stats: cfg.probes.program_stats, ..set }
-    }
-
-    /// Once per window, before [`Probes::read`]: lets the device probe
-    /// follow devices that appeared or vanished, and the bus probe attach
-    /// families whose tracepoints appeared. Returns whether any
-    /// probe's state changed.
-    pub fn refresh(&mut self) -> bool {
-        let mut changed = false;
-        if let Some(b) = self.buses.as_mut() {
-            match b.should_reload().then(|| b.reload()).transpose() {
-                Ok(None) => {}
-                Ok(Some(new)) => {
-                    tracing::info!(probes = ?new.states, "bus tracepoints appeared: bus probes attached again");
-                    for (name, state) in &new.states {
-                        if let Some(slot) = self.states.iter_mut().find(|(n, _)| n == name) {
-                            slot.1 = state.clone();
-                        }
-                    }
-                    *b = new;
-                    changed = true;
-                    if self.program_stats && self._stats_on.is_none() {
-                        self._stats_on = enable_stats();
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "bus probes not reloaded"),
-            }
-        }
-        let Some(d) = self.devices.as_mut() else { return changed };
-        d.refresh();
-        let Some(slot) = self.states.iter_mut().find(|(n, _)| *n == DEVICE_IO) else { return changed };
-        if slot.1 == d.state {
-            return changed;
-        }
-        slot.1 = d.state.clone();
-        true
-    }
-
-    pub fn read(&self) -> ProbeReading {
-        let tcp = self.tcp.as_ref().and_then(|p| usable("tcp_lifecycle", p.read()));
-        let devices = self.devices.as_ref().and_then(|p| usable(DEVICE_IO, p.read()));
-        let protocols = self.protocols.as_ref().and_then(|p| usable(protocols::PROBE, p.read()));
-        let buses = self.buses.as_ref().and_then(|p| usable("buses", p.read()));
-        let tcp_idle = self.tcp.as_ref().zip(self.census_idle_ms).and_then(|(p, idle_ms)| {
-            let (conns, listening) = usable(TCP_IDLE, tcp_idle::dump().map_err(|e| ProbeError::Read(e.to_string())))?;
-            Some(tcp_idle::census(&conns, &listening, p.classes(), idle_ms))
-        });
-        ProbeReading { tcp, devices, protocols, buses, tcp_idle }
-    }
-
-    /// Run count and time of every attached program, by probe.
-    pub fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
-        let mut s = Vec::new();
-        s.extend(self.tcp.iter().flat_map(Probe::program_stats));
-        s.extend(self.devices.iter().flat_map(Probe::program_stats));
-        s.extend(self.protocols.iter().flat_map(Probe::program_stats));
-        s.extend(self.buses.iter().flat_map(Probe::program_stats));
-        s
-    }
-}
-
-/// What the probe set needs of each probe: when it runs, how it starts,
-/// what it reports. A probe's reading stays its own type (the window stage
-/// reads it).
+/// Everything the agent knows of a probe goes through this interface:
+/// when it runs, how it starts, what it reads each window, the samples and
+/// metrics that reading makes. Its reading, metrics and config section are
+/// its own types; the probe set holds one of each per probe.
 pub trait Probe: Sized {
+    /// Its name in the logs.
+    const NAME: &'static str;
+    /// Its sub-section of `[probes]`.
+    type Config: config::Section;
+    /// One window's reading of its in-kernel aggregates.
+    type Reading: Clone + std::fmt::Debug;
+    /// Its own metrics on `/metrics` (besides the probe set's).
+    type Metrics: Clone + std::fmt::Debug + Default;
+    /// What the window stage remembers of its series between windows.
+    type Seen: std::fmt::Debug + Default;
+
     /// Whether the config turns it on.
     fn enabled(cfg: &Config) -> bool;
     /// Its programs' names and states while it is not loaded (off: every
@@ -195,129 +78,220 @@ pub trait Probe: Sized {
     /// Its programs' states once loaded.
     fn states(&self) -> Vec<(&'static str, ProbeState)>;
     /// Run count and time of its attached programs.
-    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats>;
+    fn program_stats(&self) -> Vec<ProgramStats>;
+    /// Once per window, before reading: follows what appeared or vanished
+    /// (devices, bus tracepoints). True when its states changed.
+    fn refresh(&mut self) -> bool {
+        false
+    }
+    /// This window's reading.
+    fn reading(&self) -> Result<Self::Reading, ProbeError>;
+    fn register(metrics: &Self::Metrics, registry: &mut Registry);
+    /// Moves its metrics to this window's reading.
+    fn observe(&mut self, _reading: &Self::Reading, _metrics: &Self::Metrics) {}
+    /// The window's samples from its reading.
+    fn series(reading: &Self::Reading, seen: &mut Self::Seen, out: &mut Samples);
 }
 
-/// Starts `P` when the config enables it; its states go into `states`.
-fn start<P: Probe>(cfg: &Config, started: &Probes, states: &mut Vec<(&'static str, ProbeState)>) -> Option<P> {
+/// Starts `P` when the config enables it; its states go into the set's.
+fn start<P: Probe>(cfg: &Config, set: &mut Probes) -> Option<P> {
     if !P::enabled(cfg) {
-        states.extend(P::not_loaded(cfg, &ProbeState::Disabled));
+        set.states.extend(P::not_loaded(cfg, &ProbeState::Disabled));
         return None;
     }
-    match P::start(cfg, started) {
+    match P::start(cfg, set) {
         Ok(p) => {
-            states.extend(p.states());
+            set.states.extend(p.states());
             Some(p)
         }
         Err(e) => {
-            states.extend(P::not_loaded(cfg, &ProbeState::Unavailable(e.to_string())));
+            set.states.extend(P::not_loaded(cfg, &ProbeState::Unavailable(e.to_string())));
             None
         }
     }
 }
 
-impl Probe for TcpLifecycleProbe {
-    fn enabled(cfg: &Config) -> bool {
-        cfg.probes.tcp_lifecycle.enabled
+/// Refreshes `p`; its states in `states` follow when they changed.
+fn refresh<P: Probe>(p: &mut P, states: &mut [(&'static str, ProbeState)]) -> bool {
+    if !p.refresh() {
+        return false;
     }
-
-    fn not_loaded(cfg: &Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
-        let peers = if cfg.probes.tcp_lifecycle.peers.is_empty() { ProbeState::Disabled } else { why.clone() };
-        tcp_lifecycle::TRACEPOINTS
-            .iter()
-            .map(|t| (t.probe, why.clone()))
-            .chain(std::iter::once((tcp_lifecycle::PEERS_PROBE, peers)))
-            .collect()
+    for (name, state) in p.states() {
+        if let Some(slot) = states.iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = state;
+        }
     }
-
-    fn start(cfg: &Config, _: &Probes) -> Result<Self, ProbeError> {
-        let p = TcpLifecycleProbe::attach(&tracefs::ensure_mounted()?, &cfg.probes.tcp_lifecycle)?;
-        let attached: Vec<&str> =
-            p.states.iter().filter(|(_, s)| *s == ProbeState::Attached).map(|(n, _)| *n).collect();
-        tracing::info!(probes = ?attached, "TCP probes attached");
-        Ok(p)
-    }
-
-    fn states(&self) -> Vec<(&'static str, ProbeState)> {
-        self.states.clone()
-    }
-
-    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
-        TcpLifecycleProbe::program_stats(self)
-    }
+    true
 }
 
-impl Probe for DeviceIoProbe {
-    fn enabled(cfg: &Config) -> bool {
-        cfg.probes.devices.enabled
-    }
+/// Makes the probe set from its list: `field: ProbeType` in start order
+/// (a probe may look at those started before it). For each probe, a field
+/// of [`Probes`], of [`ProbeReading`], of [`ProbesConfig`] (its section,
+/// `[probes.<field>]`), of [`EachProbeMetrics`] and of [`SeenSeries`].
+macro_rules! probe_set {
+    ($($field:ident: $probe:ty),+ $(,)?) => {
+        /// All probes of the agent. Owns the kernel objects.
+        pub struct Probes {
+            $(pub $field: Option<$probe>,)+
+            /// Every probe (program) by name, for `/metrics`.
+            pub states: Vec<(&'static str, ProbeState)>,
+            /// Keeps the kernel's BPF run-time statistics on while the
+            /// probes live (`probes.program_stats`; None: off, or refused
+            /// before 5.8).
+            stats_on: Option<std::os::fd::OwnedFd>,
+            /// `probes.program_stats`: for a probe attached later.
+            program_stats: bool,
+        }
 
-    fn not_loaded(_: &Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
-        vec![(DEVICE_IO, why.clone())]
-    }
+        /// One reading of every attached probe.
+        #[derive(Debug, Clone, Default)]
+        pub struct ProbeReading {
+            $(pub $field: Option<<$probe as Probe>::Reading>,)+
+        }
 
-    fn start(cfg: &Config, _: &Probes) -> Result<Self, ProbeError> {
-        let rtu = cfg.tag_map().unwrap_or_default().rtu_devices();
-        DeviceIoProbe::load_capturing(&tracefs::ensure_mounted()?, &cfg.probes.devices, &rtu)
-    }
+        /// The `[probes]` section: `program_stats` and each probe's own.
+        #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct ProbesConfig {
+            /// The kernel's BPF run-time statistics (`BPF_ENABLE_STATS`)
+            /// while the agent runs: per-program run counts and run time in
+            /// `edge_agent_probe_runs_total` / `_run_seconds_total`. They
+            /// cost two clock reads per program run, for every BPF program
+            /// on the box: about +130-200 ns on each system call the device
+            /// probe hooks (BENCHMARKS.md). Turn off where the watched
+            /// devices are busy.
+            pub program_stats: bool,
+            $(pub $field: <$probe as Probe>::Config,)+
+        }
 
-    fn states(&self) -> Vec<(&'static str, ProbeState)> {
-        vec![(DEVICE_IO, self.state.clone())]
-    }
+        impl Default for ProbesConfig {
+            fn default() -> Self {
+                ProbesConfig { program_stats: true, $($field: Default::default(),)+ }
+            }
+        }
 
-    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
-        DeviceIoProbe::program_stats(self).into_iter().collect()
-    }
+        impl ProbesConfig {
+            /// Each probe's section; errors name the key (`probes.…`).
+            pub fn validate(&self) -> Result<(), String> {
+                $(config::Section::validate(&self.$field)?;)+
+                Ok(())
+            }
+        }
+
+        /// Each probe's own metrics.
+        #[derive(Clone, Debug, Default)]
+        pub struct EachProbeMetrics {
+            $(pub $field: <$probe as Probe>::Metrics,)+
+        }
+
+        impl EachProbeMetrics {
+            pub fn register(&self, r: &mut Registry) {
+                $(<$probe as Probe>::register(&self.$field, r);)+
+            }
+        }
+
+        /// What the window stage remembers of each probe's series.
+        #[derive(Debug, Default)]
+        pub struct SeenSeries {
+            $($field: <$probe as Probe>::Seen,)+
+        }
+
+        impl SeenSeries {
+            /// Every probe's samples from its reading, in the list's order.
+            pub fn series(&mut self, reading: &ProbeReading, out: &mut Samples) {
+                $(if let Some(r) = &reading.$field {
+                    <$probe as Probe>::series(r, &mut self.$field, out);
+                })+
+            }
+        }
+
+        impl Probes {
+            /// No probes (between a detach and the next attach).
+            pub fn none() -> Probes {
+                Probes { $($field: None,)+ states: Vec::new(), stats_on: None, program_stats: false }
+            }
+
+            fn start_each(&mut self, cfg: &Config) {
+                $(self.$field = start::<$probe>(cfg, self);)+
+            }
+
+            fn any_loaded(&self) -> bool {
+                false $(|| self.$field.is_some())+
+            }
+
+            fn refresh_each(&mut self) -> bool {
+                let mut changed = false;
+                $(if let Some(p) = self.$field.as_mut() {
+                    changed |= refresh(p, &mut self.states);
+                })+
+                changed
+            }
+
+            pub fn read(&self) -> ProbeReading {
+                ProbeReading {
+                    $($field: self.$field.as_ref().and_then(|p| usable(<$probe as Probe>::NAME, p.reading())),)+
+                }
+            }
+
+            /// Each probe's metrics moved to this window's reading.
+            pub fn observe(&mut self, reading: &ProbeReading, metrics: &EachProbeMetrics) {
+                $(if let (Some(p), Some(r)) = (self.$field.as_mut(), &reading.$field) {
+                    p.observe(r, &metrics.$field);
+                })+
+            }
+
+            /// Run count and time of every attached program, by probe.
+            pub fn program_stats(&self) -> Vec<ProgramStats> {
+                let mut s = Vec::new();
+                $(s.extend(self.$field.iter().flat_map(Probe::program_stats));)+
+                s
+            }
+        }
+    };
 }
 
-impl Probe for ProtocolsProbe {
-    fn enabled(cfg: &Config) -> bool {
-        cfg.probes.protocols.enabled
-    }
-
-    fn not_loaded(_: &Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
-        vec![(protocols::PROBE, why.clone())]
-    }
-
-    fn start(cfg: &Config, started: &Probes) -> Result<Self, ProbeError> {
-        // The TCP probe's port classes, for TCP payload bytes: counted only
-        // when the TCP probe runs (the window labels them with its classes).
-        let tags = cfg.tag_map().unwrap_or_default();
-        let p =
-            ProtocolsProbe::attach(&cfg.probes.protocols, started.tcp.as_ref().map(TcpLifecycleProbe::classes), &tags)?;
-        tracing::info!(cgroup = %p.cgroup.display(), "protocol probe attached");
-        Ok(p)
-    }
-
-    fn states(&self) -> Vec<(&'static str, ProbeState)> {
-        vec![(protocols::PROBE, ProbeState::Attached)]
-    }
-
-    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
-        ProtocolsProbe::program_stats(self)
-    }
+// The probe set, in start order.
+probe_set! {
+    tcp_lifecycle: TcpLifecycleProbe,
+    devices: DeviceIoProbe,
+    protocols: ProtocolsProbe,
+    buses: BusesProbe,
 }
 
-impl Probe for BusesProbe {
-    fn enabled(cfg: &Config) -> bool {
-        cfg.probes.buses.enabled
+impl Probes {
+    /// Attaches what the config enables. A probe that cannot attach is
+    /// reported unavailable with the reason; the agent runs on without it.
+    pub fn start(cfg: &Config) -> Probes {
+        raise_memlock_limit();
+        // Logged for the record: no program needs it (docs/probes.md).
+        let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+        tracing::info!(kernel_btf = btf, "loading probes (kernel BTF is never used)");
+        let mut set = Probes::none();
+        set.start_each(cfg);
+        for (name, st) in &set.states {
+            if let ProbeState::Unavailable(why) = st {
+                tracing::warn!(probe = name, reason = %why, "probe unavailable");
+            }
+        }
+        // Statistics only while some program of ours is loaded.
+        set.program_stats = cfg.probes.program_stats;
+        set.stats_on = (set.program_stats && set.any_loaded()).then(enable_stats).flatten();
+        // aya 0.14's loader parses BTF (several MB, in many small
+        // allocations) and frees it at once: seen on the riscv64 board, 23
+        // MiB resident afterwards instead of 5 until handed back.
+        crate::release_free_heap();
+        set
     }
 
-    fn not_loaded(_: &Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
-        buses::Kind::ALL.iter().map(|k| (k.probe(), why.clone())).collect()
-    }
-
-    fn start(cfg: &Config, _: &Probes) -> Result<Self, ProbeError> {
-        let rescan = std::time::Duration::from_secs(cfg.probes.devices.rescan_secs);
-        BusesProbe::attach(&tracefs::ensure_mounted()?, &cfg.probes.buses, rescan)
-    }
-
-    fn states(&self) -> Vec<(&'static str, ProbeState)> {
-        self.states.clone()
-    }
-
-    fn program_stats(&self) -> Vec<tcp_lifecycle::ProgramStats> {
-        BusesProbe::program_stats(self)
+    /// Once per window, before [`Probes::read`]: lets the probes follow
+    /// what appeared or vanished (devices, bus tracepoints). Returns
+    /// whether any probe's state changed.
+    pub fn refresh(&mut self) -> bool {
+        let changed = self.refresh_each();
+        if changed && self.program_stats && self.stats_on.is_none() && self.any_loaded() {
+            self.stats_on = enable_stats();
+        }
+        changed
     }
 }
 
@@ -449,19 +423,6 @@ pub const TCP_IDLE: &str = "tcp_idle";
 
 /// The device-file probe's name in `edge_agent_probe_attached{probe}`.
 pub const DEVICE_IO: &str = "device_io";
-
-/// aya 0.14's loader parses the kernel's whole BTF (several MB, in many
-/// small allocations) even for programs that need none, once per probe, and
-/// frees it at once. glibc keeps such freed heap mapped (seen on the riscv64
-/// board: 23 MiB resident afterwards instead of 5); hand it back to the
-/// system. musl returns it by itself.
-fn release_loader_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (Jetson's 5.10).
 fn raise_memlock_limit() {

@@ -10,7 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::tcp_lifecycle::{PortClasses, ProgramStats};
 use super::ProbeError;
-use crate::config::ProtocolsConfig;
+pub use config::ProtocolsConfig;
+use std::sync::Arc;
+
+pub mod config;
+pub mod series;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/protocols.bpf.o"));
 
@@ -126,8 +130,8 @@ pub struct ProtocolReading {
     pub unmatched: [u64; SIDES],
     pub abandoned: [u64; SIDES],
     /// TCP payload bytes [sent, received] by the TCP probe's port class
-    /// (with the TCP probe on).
-    pub tcp_bytes: Option<[[u64; CLASSES]; 2]>,
+    /// (with the TCP probe on), and those classes.
+    pub tcp_bytes: Option<([[u64; CLASSES]; 2], Arc<PortClasses>)>,
     /// Value events lost to a full ring, and ADUs with mapped registers
     /// refused in the kernel (VALUE_BADS order).
     pub values_lost: u64,
@@ -244,7 +248,8 @@ pub struct ProtocolsProbe {
     cells: Cells,
     /// The value events (with Modbus/TCP tags).
     values: Option<RingBuf<MapData>>,
-    bytes: Option<PerCpuArray<MapData, u64>>,
+    /// TCP payload bytes by the TCP probe's classes, with those classes.
+    bytes: Option<(PerCpuArray<MapData, u64>, Arc<PortClasses>)>,
     /// Where the programs are attached, for the logs and `edge-agent probes`.
     pub cgroup: PathBuf,
     _cells_map: MapData,
@@ -405,7 +410,9 @@ impl ProtocolsProbe {
         let cells = Cells::map(&cells_map)?;
         let bytes = match (classes, ebpf.take_map("ipp_bytes")) {
             (None, _) => None,
-            (Some(_), Some(m)) => Some(PerCpuArray::try_from(m).map_err(|e| ProbeError::Load(e.to_string()))?),
+            (Some(c), Some(m)) => {
+                Some((PerCpuArray::try_from(m).map_err(|e| ProbeError::Load(e.to_string()))?, Arc::new(c.clone())))
+            }
             (Some(_), None) => return Err(ProbeError::Load("map ipp_bytes missing".into())),
         };
         let values = match capture {
@@ -444,13 +451,13 @@ impl ProtocolsProbe {
 
     pub fn read(&self) -> Result<ProtocolReading, ProbeError> {
         let mut r = read_cells(|i| self.cells.get(i));
-        if let Some(map) = &self.bytes {
+        if let Some((map, classes)) = &self.bytes {
             let mut b = [[0u64; CLASSES]; 2];
             for slot in 0..BYTE_SLOTS {
                 let per_cpu = map.get(&(slot as u32), 0).map_err(|e| ProbeError::Read(e.to_string()))?;
                 b[slot / CLASSES][slot % CLASSES] = per_cpu.iter().sum();
             }
-            r.tcp_bytes = Some(b);
+            r.tcp_bytes = Some((b, classes.clone()));
         }
         Ok(r)
     }
@@ -500,6 +507,50 @@ pub fn read_cells(get: impl Fn(usize) -> u64) -> ProtocolReading {
         *v = get(CELL_VALUE_BAD + i);
     }
     r
+}
+
+impl super::Probe for ProtocolsProbe {
+    const NAME: &'static str = PROBE;
+    type Config = ProtocolsConfig;
+    type Reading = ProtocolReading;
+    type Metrics = ();
+    type Seen = ();
+
+    fn enabled(cfg: &crate::config::Config) -> bool {
+        cfg.probes.protocols.enabled
+    }
+
+    fn not_loaded(_: &crate::config::Config, why: &super::ProbeState) -> Vec<(&'static str, super::ProbeState)> {
+        vec![(PROBE, why.clone())]
+    }
+
+    fn start(cfg: &crate::config::Config, started: &super::Probes) -> Result<Self, ProbeError> {
+        // The TCP probe's port classes, for TCP payload bytes: counted only
+        // when the TCP probe runs (the window labels them with its classes).
+        let tags = cfg.tag_map().unwrap_or_default();
+        let classes = started.tcp_lifecycle.as_ref().map(super::TcpLifecycleProbe::classes);
+        let p = ProtocolsProbe::attach(&cfg.probes.protocols, classes, &tags)?;
+        tracing::info!(cgroup = %p.cgroup.display(), "protocol probe attached");
+        Ok(p)
+    }
+
+    fn states(&self) -> Vec<(&'static str, super::ProbeState)> {
+        vec![(PROBE, super::ProbeState::Attached)]
+    }
+
+    fn program_stats(&self) -> Vec<ProgramStats> {
+        ProtocolsProbe::program_stats(self)
+    }
+
+    fn reading(&self) -> Result<ProtocolReading, ProbeError> {
+        self.read()
+    }
+
+    fn register(_: &(), _: &mut prometheus_client::registry::Registry) {}
+
+    fn series(reading: &ProtocolReading, _: &mut (), out: &mut super::series::Samples) {
+        series::series(reading, out);
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,12 @@ use std::path::Path;
 
 use super::tracefs::{self, Layout};
 use super::{ProbeError, ProbeState};
-use crate::config::TcpLifecycleConfig;
+pub use config::TcpLifecycleConfig;
+use std::sync::Arc;
+
+pub mod config;
+pub mod metrics;
+pub mod series;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
 
@@ -415,9 +420,15 @@ pub struct TcpLifecycleProbe {
     stats: PerCpuArray<MapData, u64>,
     /// With peer groups: their counters and connect latency histograms.
     peers: Option<PeerMaps>,
-    classes: PortClasses,
+    classes: Arc<PortClasses>,
     /// Each tracepoint's state (the baseline is attached).
     pub states: Vec<(&'static str, ProbeState)>,
+    /// The idle limit (ms) when the idle-connection census runs
+    /// (`idle_secs` > 0, and socket diagnostics working).
+    census_idle_ms: Option<u64>,
+    /// The counters the metrics were last moved to (this probe's maps
+    /// count from zero).
+    observed: TcpCounters,
     // Owns the programs and their links; must outlive the maps' use.
     ebpf: Ebpf,
 }
@@ -681,7 +692,9 @@ impl TcpLifecycleProbe {
             None
         };
         states.push((PEERS_PROBE, peer_state));
-        Ok(TcpLifecycleProbe { counters, hists, stats, peers, classes, states, ebpf })
+        let classes = Arc::new(classes);
+        let observed = TcpCounters::default();
+        Ok(TcpLifecycleProbe { counters, hists, stats, peers, classes, states, census_idle_ms: None, observed, ebpf })
     }
 
     /// Run statistics of every attached program (cumulative).
@@ -764,6 +777,88 @@ pub(crate) fn verifier_text(e: &aya::programs::ProgramError) -> String {
             format!("{io_error}; verifier log:\n{verifier_log}")
         }
         other => other.to_string(),
+    }
+}
+
+/// One window's reading of the TCP probe: its counters, the idle census
+/// (when it runs), and the port classes both are indexed by.
+#[derive(Debug, Clone)]
+pub struct TcpReading {
+    pub counters: TcpCounters,
+    /// Established and idle connections now.
+    pub idle: Option<super::tcp_idle::IdleCensus>,
+    pub classes: Arc<PortClasses>,
+}
+
+impl super::Probe for TcpLifecycleProbe {
+    const NAME: &'static str = "tcp_lifecycle";
+    type Config = TcpLifecycleConfig;
+    type Reading = TcpReading;
+    type Metrics = metrics::TcpMetrics;
+    type Seen = series::TcpSeen;
+
+    fn enabled(cfg: &crate::config::Config) -> bool {
+        cfg.probes.tcp_lifecycle.enabled
+    }
+
+    fn not_loaded(cfg: &crate::config::Config, why: &ProbeState) -> Vec<(&'static str, ProbeState)> {
+        let peers = if cfg.probes.tcp_lifecycle.peers.is_empty() { ProbeState::Disabled } else { why.clone() };
+        TRACEPOINTS
+            .iter()
+            .map(|t| (t.probe, why.clone()))
+            .chain([(PEERS_PROBE, peers), (super::TCP_IDLE, ProbeState::Disabled)])
+            .collect()
+    }
+
+    fn start(cfg: &crate::config::Config, _: &super::Probes) -> Result<Self, ProbeError> {
+        let tcp = &cfg.probes.tcp_lifecycle;
+        let mut p = TcpLifecycleProbe::attach(&tracefs::ensure_mounted()?, tcp)?;
+        let attached: Vec<&str> =
+            p.states.iter().filter(|(_, s)| *s == ProbeState::Attached).map(|(n, _)| *n).collect();
+        tracing::info!(probes = ?attached, "TCP probes attached");
+        // The idle census: when socket diagnostics work.
+        let census = if tcp.idle_secs == 0 {
+            ProbeState::Disabled
+        } else {
+            match super::tcp_idle::dump() {
+                Ok(_) => ProbeState::Attached,
+                Err(e) => ProbeState::Unavailable(format!("socket diagnostics (NETLINK_SOCK_DIAG) dump failed: {e}")),
+            }
+        };
+        p.census_idle_ms = (census == ProbeState::Attached).then_some(tcp.idle_secs * 1000);
+        p.states.push((super::TCP_IDLE, census));
+        Ok(p)
+    }
+
+    fn states(&self) -> Vec<(&'static str, ProbeState)> {
+        self.states.clone()
+    }
+
+    fn program_stats(&self) -> Vec<ProgramStats> {
+        TcpLifecycleProbe::program_stats(self)
+    }
+
+    fn reading(&self) -> Result<TcpReading, ProbeError> {
+        let counters = self.read()?;
+        let idle = self.census_idle_ms.and_then(|idle_ms| {
+            let dump = super::tcp_idle::dump().map_err(|e| ProbeError::Read(e.to_string()));
+            let (conns, listening) = super::usable(super::TCP_IDLE, dump)?;
+            Some(super::tcp_idle::census(&conns, &listening, &self.classes, idle_ms))
+        });
+        Ok(TcpReading { counters, idle, classes: self.classes.clone() })
+    }
+
+    fn register(metrics: &metrics::TcpMetrics, registry: &mut prometheus_client::registry::Registry) {
+        metrics.register(registry);
+    }
+
+    fn observe(&mut self, reading: &TcpReading, metrics: &metrics::TcpMetrics) {
+        metrics.observe(&self.observed, &reading.counters, &reading.classes);
+        self.observed = reading.counters.clone();
+    }
+
+    fn series(reading: &TcpReading, seen: &mut series::TcpSeen, out: &mut super::series::Samples) {
+        seen.series(reading, out);
     }
 }
 
