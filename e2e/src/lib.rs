@@ -81,11 +81,16 @@ pub fn system_user(name: &str) -> (u32, u32) {
     (id("-u").expect("uid"), id("-g").expect("gid"))
 }
 
-/// target/<profile>/, where cargo put this test's binaries' siblings.
+/// target/<profile>/, where cargo put the workspace's binaries: a test
+/// runs from target/<profile>/deps/, a binary (the fleet simulator) from
+/// target/<profile>/ itself.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/e2e-<hash>
-    exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        return dir.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
+    dir
 }
 
 pub fn repo_dir() -> PathBuf {
@@ -610,6 +615,20 @@ pub fn bridge_full(
     mqtt: &str,
     remote_write: &str,
 ) -> (Proc, u16) {
+    bridge_logged(dir, broker, write_url, client_id, mqtt, remote_write, "info,fleet_bridge=debug")
+}
+
+/// [`bridge_full`] logging at `log` (`FLEET_BRIDGE_LOG`): the fleet
+/// simulator's bridges log at info, not a line per message.
+pub fn bridge_logged(
+    dir: &Path,
+    broker: &Broker,
+    write_url: &str,
+    client_id: &str,
+    mqtt: &str,
+    remote_write: &str,
+    log: &str,
+) -> (Proc, u16) {
     let metrics = free_port();
     let conf = dir.join(format!("{client_id}.toml"));
     std::fs::write(
@@ -627,7 +646,7 @@ pub fn bridge_full(
         dir,
         &bin_dir().join("fleet-bridge"),
         &["--config".into(), conf.display().to_string()],
-        &[("FLEET_BRIDGE_LOG", "info,fleet_bridge=debug")],
+        &[("FLEET_BRIDGE_LOG", log)],
     );
     // Until the broker confirmed the subscription, messages for the bridge
     // would find no session to be queued for.
@@ -794,6 +813,57 @@ impl Agent {
 
     pub fn metric(&self, series: &str) -> Option<f64> {
         scrape(self.metrics_port, series).ok().flatten()
+    }
+}
+
+/// A TCP proxy on a free loopback port that delivers every byte `delay`
+/// after it arrived, both ways, bandwidth unlimited: a long link (a
+/// cellular or satellite hop) where netem is not available. Runs until the
+/// test process ends.
+pub struct LatencyProxy {
+    pub port: u16,
+}
+
+impl LatencyProxy {
+    pub fn start(upstream: u16, delay: Duration) -> LatencyProxy {
+        let port = free_port();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("proxy bind");
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    if let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) {
+                        LatencyProxy::pump(from, to, delay);
+                    }
+                }
+            }
+        });
+        LatencyProxy { port }
+    }
+
+    /// Reads `from` as bytes come and writes each chunk to `to` once it is
+    /// `delay` old; a close travels the same way.
+    fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
+        use std::io::{Read, Write};
+        let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = from.read(&mut buf).unwrap_or(0);
+                if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() || n == 0 {
+                    break;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for (due, chunk) in rx {
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                if chunk.is_empty() || to.write_all(&chunk).is_err() {
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    break;
+                }
+            }
+        });
     }
 }
 

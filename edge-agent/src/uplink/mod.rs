@@ -45,6 +45,9 @@ use delivery::Delivery;
 use edge_wire::throttle::Throttle;
 
 const POLL: Duration = Duration::from_millis(100);
+/// How long a connection attempt may take: rumqttc's connect timeout
+/// (5 s, `MqttOptions::connection_timeout`) and a margin; it gives up first.
+const CONNECTING: Duration = Duration::from_secs(6);
 /// A client certificate this close to its expiry is said at WARN (the
 /// fleet's alert fires at the same distance).
 const EXPIRY_WARN_DAYS: i64 = 30;
@@ -196,9 +199,18 @@ impl Uplink {
             }
             session.publish(&conn, lanes, Instant::now());
             // Until the session's next deadline; the shutdown flag is
-            // looked at every POLL.
+            // looked at every POLL. Before the broker's CONNACK, rumqttc is
+            // connecting (TCP, TLS, CONNECT), and that is not cancel-safe:
+            // a wait cut short drops the half-made connection and the next
+            // starts over. Over a link slower than POLL, or to a broker busy
+            // with a reconnecting fleet, no attempt would ever finish: wait
+            // as long as rumqttc's own connect timeout.
             let now = Instant::now();
-            let wait = session.wake_at(lanes, now).map_or(POLL, |t| t.saturating_duration_since(now).min(POLL));
+            let wait = if session.connected() {
+                session.wake_at(lanes, now).map_or(POLL, |t| t.saturating_duration_since(now).min(POLL))
+            } else {
+                CONNECTING
+            };
             let ev = conn.recv(wait.max(Duration::from_millis(1)));
             let flow = session.on(ev, &conn, lanes, failures, Instant::now());
             if flow == Flow::Go {

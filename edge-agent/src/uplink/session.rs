@@ -132,6 +132,11 @@ impl<'a> Session<'a> {
     }
 
     /// What the other stages must do, in order, since the last call.
+    /// Whether the broker accepted the connection (CONNACK).
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
     pub fn actions(&mut self) -> std::vec::Drain<'_, Action> {
         self.actions.drain(..)
     }
