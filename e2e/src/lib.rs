@@ -619,7 +619,8 @@ pub fn bridge_full(
 }
 
 /// [`bridge_full`] logging at `log` (`FLEET_BRIDGE_LOG`): the fleet
-/// simulator's bridges log at info, not a line per message.
+/// simulator's bridges log at info, not a line per message. The binary is
+/// the workspace's, or `FLEET_BRIDGE_BIN` (a benchmark's before/after).
 pub fn bridge_logged(
     dir: &Path,
     broker: &Broker,
@@ -644,7 +645,7 @@ pub fn bridge_logged(
     let p = Proc::spawn(
         "fleet-bridge",
         dir,
-        &bin_dir().join("fleet-bridge"),
+        &std::env::var_os("FLEET_BRIDGE_BIN").map_or_else(|| bin_dir().join("fleet-bridge"), PathBuf::from),
         &["--config".into(), conf.display().to_string()],
         &[("FLEET_BRIDGE_LOG", log)],
     );

@@ -235,3 +235,52 @@ fn bridges_in_a_share_group_split_the_fleet() {
 fn count_series(prom: &Prom, name: &str) -> usize {
     (0..40).filter(|d| count(prom, &format!("{name}{{device=\"dev-{d}\"}}")) == 1).count()
 }
+
+/// A device that missed a confirmation sends the block again (after its
+/// delivery timeout, or on reconnecting). The bridge spots the copy: it
+/// confirms it again without writing it (a store would refuse its samples
+/// as duplicates, and the bridge would then split the request down to
+/// single samples to find out which).
+#[test]
+fn a_resent_block_is_confirmed_again_without_a_write() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let r = rig("resent");
+    let device = "dev-resent";
+    let (tx, acks) = std::sync::mpsc::channel();
+    let client = connect_with(r.broker.mqtt_options(device, Who::Device(device)), Some(tx));
+    client.subscribe(edge_wire::ack_topic("edge", device), QoS::AtMostOnce).unwrap();
+    let now = now_ms();
+    let msg = block(device, &[("resent", vec![(now - 5000, 1.0), (now - 4000, 2.0)])]);
+    let requests = || {
+        ["2xx", "4xx", "5xx", "error"]
+            .iter()
+            .map(|s| {
+                scrape(r.bridge_metrics, &format!("fleet_bridge_remote_write_requests_total{{status=\"{s}\"}}"))
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    let result = |what: &str| {
+        scrape(r.bridge_metrics, &format!("fleet_bridge_messages_total{{result=\"{what}\"}}")).ok().flatten()
+    };
+    client.publish(edge_wire::metrics_topic("edge", device), QoS::AtLeastOnce, false, msg.clone()).unwrap();
+    wait_for("the block written and confirmed", Duration::from_secs(30), || {
+        match (result("written"), acks.try_recv()) {
+            (Some(1.0), Ok(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let before = requests();
+    client.publish(edge_wire::metrics_topic("edge", device), QoS::AtLeastOnce, false, msg).unwrap();
+    wait_for("the copy confirmed", Duration::from_secs(30), || match (result("copy"), acks.try_recv()) {
+        (Some(1.0), Ok(_)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    assert_eq!(requests(), before, "the copy cost no remote write");
+    assert_eq!(count(&r.prom, "resent{device=\"dev-resent\"}"), 2);
+    assert_eq!(result("written"), Some(1.0));
+}

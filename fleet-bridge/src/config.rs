@@ -60,9 +60,23 @@ pub struct RemoteWriteConfig {
     pub timeout_ms: u64,
     pub retry_min_ms: u64,
     pub retry_max_ms: u64,
-    /// A block's series are written by up to this many requests at once
-    /// (each series whole, in one of them).
+    /// Remote-write requests in flight at once: the fleet's series are
+    /// dealt into this many shards (by a hash of each series' labels), each
+    /// shard's requests written one after the other, so every series
+    /// arrives in order.
     pub concurrency: usize,
+    /// A request holds the series of many devices' messages, up to this
+    /// many samples...
+    pub batch_max_samples: usize,
+    /// ...or until its oldest part waited this long while its shard was
+    /// free to write (a busy shard's request keeps filling up).
+    pub batch_max_age_ms: u64,
+    /// Memory the samples the bridge holds (taken from the broker, not yet
+    /// written) take at most, estimated: past it, it takes no new message
+    /// in until writes catch up, and the broker keeps the rest (its
+    /// in-flight window, then its queue). Backpressure, not buffering:
+    /// memory stays bounded whatever the fleet's backlog.
+    pub max_pending_bytes: usize,
     /// Samples dated later than the bridge's clock plus this are never
     /// written (counted per device, the message dead-lettered): one
     /// device's far-future sample would move the store's newest time and
@@ -112,6 +126,9 @@ impl Default for RemoteWriteConfig {
             retry_min_ms: 100,
             retry_max_ms: 30_000,
             concurrency: 2,
+            batch_max_samples: 10_000,
+            batch_max_age_ms: 200,
+            max_pending_bytes: 64 << 20,
             max_sample_ahead_secs: 300,
             max_sample_age_secs: 7 * 86_400,
             isolate_after_failures: 5,
@@ -194,6 +211,15 @@ impl Config {
         }
         if !(1..=16).contains(&self.remote_write.concurrency) {
             return Err("remote_write.concurrency must be 1..=16".into());
+        }
+        if !(1..=1_000_000).contains(&self.remote_write.batch_max_samples) {
+            return Err("remote_write.batch_max_samples must be 1..=1000000".into());
+        }
+        if self.remote_write.batch_max_age_ms > 60_000 {
+            return Err("remote_write.batch_max_age_ms must be 0..=60000".into());
+        }
+        if !((1 << 20)..=(16 << 30)).contains(&self.remote_write.max_pending_bytes) {
+            return Err("remote_write.max_pending_bytes must be 1 MiB..16 GiB".into());
         }
         if self.remote_write.retry_min_ms == 0 || self.remote_write.retry_min_ms > self.remote_write.retry_max_ms {
             return Err("remote_write.retry_min_ms must be > 0 and <= retry_max_ms".into());

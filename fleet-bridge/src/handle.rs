@@ -158,27 +158,6 @@ pub fn sample_count(req: &WriteRequest) -> usize {
     req.timeseries.iter().map(|t| t.samples.len()).sum()
 }
 
-/// Deals a request's series into at most `n` requests of about the same
-/// number of samples (a series stays whole, in one of them). Small
-/// requests are not split.
-pub fn split_series(req: WriteRequest, n: usize) -> Vec<WriteRequest> {
-    const MIN_SAMPLES_PER_PART: usize = 10_000;
-    let total = sample_count(&req);
-    let n = n.clamp(1, (total / MIN_SAMPLES_PER_PART).max(1)).min(req.timeseries.len().max(1));
-    if n == 1 {
-        return vec![req];
-    }
-    let mut parts: Vec<WriteRequest> = (0..n).map(|_| WriteRequest { timeseries: Vec::new() }).collect();
-    let mut sizes = vec![0usize; n];
-    for ts in req.timeseries {
-        // The part with the fewest samples so far.
-        let i = (0..n).min_by_key(|&i| sizes[i]).unwrap_or(0);
-        sizes[i] += ts.samples.len();
-        parts[i].timeseries.push(ts);
-    }
-    parts
-}
-
 /// Splits a request of two or more samples into two halves: by series when
 /// there are several, else by the one series' samples. Used to isolate the
 /// samples a store refuses: Prometheus rejects a whole request for one
@@ -355,20 +334,6 @@ mod tests {
             }
         }
         assert_eq!(singles, 15);
-    }
-
-    #[test]
-    fn split_series_keeps_each_series_whole() {
-        let req = request(7, 3000);
-        let parts = split_series(req.clone(), 3);
-        assert_eq!(parts.len(), 2, "21,000 samples: two parts of at least 10,000");
-        let mut names: Vec<String> =
-            parts.iter().flat_map(|p| p.timeseries.iter().map(|t| format!("{:?}", t.labels))).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), 7, "every series exactly once");
-        assert_eq!(parts.iter().map(sample_count).sum::<usize>(), 21_000);
-        assert_eq!(split_series(req, 1).len(), 1);
     }
 
     #[test]

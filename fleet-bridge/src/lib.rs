@@ -6,15 +6,17 @@
 //! written (then it is counted); on 5xx, 429 or network errors the bridge
 //! retries with back-off and acknowledges nothing meanwhile.
 
+pub mod batch;
 pub mod config;
 pub mod handle;
 pub mod metrics;
 pub mod remote_write;
 
-use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+use rumqttc::{Client, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use batch::{Batch, CopyKey, Finished, Limits, PartOutcome, Pipeline, Recent, Seen};
 use config::Config;
 use edge_wire::throttle::Throttle;
 use handle::{TimeBounds, Verdict};
@@ -74,49 +76,65 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     let presence_filter = format!("{share}{}/+/presence", cfg.mqtt.topic_prefix);
     let time_filter = format!("{share}{}/+/time", cfg.mqtt.topic_prefix);
 
-    let (tx, rx) = mpsc::channel::<Publish>();
-    let writer = Writer::new(&cfg, client.clone(), metrics.clone());
-    std::thread::Builder::new().name("writer".into()).spawn(move || writer.run(rx))?;
+    // Unbounded on purpose: what the broker sends us unacknowledged is
+    // bounded by its in-flight window, and the pipeline stops taking
+    // messages in (decoding them) past remote_write.max_pending_bytes.
+    let (tx, rx) = mpsc::channel::<Event>();
+    // The connection a message came on: a packet id means something only
+    // on its own connection. After a reconnection the broker sends again
+    // what was not acknowledged, under new ids; acknowledging an old id on
+    // the new connection would acknowledge some other message (or make the
+    // broker close the connection).
+    let connection_no = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let credits = std::sync::Arc::new(Credits::new(TAKEN_BYTES));
+    let writer =
+        std::sync::Arc::new(Writer::new(&cfg, client.clone(), metrics.clone(), connection_no.clone(), credits.clone()));
+    // How long the reader waits for room before it takes a message anyway:
+    // while it waits, the client sends nothing, not even its keep-alive.
+    let credit_wait = Duration::from_secs(cfg.mqtt.keep_alive_secs.max(5) / 3);
+    let events = tx.clone();
+    std::thread::Builder::new().name("pipeline".into()).spawn(move || writer.run(rx, events))?;
 
     let mut failures = 0u32;
     let mut said = Throttle::new(Duration::from_secs(60));
+    // Subscribing waits for room in the client's request queue (which
+    // acknowledgements may fill): tried again on every event until taken.
+    let mut subscribe = false;
     for event in connection.iter() {
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
                 said.reset();
+                connection_no.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 metrics.mqtt_connected.set(1);
                 tracing::info!(session_present = ack.session_present, filter, "connected to broker");
-                let filters = [
-                    (filter.clone(), QoS::AtLeastOnce),
-                    (presence_filter.clone(), QoS::AtLeastOnce),
-                    // Time requests are answered at once or not at all.
-                    (time_filter.clone(), QoS::AtMostOnce),
-                ]
-                .map(|(f, q)| rumqttc::SubscribeFilter::new(f, q));
-                if let Err(e) = client.try_subscribe_many(filters) {
-                    tracing::error!(error = %e, "subscribe failed");
-                }
+                subscribe = true;
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
+            Ok(rumqttc::Event::Incoming(Packet::SubAck(_))) => {
                 metrics.subscribed.set(1);
             }
-            Ok(Event::Incoming(Packet::Publish(p)))
+            Ok(rumqttc::Event::Incoming(Packet::Publish(p)))
                 if edge_wire::device_of(&cfg.mqtt.topic_prefix, &p.topic, "time").is_some() =>
             {
                 // Answered here, not behind the writer's queue: the device
                 // measures the round trip.
                 answer_time(&client, &cfg.mqtt.topic_prefix, &p, &metrics);
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).is_err() {
-                    break; // writer gone
+            Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
+                // Backpressure: no more than TAKEN_BYTES of messages taken
+                // from the broker and not yet done with; past that the
+                // client stops reading and the broker keeps them.
+                credits.take(p.payload.len(), credit_wait);
+                let on = connection_no.load(std::sync::atomic::Ordering::SeqCst);
+                if tx.send(self::Event::Publish(p, on)).is_err() {
+                    break; // pipeline gone
                 }
             }
             Ok(_) => {}
             Err(e) => {
                 metrics.mqtt_connected.set(0);
                 metrics.subscribed.set(0);
+                subscribe = false;
                 failures = failures.saturating_add(1);
                 let reason = edge_wire::tls::connection_failure(&e);
                 metrics.connection_failures.get_or_create(&metrics::ReasonLabels { reason: reason.into() }).inc();
@@ -135,9 +153,61 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                 std::thread::sleep(Duration::from_millis((100u64 << failures.min(6)).min(5_000)));
             }
         }
+        if subscribe {
+            let filters = [
+                (filter.clone(), QoS::AtLeastOnce),
+                (presence_filter.clone(), QoS::AtLeastOnce),
+                // Time requests are answered at once or not at all.
+                (time_filter.clone(), QoS::AtMostOnce),
+            ]
+            .map(|(f, q)| rumqttc::SubscribeFilter::new(f, q));
+            subscribe = client.try_subscribe_many(filters).is_err();
+        }
     }
     Ok(())
 }
+
+/// Bytes of messages taken from the broker and not yet done with (written
+/// or refused, and ready to be acknowledged), at most (then the client stops reading; the broker keeps the rest):
+/// with the decoded samples (`remote_write.max_pending_bytes`), what bounds
+/// the bridge's memory whatever the fleet's backlog. mosquitto 2.0 was seen
+/// sending a resuming bridge its whole queue regardless of
+/// `max_inflight_messages`.
+const TAKEN_BYTES: usize = 64 << 20;
+
+/// A budget of bytes, taken by the reader as messages come and given back
+/// by the pipeline when it is done with them.
+struct Credits {
+    /// Below zero after a message larger than what was left, or taken
+    /// anyway (see `take`).
+    free: std::sync::Mutex<isize>,
+    freed: std::sync::Condvar,
+}
+
+impl Credits {
+    fn new(n: usize) -> Credits {
+        Credits { free: std::sync::Mutex::new(n as isize), freed: std::sync::Condvar::new() }
+    }
+
+    /// Takes `n` bytes once any are free, waiting up to `wait`; after that
+    /// takes them anyway (the bound is soft: a reader stuck longer would
+    /// miss the broker's keep-alive).
+    fn take(&self, n: usize, wait: Duration) {
+        let free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut free, _) = self.freed.wait_timeout_while(free, wait, |f| *f <= 0).unwrap_or_else(|p| p.into_inner());
+        *free -= n as isize;
+    }
+
+    fn give(&self, n: usize) {
+        *self.free.lock().unwrap_or_else(|p| p.into_inner()) += n as isize;
+        self.freed.notify_one();
+    }
+}
+
+/// Written blocks remembered to spot a device's copies (batch::Recent):
+/// at 1,000 devices sending one block a window, 10 minutes of blocks;
+/// about 10 MB.
+const REMEMBERED_BLOCKS: usize = 65_536;
 
 /// MQTT's largest packet (remaining length of 268,435,455 bytes).
 const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
@@ -159,6 +229,38 @@ fn answer_time(client: &Client, prefix: &str, p: &Publish, metrics: &BridgeMetri
     metrics.messages.get_or_create(&metrics::ResultLabels::new(result)).inc();
 }
 
+/// What the pipeline thread hears.
+enum Event {
+    /// A message from the broker, and the connection it came on.
+    Publish(Publish, u64),
+    /// A shard's request was written (or refused for good).
+    Written { shard: usize, bytes: usize, outcomes: Vec<PartOutcome> },
+}
+
+/// A message in the pipeline.
+struct Msg {
+    publish: Publish,
+    /// The connection it came on (its packet id is that connection's).
+    connection: u64,
+    kind: MsgKind,
+}
+
+enum MsgKind {
+    /// Refused or not understood: counted when it came, acknowledged in
+    /// its turn.
+    Settled,
+    /// A device's block: confirmed to it once written.
+    Block { lane: u8, first_seq: u64, last_seq: u64, out_of_bounds: usize, key: Option<CopyKey> },
+    /// A copy of a block in the pipeline (done with it) or lately written
+    /// (confirmed again: `confirm`), batch::Recent.
+    Copy { confirm: Option<(u8, u64, u64)> },
+    /// A device's retained birth (`online`) or last will (`offline`): a
+    /// sample of `edge_device_online{device}`, 1 or 0, stamped when it
+    /// arrived. Written on every change and every bridge (re)subscription,
+    /// so query it with `last_over_time(edge_device_online[1d])`.
+    Presence { online: bool },
+}
+
 struct Writer {
     prefix: String,
     url: String,
@@ -168,18 +270,33 @@ struct Writer {
     retry_min: Duration,
     retry_max: Duration,
     dead_letter_prefix: String,
-    concurrency: usize,
+    limits: Limits,
+    max_pending_bytes: usize,
     max_ahead_ms: i64,
     max_age_ms: i64,
     /// Retryable failures of one request before the store is probed.
     isolate_after: u32,
     client_id: String,
+    /// The broker connection now (run() counts them).
+    connection_no: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Room for messages taken from the broker and not yet done with.
+    credits: std::sync::Arc<Credits>,
+    /// Delivery confirmations not yet handed to the client: (topic, payload).
+    outbox: std::sync::Mutex<std::collections::VecDeque<(String, Vec<u8>)>>,
+    /// Keys of the payload hash that spots copies.
+    copy_keys: (std::collections::hash_map::RandomState, std::collections::hash_map::RandomState),
     /// Refusal warnings, at most one a minute per kind.
     said: std::sync::Mutex<std::collections::HashMap<&'static str, Throttle>>,
 }
 
 impl Writer {
-    fn new(cfg: &Config, client: Client, metrics: BridgeMetrics) -> Self {
+    fn new(
+        cfg: &Config,
+        client: Client,
+        metrics: BridgeMetrics,
+        connection_no: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        credits: std::sync::Arc<Credits>,
+    ) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_millis(cfg.remote_write.timeout_ms)))
@@ -194,30 +311,201 @@ impl Writer {
             retry_min: Duration::from_millis(cfg.remote_write.retry_min_ms),
             retry_max: Duration::from_millis(cfg.remote_write.retry_max_ms),
             dead_letter_prefix: cfg.mqtt.dead_letter_prefix.clone(),
-            concurrency: cfg.remote_write.concurrency,
+            limits: Limits {
+                shards: cfg.remote_write.concurrency,
+                max_samples: cfg.remote_write.batch_max_samples,
+                max_age: Duration::from_millis(cfg.remote_write.batch_max_age_ms),
+            },
+            max_pending_bytes: cfg.remote_write.max_pending_bytes,
             max_ahead_ms: (cfg.remote_write.max_sample_ahead_secs * 1000) as i64,
             max_age_ms: (cfg.remote_write.max_sample_age_secs * 1000) as i64,
             isolate_after: cfg.remote_write.isolate_after_failures,
             client_id: cfg.mqtt.client_id.clone(),
+            connection_no,
+            credits,
+            outbox: Default::default(),
+            copy_keys: Default::default(),
             said: Default::default(),
         }
     }
 
-    fn run(self, rx: mpsc::Receiver<Publish>) {
-        for publish in rx {
-            self.handle(&publish);
-            if let Err(e) = self.client.ack(&publish) {
-                tracing::error!(error = %e, "acknowledging failed; the broker will redeliver");
+    /// The pipeline: messages in (decoded, checked, their series into the
+    /// shards' requests, batch.rs), requests out to the shards' writers
+    /// (one request in flight per shard), each message confirmed to its
+    /// device once every request holding its samples is written, and
+    /// acknowledged to the broker in the order it came.
+    fn run(self: std::sync::Arc<Self>, rx: mpsc::Receiver<Event>, events: mpsc::Sender<Event>) {
+        let mut pipe: Pipeline<Msg> = Pipeline::new(self.limits);
+        let shards = self.limits.shards;
+        let writers: Vec<mpsc::Sender<Batch>> = (0..shards)
+            .filter_map(|shard| {
+                let (tx, batches) = mpsc::channel::<Batch>();
+                let (me, events) = (self.clone(), events.clone());
+                let spawned = std::thread::Builder::new().name(format!("writer-{shard}")).spawn(move || {
+                    for b in batches {
+                        let bytes = b.bytes;
+                        let outcomes = me.write_batch(b);
+                        if events.send(Event::Written { shard, bytes, outcomes }).is_err() {
+                            break;
+                        }
+                    }
+                });
+                match spawned {
+                    Ok(_) => Some(tx),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a writer thread");
+                        None
+                    }
+                }
+            })
+            .collect();
+        drop(events);
+        if writers.len() != shards {
+            return;
+        }
+        let mut queued: Vec<std::collections::VecDeque<Batch>> = (0..shards).map(|_| Default::default()).collect();
+        let mut busy = vec![false; shards];
+        // Taken from the broker, not yet decoded: waits while the pipeline
+        // holds max_pending_bytes.
+        let mut waiting: std::collections::VecDeque<(Publish, u64)> = Default::default();
+        let mut recent = Recent::new(REMEMBERED_BLOCKS);
+        // Acknowledgements the client's request queue had no room for yet,
+        // in order.
+        let mut unacked: std::collections::VecDeque<(u64, Publish)> = Default::default();
+        loop {
+            let now = std::time::Instant::now();
+            let retry = !unacked.is_empty() || !self.outbox.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+            let timeout = pipe
+                .next_due(|s| !busy[s] && queued[s].is_empty())
+                .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now))
+                .min(if retry { Duration::from_millis(5) } else { Duration::MAX });
+            match rx.recv_timeout(timeout) {
+                Ok(Event::Publish(p, on)) => waiting.push_back((p, on)),
+                Ok(Event::Written { shard, bytes, outcomes }) => {
+                    busy[shard] = false;
+                    for f in pipe.written(bytes, &outcomes) {
+                        self.finish(&pipe, &mut recent, f);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            while pipe.pending_bytes() < self.max_pending_bytes {
+                let Some((p, on)) = waiting.pop_front() else { break };
+                if on != self.connection() {
+                    self.credits.give(p.payload.len());
+                    continue; // the broker sends it again on the new connection
+                }
+                for b in self.admit(&mut pipe, &mut recent, p, on) {
+                    queued[b.shard].push_back(b);
+                }
+            }
+            let now = std::time::Instant::now();
+            for shard in 0..shards {
+                if busy[shard] {
+                    continue;
+                }
+                let next = queued[shard].pop_front().or_else(|| pipe.take_due(shard, now));
+                if let Some(b) = next {
+                    busy[shard] = true;
+                    if writers[shard].send(b).is_err() {
+                        return;
+                    }
+                }
+            }
+            self.metrics.pending_bytes.set(pipe.pending_bytes() as i64);
+            self.metrics.waiting_messages.set(waiting.len() as i64);
+            let now_on = self.connection();
+            for m in pipe.take_acks() {
+                self.credits.give(m.publish.payload.len());
+                if m.connection == now_on {
+                    // Only what the acknowledgement needs: the payload's
+                    // memory goes now.
+                    let mut ack = Publish::new("", m.publish.qos, Vec::new());
+                    ack.pkid = m.publish.pkid;
+                    unacked.push_back((m.connection, ack));
+                }
+            }
+            // Never blocking on the client's request queue: the reader may
+            // be waiting for this thread (credits), and only the reader
+            // empties that queue.
+            while let Some((on, p)) = unacked.front() {
+                if *on == self.connection() && self.client.try_ack(p).is_err() {
+                    break;
+                }
+                unacked.pop_front();
+            }
+            self.send_confirmations();
         }
     }
 
-    /// Returns once the message may be acknowledged: every sample is either
-    /// written or refused for good by the store (and counted).
-    fn handle(&self, publish: &Publish) {
+    /// Takes a message into the pipeline: a device's block (its samples
+    /// within the time bounds), a copy of a block in the pipeline or lately
+    /// written (batch::Recent), a presence change, or something refused
+    /// (counted, dead-lettered, acknowledged in its turn). Returns the
+    /// requests it filled.
+    fn admit(&self, pipe: &mut Pipeline<Msg>, recent: &mut Recent, publish: Publish, connection: u64) -> Vec<Batch> {
+        let now = std::time::Instant::now();
+        let key: Option<CopyKey> = edge_wire::device_of_topic(&self.prefix, &publish.topic)
+            .map(|_| (publish.topic.as_str().into(), self.copy_hash(&publish.payload)));
+        match key.as_ref().and_then(|k| recent.get(k)) {
+            Some(Seen::Pending(leader)) => {
+                let (id, done) =
+                    pipe.follow(Msg { publish, connection, kind: MsgKind::Copy { confirm: None } }, leader);
+                if done {
+                    self.finish(pipe, recent, Finished { msg: id, written: 0, refused: 0 });
+                }
+                return Vec::new();
+            }
+            Some(Seen::Written(lane, first, last)) => {
+                let kind = MsgKind::Copy { confirm: Some((lane, first, last)) };
+                let (id, _) = pipe.admit(Msg { publish, connection, kind }, &"".into(), Vec::new(), now);
+                self.finish(pipe, recent, Finished { msg: id, written: 0, refused: 0 });
+                return Vec::new();
+            }
+            None => {}
+        }
+        let (mut kind, device, series) = self.classify(&publish);
+        if let MsgKind::Block { key: k, .. } = &mut kind {
+            *k = key.clone();
+        }
+        let empty = series.is_empty();
+        let block = matches!(kind, MsgKind::Block { .. });
+        let (id, full) = pipe.admit(Msg { publish, connection, kind }, &device, series, now);
+        if let (true, Some(k)) = (block, key) {
+            recent.pending(k, id);
+        }
+        if empty {
+            self.finish(pipe, recent, Finished { msg: id, written: 0, refused: 0 });
+        }
+        full
+    }
+
+    /// A payload's 128-bit hash, keyed at random per process (a device
+    /// cannot aim at a collision).
+    fn copy_hash(&self, payload: &[u8]) -> u128 {
+        use std::hash::BuildHasher;
+        (u128::from(self.copy_keys.0.hash_one(payload)) << 64) | u128::from(self.copy_keys.1.hash_one(payload))
+    }
+
+    /// What a message is and the series it brings.
+    fn classify(&self, publish: &Publish) -> (MsgKind, std::sync::Arc<str>, Vec<remote_write::TimeSeries>) {
+        let settled = || (MsgKind::Settled, std::sync::Arc::<str>::from(""), Vec::new());
         if let Some(device) = edge_wire::device_of(&self.prefix, &publish.topic, "presence") {
-            self.presence(device, &publish.payload);
-            return;
+            let online = match &publish.payload[..] {
+                b"online" => true,
+                b"offline" => false,
+                _ => {
+                    self.metrics.messages.get_or_create(&metrics::ResultLabels::new("bad_presence")).inc();
+                    return settled();
+                }
+            };
+            if edge_wire::validate_device_id(device).is_err() {
+                self.metrics.messages.get_or_create(&metrics::ResultLabels::new("bad_topic")).inc();
+                return settled();
+            }
+            let ts = remote_write::presence(device, if online { 1.0 } else { 0.0 }, now_ms());
+            return (MsgKind::Presence { online }, device.into(), vec![ts]);
         }
         let bounds = TimeBounds::around(now_ms(), self.max_age_ms, self.max_ahead_ms);
         let w = match handle::prepare(&self.prefix, &publish.topic, &publish.payload, bounds) {
@@ -228,16 +516,14 @@ impl Writer {
                     tracing::warn!(topic = %publish.topic, why = ?refusal, suppressed, "message refused (dead-lettered)");
                 }
                 self.dead_letter(publish, refusal.label());
-                return;
+                return settled();
             }
         };
-        let mut refused = 0;
-        let (device, lane, first_seq, last_seq) = (w.device.clone(), w.lane, w.first_seq, w.last_seq);
         let oob = w.out_of_bounds;
         if oob.total() > 0 {
             for (reason, n) in [("ahead", oob.ahead), ("too_old", oob.too_old)] {
                 if n > 0 {
-                    let labels = metrics::DeviceReasonLabels { device: device.clone(), reason: reason.into() };
+                    let labels = metrics::DeviceReasonLabels { device: w.device.clone(), reason: reason.into() };
                     self.metrics.samples_out_of_bounds.get_or_create(&labels).inc_by(n as u64);
                 }
             }
@@ -245,7 +531,7 @@ impl Writer {
             // store gives for refusing a sample (Writer::refuse).
             if let Some(suppressed) = self.said("time_bounds") {
                 tracing::warn!(
-                    device,
+                    device = w.device,
                     ahead = oob.ahead,
                     too_old = oob.too_old,
                     example_ms = ?oob.example_ms,
@@ -258,49 +544,125 @@ impl Writer {
             }
             self.dead_letter(publish, "out_of_bounds");
         }
-        let written = if w.samples == 0 { 0 } else { self.write_parallel(w.req, &device, &mut refused) };
-        // Every sample is now in the store or refused by it for good: confirm
-        // the block end to end, so the device may let go of it. QoS 0 (see
-        // dead_letter): a lost confirmation only means a re-send.
-        let ack = edge_wire::DeliveryAck { lane, first_seq, last_seq }.encode();
-        let topic = edge_wire::ack_topic(&self.prefix, &device);
-        if let Err(e) = self.client.publish(topic, QoS::AtMostOnce, false, ack) {
-            tracing::warn!(error = %e, "delivery confirmation not sent");
+        let kind = MsgKind::Block {
+            lane: w.lane,
+            first_seq: w.first_seq,
+            last_seq: w.last_seq,
+            out_of_bounds: oob.total(),
+            key: None,
+        };
+        (kind, w.device.as_str().into(), w.req.timeseries)
+    }
+
+    /// Every sample of a message is now in the store or refused by it for
+    /// good: confirm a block end to end, so the device may let go of it.
+    /// QoS 0 (see dead_letter): a lost confirmation only means a re-send.
+    fn finish(&self, pipe: &Pipeline<Msg>, recent: &mut Recent, f: Finished) {
+        let Some(m) = pipe.meta(f.msg) else { return };
+        let device = match &m.kind {
+            MsgKind::Settled => return,
+            MsgKind::Presence { online } => {
+                let device = edge_wire::device_of(&self.prefix, &m.publish.topic, "presence").unwrap_or_default();
+                self.metrics.messages.get_or_create(&metrics::ResultLabels::new("presence")).inc();
+                tracing::info!(device, online, "device presence");
+                return;
+            }
+            MsgKind::Copy { confirm } => {
+                // A copy of a block in the pipeline is confirmed with it.
+                if let Some((lane, first_seq, last_seq)) = *confirm {
+                    let device = edge_wire::device_of_topic(&self.prefix, &m.publish.topic).unwrap_or_default();
+                    self.confirm(device, lane, first_seq, last_seq);
+                }
+                self.metrics.messages.get_or_create(&metrics::ResultLabels::new("copy")).inc();
+                return;
+            }
+            MsgKind::Block { .. } => edge_wire::device_of_topic(&self.prefix, &m.publish.topic).unwrap_or_default(),
+        };
+        let MsgKind::Block { lane, first_seq, last_seq, out_of_bounds, ref key } = m.kind else { return };
+        if let Some(key) = key {
+            recent.written(key.clone(), lane, first_seq, last_seq);
         }
-        let result = match (refused, oob.total()) {
+        self.confirm(device, lane, first_seq, last_seq);
+        let result = match (f.refused, out_of_bounds) {
             (0, 0) => "written",
-            (0, _) if written == 0 => "out_of_bounds",
+            (0, _) if f.written == 0 => "out_of_bounds",
             (0, _) => "partly_out_of_bounds",
             _ => "partly_refused",
         };
         self.metrics.messages.get_or_create(&metrics::ResultLabels::new(result)).inc();
-        tracing::debug!(device, lane, first_seq, last_seq, written, refused, "block handled");
+        tracing::debug!(device, lane, first_seq, last_seq, written = f.written, refused = f.refused, "block handled");
     }
 
-    /// Writes a block's request as up to `remote_write.concurrency`
-    /// requests at once, each with a share of the series: a series is in
-    /// one part only, so its samples still arrive in order, and a block is
-    /// confirmed only after every part is written. One device's drain then
-    /// keeps several of the store's cores busy.
-    fn write_parallel(&self, req: WriteRequest, device: &str, refused: &mut usize) -> usize {
-        let parts = handle::split_series(req, self.concurrency);
-        if parts.len() == 1 {
-            return parts.into_iter().map(|p| self.write(p, device, refused)).sum();
+    /// Tells a device its records `first_seq..=last_seq` are in the store.
+    /// Queued here and sent by [`Writer::send_confirmations`], in order,
+    /// without ever blocking on the client's request queue.
+    fn confirm(&self, device: &str, lane: u8, first_seq: u64, last_seq: u64) {
+        let ack = edge_wire::DeliveryAck { lane, first_seq, last_seq }.encode();
+        let topic = edge_wire::ack_topic(&self.prefix, device);
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner()).push_back((topic, ack));
+    }
+
+    fn send_confirmations(&self) {
+        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((topic, ack)) = outbox.front() {
+            if self.client.try_publish(topic.clone(), QoS::AtMostOnce, false, ack.clone()).is_err() {
+                break;
+            }
+            outbox.pop_front();
         }
-        let results: Vec<(usize, usize)> = std::thread::scope(|s| {
-            let handles: Vec<_> = parts
-                .into_iter()
-                .map(|p| {
-                    s.spawn(move || {
-                        let mut r = 0;
-                        (self.write(p, device, &mut r), r)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or((0, 0))).collect()
-        });
-        *refused += results.iter().map(|r| r.1).sum::<usize>();
-        results.iter().map(|r| r.0).sum()
+    }
+
+    /// Writes a request of many messages' series. On a refusal, or a
+    /// failure that goes on while the store takes other writes, each
+    /// message's part is written on its own ([`Writer::write`]: halves down
+    /// to single samples), so only what the store refuses is lost, counted
+    /// against its device. Retries 429, 5xx and network errors with
+    /// back-off meanwhile.
+    fn write_batch(&self, b: Batch) -> Vec<PartOutcome> {
+        let body = remote_write::encode(&b.req);
+        let mut wait = self.retry_min;
+        let mut failures = 0u32;
+        loop {
+            let outcome = self.post(&body);
+            let label = match &outcome {
+                Ok(s) => metrics::status_class(s.0),
+                Err(_) => "error",
+            };
+            self.metrics.requests.get_or_create(&metrics::StatusLabels { status: label.into() }).inc();
+            let text = match outcome {
+                Ok((status, text)) => match handle::verdict(status, &text) {
+                    Verdict::Written => {
+                        self.metrics.samples.inc_by(b.samples as u64);
+                        return b.written_whole();
+                    }
+                    Verdict::Refused => return self.write_parts(b),
+                    Verdict::Retry => format!("{status} {text}"),
+                },
+                Err(e) => e.to_string(),
+            };
+            failures += 1;
+            if failures >= self.isolate_after && self.store_takes_writes() {
+                return self.write_parts(b);
+            }
+            if let Some(suppressed) = self.said("retry") {
+                tracing::warn!(failures, answer = %text, suppressed, "store busy or failing; retrying");
+            }
+            self.metrics.retries.inc();
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(self.retry_max);
+        }
+    }
+
+    /// Each message's part of a request written on its own.
+    fn write_parts(&self, b: Batch) -> Vec<PartOutcome> {
+        b.into_parts()
+            .into_iter()
+            .map(|(msg, device, req)| {
+                let mut refused = 0;
+                let written = self.write(req, &device, &mut refused);
+                PartOutcome { msg, written, refused }
+            })
+            .collect()
     }
 
     /// Writes a request; on a refusal (4xx) splits it and writes the halves,
@@ -388,28 +750,9 @@ impl Writer {
         matches!(self.post(&remote_write::encode(&probe)), Ok((s, _)) if (200..300).contains(&s))
     }
 
-    /// A device's retained birth (`online`) or last will (`offline`) becomes
-    /// a sample of `edge_device_online{device}`, 1 or 0, stamped when it
-    /// arrived. Written on every change and every bridge (re)subscription,
-    /// so query it with `last_over_time(edge_device_online[1d])`.
-    fn presence(&self, device: &str, payload: &[u8]) {
-        let value = match payload {
-            b"online" => 1.0,
-            b"offline" => 0.0,
-            _ => {
-                self.metrics.messages.get_or_create(&metrics::ResultLabels::new("bad_presence")).inc();
-                return;
-            }
-        };
-        if edge_wire::validate_device_id(device).is_err() {
-            self.metrics.messages.get_or_create(&metrics::ResultLabels::new("bad_topic")).inc();
-            return;
-        }
-        let req = WriteRequest { timeseries: vec![remote_write::presence(device, value, now_ms())] };
-        let mut refused = 0;
-        self.write(req, device, &mut refused);
-        self.metrics.messages.get_or_create(&metrics::ResultLabels::new("presence")).inc();
-        tracing::info!(device, online = value == 1.0, "device presence");
+    /// The broker connection now (a number that grows with each).
+    fn connection(&self) -> u64 {
+        self.connection_no.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether to log a refusal of this kind now (at most once a minute),

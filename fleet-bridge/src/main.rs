@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "usage: fleet-bridge [--config FILE]
 Logging: FLEET_BRIDGE_LOG=debug (tracing EnvFilter syntax).";
 

@@ -45,6 +45,8 @@ pub struct BridgeMetrics {
     pub retries: Counter,
     pub mqtt_connected: Gauge,
     pub subscribed: Gauge,
+    pub pending_bytes: Gauge,
+    pub waiting_messages: Gauge,
 }
 
 impl BridgeMetrics {
@@ -79,6 +81,17 @@ impl BridgeMetrics {
             "fleet_bridge_remote_write_retries",
             "Remote-write attempts that will be retried",
             m.retries.clone(),
+        );
+        r.register(
+            "fleet_bridge_pending_bytes",
+            "Memory the samples taken from the broker and not yet written or refused take, estimated (at most \
+             remote_write.max_pending_bytes and one message)",
+            m.pending_bytes.clone(),
+        );
+        r.register(
+            "fleet_bridge_waiting_messages",
+            "Messages taken from the broker and not yet decoded (bounded by the broker's in-flight window)",
+            m.waiting_messages.clone(),
         );
         r.register("fleet_bridge_mqtt_connected", "1 while connected to the broker", m.mqtt_connected.clone());
         r.register(

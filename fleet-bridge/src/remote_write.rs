@@ -65,6 +65,17 @@ pub fn to_timeseries(device: &str, batch: &Batch) -> Vec<TimeSeries> {
         .collect()
 }
 
+/// A series' size in memory, estimated: its own and its labels' and
+/// samples' allocations. What the bridge's backpressure bound counts: a
+/// block of many one-sample series costs far more per sample than one of
+/// long series.
+pub fn heap_bytes(ts: &TimeSeries) -> usize {
+    const OVERHEAD: usize = 16; // per allocation
+    let labels: usize =
+        ts.labels.iter().map(|l| std::mem::size_of::<Label>() + l.name.len() + l.value.len() + 2 * OVERHEAD).sum();
+    std::mem::size_of::<TimeSeries>() + labels + OVERHEAD + ts.samples.len() * std::mem::size_of::<Sample>() + OVERHEAD
+}
+
 /// `edge_device_online{device}` = `value` at `timestamp_ms`.
 pub fn presence(device: &str, value: f64, timestamp_ms: i64) -> TimeSeries {
     TimeSeries {
