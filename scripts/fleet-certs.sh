@@ -16,6 +16,8 @@
 # ids starting with "fleet-" are refused (the central identities' names,
 # edge_wire::RESERVED_ID_PREFIX): no device certificate carries one.
 # Existing files are kept: running a command twice changes nothing.
+# Serial numbers are random (no -CAcreateserial: OpenSSL 3 then draws one),
+# so certificates for many devices can be made at once.
 set -euo pipefail
 
 dir="${1:?usage: fleet-certs.sh DIR ca|server|device|bridge ...}"
@@ -38,7 +40,7 @@ sign() { # ca out cn ext
   key "$2.key"
   local ext; ext=$(mktemp); printf '%s\n' "$4" > "$ext"
   openssl req -new -key "$2.key" -subj "/CN=$3" 2>/dev/null \
-    | openssl x509 -req -CA "$dir/$1.crt" -CAkey "$dir/$1.key" -CAcreateserial -days "$days" \
+    | openssl x509 -req -CA "$dir/$1.crt" -CAkey "$dir/$1.key" -days "$days" \
         -extfile "$ext" -out "$2.crt" 2>/dev/null
   rm -f "$ext"
 }

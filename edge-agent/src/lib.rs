@@ -321,7 +321,7 @@ fn drain_values(sh: &Shared<'_>) {
 fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut Recorder) {
     drain_values(sh);
     let reading = read_probes(sh);
-    let (clocks, era) = clock_era(sh);
+    let (clocks, era) = clock_era(sh.store, sh.clock, sh.test_offset_ms);
     let ts = clocks.wall_ms;
     let mut window = stage.close(ts, &reading).unwrap_or_default();
     window.timestamp_ms = ts;
@@ -334,7 +334,8 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
     let alarm = detect_window(sh, &window);
     window.samples.extend(alarm.samples);
     store_window(
-        sh,
+        sh.store,
+        sh.metrics,
         recorder,
         era.new,
         alarm.record.map(|samples| window::Window { timestamp_ms: ts, samples, values: Vec::new() }),
@@ -376,22 +377,24 @@ fn read_probes(sh: &Shared<'_>) -> probe::ProbeReading {
 }
 
 /// What the clock says of this window.
-struct Era {
+pub struct Era {
     /// A new clock era (step, sync state, boot) starts here.
-    new: bool,
+    pub new: bool,
     /// How far the wall clock is off the true time, when known.
-    error_ms: Option<i64>,
+    pub error_ms: Option<i64>,
 }
 
 /// Clock: the window's time; a new era is journalled with the records it
-/// starts at.
-fn clock_era(sh: &Shared<'_>) -> (clock::Reading, Era) {
-    let clocks = clock::read(sh.test_offset_ms);
+/// starts at. Public, with [`store_window`], for the fleet simulator
+/// (hil-tests), which runs many devices' store and uplink in one process
+/// through the agent's own code.
+pub fn clock_era(store: &Mutex<Lanes>, clock: &Mutex<clock::Clock>, test_offset_ms: i64) -> (clock::Reading, Era) {
+    let clocks = clock::read(test_offset_ms);
     let next = {
-        let lanes = uplink::lock(sh.store);
+        let lanes = uplink::lock(store);
         [lanes.routine.next_seq(), lanes.priority.next_seq()]
     };
-    let mut clock = uplink::lock(sh.clock);
+    let mut clock = uplink::lock(clock);
     let new = match clock.observe(&clocks, next) {
         Ok(new) => new,
         Err(e) => {
@@ -444,14 +447,15 @@ fn detect_window(sh: &Shared<'_>, window: &window::Window) -> detect::Outcome {
 
 /// Store: the alarm's record into the priority lane, the window into the
 /// routine lane (a new block at a new clock era).
-fn store_window(
-    sh: &Shared<'_>,
+pub fn store_window(
+    store: &Mutex<Lanes>,
+    metrics: &AgentMetrics,
     recorder: &mut Recorder,
     new_era: bool,
     alarm: Option<window::Window>,
     window: window::Window,
 ) {
-    let mut lanes = uplink::lock(sh.store);
+    let mut lanes = uplink::lock(store);
     if new_era {
         recorder.new_era();
     }
@@ -464,14 +468,14 @@ fn store_window(
     match recorder.routine(&mut lanes, window) {
         Ok(seq) => tracing::debug!(seq, series, "window stored"),
         Err(e) => {
-            sh.metrics.window.errors.inc();
+            metrics.window.errors.inc();
             tracing::error!(error = %e, "window could not be stored");
         }
     }
     if let Err(e) = recorder.tick(&mut lanes) {
         tracing::error!(error = %e, "store sync failed");
     }
-    sh.metrics.observe_lanes(&lanes);
+    metrics.observe_lanes(&lanes);
 }
 
 /// Tracing to stderr; `EDGE_AGENT_LOG` (or `RUST_LOG`) filters, default info.

@@ -5,6 +5,7 @@
 //! 10.0.2.2).
 
 pub mod evaluation;
+pub mod fleet;
 pub mod workload;
 
 use e2e::{repo_dir, wait_for, Proc};
