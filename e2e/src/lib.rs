@@ -817,6 +817,31 @@ impl Agent {
     }
 }
 
+/// Posts every remote-write body (encoded, snappy) to `url` with `senders`
+/// requests at once, each answered 2xx or the caller panics: the direct
+/// loads the bridge's throughput is compared with. `headers`: the
+/// remote-write headers (fleet_bridge::remote_write::HEADERS).
+pub fn post_all(url: &str, bodies: &[Vec<u8>], senders: usize, headers: &[(&str, &str)]) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..senders {
+            s.spawn(|| {
+                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(body) = bodies.get(i) else { return };
+                    let mut req = agent.post(url);
+                    for (k, v) in headers {
+                        req = req.header(*k, *v);
+                    }
+                    let status = req.send(body.as_slice()).map(|r| r.status().as_u16()).unwrap_or(0);
+                    assert!((200..300).contains(&status), "direct remote write: status {status}");
+                }
+            });
+        }
+    });
+}
+
 /// A TCP proxy on a free loopback port that delivers every byte `delay`
 /// after it arrived, both ways, bandwidth unlimited: a long link (a
 /// cellular or satellite hop) where netem is not available. Runs until the

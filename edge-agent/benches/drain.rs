@@ -66,24 +66,7 @@ fn direct_load(prom: &e2e::Prom, t0: i64) -> (usize, f64, Vec<(&'static str, f64
     let url = prom.write_url();
     let cpu = Cpu::start(&[("prometheus", prom.proc.pid())]);
     let start = Instant::now();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..SENDERS {
-            s.spawn(|| {
-                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(body) = bodies.get(i) else { return };
-                    let mut req = agent.post(&url);
-                    for (k, v) in remote_write::HEADERS {
-                        req = req.header(k, v);
-                    }
-                    let status = req.send(body.as_slice()).expect("remote write").status().as_u16();
-                    assert!(status / 100 == 2, "direct load: HTTP {status}");
-                }
-            });
-        }
-    });
+    e2e::post_all(&url, &bodies, SENDERS, &remote_write::HEADERS);
     (samples, start.elapsed().as_secs_f64(), cpu.used())
 }
 

@@ -229,6 +229,16 @@ fn answer_time(client: &Client, prefix: &str, p: &Publish, metrics: &BridgeMetri
     metrics.messages.get_or_create(&metrics::ResultLabels::new(result)).inc();
 }
 
+/// What became of a request ([`Writer::send`]), with the store's answer.
+enum Sent {
+    Written,
+    /// Refused for good (4xx, or a per-sample error Prometheus answers
+    /// with 5xx).
+    Refused(String),
+    /// Failing again and again while the store takes other writes.
+    Failing(String),
+}
+
 /// What the pipeline thread hears.
 enum Event {
     /// A message from the broker, and the connection it came on.
@@ -616,40 +626,11 @@ impl Writer {
     /// failure that goes on while the store takes other writes, each
     /// message's part is written on its own ([`Writer::write`]: halves down
     /// to single samples), so only what the store refuses is lost, counted
-    /// against its device. Retries 429, 5xx and network errors with
-    /// back-off meanwhile.
+    /// against its device.
     fn write_batch(&self, b: Batch) -> Vec<PartOutcome> {
-        let body = remote_write::encode(&b.req);
-        let mut wait = self.retry_min;
-        let mut failures = 0u32;
-        loop {
-            let outcome = self.post(&body);
-            let label = match &outcome {
-                Ok(s) => metrics::status_class(s.0),
-                Err(_) => "error",
-            };
-            self.metrics.requests.get_or_create(&metrics::StatusLabels { status: label.into() }).inc();
-            let text = match outcome {
-                Ok((status, text)) => match handle::verdict(status, &text) {
-                    Verdict::Written => {
-                        self.metrics.samples.inc_by(b.samples as u64);
-                        return b.written_whole();
-                    }
-                    Verdict::Refused => return self.write_parts(b),
-                    Verdict::Retry => format!("{status} {text}"),
-                },
-                Err(e) => e.to_string(),
-            };
-            failures += 1;
-            if failures >= self.isolate_after && self.store_takes_writes() {
-                return self.write_parts(b);
-            }
-            if let Some(suppressed) = self.said("retry") {
-                tracing::warn!(failures, answer = %text, suppressed, "store busy or failing; retrying");
-            }
-            self.metrics.retries.inc();
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(self.retry_max);
+        match self.send(&remote_write::encode(&b.req), b.samples, "") {
+            Sent::Written => b.written_whole(),
+            Sent::Refused(_) | Sent::Failing(_) => self.write_parts(b),
         }
     }
 
@@ -667,15 +648,25 @@ impl Writer {
 
     /// Writes a request; on a refusal (4xx) splits it and writes the halves,
     /// down to single samples, so that only the samples the store refuses are
-    /// lost. Retries 429, 5xx and network errors with back-off until they
-    /// succeed. Returns the samples written.
+    /// lost. Returns the samples written.
     fn write(&self, req: WriteRequest, device: &str, refused: &mut usize) -> usize {
         let n = handle::sample_count(&req);
-        let body = remote_write::encode(&req);
+        match self.send(&remote_write::encode(&req), n, device) {
+            Sent::Written => n,
+            Sent::Refused(_) | Sent::Failing(_) if n > 1 => self.write_halves(req, device, refused),
+            Sent::Refused(text) => self.refuse(&req, device, handle::refusal_reason(&text), &text, refused),
+            Sent::Failing(text) => self.refuse(&req, device, "persistent_error", &text, refused),
+        }
+    }
+
+    /// Posts a request body of `samples` samples until the store takes it,
+    /// refuses it for good, or fails it while taking other writes. Retries
+    /// 429, 5xx and network errors with back-off meanwhile.
+    fn send(&self, body: &[u8], samples: usize, device: &str) -> Sent {
         let mut wait = self.retry_min;
         let mut failures = 0u32;
         loop {
-            let outcome = self.post(&body);
+            let outcome = self.post(body);
             let label = match &outcome {
                 Ok(s) => metrics::status_class(s.0),
                 Err(_) => "error",
@@ -684,14 +675,10 @@ impl Writer {
             let text = match outcome {
                 Ok((status, text)) => match handle::verdict(status, &text) {
                     Verdict::Written => {
-                        self.metrics.samples.inc_by(n as u64);
-                        return n;
+                        self.metrics.samples.inc_by(samples as u64);
+                        return Sent::Written;
                     }
-                    Verdict::Refused if n > 1 => return self.write_halves(req, device, refused),
-                    Verdict::Refused => {
-                        let reason = handle::refusal_reason(&text);
-                        return self.refuse(&req, device, reason, &format!("{status} {text}"), refused);
-                    }
+                    Verdict::Refused => return Sent::Refused(format!("{status} {text}")),
                     Verdict::Retry => format!("{status} {text}"),
                 },
                 Err(e) => e.to_string(),
@@ -704,10 +691,7 @@ impl Writer {
             // takes nothing (down, overloaded), keep retrying: nothing is
             // lost.
             if failures >= self.isolate_after && self.store_takes_writes() {
-                if n > 1 {
-                    return self.write_halves(req, device, refused);
-                }
-                return self.refuse(&req, device, "persistent_error", &text, refused);
+                return Sent::Failing(text);
             }
             if let Some(suppressed) = self.said("retry") {
                 tracing::warn!(device, failures, answer = %text, suppressed, "store busy or failing; retrying");

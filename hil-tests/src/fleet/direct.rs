@@ -46,24 +46,7 @@ pub fn load(tsdb: &Prom, samples: usize, per_request: usize, senders: usize, ser
     let url = tsdb.write_url();
     let cpu0 = super::report::process_use(tsdb.proc.pid()).map_or(0.0, |u| u.0);
     let start = Instant::now();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..senders {
-            s.spawn(|| {
-                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(body) = bodies.get(i) else { return };
-                    let mut req = agent.post(&url);
-                    for (k, v) in remote_write::HEADERS {
-                        req = req.header(k, v);
-                    }
-                    let status = req.send(body.as_slice()).map(|r| r.status().as_u16()).unwrap_or(0);
-                    assert!((200..300).contains(&status), "direct remote write: status {status}");
-                }
-            });
-        }
-    });
+    e2e::post_all(&url, &bodies, senders, &remote_write::HEADERS);
     let secs = start.elapsed().as_secs_f64();
     let cpu = super::report::process_use(tsdb.proc.pid()).map_or(0.0, |u| u.0) - cpu0;
     (written, secs, cpu)
