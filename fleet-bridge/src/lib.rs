@@ -569,7 +569,8 @@ impl Writer {
     /// QoS 0 (see dead_letter): a lost confirmation only means a re-send.
     fn finish(&self, pipe: &Pipeline<Msg>, recent: &mut Recent, f: Finished) {
         let Some(m) = pipe.meta(f.msg) else { return };
-        let device = match &m.kind {
+        let device = edge_wire::device_of_topic(&self.prefix, &m.publish.topic).unwrap_or_default();
+        let (lane, first_seq, last_seq, out_of_bounds) = match &m.kind {
             MsgKind::Settled => return,
             MsgKind::Presence { online } => {
                 let device = edge_wire::device_of(&self.prefix, &m.publish.topic, "presence").unwrap_or_default();
@@ -580,18 +581,18 @@ impl Writer {
             MsgKind::Copy { confirm } => {
                 // A copy of a block in the pipeline is confirmed with it.
                 if let Some((lane, first_seq, last_seq)) = *confirm {
-                    let device = edge_wire::device_of_topic(&self.prefix, &m.publish.topic).unwrap_or_default();
                     self.confirm(device, lane, first_seq, last_seq);
                 }
                 self.metrics.messages.get_or_create(&metrics::ResultLabels::new("copy")).inc();
                 return;
             }
-            MsgKind::Block { .. } => edge_wire::device_of_topic(&self.prefix, &m.publish.topic).unwrap_or_default(),
+            MsgKind::Block { lane, first_seq, last_seq, out_of_bounds, key } => {
+                if let Some(key) = key {
+                    recent.written(key.clone(), *lane, *first_seq, *last_seq);
+                }
+                (*lane, *first_seq, *last_seq, *out_of_bounds)
+            }
         };
-        let MsgKind::Block { lane, first_seq, last_seq, out_of_bounds, ref key } = m.kind else { return };
-        if let Some(key) = key {
-            recent.written(key.clone(), lane, first_seq, last_seq);
-        }
         self.confirm(device, lane, first_seq, last_seq);
         let result = match (f.refused, out_of_bounds) {
             (0, 0) => "written",

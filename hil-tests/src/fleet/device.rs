@@ -155,7 +155,7 @@ impl SimDevice {
         }
         for k in 0..count {
             let ts = now_ms - (count - k) as i64 * window_ms;
-            let seq = self.store(shape, ts, false);
+            let seq = self.store(shape, ts);
             self.backlog_end = seq.or(self.backlog_end);
         }
     }
@@ -168,12 +168,12 @@ impl SimDevice {
         if new_era {
             self.recorder.new_era();
         }
-        if let Some(seq) = self.store(shape, ts, true) {
+        if let Some(seq) = self.store(shape, ts) {
             self.pending.push_back((seq, ts));
         }
     }
 
-    fn store(&mut self, shape: Shape, ts: i64, live: bool) -> Option<u64> {
+    fn store(&mut self, shape: Shape, ts: i64) -> Option<u64> {
         let mut samples = shape.samples(self.seed, self.windows);
         samples.extend(self.metrics.uplink.window_samples());
         let window = Window { timestamp_ms: ts, samples, values: Vec::new() };
@@ -183,7 +183,6 @@ impl SimDevice {
         if after == before {
             return None; // not stored (the agent counts and logs it)
         }
-        let _ = live;
         self.windows += 1;
         self.first_ms.get_or_insert(ts);
         self.last_ms = ts;
