@@ -8,6 +8,8 @@
 #   scripts/fleet-certs.sh DIR device ID             DIR/devices/ID.{crt,key}, CN=ID
 #   scripts/fleet-certs.sh DIR bridge                DIR/bridge.{crt,key}, CN=fleet-bridge
 #   scripts/fleet-certs.sh DIR admin                 DIR/admin.{crt,key}, CN=fleet-admin (publishes models)
+#   scripts/fleet-certs.sh DIR node NAME [IP...]     DIR/nodes/NAME.{crt,key}: a NATS cluster node
+#                                                    (server and route client: SANs NAME, localhost, IPs)
 #
 # Two CAs on purpose (configs/mosquitto/mosquitto.conf): the fleet CA signs
 # the server and the devices; the bridge CA signs only bridges. The bridge
@@ -20,8 +22,8 @@
 # so certificates for many devices can be made at once.
 set -euo pipefail
 
-dir="${1:?usage: fleet-certs.sh DIR ca|server|device|bridge ...}"
-cmd="${2:?usage: fleet-certs.sh DIR ca|server|device|bridge ...}"
+dir="${1:?usage: fleet-certs.sh DIR ca|server|node|device|bridge|admin ...}"
+cmd="${2:?usage: fleet-certs.sh DIR ca|server|node|device|bridge|admin ...}"
 shift 2
 mkdir -p "$dir"
 days=3650
@@ -63,6 +65,20 @@ keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
 subjectAltName=$san"
     ;;
+  node)
+    # A node of the NATS cluster (configs/nats/node.conf) serves devices
+    # and bridges, and its routes log in to the other nodes with the same
+    # certificate: server and client use.
+    name="${1:?node needs a host name}"; shift
+    [[ "$name" =~ ^[A-Za-z0-9.-]{1,64}$ ]] || { echo "node name '$name': 1..64 of [A-Za-z0-9.-]" >&2; exit 2; }
+    san="DNS:$name,DNS:localhost,IP:127.0.0.1"
+    for ip in "$@"; do san+=",IP:$ip"; done
+    mkdir -p "$dir/nodes"
+    sign ca "$dir/nodes/$name" "$name" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=serverAuth,clientAuth
+subjectAltName=$san"
+    ;;
   device)
     id="${1:?device needs an id}"
     [[ "$id" =~ ^[A-Za-z0-9._-]{1,64}$ ]] || { echo "device id '$id': 1..64 of [A-Za-z0-9._-]" >&2; exit 2; }
@@ -79,5 +95,5 @@ subjectAltName=$san"
     sign bridge-ca "$dir/admin" fleet-admin "$client_ext"
     ;;
   *)
-    echo "unknown command '$cmd' (ca, server, device, bridge, admin)" >&2; exit 2 ;;
+    echo "unknown command '$cmd' (ca, server, node, device, bridge, admin)" >&2; exit 2 ;;
 esac

@@ -24,7 +24,8 @@ if [[ $demo_only -eq 0 ]]; then
              gcc-riscv64-linux-gnu g++-riscv64-linux-gnu libc6-dev-riscv64-cross
              qemu-user-static qemu-system-arm qemu-system-misc opensbi cpio file kmod
              xz-utils gpgv debian-archive-keyring device-tree-compiler
-             victoria-metrics)  # the second remote-write store of the e2e tests
+             victoria-metrics   # the second remote-write store of the e2e tests
+             nats-server)       # the clustered broker (hil-tests fleet, docs/scaling.md)
 fi
 
 # The emulated board (hil-tests/image.sh) boots Debian's arm64 kernel
@@ -52,7 +53,7 @@ if ((${#missing[@]})); then
   # Debian starts freshly installed services; ours would then collide with
   # the demo's own instances on 1883 and 9090. Only touch what we installed.
   if [[ -d /run/systemd/system ]]; then
-    for svc in mosquitto prometheus victoria-metrics; do
+    for svc in mosquitto prometheus victoria-metrics nats-server; do
       if [[ " ${missing[*]} " == *" $svc "* ]]; then
         say "disabling the packaged $svc service (the demo and tests run their own)"
         systemctl disable --now "$svc" >/dev/null 2>&1 || true

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod nats;
 pub mod pump;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -281,10 +282,10 @@ impl Broker {
         let dir = dir.join("mosquitto");
         let pki = dir.join("pki");
         std::fs::create_dir_all(&pki).expect("broker dir");
-        certs(&pki, &["ca"]);
-        certs(&pki, &["server", server_name]);
-        certs(&pki, &["bridge"]);
-        certs(&pki, &["admin"]);
+        certs_in(&pki, &["ca"]);
+        certs_in(&pki, &["server", server_name]);
+        certs_in(&pki, &["bridge"]);
+        certs_in(&pki, &["admin"]);
         for acl in ["acl", "acl-central"] {
             std::fs::copy(repo_dir().join("configs/mosquitto").join(acl), pki.join(acl)).expect("acl");
         }
@@ -300,7 +301,7 @@ impl Broker {
     pub fn device_cert(&self, id: &str) -> (PathBuf, PathBuf) {
         let base = self.pki.join("devices").join(id);
         if !base.with_extension("crt").exists() {
-            certs(&self.pki, &["device", id]);
+            certs_in(&self.pki, &["device", id]);
         }
         (base.with_extension("crt"), base.with_extension("key"))
     }
@@ -413,7 +414,7 @@ impl Broker {
 }
 
 /// scripts/fleet-certs.sh <dir> <args>.
-fn certs(dir: &Path, args: &[&str]) {
+pub(crate) fn certs_in(dir: &Path, args: &[&str]) {
     let ok = Command::new(repo_dir().join("scripts/fleet-certs.sh"))
         .arg(dir)
         .args(args)
@@ -630,15 +631,42 @@ pub fn bridge_logged(
     remote_write: &str,
     log: &str,
 ) -> (Proc, u16) {
+    let source = format!("[mqtt]\nclient_id = \"{client_id}\"\n{mqtt}\n{}", broker.client_toml(Who::Bridge));
+    spawn_bridge(dir, client_id, &source, write_url, remote_write, log)
+}
+
+/// A bridge taking the devices' messages from a NATS cluster's JetStream
+/// (`[jetstream]`, with `jetstream` keys), logging at `log`.
+pub fn bridge_on_nats(
+    dir: &Path,
+    cluster: &nats::NatsCluster,
+    write_url: &str,
+    client_id: &str,
+    jetstream: &str,
+    remote_write: &str,
+    log: &str,
+) -> (Proc, u16) {
+    let source = format!("[mqtt]\nclient_id = \"{client_id}\"\n{}", cluster.bridge_toml(jetstream));
+    spawn_bridge(dir, client_id, &source, write_url, remote_write, log)
+}
+
+/// A bridge with `source` (its `[mqtt]` or `[jetstream]` tables), once it
+/// is subscribed (or pulling).
+fn spawn_bridge(
+    dir: &Path,
+    client_id: &str,
+    source: &str,
+    write_url: &str,
+    remote_write: &str,
+    log: &str,
+) -> (Proc, u16) {
     let metrics = free_port();
     let conf = dir.join(format!("{client_id}.toml"));
     std::fs::write(
         &conf,
         format!(
-            "[mqtt]\nclient_id = \"{client_id}\"\n{mqtt}\n{}\
-             [remote_write]\nurl = \"{write_url}\"\nretry_max_ms = 1000\n{remote_write}\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
-            broker.client_toml(Who::Bridge)
+            "{source}\n[remote_write]\nurl = \"{write_url}\"\nretry_max_ms = 1000\n{remote_write}\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
         ),
     )
     .expect("bridge config");

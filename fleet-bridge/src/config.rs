@@ -20,6 +20,7 @@ pub const DEFAULT_TLS_DIR: &str = "/etc/fleet-bridge/tls";
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub mqtt: MqttConfig,
+    pub jetstream: JetStreamConfig,
     pub remote_write: RemoteWriteConfig,
     pub metrics: MetricsConfig,
 }
@@ -50,6 +51,66 @@ pub struct MqttConfig {
     /// broker's bridge listener (8885 in configs/mosquitto/mosquitto.conf).
     pub tls: edge_wire::tls::TlsConfig,
     pub auth: edge_wire::tls::Credentials,
+}
+
+/// Taking the devices' messages from a NATS cluster's JetStream instead of
+/// over MQTT (docs/scaling.md, "A clustered broker: NATS"): the devices
+/// still speak MQTT, to the cluster's MQTT listeners; their messages land
+/// in a work-queue stream, and every bridge pulls from one durable
+/// consumer, so each message goes to one bridge and is acknowledged after
+/// its samples are written. `mqtt.topic_prefix` and
+/// `mqtt.dead_letter_prefix` still name the devices' topics and the dead
+/// letters; the other `[mqtt]` keys are not used.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamConfig {
+    /// The cluster's NATS URLs (`tls://host:4222`), any number of its
+    /// nodes. Empty (the default): the bridge uses `[mqtt]`.
+    pub servers: Vec<String>,
+    /// The stream of the devices' messages, created if it does not exist
+    /// (subjects `<prefix>.*.metrics` and `<prefix>.*.presence`, work
+    /// queue, file storage).
+    pub stream: String,
+    /// Copies of the stream, on as many nodes (at most the cluster's size).
+    pub replicas: usize,
+    /// The stream's size bound in bytes (0: none). When full it takes no
+    /// more messages: a device's message is then not confirmed and sent
+    /// again later, nothing is dropped.
+    pub max_bytes: u64,
+    /// The durable consumer every bridge pulls from.
+    pub consumer: String,
+    /// A message taken by a bridge and not acknowledged within this is
+    /// handed out again (a bridge killed mid-write): longer than a write
+    /// takes while the store is slow, short enough to wait for.
+    pub ack_wait_secs: u64,
+    /// Messages handed out and not yet acknowledged, for all bridges
+    /// together: the cluster's bound on what the bridges hold.
+    pub max_ack_pending: i64,
+    /// TLS to the cluster's NATS port: on by default, with the files of
+    /// /etc/fleet-bridge/tls (ca.crt, bridge.crt, bridge.key).
+    pub tls: edge_wire::tls::TlsConfig,
+}
+
+impl JetStreamConfig {
+    /// Whether the bridge takes its messages from JetStream.
+    pub fn enabled(&self) -> bool {
+        !self.servers.is_empty()
+    }
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            servers: Vec::new(),
+            stream: "EDGE".into(),
+            replicas: 3,
+            max_bytes: 0,
+            consumer: "fleet-bridge".into(),
+            ack_wait_secs: 60,
+            max_ack_pending: 20_000,
+            tls: edge_wire::tls::TlsConfig::in_dir(Path::new(DEFAULT_TLS_DIR), "bridge"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +269,41 @@ impl Config {
             return Err(
                 "mqtt.topic_prefix must be non-empty, without + or #, not starting with $ or ending with /".into()
             );
+        }
+        let js = &self.jetstream;
+        if js.enabled() {
+            for url in &js.servers {
+                let bare = url.split_once("://").map_or(url.as_str(), |(scheme, rest)| {
+                    if ["nats", "tls"].contains(&scheme) {
+                        rest
+                    } else {
+                        ""
+                    }
+                });
+                if bare.is_empty() || bare.contains(['/', ' ']) {
+                    return Err(format!(
+                        "jetstream.servers: {url:?} must be host:port, nats://host:port or tls://host:port"
+                    ));
+                }
+            }
+            let name_ok = |n: &str| !n.is_empty() && n.len() <= 64 && !n.contains(['.', '*', '>', ' ', '/', '\\']);
+            if !name_ok(&js.stream) || !name_ok(&js.consumer) {
+                return Err("jetstream.stream and jetstream.consumer must be 1..=64 characters without . * > / \\                             or spaces"
+                    .into());
+            }
+            if !(1..=5).contains(&js.replicas) {
+                return Err("jetstream.replicas must be 1..=5".into());
+            }
+            if !(5..=3600).contains(&js.ack_wait_secs) {
+                return Err("jetstream.ack_wait_secs must be 5..=3600".into());
+            }
+            if !(1..=1_000_000).contains(&js.max_ack_pending) {
+                return Err("jetstream.max_ack_pending must be 1..=1000000".into());
+            }
+            js.tls.validate("jetstream.tls")?;
+            if self.mqtt.topic_prefix.contains('.') {
+                return Err("mqtt.topic_prefix may not contain '.' with jetstream (a NATS subject separator)".into());
+            }
         }
         if !(1..=16).contains(&self.remote_write.concurrency) {
             return Err("remote_write.concurrency must be 1..=16".into());

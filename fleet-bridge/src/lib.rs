@@ -1,7 +1,8 @@
 //! fleet-bridge: MQTT (devices' stored batches) -> Prometheus remote write.
 //!
 //! Stateless: the broker holds everything not yet written (persistent
-//! session, QoS 1, manual acknowledgements). A message is acknowledged only
+//! session, QoS 1, manual acknowledgements; or a NATS cluster's JetStream
+//! work queue, nats.rs). A message is acknowledged only
 //! after the remote-write endpoint answered 2xx, or when it can never be
 //! written (then it is counted); on 5xx, 429 or network errors the bridge
 //! retries with back-off and acknowledges nothing meanwhile.
@@ -10,6 +11,7 @@ pub mod batch;
 pub mod config;
 pub mod handle;
 pub mod metrics;
+pub mod nats;
 pub mod remote_write;
 
 use rumqttc::{Client, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
@@ -40,7 +42,35 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             .name("metrics".into())
             .spawn(move || edge_wire::exposition::serve(listener, registry))?;
     }
+    if cfg.jetstream.enabled() {
+        run_jetstream(cfg, metrics)
+    } else {
+        run_mqtt(cfg, metrics)
+    }
+}
 
+/// The pipeline fed from a NATS cluster's JetStream (nats.rs).
+fn run_jetstream(cfg: Config, metrics: BridgeMetrics) -> Result<(), RunError> {
+    let (tx, rx) = mpsc::channel::<Event>();
+    let credits = std::sync::Arc::new(Credits::new(TAKEN_BYTES));
+    let events = tx.clone();
+    let (pipeline_metrics, pipeline_credits, pipeline_cfg) = (metrics.clone(), credits.clone(), cfg.clone());
+    nats::run(&cfg, metrics, credits, tx, move |link| {
+        let writer = std::sync::Arc::new(Writer::new(
+            &pipeline_cfg,
+            link,
+            pipeline_metrics,
+            Default::default(),
+            pipeline_credits,
+        ));
+        if let Err(e) = std::thread::Builder::new().name("pipeline".into()).spawn(move || writer.run(rx, events)) {
+            tracing::error!(error = %e, "cannot start the pipeline thread");
+        }
+    })
+}
+
+/// The pipeline fed over MQTT.
+fn run_mqtt(cfg: Config, metrics: BridgeMetrics) -> Result<(), RunError> {
     let mut opts = MqttOptions::new(cfg.mqtt.client_id.clone(), cfg.mqtt.host.clone(), cfg.mqtt.port);
     opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_secs.max(5)))
         .set_clean_session(false)
@@ -87,8 +117,13 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     // broker close the connection).
     let connection_no = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let credits = std::sync::Arc::new(Credits::new(TAKEN_BYTES));
-    let writer =
-        std::sync::Arc::new(Writer::new(&cfg, client.clone(), metrics.clone(), connection_no.clone(), credits.clone()));
+    let writer = std::sync::Arc::new(Writer::new(
+        &cfg,
+        Link::Mqtt(client.clone()),
+        metrics.clone(),
+        connection_no.clone(),
+        credits.clone(),
+    ));
     // How long the reader waits for room before it takes a message anyway:
     // while it waits, the client sends nothing, not even its keep-alive.
     let credit_wait = Duration::from_secs(cfg.mqtt.keep_alive_secs.max(5) / 3);
@@ -118,15 +153,16 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             {
                 // Answered here, not behind the writer's queue: the device
                 // measures the round trip.
-                answer_time(&client, &cfg.mqtt.topic_prefix, &p, &metrics);
+                answer_time(&Link::Mqtt(client.clone()), &cfg.mqtt.topic_prefix, &p.topic, &p.payload, &metrics);
             }
             Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
                 // Backpressure: no more than TAKEN_BYTES of messages taken
                 // from the broker and not yet done with; past that the
                 // client stops reading and the broker keeps them.
                 credits.take(p.payload.len(), credit_wait);
-                let on = connection_no.load(std::sync::atomic::Ordering::SeqCst);
-                if tx.send(self::Event::Publish(p, on)).is_err() {
+                let connection = connection_no.load(std::sync::atomic::Ordering::SeqCst);
+                let ack = Ack::Mqtt { pkid: p.pkid, qos: p.qos, connection };
+                if tx.send(self::Event::Publish(Incoming { topic: p.topic, payload: p.payload, ack })).is_err() {
                     break; // pipeline gone
                 }
             }
@@ -198,6 +234,16 @@ impl Credits {
         *free -= n as isize;
     }
 
+    /// Takes `n` bytes if any are free now.
+    fn try_take(&self, n: usize) -> bool {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if *free <= 0 {
+            return false;
+        }
+        *free -= n as isize;
+        true
+    }
+
     fn give(&self, n: usize) {
         *self.free.lock().unwrap_or_else(|p| p.into_inner()) += n as isize;
         self.freed.notify_one();
@@ -213,15 +259,16 @@ const REMEMBERED_BLOCKS: usize = 65_536;
 const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
 
 /// Answers a device's time request with this bridge's wall clock.
-fn answer_time(client: &Client, prefix: &str, p: &Publish, metrics: &BridgeMetrics) {
+fn answer_time(link: &Link, prefix: &str, topic: &str, payload: &[u8], metrics: &BridgeMetrics) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64);
-    let device = edge_wire::device_of(prefix, &p.topic, "time").unwrap_or_default();
-    let result = match (edge_wire::validate_device_id(device), edge_wire::TimeRequest::decode(&p.payload), now) {
+    let device = edge_wire::device_of(prefix, topic, "time").unwrap_or_default();
+    let result = match (edge_wire::validate_device_id(device), edge_wire::TimeRequest::decode(payload), now) {
         (Ok(()), Ok(req), Ok(bridge_ms)) => {
             let reply = edge_wire::TimeReply { nonce: req.nonce, bridge_ms }.encode();
-            match client.try_publish(edge_wire::time_reply_topic(prefix, device), QoS::AtMostOnce, false, reply) {
-                Ok(()) => "time",
-                Err(_) => "time_dropped",
+            if link.try_publish(&edge_wire::time_reply_topic(prefix, device), reply) {
+                "time"
+            } else {
+                "time_dropped"
             }
         }
         _ => "bad_time_request",
@@ -239,19 +286,81 @@ enum Sent {
     Failing(String),
 }
 
+/// A device's message as the bridge took it: from the broker over MQTT,
+/// or from the cluster's JetStream (nats.rs).
+struct Incoming {
+    topic: String,
+    payload: bytes::Bytes,
+    ack: Ack,
+}
+
+/// How a message is acknowledged once the pipeline is done with it.
+enum Ack {
+    /// MQTT: its packet, on the connection it came on (a packet id means
+    /// something only on its own connection).
+    Mqtt { pkid: u16, qos: QoS, connection: u64 },
+    /// JetStream: acknowledged to the consumer (any connection).
+    JetStream(Box<async_nats::jetstream::message::Acker>),
+}
+
+impl Incoming {
+    /// Whether it came on a connection that is gone (then the broker sends
+    /// it again on the new one).
+    fn stale(&self, connection_now: u64) -> bool {
+        matches!(self.ack, Ack::Mqtt { connection, .. } if connection != connection_now)
+    }
+}
+
+/// Where the bridge sends confirmations, time answers and dead letters:
+/// the MQTT client, or the NATS client (whose messages the cluster hands to
+/// MQTT subscribers at QoS 0).
+#[derive(Clone)]
+enum Link {
+    Mqtt(Client),
+    Nats { client: async_nats::Client, rt: tokio::runtime::Handle },
+}
+
+impl Link {
+    /// Sends at most once, never blocking; false when the client has no
+    /// room now.
+    fn try_publish(&self, topic: &str, payload: Vec<u8>) -> bool {
+        match self {
+            Link::Mqtt(c) => c.try_publish(topic, QoS::AtMostOnce, false, payload).is_ok(),
+            Link::Nats { client, rt } => {
+                let (client, subject) = (client.clone(), nats::subject_of(topic));
+                rt.spawn(async move {
+                    if let Err(e) = client.publish(subject, payload.into()).await {
+                        tracing::debug!(error = %e, "NATS publish failed");
+                    }
+                });
+                true
+            }
+        }
+    }
+
+    /// Sends at most once, waiting for room in the client's queue.
+    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Link::Mqtt(c) => c.publish(topic, QoS::AtMostOnce, false, payload).map_err(|e| e.to_string()),
+            Link::Nats { .. } => {
+                self.try_publish(topic, payload);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// What the pipeline thread hears.
 enum Event {
-    /// A message from the broker, and the connection it came on.
-    Publish(Publish, u64),
+    /// A message from the broker or the stream.
+    Publish(Incoming),
     /// A shard's request was written (or refused for good).
     Written { shard: usize, bytes: usize, outcomes: Vec<PartOutcome> },
 }
 
 /// A message in the pipeline.
 struct Msg {
-    publish: Publish,
-    /// The connection it came on (its packet id is that connection's).
-    connection: u64,
+    incoming: Incoming,
     kind: MsgKind,
 }
 
@@ -275,7 +384,7 @@ struct Writer {
     prefix: String,
     url: String,
     agent: ureq::Agent,
-    client: Client,
+    link: Link,
     metrics: BridgeMetrics,
     retry_min: Duration,
     retry_max: Duration,
@@ -302,7 +411,7 @@ struct Writer {
 impl Writer {
     fn new(
         cfg: &Config,
-        client: Client,
+        link: Link,
         metrics: BridgeMetrics,
         connection_no: std::sync::Arc<std::sync::atomic::AtomicU64>,
         credits: std::sync::Arc<Credits>,
@@ -316,7 +425,7 @@ impl Writer {
             prefix: cfg.mqtt.topic_prefix.clone(),
             url: cfg.remote_write.url.clone(),
             agent,
-            client,
+            link,
             metrics,
             retry_min: Duration::from_millis(cfg.remote_write.retry_min_ms),
             retry_max: Duration::from_millis(cfg.remote_write.retry_max_ms),
@@ -377,7 +486,7 @@ impl Writer {
         let mut busy = vec![false; shards];
         // Taken from the broker, not yet decoded: waits while the pipeline
         // holds max_pending_bytes.
-        let mut waiting: std::collections::VecDeque<(Publish, u64)> = Default::default();
+        let mut waiting: std::collections::VecDeque<Incoming> = Default::default();
         let mut recent = Recent::new(REMEMBERED_BLOCKS);
         // Acknowledgements the client's request queue had no room for yet,
         // in order.
@@ -390,7 +499,7 @@ impl Writer {
                 .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now))
                 .min(if retry { Duration::from_millis(5) } else { Duration::MAX });
             match rx.recv_timeout(timeout) {
-                Ok(Event::Publish(p, on)) => waiting.push_back((p, on)),
+                Ok(Event::Publish(m)) => waiting.push_back(m),
                 Ok(Event::Written { shard, bytes, outcomes }) => {
                     busy[shard] = false;
                     for f in pipe.written(bytes, &outcomes) {
@@ -401,12 +510,12 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             while pipe.pending_bytes() < self.max_pending_bytes {
-                let Some((p, on)) = waiting.pop_front() else { break };
-                if on != self.connection() {
-                    self.credits.give(p.payload.len());
+                let Some(m) = waiting.pop_front() else { break };
+                if m.stale(self.connection()) {
+                    self.credits.give(m.payload.len());
                     continue; // the broker sends it again on the new connection
                 }
-                for b in self.admit(&mut pipe, &mut recent, p, on) {
+                for b in self.admit(&mut pipe, &mut recent, m) {
                     queued[b.shard].push_back(b);
                 }
             }
@@ -427,21 +536,27 @@ impl Writer {
             self.metrics.waiting_messages.set(waiting.len() as i64);
             let now_on = self.connection();
             for m in pipe.take_acks() {
-                self.credits.give(m.publish.payload.len());
-                if m.connection == now_on {
-                    // Only what the acknowledgement needs: the payload's
-                    // memory goes now.
-                    let mut ack = Publish::new("", m.publish.qos, Vec::new());
-                    ack.pkid = m.publish.pkid;
-                    unacked.push_back((m.connection, ack));
+                self.credits.give(m.incoming.payload.len());
+                match m.incoming.ack {
+                    Ack::Mqtt { pkid, qos, connection } if connection == now_on => {
+                        // Only what the acknowledgement needs: the
+                        // payload's memory goes now.
+                        let mut ack = Publish::new("", qos, Vec::new());
+                        ack.pkid = pkid;
+                        unacked.push_back((connection, ack));
+                    }
+                    Ack::Mqtt { .. } => {}
+                    Ack::JetStream(acker) => self.ack_jetstream(acker),
                 }
             }
             // Never blocking on the client's request queue: the reader may
             // be waiting for this thread (credits), and only the reader
             // empties that queue.
             while let Some((on, p)) = unacked.front() {
-                if *on == self.connection() && self.client.try_ack(p).is_err() {
-                    break;
+                if let Link::Mqtt(client) = &self.link {
+                    if *on == self.connection() && client.try_ack(p).is_err() {
+                        break;
+                    }
                 }
                 unacked.pop_front();
             }
@@ -454,14 +569,13 @@ impl Writer {
     /// written (batch::Recent), a presence change, or something refused
     /// (counted, dead-lettered, acknowledged in its turn). Returns the
     /// requests it filled.
-    fn admit(&self, pipe: &mut Pipeline<Msg>, recent: &mut Recent, publish: Publish, connection: u64) -> Vec<Batch> {
+    fn admit(&self, pipe: &mut Pipeline<Msg>, recent: &mut Recent, incoming: Incoming) -> Vec<Batch> {
         let now = std::time::Instant::now();
-        let key: Option<CopyKey> = edge_wire::device_of_topic(&self.prefix, &publish.topic)
-            .map(|_| (publish.topic.as_str().into(), self.copy_hash(&publish.payload)));
+        let key: Option<CopyKey> = edge_wire::device_of_topic(&self.prefix, &incoming.topic)
+            .map(|_| (incoming.topic.as_str().into(), self.copy_hash(&incoming.payload)));
         match key.as_ref().and_then(|k| recent.get(k)) {
             Some(Seen::Pending(leader)) => {
-                let (id, done) =
-                    pipe.follow(Msg { publish, connection, kind: MsgKind::Copy { confirm: None } }, leader);
+                let (id, done) = pipe.follow(Msg { incoming, kind: MsgKind::Copy { confirm: None } }, leader);
                 if done {
                     self.finish(pipe, recent, Finished { msg: id, written: 0, refused: 0 });
                 }
@@ -469,19 +583,19 @@ impl Writer {
             }
             Some(Seen::Written(lane, first, last)) => {
                 let kind = MsgKind::Copy { confirm: Some((lane, first, last)) };
-                let (id, _) = pipe.admit(Msg { publish, connection, kind }, &"".into(), Vec::new(), now);
+                let (id, _) = pipe.admit(Msg { incoming, kind }, &"".into(), Vec::new(), now);
                 self.finish(pipe, recent, Finished { msg: id, written: 0, refused: 0 });
                 return Vec::new();
             }
             None => {}
         }
-        let (mut kind, device, series) = self.classify(&publish);
+        let (mut kind, device, series) = self.classify(&incoming);
         if let MsgKind::Block { key: k, .. } = &mut kind {
             *k = key.clone();
         }
         let empty = series.is_empty();
         let block = matches!(kind, MsgKind::Block { .. });
-        let (id, full) = pipe.admit(Msg { publish, connection, kind }, &device, series, now);
+        let (id, full) = pipe.admit(Msg { incoming, kind }, &device, series, now);
         if let (true, Some(k)) = (block, key) {
             recent.pending(k, id);
         }
@@ -499,7 +613,7 @@ impl Writer {
     }
 
     /// What a message is and the series it brings.
-    fn classify(&self, publish: &Publish) -> (MsgKind, std::sync::Arc<str>, Vec<remote_write::TimeSeries>) {
+    fn classify(&self, publish: &Incoming) -> (MsgKind, std::sync::Arc<str>, Vec<remote_write::TimeSeries>) {
         let settled = || (MsgKind::Settled, std::sync::Arc::<str>::from(""), Vec::new());
         if let Some(device) = edge_wire::device_of(&self.prefix, &publish.topic, "presence") {
             let online = match &publish.payload[..] {
@@ -569,11 +683,11 @@ impl Writer {
     /// QoS 0 (see dead_letter): a lost confirmation only means a re-send.
     fn finish(&self, pipe: &Pipeline<Msg>, recent: &mut Recent, f: Finished) {
         let Some(m) = pipe.meta(f.msg) else { return };
-        let device = edge_wire::device_of_topic(&self.prefix, &m.publish.topic).unwrap_or_default();
+        let device = edge_wire::device_of_topic(&self.prefix, &m.incoming.topic).unwrap_or_default();
         let (lane, first_seq, last_seq, out_of_bounds) = match &m.kind {
             MsgKind::Settled => return,
             MsgKind::Presence { online } => {
-                let device = edge_wire::device_of(&self.prefix, &m.publish.topic, "presence").unwrap_or_default();
+                let device = edge_wire::device_of(&self.prefix, &m.incoming.topic, "presence").unwrap_or_default();
                 self.metrics.messages.get_or_create(&metrics::ResultLabels::new("presence")).inc();
                 tracing::info!(device, online, "device presence");
                 return;
@@ -616,7 +730,7 @@ impl Writer {
     fn send_confirmations(&self) {
         let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((topic, ack)) = outbox.front() {
-            if self.client.try_publish(topic.clone(), QoS::AtMostOnce, false, ack.clone()).is_err() {
+            if !self.link.try_publish(topic, ack.clone()) {
                 break;
             }
             outbox.pop_front();
@@ -735,6 +849,19 @@ impl Writer {
         matches!(self.post(&remote_write::encode(&probe)), Ok((s, _)) if (200..300).contains(&s))
     }
 
+    /// Acknowledges a JetStream message (on the client's runtime). A lost
+    /// acknowledgement means the message is handed out again after
+    /// `jetstream.ack_wait_secs`: a copy, confirmed without a write.
+    fn ack_jetstream(&self, acker: Box<async_nats::jetstream::message::Acker>) {
+        if let Link::Nats { rt, .. } = &self.link {
+            rt.spawn(async move {
+                if let Err(e) = acker.ack().await {
+                    tracing::debug!(error = %e, "JetStream acknowledgement failed (the message comes again)");
+                }
+            });
+        }
+    }
+
     /// The broker connection now (a number that grows with each).
     fn connection(&self) -> u64 {
         self.connection_no.load(std::sync::atomic::Ordering::SeqCst)
@@ -755,7 +882,7 @@ impl Writer {
     /// topic, so it can be looked at; it never blocks the device's stream.
     /// A payload over the size limit goes as an empty message (the topic
     /// still says why).
-    fn dead_letter(&self, publish: &Publish, why: &str) {
+    fn dead_letter(&self, publish: &Incoming, why: &str) {
         let topic = format!("{}/{}", self.dead_letter_prefix, why);
         if self.dead_letter_prefix.is_empty() {
             return;
@@ -768,7 +895,7 @@ impl Writer {
         // new until we acknowledge. With QoS 1 dead letters a burst of
         // garbage could wedge the bridge on a slow broker. Dead letters are
         // diagnostics: best effort.
-        if let Err(e) = self.client.publish(topic, QoS::AtMostOnce, false, payload) {
+        if let Err(e) = self.link.publish(&topic, payload) {
             tracing::warn!(error = %e, "dead-letter publish failed");
         }
     }

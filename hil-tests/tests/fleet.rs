@@ -95,3 +95,61 @@ fn a_reconnect_storm_into_victoria_metrics_lands_exactly() {
     assert_eq!((r.backlog_devices, r.backlog_windows_each), (8, 900));
     assert!(r.lag_steady_s.count > 0, "the live devices' windows were timed");
 }
+
+/// The clustered broker: a three-node NATS cluster (configs/nats), the
+/// devices spread over its nodes' MQTT listeners, two bridges pulling from
+/// one JetStream consumer. Mid-drain the node a third of the devices use
+/// is killed (SIGKILL) and started again five seconds later, and one
+/// bridge is killed for good: every window still lands exactly once.
+#[test]
+fn a_nats_cluster_losing_a_node_and_a_bridge_mid_drain_lands_exactly() {
+    if !e2e::require_root_and_tools() {
+        return;
+    }
+    if !e2e::require("the NATS cluster test", &e2e::which("nats-server").map_or(vec!["nats-server"], |_| vec![])) {
+        return;
+    }
+    let r = sim(
+        "fleet-nats",
+        &[
+            "--broker",
+            "nats",
+            "--bridges",
+            "2",
+            "--jetstream",
+            "ack_wait_secs = 10",
+            "--scenario",
+            "storm",
+            "--devices",
+            "12",
+            "--backlog-devices",
+            "6",
+            "--backlog-hours",
+            "0.25",
+            "--block-windows",
+            "5",
+            "--series",
+            "60",
+            "--window-ms",
+            "1000",
+            "--live-secs",
+            "20",
+            "--drain-secs",
+            "120",
+            "--kill-node-at",
+            "1",
+            "--node-down-secs",
+            "5",
+            "--kill-bridge-at",
+            "1.5",
+        ],
+    );
+    exact(&r);
+    assert_eq!(r.faults.len(), 3, "node killed, bridge killed, node back: {:?}", r.faults);
+    // Both faults came while backlogs were draining.
+    assert!(
+        r.drained_s.max > 1.5,
+        "the backlogs drained before the faults ({} s): nothing was tested",
+        r.drained_s.max
+    );
+}

@@ -7,6 +7,7 @@
 //! each process's CPU and memory. docs/scaling.md.
 
 use clap::{Parser, Subcommand};
+use e2e::nats::NatsCluster;
 use e2e::{Broker, Proc, Prom, Who};
 use hil_tests::fleet::host::{self, write_json};
 use hil_tests::fleet::report::{self, DeviceResult, HostStatus, Percentiles, ProcessUse, Report};
@@ -57,9 +58,28 @@ struct RunArgs {
     /// Host processes (default: one per 250 devices).
     #[arg(long)]
     hosts: Option<usize>,
-    /// Bridges (a share group when more than one).
+    /// Bridges (a share group when more than one; on NATS they share the
+    /// JetStream consumer).
     #[arg(long, default_value_t = 1)]
     bridges: usize,
+    /// mosquitto (configs/mosquitto, one broker) or nats (a three-node
+    /// cluster with configs/nats; devices spread over the nodes, bridges
+    /// pulling from JetStream).
+    #[arg(long, default_value = "mosquitto")]
+    broker: String,
+    /// More `[jetstream]` keys for the bridges on NATS (TOML lines).
+    #[arg(long, default_value = "")]
+    jetstream: String,
+    /// SIGKILL the first NATS node this many seconds after the start...
+    #[arg(long)]
+    kill_node_at: Option<f64>,
+    /// ...and start it again this many seconds later.
+    #[arg(long, default_value_t = 5.0)]
+    node_down_secs: f64,
+    /// SIGKILL the first bridge this many seconds after the start (it stays
+    /// down: the others carry on).
+    #[arg(long)]
+    kill_bridge_at: Option<f64>,
     /// prometheus or victoria-metrics.
     #[arg(long, default_value = "prometheus")]
     tsdb: String,
@@ -139,29 +159,36 @@ fn run(a: &RunArgs) -> Report {
     let run_dir = dir.join("run");
     std::fs::create_dir_all(&run_dir).expect("run dir");
 
-    let broker = Broker::start(&dir);
+    let ids: Vec<String> = (0..a.devices).map(fleet::device_id).collect();
+    let mut central = match a.broker.as_str() {
+        "mosquitto" => {
+            let broker = Broker::start(&dir);
+            make_certs(&broker, &ids);
+            Central::Mosquitto(broker)
+        }
+        "nats" => Central::Nats(NatsCluster::start(&dir, &ids)),
+        other => panic!("--broker {other:?}: mosquitto or nats"),
+    };
     let tsdb = match a.tsdb.as_str() {
         "prometheus" => Prom::start(&dir),
         "victoria-metrics" => Prom::start_victoria(&dir),
         other => panic!("--tsdb {other:?}: prometheus or victoria-metrics"),
     };
-    let mqtt = if a.bridges > 1 { "share_group = \"fleet\"\n" } else { "" };
-    let bridges: Vec<(Proc, u16)> = (0..a.bridges)
+    let mut bridges: Vec<(Proc, u16)> = (0..a.bridges)
         .map(|b| {
-            e2e::bridge_logged(
-                &dir,
-                &broker,
-                &tsdb.write_url(),
-                &format!("fleet-bridge-{b}"),
-                mqtt,
-                &a.remote_write,
-                "info",
-            )
+            let id = format!("fleet-bridge-{b}");
+            match &central {
+                Central::Mosquitto(broker) => {
+                    let mqtt = if a.bridges > 1 { "share_group = \"fleet\"\n" } else { "" };
+                    e2e::bridge_logged(&dir, broker, &tsdb.write_url(), &id, mqtt, &a.remote_write, "info")
+                }
+                Central::Nats(cluster) => {
+                    e2e::bridge_on_nats(&dir, cluster, &tsdb.write_url(), &id, &a.jetstream, &a.remote_write, "info")
+                }
+            }
         })
         .collect();
 
-    let ids: Vec<String> = (0..a.devices).map(fleet::device_id).collect();
-    make_certs(&broker, &ids);
     let backlog_devices = a.backlog_devices.unwrap_or(a.devices).min(a.devices);
     let backfill = ((a.backlog_hours * 3_600_000.0) / a.window_ms as f64).round() as u64;
     let live_ms = a.live_secs as i64 * 1000;
@@ -180,7 +207,7 @@ fn run(a: &RunArgs) -> Report {
     for (k, id) in ids.iter().enumerate() {
         let (group, plan) = fleet::plan(a.scenario, k, backlog_devices, live_ms, a.window_ms);
         let config = state.join(format!("{id}.toml"));
-        std::fs::write(&config, device_config(&broker, id, &state.join(id), a.window_ms, a.block_windows))
+        std::fs::write(&config, device_config(&central, k, id, &state.join(id), a.window_ms, a.block_windows))
             .expect("device config");
         specs[k % hosts].devices.push(DeviceSpec {
             id: id.clone(),
@@ -218,13 +245,14 @@ fn run(a: &RunArgs) -> Report {
         }
     });
 
-    let mut watched: Vec<Watched> =
-        [("mosquitto".to_string(), broker.proc.as_ref().map_or(0, Proc::pid)), (a.tsdb.clone(), tsdb.proc.pid())]
-            .into_iter()
-            .chain(bridges.iter().enumerate().map(|(b, (p, _))| (format!("bridge-{b}"), p.pid())))
-            .chain(host_procs.iter().enumerate().map(|(h, p)| (format!("host-{h}"), p.pid())))
-            .map(|(name, pid)| Watched { name, pid, cpu_at_start: None, last: None })
-            .collect();
+    let mut watched: Vec<Watched> = central
+        .processes()
+        .into_iter()
+        .chain([(a.tsdb.clone(), tsdb.proc.pid())])
+        .chain(bridges.iter().enumerate().map(|(b, (p, _))| (format!("bridge-{b}"), p.pid())))
+        .chain(host_procs.iter().enumerate().map(|(h, p)| (format!("host-{h}"), p.pid())))
+        .map(|(name, pid)| Watched { name, pid, cpu_at_start: None, last: None })
+        .collect();
     for w in &mut watched {
         w.cpu_at_start = report::process_use(w.pid).map(|u| u.0);
     }
@@ -238,7 +266,29 @@ fn run(a: &RunArgs) -> Report {
     // Until every host reported: sample the processes, say progress.
     let deadline = Instant::now() + Duration::from_secs(a.live_secs + a.drain_secs + 120);
     let mut said = Instant::now();
+    let mut faults: Vec<String> = Vec::new();
+    let mut node_down: Option<Instant> = None;
+    let since_start = || (fleet::now_ms() - start) as f64 / 1000.0;
     loop {
+        let t = since_start();
+        if let (Some(at), Central::Nats(cluster)) = (a.kill_node_at, &mut central) {
+            if t >= at && faults.iter().all(|f| !f.starts_with("node")) {
+                cluster.kill(0);
+                node_down = Some(Instant::now());
+                faults.push(format!("node {} killed (SIGKILL) at {t:.1} s", cluster.nodes[0].name));
+            }
+            if node_down.is_some_and(|d| d.elapsed().as_secs_f64() >= a.node_down_secs) {
+                node_down = None;
+                cluster.restart(0);
+                faults.push(format!("node {} started again at {:.1} s", cluster.nodes[0].name, since_start()));
+            }
+        }
+        if let Some(at) = a.kill_bridge_at {
+            if t >= at && faults.iter().all(|f| !f.starts_with("bridge")) {
+                bridges[0].0.kill();
+                faults.push(format!("bridge 0 killed (SIGKILL) at {t:.1} s, left down"));
+            }
+        }
         for w in &mut watched {
             if let Some(u) = report::process_use(w.pid) {
                 w.last = Some(u);
@@ -339,6 +389,8 @@ fn run(a: &RunArgs) -> Report {
         hosts,
         bridges: a.bridges,
         tsdb: a.tsdb.clone(),
+        broker: a.broker.clone(),
+        faults,
         exact_devices: results.len() - inexact.len(),
         samples_stored: results.iter().map(|r| r.samples).sum(),
         samples_landed: landed.iter().sum(),
@@ -379,7 +431,7 @@ fn run(a: &RunArgs) -> Report {
     };
     drop(bridges);
     drop(tsdb);
-    drop(broker);
+    drop(central);
     if a.state_dir.is_none() {
         let _ = std::fs::remove_dir_all(&state);
     }
@@ -410,14 +462,48 @@ fn make_certs(broker: &Broker, ids: &[String]) {
     });
 }
 
+/// The broker side the devices connect to.
+enum Central {
+    Mosquitto(Broker),
+    /// Device k connects to node k % 3.
+    Nats(NatsCluster),
+}
+
+impl Central {
+    /// (name, pid) of its processes, for the report.
+    fn processes(&self) -> Vec<(String, i32)> {
+        match self {
+            Central::Mosquitto(b) => vec![("mosquitto".into(), b.proc.as_ref().map_or(0, Proc::pid))],
+            Central::Nats(c) => {
+                c.nodes.iter().map(|n| (n.name.clone(), n.proc.as_ref().map_or(0, Proc::pid))).collect()
+            }
+        }
+    }
+
+    /// Device `k`'s `[mqtt]` keys and tables.
+    fn device_toml(&self, k: usize, id: &str) -> String {
+        match self {
+            Central::Mosquitto(b) => b.client_toml(Who::Device(id)),
+            Central::Nats(c) => c.device_toml(k, id),
+        }
+    }
+}
+
 /// A device's agent config: its identity, its state directory, the
 /// window; everything else the agent's defaults.
-fn device_config(broker: &Broker, id: &str, state: &Path, window_ms: i64, block_windows: Option<u64>) -> String {
+fn device_config(
+    central: &Central,
+    k: usize,
+    id: &str,
+    state: &Path,
+    window_ms: i64,
+    block_windows: Option<u64>,
+) -> String {
     format!(
         "device_id = \"{id}\"\nstate_dir = \"{}\"\nrun_as = \"\"\n[window]\nmillis = {window_ms}\n[mqtt]\n{}\
          [metrics]\nlisten = \"\"\n{}",
         state.display(),
-        broker.client_toml(Who::Device(id)),
+        central.device_toml(k, id),
         block_windows.map_or(String::new(), |n| format!("[store]\nblock_max_windows = {n}\n")),
     )
 }

@@ -98,6 +98,12 @@ pub struct Report {
     pub hosts: usize,
     pub bridges: usize,
     pub tsdb: String,
+    /// mosquitto, or nats (a three-node cluster).
+    #[serde(default)]
+    pub broker: String,
+    /// Faults injected, with when (seconds after the start).
+    #[serde(default)]
+    pub faults: Vec<String>,
     /// Devices whose every stored `sim_*` sample landed, exactly once.
     pub exact_devices: usize,
     /// Devices that did not: (id, stored, landed).
@@ -148,7 +154,10 @@ impl Report {
             "devices × series, window",
             format!("{} × {}, {} ms, {} hosts", self.devices, self.series, self.window_ms, self.hosts),
         );
-        row("central", format!("{} bridge(s) → {}", self.bridges, self.tsdb));
+        row("central", format!("{} → {} bridge(s) → {}", self.broker, self.bridges, self.tsdb));
+        for f in &self.faults {
+            row("fault", f.clone());
+        }
         row(
             "exact (stored = landed)",
             format!(
