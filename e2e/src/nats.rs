@@ -171,6 +171,22 @@ impl NatsCluster {
         )
     }
 
+    /// MQTT 3.1.1 options for a test's own client on node `node` with
+    /// device `id`'s certificate (or the bridge's: `id` = "fleet-bridge").
+    pub fn mqtt_options(&self, node: usize, client_id: &str, id: &str) -> rumqttc::MqttOptions {
+        let base = if id == "fleet-bridge" { self.pki.join("bridge") } else { self.pki.join("devices").join(id) };
+        let tls = edge_wire::tls::TlsConfig {
+            enabled: true,
+            ca_file: self.pki.join("ca.crt"),
+            cert_file: base.with_extension("crt"),
+            key_file: base.with_extension("key"),
+        };
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", self.nodes[node % self.nodes.len()].mqtt_port);
+        let cfg = tls.client_config().expect("test TLS files");
+        o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(cfg)));
+        o
+    }
+
     /// A bridge's `[jetstream]` table (every node, the bridge certificate)
     /// with `more` keys.
     pub fn bridge_toml(&self, more: &str) -> String {
