@@ -26,8 +26,12 @@ promtool test rules configs/rules/edge.rules.test.yml
 rule_tests=$(grep -c '^  - name:' configs/rules/edge.rules.test.yml)
 echo "test result: ok. $rule_tests passed; 0 failed; (promtool rule tests)" | tee -a "$log"
 
-step "build binaries (the end-to-end tests run them)"
-cargo build --workspace --bins --locked
+step "build binaries (the end-to-end tests run them) and tests"
+# One cargo invocation for the binaries and the tests, with the package
+# selection of the test step below: the same features, so that step builds
+# nothing again (with `--bins` alone the dev-dependencies change the build
+# scripts' host dependencies and TF Lite's C++ was built a second time).
+cargo build --workspace --exclude hil-tests --bins --tests --locked
 
 step "tests (unit, store, end to end)"
 run_tests cargo test --workspace --locked --exclude hil-tests
