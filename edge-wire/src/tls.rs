@@ -185,6 +185,59 @@ pub fn certificate_expiry(path: &Path) -> Result<i64, TlsError> {
     Ok(cert.tbs_certificate().validity().not_after.to_unix_duration().as_secs() as i64)
 }
 
+/// A client identity (certificate chain and key, PEM) checked before it is
+/// used: the key fits the certificate, the certificate chains to `ca_file`
+/// for client use and is valid at `now_secs`, and its subject's CN is
+/// `expected_cn`. Returns its expiry (Unix seconds); the error says what is
+/// wrong, in words, with a short reason first (`unreadable`, `key_mismatch`,
+/// `not_from_ca`, `expired`, `not_yet_valid`, `other_identity`).
+pub fn check_client_identity(
+    ca_file: &Path,
+    cert_file: &Path,
+    key_file: &Path,
+    expected_cn: &str,
+    now_secs: u64,
+) -> Result<i64, (&'static str, String)> {
+    use x509_cert::der::Decode;
+    let unreadable = |e: TlsError| ("unreadable", e.to_string());
+    let chain = read_certs(cert_file).map_err(unreadable)?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| ("unreadable", format!("{}: no private key read: {e}", key_file.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // with_client_auth_cert checks that the key fits the certificate.
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("unreadable", e.to_string()))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_client_auth_cert(chain.clone(), key)
+        .map_err(|e| ("key_mismatch", format!("the key does not fit the certificate: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca_file).map_err(unreadable)? {
+        roots.add(cert).map_err(|e| ("unreadable", format!("{}: not a usable CA: {e}", ca_file.display())))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| ("unreadable", format!("{}: no usable CA: {e}", ca_file.display())))?;
+    let now = UnixTime::since_unix_epoch(Duration::from_secs(now_secs));
+    verifier.verify_client_cert(&chain[0], &chain[1..], now).map_err(|e| {
+        use rustls::{CertificateError as C, Error as E};
+        let reason = match &e {
+            E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
+            E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
+            _ => "not_from_ca",
+        };
+        (reason, format!("not a valid client certificate from {}: {e}", ca_file.display()))
+    })?;
+    let cert = x509_cert::Certificate::from_der(chain[0].as_ref())
+        .map_err(|e| ("unreadable", format!("not an X.509 certificate: {e}")))?;
+    let subject = cert.tbs_certificate().subject().to_string();
+    let cn = subject.split(',').find_map(|rdn| rdn.trim().strip_prefix("CN=")).unwrap_or("");
+    if cn != expected_cn {
+        return Err(("other_identity", format!("its subject is {subject:?}, not CN={expected_cn}")));
+    }
+    Ok(cert.tbs_certificate().validity().not_after.to_unix_duration().as_secs() as i64)
+}
+
 /// Why a TLS handshake failed, in a word an operator can act on, when
 /// `err` (or its source chain) is one: `expired`, `not_yet_valid` (the
 /// broker's certificate at this box's clock), `unknown_ca`, `wrong_name`,

@@ -6,7 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::{LaneLabels, RefusalLabels, StreamLabels};
+use crate::metrics::{LaneLabels, RefusalLabels, ResultLabels, StreamLabels};
 
 /// Its names' common prefix on `/metrics`.
 pub const PREFIX: &str = "edge_agent_uplink";
@@ -35,6 +35,8 @@ pub struct UplinkMetrics {
     /// TLS handshakes with the broker that failed, by reason
     /// (`edge_wire::tls::handshake_failure`).
     pub handshake_failures: Family<RefusalLabels, Counter>,
+    /// Client certificate rotations, by result (rotation.rs).
+    pub rotations: Family<ResultLabels, Counter>,
 }
 
 impl UplinkMetrics {
@@ -89,6 +91,12 @@ impl UplinkMetrics {
             "TLS handshakes with the broker that failed, by reason: expired, not_yet_valid, unknown_ca, wrong_name, \
              bad_certificate (the broker's), client_certificate_expired, client_certificate_refused (ours), other",
             self.handshake_failures.clone(),
+        );
+        registry.register(
+            "edge_agent_tls_rotations",
+            "Client certificates dropped in <state_dir>/tls-drop, by result: installed (the broker accepted it), \
+             refused (unusable, not from the CA, another identity, expired, or refused by the broker)",
+            self.rotations.clone(),
         );
     }
 

@@ -26,6 +26,7 @@ pub mod delivery;
 pub mod inflight;
 pub mod metrics;
 pub mod mqtt;
+pub mod rotation;
 mod session;
 #[cfg(test)]
 mod sim;
@@ -48,6 +49,11 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long a connection attempt may take: rumqttc's connect timeout
 /// (5 s, `MqttOptions::connection_timeout`) and a margin; it gives up first.
 const CONNECTING: Duration = Duration::from_secs(6);
+
+/// How often a connected uplink looks for a client certificate dropped in
+/// (rotation.rs).
+const CANDIDATE_LOOK: Duration = Duration::from_secs(2);
+
 /// A client certificate this close to its expiry is said at WARN (the
 /// fleet's alert fires at the same distance).
 const EXPIRY_WARN_DAYS: i64 = 30;
@@ -67,6 +73,9 @@ pub struct Uplink {
     said_floor: AtomicBool,
     /// The certificate-expires-soon warning was given (once a run).
     said_expiry: AtomicBool,
+    /// A new client certificate dropped in: checked, tried, installed or
+    /// refused (rotation.rs).
+    rotation: Mutex<rotation::Rotation>,
     /// Time requests' nonces: each connection takes a range, from this
     /// boot's clock at the start, so that no late answer to another
     /// connection's (or run's) request is taken for one to ours.
@@ -95,7 +104,9 @@ impl Uplink {
     ) -> Self {
         let boot = crate::clock::boot_id().to_owned();
         let nonces = AtomicU64::new((crate::clock::mono_ms().max(0) as u64) << 20);
+        let rotation = Mutex::new(rotation::Rotation::new(&cfg.state_dir, metrics.uplink.rotations.clone()));
         Uplink {
+            rotation,
             cfg,
             store,
             clock,
@@ -172,7 +183,9 @@ impl Uplink {
             Ok(x) => x,
             Err(e) => {
                 // Not fatal: the agent keeps measuring and storing; the files
-                // are read again on the next attempt.
+                // are read again on the next attempt. A candidate
+                // certificate that cannot be used is refused.
+                lock(&self.rotation).after(rotation::Outcome::Refused("unusable"));
                 self.metrics.uplink.errors.inc();
                 tracing::error!(error = %e, "cannot connect to the broker");
                 return false;
@@ -192,10 +205,24 @@ impl Uplink {
         };
         let mut conn = Conn::open(m.protocol, settings, m.max_inflight as usize + 8);
         let mut session = Session::new(self, Instant::now());
+        let mut looked_for_candidate = Instant::now();
+        // Whether the identity this connection used is judged (rotation.rs):
+        // at the broker's CONNACK, or at the end.
+        let mut judged = false;
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
                 conn.disconnect();
                 break;
+            }
+            // A new certificate dropped in while connected: end this
+            // connection, so the next one tries it.
+            if session.connected() && looked_for_candidate.elapsed() >= CANDIDATE_LOOK {
+                looked_for_candidate = Instant::now();
+                if lock(&self.rotation).waiting() {
+                    tracing::info!("a new client certificate was dropped in: reconnecting to try it");
+                    conn.disconnect();
+                    break;
+                }
             }
             session.publish(&conn, lanes, Instant::now());
             // Until the session's next deadline; the shutdown flag is
@@ -213,6 +240,10 @@ impl Uplink {
             };
             let ev = conn.recv(wait.max(Duration::from_millis(1)));
             let flow = session.on(ev, &conn, lanes, failures, Instant::now());
+            if session.connected() && !judged {
+                judged = true;
+                lock(&self.rotation).after(rotation::Outcome::Accepted);
+            }
             if flow == Flow::Go {
                 session.watch(lanes, Instant::now());
             }
@@ -220,6 +251,9 @@ impl Uplink {
             if flow == Flow::End {
                 break;
             }
+        }
+        if !judged {
+            lock(&self.rotation).after(session.identity_outcome());
         }
         let healthy = session.end(self.shutdown.load(Ordering::Relaxed));
         self.carry_out(session.actions(), lanes);
@@ -274,6 +308,9 @@ impl Uplink {
         let transport = if m.tls.enabled {
             let floor = lock(&self.clock).time_floor();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            // The candidate's validity is checked at the same floor as the
+            // broker's certificate.
+            let tls = lock(&self.rotation).identity(&m.tls, &self.cfg.device_id, now.max(floor));
             if now < floor && !self.said_floor.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     clock_behind_secs = floor - now,
@@ -282,8 +319,8 @@ impl Uplink {
                      certificate is checked at that time instead, until the clock is right (docs/clock.md)"
                 );
             }
-            let config = m.tls.client_config_with_floor(Some(floor))?;
-            if let Some(expiry) = m.tls.client_certificate_expiry() {
+            let config = tls.client_config_with_floor(Some(floor))?;
+            if let Some(expiry) = tls.client_certificate_expiry() {
                 self.certificate_expiry(expiry?, now as i64);
             }
             Some(Transport::tls_with_config(TlsConfiguration::Rustls(config)))

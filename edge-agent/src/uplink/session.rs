@@ -93,6 +93,8 @@ pub struct Session<'a> {
     forged: Throttle,
     time: TimeAsk,
     connected: bool,
+    /// Why the attempt failed before the broker accepted it.
+    failure: Option<(&'static str, Option<&'static str>)>,
     refusals: u32,
     /// The broker acknowledged something on this connection (the birth
     /// message at least, on a healthy one).
@@ -122,6 +124,7 @@ impl<'a> Session<'a> {
                 ..Default::default()
             },
             connected: false,
+            failure: None,
             refusals: 0,
             acked_any: false,
             persisted_at: now,
@@ -135,6 +138,16 @@ impl<'a> Session<'a> {
     /// Whether the broker accepted the connection (CONNACK).
     pub fn connected(&self) -> bool {
         self.connected
+    }
+
+    /// What this connection says of the identity it used (rotation.rs).
+    pub fn identity_outcome(&self) -> super::rotation::Outcome {
+        use super::rotation::Outcome;
+        match self.failure {
+            _ if self.connected => Outcome::Accepted,
+            Some((reason, tls)) => Outcome::of_failure(reason, tls),
+            None => Outcome::Unknown,
+        }
     }
 
     pub fn actions(&mut self) -> std::vec::Drain<'_, Action> {
@@ -230,6 +243,9 @@ impl<'a> Session<'a> {
                 if let Some(why) = tls {
                     let labels = crate::metrics::RefusalLabels { reason: why.into() };
                     up.metrics.uplink.handshake_failures.get_or_create(&labels).inc();
+                }
+                if !self.connected {
+                    self.failure = Some((reason, tls));
                 }
                 if self.connected {
                     tracing::warn!(error = message, reason, "connection to broker lost");

@@ -1,0 +1,162 @@
+//! Client certificate rotation (edge-agent/src/uplink/rotation.rs): a new
+//! certificate and key dropped in `<state_dir>/tls-drop/` are checked,
+//! tried on the next connection, installed once the broker accepted them
+//! and used from then on; one from another CA or for another device is
+//! refused and moved aside, the agent delivering on with the identity it
+//! had; a box offline when the certificate comes takes it when the broker
+//! is back. Every decision is a line in `<state_dir>/tls/audit.log`.
+
+use e2e::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A certificate and key for `id` from the CA in `ca_dir` (ca.crt,
+/// ca.key), made in a directory of its own: (cert, key).
+fn certificate(ca_dir: &Path, out: &Path, id: &str) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(out).unwrap();
+    for f in ["ca.crt", "ca.key"] {
+        if ca_dir.join(f).exists() {
+            std::fs::copy(ca_dir.join(f), out.join(f)).unwrap();
+        }
+    }
+    let script = repo_dir().join("scripts/fleet-certs.sh");
+    if !out.join("ca.crt").exists() {
+        assert!(Command::new(&script).arg(out).arg("ca").status().unwrap().success());
+    }
+    assert!(Command::new(&script).arg(out).args(["device", id]).status().unwrap().success());
+    (out.join("devices").join(format!("{id}.crt")), out.join("devices").join(format!("{id}.key")))
+}
+
+/// Drops a candidate as an operator must: each file written under
+/// another name and renamed in place, the key first, the certificate last
+/// (the agent looks for the certificate).
+fn drop_in(state: &Path, (cert, key): &(PathBuf, PathBuf)) {
+    let d = state.join("tls-drop");
+    for (from, name) in [(key, "device.key"), (cert, "device.crt")] {
+        std::fs::copy(from, d.join(format!(".{name}.new"))).unwrap();
+        std::fs::rename(d.join(format!(".{name}.new")), d.join(name)).unwrap();
+    }
+}
+
+fn audit(state: &Path) -> String {
+    std::fs::read_to_string(state.join("tls/audit.log")).unwrap_or_default()
+}
+
+fn rotations(a: &Agent, result: &str) -> f64 {
+    a.metric(&format!("edge_agent_tls_rotations_total{{result=\"{result}\"}}")).unwrap_or(0.0)
+}
+
+/// The time of the device's newest window in Prometheus (Unix seconds):
+/// its certificate's expiry goes with every window.
+fn newest(prom: &Prom, device: &str) -> f64 {
+    let q = format!("max(timestamp(edge_agent_tls_certificate_expiry_timestamp_seconds{{device=\"{device}\"}}))");
+    prom.scalar(&q).ok().flatten().unwrap_or(0.0)
+}
+
+/// Until a window of the device made after now has landed.
+fn wait_more_landed(prom: &Prom, device: &str, agent: &mut Agent, what: &str) {
+    let since = now_ms() as f64 / 1000.0;
+    wait_for(what, Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        let newest = newest(prom, device);
+        if newest > since {
+            Ok(())
+        } else {
+            Err(format!("newest sample at {newest}, waiting for one after {since}"))
+        }
+    });
+}
+
+#[test]
+fn a_dropped_certificate_is_tried_then_installed_and_bad_ones_are_refused() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("rotation");
+    let device = format!("e2e-rotation-{}", std::process::id());
+    let mut broker = Broker::start(&dir);
+    let prom = Prom::start(&dir);
+    let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
+    let state = dir.join("agent-state");
+    let mut agent = Agent::launch(&dir, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(&device, QUIET) });
+    wait_more_landed(&prom, &device, &mut agent, "the agent's windows with its first certificate");
+
+    // 1. From another CA: refused before it is tried, moved aside.
+    let foreign = certificate(&dir.join("foreign-ca"), &dir.join("foreign"), &device);
+    drop_in(&state, &foreign);
+    wait_for("the foreign certificate refused", Duration::from_secs(30), || {
+        agent.proc.assert_running();
+        if rotations(&agent, "refused") == 1.0 {
+            Ok(())
+        } else {
+            Err(audit(&state))
+        }
+    });
+    assert!(audit(&state).contains("not_from_ca"), "{}", audit(&state));
+    assert!(!state.join("tls-drop/device.crt").exists(), "a refused candidate is moved aside");
+    assert!(std::fs::read_dir(state.join("tls-drop/refused")).unwrap().count() == 2);
+
+    // 2. The fleet CA's, for another device: refused (a rotation never
+    //    changes the identity).
+    let other = certificate(&broker.pki, &dir.join("other"), "e2e-someone-else");
+    drop_in(&state, &other);
+    wait_for("the other device's certificate refused", Duration::from_secs(30), || {
+        if rotations(&agent, "refused") == 2.0 {
+            Ok(())
+        } else {
+            Err(audit(&state))
+        }
+    });
+    assert!(audit(&state).contains("other_identity"), "{}", audit(&state));
+    wait_more_landed(&prom, &device, &mut agent, "windows still landing with the first certificate");
+
+    // 3. A new one from the fleet CA for this device: tried, installed.
+    let renewed = certificate(&broker.pki, &dir.join("renewed"), &device);
+    drop_in(&state, &renewed);
+    wait_for("the renewed certificate installed", Duration::from_secs(30), || {
+        agent.proc.assert_running();
+        if rotations(&agent, "installed") == 1.0 {
+            Ok(())
+        } else {
+            Err(audit(&state))
+        }
+    });
+    let installed = std::fs::read_to_string(state.join("tls/identity.pem")).unwrap();
+    assert!(installed.starts_with(&std::fs::read_to_string(&renewed.0).unwrap()), "identity.pem holds the new chain");
+    assert!(installed.contains("PRIVATE KEY"), "and its key");
+    assert!(!state.join("tls-drop/device.crt").exists() && !state.join("tls-drop/device.key").exists());
+    let log = audit(&state);
+    assert!(log.contains("certificate trying") && log.contains("certificate installed"), "{log}");
+    wait_more_landed(&prom, &device, &mut agent, "windows landing with the renewed certificate");
+
+    // 4. Offline when the next one comes: taken once the broker is back,
+    //    and used after a restart of the agent too.
+    broker.stop();
+    wait_for("the agent to see the broker gone", Duration::from_secs(30), || {
+        if agent.metric("edge_agent_uplink_connected") == Some(0.0) {
+            Ok(())
+        } else {
+            Err("still connected")
+        }
+    });
+    let offline = certificate(&broker.pki, &dir.join("offline"), &device);
+    drop_in(&state, &offline);
+    broker.restart();
+    wait_for("the certificate dropped while offline installed", Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        if rotations(&agent, "installed") == 1.0 + 1.0 {
+            Ok(())
+        } else {
+            Err(audit(&state))
+        }
+    });
+    assert!(std::fs::read_to_string(state.join("tls/identity.pem"))
+        .unwrap()
+        .starts_with(&std::fs::read_to_string(&offline.0).unwrap()));
+    assert!(state.join("tls/identity.pem.old").exists(), "the identity before is kept");
+    agent.proc.kill();
+    agent.relaunch();
+    wait_more_landed(&prom, &device, &mut agent, "windows landing after a restart, with the installed certificate");
+    assert_eq!(rotations(&agent, "refused"), 0.0, "nothing to decide after the restart");
+}
