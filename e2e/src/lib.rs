@@ -413,6 +413,62 @@ impl Broker {
     }
 }
 
+/// Certificates for every device of `ids` in `pki` (made by
+/// scripts/fleet-certs.sh, four at a time; existing ones kept).
+pub fn device_certs(pki: &Path, ids: &[String]) {
+    let script = repo_dir().join("scripts/fleet-certs.sh");
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(id) = ids.get(k) else { break };
+                if pki.join("devices").join(format!("{id}.crt")).exists() {
+                    continue;
+                }
+                let ok = Command::new(&script).arg(pki).args(["device", id]).status().expect("scripts/fleet-certs.sh");
+                assert!(ok.success(), "fleet-certs.sh device {id} failed");
+            });
+        }
+    });
+}
+
+/// What a test's own MQTT client saw ([`watched_client`]).
+#[derive(Debug)]
+pub enum Seen {
+    ConnAck,
+    SubAck(Vec<rumqttc::SubscribeReasonCode>),
+    PubAck,
+    /// Topic and payload.
+    Publish(String, Vec<u8>),
+    Error(String),
+}
+
+/// An MQTT 3.1.1 client whose connection's events come on the receiver
+/// (until its first error).
+pub fn watched_client(opts: rumqttc::MqttOptions) -> (rumqttc::Client, std::sync::mpsc::Receiver<Seen>) {
+    use rumqttc::{Event, Packet};
+    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            let seen = match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::ConnAck,
+                Ok(Event::Incoming(Packet::SubAck(a))) => Seen::SubAck(a.return_codes),
+                Ok(Event::Incoming(Packet::PubAck(_))) => Seen::PubAck,
+                Ok(Event::Incoming(Packet::Publish(p))) => Seen::Publish(p.topic.clone(), p.payload.to_vec()),
+                Ok(_) => continue,
+                Err(e) => Seen::Error(e.to_string()),
+            };
+            let stop = matches!(seen, Seen::Error(_));
+            if tx.send(seen).is_err() || stop {
+                return;
+            }
+        }
+    });
+    (client, rx)
+}
+
 /// scripts/fleet-certs.sh <dir> <args>.
 pub(crate) fn certs_in(dir: &Path, args: &[&str]) {
     let ok = Command::new(repo_dir().join("scripts/fleet-certs.sh"))

@@ -60,22 +60,7 @@ impl NatsCluster {
     /// Certificates for these devices (made in parallel) and users.conf
     /// listing them (scripts/nats-users.sh); running nodes reload it.
     pub fn add_devices(&mut self, devices: &[String]) {
-        let script = repo_dir().join("scripts/fleet-certs.sh");
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..4 {
-                s.spawn(|| loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(id) = devices.get(k) else { break };
-                    if self.pki.join("devices").join(format!("{id}.crt")).exists() {
-                        continue;
-                    }
-                    let ok =
-                        Command::new(&script).arg(&self.pki).args(["device", id]).status().expect("fleet-certs.sh");
-                    assert!(ok.success(), "fleet-certs.sh device {id} failed");
-                });
-            }
-        });
+        crate::device_certs(&self.pki, devices);
         let mut ids: Vec<String> = std::fs::read_dir(self.pki.join("devices"))
             .map(|d| {
                 d.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".crt").map(str::to_owned)).collect()

@@ -6,7 +6,7 @@
 
 use e2e::*;
 use edge_wire::{BlockEncoder, Envelope, Label, SeriesKey};
-use rumqttc::{Client, Event, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{Client, QoS};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -16,37 +16,8 @@ fn block(device: &str, name: &str, t: i64, v: f64) -> Vec<u8> {
     Envelope { device, lane: 0, first_seq: 1, clock_shift_ms: 0, frames: vec![&frame] }.encode()
 }
 
-/// What a test client's connection saw.
-#[derive(Debug)]
-#[allow(dead_code)] // the fields are read through Debug, in failure messages
-enum Seen {
-    ConnAck,
-    SubAck(Vec<SubscribeReasonCode>),
-    PubAck,
-    Publish(String),
-    Error(String),
-}
-
 fn client(opts: rumqttc::MqttOptions) -> (Client, mpsc::Receiver<Seen>) {
-    let (client, mut conn) = Client::new(opts, 16);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            let seen = match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::ConnAck,
-                Ok(Event::Incoming(Packet::SubAck(a))) => Seen::SubAck(a.return_codes),
-                Ok(Event::Incoming(Packet::PubAck(_))) => Seen::PubAck,
-                Ok(Event::Incoming(Packet::Publish(p))) => Seen::Publish(p.topic.clone()),
-                Ok(_) => continue,
-                Err(e) => Seen::Error(e.to_string()),
-            };
-            let stop = matches!(seen, Seen::Error(_));
-            if tx.send(seen).is_err() || stop {
-                return;
-            }
-        }
-    });
-    (client, rx)
+    watched_client(opts)
 }
 
 fn next(rx: &mpsc::Receiver<Seen>) -> Seen {
@@ -140,11 +111,11 @@ fn a_device_can_only_write_and_read_its_own_topics() {
     );
     // The victim got the bridge's confirmation; the spy got nothing at all.
     wait_for("the victim's delivery confirmation", Duration::from_secs(10), || match victim_seen.try_recv() {
-        Ok(Seen::Publish(t)) if t == "edge/dev-victim/ack" => Ok(()),
+        Ok(Seen::Publish(t, _)) if t == "edge/dev-victim/ack" => Ok(()),
         other => Err(format!("{other:?}")),
     });
     let spied: Vec<Seen> = spy_seen.try_iter().collect();
-    assert!(spied.iter().all(|s| !matches!(s, Seen::Publish(_))), "a device read others' topics: {spied:?}");
+    assert!(spied.iter().all(|s| !matches!(s, Seen::Publish(..))), "a device read others' topics: {spied:?}");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 use e2e::nats::NatsCluster;
 use e2e::*;
 use edge_wire::{BlockEncoder, Envelope, Label, SeriesKey};
-use rumqttc::{Client, Event, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{Client, QoS, SubscribeReasonCode};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -18,36 +18,8 @@ fn block(device: &str, t: i64, v: f64) -> Vec<u8> {
     Envelope { device, lane: 0, first_seq: 1, clock_shift_ms: 0, frames: vec![&frame] }.encode()
 }
 
-#[derive(Debug)]
-#[allow(dead_code)] // the fields are read through Debug, in failure messages
-enum Seen {
-    ConnAck,
-    SubAck(Vec<SubscribeReasonCode>),
-    PubAck,
-    Publish(String, Vec<u8>),
-    Error(String),
-}
-
 fn client(opts: rumqttc::MqttOptions) -> (Client, mpsc::Receiver<Seen>) {
-    let (client, mut conn) = Client::new(opts, 16);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            let seen = match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::ConnAck,
-                Ok(Event::Incoming(Packet::SubAck(a))) => Seen::SubAck(a.return_codes),
-                Ok(Event::Incoming(Packet::PubAck(_))) => Seen::PubAck,
-                Ok(Event::Incoming(Packet::Publish(p))) => Seen::Publish(p.topic.clone(), p.payload.to_vec()),
-                Ok(_) => continue,
-                Err(e) => Seen::Error(e.to_string()),
-            };
-            let stop = matches!(seen, Seen::Error(_));
-            if tx.send(seen).is_err() || stop {
-                return;
-            }
-        }
-    });
-    (client, rx)
+    watched_client(opts)
 }
 
 fn next(rx: &mpsc::Receiver<Seen>) -> Seen {

@@ -163,7 +163,7 @@ fn run(a: &RunArgs) -> Report {
     let mut central = match a.broker.as_str() {
         "mosquitto" => {
             let broker = Broker::start(&dir);
-            make_certs(&broker, &ids);
+            e2e::device_certs(&broker.pki, &ids);
             Central::Mosquitto(broker)
         }
         "nats" => Central::Nats(NatsCluster::start(&dir, &ids)),
@@ -436,30 +436,6 @@ fn run(a: &RunArgs) -> Report {
         let _ = std::fs::remove_dir_all(&state);
     }
     report
-}
-
-/// Every device's certificate, a few at a time (scripts/fleet-certs.sh),
-/// then the broker's user may read them.
-fn make_certs(broker: &Broker, ids: &[String]) {
-    let script = e2e::repo_dir().join("scripts/fleet-certs.sh");
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..4 {
-            s.spawn(|| loop {
-                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(id) = ids.get(k) else { break };
-                if broker.pki.join("devices").join(format!("{id}.crt")).exists() {
-                    continue;
-                }
-                let ok = std::process::Command::new(&script)
-                    .arg(&broker.pki)
-                    .args(["device", id])
-                    .status()
-                    .expect("scripts/fleet-certs.sh");
-                assert!(ok.success(), "fleet-certs.sh device {id} failed");
-            });
-        }
-    });
 }
 
 /// The broker side the devices connect to.
