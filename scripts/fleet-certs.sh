@@ -18,6 +18,9 @@
 # ids starting with "fleet-" are refused (the central identities' names,
 # edge_wire::RESERVED_ID_PREFIX): no device certificate carries one.
 # Existing files are kept: running a command twice changes nothing.
+# FLEET_CERT_DAYS: how long what is made now is valid (default 3650 days);
+# shorter-lived device certificates are renewed by rotation
+# (docs/configuration.md, "Certificate rotation").
 # Serial numbers are random (no -CAcreateserial: OpenSSL 3 then draws one),
 # so certificates for many devices can be made at once.
 set -euo pipefail
@@ -26,7 +29,7 @@ dir="${1:?usage: fleet-certs.sh DIR ca|server|node|device|bridge|admin ...}"
 cmd="${2:?usage: fleet-certs.sh DIR ca|server|node|device|bridge|admin ...}"
 shift 2
 mkdir -p "$dir"
-days=3650
+days=${FLEET_CERT_DAYS:-3650}
 
 key() { [[ -f "$1" ]] || openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; chmod 600 "$1"; }
 

@@ -160,3 +160,69 @@ fn a_dropped_certificate_is_tried_then_installed_and_bad_ones_are_refused() {
     wait_more_landed(&prom, &device, &mut agent, "windows landing after a restart, with the installed certificate");
     assert_eq!(rotations(&agent, "refused"), 0.0, "nothing to decide after the restart");
 }
+
+/// The documented recovery of a box whose certificate expired while it was
+/// away: the broker refuses it (the agent counts why and keeps storing);
+/// a new certificate dropped in is tried, installed, and the backlog
+/// stored meanwhile lands.
+#[test]
+fn a_box_whose_certificate_expired_is_recovered_by_dropping_a_new_one() {
+    if !require_root_and_tools() {
+        return;
+    }
+    if !require("the expired-certificate test", &which("faketime").map_or(vec!["faketime"], |_| vec![])) {
+        return;
+    }
+    let dir = tempdir("rotation-expired");
+    let device = format!("e2e-expired-{}", std::process::id());
+    let broker = Broker::start(&dir);
+    let prom = Prom::start(&dir);
+    let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
+    // Its certificate: from the fleet CA, valid for one day in 2020. The
+    // broker's certificate files hold it where the agent's config points.
+    let made = Command::new("faketime")
+        .args(["2020-01-01 00:00:00", &repo_dir().join("scripts/fleet-certs.sh").display().to_string()])
+        .arg(&broker.pki)
+        .args(["device", &device])
+        .env("FLEET_CERT_DAYS", "1")
+        .status()
+        .unwrap();
+    assert!(made.success(), "an expired certificate made under faketime");
+    let state = dir.join("agent-state");
+    let mut agent = Agent::launch(&dir, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(&device, QUIET) });
+    wait_for("the broker to refuse the expired certificate", Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        let refused = agent
+            .metric("edge_agent_tls_handshake_failures_total{reason=\"client_certificate_expired\"}")
+            .unwrap_or(0.0);
+        // Several refused attempts: windows wait in the store meanwhile.
+        if refused >= 4.0 {
+            Ok(())
+        } else {
+            Err(agent.proc.log_text().lines().rev().take(3).collect::<Vec<_>>().join("\n"))
+        }
+    });
+    assert_eq!(newest(&prom, &device), 0.0, "nothing landed with the expired certificate");
+
+    let dropped_at = now_ms() as f64 / 1000.0;
+    drop_in(&state, &certificate(&broker.pki, &dir.join("renewed"), &device));
+    wait_for("the new certificate installed", Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        if rotations(&agent, "installed") == 1.0 {
+            Ok(())
+        } else {
+            Err(audit(&state))
+        }
+    });
+    // The windows stored while it could not connect land too.
+    wait_for("the backlog stored before the new certificate", Duration::from_secs(60), || {
+        let selector = format!("edge_agent_tls_certificate_expiry_timestamp_seconds{{device=\"{device}\"}}");
+        let samples = prom.raw_samples(&selector, 600).map_err(|e| e.to_string())?;
+        let before = samples.iter().filter(|(t, _)| (*t as f64) / 1000.0 < dropped_at).count();
+        if before >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{before} of {} samples from before the drop", samples.len()))
+        }
+    });
+}

@@ -273,7 +273,24 @@ pub fn handshake_failure(err: &(dyn std::error::Error + 'static)) -> Option<&'st
         }
         cur = e.source();
     }
-    None
+    // An alert that comes after the handshake, with the broker's first
+    // answer (TLS 1.3: the server checks our certificate then), reaches us
+    // through the MQTT client's read error, whose source chain does not
+    // keep rustls' error: only its text does.
+    let text = err.to_string();
+    let alert = text.split("received fatal alert: ").nth(1)?;
+    let name = alert.split(|c: char| !c.is_ascii_alphanumeric()).next().unwrap_or("");
+    Some(match name {
+        "CertificateExpired" => "client_certificate_expired",
+        "BadCertificate"
+        | "UnsupportedCertificate"
+        | "CertificateRevoked"
+        | "CertificateUnknown"
+        | "UnknownCA"
+        | "AccessDenied"
+        | "CertificateRequired" => "client_certificate_refused",
+        _ => "other",
+    })
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -388,6 +405,17 @@ mod tests {
         let e = certificate_expiry(&tmp).unwrap_err().to_string();
         let _ = std::fs::remove_file(&tmp);
         assert!(e.contains("edge-wire-not-a-cert") && e.contains("not an X.509 certificate"), "{e}");
+    }
+
+    #[test]
+    fn an_alert_known_only_by_its_text_is_classified() {
+        let e = std::io::Error::other(
+            "Mqtt state: Mqtt serialization/deserialization error: IO: received fatal alert: CertificateExpired",
+        );
+        assert_eq!(handshake_failure(&e), Some("client_certificate_expired"));
+        let e = std::io::Error::other("IO: received fatal alert: UnknownCA");
+        assert_eq!(handshake_failure(&e), Some("client_certificate_refused"));
+        assert_eq!(handshake_failure(&std::io::Error::other("connection refused")), None);
     }
 
     #[test]
