@@ -55,6 +55,14 @@ pub fn require<S: AsRef<str>>(test: &str, missing: &[S]) -> bool {
     false
 }
 
+/// [`require`] for programs on PATH (`nats-server`, `faketime`): each
+/// missing one is named with how to get it.
+pub fn require_tools(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<String> =
+        tools.iter().filter(|t| which(t).is_none()).map(|t| format!("{t} (scripts/setup.sh installs it)")).collect();
+    require(test, &missing)
+}
+
 /// Where `tool` is on PATH (or in /usr/sbin, /sbin).
 pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -31,7 +31,7 @@ fn a_device_on_the_nats_cluster_can_only_write_and_read_its_own_subjects() {
     if !require_root_and_tools() {
         return;
     }
-    if !require("the NATS identity test", &which("nats-server").map_or(vec!["nats-server"], |_| vec![])) {
+    if !require_tools("the NATS identity test", &["nats-server"]) {
         return;
     }
     let dir = tempdir("nats-identity");

@@ -170,7 +170,7 @@ fn a_box_whose_certificate_expired_is_recovered_by_dropping_a_new_one() {
     if !require_root_and_tools() {
         return;
     }
-    if !require("the expired-certificate test", &which("faketime").map_or(vec!["faketime"], |_| vec![])) {
+    if !require_tools("the expired-certificate test", &["faketime"]) {
         return;
     }
     let dir = tempdir("rotation-expired");

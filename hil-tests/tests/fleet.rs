@@ -106,7 +106,7 @@ fn a_nats_cluster_losing_a_node_and_a_bridge_mid_drain_lands_exactly() {
     if !e2e::require_root_and_tools() {
         return;
     }
-    if !e2e::require("the NATS cluster test", &e2e::which("nats-server").map_or(vec!["nats-server"], |_| vec![])) {
+    if !e2e::require_tools("the NATS cluster test", &["nats-server"]) {
         return;
     }
     let r = sim(
