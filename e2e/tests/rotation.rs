@@ -47,6 +47,19 @@ fn rotations(a: &Agent, result: &str) -> f64 {
     a.metric(&format!("edge_agent_tls_rotations_total{{result=\"{result}\"}}")).unwrap_or(0.0)
 }
 
+/// Until the agent counted `n` rotations with `result` (the audit log
+/// says why not yet).
+fn wait_rotations(agent: &mut Agent, state: &Path, result: &str, n: f64, what: &str, secs: u64) {
+    wait_for(what, Duration::from_secs(secs), || {
+        agent.proc.assert_running();
+        if rotations(agent, result) == n {
+            Ok(())
+        } else {
+            Err(audit(state))
+        }
+    });
+}
+
 /// The time of the device's newest window in Prometheus (Unix seconds):
 /// its certificate's expiry goes with every window.
 fn newest(prom: &Prom, device: &str) -> f64 {
@@ -85,14 +98,7 @@ fn a_dropped_certificate_is_tried_then_installed_and_bad_ones_are_refused() {
     // 1. From another CA: refused before it is tried, moved aside.
     let foreign = certificate(&dir.join("foreign-ca"), &dir.join("foreign"), &device);
     drop_in(&state, &foreign);
-    wait_for("the foreign certificate refused", Duration::from_secs(30), || {
-        agent.proc.assert_running();
-        if rotations(&agent, "refused") == 1.0 {
-            Ok(())
-        } else {
-            Err(audit(&state))
-        }
-    });
+    wait_rotations(&mut agent, &state, "refused", 1.0, "the foreign certificate refused", 30);
     assert!(audit(&state).contains("not_from_ca"), "{}", audit(&state));
     assert!(!state.join("tls-drop/device.crt").exists(), "a refused candidate is moved aside");
     assert!(std::fs::read_dir(state.join("tls-drop/refused")).unwrap().count() == 2);
@@ -101,27 +107,14 @@ fn a_dropped_certificate_is_tried_then_installed_and_bad_ones_are_refused() {
     //    changes the identity).
     let other = certificate(&broker.pki, &dir.join("other"), "e2e-someone-else");
     drop_in(&state, &other);
-    wait_for("the other device's certificate refused", Duration::from_secs(30), || {
-        if rotations(&agent, "refused") == 2.0 {
-            Ok(())
-        } else {
-            Err(audit(&state))
-        }
-    });
+    wait_rotations(&mut agent, &state, "refused", 2.0, "the other device's certificate refused", 30);
     assert!(audit(&state).contains("other_identity"), "{}", audit(&state));
     wait_more_landed(&prom, &device, &mut agent, "windows still landing with the first certificate");
 
     // 3. A new one from the fleet CA for this device: tried, installed.
     let renewed = certificate(&broker.pki, &dir.join("renewed"), &device);
     drop_in(&state, &renewed);
-    wait_for("the renewed certificate installed", Duration::from_secs(30), || {
-        agent.proc.assert_running();
-        if rotations(&agent, "installed") == 1.0 {
-            Ok(())
-        } else {
-            Err(audit(&state))
-        }
-    });
+    wait_rotations(&mut agent, &state, "installed", 1.0, "the renewed certificate installed", 30);
     let installed = std::fs::read_to_string(state.join("tls/identity.pem")).unwrap();
     assert!(installed.starts_with(&std::fs::read_to_string(&renewed.0).unwrap()), "identity.pem holds the new chain");
     assert!(installed.contains("PRIVATE KEY"), "and its key");
@@ -143,14 +136,7 @@ fn a_dropped_certificate_is_tried_then_installed_and_bad_ones_are_refused() {
     let offline = certificate(&broker.pki, &dir.join("offline"), &device);
     drop_in(&state, &offline);
     broker.restart();
-    wait_for("the certificate dropped while offline installed", Duration::from_secs(60), || {
-        agent.proc.assert_running();
-        if rotations(&agent, "installed") == 1.0 + 1.0 {
-            Ok(())
-        } else {
-            Err(audit(&state))
-        }
-    });
+    wait_rotations(&mut agent, &state, "installed", 2.0, "the certificate dropped while offline installed", 60);
     assert!(std::fs::read_to_string(state.join("tls/identity.pem"))
         .unwrap()
         .starts_with(&std::fs::read_to_string(&offline.0).unwrap()));
@@ -206,14 +192,7 @@ fn a_box_whose_certificate_expired_is_recovered_by_dropping_a_new_one() {
 
     let dropped_at = now_ms() as f64 / 1000.0;
     drop_in(&state, &certificate(&broker.pki, &dir.join("renewed"), &device));
-    wait_for("the new certificate installed", Duration::from_secs(60), || {
-        agent.proc.assert_running();
-        if rotations(&agent, "installed") == 1.0 {
-            Ok(())
-        } else {
-            Err(audit(&state))
-        }
-    });
+    wait_rotations(&mut agent, &state, "installed", 1.0, "the new certificate installed", 60);
     // The windows stored while it could not connect land too.
     wait_for("the backlog stored before the new certificate", Duration::from_secs(60), || {
         let selector = format!("edge_agent_tls_certificate_expiry_timestamp_seconds{{device=\"{device}\"}}");

@@ -242,7 +242,7 @@ impl Uplink {
             let flow = session.on(ev, &conn, lanes, failures, Instant::now());
             if session.connected() && !judged {
                 judged = true;
-                lock(&self.rotation).after(rotation::Outcome::Accepted);
+                lock(&self.rotation).after(session.identity_outcome());
             }
             if flow == Flow::Go {
                 session.watch(lanes, Instant::now());

@@ -267,12 +267,14 @@ fn run(a: &RunArgs) -> Report {
     let deadline = Instant::now() + Duration::from_secs(a.live_secs + a.drain_secs + 120);
     let mut said = Instant::now();
     let mut faults: Vec<String> = Vec::new();
+    let (mut node_killed, mut bridge_killed) = (false, false);
     let mut node_down: Option<Instant> = None;
     let since_start = || (fleet::now_ms() - start) as f64 / 1000.0;
     loop {
         let t = since_start();
         if let (Some(at), Central::Nats(cluster)) = (a.kill_node_at, &mut central) {
-            if t >= at && faults.iter().all(|f| !f.starts_with("node")) {
+            if t >= at && !node_killed {
+                node_killed = true;
                 cluster.kill(0);
                 node_down = Some(Instant::now());
                 faults.push(format!("node {} killed (SIGKILL) at {t:.1} s", cluster.nodes[0].name));
@@ -284,7 +286,8 @@ fn run(a: &RunArgs) -> Report {
             }
         }
         if let Some(at) = a.kill_bridge_at {
-            if t >= at && faults.iter().all(|f| !f.starts_with("bridge")) {
+            if t >= at && !bridge_killed {
+                bridge_killed = true;
                 bridges[0].0.kill();
                 faults.push(format!("bridge 0 killed (SIGKILL) at {t:.1} s, left down"));
             }
