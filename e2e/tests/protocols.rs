@@ -37,7 +37,8 @@ fn answer(pdu: &[u8]) -> Option<(Vec<u8>, Duration)> {
 }
 
 /// A Modbus/TCP server: one thread per connection; a connection whose
-/// bytes are not MBAP is closed.
+/// bytes are not MBAP is read to its end, then closed (closing with bytes
+/// unread would reset it, and the client's half-close could fail).
 fn modbus_server(listener: TcpListener) {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
@@ -48,6 +49,7 @@ fn modbus_server(listener: TcpListener) {
                 while s.read_exact(&mut head).is_ok() {
                     let len = u16::from_be_bytes([head[4], head[5]]) as usize;
                     if head[2..4] != [0, 0] || !(2..=254).contains(&len) {
+                        let _ = std::io::copy(&mut s, &mut std::io::sink());
                         return;
                     }
                     let mut pdu = vec![0; len - 1];
