@@ -730,7 +730,8 @@ fn spawn_bridge(
         &conf,
         format!(
             "{source}\n[remote_write]\nurl = \"{write_url}\"\nretry_max_ms = 1000\n{remote_write}\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[audit]\ndir = \"{}\"\n",
+            dir.join("audit").display()
         ),
     )
     .expect("bridge config");

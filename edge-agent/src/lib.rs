@@ -7,6 +7,7 @@
 //! * [`store`]: the batch, encoded once, becomes a durable record;
 //! * [`uplink`]: records go to MQTT; acknowledgements move the send position.
 
+pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod detect;
@@ -92,26 +93,59 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
         Some(bound)
     };
 
+    // The clock's era first: the start's audit records are stamped in it
+    // (a record before the run's first era would be corrected by the
+    // last run's).
+    let (clocks, era) = clock_era(&store, &clock, cfg.clock.test_offset_ms);
+    let audit =
+        audit::Audit::open(&cfg.state_dir, store.clone(), metrics.audit_records.clone(), cfg.clock.test_offset_ms);
+    let previous_run = audit.start_run();
+
     let probes = Probes::start(&cfg);
     metrics.probes.set_states(&probes);
-    let probes = std::cell::RefCell::new(probes);
+    let mut privileges_fields = Vec::new();
     match privileges::drop_root(&cfg.run_as, &cfg.state_dir) {
         Ok(privileges::Outcome::Dropped { user, uid, caps, .. }) => {
-            tracing::info!(user, uid, capabilities = ?caps, "probes loaded: no longer root")
+            tracing::info!(user, uid, capabilities = ?caps, "probes loaded: no longer root");
+            privileges_fields =
+                vec![("user", user.to_string()), ("uid", uid.to_string()), ("capabilities", format!("{caps:?}"))];
         }
         Ok(privileges::Outcome::Disabled) => tracing::info!("running as root (run_as = \"\")"),
         Ok(privileges::Outcome::NotRoot) => {}
-        Err(e) => tracing::warn!(error = %e, "still running as root"),
+        Err(e) => {
+            tracing::warn!(error = %e, "still running as root");
+            privileges_fields = vec![("error", e.to_string())];
+        }
     }
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let uplink = uplink::Uplink::new(cfg.clone(), store.clone(), clock.clone(), metrics.clone(), shutdown.clone())
         .with_models(detect::update::Inbox::of(&cfg.detect, &cfg.state_dir))
+        .with_audit(audit.clone())
         .spawn()?;
     let tags = cfg.tag_map().unwrap_or_default();
     let tag_names = tags.tags.iter().map(|t| t.name.clone()).collect();
     let mut detect = detect::DetectStage::new(&cfg.detect, &cfg.state_dir, cfg.window(), &cfg.device_id, tag_names);
     detect.action.counts = metrics.detect.action_counts();
+    detect.set_audit(audit.clone());
+    audit.record(
+        "agent_started",
+        &[
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("previous_run", previous_run.to_owned()),
+            ("model_sha256", detect.model_sha256().unwrap_or("-").to_owned()),
+        ],
+    );
+    audit.config_applied(config_source(config_path.as_deref()), "start");
+    if !privileges_fields.is_empty() {
+        let event = if privileges_fields[0].0 == "error" { "privileges_kept" } else { "privileges_dropped" };
+        audit.record(event, &privileges_fields);
+    }
+    audit.record("probes_changed", &probe_fields(&probes));
+    if era.new {
+        audit_era(&audit, &clocks, &era);
+    }
+    let probes = std::cell::RefCell::new(probes);
     metrics.detect.set_model_state(&detect);
     let detect = std::cell::RefCell::new(detect);
     if !tags.is_empty() {
@@ -127,6 +161,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
         store: &store,
         metrics: &metrics,
         clock: &clock,
+        audit: &audit,
         test_offset_ms: cfg.clock.test_offset_ms,
     };
 
@@ -146,6 +181,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
             let mut signals = signals;
             let sig = signals.next().await;
             tracing::info!(signal = ?sig, "shutting down");
+            audit.record("agent_stopped", &[("signal", format!("{sig:?}"))]);
         };
         futures_lite::future::or(windows, stop).await;
         Ok::<(), RunError>(())
@@ -157,6 +193,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     close_window(&sh, &mut window::WindowStage::new(), &mut recorder);
     shutdown.store(true, Ordering::Relaxed);
     let _ = uplink.join();
+    audit.end_run();
     result
 }
 
@@ -169,7 +206,22 @@ struct Shared<'a> {
     store: &'a Arc<Mutex<Lanes>>,
     metrics: &'a AgentMetrics,
     clock: &'a Mutex<clock::Clock>,
+    audit: &'a audit::Audit,
     test_offset_ms: i64,
+}
+
+/// What a config file is, for the audit trail: its SHA-256, or "defaults".
+fn config_source(path: Option<&std::path::Path>) -> String {
+    match path.map(std::fs::read) {
+        None => "defaults".into(),
+        Some(Ok(bytes)) => audit::sha256_hex(&bytes),
+        Some(Err(e)) => format!("unreadable: {e}"),
+    }
+}
+
+/// The probes' states as audit fields (`<probe> = <state>`).
+fn probe_fields(probes: &Probes) -> Vec<(&'static str, String)> {
+    probes.states.iter().map(|(name, state)| (*name, format!("{state:?}"))).collect()
 }
 
 async fn window_loop(
@@ -258,9 +310,11 @@ fn reload_probes(
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: config not reloaded; the agent keeps its current settings");
+            sh.audit.record("config_refused", &[("sha256", config_source(Some(path))), ("error", e.to_string())]);
             return;
         }
     };
+    sh.audit.config_applied(config_source(Some(path)), "sighup");
     let mut others = Vec::new();
     if new.mqtt != running.mqtt {
         others.push("mqtt");
@@ -283,6 +337,7 @@ fn reload_probes(
     *probes = Probes::none();
     *probes = Probes::start(&new);
     sh.metrics.probes.set_states(&probes);
+    sh.audit.record("probes_changed", &probe_fields(&probes));
     *probe_cfg = new.probes.clone();
     tracing::info!(probes = ?probes.states.iter().map(|(n, s)| format!("{n}: {s:?}")).collect::<Vec<_>>(), "SIGHUP: probes reloaded");
 }
@@ -322,6 +377,9 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
     drain_values(sh);
     let reading = read_probes(sh);
     let (clocks, era) = clock_era(sh.store, sh.clock, sh.test_offset_ms);
+    if era.new {
+        audit_era(sh.audit, &clocks, &era);
+    }
     let ts = clocks.wall_ms;
     let mut window = stage.close(ts, &reading).unwrap_or_default();
     window.timestamp_ms = ts;
@@ -332,6 +390,20 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
     window.samples.extend(sh.metrics.uplink.window_samples());
     close_values(sh, &reading, &mut window);
     let alarm = detect_window(sh, &window);
+    if let Some((event, fired)) = &alarm.action {
+        let top = event.top.iter().map(|(f, share)| format!("{f}={share:.3}")).collect::<Vec<_>>().join(",");
+        sh.audit.record(
+            "action_fired",
+            &[
+                ("event", event.event.to_owned()),
+                ("result", fired.label().unwrap_or("-").to_owned()),
+                ("score", event.score.to_string()),
+                ("threshold", event.threshold.to_string()),
+                ("model_sha256", event.model_sha256.clone()),
+                ("top_features", top),
+            ],
+        );
+    }
     window.samples.extend(alarm.samples);
     store_window(
         sh.store,
@@ -341,6 +413,7 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
         alarm.record.map(|samples| window::Window { timestamp_ms: ts, samples, values: Vec::new() }),
         window,
     );
+    sh.audit.record_drops(&mut uplink::lock(sh.store));
     release_free_heap();
     sh.metrics.observe_process();
 }
@@ -364,6 +437,7 @@ fn read_probes(sh: &Shared<'_>) -> probe::ProbeReading {
     let mut probes = sh.probes.borrow_mut();
     if probes.refresh() {
         sh.metrics.probes.set_states(&probes);
+        sh.audit.record("probes_changed", &probe_fields(&probes));
     }
     let reading = probes.read();
     for probe in sh.metrics.probes.observe(&mut probes, &reading) {
@@ -413,6 +487,19 @@ pub fn clock_era(store: &Mutex<Lanes>, clock: &Mutex<clock::Clock>, test_offset_
     }
     let error_ms = clock.error_ms(&clocks);
     (clocks, Era { new, error_ms })
+}
+
+/// A new clock era, in the audit trail.
+fn audit_era(audit: &audit::Audit, clocks: &clock::Reading, era: &Era) {
+    audit.record(
+        "clock_era",
+        &[
+            ("boot", clocks.boot_id.to_string()),
+            ("synced", clocks.synced.to_string()),
+            ("wall_minus_monotonic_ms", clocks.offset_ms().to_string()),
+            ("error_ms", era.error_ms.map_or("-".into(), |e| e.to_string())),
+        ],
+    );
 }
 
 /// Values: the window's process values, each at its own time, and per tag

@@ -57,6 +57,12 @@ enum StoreCommand {
         #[arg(long, value_name = "STORE_DIR")]
         dir: Option<PathBuf>,
     },
+    /// The audit trail's records the box holds, checked link by link
+    Audit {
+        /// The store directory (default: the configuration's)
+        #[arg(long, value_name = "STORE_DIR")]
+        dir: Option<PathBuf>,
+    },
     /// The stored samples or windows, in a time range
     #[command(after_help = "TIME: 2026-11-21T10:00:00Z, Unix seconds, or relative: -2h, -30m, -7d.")]
     Export {
@@ -159,6 +165,16 @@ fn main() -> ExitCode {
         Command::Store(StoreCommand::Inspect { dir }) => {
             let dir = dir.unwrap_or_else(|| cfg.store_dir());
             match tools::inspect(&dir) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &e.to_string()),
+            }
+        }
+        Command::Store(StoreCommand::Audit { dir }) => {
+            let dir = dir.unwrap_or_else(|| cfg.store_dir());
+            match tools::audit(&dir) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

@@ -57,7 +57,13 @@ pub struct AgentMetrics {
     pub detect: crate::detect::metrics::DetectMetrics,
     /// The values stage's (values/metrics.rs).
     pub values: crate::values::metrics::ValuesMetrics,
+    /// Audit records, by result: stored or not_stored (audit.rs).
+    pub audit_records: ResultCounts,
 }
+
+/// Counters by `result`.
+pub type ResultCounts =
+    prometheus_client::metrics::family::Family<ResultLabels, prometheus_client::metrics::counter::Counter>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
@@ -86,6 +92,11 @@ impl AgentMetrics {
         m.clock.register(&mut r);
         m.detect.register(&mut r);
         m.uplink.register(&mut r);
+        r.register(
+            "edge_agent_audit_records",
+            "Audit trail records, by result: stored (in the priority lane) or not_stored (docs/audit.md)",
+            m.audit_records.clone(),
+        );
         r.register("edge_agent_cpu_seconds", "CPU time of the agent process (user + system)", m.cpu_seconds.clone());
         r.register("edge_agent_resident_memory_bytes", "Resident memory of the agent process", m.rss_bytes.clone());
         (m, Arc::new(r))
@@ -174,6 +185,7 @@ mod tests {
         // The stages' labelled families, encoded once they have a child.
         m.observe_store(crate::store::Lane::Routine, &StoreStats::default());
         let _ = m.uplink.published_bytes("live");
+        let _ = m.audit_records.get_or_create(&ResultLabels { result: "stored".into() });
         let _ = m.detect.action_counts();
         m.detect.model_changed("installed");
         let _ = m.detect.model_state.get_or_create(&StateLabels { state: "loaded".into() });

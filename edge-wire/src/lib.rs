@@ -13,6 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "audit")]
+pub mod audit;
 pub mod bits;
 pub mod block;
 #[cfg(feature = "exposition")]

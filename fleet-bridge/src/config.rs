@@ -23,6 +23,23 @@ pub struct Config {
     pub jetstream: JetStreamConfig,
     pub remote_write: RemoteWriteConfig,
     pub metrics: MetricsConfig,
+    pub audit: AuditConfig,
+}
+
+/// The devices' audit trails (docs/audit.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Where the audit log's files go (`<YYYY-MM-DD>.<mqtt.client_id>.jsonl`),
+    /// created at start if needed. Bridges may share it (a shared volume),
+    /// each with its own `mqtt.client_id`.
+    pub dir: PathBuf,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { dir: PathBuf::from("/var/lib/fleet-bridge/audit") }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -18,6 +18,9 @@ pub struct Write {
     pub out_of_bounds: OutOfBounds,
     /// What to write; split on refusal (see [`split`]).
     pub req: WriteRequest,
+    /// An audit block's records (then `req` is empty): for the audit log,
+    /// not the store (audit.rs).
+    pub audit: Option<crate::audit::Block>,
 }
 
 /// The span of sample times the bridge writes, around its own wall clock:
@@ -125,6 +128,20 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8], bounds: TimeBounds) ->
     if env.device != device {
         return Err(Refusal::WrongDevice { topic: device.into(), claimed: env.device.into() });
     }
+    let last_seq = env.first_seq + env.frames.len() as u64 - 1;
+    if env.frames.iter().any(|f| edge_wire::audit::is_audit_frame(f)) {
+        let block = crate::audit::Block::decode(&env).map_err(|e| Refusal::Undecodable(e.to_string()))?;
+        return Ok(Write {
+            device: device.into(),
+            lane: env.lane,
+            first_seq: env.first_seq,
+            last_seq,
+            samples: 0,
+            out_of_bounds: OutOfBounds::default(),
+            req: WriteRequest::default(),
+            audit: Some(block),
+        });
+    }
     let mut batch = env.block().map_err(|e| Refusal::Undecodable(e.to_string()))?;
     let out_of_bounds = keep_within(&mut batch, bounds);
     let req = WriteRequest { timeseries: remote_write::to_timeseries(device, &batch) };
@@ -132,10 +149,11 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8], bounds: TimeBounds) ->
         device: device.into(),
         lane: env.lane,
         first_seq: env.first_seq,
-        last_seq: env.first_seq + env.frames.len() as u64 - 1,
+        last_seq,
         samples: batch.sample_count(),
         out_of_bounds,
         req,
+        audit: None,
     })
 }
 

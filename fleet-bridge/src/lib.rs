@@ -7,6 +7,7 @@
 //! written (then it is counted); on 5xx, 429 or network errors the bridge
 //! retries with back-off and acknowledges nothing meanwhile.
 
+pub mod audit;
 pub mod batch;
 pub mod config;
 pub mod handle;
@@ -31,10 +32,18 @@ pub enum RunError {
     Start(#[from] std::io::Error),
     #[error("cannot start: {0}")]
     Tls(#[from] edge_wire::tls::TlsError),
+    #[error("cannot start: the audit log directory {dir} (audit.dir): {source}")]
+    Audit { dir: String, source: std::io::Error },
 }
+
+/// The audit log, shared by the pipeline threads of one run.
+type SharedAudit = std::sync::Arc<std::sync::Mutex<audit::AuditLog>>;
 
 pub fn run(cfg: Config) -> Result<(), RunError> {
     let (metrics, registry) = BridgeMetrics::new();
+    let audit = audit::AuditLog::open(&cfg.audit.dir, &cfg.mqtt.client_id)
+        .map_err(|source| RunError::Audit { dir: cfg.audit.dir.display().to_string(), source })?;
+    let audit: SharedAudit = std::sync::Arc::new(std::sync::Mutex::new(audit));
     if !cfg.metrics.listen.is_empty() {
         let listener = std::net::TcpListener::bind(&cfg.metrics.listen)?;
         tracing::info!(addr = %cfg.metrics.listen, "serving /metrics");
@@ -43,14 +52,14 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             .spawn(move || edge_wire::exposition::serve(listener, registry))?;
     }
     if cfg.jetstream.enabled() {
-        run_jetstream(cfg, metrics)
+        run_jetstream(cfg, metrics, audit)
     } else {
-        run_mqtt(cfg, metrics)
+        run_mqtt(cfg, metrics, audit)
     }
 }
 
 /// The pipeline fed from a NATS cluster's JetStream (nats.rs).
-fn run_jetstream(cfg: Config, metrics: BridgeMetrics) -> Result<(), RunError> {
+fn run_jetstream(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Result<(), RunError> {
     let (tx, rx) = mpsc::channel::<Event>();
     let credits = std::sync::Arc::new(Credits::new(TAKEN_BYTES));
     let events = tx.clone();
@@ -62,6 +71,7 @@ fn run_jetstream(cfg: Config, metrics: BridgeMetrics) -> Result<(), RunError> {
             pipeline_metrics,
             Default::default(),
             pipeline_credits,
+            audit,
         ));
         if let Err(e) = std::thread::Builder::new().name("pipeline".into()).spawn(move || writer.run(rx, events)) {
             tracing::error!(error = %e, "cannot start the pipeline thread");
@@ -70,7 +80,7 @@ fn run_jetstream(cfg: Config, metrics: BridgeMetrics) -> Result<(), RunError> {
 }
 
 /// The pipeline fed over MQTT.
-fn run_mqtt(cfg: Config, metrics: BridgeMetrics) -> Result<(), RunError> {
+fn run_mqtt(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Result<(), RunError> {
     let mut opts = MqttOptions::new(cfg.mqtt.client_id.clone(), cfg.mqtt.host.clone(), cfg.mqtt.port);
     opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_secs.max(5)))
         .set_clean_session(false)
@@ -123,6 +133,7 @@ fn run_mqtt(cfg: Config, metrics: BridgeMetrics) -> Result<(), RunError> {
         metrics.clone(),
         connection_no.clone(),
         credits.clone(),
+        audit,
     ));
     // How long the reader waits for room before it takes a message anyway:
     // while it waits, the client sends nothing, not even its keep-alive.
@@ -370,6 +381,8 @@ enum MsgKind {
     Settled,
     /// A device's block: confirmed to it once written.
     Block { lane: u8, first_seq: u64, last_seq: u64, out_of_bounds: usize, key: Option<CopyKey> },
+    /// A device's audit records, logged (audit.rs): confirmed in turn.
+    Audit { lane: u8, first_seq: u64, last_seq: u64 },
     /// A copy of a block in the pipeline (done with it) or lately written
     /// (confirmed again: `confirm`), batch::Recent.
     Copy { confirm: Option<(u8, u64, u64)> },
@@ -406,6 +419,8 @@ struct Writer {
     copy_keys: (std::collections::hash_map::RandomState, std::collections::hash_map::RandomState),
     /// Refusal warnings, at most one a minute per kind.
     said: std::sync::Mutex<std::collections::HashMap<&'static str, Throttle>>,
+    /// The devices' audit trails (audit.rs).
+    audit: SharedAudit,
 }
 
 impl Writer {
@@ -415,6 +430,7 @@ impl Writer {
         metrics: BridgeMetrics,
         connection_no: std::sync::Arc<std::sync::atomic::AtomicU64>,
         credits: std::sync::Arc<Credits>,
+        audit: SharedAudit,
     ) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -445,6 +461,7 @@ impl Writer {
             outbox: Default::default(),
             copy_keys: Default::default(),
             said: Default::default(),
+            audit,
         }
     }
 
@@ -643,6 +660,14 @@ impl Writer {
                 return settled();
             }
         };
+        if let Some(block) = &w.audit {
+            if !self.log_audit(&w.device, block) {
+                // Not confirmed: the device sends the block again.
+                return settled();
+            }
+            let kind = MsgKind::Audit { lane: w.lane, first_seq: w.first_seq, last_seq: w.last_seq };
+            return (kind, w.device.as_str().into(), Vec::new());
+        }
         let oob = w.out_of_bounds;
         if oob.total() > 0 {
             for (reason, n) in [("ahead", oob.ahead), ("too_old", oob.too_old)] {
@@ -678,6 +703,42 @@ impl Writer {
         (kind, w.device.as_str().into(), w.req.timeseries)
     }
 
+    /// A device's audit records into the log, each counted by how it fits
+    /// its chain; false when the log could not take them (not confirmed).
+    fn log_audit(&self, device: &str, block: &audit::Block) -> bool {
+        let links = match self.audit.lock().unwrap_or_else(|p| p.into_inner()).append(device, block, now_ms()) {
+            Ok(links) => links,
+            Err(e) => {
+                self.metrics
+                    .audit_records
+                    .get_or_create(&metrics::LinkLabels::new("not_logged"))
+                    .inc_by(block.frames.len() as u64);
+                tracing::error!(device, error = %e, "audit records not logged; the device will send them again");
+                return false;
+            }
+        };
+        for ((r, _), link) in block.frames.iter().zip(links) {
+            self.metrics.audit_records.get_or_create(&metrics::LinkLabels::new(link.label())).inc();
+            let problem = match link {
+                edge_wire::audit::Link::Gap { missing } => {
+                    let labels = metrics::DeviceLabels { device: device.into() };
+                    self.metrics.audit_missing.get_or_create(&labels).inc_by(missing);
+                    Some("gap")
+                }
+                edge_wire::audit::Link::Break => Some("break"),
+                edge_wire::audit::Link::Fork => Some("fork"),
+                edge_wire::audit::Link::NewChain => Some("new_chain"),
+                _ => None,
+            };
+            if let Some(kind) = problem {
+                let labels = metrics::DeviceReasonLabels { device: device.into(), reason: kind.into() };
+                self.metrics.audit_problems.get_or_create(&labels).inc();
+                tracing::warn!(device, kind, index = r.index, event = %r.event, ?link, "audit chain: {kind}");
+            }
+        }
+        true
+    }
+
     /// Every sample of a message is now in the store or refused by it for
     /// good: confirm a block end to end, so the device may let go of it.
     /// QoS 0 (see dead_letter): a lost confirmation only means a re-send.
@@ -698,6 +759,11 @@ impl Writer {
                     self.confirm(device, lane, first_seq, last_seq);
                 }
                 self.metrics.messages.get_or_create(&metrics::ResultLabels::new("copy")).inc();
+                return;
+            }
+            MsgKind::Audit { lane, first_seq, last_seq } => {
+                self.confirm(device, *lane, *first_seq, *last_seq);
+                self.metrics.messages.get_or_create(&metrics::ResultLabels::new("audit")).inc();
                 return;
             }
             MsgKind::Block { lane, first_seq, last_seq, out_of_bounds, key } => {

@@ -7,10 +7,15 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: fleet-bridge [--config FILE]
+       fleet-bridge audit verify FILE_OR_DIR...
 Logging: FLEET_BRIDGE_LOG=debug (tracing EnvFilter syntax).";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some("audit") {
+        return audit(&all[1..]);
+    }
     let mut config: Option<PathBuf> = None;
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -43,6 +48,38 @@ fn main() -> ExitCode {
             eprintln!("fleet-bridge: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `audit verify FILE_OR_DIR...`: every line checked against its frame,
+/// every chain's links; a table by device. Exit 0: all intact; 1: damage
+/// found (named); 2: not readable.
+fn audit(args: &[String]) -> ExitCode {
+    let [verb, paths @ ..] = args else { return usage_error("audit needs a verb: verify") };
+    if verb != "verify" || paths.is_empty() {
+        return usage_error("usage: fleet-bridge audit verify FILE_OR_DIR...");
+    }
+    let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+    let report = match fleet_bridge::audit::verify(&paths) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fleet-bridge audit verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("{:<24} {:>8} {:>6} {:>8} {:>6} {:>6}", "device", "records", "chains", "missing", "breaks", "forks");
+    for (device, d) in &report.devices {
+        println!("{device:<24} {:>8} {:>6} {:>8} {:>6} {:>6}", d.records, d.chains, d.missing, d.breaks, d.forks);
+    }
+    for (file, line, why) in &report.bad_lines {
+        println!("{}:{line}: {why}", file.display());
+    }
+    if report.clean() {
+        println!("intact");
+        ExitCode::SUCCESS
+    } else {
+        println!("DAMAGED: records missing, chains broken or lines edited (above)");
+        ExitCode::FAILURE
     }
 }
 

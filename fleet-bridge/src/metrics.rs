@@ -30,6 +30,22 @@ pub struct DeviceReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    pub device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabels {
+    pub link: String,
+}
+
+impl LinkLabels {
+    pub fn new(l: &str) -> Self {
+        LinkLabels { link: l.into() }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
 }
@@ -47,6 +63,9 @@ pub struct BridgeMetrics {
     pub subscribed: Gauge,
     pub pending_bytes: Gauge,
     pub waiting_messages: Gauge,
+    pub audit_records: Family<LinkLabels, Counter>,
+    pub audit_problems: Family<DeviceReasonLabels, Counter>,
+    pub audit_missing: Family<DeviceLabels, Counter>,
 }
 
 impl BridgeMetrics {
@@ -92,6 +111,22 @@ impl BridgeMetrics {
             "fleet_bridge_waiting_messages",
             "Messages taken from the broker and not yet decoded (bounded by the broker's in-flight window)",
             m.waiting_messages.clone(),
+        );
+        r.register(
+            "fleet_bridge_audit_records",
+            "Devices' audit records, by how each fitted its device's chain (next, first, gap, break, fork, \
+             new_chain, seen: a re-send, not logged again; not_logged: the log could not take it, not confirmed)",
+            m.audit_records.clone(),
+        );
+        r.register(
+            "fleet_bridge_audit_problems",
+            "Audit records that did not extend their chain, by device and reason (gap, break, fork, new_chain)",
+            m.audit_problems.clone(),
+        );
+        r.register(
+            "fleet_bridge_audit_missing_records",
+            "Audit records missing in gaps of a device's chain, by device",
+            m.audit_missing.clone(),
         );
         r.register("fleet_bridge_mqtt_connected", "1 while connected to the broker", m.mqtt_connected.clone());
         r.register(

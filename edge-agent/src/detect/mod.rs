@@ -560,6 +560,9 @@ pub struct Outcome {
     /// The warn level's (a model with one).
     pub warning: Option<Transition>,
     pub inference_s: f64,
+    /// The local action's firing (or its suppression), for the audit
+    /// trail: the event it was given and what became of it.
+    pub action: Option<(action::Event, action::Fired)>,
 }
 
 /// The samples of one level's raise or clear in the priority record: the
@@ -709,6 +712,18 @@ impl DetectStage {
     /// Once per window: a dropped model or rollback request, if any.
     /// Returns the change's result label (`installed`, `rolled_back`,
     /// `refused`) for the metrics.
+    /// Model changes and refusals go to `trail` as well.
+    pub fn set_audit(&mut self, trail: std::sync::Arc<crate::audit::Audit>) {
+        if let Some(u) = self.updates.as_mut() {
+            u.trail = Some(trail);
+        }
+    }
+
+    /// The running model's SHA-256, if one runs.
+    pub fn model_sha256(&self) -> Option<&str> {
+        self.model.as_ref().map(|m| m.sha256.as_str())
+    }
+
     pub fn poll_updates(&mut self) -> Option<&'static str> {
         let change = self.updates.as_mut()?.poll(self.model.as_ref())?;
         Some(match change {
@@ -775,14 +790,18 @@ impl DetectStage {
             let event = if transition == Transition::Raised { "raised" } else { "cleared" };
             tracing::warn!(event, score = scored.score, threshold, top = ?scored.top, "anomaly alarm {event}");
             rec.extend(level_record("stop", event, &model_id, scored.score, threshold));
-            let fired = self.action.fire(&action::Event {
+            let action_event = action::Event {
                 event,
                 score: scored.score,
                 threshold,
                 timestamp_ms,
                 model_sha256: model.sha256.clone(),
                 top: scored.top.clone(),
-            });
+            };
+            let fired = self.action.fire(&action_event);
+            if fired != action::Fired::Nothing {
+                out.action = Some((action_event, fired));
+            }
             // Every firing of the local action is in the record, beside
             // the score and the features that caused it.
             if let Some(result) = fired.label() {

@@ -172,6 +172,9 @@ pub struct Updates {
     /// The last refused card (modified time, size), when it could not be
     /// moved out of the way: not tried again until it changes.
     refused: Option<(std::time::SystemTime, u64)>,
+    /// The audit trail each decision also goes to (set after the start:
+    /// the model the agent starts with is in its `agent_started` record).
+    pub trail: Option<std::sync::Arc<crate::audit::Audit>>,
 }
 
 impl Updates {
@@ -197,6 +200,7 @@ impl Updates {
             pin: cfg.model_sha256.clone(),
             factory: cfg.model.clone(),
             refused: None,
+            trail: None,
         }
     }
 
@@ -442,6 +446,19 @@ impl Updates {
             }
         );
         tracing::warn!(target: "edge_agent::audit", "{}", line.trim_end());
+        if let Some(trail) = &self.trail {
+            let source = match source {
+                Source::Start => "start",
+                Source::Drop => "drop",
+            };
+            let fields = [
+                ("sha256", sha256.to_owned()),
+                ("name", name.to_owned()),
+                ("source", source.to_owned()),
+                ("detail", detail.to_owned()),
+            ];
+            trail.record(&format!("model_{event}"), &fields);
+        }
         let path = self.dir.join("audit.log");
         let r = std::fs::create_dir_all(&self.dir).and_then(|_| {
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;

@@ -140,6 +140,8 @@ pub struct Store<M: Medium> {
     block_start_requested: bool,
     /// Drop counters changed and are not yet persisted.
     drops_dirty: bool,
+    /// Drops not yet taken by the audit trail ([`Store::take_drops`]).
+    drops: Vec<Dropped>,
     /// The send position last persisted (`stats.acked_seq` may be ahead).
     persisted_ack: u64,
     stats: StoreStats,
@@ -147,6 +149,21 @@ pub struct Store<M: Medium> {
     // flock on <dir>/LOCK for file stores; released on drop.
     _lock: Option<std::fs::File>,
 }
+
+/// A segment the store dropped: what went and why (the audit trail's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub reason: DropReason,
+    pub records: u64,
+    /// Of them, not yet confirmed by the fleet.
+    pub unsent: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// Drops kept for the audit trail between two takes; beyond, the last
+/// entry covers the rest.
+const MAX_PENDING_DROPS: usize = 64;
 
 const CURSOR: &str = "acked";
 const DROPS: &str = "dropped";
@@ -378,6 +395,7 @@ impl<M: Medium> Store<M> {
             read_only,
             block_start_requested: true,
             drops_dirty: false,
+            drops: Vec::new(),
             persisted_ack: stats.acked_seq,
             stats,
             scratch: Vec::new(),
@@ -390,6 +408,11 @@ impl<M: Medium> Store<M> {
 
     pub fn stats(&self) -> &StoreStats {
         &self.stats
+    }
+
+    /// The segments dropped since the last call.
+    pub fn take_drops(&mut self) -> Vec<Dropped> {
+        std::mem::take(&mut self.drops)
     }
 
     /// The next record starts a new block (the uplink's live data begins
@@ -737,6 +760,13 @@ impl<M: Medium> Store<M> {
         // Persisted after the next record is written: on a full medium the
         // counters' file must not take the room just made.
         self.drops_dirty = true;
+        let dropped =
+            Dropped { reason, records: n, unsent, first_seq: first.unwrap_or(0), last_seq: last.unwrap_or(0) };
+        let full = self.drops.len() >= MAX_PENDING_DROPS;
+        match self.drops.last_mut() {
+            Some(d) if full => (d.records, d.unsent, d.last_seq) = (d.records + n, d.unsent + unsent, dropped.last_seq),
+            _ => self.drops.push(dropped),
+        }
         // The audit line: what went, why, and whether it had been sent.
         tracing::warn!(
             target: "edge_agent::audit",

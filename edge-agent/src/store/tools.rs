@@ -28,6 +28,52 @@ fn open(dir: &Path) -> Result<FileStore, ToolError> {
     Ok(FileStore::inspect_dir(dir)?)
 }
 
+/// The audit trail's records held in the priority lane (docs/audit.md),
+/// one per line, oldest first, each checked against the one before it.
+pub fn audit(dir: &Path) -> Result<String, ToolError> {
+    use edge_wire::audit::{self as wire, AuditRecord};
+    let mut o = String::new();
+    let mut store = open(&Lane::Priority.dir(dir))?;
+    let (mut after, mut head, mut problems) = (0, None::<wire::Head>, 0);
+    loop {
+        let records = store.read_after(after, 256)?;
+        let Some(last) = records.last() else { break };
+        after = last.seq;
+        for r in records.iter().filter(|r| wire::is_audit_frame(&r.payload)) {
+            let Ok(a) = AuditRecord::decode(&r.payload) else {
+                problems += 1;
+                let _ = writeln!(o, "seq={} undecodable audit record", r.seq);
+                continue;
+            };
+            let hash = wire::hash(&r.payload);
+            let link = wire::check(head.as_ref(), &a, &hash);
+            if !matches!(link, wire::Link::First | wire::Link::Next) {
+                problems += 1;
+            }
+            let fields: Vec<String> = a.fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            let _ = writeln!(
+                o,
+                "seq={} chain={:016x} index={} time={} link={} {} {}",
+                r.seq,
+                a.chain,
+                a.index,
+                rfc3339(a.timestamp_ms),
+                link.label(),
+                a.event,
+                fields.join(" ")
+            );
+            head = Some(wire::Head { chain: a.chain, index: a.index, hash });
+        }
+    }
+    let _ = writeln!(
+        o,
+        "{} records; {}",
+        head.map_or(0, |h| h.index),
+        if problems == 0 { "links intact".to_owned() } else { format!("{problems} records do not link (link=...)") }
+    );
+    Ok(o)
+}
+
 /// A summary of the store, one fact per line, lane by lane.
 pub fn inspect(dir: &Path) -> Result<String, ToolError> {
     let mut o = String::new();
@@ -106,6 +152,10 @@ pub fn export(dir: &Path, from_ms: i64, to_ms: i64, format: Format, out: &mut dy
             let Some(last) = blocks.last().and_then(|b| b.last()) else { break };
             after = last.seq;
             for block in blocks {
+                // The audit trail's records are not samples (`store audit`).
+                if block.first().is_some_and(|r| edge_wire::audit::is_audit_frame(&r.payload)) {
+                    continue;
+                }
                 let Ok(batch) = edge_wire::block::decode_block(block.iter().map(|r| r.payload.as_slice())) else {
                     undecodable += block.len() as u64;
                     continue;

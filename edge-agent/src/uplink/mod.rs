@@ -127,6 +127,12 @@ impl Uplink {
         self
     }
 
+    /// Certificate rotations are audited in `trail` too.
+    pub fn with_audit(self, trail: Arc<crate::audit::Audit>) -> Self {
+        lock(&self.rotation).trail = Some(trail);
+        self
+    }
+
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new().name("uplink".into()).spawn(move || self.run())
     }

@@ -64,6 +64,8 @@ pub struct Rotation {
     /// The modification time of a refused candidate that could not be
     /// moved aside: not checked (and counted) again.
     refused_at: Option<std::time::SystemTime>,
+    /// The audit trail each decision also goes to.
+    pub trail: Option<std::sync::Arc<crate::audit::Audit>>,
     results: Family<ResultLabels, Counter>,
 }
 
@@ -76,6 +78,7 @@ impl Rotation {
             dir: state_dir.join("tls"),
             trial: false,
             refused_at: None,
+            trail: None,
             results,
         };
         if let Err(e) = std::fs::create_dir_all(&r.drop_dir) {
@@ -145,8 +148,9 @@ impl Rotation {
                 self.trial = false;
                 match self.install() {
                     Ok(()) => {
+                        // Audited before counted: the count says it is done.
+                        self.audit("installed", "the broker accepted the new certificate; the old one is identity.pem.old or the configured files");
                         self.count("installed");
-                        audit(&self.dir, "installed", "the broker accepted the new certificate; the old one is identity.pem.old or the configured files");
                     }
                     Err(e) => self.refuse("not_installed", &format!("accepted by the broker but not installed: {e}")),
                 }
@@ -210,8 +214,16 @@ impl Rotation {
         if let Err(e) = moved {
             tracing::error!(error = %e, dir = %self.drop_dir.display(), "a refused certificate could not be moved aside");
         }
+        self.audit("refused", &format!("{reason}: {why}"));
         self.count("refused");
-        audit(&self.dir, "refused", &format!("{reason}: {why}"));
+    }
+
+    /// One decision: a line in the local audit log, a record of the trail.
+    fn audit(&self, event: &str, detail: &str) {
+        if let Some(trail) = &self.trail {
+            trail.record(&format!("certificate_{event}"), &[("detail", detail.to_owned())]);
+        }
+        audit(&self.dir, event, detail);
     }
 
     fn count(&self, result: &str) {
