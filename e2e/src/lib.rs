@@ -1270,3 +1270,25 @@ pub fn export_features(dir: &Path) -> Vec<std::collections::HashMap<String, f64>
         })
         .collect()
 }
+
+/// A bridge's audit log (`<dir>`, docs/audit.md), as JSON values, in file
+/// order.
+pub fn audit_log(dir: &Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| std::fs::read_to_string(f).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>())
+        .map(|l| serde_json::from_str(&l).expect("a JSON line"))
+        .collect()
+}
+
+/// (event, link) of a device's records in the audit log in `dir`.
+pub fn audit_events(dir: &Path, device: &str) -> Vec<(String, String)> {
+    audit_log(dir)
+        .iter()
+        .filter(|l| l["device"] == device)
+        .map(|l| (l["event"].as_str().unwrap_or("").to_owned(), l["link"].as_str().unwrap_or("").to_owned()))
+        .collect()
+}

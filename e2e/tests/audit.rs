@@ -10,31 +10,10 @@ use e2e::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The bridge's audit log, as JSON values, in file order.
-fn log_lines(dir: &Path) -> Vec<serde_json::Value> {
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| std::fs::read_to_string(f).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>())
-        .map(|l| serde_json::from_str(&l).expect("a JSON line"))
-        .collect()
-}
-
-/// (event, link) of the device's lines.
-fn events(dir: &Path, device: &str) -> Vec<(String, String)> {
-    log_lines(dir)
-        .iter()
-        .filter(|l| l["device"] == device)
-        .map(|l| (l["event"].as_str().unwrap().to_owned(), l["link"].as_str().unwrap().to_owned()))
-        .collect()
-}
-
 fn wait_logged(dir: &Path, device: &str, agent: &mut Agent, what: &str, done: impl Fn(&[(String, String)]) -> bool) {
     wait_for(what, Duration::from_secs(60), || {
         agent.proc.assert_running();
-        let e = events(dir, device);
+        let e = audit_events(dir, device);
         if done(&e) {
             Ok(())
         } else {
@@ -112,7 +91,7 @@ fn records_edited_or_deleted_on_the_box_are_found_by_the_bridge_and_by_verify() 
     wait_logged(&log, &device, &mut agent, "the start's records in the bridge's log", |e| {
         has(e, "agent_started") && has(e, "config_applied") && has(e, "probes_changed")
     });
-    let first = events(&log, &device);
+    let first = audit_events(&log, &device);
     assert_eq!(first[0], ("agent_started".to_owned(), "first".to_owned()), "{first:?}");
     assert!(first[1..].iter().all(|(_, link)| link == "next"), "{first:?}");
 
@@ -156,7 +135,7 @@ fn records_edited_or_deleted_on_the_box_are_found_by_the_bridge_and_by_verify() 
     wait_logged(&log, &device, &mut agent, "the offline records and the new start in the log", |e| {
         e.iter().filter(|(x, _)| x == "agent_started").count() == 2
     });
-    let all = events(&log, &device);
+    let all = audit_events(&log, &device);
     // The start's config_applied, then the online reload's.
     let online_reload = all.iter().enumerate().filter(|(_, (x, _))| x == "config_applied").nth(1).unwrap().0;
     assert_eq!(
@@ -169,7 +148,7 @@ fn records_edited_or_deleted_on_the_box_are_found_by_the_bridge_and_by_verify() 
         "{all:?}"
     );
     let lines: Vec<serde_json::Value> =
-        log_lines(&log).into_iter().filter(|l| l["device"] == device.as_str()).collect();
+        audit_log(&log).into_iter().filter(|l| l["device"] == device.as_str()).collect();
     assert_eq!(lines[online_reload + 1]["fields"]["source"], "remote");
     for (reason, n) in [("break", 1.0), ("gap", 1.0), ("fork", 0.0)] {
         let q = format!("fleet_bridge_audit_problems_total{{device=\"{device}\",reason=\"{reason}\"}}");

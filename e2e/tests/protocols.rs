@@ -312,7 +312,7 @@ fn modbus_latency_exceptions_and_protocol_openings_match_the_test() {
     a.proc.signal(libc::SIGHUP);
     wait_for("the probes reloaded", Duration::from_secs(10), || {
         a.proc.assert_running();
-        a.proc.log_text().contains("SIGHUP: probes reloaded").then_some(()).ok_or("not yet")
+        a.proc.log_text().contains("probes reloaded").then_some(()).ok_or("not yet")
     });
     let (mut old, mut new) = (Client::connect(modbus), Client::connect(modbus2));
     for _ in 0..4 {

@@ -52,6 +52,8 @@ pub struct Config {
     pub detect: DetectConfig,
     /// The tag map: process values (docs/process-values.md).
     pub tags: Vec<crate::values::tags::TagConfig>,
+    /// Remote configuration (docs/remote-config.md).
+    pub remote_config: crate::remote::RemoteSettings,
 }
 
 impl Default for Config {
@@ -68,6 +70,7 @@ impl Default for Config {
             clock: ClockConfig::default(),
             detect: DetectConfig::default(),
             tags: Vec::new(),
+            remote_config: crate::remote::RemoteSettings::default(),
         }
     }
 }
@@ -129,6 +132,7 @@ impl Config {
         self.store.validate()?;
         self.mqtt.validate()?;
         self.metrics.validate()?;
+        self.remote_config.validate()?;
         self.probes.validate()
     }
 

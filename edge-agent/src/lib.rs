@@ -15,6 +15,7 @@ pub mod features;
 pub mod metrics;
 pub mod privileges;
 pub mod probe;
+pub mod remote;
 pub mod store;
 pub mod uplink;
 pub mod values;
@@ -49,7 +50,7 @@ pub fn now_ms() -> i64 {
 /// Runs the agent until SIGTERM or SIGINT. SIGHUP reads `config_path`
 /// again and applies what can change at run time: the probes (enabled,
 /// disabled, port classes), detached and freed before the new ones attach.
-pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), RunError> {
+pub fn run(mut cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), RunError> {
     // Handlers first: until they are installed a SIGHUP (a reload sent as
     // soon as /metrics answers, say) would kill the agent by default action.
     let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
@@ -100,6 +101,29 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     let audit =
         audit::Audit::open(&cfg.state_dir, store.clone(), metrics.audit_records.clone(), cfg.clock.test_offset_ms);
     let previous_run = audit.start_run();
+    // Remote configuration: the applied documents over the local file.
+    let remote = match (&config_path, cfg.remote_config.enabled) {
+        (Some(path), true) => {
+            match remote::Remote::open(&cfg, path.clone(), audit.clone(), metrics.remote_configs.clone()) {
+                Ok(r) => {
+                    match r.effective() {
+                        Ok(c) => cfg = c,
+                        Err(e) => tracing::error!(error = %e, "remote config: running the configuration given"),
+                    }
+                    Some(r)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "remote config off: the stage cannot start");
+                    None
+                }
+            }
+        }
+        (None, true) => {
+            tracing::error!("remote_config.enabled needs a config file (--config): the documents' floor");
+            None
+        }
+        _ => None,
+    };
 
     let probes = Probes::start(&cfg);
     metrics.probes.set_states(&probes);
@@ -118,11 +142,15 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
         }
     }
 
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let uplink = uplink::Uplink::new(cfg.clone(), store.clone(), clock.clone(), metrics.clone(), shutdown.clone())
-        .with_models(detect::update::Inbox::of(&cfg.detect, &cfg.state_dir))
-        .with_audit(audit.clone())
-        .spawn()?;
+    let uplink_parts = UplinkParts {
+        store: store.clone(),
+        clock: clock.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+        configs: remote.as_ref().map(remote::Remote::inbox),
+        shutdown: Arc::new(AtomicBool::new(false)),
+    };
+    let uplink = Arc::new(Mutex::new(uplink_parts.spawn(&cfg)?));
     let tags = cfg.tag_map().unwrap_or_default();
     let tag_names = tags.tags.iter().map(|t| t.name.clone()).collect();
     let mut detect = detect::DetectStage::new(&cfg.detect, &cfg.state_dir, cfg.window(), &cfg.device_id, tag_names);
@@ -163,7 +191,10 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
         clock: &clock,
         audit: &audit,
         test_offset_ms: cfg.clock.test_offset_ms,
+        uplink: &uplink,
+        uplink_parts: &uplink_parts,
     };
+    let remote = std::cell::RefCell::new(remote);
 
     let result = smol::block_on(async {
         if let Some(listener) = listener {
@@ -175,7 +206,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
                 .spawn(serve)
                 .map_err(|source| RunError::Metrics { addr: cfg.metrics.listen.clone(), source })?;
         }
-        let windows = window_loop(&cfg, config_path.as_deref(), &sh, hup);
+        let windows = window_loop(&cfg, config_path.as_deref(), &sh, hup, &remote);
         let stop = async {
             use futures_lite::StreamExt;
             let mut signals = signals;
@@ -191,8 +222,8 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), R
     // uplink persist its position and disconnect.
     let mut recorder = Recorder::new(cfg.block_writer());
     close_window(&sh, &mut window::WindowStage::new(), &mut recorder);
-    shutdown.store(true, Ordering::Relaxed);
-    let _ = uplink.join();
+    uplink_parts.shutdown.store(true, Ordering::Relaxed);
+    uplink::lock(&uplink).stop();
     audit.end_run();
     result
 }
@@ -208,6 +239,92 @@ struct Shared<'a> {
     clock: &'a Mutex<clock::Clock>,
     audit: &'a audit::Audit,
     test_offset_ms: i64,
+    /// The uplink's thread, started anew when `[mqtt]` changes.
+    uplink: &'a Arc<Mutex<UplinkThread>>,
+    uplink_parts: &'a UplinkParts,
+}
+
+/// What an uplink thread is made of, besides its configuration.
+struct UplinkParts {
+    store: Arc<Mutex<Lanes>>,
+    clock: Arc<Mutex<clock::Clock>>,
+    metrics: AgentMetrics,
+    audit: Arc<audit::Audit>,
+    configs: Option<remote::Inbox>,
+    /// The agent is stopping: no uplink starts any more.
+    shutdown: Arc<AtomicBool>,
+}
+
+/// A running uplink thread and its own stop flag.
+struct UplinkThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UplinkThread {
+    /// Ends the thread (its positions persisted) and waits for it.
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl UplinkParts {
+    fn spawn(&self, cfg: &Config) -> std::io::Result<UplinkThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = uplink::Uplink::new(
+            cfg.clone(),
+            self.store.clone(),
+            self.clock.clone(),
+            self.metrics.clone(),
+            stop.clone(),
+        )
+        .with_models(detect::update::Inbox::of(&cfg.detect, &cfg.state_dir))
+        .with_configs(self.configs.clone())
+        .with_audit(self.audit.clone())
+        .spawn()?;
+        Ok(UplinkThread { stop, handle: Some(handle) })
+    }
+
+    /// The uplink anew with `cfg`'s `[mqtt]`: the running one ends first
+    /// (a helper thread waits for it, so the windows go on), then the new
+    /// one starts from the persisted positions.
+    fn restart(&self, slot: &Arc<Mutex<UplinkThread>>, cfg: &Config) {
+        let old = {
+            let mut t = uplink::lock(slot);
+            t.stop.store(true, Ordering::Relaxed);
+            UplinkThread { stop: t.stop.clone(), handle: t.handle.take() }
+        };
+        let (slot, cfg) = (slot.clone(), cfg.clone());
+        let parts = UplinkParts {
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            metrics: self.metrics.clone(),
+            audit: self.audit.clone(),
+            configs: self.configs.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        let spawned = std::thread::Builder::new().name("uplink-restart".into()).spawn(move || {
+            let mut old = old;
+            old.stop();
+            let mut t = uplink::lock(&slot);
+            if parts.shutdown.load(Ordering::Relaxed) {
+                return;
+            }
+            match parts.spawn(&cfg) {
+                Ok(new) => {
+                    *t = new;
+                    tracing::info!(host = %cfg.mqtt.host, port = cfg.mqtt.port, "uplink restarted with new [mqtt] settings");
+                }
+                Err(e) => tracing::error!(error = %e, "the uplink could not start again"),
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "the uplink could not be restarted");
+        }
+    }
 }
 
 /// What a config file is, for the audit trail: its SHA-256, or "defaults".
@@ -229,13 +346,15 @@ async fn window_loop(
     config_path: Option<&std::path::Path>,
     sh: &Shared<'_>,
     mut hup: Option<async_signal::Signals>,
+    remote: &std::cell::RefCell<Option<remote::Remote>>,
 ) {
     use futures_lite::StreamExt;
     let mut stage = window::WindowStage::new();
     let mut recorder = Recorder::new(cfg.block_writer());
     let period = cfg.window();
     let mut next = Instant::now() + period;
-    let mut probe_cfg = cfg.probes.clone();
+    // What runs: the file (and the remote layers) as last applied.
+    let mut running = cfg.clone();
     // Readable when the protocol probe has value events waiting, or the
     // device probe serial bytes.
     let watch_values = || {
@@ -274,62 +393,92 @@ async fn window_loop(
             drain_values(sh);
             continue;
         }
-        if wake == Wake::Reload {
-            // Count what the old probes saw into a window first.
+        let new = if wake == Wake::Reload {
+            reload_config(config_path, sh, remote.borrow().as_ref())
+        } else {
+            next += period;
+            // After a long stall (suspend, overload) skip missed windows
+            // rather than firing a burst of them.
+            if next < Instant::now() {
+                next = Instant::now() + period;
+            }
             close_window(sh, &mut stage, &mut recorder);
-            // The old rings' descriptors go with the old probes.
-            drop(std::mem::take(&mut values_ready));
-            reload_probes(cfg, config_path, sh, &mut probe_cfg);
+            remote.borrow_mut().as_mut().and_then(|r| poll_remote(r, sh))
+        };
+        if let Some(new) = new {
+            if new.probes != running.probes {
+                // Count what the old probes saw into a window first.
+                close_window(sh, &mut stage, &mut recorder);
+                // The old rings' descriptors go with the old probes.
+                drop(std::mem::take(&mut values_ready));
+            }
+            apply_config(&mut running, new, sh);
             values_ready = watch_values();
-            continue;
         }
-        next += period;
-        // After a long stall (suspend, overload) skip missed windows rather
-        // than firing a burst of them.
-        if next < Instant::now() {
-            next = Instant::now() + period;
-        }
-        close_window(sh, &mut stage, &mut recorder);
     }
 }
 
-/// SIGHUP: reads the config file again; new probe settings replace the
-/// probes (old programs and maps detached and freed first). A bad file
-/// changes nothing. Other sections need a restart and say so.
-fn reload_probes(
-    running: &Config,
-    path: Option<&std::path::Path>,
-    sh: &Shared<'_>,
-    probe_cfg: &mut config::ProbesConfig,
-) {
+/// SIGHUP: the config file read again (with the remote layers over it).
+/// A bad file changes nothing, said and audited.
+fn reload_config(path: Option<&std::path::Path>, sh: &Shared<'_>, remote: Option<&remote::Remote>) -> Option<Config> {
     let Some(path) = path else {
         tracing::warn!("SIGHUP: the agent runs on its defaults (no --config): nothing to reload");
-        return;
+        return None;
     };
-    let new = match Config::load(Some(path)) {
-        Ok(c) => c,
+    let loaded = match remote {
+        Some(r) => r.effective(),
+        None => Config::load(Some(path)).map_err(|e| e.to_string()),
+    };
+    match loaded {
+        Ok(c) => {
+            sh.audit.config_applied(config_source(Some(path)), "sighup");
+            Some(c)
+        }
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: config not reloaded; the agent keeps its current settings");
-            sh.audit.record("config_refused", &[("sha256", config_source(Some(path))), ("error", e.to_string())]);
-            return;
+            sh.audit.record("config_refused", &[("sha256", config_source(Some(path))), ("error", e)]);
+            None
         }
-    };
-    sh.audit.config_applied(config_source(Some(path)), "sighup");
-    let mut others = Vec::new();
-    if new.mqtt != running.mqtt {
-        others.push("mqtt");
     }
+}
+
+/// The remote configuration stage's look at this window: its decision,
+/// and the configuration to apply if any.
+fn poll_remote(r: &mut remote::Remote, sh: &Shared<'_>) -> Option<Config> {
+    let (confirmed, next_seq) = {
+        let lanes = uplink::lock(sh.store);
+        (lanes.routine.stats().acked_seq, lanes.routine.next_seq())
+    };
+    match r.poll(now_ms(), confirmed, next_seq) {
+        remote::Step::Apply(c) | remote::Step::Revert(c) => Some(*c),
+        remote::Step::Kept | remote::Step::Idle => None,
+    }
+}
+
+/// A new configuration, applied where it can be at run time: new probe
+/// settings replace the probes (old programs and maps detached and freed
+/// first), new `[mqtt]` settings restart the uplink; other sections need a
+/// restart and say so.
+fn apply_config(running: &mut Config, new: Config, sh: &Shared<'_>) {
+    let mut others = Vec::new();
     if new.store != running.store {
         others.push("store");
     }
     if new.window.millis != running.window.millis || new.device_id != running.device_id {
         others.push("window/device_id");
     }
-    if !others.is_empty() {
-        tracing::warn!(sections = ?others, "SIGHUP: these settings changed and apply only after a restart");
+    if new.detect != running.detect || new.remote_config != running.remote_config {
+        others.push("detect/remote_config");
     }
-    if new.probes == *probe_cfg {
-        tracing::info!("SIGHUP: probe settings unchanged");
+    if !others.is_empty() {
+        tracing::warn!(sections = ?others, "these settings changed and apply only after a restart");
+    }
+    if new.mqtt != running.mqtt {
+        sh.uplink_parts.restart(sh.uplink, &new);
+        running.mqtt = new.mqtt.clone();
+    }
+    if new.probes == running.probes {
+        tracing::info!("probe settings unchanged");
         return;
     }
     let mut probes = sh.probes.borrow_mut();
@@ -338,8 +487,8 @@ fn reload_probes(
     *probes = Probes::start(&new);
     sh.metrics.probes.set_states(&probes);
     sh.audit.record("probes_changed", &probe_fields(&probes));
-    *probe_cfg = new.probes.clone();
-    tracing::info!(probes = ?probes.states.iter().map(|(n, s)| format!("{n}: {s:?}")).collect::<Vec<_>>(), "SIGHUP: probes reloaded");
+    running.probes = new.probes.clone();
+    tracing::info!(probes = ?probes.states.iter().map(|(n, s)| format!("{n}: {s:?}")).collect::<Vec<_>>(), "probes reloaded");
 }
 
 /// Returns when `fd` is readable; never without one.

@@ -59,6 +59,8 @@ pub struct AgentMetrics {
     pub values: crate::values::metrics::ValuesMetrics,
     /// Audit records, by result: stored or not_stored (audit.rs).
     pub audit_records: ResultCounts,
+    /// Remote configuration documents, by result (remote.rs).
+    pub remote_configs: ResultCounts,
 }
 
 /// Counters by `result`.
@@ -96,6 +98,12 @@ impl AgentMetrics {
             "edge_agent_audit_records",
             "Audit trail records, by result: stored (in the priority lane) or not_stored (docs/audit.md)",
             m.audit_records.clone(),
+        );
+        r.register(
+            "edge_agent_remote_configs",
+            "Remote configuration documents, by result: applied (on trial), kept, reverted, refused \
+             (docs/remote-config.md)",
+            m.remote_configs.clone(),
         );
         r.register("edge_agent_cpu_seconds", "CPU time of the agent process (user + system)", m.cpu_seconds.clone());
         r.register("edge_agent_resident_memory_bytes", "Resident memory of the agent process", m.rss_bytes.clone());
@@ -186,6 +194,7 @@ mod tests {
         m.observe_store(crate::store::Lane::Routine, &StoreStats::default());
         let _ = m.uplink.published_bytes("live");
         let _ = m.audit_records.get_or_create(&ResultLabels { result: "stored".into() });
+        let _ = m.remote_configs.get_or_create(&ResultLabels { result: "kept".into() });
         let _ = m.detect.action_counts();
         m.detect.model_changed("installed");
         let _ = m.detect.model_state.get_or_create(&StateLabels { state: "loaded".into() });

@@ -17,6 +17,8 @@
 pub mod audit;
 pub mod bits;
 pub mod block;
+#[cfg(feature = "config-doc")]
+pub mod config_doc;
 #[cfg(feature = "exposition")]
 pub mod exposition;
 pub mod throttle;

@@ -8,13 +8,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: fleet-bridge [--config FILE]
        fleet-bridge audit verify FILE_OR_DIR...
+       fleet-bridge config pack --target device:ID|group:NAME --id ID [--key ED25519.pem] FILE.toml OUT
 Logging: FLEET_BRIDGE_LOG=debug (tracing EnvFilter syntax).";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let all: Vec<String> = std::env::args().skip(1).collect();
-    if all.first().map(String::as_str) == Some("audit") {
-        return audit(&all[1..]);
+    match all.first().map(String::as_str) {
+        Some("audit") => return audit(&all[1..]),
+        Some("config") => return config(&all[1..]),
+        _ => {}
     }
     let mut config: Option<PathBuf> = None;
     while let Some(a) = args.next() {
@@ -80,6 +83,67 @@ fn audit(args: &[String]) -> ExitCode {
     } else {
         println!("DAMAGED: records missing, chains broken or lines edited (above)");
         ExitCode::FAILURE
+    }
+}
+
+/// `config pack`: a remote configuration document (docs/remote-config.md)
+/// from a TOML overlay, signed with `--key` if given, written to OUT; the
+/// operator publishes it retained (mosquitto_pub -r -f OUT).
+fn config(args: &[String]) -> ExitCode {
+    const USE: &str =
+        "usage: fleet-bridge config pack --target device:ID|group:NAME --id ID [--key ED25519.pem] FILE.toml OUT";
+    let [verb, rest @ ..] = args else { return usage_error(USE) };
+    if verb != "pack" {
+        return usage_error(USE);
+    }
+    let (mut target, mut id, mut key, mut files) = (None, None, None, Vec::new());
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--target" => target = it.next().cloned(),
+            "--id" => id = it.next().cloned(),
+            "--key" => key = it.next().cloned(),
+            _ => files.push(a.clone()),
+        }
+    }
+    let (Some(target), Some(id), [file, out]) = (target, id, &files[..]) else { return usage_error(USE) };
+    let fail = |msg: String| {
+        eprintln!("fleet-bridge config pack: {msg}");
+        ExitCode::from(2)
+    };
+    let toml = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("{file}: {e}")),
+    };
+    if let Err(e) = toml.parse::<toml::Table>() {
+        return fail(format!("{file}: not TOML: {e}"));
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let doc = edge_wire::config_doc::ConfigDoc { target, id, issued_ms: now, toml };
+    let payload = match key {
+        None => doc.encode_unsigned(),
+        Some(k) => {
+            use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
+            let der = match PrivatePkcs8KeyDer::from_pem_file(&k) {
+                Ok(d) => d,
+                Err(e) => {
+                    return fail(format!(
+                        "{k}: no PKCS#8 private key ({e:?}; make one: openssl genpkey -algorithm ed25519 -out {k})"
+                    ))
+                }
+            };
+            match doc.encode_signed(der.secret_pkcs8_der()) {
+                Ok(p) => p,
+                Err(e) => return fail(format!("{k}: {e}")),
+            }
+        }
+    };
+    if let Err(e) = edge_wire::config_doc::ConfigDoc::decode(&payload) {
+        return fail(e.to_string());
+    }
+    match std::fs::write(out, &payload) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("{out}: {e}")),
     }
 }
 

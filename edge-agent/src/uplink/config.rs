@@ -69,6 +69,9 @@ impl MqttConfig {
             return Err("mqtt.delivery_timeout_ms must be at least 500".into());
         }
         self.tls.validate("mqtt.tls")?;
+        if self.port == 0 {
+            return Err("mqtt.port must be 1 .. 65535".into());
+        }
         if self.max_inflight == 0 {
             return Err("mqtt.max_inflight must be at least 1".into());
         }

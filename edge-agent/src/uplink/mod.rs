@@ -69,6 +69,9 @@ pub struct Uplink {
     shutdown: Arc<AtomicBool>,
     /// Where model messages go (detect's; None: no model updates).
     models: Option<crate::detect::update::Inbox>,
+    /// Where configuration documents go (remote.rs; None: remote
+    /// configuration is off).
+    configs: Option<crate::remote::Inbox>,
     /// The clock-before-floor warning was given (once a run).
     said_floor: AtomicBool,
     /// The certificate-expires-soon warning was given (once a run).
@@ -114,6 +117,7 @@ impl Uplink {
             metrics,
             shutdown,
             models: None,
+            configs: None,
             said_floor: AtomicBool::new(false),
             said_expiry: AtomicBool::new(false),
             nonces,
@@ -124,6 +128,13 @@ impl Uplink {
     /// handed to `inbox` (the detect stage's).
     pub fn with_models(mut self, inbox: Option<crate::detect::update::Inbox>) -> Self {
         self.models = inbox;
+        self
+    }
+
+    /// Configuration documents (`<prefix>/<device>/config`, the groups'
+    /// `<prefix>/group/<g>/config`) are subscribed to and handed to `inbox`.
+    pub fn with_configs(mut self, inbox: Option<crate::remote::Inbox>) -> Self {
+        self.configs = inbox;
         self
     }
 
@@ -278,6 +289,13 @@ impl Uplink {
                     match inbox.put(&payload) {
                         Ok(()) => tracing::info!(bytes = payload.len(), "model message received"),
                         Err(e) => tracing::error!(error = %e, "model message ignored"),
+                    }
+                }
+                Action::Config { layer, payload } => {
+                    let Some(inbox) = &self.configs else { continue };
+                    match inbox.put(&layer, &payload) {
+                        Ok(()) => tracing::info!(layer, bytes = payload.len(), "config message received"),
+                        Err(e) => tracing::error!(layer, error = %e, "config message ignored"),
                     }
                 }
                 Action::TrueTime { bridge_ms, sent, received } => self.true_time(bridge_ms, sent, received),

@@ -51,6 +51,9 @@ pub enum Action {
     Persist,
     /// A model message, for the detect stage's inbox.
     Model(Vec<u8>),
+    /// A configuration document for a layer (`device`, `group-<g>`), for
+    /// the remote configuration stage's inbox.
+    Config { layer: String, payload: Vec<u8> },
     /// A bridge's wall clock (`bridge_ms`) when our request, sent at
     /// `sent`, arrived; its answer came at `received` (clock stage).
     TrueTime { bridge_ms: i64, sent: Instant, received: Instant },
@@ -85,6 +88,9 @@ pub struct Session<'a> {
     ack_topic: String,
     reply_topic: String,
     model_topic: String,
+    /// Config topics and their layers (remote.rs), when remote
+    /// configuration is on.
+    config_topics: Vec<(String, String)>,
     /// Made once the broker accepted the connection: a failed attempt
     /// neither cuts the store's open block nor says anything of a backlog.
     cursors: Vec<Cursor>,
@@ -115,6 +121,19 @@ impl<'a> Session<'a> {
             ack_topic: edge_wire::ack_topic(&m.topic_prefix, device),
             reply_topic: edge_wire::time_reply_topic(&m.topic_prefix, device),
             model_topic: edge_wire::model_topic(&m.topic_prefix, device),
+            config_topics: if up.configs.is_some() {
+                let groups = up
+                    .cfg
+                    .remote_config
+                    .groups
+                    .iter()
+                    .map(|g| (edge_wire::config_doc::group_topic(&m.topic_prefix, g), format!("group-{g}")));
+                std::iter::once((edge_wire::config_doc::device_topic(&m.topic_prefix, device), "device".to_owned()))
+                    .chain(groups)
+                    .collect()
+            } else {
+                Vec::new()
+            },
             cursors: Vec::new(),
             pkids: PacketIds::default(),
             budget: Budget::new(m.drain_bytes_per_sec, now),
@@ -194,6 +213,9 @@ impl<'a> Session<'a> {
                 if up.models.is_some() {
                     topics.push(self.model_topic.clone());
                 }
+                // Retained too: the documents in force come with every
+                // connection; the stage ignores the ones it has.
+                topics.extend(self.config_topics.iter().map(|(t, _)| t.clone()));
                 if !wire.subscribe(&topics) {
                     tracing::error!("cannot subscribe to delivery confirmations");
                 }
@@ -235,6 +257,11 @@ impl<'a> Session<'a> {
             // To the detect stage: it verifies and installs it at its next
             // window.
             Ev::Publish { topic: t, payload } if t == self.model_topic => self.actions.push(Action::Model(payload)),
+            Ev::Publish { topic: t, payload } if self.config_topics.iter().any(|(c, _)| *c == t) => {
+                let layer =
+                    self.config_topics.iter().find(|(c, _)| *c == t).map(|(_, l)| l.clone()).unwrap_or_default();
+                self.actions.push(Action::Config { layer, payload });
+            }
             Ev::Publish { topic: t, payload } if t == self.reply_topic => self.time_reply(&payload, now),
             Ev::Publish { topic: t, payload } if t == self.ack_topic => self.confirmation(&payload, lanes),
             Ev::Publish { .. } | Ev::Other | Ev::Timeout => {}

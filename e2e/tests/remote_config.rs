@@ -1,0 +1,137 @@
+//! Remote configuration end to end (docs/remote-config.md), through the
+//! real broker (the operator's identity on the central listener), bridge
+//! and Prometheus: documents made by `fleet-bridge config pack` and signed;
+//! a group's document that keeps the uplink healthy is kept; a device's
+//! document that breaks the uplink (a closed port) is reverted by the box
+//! itself within the deadline; an unsigned one and one that would turn TLS
+//! off are refused. Every step is in the bridge's audit log.
+
+use e2e::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const GROUP: &str = "line-1";
+
+fn remote(a: &Agent, result: &str) -> f64 {
+    a.metric(&format!("edge_agent_remote_configs_total{{result=\"{result}\"}}")).unwrap_or(0.0)
+}
+
+fn wait_remote(a: &mut Agent, result: &str, n: f64, what: &str, secs: u64) {
+    wait_for(what, Duration::from_secs(secs), || {
+        a.proc.assert_running();
+        match remote(a, result) {
+            x if x == n => Ok(()),
+            x => Err(format!(
+                "{x}; log tail: {}",
+                a.proc.log_text().lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+            )),
+        }
+    });
+}
+
+/// `fleet-bridge config pack`: the document's payload.
+fn pack(dir: &Path, target: &str, id: &str, toml: &str, key: Option<&Path>) -> Vec<u8> {
+    let (file, out) = (dir.join(format!("{id}.toml")), dir.join(format!("{id}.doc")));
+    std::fs::write(&file, toml).unwrap();
+    let mut cmd = Command::new(bin_dir().join("fleet-bridge"));
+    cmd.args(["config", "pack", "--target", target, "--id", id]);
+    if let Some(k) = key {
+        cmd.arg("--key").arg(k);
+    }
+    let o = cmd.arg(&file).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(out).unwrap()
+}
+
+/// Publishes retained as the operator (fleet-admin).
+fn publish(broker: &Broker, topic: &str, payload: Vec<u8>) {
+    let (client, mut conn) = rumqttc::Client::new(broker.mqtt_options("operator", Who::Admin), 10);
+    client.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload).unwrap();
+    for ev in conn.iter() {
+        match ev {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("operator's publish: {e}"),
+        }
+    }
+}
+
+fn openssl(args: &[&str]) {
+    let o = Command::new("openssl").args(args).output().unwrap();
+    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_config_that_breaks_the_uplink_is_reverted_by_the_box_and_every_step_is_audited() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("remote-config");
+    let device = format!("e2e-remote-{}", std::process::id());
+    let (key, public) = (dir.join("config.key"), dir.join("config.pub"));
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
+    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    let broker = Broker::start(&dir);
+    let prom = Prom::start(&dir);
+    let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
+    let log = dir.join("audit");
+    let extra = format!(
+        "{QUIET}[remote_config]\nenabled = true\ngroups = [\"{GROUP}\"]\npublic_key_file = \"{}\"\ndeadline_secs = 10\n",
+        public.display()
+    );
+    let mut agent = Agent::launch(&dir, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(&device, &extra) });
+    let audited = |e: &str| audit_events(&log, &device).iter().filter(|(x, _)| x == e).count();
+    wait_for("the agent's start in the audit log", Duration::from_secs(30), || {
+        (audited("agent_started") == 1).then_some(()).ok_or(audit_events(&log, &device))
+    });
+
+    // 1. The group's document: a new keep-alive, the uplink restarted with
+    //    it, a block confirmed: kept.
+    let doc = pack(&dir, &format!("group:{GROUP}"), "keepalive-20", "[mqtt]\nkeep_alive_secs = 20\n", Some(&key));
+    publish(&broker, &format!("edge/group/{GROUP}/config"), doc);
+    wait_remote(&mut agent, "kept", 1.0, "the group's document kept", 30);
+    assert!(agent.proc.log_text().contains("uplink restarted with new [mqtt] settings"));
+
+    // 2. The device's document: a port where no broker listens. The box
+    //    cannot deliver, goes back by itself after 10 s, and delivers again.
+    let closed = free_port();
+    let doc = pack(&dir, &format!("device:{device}"), "bad-port", &format!("[mqtt]\nport = {closed}\n"), Some(&key));
+    publish(&broker, &format!("edge/{device}/config"), doc);
+    wait_remote(&mut agent, "applied", 2.0, "the bad document applied", 30);
+    wait_remote(&mut agent, "reverted", 1.0, "the bad document reverted", 40);
+    wait_for("the revert in the bridge's audit log", Duration::from_secs(30), || {
+        agent.proc.assert_running();
+        (audited("config_reverted") == 1).then_some(()).ok_or(audit_events(&log, &device))
+    });
+    let lines: Vec<serde_json::Value> =
+        audit_log(&log).into_iter().filter(|l| l["device"] == device.as_str()).collect();
+    let reverted = lines.iter().find(|l| l["event"] == "config_reverted").unwrap();
+    assert_eq!(reverted["fields"]["id"], "bad-port");
+    assert!(reverted["fields"]["reason"].as_str().unwrap().contains("within 10 s"), "{reverted}");
+    let kept = lines.iter().find(|l| l["event"] == "config_kept").unwrap();
+    assert_eq!(kept["fields"]["id"], "keepalive-20");
+    assert!(lines.iter().all(|l| l["link"] == "first" || l["link"] == "next"), "{lines:?}");
+    // The retained bad document comes again with every connection: it is
+    // not tried again.
+    assert_eq!(remote(&agent, "applied"), 2.0);
+
+    // 3. Refused: unsigned; signed but turning TLS off.
+    let unsigned = pack(&dir, &format!("device:{device}"), "unsigned", "[mqtt]\nkeep_alive_secs = 30\n", None);
+    publish(&broker, &format!("edge/{device}/config"), unsigned);
+    wait_remote(&mut agent, "refused", 1.0, "the unsigned document refused", 30);
+    let no_tls = pack(&dir, &format!("device:{device}"), "no-tls", "[mqtt.tls]\nenabled = false\n", Some(&key));
+    publish(&broker, &format!("edge/{device}/config"), no_tls);
+    wait_remote(&mut agent, "refused", 2.0, "the TLS-off document refused", 30);
+    wait_for("the refusals in the bridge's audit log", Duration::from_secs(30), || {
+        (audited("config_refused") == 2).then_some(()).ok_or(audit_events(&log, &device))
+    });
+    let errors: Vec<String> = audit_log(&log)
+        .iter()
+        .filter(|l| l["device"] == device.as_str() && l["event"] == "config_refused")
+        .map(|l| l["fields"]["error"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(errors[0].contains("not signed"), "{errors:?}");
+    assert!(errors[1].contains("mqtt.tls"), "{errors:?}");
+    assert_eq!(remote(&agent, "applied"), 2.0, "nothing refused was applied");
+}
