@@ -590,6 +590,11 @@ impl Prom {
         format!("http://127.0.0.1:{}/api/v1/write", self.port)
     }
 
+    /// The base URL (for the query API).
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
     fn get(&self, path: &str) -> Result<(u16, String)> {
         let mut r = self.http.get(&format!("http://127.0.0.1:{}{path}", self.port)).call()?;
         let s = r.status().as_u16();

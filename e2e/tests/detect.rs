@@ -262,7 +262,15 @@ fn trained_model_scores_windows_and_alarms_offline() {
     // The warn level (30 times the base, the stop 100 times) rose with it,
     // in the same window: one record for both.
     assert_eq!(agent.metric("edge_agent_anomaly_warnings_total"), Some(1.0));
-    assert_eq!(priority(&agent), 1.0, "the raised record");
+    let anomaly_lines = |a: &Agent| {
+        a.proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("anomaly") || l.contains("audited"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(priority(&agent), 1.0, "the raised record:\n{}", anomaly_lines(&agent));
     assert!(agent.proc.log_text().contains("anomaly alarm raised"));
     // The command ran with the event, without the agent's capabilities.
     let ran = wait_for("the action command", Duration::from_secs(10), || {

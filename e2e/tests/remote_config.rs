@@ -135,3 +135,95 @@ fn a_config_that_breaks_the_uplink_is_reverted_by_the_box_and_every_step_is_audi
     assert!(errors[1].contains("mqtt.tls"), "{errors:?}");
     assert_eq!(remote(&agent, "applied"), 2.0, "nothing refused was applied");
 }
+
+/// An agent of group `GROUP` with the TCP probe attached, in `dir`.
+fn grouped_agent(dir: &Path, broker: &Broker, device: &str, public: &Path) -> Agent {
+    std::fs::create_dir_all(dir).unwrap();
+    let extra = format!(
+        "[probes.devices]\nenabled = false\n[probes.protocols]\nenabled = false\n[probes.buses]\nenabled = false\n\
+         [detect]\nenabled = false\n[remote_config]\nenabled = true\ngroups = [\"{GROUP}\"]\n\
+         public_key_file = \"{}\"\ndeadline_secs = 10\n",
+        public.display()
+    );
+    Agent::start(dir, &AgentSetup { broker: Some(broker), ..AgentSetup::offline(device, &extra) })
+}
+
+#[test]
+fn a_rollout_is_promoted_from_healthy_canaries_and_rolled_back_on_a_probe_lost() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("rollout");
+    let (key, public) = (dir.join("config.key"), dir.join("config.pub"));
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
+    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    let broker = Broker::start(&dir);
+    let prom = Prom::start(&dir);
+    let pid = std::process::id();
+    let (canary, other) = (format!("e2e-canary-{pid}"), format!("e2e-other-{pid}"));
+    let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{canary}"));
+    let mut a = grouped_agent(&dir.join("a"), &broker, &canary, &public);
+    let mut b = grouped_agent(&dir.join("b"), &broker, &other, &public);
+    let attached = |x: &Agent| x.metric("edge_agent_probe_attached{probe=\"tcp_lifecycle\"}").unwrap_or(0.0);
+    // Both deliver their probes' state before the rollout starts.
+    for d in [&canary, &other] {
+        let q = format!("sum(last_over_time(edge_agent_probe_attached{{device=\"{d}\"}}[5m]))");
+        wait_for("the probe's state in Prometheus", Duration::from_secs(30), || match prom.scalar(&q) {
+            Ok(Some(v)) if v >= 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        });
+    }
+    let conf = dir.join("rollout.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[mqtt]\nclient_id = \"fleet-admin\"\n{}\n[audit]\ndir = \"{}\"\n",
+            broker.client_toml(Who::Admin),
+            dir.join("audit").display()
+        ),
+    )
+    .unwrap();
+    let rollout = |id: &str, overlay: &str| {
+        let file = dir.join(format!("{id}.toml"));
+        std::fs::write(&file, overlay).unwrap();
+        let o = Command::new(bin_dir().join("fleet-bridge"))
+            .args(["rollout", "--config", &conf.display().to_string(), "--prometheus", &prom.url()])
+            .args(["--group", GROUP, "--canary", &canary, "--id", id, "--watch-secs", "10"])
+            .arg("--key")
+            .arg(&key)
+            .arg(&file)
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    };
+
+    // 1. Healthy: promoted; the other box of the group takes it too.
+    let (code, out) = rollout("keepalive-20", "[mqtt]\nkeep_alive_secs = 20\n");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("watched device:{canary}: healthy")), "{out}");
+    assert!(out.contains(&format!("promoted group:{GROUP}")), "{out}");
+    wait_remote(&mut b, "kept", 1.0, "the group's document kept by the other box", 40);
+
+    // 2. The canary keeps its uplink but loses its probe: rolled back, and
+    //    the probe attached again; the other box never saw the document.
+    let (code, out) = rollout("no-tcp-probe", "[probes.tcp_lifecycle]\nenabled = false\n");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("unhealthy: 0 probes attached,"), "{out}");
+    assert!(out.contains(&format!("rolled_back device:{canary}")), "{out}");
+    wait_for("the canary's probe attached again", Duration::from_secs(40), || {
+        a.proc.assert_running();
+        (attached(&a) == 1.0).then_some(()).ok_or(attached(&a))
+    });
+    assert_eq!(attached(&b), 1.0);
+    assert_eq!(remote(&b, "applied"), 1.0, "the other box took only the promoted document");
+    let steps = std::fs::read_dir(dir.join("audit"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("rollout-"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<String>();
+    for step in ["start", "canary", "watched", "promoted", "restored", "rolled_back"] {
+        assert!(steps.contains(&format!("\"step\":\"{step}\"")), "{step}: {steps}");
+    }
+    b.proc.assert_running();
+}

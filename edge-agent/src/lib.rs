@@ -193,6 +193,7 @@ pub fn run(mut cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(
         test_offset_ms: cfg.clock.test_offset_ms,
         uplink: &uplink,
         uplink_parts: &uplink_parts,
+        remote_on: remote.is_some(),
     };
     let remote = std::cell::RefCell::new(remote);
 
@@ -242,6 +243,8 @@ struct Shared<'a> {
     /// The uplink's thread, started anew when `[mqtt]` changes.
     uplink: &'a Arc<Mutex<UplinkThread>>,
     uplink_parts: &'a UplinkParts,
+    /// Remote configuration is on: its counts travel in the windows.
+    remote_on: bool,
 }
 
 /// What an uplink thread is made of, besides its configuration.
@@ -537,6 +540,19 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
     // its certificate expires (the uplink's).
     window.samples.extend(era.error_ms.map(|e| (edge_wire::SeriesKey::new(clock::ERROR_MS, vec![]), e as f64)));
     window.samples.extend(sh.metrics.uplink.window_samples());
+    // What a rollout watches (docs/remote-config.md): the probes attached,
+    // and what became of remote documents.
+    window.samples.extend(sh.probes.borrow().states.iter().map(|(name, state)| {
+        let key = edge_wire::SeriesKey::new(probe::metrics::ATTACHED, vec![edge_wire::Label::new("probe", *name)]);
+        (key, f64::from(u8::from(matches!(state, probe::ProbeState::Attached))))
+    }));
+    if sh.remote_on {
+        window.samples.extend(remote::RESULTS.iter().map(|r| {
+            let labels = metrics::ResultLabels { result: (*r).into() };
+            let n = sh.metrics.remote_configs.get_or_create(&labels).get();
+            (edge_wire::SeriesKey::new(remote::CONFIGS_TOTAL, vec![edge_wire::Label::new("result", *r)]), n as f64)
+        }));
+    }
     close_values(sh, &reading, &mut window);
     let alarm = detect_window(sh, &window);
     if let Some((event, fired)) = &alarm.action {

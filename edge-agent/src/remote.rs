@@ -58,6 +58,11 @@ impl RemoteSettings {
     }
 }
 
+/// The counter of documents by result, also sent with every window.
+pub const CONFIGS_TOTAL: &str = "edge_agent_remote_configs_total";
+/// Its results.
+pub const RESULTS: [&str; 4] = ["applied", "kept", "reverted", "refused"];
+
 /// Sections a document may set; within `[mqtt]` not these keys.
 const SETTABLE: [&str; 2] = ["probes", "mqtt"];
 const MQTT_FIXED: [&str; 3] = ["tls", "auth", "client_id"];

@@ -306,6 +306,20 @@ impl Batch {
     }
 }
 
+/// The (year, month, day) of a count of days since 1970-01-01 (proleptic
+/// Gregorian; Howard Hinnant's civil calendar algorithm, public domain).
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
 fn versioned<'a>(bytes: &'a [u8], what: &'static str, supported: u8) -> Result<&'a [u8], DecodeError> {
     match bytes.split_first() {
         None => Err(DecodeError::Empty),

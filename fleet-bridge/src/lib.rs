@@ -14,6 +14,7 @@ pub mod handle;
 pub mod metrics;
 pub mod nats;
 pub mod remote_write;
+pub mod rollout;
 
 use rumqttc::{Client, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
 use std::sync::mpsc;
@@ -79,6 +80,27 @@ fn run_jetstream(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Res
     })
 }
 
+/// TLS and credentials of `[mqtt]` into `opts`. Read once at start: a
+/// bridge with unusable TLS files stops at once, naming the file, instead
+/// of retrying forever.
+pub fn secure(m: &config::MqttConfig, opts: &mut MqttOptions) -> Result<(), RunError> {
+    if m.tls.plain_to_remote(&m.host) {
+        tracing::warn!(
+            host = %m.host,
+            "mqtt.tls.enabled = false: plain TCP to a broker that is not on this machine; credentials and \
+             every device's data cross the network in clear"
+        );
+    }
+    if m.tls.enabled {
+        let tls = m.tls.client_config()?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    }
+    if let Some((user, password)) = m.auth.load()? {
+        opts.set_credentials(user, password);
+    }
+    Ok(())
+}
+
 /// The pipeline fed over MQTT.
 fn run_mqtt(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Result<(), RunError> {
     let mut opts = MqttOptions::new(cfg.mqtt.client_id.clone(), cfg.mqtt.host.clone(), cfg.mqtt.port);
@@ -91,22 +113,7 @@ fn run_mqtt(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Result<(
         // here would drop the connection, the broker would deliver it
         // again, and the bridge would reconnect in a loop forever.
         .set_max_packet_size(MQTT_MAX_PACKET, edge_wire::MAX_PACKET_BYTES);
-    // Read once at start: a bridge with unusable TLS files stops at once,
-    // naming the file, instead of retrying forever.
-    if cfg.mqtt.tls.plain_to_remote(&cfg.mqtt.host) {
-        tracing::warn!(
-            host = %cfg.mqtt.host,
-            "mqtt.tls.enabled = false: plain TCP to a broker that is not on this machine; credentials and \
-             every device's data cross the network in clear"
-        );
-    }
-    if cfg.mqtt.tls.enabled {
-        let tls = cfg.mqtt.tls.client_config()?;
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    }
-    if let Some((user, password)) = cfg.mqtt.auth.load()? {
-        opts.set_credentials(user, password);
-    }
+    secure(&cfg.mqtt, &mut opts)?;
     let (client, mut connection) = Client::new(opts, 64);
     // With a share group, the broker hands each message to one bridge of the
     // group; the topic of the message stays the device's.
@@ -982,7 +989,7 @@ impl Writer {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 

@@ -9,6 +9,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const USAGE: &str = "usage: fleet-bridge [--config FILE]
        fleet-bridge audit verify FILE_OR_DIR...
        fleet-bridge config pack --target device:ID|group:NAME --id ID [--key ED25519.pem] FILE.toml OUT
+       fleet-bridge rollout --config FILE --prometheus URL --group NAME --canary ID[,ID...] --id ID
+                            [--key ED25519.pem] [--watch-secs N] OVERLAY.toml
 Logging: FLEET_BRIDGE_LOG=debug (tracing EnvFilter syntax).";
 
 fn main() -> ExitCode {
@@ -17,6 +19,7 @@ fn main() -> ExitCode {
     match all.first().map(String::as_str) {
         Some("audit") => return audit(&all[1..]),
         Some("config") => return config(&all[1..]),
+        Some("rollout") => return rollout(&all[1..]),
         _ => {}
     }
     let mut config: Option<PathBuf> = None;
@@ -144,6 +147,74 @@ fn config(args: &[String]) -> ExitCode {
     match std::fs::write(out, &payload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("{out}: {e}")),
+    }
+}
+
+/// `rollout`: canaries first, watched in Prometheus, then the group or
+/// back (fleet_bridge::rollout). Exit 0 promoted, 1 rolled back, 2 could
+/// not run.
+fn rollout(args: &[String]) -> ExitCode {
+    let mut opts = std::collections::HashMap::new();
+    let mut files = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.strip_prefix("--") {
+            Some(k) => {
+                opts.insert(k.to_owned(), it.next().cloned().unwrap_or_default());
+            }
+            None => files.push(a.clone()),
+        }
+    }
+    let fail = |msg: String| {
+        eprintln!("fleet-bridge rollout: {msg}");
+        ExitCode::from(2)
+    };
+    let need = |k: &str| opts.get(k).filter(|v| !v.is_empty()).cloned();
+    let (Some(config), Some(prometheus), Some(group), Some(canary), Some(id), [overlay]) =
+        (need("config"), need("prometheus"), need("group"), need("canary"), need("id"), &files[..])
+    else {
+        return usage_error("rollout needs --config --prometheus --group --canary --id and one OVERLAY.toml");
+    };
+    let cfg = match fleet_bridge::config::Config::load(Some(std::path::Path::new(&config))) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let overlay_text = match std::fs::read_to_string(overlay) {
+        Ok(t) if t.parse::<toml::Table>().is_ok() => t,
+        Ok(_) => return fail(format!("{overlay}: not TOML")),
+        Err(e) => return fail(format!("{overlay}: {e}")),
+    };
+    let key = match need("key") {
+        None => None,
+        Some(k) => {
+            use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
+            match PrivatePkcs8KeyDer::from_pem_file(&k) {
+                Ok(d) => Some(d.secret_pkcs8_der().to_vec()),
+                Err(e) => return fail(format!("{k}: no PKCS#8 private key ({e:?})")),
+            }
+        }
+    };
+    let watch = match need("watch-secs").map(|w| w.parse::<u64>()) {
+        None => 300,
+        Some(Ok(w)) if w >= 10 => w,
+        _ => return fail("--watch-secs must be a number of seconds, at least 10".into()),
+    };
+    let plan = fleet_bridge::rollout::Plan {
+        prometheus,
+        group,
+        canaries: canary.split(',').map(str::to_owned).collect(),
+        id,
+        overlay: overlay_text,
+        key,
+        watch: std::time::Duration::from_secs(watch),
+    };
+    if let Some(bad) = plan.canaries.iter().find(|c| edge_wire::validate_device_id(c).is_err()) {
+        return fail(format!("--canary: {bad:?} is not a device id"));
+    }
+    match fleet_bridge::rollout::run(&cfg, &plan) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => fail(e),
     }
 }
 

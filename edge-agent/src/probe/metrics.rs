@@ -25,6 +25,10 @@ pub struct MapLabels {
     pub map: String,
 }
 
+/// 1 while a probe is attached (also sent with every window; the name
+/// registered below, where docs/metrics.md's test reads it).
+pub const ATTACHED: &str = "edge_agent_probe_attached";
+
 /// The probe set's metrics; cheap to clone (atomics behind `Arc`s).
 #[derive(Clone, Debug, Default)]
 pub struct ProbeMetrics {

@@ -1,0 +1,281 @@
+//! `fleet-bridge rollout`: a configuration overlay to a canary set first,
+//! their health watched in Prometheus, then promoted to the group or
+//! rolled back (docs/remote-config.md, "Canary rollouts"). Every step is
+//! printed and appended to `<audit.dir>/rollout-<YYYY-MM-DD>.jsonl`.
+//!
+//! A canary is healthy when, within the watch: the box kept the document
+//! (`edge_agent_remote_configs_total{result="kept"}` rose, neither
+//! `reverted` nor `refused` did), its windows recorded after the push
+//! landed, no more probes are attached less than before, and its anomaly
+//! alarm was not raised more than in as long a time before the push.
+
+use crate::config::Config;
+use edge_wire::config_doc::{self, ConfigDoc};
+use std::time::{Duration, Instant};
+
+/// What the rollout is asked to do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub prometheus: String,
+    pub group: String,
+    pub canaries: Vec<String>,
+    pub id: String,
+    pub overlay: String,
+    /// PKCS#8 DER of the signing key, if documents are signed.
+    pub key: Option<Vec<u8>>,
+    pub watch: Duration,
+}
+
+/// One canary's health figures at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Health {
+    pub kept: f64,
+    pub reverted: f64,
+    pub refused: f64,
+    pub probes_attached: f64,
+    /// The newest window's time (s).
+    pub newest_s: f64,
+    /// Windows with the alarm raised, over the watch's length up to now.
+    pub alarm_windows: f64,
+}
+
+/// A canary's verdict: healthy, or why not; `None` while undecided.
+pub fn judge(before: &Health, now: &Health, pushed_s: f64, watch_over: bool) -> Option<Result<(), String>> {
+    if now.reverted > before.reverted {
+        return Some(Err("the box reverted the document (no block confirmed in its deadline)".into()));
+    }
+    if now.refused > before.refused {
+        return Some(Err("the box refused the document".into()));
+    }
+    if now.alarm_windows > before.alarm_windows {
+        return Some(Err(format!(
+            "its anomaly alarm was raised in {} windows, {} in as long before",
+            now.alarm_windows, before.alarm_windows
+        )));
+    }
+    if !watch_over {
+        return None;
+    }
+    if now.kept <= before.kept {
+        return Some(Err("the box did not keep the document within the watch".into()));
+    }
+    if now.newest_s <= pushed_s {
+        return Some(Err("no window recorded after the push has landed".into()));
+    }
+    if now.probes_attached < before.probes_attached {
+        return Some(Err(format!("{} probes attached, {} before", now.probes_attached, before.probes_attached)));
+    }
+    Some(Ok(()))
+}
+
+/// The rollout's record: printed, and appended to the audit directory.
+struct Log {
+    path: std::path::PathBuf,
+    id: String,
+}
+
+impl Log {
+    fn step(&self, step: &str, target: &str, detail: &str) {
+        println!("rollout {}: {step} {target}: {detail}", self.id);
+        let line = serde_json::json!({
+            "time_ms": crate::now_ms(), "rollout": self.id, "step": step, "target": target, "detail": detail,
+        });
+        use std::io::Write;
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| writeln!(f, "{line}").and_then(|_| f.sync_data()));
+        if let Err(e) = r {
+            eprintln!("rollout {}: cannot append to {}: {e}", self.id, self.path.display());
+        }
+    }
+}
+
+/// Prometheus' instant query: the first value, `None` when empty.
+fn query(agent: &ureq::Agent, url: &str, q: &str, at_s: f64) -> Result<Option<f64>, String> {
+    let mut resp = agent
+        .get(format!("{}/api/v1/query", url.trim_end_matches('/')))
+        .query("query", q)
+        .query("time", format!("{at_s:.3}"))
+        .call()
+        .map_err(|e| format!("{url}: {e}"))?;
+    let body = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{url}: {e}"))?;
+    Ok(v["data"]["result"].as_array().and_then(|r| r.first()).and_then(|r| r["value"][1].as_str()?.parse().ok()))
+}
+
+fn health(agent: &ureq::Agent, url: &str, device: &str, at_s: f64, span_s: u64) -> Result<Health, String> {
+    let one = |q: String| query(agent, url, &q, at_s).map(|v| v.unwrap_or(0.0));
+    let count = |r: &str| {
+        one(format!("max(last_over_time(edge_agent_remote_configs_total{{device=\"{device}\",result=\"{r}\"}}[1h]))"))
+    };
+    Ok(Health {
+        kept: count("kept")?,
+        reverted: count("reverted")?,
+        refused: count("refused")?,
+        probes_attached: one(format!("sum(last_over_time(edge_agent_probe_attached{{device=\"{device}\"}}[5m]))"))?,
+        newest_s: one(format!(
+            "max(timestamp(last_over_time(edge_agent_store_backlog_records{{device=\"{device}\",lane=\"routine\"}}[5m])))"
+        ))?,
+        alarm_windows: one(format!("sum(sum_over_time(edge_anomaly_alarm{{device=\"{device}\"}}[{span_s}s]))"))?,
+    })
+}
+
+/// Publishes retained payloads as the operator (`[mqtt]` of the config:
+/// the operator's certificate) and reads retained ones.
+struct Operator {
+    client: rumqttc::Client,
+    conn: rumqttc::Connection,
+}
+
+impl Operator {
+    fn connect(cfg: &Config) -> Result<Operator, String> {
+        let m = &cfg.mqtt;
+        let mut opts = rumqttc::MqttOptions::new(format!("{}-rollout", m.client_id), m.host.clone(), m.port);
+        opts.set_keep_alive(Duration::from_secs(30)).set_clean_session(true);
+        crate::secure(m, &mut opts).map_err(|e| e.to_string())?;
+        let (client, conn) = rumqttc::Client::new(opts, 16);
+        Ok(Operator { client, conn })
+    }
+
+    /// The retained message of `topic`, if any (waits a second for it).
+    fn retained(&mut self, topic: &str) -> Result<Option<Vec<u8>>, String> {
+        self.client.subscribe(topic, rumqttc::QoS::AtLeastOnce).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut subscribed_at = None;
+        let mut found = None;
+        while Instant::now() < deadline {
+            match self.conn.recv_timeout(Duration::from_millis(200)) {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => subscribed_at = Some(Instant::now()),
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) if p.topic == topic => {
+                    found = Some(p.payload.to_vec());
+                    break;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("broker: {e}")),
+                Err(_) => {}
+            }
+            if subscribed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+                break;
+            }
+        }
+        let _ = self.client.unsubscribe(topic);
+        Ok(found)
+    }
+
+    fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match self.conn.recv_timeout(Duration::from_millis(200)) {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => return Ok(()),
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(e)) => return Err(format!("broker: {e}")),
+            }
+        }
+        Err(format!("no PUBACK for {topic} within 10 s"))
+    }
+}
+
+fn document(plan: &Plan, target: String, id: String, toml: String) -> Result<Vec<u8>, String> {
+    let doc = ConfigDoc { target, id, issued_ms: crate::now_ms(), toml };
+    match &plan.key {
+        Some(k) => doc.encode_signed(k),
+        None => Ok(doc.encode_unsigned()),
+    }
+}
+
+/// Runs the rollout: `Ok(true)` promoted, `Ok(false)` rolled back.
+pub fn run(cfg: &Config, plan: &Plan) -> Result<bool, String> {
+    std::fs::create_dir_all(&cfg.audit.dir).map_err(|e| format!("{}: {e}", cfg.audit.dir.display()))?;
+    let day = crate::audit::day(crate::now_ms());
+    let log = Log { path: cfg.audit.dir.join(format!("rollout-{day}.jsonl")), id: plan.id.clone() };
+    let prefix = &cfg.mqtt.topic_prefix;
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).build().into();
+    let mut op = Operator::connect(cfg)?;
+    // What each canary had: its own document's TOML (restored afterwards)
+    // and its health.
+    let span = plan.watch.as_secs().max(1);
+    let pushed_s = crate::now_ms() as f64 / 1000.0;
+    let mut canaries = Vec::new();
+    for device in &plan.canaries {
+        let topic = config_doc::device_topic(prefix, device);
+        let previous = match op.retained(&topic)? {
+            Some(p) if !p.is_empty() => ConfigDoc::decode(&p).map_err(|e| format!("{topic}: {e}"))?.doc.toml,
+            _ => String::new(),
+        };
+        let before = health(&agent, &plan.prometheus, device, pushed_s, span)?;
+        canaries.push((device.clone(), topic, previous, before));
+    }
+    log.step("start", &format!("group:{}", plan.group), &format!("canaries {:?}, watch {} s", plan.canaries, span));
+    for (device, topic, _, _) in &canaries {
+        let doc = document(plan, format!("device:{device}"), plan.id.clone(), plan.overlay.clone())?;
+        op.publish(topic, doc)?;
+        log.step("canary", &format!("device:{device}"), "document published");
+    }
+    let until = Instant::now() + plan.watch;
+    let mut verdicts: Vec<Option<Result<(), String>>> = vec![None; canaries.len()];
+    loop {
+        let over = Instant::now() >= until;
+        let now_s = crate::now_ms() as f64 / 1000.0;
+        for (i, (device, _, _, before)) in canaries.iter().enumerate() {
+            if verdicts[i].is_some() {
+                continue;
+            }
+            let now = health(&agent, &plan.prometheus, device, now_s, span)?;
+            verdicts[i] = judge(before, &now, pushed_s, over);
+            if let Some(v) = &verdicts[i] {
+                let detail = v.as_ref().map_or_else(|e| format!("unhealthy: {e}"), |_| "healthy".into());
+                log.step("watched", &format!("device:{device}"), &detail);
+            }
+        }
+        if verdicts.iter().any(|v| matches!(v, Some(Err(_)))) || verdicts.iter().all(Option::is_some) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let healthy = verdicts.iter().all(|v| matches!(v, Some(Ok(()))));
+    if healthy {
+        let topic = config_doc::group_topic(prefix, &plan.group);
+        op.publish(&topic, document(plan, format!("group:{}", plan.group), plan.id.clone(), plan.overlay.clone())?)?;
+        log.step("promoted", &format!("group:{}", plan.group), "document published to the group");
+    }
+    // The canaries' own documents back as they were (the group's now
+    // carries the change, or nothing does).
+    let (step, suffix) = if healthy { ("restored", "promoted") } else { ("rolled_back", "rolled-back") };
+    for (device, topic, previous, _) in &canaries {
+        let doc = document(plan, format!("device:{device}"), format!("{}-{suffix}", plan.id), previous.clone())?;
+        op.publish(topic, doc)?;
+        log.step(step, &format!("device:{device}"), "its own document as before the rollout");
+    }
+    Ok(healthy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_canary_is_judged_on_every_signal() {
+        let before = Health { kept: 1.0, probes_attached: 2.0, newest_s: 100.0, ..Default::default() };
+        let good = Health { kept: 2.0, probes_attached: 2.0, newest_s: 130.0, ..Default::default() };
+        assert_eq!(judge(&before, &good, 110.0, false), None, "undecided while watching");
+        assert_eq!(judge(&before, &good, 110.0, true), Some(Ok(())));
+        let bad = |f: fn(&mut Health)| {
+            let mut h = good;
+            f(&mut h);
+            judge(&before, &h, 110.0, true).unwrap().unwrap_err()
+        };
+        assert!(bad(|h| h.reverted = 1.0).contains("reverted"));
+        assert!(bad(|h| h.refused = 1.0).contains("refused"));
+        assert!(bad(|h| h.kept = 1.0).contains("did not keep"));
+        assert!(bad(|h| h.newest_s = 105.0).contains("no window"));
+        assert!(bad(|h| h.probes_attached = 1.0).contains("1 probes attached, 2 before"));
+        assert!(bad(|h| h.alarm_windows = 3.0).contains("alarm"));
+        // A revert is decided at once, not at the end of the watch.
+        let mut reverted = good;
+        reverted.reverted = 1.0;
+        assert!(matches!(judge(&before, &reverted, 110.0, false), Some(Err(_))));
+    }
+}
