@@ -274,13 +274,7 @@ impl Remote {
         let path = self.dir.join("trial");
         let r = match &self.trial {
             Some(t) => crate::store::medium::replace_file(&path, &serde_json::to_vec(t).unwrap_or_default()),
-            None => std::fs::remove_file(&path).or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }),
+            None => remove_if_present(&path),
         };
         if let Err(e) = r {
             tracing::error!(error = %e, path = %path.display(), "remote config trial state not saved");
@@ -360,15 +354,11 @@ impl Remote {
             }
         }
         // The layers with this one in its place, checked as a whole.
-        let mut layers: Vec<Layer> =
-            self.layer_names().iter().filter(|n| n.as_str() != name).filter_map(|n| self.read_layer(n)).collect();
-        layers.push(layer.clone());
-        let order = self.layer_names();
-        layers.sort_by_key(|l| {
-            let n = l.received.doc.target.replacen("group:", "group-", 1);
-            let n = if n.starts_with("device:") { "device".to_string() } else { n };
-            order.iter().position(|o| *o == n)
-        });
+        let layers: Vec<Layer> = self
+            .layer_names()
+            .iter()
+            .filter_map(|n| if n == name { Some(layer.clone()) } else { self.read_layer(n) })
+            .collect();
         let text = match std::fs::read_to_string(&self.local) {
             Ok(t) => t,
             Err(e) => {
@@ -427,13 +417,7 @@ impl Remote {
         let file = self.dir.join("layers").join(format!("{}.doc", t.layer));
         let restored = match edge_wire::audit::unhex(&t.previous) {
             Some(prev) if !prev.is_empty() => crate::store::medium::replace_file(&file, &prev),
-            _ => std::fs::remove_file(&file).or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }),
+            _ => remove_if_present(&file),
         };
         if let Err(e) = restored {
             tracing::error!(error = %e, path = %file.display(), "remote config layer not restored");
@@ -453,6 +437,14 @@ impl Remote {
                 Step::Idle
             }
         }
+    }
+}
+
+/// Removes `path`; one that is not there is no error.
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
