@@ -1279,8 +1279,17 @@ pub fn export_features(dir: &Path) -> Vec<std::collections::HashMap<String, f64>
 /// A bridge's audit log (`<dir>`, docs/audit.md), as JSON values, in file
 /// order.
 pub fn audit_log(dir: &Path) -> Vec<serde_json::Value> {
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    // The records' files, `<day>.<bridge>.jsonl`; not the operators' logs
+    // beside them.
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            name.ends_with(".jsonl") && name.starts_with(|c: char| c.is_ascii_digit())
+        })
+        .collect();
     files.sort();
     files
         .iter()

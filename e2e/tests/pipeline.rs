@@ -220,8 +220,19 @@ fn broker_outage(mut s: Stack) {
     let t_down = now_ms();
     s.server.connections(5);
     let t_made = now_ms();
-    // Let several windows be stored while the broker is away.
+    // Let several windows be stored while the broker is away: four more
+    // records, and (the agent's counter is read from its /metrics, which
+    // may lag a loaded machine) four windows' time, so that at least four
+    // windows are stamped in the outage.
     s.wait_appended(4);
+    wait_for("four windows' time in the outage", Duration::from_secs(30), || {
+        let since = now_ms() - t_down;
+        if since > 4 * WINDOW_MS as i64 + 100 {
+            Ok(())
+        } else {
+            Err(since)
+        }
+    });
     let t_up = now_ms();
     s.broker.restart();
 

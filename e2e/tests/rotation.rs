@@ -5,6 +5,9 @@
 //! refused and moved aside, the agent delivering on with the identity it
 //! had; a box offline when the certificate comes takes it when the broker
 //! is back. Every decision is a line in `<state_dir>/tls/audit.log`.
+//! A certificate near its expiry is renewed over the uplink
+//! (uplink/renewal.rs): a request out, `fleet-bridge certificates sign`
+//! answers it, the answer is rotated in like a dropped one.
 
 use e2e::*;
 use std::path::{Path, PathBuf};
@@ -204,4 +207,113 @@ fn a_box_whose_certificate_expired_is_recovered_by_dropping_a_new_one() {
             Err(format!("{before} of {} samples from before the drop", samples.len()))
         }
     });
+}
+
+fn renewals(a: &Agent, result: &str) -> f64 {
+    a.metric(&format!("edge_agent_tls_renewals_total{{result=\"{result}\"}}")).unwrap_or(0.0)
+}
+
+/// A box whose certificate expires in 20 days (renewed 30 days before, the
+/// default) makes a new key and request at once; the operator's signer
+/// answers it through the broker; the box tries the certificate, installs
+/// it, clears its request, and delivers on with it. The signer run again
+/// finds nothing to do. Every step is in the box's audit trail.
+#[test]
+fn a_certificate_near_its_expiry_is_renewed_over_the_uplink() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("renewal");
+    let device = format!("e2e-renewal-{}", std::process::id());
+    let broker = Broker::start(&dir);
+    let prom = Prom::start(&dir);
+    let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
+    let made = Command::new(repo_dir().join("scripts/fleet-certs.sh"))
+        .arg(&broker.pki)
+        .args(["device", &device])
+        .env("FLEET_CERT_DAYS", "20")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let state = dir.join("agent-state");
+    let mut agent = Agent::launch(&dir, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(&device, QUIET) });
+    wait_for("the certificate request", Duration::from_secs(30), || {
+        agent.proc.assert_running();
+        if renewals(&agent, "requested") == 1.0 {
+            Ok(())
+        } else {
+            Err(agent.proc.log_text().lines().rev().take(3).collect::<Vec<_>>().join("\n"))
+        }
+    });
+    let csr = std::fs::read_to_string(state.join("tls/request.csr")).unwrap();
+    assert!(csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"), "{csr}");
+
+    let conf = dir.join("signer.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[mqtt]\nclient_id = \"fleet-admin\"\n{}\n[audit]\ndir = \"{}\"\n",
+            broker.client_toml(Who::Admin),
+            dir.join("audit").display()
+        ),
+    )
+    .unwrap();
+    let sign = || {
+        let o = Command::new(bin_dir().join("fleet-bridge"))
+            .args(["certificates", "sign", "--config", &conf.display().to_string()])
+            .arg("--ca-cert")
+            .arg(broker.pki.join("ca.crt"))
+            .arg("--ca-key")
+            .arg(broker.pki.join("ca.key"))
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    };
+    // The request is on the broker once the agent is connected.
+    wait_for("the signer to answer the request", Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        match sign() {
+            (Some(0), out) if out.contains("1 signed") => Ok(()),
+            other => Err(other),
+        }
+    });
+    wait_rotations(&mut agent, &state, "installed", 1.0, "the signed certificate installed", 60);
+    assert_eq!(renewals(&agent, "delivered"), 1.0);
+    let expiry = agent.metric("edge_agent_tls_certificate_expiry_timestamp_seconds").unwrap_or(0.0);
+    assert!(expiry > (now_ms() / 1000 + 300 * 86_400) as f64, "the new certificate's expiry: {expiry}");
+    // The key was made on the box and stays there: it is the one of the
+    // installed identity, and no request waits any more.
+    assert!(!state.join("tls/request.key").exists() && !state.join("tls/request.csr").exists());
+    wait_more_landed(&prom, &device, &mut agent, "windows landing with the renewed certificate");
+    // The answered request is cleared: nothing to sign.
+    wait_for("the request cleared", Duration::from_secs(30), || match sign() {
+        (Some(0), out) if out.contains("0 signed, 0 already answered, 0 refused") => Ok(()),
+        other => Err(other),
+    });
+    assert_eq!(renewals(&agent, "requested"), 1.0, "one request");
+    let audited: Vec<String> = {
+        let mut a = Vec::new();
+        wait_for("the renewal in the audit trail", Duration::from_secs(60), || {
+            a = audit_events(&dir.join("audit"), &device).into_iter().map(|(e, _)| e).collect::<Vec<_>>();
+            if a.iter().any(|e| e == "certificate_installed") {
+                Ok(())
+            } else {
+                Err(a.clone())
+            }
+        });
+        a
+    };
+    let steps: Vec<&String> = audited.iter().filter(|e| e.starts_with("certificate_")).collect();
+    assert_eq!(
+        steps,
+        ["certificate_requested", "certificate_delivered", "certificate_trying", "certificate_installed"],
+        "{audited:?}"
+    );
+    let log = std::fs::read_dir(dir.join("audit"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("certificates-"))
+        .expect("the signer's log");
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("\"step\":\"signed\"") && text.contains(&device), "{text}");
 }

@@ -260,6 +260,17 @@ pub fn model_topic(prefix: &str, device: &str) -> String {
     format!("{prefix}/{device}/model")
 }
 
+/// The topic a device publishes its certificate request on (retained, PEM;
+/// docs/configuration.md, "Certificate renewal").
+pub fn certificate_request_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/{device}/csr")
+}
+
+/// The topic a device's new certificate is published on (retained, PEM).
+pub fn certificate_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/{device}/certificate")
+}
+
 /// The topic the bridge confirms a device's deliveries on.
 pub fn ack_topic(prefix: &str, device: &str) -> String {
     format!("{prefix}/{device}/ack")

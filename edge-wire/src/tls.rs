@@ -204,13 +204,7 @@ pub fn check_client_identity(
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| ("unreadable", format!("{}: no private key read: {e}", key_file.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    // with_client_auth_cert checks that the key fits the certificate.
-    rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ("unreadable", e.to_string()))?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_client_auth_cert(chain.clone(), key)
-        .map_err(|e| ("key_mismatch", format!("the key does not fit the certificate: {e}")))?;
+    fits(&provider, chain.clone(), key)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in read_certs(ca_file).map_err(unreadable)? {
         roots.add(cert).map_err(|e| ("unreadable", format!("{}: not a usable CA: {e}", ca_file.display())))?;
@@ -236,6 +230,47 @@ pub fn check_client_identity(
         return Err(("other_identity", format!("its subject is {subject:?}, not CN={expected_cn}")));
     }
     Ok(cert.tbs_certificate().validity().not_after.to_unix_duration().as_secs() as i64)
+}
+
+/// The subject public key (its bits, as in the SubjectPublicKeyInfo) of
+/// the first certificate in `chain_pem`.
+pub fn certificate_public_key(chain_pem: &[u8]) -> Result<Vec<u8>, String> {
+    use x509_cert::der::Decode;
+    let first = CertificateDer::pem_slice_iter(chain_pem)
+        .next()
+        .ok_or("holds no PEM certificate")?
+        .map_err(|e| format!("not valid PEM: {e}"))?;
+    let cert =
+        x509_cert::Certificate::from_der(first.as_ref()).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    Ok(cert.tbs_certificate().subject_public_key_info().subject_public_key.raw_bytes().to_vec())
+}
+
+/// Whether the private key `key_pem` fits the leaf of the certificate
+/// chain `chain_pem` (both PEM); the error says why not.
+pub fn key_fits(chain_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("not valid PEM certificates: {e}"))?;
+    if chain.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("no private key read: {e}"))?;
+    fits(&Arc::new(rustls::crypto::ring::default_provider()), chain, key).map_err(|(_, why)| why)
+}
+
+fn fits(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<(), (&'static str, String)> {
+    // with_client_auth_cert checks that the key fits the certificate.
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("unreadable", e.to_string()))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_client_auth_cert(chain, key)
+        .map(drop)
+        .map_err(|e| ("key_mismatch", format!("the key does not fit the certificate: {e}")))
 }
 
 /// Why a TLS handshake failed, in a word an operator can act on, when

@@ -174,10 +174,13 @@ fn head_of(l: &Line) -> Option<Head> {
 }
 
 /// The `.jsonl` files of `dir`, by name (so by day).
+/// The records' files in `dir`, `<YYYY-MM-DD>.<client_id>.jsonl`; not the
+/// operators' logs beside them (`rollout-…`, `certificates-…`).
 fn log_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit())))
         .collect();
     files.sort();
     Ok(files)
@@ -356,10 +359,13 @@ mod tests {
         edited.fields[0].1 = "edited".into();
         let f = edited.encode();
         assert_eq!(log.append("d1", &block(6, &[(edited, f)]), now).unwrap(), [Link::Next]);
+        // The operators' logs beside the records are not records.
+        std::fs::write(dir.join("rollout-2026-01-01.jsonl"), "{\"step\":\"start\"}\n").unwrap();
+        std::fs::write(dir.join("certificates-2026-01-01.jsonl"), "{\"step\":\"signed\"}\n").unwrap();
         let report = verify(std::slice::from_ref(&dir)).unwrap();
         let d = &report.devices["d1"];
         assert_eq!((d.records, d.missing, d.breaks, d.forks), (5, 1, 0, 0), "{report:?}");
-        assert!(report.bad_lines.is_empty());
+        assert!(report.bad_lines.is_empty(), "{:?}", report.bad_lines);
         assert!(!report.clean());
 
         // A line of the log edited, and one deleted: verify names both.

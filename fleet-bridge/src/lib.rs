@@ -9,10 +9,12 @@
 
 pub mod audit;
 pub mod batch;
+pub mod certificates;
 pub mod config;
 pub mod handle;
 pub mod metrics;
 pub mod nats;
+pub mod operator;
 pub mod remote_write;
 pub mod rollout;
 

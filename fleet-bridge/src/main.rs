@@ -11,6 +11,7 @@ const USAGE: &str = "usage: fleet-bridge [--config FILE]
        fleet-bridge config pack --target device:ID|group:NAME --id ID [--key ED25519.pem] FILE.toml OUT
        fleet-bridge rollout --config FILE --prometheus URL --group NAME --canary ID[,ID...] --id ID
                             [--key ED25519.pem] [--watch-secs N] OVERLAY.toml
+       fleet-bridge certificates sign --config FILE --ca-cert CA.crt --ca-key CA.key [--days N]
 Logging: FLEET_BRIDGE_LOG=debug (tracing EnvFilter syntax).";
 
 fn main() -> ExitCode {
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
         Some("audit") => return audit(&all[1..]),
         Some("config") => return config(&all[1..]),
         Some("rollout") => return rollout(&all[1..]),
+        Some("certificates") => return certificates(&all[1..]),
         _ => {}
     }
     let mut config: Option<PathBuf> = None;
@@ -154,17 +156,7 @@ fn config(args: &[String]) -> ExitCode {
 /// back (fleet_bridge::rollout). Exit 0 promoted, 1 rolled back, 2 could
 /// not run.
 fn rollout(args: &[String]) -> ExitCode {
-    let mut opts = std::collections::HashMap::new();
-    let mut files = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.strip_prefix("--") {
-            Some(k) => {
-                opts.insert(k.to_owned(), it.next().cloned().unwrap_or_default());
-            }
-            None => files.push(a.clone()),
-        }
-    }
+    let (opts, files) = options(args);
     let fail = |msg: String| {
         eprintln!("fleet-bridge rollout: {msg}");
         ExitCode::from(2)
@@ -216,6 +208,65 @@ fn rollout(args: &[String]) -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => fail(e),
     }
+}
+
+/// `certificates sign`: the devices' retained certificate requests
+/// answered with the device CA (fleet_bridge::certificates). Exit 0: none
+/// refused; 1: some refused (printed); 2: could not run.
+fn certificates(args: &[String]) -> ExitCode {
+    const USE: &str = "usage: fleet-bridge certificates sign --config FILE --ca-cert CA.crt --ca-key CA.key [--days N]";
+    let [verb, rest @ ..] = args else { return usage_error(USE) };
+    let (opts, files) = options(rest);
+    let need = |k: &str| opts.get(k).filter(|v| !v.is_empty()).cloned();
+    let (true, Some(config), Some(ca_cert), Some(ca_key), []) =
+        (verb == "sign", need("config"), need("ca-cert"), need("ca-key"), &files[..])
+    else {
+        return usage_error(USE);
+    };
+    let fail = |msg: String| {
+        eprintln!("fleet-bridge certificates sign: {msg}");
+        ExitCode::from(2)
+    };
+    let days = match need("days").map(|d| d.parse::<u32>()) {
+        None => 365,
+        Some(Ok(d)) if (1..=3650).contains(&d) => d,
+        _ => return fail("--days must be 1 .. 3650".into()),
+    };
+    let cfg = match fleet_bridge::config::Config::load(Some(std::path::Path::new(&config))) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let authority = match fleet_bridge::certificates::Authority::load(ca_cert.as_ref(), ca_key.as_ref(), days) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    match fleet_bridge::certificates::run(&cfg, &authority) {
+        Ok(s) => {
+            println!("certificates: {} signed, {} already answered, {} refused", s.signed, s.answered, s.refused);
+            if s.refused == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `--key value` pairs and the other arguments.
+fn options(args: &[String]) -> (std::collections::HashMap<String, String>, Vec<String>) {
+    let mut opts = std::collections::HashMap::new();
+    let mut files = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.strip_prefix("--") {
+            Some(k) => {
+                opts.insert(k.to_owned(), it.next().cloned().unwrap_or_default());
+            }
+            None => files.push(a.clone()),
+        }
+    }
+    (opts, files)
 }
 
 fn usage_error(msg: &str) -> ExitCode {

@@ -10,6 +10,7 @@
 //! alarm was not raised more than in as long a time before the push.
 
 use crate::config::Config;
+use crate::operator::Operator;
 use edge_wire::config_doc::{self, ConfigDoc};
 use std::time::{Duration, Instant};
 
@@ -122,62 +123,6 @@ fn health(agent: &ureq::Agent, url: &str, device: &str, at_s: f64, span_s: u64) 
     })
 }
 
-/// Publishes retained payloads as the operator (`[mqtt]` of the config:
-/// the operator's certificate) and reads retained ones.
-struct Operator {
-    client: rumqttc::Client,
-    conn: rumqttc::Connection,
-}
-
-impl Operator {
-    fn connect(cfg: &Config) -> Result<Operator, String> {
-        let m = &cfg.mqtt;
-        let mut opts = rumqttc::MqttOptions::new(format!("{}-rollout", m.client_id), m.host.clone(), m.port);
-        opts.set_keep_alive(Duration::from_secs(30)).set_clean_session(true);
-        crate::secure(m, &mut opts).map_err(|e| e.to_string())?;
-        let (client, conn) = rumqttc::Client::new(opts, 16);
-        Ok(Operator { client, conn })
-    }
-
-    /// The retained message of `topic`, if any (waits a second for it).
-    fn retained(&mut self, topic: &str) -> Result<Option<Vec<u8>>, String> {
-        self.client.subscribe(topic, rumqttc::QoS::AtLeastOnce).map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut subscribed_at = None;
-        let mut found = None;
-        while Instant::now() < deadline {
-            match self.conn.recv_timeout(Duration::from_millis(200)) {
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => subscribed_at = Some(Instant::now()),
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) if p.topic == topic => {
-                    found = Some(p.payload.to_vec());
-                    break;
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(format!("broker: {e}")),
-                Err(_) => {}
-            }
-            if subscribed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
-                break;
-            }
-        }
-        let _ = self.client.unsubscribe(topic);
-        Ok(found)
-    }
-
-    fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
-        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload).map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            match self.conn.recv_timeout(Duration::from_millis(200)) {
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => return Ok(()),
-                Ok(Ok(_)) | Err(_) => {}
-                Ok(Err(e)) => return Err(format!("broker: {e}")),
-            }
-        }
-        Err(format!("no PUBACK for {topic} within 10 s"))
-    }
-}
-
 fn document(plan: &Plan, target: String, id: String, toml: String) -> Result<Vec<u8>, String> {
     let doc = ConfigDoc { target, id, issued_ms: crate::now_ms(), toml };
     match &plan.key {
@@ -193,7 +138,7 @@ pub fn run(cfg: &Config, plan: &Plan) -> Result<bool, String> {
     let log = Log { path: cfg.audit.dir.join(format!("rollout-{day}.jsonl")), id: plan.id.clone() };
     let prefix = &cfg.mqtt.topic_prefix;
     let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).build().into();
-    let mut op = Operator::connect(cfg)?;
+    let mut op = Operator::connect(cfg, "rollout")?;
     // What each canary had: its own document's TOML (restored afterwards)
     // and its health.
     let span = plan.watch.as_secs().max(1);

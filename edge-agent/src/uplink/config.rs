@@ -38,6 +38,10 @@ pub struct MqttConfig {
     pub tls: edge_wire::tls::TlsConfig,
     /// User name and password (e.g. without a client certificate).
     pub auth: edge_wire::tls::Credentials,
+    /// When the client certificate expires within this many days, a new
+    /// key and a certificate request are made and sent over the uplink
+    /// (uplink/renewal.rs; 0: never).
+    pub renew_certificate_days: u32,
 }
 /// Where the default config looks for the device's TLS files.
 pub const DEFAULT_TLS_DIR: &str = "/etc/edge-agent/tls";
@@ -58,6 +62,7 @@ impl Default for MqttConfig {
             drain_bytes_per_sec: 0,
             tls: edge_wire::tls::TlsConfig::in_dir(Path::new(DEFAULT_TLS_DIR), "device"),
             auth: edge_wire::tls::Credentials::default(),
+            renew_certificate_days: 30,
         }
     }
 }
@@ -71,6 +76,9 @@ impl MqttConfig {
         self.tls.validate("mqtt.tls")?;
         if self.port == 0 {
             return Err("mqtt.port must be 1 .. 65535".into());
+        }
+        if self.renew_certificate_days > 3650 {
+            return Err("mqtt.renew_certificate_days must be 0 (never) .. 3650".into());
         }
         if self.max_inflight == 0 {
             return Err("mqtt.max_inflight must be at least 1".into());

@@ -37,6 +37,8 @@ pub struct UplinkMetrics {
     pub handshake_failures: Family<RefusalLabels, Counter>,
     /// Client certificate rotations, by result (rotation.rs).
     pub rotations: Family<ResultLabels, Counter>,
+    /// Certificate renewal steps over the uplink (renewal.rs).
+    pub renewals: Family<ResultLabels, Counter>,
 }
 
 impl UplinkMetrics {
@@ -97,6 +99,13 @@ impl UplinkMetrics {
             "Client certificates dropped in <state_dir>/tls-drop, by result: installed (the broker accepted it), \
              refused (unusable, not from the CA, another identity, expired, or refused by the broker)",
             self.rotations.clone(),
+        );
+        registry.register(
+            "edge_agent_tls_renewals",
+            "Client certificate renewal over the uplink, by step: requested (a new key and request made), \
+             delivered (a certificate for it came: into tls-drop, tried as a rotation), ignored (a certificate \
+             message for no waiting request or another key), not_requested (the request could not be written)",
+            self.renewals.clone(),
         );
     }
 

@@ -26,6 +26,7 @@ pub mod delivery;
 pub mod inflight;
 pub mod metrics;
 pub mod mqtt;
+pub mod renewal;
 pub mod rotation;
 mod session;
 #[cfg(test)]
@@ -79,6 +80,9 @@ pub struct Uplink {
     /// A new client certificate dropped in: checked, tried, installed or
     /// refused (rotation.rs).
     rotation: Mutex<rotation::Rotation>,
+    /// A new certificate asked for over the uplink when this one nears its
+    /// expiry (renewal.rs).
+    renewal: Mutex<renewal::Renewal>,
     /// Time requests' nonces: each connection takes a range, from this
     /// boot's clock at the start, so that no late answer to another
     /// connection's (or run's) request is taken for one to ours.
@@ -108,8 +112,15 @@ impl Uplink {
         let boot = crate::clock::boot_id().to_owned();
         let nonces = AtomicU64::new((crate::clock::mono_ms().max(0) as u64) << 20);
         let rotation = Mutex::new(rotation::Rotation::new(&cfg.state_dir, metrics.uplink.rotations.clone()));
+        let renewal = Mutex::new(renewal::Renewal::new(
+            &cfg.state_dir,
+            &cfg.device_id,
+            cfg.mqtt.renew_certificate_days,
+            metrics.uplink.renewals.clone(),
+        ));
         Uplink {
             rotation,
+            renewal,
             cfg,
             store,
             clock,
@@ -138,8 +149,9 @@ impl Uplink {
         self
     }
 
-    /// Certificate rotations are audited in `trail` too.
+    /// Certificate rotations and renewals are audited in `trail` too.
     pub fn with_audit(self, trail: Arc<crate::audit::Audit>) -> Self {
+        lock(&self.renewal).trail = Some(trail.clone());
         lock(&self.rotation).trail = Some(trail);
         self
     }
@@ -299,6 +311,12 @@ impl Uplink {
                     }
                 }
                 Action::TrueTime { bridge_ms, sent, received } => self.true_time(bridge_ms, sent, received),
+                // Into the drop directory: the connection is ended to try
+                // it within CANDIDATE_LOOK.
+                Action::Certificate(payload) => {
+                    lock(&self.renewal).certificate(&payload);
+                }
+                Action::RequestCleared => lock(&self.renewal).cleared(),
             }
         }
     }
@@ -355,9 +373,11 @@ impl Uplink {
     }
 
     /// The client certificate's expiry, read with the TLS files on every
-    /// connection attempt: exported, and said when it is near.
+    /// connection attempt: exported, said when it is near, and renewed
+    /// (renewal.rs).
     fn certificate_expiry(&self, at: i64, now: i64) {
         self.metrics.uplink.certificate_expiry.set(at);
+        lock(&self.renewal).check(at, now);
         let left_days = (at - now) / 86_400;
         if left_days < EXPIRY_WARN_DAYS && !self.said_expiry.swap(true, Ordering::Relaxed) {
             tracing::warn!(

@@ -118,11 +118,7 @@ impl Rotation {
                 match edge_wire::tls::check_client_identity(&configured.ca_file, &cert, &key, device_id, now_secs) {
                     Ok(expiry) => {
                         self.trial = true;
-                        audit(
-                            &self.dir,
-                            "trying",
-                            &format!("a new certificate (expires {expiry}) on the next connection"),
-                        );
+                        self.audit("trying", &format!("a new certificate (expires {expiry}) on the next connection"));
                     }
                     Err((reason, why)) => self.refuse(reason, &why),
                 }

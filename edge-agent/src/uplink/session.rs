@@ -57,6 +57,10 @@ pub enum Action {
     /// A bridge's wall clock (`bridge_ms`) when our request, sent at
     /// `sent`, arrived; its answer came at `received` (clock stage).
     TrueTime { bridge_ms: i64, sent: Instant, received: Instant },
+    /// A message on the device's certificate topic (renewal.rs).
+    Certificate(Vec<u8>),
+    /// The answered certificate request's retained message was cleared.
+    RequestCleared,
 }
 
 /// Whether the connection goes on after an event.
@@ -88,6 +92,12 @@ pub struct Session<'a> {
     ack_topic: String,
     reply_topic: String,
     model_topic: String,
+    /// The certificate request topic and what goes on it at this
+    /// connection (renewal.rs); the certificate topic, listened to while a
+    /// request waits.
+    request_topic: String,
+    renewal: Option<super::renewal::Publish>,
+    certificate_topic: String,
     /// Config topics and their layers (remote.rs), when remote
     /// configuration is on.
     config_topics: Vec<(String, String)>,
@@ -121,6 +131,9 @@ impl<'a> Session<'a> {
             ack_topic: edge_wire::ack_topic(&m.topic_prefix, device),
             reply_topic: edge_wire::time_reply_topic(&m.topic_prefix, device),
             model_topic: edge_wire::model_topic(&m.topic_prefix, device),
+            request_topic: edge_wire::certificate_request_topic(&m.topic_prefix, device),
+            renewal: super::lock(&up.renewal).to_publish(),
+            certificate_topic: edge_wire::certificate_topic(&m.topic_prefix, device),
             config_topics: if up.configs.is_some() {
                 let groups = up
                     .cfg
@@ -216,6 +229,10 @@ impl<'a> Session<'a> {
                 // Retained too: the documents in force come with every
                 // connection; the stage ignores the ones it has.
                 topics.extend(self.config_topics.iter().map(|(t, _)| t.clone()));
+                // The answer to a waiting certificate request (retained).
+                if matches!(self.renewal, Some(super::renewal::Publish::Request(_))) {
+                    topics.push(self.certificate_topic.clone());
+                }
                 if !wire.subscribe(&topics) {
                     tracing::error!("cannot subscribe to delivery confirmations");
                 }
@@ -224,6 +241,21 @@ impl<'a> Session<'a> {
                 // hold its place in the publish order with no block.
                 if wire.publish(&self.presence, true, true, b"online".to_vec()) {
                     self.pkids.queued(None);
+                }
+                // The waiting certificate request, or an empty message
+                // clearing an answered one: retained, so a signer that
+                // starts later finds it.
+                if let Some(p) = self.renewal.take() {
+                    let (payload, cleared) = match p {
+                        super::renewal::Publish::Request(csr) => (csr, false),
+                        super::renewal::Publish::Clear => (Vec::new(), true),
+                    };
+                    if wire.publish(&self.request_topic, true, true, payload) {
+                        self.pkids.queued(None);
+                        if cleared {
+                            self.actions.push(Action::RequestCleared);
+                        }
+                    }
                 }
                 tracing::info!(host = %m.host, port = m.port, protocol = ?m.protocol, "connected to broker");
             }
@@ -257,6 +289,9 @@ impl<'a> Session<'a> {
             // To the detect stage: it verifies and installs it at its next
             // window.
             Ev::Publish { topic: t, payload } if t == self.model_topic => self.actions.push(Action::Model(payload)),
+            Ev::Publish { topic: t, payload } if t == self.certificate_topic => {
+                self.actions.push(Action::Certificate(payload))
+            }
             Ev::Publish { topic: t, payload } if self.config_topics.iter().any(|(c, _)| *c == t) => {
                 let layer =
                     self.config_topics.iter().find(|(c, _)| *c == t).map(|(_, l)| l.clone()).unwrap_or_default();
