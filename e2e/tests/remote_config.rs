@@ -4,7 +4,10 @@
 //! a group's document that keeps the uplink healthy is kept; a device's
 //! document that breaks the uplink (a closed port) is reverted by the box
 //! itself within the deadline; an unsigned one and one that would turn TLS
-//! off are refused. Every step is in the bridge's audit log.
+//! off are refused. Every step is in the bridge's audit log. Canary
+//! rollouts (`fleet-bridge rollout`) of a configuration and of a model:
+//! promoted from healthy canaries, rolled back on a regression, the
+//! canaries' own topics put back as they were.
 
 use e2e::*;
 use std::path::Path;
@@ -53,6 +56,32 @@ fn publish(broker: &Broker, topic: &str, payload: Vec<u8>) {
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
             Ok(_) => {}
             Err(e) => panic!("operator's publish: {e}"),
+        }
+    }
+}
+
+/// The retained message of `topic`, read as the operator.
+fn retained(broker: &Broker, topic: &str) -> Option<Vec<u8>> {
+    let (client, mut conn) = rumqttc::Client::new(broker.mqtt_options("operator-read", Who::Admin), 10);
+    client.subscribe(topic, rumqttc::QoS::AtLeastOnce).unwrap();
+    let mut subscribed = None;
+    loop {
+        match conn.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) if p.topic == topic => {
+                return Some(p.payload.to_vec())
+            }
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)))) => {
+                assert!(
+                    !a.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)),
+                    "the operator may not read {topic}"
+                );
+                subscribed = Some(std::time::Instant::now());
+            }
+            Ok(Err(e)) => panic!("operator's subscription: {e}"),
+            _ => {}
+        }
+        if subscribed.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            return None;
         }
     }
 }
@@ -173,6 +202,14 @@ fn a_rollout_is_promoted_from_healthy_canaries_and_rolled_back_on_a_probe_lost()
             other => Err(format!("{other:?}")),
         });
     }
+    // The canary has a document of its own: a rollout puts it back.
+    let own_toml = "[mqtt]\nlive_interval_ms = 0\n";
+    publish(
+        &broker,
+        &format!("edge/{canary}/config"),
+        pack(&dir, &format!("device:{canary}"), "own", own_toml, Some(&key)),
+    );
+    wait_remote(&mut a, "kept", 1.0, "the canary's own document kept", 40);
     let conf = dir.join("rollout.toml");
     std::fs::write(
         &conf,
@@ -203,6 +240,9 @@ fn a_rollout_is_promoted_from_healthy_canaries_and_rolled_back_on_a_probe_lost()
     assert!(out.contains(&format!("watched device:{canary}: healthy")), "{out}");
     assert!(out.contains(&format!("promoted group:{GROUP}")), "{out}");
     wait_remote(&mut b, "kept", 1.0, "the group's document kept by the other box", 40);
+    let own = retained(&broker, &format!("edge/{canary}/config")).expect("the canary's document");
+    let own = edge_wire::config_doc::ConfigDoc::decode(&own).unwrap().doc;
+    assert_eq!((own.id.as_str(), own.toml.as_str()), ("keepalive-20-promoted", own_toml), "its own TOML put back");
 
     // 2. The canary keeps its uplink but loses its probe: rolled back, and
     //    the probe attached again; the other box never saw the document.
@@ -226,4 +266,145 @@ fn a_rollout_is_promoted_from_healthy_canaries_and_rolled_back_on_a_probe_lost()
         assert!(steps.contains(&format!("\"step\":\"{step}\"")), "{step}: {steps}");
     }
     b.proc.assert_running();
+}
+
+/// `model/run.sh sign`: the card signed, `<dir>/model.bundle` (the MQTT
+/// message) made.
+fn sign_model(model_dir: &Path, key: &Path) -> Vec<u8> {
+    let o = Command::new(repo_dir().join("model/run.sh"))
+        .args(["sign", "--model", &model_dir.display().to_string(), "--key", &key.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(model_dir.join("model.bundle")).unwrap()
+}
+
+/// The shipped model as `name` in `dir`, with `threshold`; `pad` bytes
+/// after its .tflite make it another model file (its SHA-256 in the card).
+/// Returns the card and the model's SHA-256.
+fn model_variant(dir: &Path, name: &str, threshold: f64, pad: usize) -> (std::path::PathBuf, String) {
+    let shipped = repo_dir().join("model/shipped");
+    std::fs::create_dir_all(dir).unwrap();
+    let mut tfl = std::fs::read(shipped.join("anomaly.tflite")).unwrap();
+    tfl.extend(std::iter::repeat_n(0u8, pad));
+    let sha = {
+        let o =
+            Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn();
+        let mut child = o.unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), &tfl).unwrap();
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
+    };
+    std::fs::write(dir.join("anomaly.tflite"), &tfl).unwrap();
+    let mut card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shipped.join("anomaly.card.json")).unwrap()).unwrap();
+    card["name"] = serde_json::json!(name);
+    card["threshold"] = serde_json::json!(threshold);
+    card["model_sha256"] = serde_json::json!(sha);
+    std::fs::write(dir.join("anomaly.card.json"), serde_json::to_vec_pretty(&card).unwrap()).unwrap();
+    (dir.join("anomaly.card.json"), sha)
+}
+
+fn model_changes(a: &Agent, result: &str) -> f64 {
+    a.metric(&format!("edge_agent_detect_model_changes_total{{result=\"{result}\"}}")).unwrap_or(0.0)
+}
+
+fn runs(a: &Agent, name: &str, sha: &str) -> bool {
+    a.metric(&format!("edge_agent_detect_model_info{{name=\"{name}\",sha256=\"{sha}\"}}")) == Some(1.0)
+}
+
+/// A model rollout: a model that keeps the canary quiet is promoted to the
+/// group (the other box takes it from the group's topic); one that raises
+/// the canary's alarm is rolled back, the canary going back to the group's
+/// model, and the other box never sees it.
+#[test]
+fn a_model_rollout_is_promoted_and_one_raising_alarms_is_rolled_back() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("model-rollout");
+    let (key, public) = (dir.join("model.key"), dir.join("model.pub"));
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
+    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    // The factory model never raises its alarm; so does the good one; the
+    // bad one raises it at every window.
+    let (factory, _) = model_variant(&dir.join("factory"), "factory", 1e9, 0);
+    let (_, good_sha) = model_variant(&dir.join("good"), "good", 1e9, 16);
+    let good = sign_model(&dir.join("good"), &key);
+    let (_, bad_sha) = model_variant(&dir.join("bad"), "bad", 1e-9, 32);
+    let bad = sign_model(&dir.join("bad"), &key);
+    let broker = Broker::start(&dir);
+    let prom = Prom::start(&dir);
+    let pid = std::process::id();
+    let (canary, other) = (format!("e2e-mcanary-{pid}"), format!("e2e-mother-{pid}"));
+    let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{canary}"));
+    let agent = |sub: &str, device: &str| {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        let extra = format!(
+            "[probes.devices]\nenabled = false\n[probes.protocols]\nenabled = false\n[probes.buses]\nenabled = false\n\
+             [detect]\nmodel = \"{}\"\nupdate_public_key_file = \"{}\"\nwarmup_secs = 0\nraise_after = 2\n\
+             [remote_config]\ngroups = [\"{GROUP}\"]\n",
+            factory.display(),
+            public.display()
+        );
+        Agent::start(&d, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(device, &extra) })
+    };
+    let mut a = agent("a", &canary);
+    let mut b = agent("b", &other);
+    for d in [&canary, &other] {
+        let q = format!("sum(last_over_time(edge_agent_detect_model_changes_total{{device=\"{d}\"}}[5m]))");
+        wait_for("the boxes' model counts in Prometheus", Duration::from_secs(30), || match prom.scalar(&q) {
+            Ok(Some(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        });
+    }
+    let conf = dir.join("rollout.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[mqtt]\nclient_id = \"fleet-admin\"\n{}\n[audit]\ndir = \"{}\"\n",
+            broker.client_toml(Who::Admin),
+            dir.join("audit").display()
+        ),
+    )
+    .unwrap();
+    let rollout = |id: &str, bundle: &[u8]| {
+        let file = dir.join(format!("{id}.bundle"));
+        std::fs::write(&file, bundle).unwrap();
+        let o = Command::new(bin_dir().join("fleet-bridge"))
+            .args(["rollout", "--config", &conf.display().to_string(), "--prometheus", &prom.url()])
+            .args(["--group", GROUP, "--canary", &canary, "--id", id, "--watch-secs", "10", "--model"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    };
+
+    // 1. Quiet: promoted; the other box takes it from the group's topic.
+    let (code, out) = rollout("good-model", &good);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("watched device:{canary}: healthy")), "{out}");
+    wait_for("the other box running the promoted model", Duration::from_secs(40), || {
+        b.proc.assert_running();
+        runs(&b, "good", &good_sha).then_some(()).ok_or(model_changes(&b, "installed"))
+    });
+    assert!(runs(&a, "good", &good_sha), "the canary runs it, from the group's topic now");
+    assert_eq!(model_changes(&a, "installed"), 1.0, "the group's copy of the model it runs is not installed again");
+    assert_eq!(retained(&broker, &format!("edge/{canary}/model")), None, "the canary's own topic as it was: empty");
+
+    // 2. Alarms: rolled back; the canary goes back to the group's model.
+    let (code, out) = rollout("bad-model", &bad);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("unhealthy: its anomaly alarm was raised"), "{out}");
+    assert!(out.contains(&format!("rolled_back device:{canary}")), "{out}");
+    wait_for("the canary back on the group's model", Duration::from_secs(40), || {
+        a.proc.assert_running();
+        runs(&a, "good", &good_sha).then_some(()).ok_or(model_changes(&a, "installed"))
+    });
+    assert_eq!(model_changes(&a, "installed"), 3.0, "good, bad, good again");
+    assert!(!runs(&b, "bad", &bad_sha));
+    assert_eq!(model_changes(&b, "installed"), 1.0, "the other box took only the promoted model");
+    a.proc.assert_running();
 }

@@ -541,7 +541,7 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
     window.samples.extend(era.error_ms.map(|e| (edge_wire::SeriesKey::new(clock::ERROR_MS, vec![]), e as f64)));
     window.samples.extend(sh.metrics.uplink.window_samples());
     // What a rollout watches (docs/remote-config.md): the probes attached,
-    // and what became of remote documents.
+    // and what became of remote documents and models.
     window.samples.extend(sh.probes.borrow().states.iter().map(|(name, state)| {
         let key = edge_wire::SeriesKey::new(probe::metrics::ATTACHED, vec![edge_wire::Label::new("probe", *name)]);
         (key, f64::from(u8::from(matches!(state, probe::ProbeState::Attached))))
@@ -552,6 +552,9 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
             let n = sh.metrics.remote_configs.get_or_create(&labels).get();
             (edge_wire::SeriesKey::new(remote::CONFIGS_TOTAL, vec![edge_wire::Label::new("result", *r)]), n as f64)
         }));
+    }
+    if sh.detect.borrow().state != detect::ModelState::Disabled {
+        window.samples.extend(sh.metrics.detect.model_change_samples());
     }
     close_values(sh, &reading, &mut window);
     let alarm = detect_window(sh, &window);

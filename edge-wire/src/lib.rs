@@ -260,6 +260,21 @@ pub fn model_topic(prefix: &str, device: &str) -> String {
     format!("{prefix}/{device}/model")
 }
 
+/// How a model message starts (docs/model.md, "The model message").
+pub const MODEL_MESSAGE_MAGIC: &[u8] = b"EDGE-MODEL-1\n";
+/// The largest model message a device takes.
+pub const MODEL_MESSAGE_MAX_BYTES: usize = 1024 * 1024;
+
+/// The model message asking a device to go back to its previous model
+/// (docs/model.md).
+pub const MODEL_ROLLBACK: &[u8] = b"EDGE-MODEL-ROLLBACK\n";
+
+/// The topic of a group's model messages (retained; a device's own topic
+/// wins over it).
+pub fn group_model_topic(prefix: &str, group: &str) -> String {
+    format!("{prefix}/group/{group}/model")
+}
+
 /// The topic a device publishes its certificate request on (retained, PEM;
 /// docs/configuration.md, "Certificate renewal").
 pub fn certificate_request_topic(prefix: &str, device: &str) -> String {

@@ -10,7 +10,7 @@ const USAGE: &str = "usage: fleet-bridge [--config FILE]
        fleet-bridge audit verify FILE_OR_DIR...
        fleet-bridge config pack --target device:ID|group:NAME --id ID [--key ED25519.pem] FILE.toml OUT
        fleet-bridge rollout --config FILE --prometheus URL --group NAME --canary ID[,ID...] --id ID
-                            [--key ED25519.pem] [--watch-secs N] OVERLAY.toml
+                            [--watch-secs N] ([--key ED25519.pem] OVERLAY.toml | --model model.bundle)
        fleet-bridge certificates sign --config FILE --ca-cert CA.crt --ca-key CA.key [--days N]
 Logging: FLEET_BRIDGE_LOG=debug (tracing EnvFilter syntax).";
 
@@ -162,29 +162,46 @@ fn rollout(args: &[String]) -> ExitCode {
         ExitCode::from(2)
     };
     let need = |k: &str| opts.get(k).filter(|v| !v.is_empty()).cloned();
-    let (Some(config), Some(prometheus), Some(group), Some(canary), Some(id), [overlay]) =
-        (need("config"), need("prometheus"), need("group"), need("canary"), need("id"), &files[..])
+    let (Some(config), Some(prometheus), Some(group), Some(canary), Some(id)) =
+        (need("config"), need("prometheus"), need("group"), need("canary"), need("id"))
     else {
-        return usage_error("rollout needs --config --prometheus --group --canary --id and one OVERLAY.toml");
+        return usage_error("rollout needs --config --prometheus --group --canary --id, and OVERLAY.toml or --model");
     };
     let cfg = match fleet_bridge::config::Config::load(Some(std::path::Path::new(&config))) {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
-    let overlay_text = match std::fs::read_to_string(overlay) {
-        Ok(t) if t.parse::<toml::Table>().is_ok() => t,
-        Ok(_) => return fail(format!("{overlay}: not TOML")),
-        Err(e) => return fail(format!("{overlay}: {e}")),
-    };
-    let key = match need("key") {
-        None => None,
-        Some(k) => {
-            use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
-            match PrivatePkcs8KeyDer::from_pem_file(&k) {
-                Ok(d) => Some(d.secret_pkcs8_der().to_vec()),
-                Err(e) => return fail(format!("{k}: no PKCS#8 private key ({e:?})")),
+    let change = match (need("model"), &files[..]) {
+        (Some(bundle), []) => match std::fs::read(&bundle) {
+            Ok(b) if b.starts_with(edge_wire::MODEL_MESSAGE_MAGIC) && b.len() <= edge_wire::MODEL_MESSAGE_MAX_BYTES => {
+                fleet_bridge::rollout::Change::Model(b)
             }
+            Ok(_) => {
+                return fail(format!(
+                    "{bundle}: not a model message of at most 1 MiB (model/run.sh sign makes model.bundle)"
+                ))
+            }
+            Err(e) => return fail(format!("{bundle}: {e}")),
+        },
+        (None, [overlay]) => {
+            let overlay_text = match std::fs::read_to_string(overlay) {
+                Ok(t) if t.parse::<toml::Table>().is_ok() => t,
+                Ok(_) => return fail(format!("{overlay}: not TOML")),
+                Err(e) => return fail(format!("{overlay}: {e}")),
+            };
+            let key = match need("key") {
+                None => None,
+                Some(k) => {
+                    use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
+                    match PrivatePkcs8KeyDer::from_pem_file(&k) {
+                        Ok(d) => Some(d.secret_pkcs8_der().to_vec()),
+                        Err(e) => return fail(format!("{k}: no PKCS#8 private key ({e:?})")),
+                    }
+                }
+            };
+            fleet_bridge::rollout::Change::Config { overlay: overlay_text, key }
         }
+        _ => return usage_error("rollout changes one thing: an OVERLAY.toml, or --model model.bundle"),
     };
     let watch = match need("watch-secs").map(|w| w.parse::<u64>()) {
         None => 300,
@@ -196,8 +213,7 @@ fn rollout(args: &[String]) -> ExitCode {
         group,
         canaries: canary.split(',').map(str::to_owned).collect(),
         id,
-        overlay: overlay_text,
-        key,
+        change,
         watch: std::time::Duration::from_secs(watch),
     };
     if let Some(bad) = plan.canaries.iter().find(|c| edge_wire::validate_device_id(c).is_err()) {

@@ -17,7 +17,9 @@ impl Operator {
     pub fn connect(cfg: &Config, what: &str) -> Result<Operator, String> {
         let m = &cfg.mqtt;
         let mut opts = rumqttc::MqttOptions::new(format!("{}-{what}", m.client_id), m.host.clone(), m.port);
-        opts.set_keep_alive(Duration::from_secs(30)).set_clean_session(true);
+        // Model messages are the largest it sends or reads.
+        let max = edge_wire::MODEL_MESSAGE_MAX_BYTES + 64 * 1024;
+        opts.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_max_packet_size(max, max);
         crate::secure(m, &mut opts).map_err(|e| e.to_string())?;
         let (client, conn) = rumqttc::Client::new(opts, 16);
         Ok(Operator { client, conn })
@@ -31,7 +33,10 @@ impl Operator {
         let mut found = None;
         while Instant::now() < deadline {
             match self.conn.recv_timeout(Duration::from_millis(200)) {
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => subscribed_at = Some(Instant::now()),
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)))) => {
+                    refused(&a, topic)?;
+                    subscribed_at = Some(Instant::now())
+                }
                 Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) if p.topic == topic => {
                     found = Some(p.payload.to_vec());
                     break;
@@ -48,8 +53,18 @@ impl Operator {
         Ok(found)
     }
 
+    /// Publishes retained (QoS 1) and waits for the broker's PUBACK.
     pub fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
-        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload).map_err(|e| e.to_string())?;
+        self.send(topic, payload, true)
+    }
+
+    /// Publishes once, not retained (QoS 1: to the sessions there now).
+    pub fn publish_once(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        self.send(topic, payload, false)
+    }
+
+    fn send(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), String> {
+        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             match self.conn.recv_timeout(Duration::from_millis(200)) {
@@ -71,7 +86,10 @@ impl Operator {
         let mut found = Vec::new();
         loop {
             match self.conn.recv_timeout(Duration::from_millis(100)) {
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => last = Some(Instant::now()),
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)))) => {
+                    refused(&a, filter)?;
+                    last = Some(Instant::now())
+                }
                 Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) if p.retain => {
                     found.push((p.topic.clone(), p.payload.to_vec()));
                     last = Some(Instant::now());
@@ -88,4 +106,16 @@ impl Operator {
         let _ = self.client.unsubscribe(filter);
         Ok(found)
     }
+}
+
+/// A subscription the broker refused is an error: reading nothing would
+/// look like nothing retained.
+fn refused(ack: &rumqttc::SubAck, filter: &str) -> Result<(), String> {
+    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+        return Err(format!(
+            "the broker refused the subscription to {filter}: the operator's identity needs read on it \
+             (configs/mosquitto/acl-central)"
+        ));
+    }
+    Ok(())
 }

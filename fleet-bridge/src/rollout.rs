@@ -1,12 +1,14 @@
-//! `fleet-bridge rollout`: a configuration overlay to a canary set first,
-//! their health watched in Prometheus, then promoted to the group or
-//! rolled back (docs/remote-config.md, "Canary rollouts"). Every step is
-//! printed and appended to `<audit.dir>/rollout-<YYYY-MM-DD>.jsonl`.
+//! `fleet-bridge rollout`: a configuration overlay or a model to a canary
+//! set first, their health watched in Prometheus, then promoted to the
+//! group or rolled back (docs/remote-config.md, "Canary rollouts"). Every
+//! step is printed and appended to `<audit.dir>/rollout-<YYYY-MM-DD>.jsonl`.
 //!
-//! A canary is healthy when, within the watch: the box kept the document
-//! (`edge_agent_remote_configs_total{result="kept"}` rose, neither
-//! `reverted` nor `refused` did), its windows recorded after the push
-//! landed, no more probes are attached less than before, and its anomaly
+//! A canary is healthy when, within the watch: the box took the change (a
+//! configuration kept: `edge_agent_remote_configs_total{result="kept"}`
+//! rose, neither `reverted` nor `refused` did; a model installed:
+//! `edge_agent_detect_model_changes_total{result="installed"}` rose,
+//! neither `rolled_back` nor `refused` did), its windows recorded after the
+//! push landed, no fewer probes are attached than before, and its anomaly
 //! alarm was not raised more than in as long a time before the push.
 
 use crate::config::Config;
@@ -21,10 +23,69 @@ pub struct Plan {
     pub group: String,
     pub canaries: Vec<String>,
     pub id: String,
-    pub overlay: String,
-    /// PKCS#8 DER of the signing key, if documents are signed.
-    pub key: Option<Vec<u8>>,
+    pub change: Change,
     pub watch: Duration,
+}
+
+/// What a rollout changes.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A configuration overlay (TOML), sent as configuration documents,
+    /// signed with `key` (PKCS#8 DER of an Ed25519 key) if given.
+    Config { overlay: String, key: Option<Vec<u8>> },
+    /// A model message (`model/run.sh sign`'s `model.bundle`: the card is
+    /// signed by its maker, the message goes as it is).
+    Model(Vec<u8>),
+}
+
+impl Change {
+    fn device_topic(&self, prefix: &str, device: &str) -> String {
+        match self {
+            Change::Config { .. } => config_doc::device_topic(prefix, device),
+            Change::Model(_) => edge_wire::model_topic(prefix, device),
+        }
+    }
+
+    fn group_topic(&self, prefix: &str, group: &str) -> String {
+        match self {
+            Change::Config { .. } => config_doc::group_topic(prefix, group),
+            Change::Model(_) => edge_wire::group_model_topic(prefix, group),
+        }
+    }
+
+    /// The counter of the box's decisions and its results for taken,
+    /// reverted and refused.
+    fn counts(&self) -> (&'static str, [&'static str; 3]) {
+        match self {
+            Change::Config { .. } => ("edge_agent_remote_configs_total", ["kept", "reverted", "refused"]),
+            Change::Model(_) => ("edge_agent_detect_model_changes_total", ["installed", "rolled_back", "refused"]),
+        }
+    }
+
+    /// The message for `target` (`device:<id>`, `group:<g>`).
+    fn message(&self, target: &str, id: &str) -> Result<Vec<u8>, String> {
+        match self {
+            Change::Config { overlay, key } => document(key.as_deref(), target, id, overlay),
+            Change::Model(bundle) => Ok(bundle.clone()),
+        }
+    }
+
+    /// What a canary's own topic held before, to put back: a document
+    /// with its TOML (an empty one when it had none); a model message, or
+    /// nothing (an empty retained message clears the topic).
+    fn restore(&self, target: &str, id: &str, previous: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Change::Config { key, .. } => {
+                let toml = if previous.is_empty() {
+                    String::new()
+                } else {
+                    ConfigDoc::decode(previous).map_err(|e| format!("{target}: {e}"))?.doc.toml
+                };
+                document(key.as_deref(), target, id, &toml)
+            }
+            Change::Model(_) => Ok(previous.to_vec()),
+        }
+    }
 }
 
 /// One canary's health figures at a time.
@@ -43,10 +104,10 @@ pub struct Health {
 /// A canary's verdict: healthy, or why not; `None` while undecided.
 pub fn judge(before: &Health, now: &Health, pushed_s: f64, watch_over: bool) -> Option<Result<(), String>> {
     if now.reverted > before.reverted {
-        return Some(Err("the box reverted the document (no block confirmed in its deadline)".into()));
+        return Some(Err("the box reverted it".into()));
     }
     if now.refused > before.refused {
-        return Some(Err("the box refused the document".into()));
+        return Some(Err("the box refused it".into()));
     }
     if now.alarm_windows > before.alarm_windows {
         return Some(Err(format!(
@@ -58,7 +119,7 @@ pub fn judge(before: &Health, now: &Health, pushed_s: f64, watch_over: bool) -> 
         return None;
     }
     if now.kept <= before.kept {
-        return Some(Err("the box did not keep the document within the watch".into()));
+        return Some(Err("the box did not take it within the watch".into()));
     }
     if now.newest_s <= pushed_s {
         return Some(Err("no window recorded after the push has landed".into()));
@@ -106,15 +167,15 @@ fn query(agent: &ureq::Agent, url: &str, q: &str, at_s: f64) -> Result<Option<f6
     Ok(v["data"]["result"].as_array().and_then(|r| r.first()).and_then(|r| r["value"][1].as_str()?.parse().ok()))
 }
 
-fn health(agent: &ureq::Agent, url: &str, device: &str, at_s: f64, span_s: u64) -> Result<Health, String> {
+fn health(agent: &ureq::Agent, plan: &Plan, device: &str, at_s: f64) -> Result<Health, String> {
+    let (url, span_s) = (&plan.prometheus, plan.watch.as_secs().max(1));
     let one = |q: String| query(agent, url, &q, at_s).map(|v| v.unwrap_or(0.0));
-    let count = |r: &str| {
-        one(format!("max(last_over_time(edge_agent_remote_configs_total{{device=\"{device}\",result=\"{r}\"}}[1h]))"))
-    };
+    let (counter, [kept, reverted, refused]) = plan.change.counts();
+    let count = |r: &str| one(format!("max(last_over_time({counter}{{device=\"{device}\",result=\"{r}\"}}[1h]))"));
     Ok(Health {
-        kept: count("kept")?,
-        reverted: count("reverted")?,
-        refused: count("refused")?,
+        kept: count(kept)?,
+        reverted: count(reverted)?,
+        refused: count(refused)?,
         probes_attached: one(format!("sum(last_over_time(edge_agent_probe_attached{{device=\"{device}\"}}[5m]))"))?,
         newest_s: one(format!(
             "max(timestamp(last_over_time(edge_agent_store_backlog_records{{device=\"{device}\",lane=\"routine\"}}[5m])))"
@@ -123,9 +184,9 @@ fn health(agent: &ureq::Agent, url: &str, device: &str, at_s: f64, span_s: u64) 
     })
 }
 
-fn document(plan: &Plan, target: String, id: String, toml: String) -> Result<Vec<u8>, String> {
-    let doc = ConfigDoc { target, id, issued_ms: crate::now_ms(), toml };
-    match &plan.key {
+fn document(key: Option<&[u8]>, target: &str, id: &str, toml: &str) -> Result<Vec<u8>, String> {
+    let doc = ConfigDoc { target: target.into(), id: id.into(), issued_ms: crate::now_ms(), toml: toml.into() };
+    match key {
         Some(k) => doc.encode_signed(k),
         None => Ok(doc.encode_unsigned()),
     }
@@ -139,25 +200,23 @@ pub fn run(cfg: &Config, plan: &Plan) -> Result<bool, String> {
     let prefix = &cfg.mqtt.topic_prefix;
     let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).build().into();
     let mut op = Operator::connect(cfg, "rollout")?;
-    // What each canary had: its own document's TOML (restored afterwards)
-    // and its health.
-    let span = plan.watch.as_secs().max(1);
+    let group_topic = plan.change.group_topic(prefix, &plan.group);
+    let group_had = op.retained(&group_topic)?.filter(|p| !p.is_empty());
+    // What each canary's own topic held (put back afterwards) and its
+    // health.
     let pushed_s = crate::now_ms() as f64 / 1000.0;
     let mut canaries = Vec::new();
     for device in &plan.canaries {
-        let topic = config_doc::device_topic(prefix, device);
-        let previous = match op.retained(&topic)? {
-            Some(p) if !p.is_empty() => ConfigDoc::decode(&p).map_err(|e| format!("{topic}: {e}"))?.doc.toml,
-            _ => String::new(),
-        };
-        let before = health(&agent, &plan.prometheus, device, pushed_s, span)?;
+        let topic = plan.change.device_topic(prefix, device);
+        let previous = op.retained(&topic)?.unwrap_or_default();
+        let before = health(&agent, plan, device, pushed_s)?;
         canaries.push((device.clone(), topic, previous, before));
     }
-    log.step("start", &format!("group:{}", plan.group), &format!("canaries {:?}, watch {} s", plan.canaries, span));
+    let span = plan.watch.as_secs().max(1);
+    log.step("start", &format!("group:{}", plan.group), &format!("canaries {:?}, watch {span} s", plan.canaries));
     for (device, topic, _, _) in &canaries {
-        let doc = document(plan, format!("device:{device}"), plan.id.clone(), plan.overlay.clone())?;
-        op.publish(topic, doc)?;
-        log.step("canary", &format!("device:{device}"), "document published");
+        op.publish(topic, plan.change.message(&format!("device:{device}"), &plan.id)?)?;
+        log.step("canary", &format!("device:{device}"), "published");
     }
     let until = Instant::now() + plan.watch;
     let mut verdicts: Vec<Option<Result<(), String>>> = vec![None; canaries.len()];
@@ -168,7 +227,7 @@ pub fn run(cfg: &Config, plan: &Plan) -> Result<bool, String> {
             if verdicts[i].is_some() {
                 continue;
             }
-            let now = health(&agent, &plan.prometheus, device, now_s, span)?;
+            let now = health(&agent, plan, device, now_s)?;
             verdicts[i] = judge(before, &now, pushed_s, over);
             if let Some(v) = &verdicts[i] {
                 let detail = v.as_ref().map_or_else(|e| format!("unhealthy: {e}"), |_| "healthy".into());
@@ -182,17 +241,22 @@ pub fn run(cfg: &Config, plan: &Plan) -> Result<bool, String> {
     }
     let healthy = verdicts.iter().all(|v| matches!(v, Some(Ok(()))));
     if healthy {
-        let topic = config_doc::group_topic(prefix, &plan.group);
-        op.publish(&topic, document(plan, format!("group:{}", plan.group), plan.id.clone(), plan.overlay.clone())?)?;
-        log.step("promoted", &format!("group:{}", plan.group), "document published to the group");
+        op.publish(&group_topic, plan.change.message(&format!("group:{}", plan.group), &plan.id)?)?;
+        log.step("promoted", &format!("group:{}", plan.group), "published to the group");
     }
-    // The canaries' own documents back as they were (the group's now
-    // carries the change, or nothing does).
+    // The canaries' own topics back as they were (the group's now carries
+    // the change, or nothing does).
     let (step, suffix) = if healthy { ("restored", "promoted") } else { ("rolled_back", "rolled-back") };
     for (device, topic, previous, _) in &canaries {
-        let doc = document(plan, format!("device:{device}"), format!("{}-{suffix}", plan.id), previous.clone())?;
-        op.publish(topic, doc)?;
-        log.step(step, &format!("device:{device}"), "its own document as before the rollout");
+        let target = format!("device:{device}");
+        op.publish(topic, plan.change.restore(&target, &format!("{}-{suffix}", plan.id), previous)?)?;
+        log.step(step, &target, "its own topic as before the rollout");
+        // A model with nothing to go back to on the topics: the box's own
+        // previous model (a rollback request, not retained).
+        if !healthy && matches!(plan.change, Change::Model(_)) && previous.is_empty() && group_had.is_none() {
+            op.publish_once(topic, edge_wire::MODEL_ROLLBACK.to_vec())?;
+            log.step("rollback_requested", &target, "no model on its topics: back to its previous one");
+        }
     }
     Ok(healthy)
 }
@@ -214,7 +278,7 @@ mod tests {
         };
         assert!(bad(|h| h.reverted = 1.0).contains("reverted"));
         assert!(bad(|h| h.refused = 1.0).contains("refused"));
-        assert!(bad(|h| h.kept = 1.0).contains("did not keep"));
+        assert!(bad(|h| h.kept = 1.0).contains("did not take"));
         assert!(bad(|h| h.newest_s = 105.0).contains("no window"));
         assert!(bad(|h| h.probes_attached = 1.0).contains("1 probes attached, 2 before"));
         assert!(bad(|h| h.alarm_windows = 3.0).contains("alarm"));

@@ -24,6 +24,11 @@ pub const EVENT: &str = "edge_anomaly_event";
 pub const ACTION: &str = "edge_anomaly_action";
 /// The features that raised an alarm most (priority records only).
 pub const TOP_FEATURE: &str = "edge_anomaly_top_feature";
+/// Model updates by result (also in every window while detection is on:
+/// what a model rollout watches, docs/remote-config.md).
+pub const MODEL_CHANGES_TOTAL: &str = "edge_agent_detect_model_changes_total";
+/// The results a model update counts.
+pub const MODEL_CHANGE_RESULTS: [&str; 3] = ["installed", "rolled_back", "refused"];
 
 #[derive(Clone, Debug, Default)]
 pub struct DetectMetrics {
@@ -114,6 +119,14 @@ impl DetectMetrics {
     /// A model update's result (installed, rolled_back, refused).
     pub fn model_changed(&self, result: &str) {
         self.model_changes.get_or_create(&ResultLabels { result: result.into() }).inc();
+    }
+
+    /// The model updates' counts, as series of a window.
+    pub fn model_change_samples(&self) -> impl Iterator<Item = (edge_wire::SeriesKey, f64)> + '_ {
+        MODEL_CHANGE_RESULTS.iter().map(|r| {
+            let n = self.model_changes.get_or_create(&ResultLabels { result: (*r).into() }).get();
+            (edge_wire::SeriesKey::new(MODEL_CHANGES_TOTAL, vec![edge_wire::Label::new("result", *r)]), n as f64)
+        })
     }
 
     /// The local action's counters, for it to count into as results come.

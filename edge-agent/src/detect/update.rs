@@ -22,11 +22,11 @@ pub const SIGNATURE: &str = "anomaly.card.json.sig";
 pub const ROLLBACK_FILE: &str = "ROLLBACK";
 /// An MQTT model message: this line, then the card, the signature and the
 /// model, each as a 4-byte big-endian length and its bytes.
-pub const BUNDLE_MAGIC: &[u8] = b"EDGE-MODEL-1\n";
+pub const BUNDLE_MAGIC: &[u8] = edge_wire::MODEL_MESSAGE_MAGIC;
 /// An MQTT message asking for the previous model.
-pub const ROLLBACK_MESSAGE: &[u8] = b"EDGE-MODEL-ROLLBACK\n";
+pub const ROLLBACK_MESSAGE: &[u8] = edge_wire::MODEL_ROLLBACK;
 /// Largest model message accepted.
-pub const MAX_BUNDLE_BYTES: usize = 1024 * 1024;
+pub const MAX_BUNDLE_BYTES: usize = edge_wire::MODEL_MESSAGE_MAX_BYTES;
 
 /// How a change came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

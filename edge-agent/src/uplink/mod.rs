@@ -25,6 +25,7 @@ pub mod cursor;
 pub mod delivery;
 pub mod inflight;
 pub mod metrics;
+pub mod model_layers;
 pub mod mqtt;
 pub mod renewal;
 pub mod rotation;
@@ -83,6 +84,9 @@ pub struct Uplink {
     /// A new certificate asked for over the uplink when this one nears its
     /// expiry (renewal.rs).
     renewal: Mutex<renewal::Renewal>,
+    /// The model messages of the device's and its groups' topics, and which
+    /// one the detect stage gets (model_layers.rs).
+    model_layers: Mutex<model_layers::ModelLayers>,
     /// Time requests' nonces: each connection takes a range, from this
     /// boot's clock at the start, so that no late answer to another
     /// connection's (or run's) request is taken for one to ours.
@@ -119,6 +123,7 @@ impl Uplink {
             metrics.uplink.renewals.clone(),
         ));
         Uplink {
+            model_layers: Mutex::new(model_layers::ModelLayers::new(&cfg.remote_config.groups)),
             rotation,
             renewal,
             cfg,
@@ -277,6 +282,7 @@ impl Uplink {
                 session.watch(lanes, Instant::now());
             }
             self.carry_out(session.actions(), lanes);
+            self.models_settled();
             if flow == Flow::End {
                 break;
             }
@@ -296,13 +302,12 @@ impl Uplink {
         for action in actions {
             match action {
                 Action::Persist => self.persist(lanes),
-                Action::Model(payload) => {
-                    let Some(inbox) = &self.models else { continue };
-                    match inbox.put(&payload) {
-                        Ok(()) => tracing::info!(bytes = payload.len(), "model message received"),
-                        Err(e) => tracing::error!(error = %e, "model message ignored"),
-                    }
+                // A rollback request goes at once; a model waits for the
+                // connection's model messages to settle.
+                Action::Model { layer, payload } if payload == crate::detect::update::ROLLBACK_MESSAGE => {
+                    self.to_detect(&layer, &payload);
                 }
+                Action::Model { layer, payload } => lock(&self.model_layers).set(&layer, payload, Instant::now()),
                 Action::Config { layer, payload } => {
                     let Some(inbox) = &self.configs else { continue };
                     match inbox.put(&layer, &payload) {
@@ -318,6 +323,22 @@ impl Uplink {
                 }
                 Action::RequestCleared => lock(&self.renewal).cleared(),
             }
+        }
+    }
+
+    /// The chosen model message, once the connection's settled.
+    fn models_settled(&self) {
+        let due = lock(&self.model_layers).due(Instant::now());
+        if let Some((layer, payload)) = due {
+            self.to_detect(&layer, &payload);
+        }
+    }
+
+    fn to_detect(&self, layer: &str, payload: &[u8]) {
+        let Some(inbox) = &self.models else { return };
+        match inbox.put(payload) {
+            Ok(()) => tracing::info!(layer, bytes = payload.len(), "model message received"),
+            Err(e) => tracing::error!(layer, error = %e, "model message ignored"),
         }
     }
 

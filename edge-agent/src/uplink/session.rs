@@ -49,8 +49,9 @@ impl Wire for Conn {
 pub enum Action {
     /// The lanes' confirmed positions moved: make them durable (store).
     Persist,
-    /// A model message, for the detect stage's inbox.
-    Model(Vec<u8>),
+    /// A model message of a layer (`device`, `group-<g>`; model_layers.rs),
+    /// for the detect stage's inbox.
+    Model { layer: String, payload: Vec<u8> },
     /// A configuration document for a layer (`device`, `group-<g>`), for
     /// the remote configuration stage's inbox.
     Config { layer: String, payload: Vec<u8> },
@@ -91,7 +92,9 @@ pub struct Session<'a> {
     presence: String,
     ack_topic: String,
     reply_topic: String,
-    model_topic: String,
+    /// Model topics and their layers (model_layers.rs), when model
+    /// updates are on.
+    model_topics: Vec<(String, String)>,
     /// The certificate request topic and what goes on it at this
     /// connection (renewal.rs); the certificate topic, listened to while a
     /// request waits.
@@ -130,7 +133,17 @@ impl<'a> Session<'a> {
             presence: edge_wire::presence_topic(&m.topic_prefix, device),
             ack_topic: edge_wire::ack_topic(&m.topic_prefix, device),
             reply_topic: edge_wire::time_reply_topic(&m.topic_prefix, device),
-            model_topic: edge_wire::model_topic(&m.topic_prefix, device),
+            model_topics: if up.models.is_some() {
+                let groups =
+                    up.cfg.remote_config.groups.iter().map(|g| {
+                        (edge_wire::group_model_topic(&m.topic_prefix, g), super::model_layers::group_layer(g))
+                    });
+                std::iter::once((edge_wire::model_topic(&m.topic_prefix, device), super::model_layers::DEVICE.into()))
+                    .chain(groups)
+                    .collect()
+            } else {
+                Vec::new()
+            },
             request_topic: edge_wire::certificate_request_topic(&m.topic_prefix, device),
             renewal: super::lock(&up.renewal).to_publish(),
             certificate_topic: edge_wire::certificate_topic(&m.topic_prefix, device),
@@ -223,9 +236,8 @@ impl<'a> Session<'a> {
                 // Models are published retained: one comes with every
                 // connection, and is installed once.
                 let mut topics = vec![self.ack_topic.clone(), self.reply_topic.clone()];
-                if up.models.is_some() {
-                    topics.push(self.model_topic.clone());
-                }
+                topics.extend(self.model_topics.iter().map(|(t, _)| t.clone()));
+                super::lock(&up.model_layers).connected();
                 // Retained too: the documents in force come with every
                 // connection; the stage ignores the ones it has.
                 topics.extend(self.config_topics.iter().map(|(t, _)| t.clone()));
@@ -288,7 +300,10 @@ impl<'a> Session<'a> {
             }
             // To the detect stage: it verifies and installs it at its next
             // window.
-            Ev::Publish { topic: t, payload } if t == self.model_topic => self.actions.push(Action::Model(payload)),
+            Ev::Publish { topic: t, payload } if self.model_topics.iter().any(|(m, _)| *m == t) => {
+                let layer = self.model_topics.iter().find(|(m, _)| *m == t).map(|(_, l)| l.clone()).unwrap_or_default();
+                self.actions.push(Action::Model { layer, payload });
+            }
             Ev::Publish { topic: t, payload } if t == self.certificate_topic => {
                 self.actions.push(Action::Certificate(payload))
             }
