@@ -719,6 +719,24 @@ pub fn bridge_on_nats(
     spawn_bridge(dir, client_id, &source, write_url, remote_write, log)
 }
 
+/// The config of the operator's commands (`fleet-bridge rollout`,
+/// `certificates sign`): the operator identity (fleet-admin) on the
+/// broker's central listener, and `<dir>/audit` for their logs, beside the
+/// bridges'. Written to `<dir>/operator.toml`.
+pub fn operator_config(dir: &Path, broker: &Broker) -> PathBuf {
+    let conf = dir.join("operator.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[mqtt]\nclient_id = \"fleet-admin\"\n{}\n[audit]\ndir = \"{}\"\n",
+            broker.client_toml(Who::Admin),
+            dir.join("audit").display()
+        ),
+    )
+    .expect("operator config");
+    conf
+}
+
 /// A bridge with `source` (its `[mqtt]` or `[jetstream]` tables), once it
 /// is subscribed (or pulling).
 fn spawn_bridge(

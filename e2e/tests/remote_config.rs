@@ -210,16 +210,7 @@ fn a_rollout_is_promoted_from_healthy_canaries_and_rolled_back_on_a_probe_lost()
         pack(&dir, &format!("device:{canary}"), "own", own_toml, Some(&key)),
     );
     wait_remote(&mut a, "kept", 1.0, "the canary's own document kept", 40);
-    let conf = dir.join("rollout.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "[mqtt]\nclient_id = \"fleet-admin\"\n{}\n[audit]\ndir = \"{}\"\n",
-            broker.client_toml(Who::Admin),
-            dir.join("audit").display()
-        ),
-    )
-    .unwrap();
+    let conf = operator_config(&dir, &broker);
     let rollout = |id: &str, overlay: &str| {
         let file = dir.join(format!("{id}.toml"));
         std::fs::write(&file, overlay).unwrap();
@@ -360,16 +351,7 @@ fn a_model_rollout_is_promoted_and_one_raising_alarms_is_rolled_back() {
             other => Err(format!("{other:?}")),
         });
     }
-    let conf = dir.join("rollout.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "[mqtt]\nclient_id = \"fleet-admin\"\n{}\n[audit]\ndir = \"{}\"\n",
-            broker.client_toml(Who::Admin),
-            dir.join("audit").display()
-        ),
-    )
-    .unwrap();
+    let conf = operator_config(&dir, &broker);
     let rollout = |id: &str, bundle: &[u8]| {
         let file = dir.join(format!("{id}.bundle"));
         std::fs::write(&file, bundle).unwrap();

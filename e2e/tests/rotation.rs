@@ -213,7 +213,7 @@ fn renewals(a: &Agent, result: &str) -> f64 {
     a.metric(&format!("edge_agent_tls_renewals_total{{result=\"{result}\"}}")).unwrap_or(0.0)
 }
 
-/// A box whose certificate expires in 20 days (renewed 30 days before, the
+/// A box whose certificate expires in 20 days (renewed 45 days before, the
 /// default) makes a new key and request at once; the operator's signer
 /// answers it through the broker; the box tries the certificate, installs
 /// it, clears its request, and delivers on with it. The signer run again
@@ -248,16 +248,7 @@ fn a_certificate_near_its_expiry_is_renewed_over_the_uplink() {
     let csr = std::fs::read_to_string(state.join("tls/request.csr")).unwrap();
     assert!(csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"), "{csr}");
 
-    let conf = dir.join("signer.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "[mqtt]\nclient_id = \"fleet-admin\"\n{}\n[audit]\ndir = \"{}\"\n",
-            broker.client_toml(Who::Admin),
-            dir.join("audit").display()
-        ),
-    )
-    .unwrap();
+    let conf = operator_config(&dir, &broker);
     let sign = || {
         let o = Command::new(bin_dir().join("fleet-bridge"))
             .args(["certificates", "sign", "--config", &conf.display().to_string()])
@@ -316,4 +307,51 @@ fn a_certificate_near_its_expiry_is_renewed_over_the_uplink() {
         .expect("the signer's log");
     let text = std::fs::read_to_string(log).unwrap();
     assert!(text.contains("\"step\":\"signed\"") && text.contains(&device), "{text}");
+}
+
+/// A broker still on an ACL from before renewal (no `csr` topic for the
+/// devices) refuses the request and, mosquitto's way, ends the connection.
+/// The box keeps delivering: it publishes its request only after a block
+/// was confirmed on a connection, and again at most once an hour, so the
+/// refusal costs one reconnect, not the uplink.
+#[test]
+fn a_broker_refusing_the_request_costs_one_reconnect_not_the_uplink() {
+    if !require_root_and_tools() {
+        return;
+    }
+    let dir = tempdir("renewal-old-acl");
+    let device = format!("e2e-oldacl-{}", std::process::id());
+    let mut broker = Broker::start(&dir);
+    let acl = broker.pki.join("acl");
+    let old: String = std::fs::read_to_string(&acl)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("/csr"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&acl, old).unwrap();
+    broker.stop();
+    broker.restart();
+    let prom = Prom::start(&dir);
+    let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
+    let made = Command::new(repo_dir().join("scripts/fleet-certs.sh"))
+        .arg(&broker.pki)
+        .args(["device", &device])
+        .env("FLEET_CERT_DAYS", "20")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let mut agent = Agent::launch(&dir, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(&device, QUIET) });
+    wait_for("the request refused", Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        match agent.metric("edge_agent_uplink_connects_total") {
+            Some(n) if n >= 2.0 => Ok(()),
+            other => Err(format!("connects {other:?}, requested {}", renewals(&agent, "requested"))),
+        }
+    });
+    for what in ["windows landing after the refusal", "and still landing"] {
+        wait_more_landed(&prom, &device, &mut agent, what);
+    }
+    assert_eq!(agent.metric("edge_agent_uplink_connects_total"), Some(2.0), "one reconnect for the refused request");
+    assert!(std::fs::read_to_string(dir.join("agent-state/tls/request.csr")).is_ok(), "the request still waits");
 }

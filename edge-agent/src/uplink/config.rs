@@ -62,7 +62,7 @@ impl Default for MqttConfig {
             drain_bytes_per_sec: 0,
             tls: edge_wire::tls::TlsConfig::in_dir(Path::new(DEFAULT_TLS_DIR), "device"),
             auth: edge_wire::tls::Credentials::default(),
-            renew_certificate_days: 30,
+            renew_certificate_days: 45,
         }
     }
 }

@@ -321,7 +321,7 @@ impl Uplink {
                 Action::Certificate(payload) => {
                     lock(&self.renewal).certificate(&payload);
                 }
-                Action::RequestCleared => lock(&self.renewal).cleared(),
+                Action::Request { cleared } => lock(&self.renewal).published(cleared, Instant::now()),
             }
         }
     }

@@ -13,9 +13,11 @@
 //! there (an answer to an earlier request, one for another key, not a
 //! certificate) is ignored and counted.
 //!
-//! The request is made once: it stays (and is published again on every
-//! connection) until a certificate for it comes; after that the retained
-//! request is cleared (an empty retained message). A rotation that refuses
+//! The request is made once: it stays until a certificate for it comes,
+//! and is published (retained) once a connection has had a block
+//! confirmed, again at most once an hour (an older broker ACL that refuses
+//! it ends the connection: the data goes first). After a certificate came
+//! the retained request is cleared (an empty retained message). A rotation that refuses
 //! the delivered certificate leaves the box without a request, and the next
 //! connection attempt makes a new one.
 
@@ -33,6 +35,9 @@ pub const REQUEST_CSR: &str = "request.csr";
 pub const ANSWERED: &str = "request.answered";
 /// Largest certificate message taken (a chain of a few certificates).
 pub const MAX_CERTIFICATE_BYTES: usize = 64 * 1024;
+/// A request is published again (retained already) at most this often: a
+/// broker that refuses it ends the connection each time.
+pub const REPUBLISH: std::time::Duration = std::time::Duration::from_secs(3600);
 
 pub struct Renewal {
     dir: PathBuf,
@@ -40,6 +45,8 @@ pub struct Renewal {
     device_id: String,
     /// Renew when the certificate expires within this (s); 0: never.
     before_secs: i64,
+    /// When the waiting request was last published (this run).
+    published_at: Option<std::time::Instant>,
     /// The audit trail each step also goes to.
     pub trail: Option<std::sync::Arc<crate::audit::Audit>>,
     results: Family<ResultLabels, Counter>,
@@ -61,6 +68,7 @@ impl Renewal {
             drop_dir: state_dir.join("tls-drop"),
             device_id: device_id.to_owned(),
             before_secs: i64::from(renew_days) * 86_400,
+            published_at: None,
             trail: None,
             results,
         }
@@ -110,17 +118,27 @@ impl Renewal {
         Ok(())
     }
 
-    /// What to publish on the request topic at a connection, if anything.
-    pub fn to_publish(&self) -> Option<Publish> {
+    /// What to publish on the request topic on a connection made at
+    /// `now`, if anything: the waiting request (unless published within
+    /// [`REPUBLISH`]), or the clearing of an answered one.
+    pub fn to_publish(&self, now: std::time::Instant) -> Option<Publish> {
         if self.waiting() {
+            if self.published_at.is_some_and(|t| now.saturating_duration_since(t) < REPUBLISH) {
+                return None;
+            }
             return std::fs::read(self.dir.join(REQUEST_CSR)).ok().map(Publish::Request);
         }
         self.dir.join(ANSWERED).exists().then_some(Publish::Clear)
     }
 
-    /// The answered request's retained message was cleared.
-    pub fn cleared(&self) {
-        let _ = std::fs::remove_file(self.dir.join(ANSWERED));
+    /// The request was published, or (`cleared`) the answered one's
+    /// retained message cleared.
+    pub fn published(&mut self, cleared: bool, now: std::time::Instant) {
+        if cleared {
+            let _ = std::fs::remove_file(self.dir.join(ANSWERED));
+        } else {
+            self.published_at = Some(now);
+        }
     }
 
     /// A message on the certificate topic. A certificate (chain, PEM) that
@@ -218,19 +236,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut r = renewal(dir.path(), 30);
         let now = 1_800_000_000;
+        let t0 = std::time::Instant::now();
         r.check(now + 31 * 86_400, now);
         assert!(!r.waiting(), "not due 31 days before");
-        assert_eq!(r.to_publish(), None);
+        assert_eq!(r.to_publish(t0), None);
         r.check(now + 29 * 86_400, now);
         assert!(r.waiting());
-        let Some(Publish::Request(csr)) = r.to_publish() else { panic!("a request to publish") };
+        let Some(Publish::Request(csr)) = r.to_publish(t0) else { panic!("a request to publish") };
         let key = std::fs::read(dir.path().join("tls").join(REQUEST_KEY)).unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("tls").join(REQUEST_KEY)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // Made once: a second check keeps the same request.
         r.check(now + 29 * 86_400, now);
-        assert_eq!(r.to_publish(), Some(Publish::Request(csr.clone())));
+        assert_eq!(r.to_publish(t0), Some(Publish::Request(csr.clone())));
+        // Published: not again within the hour (a broker refusing it ends
+        // the connection each time).
+        r.published(false, t0);
+        assert_eq!(r.to_publish(t0 + std::time::Duration::from_secs(600)), None);
+        assert_eq!(r.to_publish(t0 + REPUBLISH), Some(Publish::Request(csr.clone())));
         let req = rcgen::CertificateSigningRequestParams::from_pem(std::str::from_utf8(&csr).unwrap()).unwrap();
         let cn = req.params.distinguished_name.get(&rcgen::DnType::CommonName).unwrap();
         assert_eq!(cn, &rcgen::DnValue::Utf8String("press-7".into()));
@@ -253,14 +277,14 @@ mod tests {
         assert_eq!(std::fs::read(drop.join("device.key")).unwrap(), key);
         assert_eq!(std::fs::read(drop.join("device.crt")).unwrap(), cert.as_bytes());
         assert!(!r.waiting());
-        assert_eq!(r.to_publish(), Some(Publish::Clear));
+        assert_eq!(r.to_publish(t0), Some(Publish::Clear));
         // The same answer again (retained) is ignored; while the delivered
         // certificate is in the drop directory no new request is made.
         assert!(!r.certificate(cert.as_bytes()));
         r.check(now + 29 * 86_400, now);
         assert!(!r.waiting());
-        r.cleared();
-        assert_eq!(r.to_publish(), None);
+        r.published(true, t0);
+        assert_eq!(r.to_publish(t0), None);
         let counts: Vec<_> = ["requested", "delivered", "ignored"]
             .iter()
             .map(|k| r.results.get_or_create(&ResultLabels { result: (*k).into() }).get())

@@ -60,8 +60,9 @@ pub enum Action {
     TrueTime { bridge_ms: i64, sent: Instant, received: Instant },
     /// A message on the device's certificate topic (renewal.rs).
     Certificate(Vec<u8>),
-    /// The answered certificate request's retained message was cleared.
-    RequestCleared,
+    /// The certificate request was published, or (`cleared`) the answered
+    /// one's retained message cleared.
+    Request { cleared: bool },
 }
 
 /// Whether the connection goes on after an event.
@@ -118,6 +119,8 @@ pub struct Session<'a> {
     /// The broker acknowledged something on this connection (the birth
     /// message at least, on a healthy one).
     acked_any: bool,
+    /// The bridge confirmed a block on this connection.
+    confirmed_any: bool,
     persisted_at: Instant,
     last_live: Instant,
     actions: Vec<Action>,
@@ -145,7 +148,7 @@ impl<'a> Session<'a> {
                 Vec::new()
             },
             request_topic: edge_wire::certificate_request_topic(&m.topic_prefix, device),
-            renewal: super::lock(&up.renewal).to_publish(),
+            renewal: super::lock(&up.renewal).to_publish(now),
             certificate_topic: edge_wire::certificate_topic(&m.topic_prefix, device),
             config_topics: if up.configs.is_some() {
                 let groups = up
@@ -172,6 +175,7 @@ impl<'a> Session<'a> {
             failure: None,
             refusals: 0,
             acked_any: false,
+            confirmed_any: false,
             persisted_at: now,
             // Send the open routine block at once on connecting.
             last_live: now.checked_sub(Duration::from_millis(m.live_interval_ms)).unwrap_or(now),
@@ -208,6 +212,28 @@ impl<'a> Session<'a> {
         self.ask_time(wire, now);
         if let Err(e) = self.publish_more(wire, lanes, now) {
             tracing::error!(error = %e, "reading the store failed");
+        }
+        self.publish_request(wire);
+    }
+
+    /// The waiting certificate request, or an empty message clearing an
+    /// answered one (retained, so a signer that starts later finds it):
+    /// only once the bridge confirmed a block on this connection. A broker
+    /// whose ACL does not let the device publish there (an older shipped
+    /// ACL) ends the connection at the refusal: data goes first, and the
+    /// request is repeated at most once an hour (renewal.rs).
+    fn publish_request(&mut self, wire: &impl Wire) {
+        if !self.confirmed_any || self.renewal.is_none() {
+            return;
+        }
+        let cleared = matches!(self.renewal, Some(super::renewal::Publish::Clear));
+        let payload = match self.renewal.take() {
+            Some(super::renewal::Publish::Request(csr)) => csr,
+            _ => Vec::new(),
+        };
+        if wire.publish(&self.request_topic, true, true, payload) {
+            self.pkids.queued(None);
+            self.actions.push(Action::Request { cleared });
         }
     }
 
@@ -253,21 +279,6 @@ impl<'a> Session<'a> {
                 // hold its place in the publish order with no block.
                 if wire.publish(&self.presence, true, true, b"online".to_vec()) {
                     self.pkids.queued(None);
-                }
-                // The waiting certificate request, or an empty message
-                // clearing an answered one: retained, so a signer that
-                // starts later finds it.
-                if let Some(p) = self.renewal.take() {
-                    let (payload, cleared) = match p {
-                        super::renewal::Publish::Request(csr) => (csr, false),
-                        super::renewal::Publish::Clear => (Vec::new(), true),
-                    };
-                    if wire.publish(&self.request_topic, true, true, payload) {
-                        self.pkids.queued(None);
-                        if cleared {
-                            self.actions.push(Action::RequestCleared);
-                        }
-                    }
                 }
                 tracing::info!(host = %m.host, port = m.port, protocol = ?m.protocol, "connected to broker");
             }
@@ -364,6 +375,7 @@ impl<'a> Session<'a> {
             }
         } else {
             self.up.metrics.uplink.confirmed.inc();
+            self.confirmed_any = true;
         }
     }
 
