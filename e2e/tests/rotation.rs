@@ -310,10 +310,11 @@ fn a_certificate_near_its_expiry_is_renewed_over_the_uplink() {
 }
 
 /// A broker still on an ACL from before renewal (no `csr` topic for the
-/// devices) refuses the request and, mosquitto's way, ends the connection.
-/// The box keeps delivering: it publishes its request only after a block
-/// was confirmed on a connection, and again at most once an hour, so the
-/// refusal costs one reconnect, not the uplink.
+/// devices, nor the groups' model topics) refuses the request and,
+/// mosquitto's way, ends the connection. The box keeps delivering: it
+/// publishes its request only after a block was confirmed on a connection,
+/// and again at most once an hour, so the refusal costs one reconnect, not
+/// the uplink; a refused subscription (its group's models) costs nothing.
 #[test]
 fn a_broker_refusing_the_request_costs_one_reconnect_not_the_uplink() {
     if !require_root_and_tools() {
@@ -326,7 +327,7 @@ fn a_broker_refusing_the_request_costs_one_reconnect_not_the_uplink() {
     let old: String = std::fs::read_to_string(&acl)
         .unwrap()
         .lines()
-        .filter(|l| !l.contains("/csr"))
+        .filter(|l| !l.contains("/csr") && !l.contains("group/+/model"))
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&acl, old).unwrap();
@@ -341,7 +342,15 @@ fn a_broker_refusing_the_request_costs_one_reconnect_not_the_uplink() {
         .status()
         .unwrap();
     assert!(made.success());
-    let mut agent = Agent::launch(&dir, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(&device, QUIET) });
+    // Detection on (the shipped model), in a group: it subscribes to the
+    // group's model topic, which that ACL does not grant.
+    let extra = format!(
+        "[probes.tcp_lifecycle]\nenabled = false\n[probes.devices]\nenabled = false\n[probes.protocols]\n\
+         enabled = false\n[probes.buses]\nenabled = false\n[detect]\nmodel = \"{}\"\n\
+         [remote_config]\ngroups = [\"line-1\"]\n",
+        repo_dir().join("model/shipped/anomaly.card.json").display()
+    );
+    let mut agent = Agent::launch(&dir, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(&device, &extra) });
     wait_for("the request refused", Duration::from_secs(60), || {
         agent.proc.assert_running();
         match agent.metric("edge_agent_uplink_connects_total") {
