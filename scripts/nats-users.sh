@@ -63,7 +63,7 @@ for id in "$@"; do
         publish: ["$prefix.$id.metrics", "$prefix.$id.presence", "$prefix.$id.time", "$prefix.$id.csr"]
         # \$MQTT.sub.>: the server's own delivery of QoS 1 messages to this
         # client's session (it refuses MQTT subscriptions below it).
-        subscribe: ["$prefix.$id.ack", "$prefix.$id.time.reply", "$prefix.$id.model", "$prefix.$id.config", "$prefix.$id.certificate", "$prefix.group.*.config", "$prefix.group.*.model", "\$MQTT.sub.>"]
+        subscribe: ["$prefix.$id.ack", "$prefix.$id.time.reply", "$prefix.$id.model", "$prefix.$id.config", "$prefix.$id.probes", "$prefix.$id.certificate", "$prefix.group.*.config", "$prefix.group.*.model", "$prefix.group.*.probes", "\$MQTT.sub.>"]
       }
     }
 CONF

@@ -54,6 +54,8 @@ pub struct Config {
     pub tags: Vec<crate::values::tags::TagConfig>,
     /// Remote configuration (docs/remote-config.md).
     pub remote_config: crate::remote::RemoteSettings,
+    /// Who may sign probe program packs (docs/probes.md).
+    pub probe_programs: crate::probe_programs::ProgramsSettings,
 }
 
 impl Default for Config {
@@ -71,6 +73,7 @@ impl Default for Config {
             detect: DetectConfig::default(),
             tags: Vec::new(),
             remote_config: crate::remote::RemoteSettings::default(),
+            probe_programs: crate::probe_programs::ProgramsSettings::default(),
         }
     }
 }

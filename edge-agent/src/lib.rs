@@ -15,6 +15,7 @@ pub mod features;
 pub mod metrics;
 pub mod privileges;
 pub mod probe;
+pub mod probe_programs;
 pub mod remote;
 pub mod store;
 pub mod uplink;
@@ -125,6 +126,13 @@ pub fn run(mut cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(
         _ => None,
     };
 
+    // An installed probe program pack is in force before the probes start.
+    let programs = probe_programs::Programs::open(
+        &cfg.probe_programs,
+        &cfg.state_dir,
+        metrics.probe_programs.clone(),
+        audit.clone(),
+    );
     let probes = Probes::start(&cfg);
     metrics.probes.set_states(&probes);
     let mut privileges_fields = Vec::new();
@@ -148,6 +156,8 @@ pub fn run(mut cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(
         metrics: metrics.clone(),
         audit: audit.clone(),
         configs: remote.as_ref().map(remote::Remote::inbox),
+        // Packs are listened for only while a key says whose to take.
+        programs: (!cfg.probe_programs.public_key_file.as_os_str().is_empty()).then(|| programs.inbox()),
         shutdown: Arc::new(AtomicBool::new(false)),
     };
     let uplink = Arc::new(Mutex::new(uplink_parts.spawn(&cfg)?));
@@ -194,6 +204,8 @@ pub fn run(mut cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(
         uplink: &uplink,
         uplink_parts: &uplink_parts,
         remote_on: remote.is_some(),
+        programs: &programs,
+        programs_on: !cfg.probe_programs.public_key_file.as_os_str().is_empty(),
     };
     let remote = std::cell::RefCell::new(remote);
 
@@ -245,6 +257,10 @@ struct Shared<'a> {
     uplink_parts: &'a UplinkParts,
     /// Remote configuration is on: its counts travel in the windows.
     remote_on: bool,
+    /// Probe program packs (a key is set: their counts travel in the
+    /// windows).
+    programs: &'a probe_programs::Programs,
+    programs_on: bool,
 }
 
 /// What an uplink thread is made of, besides its configuration.
@@ -254,6 +270,7 @@ struct UplinkParts {
     metrics: AgentMetrics,
     audit: Arc<audit::Audit>,
     configs: Option<remote::Inbox>,
+    programs: Option<probe_programs::Inbox>,
     /// The agent is stopping: no uplink starts any more.
     shutdown: Arc<AtomicBool>,
 }
@@ -286,6 +303,7 @@ impl UplinkParts {
         )
         .with_models(detect::update::Inbox::of(&cfg.detect, &cfg.state_dir))
         .with_configs(self.configs.clone())
+        .with_programs(self.programs.clone())
         .with_audit(self.audit.clone())
         .spawn()?;
         Ok(UplinkThread { stop, handle: Some(handle) })
@@ -307,6 +325,7 @@ impl UplinkParts {
             metrics: self.metrics.clone(),
             audit: self.audit.clone(),
             configs: self.configs.clone(),
+            programs: self.programs.clone(),
             shutdown: self.shutdown.clone(),
         };
         let spawned = std::thread::Builder::new().name("uplink-restart".into()).spawn(move || {
@@ -406,6 +425,17 @@ async fn window_loop(
                 next = Instant::now() + period;
             }
             close_window(sh, &mut stage, &mut recorder);
+            // A probe program pack: the probes start again with it.
+            let restarted = std::cell::Cell::new(false);
+            sh.programs.poll(|| {
+                if !restarted.replace(true) {
+                    drop(std::mem::take(&mut values_ready));
+                }
+                restart_probes(sh, &running)
+            });
+            if restarted.get() {
+                values_ready = watch_values();
+            }
             remote.borrow_mut().as_mut().and_then(|r| poll_remote(r, sh))
         };
         if let Some(new) = new {
@@ -494,6 +524,23 @@ fn apply_config(running: &mut Config, new: Config, sh: &Shared<'_>) {
     tracing::info!(probes = ?probes.states.iter().map(|(n, s)| format!("{n}: {s:?}")).collect::<Vec<_>>(), "probes reloaded");
 }
 
+/// The probes started again with the objects in force (a probe program
+/// pack tried or put back): the probes attached before and not now.
+fn restart_probes(sh: &Shared<'_>, cfg: &Config) -> Vec<String> {
+    let mut probes = sh.probes.borrow_mut();
+    let attached = |p: &Probes| -> Vec<String> {
+        p.states.iter().filter(|(_, s)| matches!(s, probe::ProbeState::Attached)).map(|(n, _)| n.to_string()).collect()
+    };
+    let before = attached(&probes);
+    // Detach and free the old programs and maps before attaching anew.
+    *probes = Probes::none();
+    *probes = Probes::start(cfg);
+    sh.metrics.probes.set_states(&probes);
+    sh.audit.record("probes_changed", &probe_fields(&probes));
+    let now = attached(&probes);
+    before.into_iter().filter(|n| !now.contains(n)).collect()
+}
+
 /// Returns when `fd` is readable; never without one.
 async fn readable(fd: Option<&smol::Async<std::os::fd::OwnedFd>>) {
     match fd {
@@ -555,6 +602,14 @@ fn close_window(sh: &Shared<'_>, stage: &mut window::WindowStage, recorder: &mut
     }
     if sh.detect.borrow().state != detect::ModelState::Disabled {
         window.samples.extend(sh.metrics.detect.model_change_samples());
+    }
+    if sh.programs_on {
+        window.samples.extend(probe_programs::RESULTS.iter().map(|r| {
+            let n = sh.metrics.probe_programs.get_or_create(&metrics::ResultLabels { result: (*r).into() }).get();
+            let key =
+                edge_wire::SeriesKey::new(probe_programs::PROGRAMS_TOTAL, vec![edge_wire::Label::new("result", *r)]);
+            (key, n as f64)
+        }));
     }
     close_values(sh, &reading, &mut window);
     let alarm = detect_window(sh, &window);

@@ -47,6 +47,28 @@ enum Command {
     /// Process values: tags
     #[command(subcommand)]
     Tags(TagsCommand),
+    /// Probe program packs (docs/probes.md, "New programs without a new agent")
+    #[command(subcommand)]
+    Programs(ProgramsCommand),
+}
+
+#[derive(Subcommand)]
+enum ProgramsCommand {
+    /// Write the probes' built-in kernel objects (<name>.bpf.o) into DIR
+    Export { dir: PathBuf },
+    /// Make a signed pack of the <name>.bpf.o files in DIR
+    Pack {
+        /// The Ed25519 signing key (PEM, PKCS#8: openssl genpkey -algorithm ed25519)
+        #[arg(long, value_name = "KEY.pem")]
+        key: PathBuf,
+        /// The pack's version (said in the audit trail)
+        #[arg(long, value_name = "V")]
+        version: String,
+        /// Where the pack goes
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -137,6 +159,45 @@ fn main() -> ExitCode {
                 fail(1, &e.to_string())
             }
         },
+        Command::Programs(ProgramsCommand::Export { dir }) => {
+            let written = std::fs::create_dir_all(&dir).and_then(|_| {
+                for name in edge_agent::probe::objects::NAMES {
+                    let object = edge_agent::probe::objects::built_in(name).unwrap_or_default();
+                    std::fs::write(dir.join(format!("{name}.bpf.o")), object)?;
+                }
+                Ok(())
+            });
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, &format!("{}: {e}", dir.display())),
+            }
+        }
+        Command::Programs(ProgramsCommand::Pack { key, version, out, dir }) => {
+            use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
+            let der = match PrivatePkcs8KeyDer::from_pem_file(&key) {
+                Ok(d) => d,
+                Err(e) => return fail(2, &format!("{}: no PKCS#8 private key ({e:?})", key.display())),
+            };
+            let mut objects = Vec::new();
+            for name in edge_agent::probe::objects::NAMES {
+                if let Ok(bytes) = std::fs::read(dir.join(format!("{name}.bpf.o"))) {
+                    objects.push((name, bytes));
+                }
+            }
+            if objects.is_empty() {
+                return fail(
+                    2,
+                    &format!("{}: no <probe>.bpf.o of {:?}", dir.display(), edge_agent::probe::objects::NAMES),
+                );
+            }
+            let refs: Vec<(&str, &[u8])> = objects.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+            match edge_agent::probe_programs::pack(&version, &refs, der.secret_pkcs8_der())
+                .and_then(|p| std::fs::write(&out, p).map_err(|e| format!("{}: {e}", out.display())))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(2, &e),
+            }
+        }
         Command::Probes => {
             print!("{}", edge_agent::probe::report(&cfg));
             ExitCode::SUCCESS

@@ -61,6 +61,8 @@ pub struct AgentMetrics {
     pub audit_records: ResultCounts,
     /// Remote configuration documents, by result (remote.rs).
     pub remote_configs: ResultCounts,
+    /// Probe program packs by result (probe_programs.rs).
+    pub probe_programs: ResultCounts,
 }
 
 /// Counters by `result`.
@@ -104,6 +106,12 @@ impl AgentMetrics {
             "Remote configuration documents, by result: applied (on trial), kept, reverted, refused \
              (docs/remote-config.md)",
             m.remote_configs.clone(),
+        );
+        r.register(
+            "edge_agent_probe_programs",
+            "Probe program packs, by result: installed, rolled_back (a probe attached before did not attach with \
+             it, or the installed pack no longer verified at start), refused (docs/probes.md)",
+            m.probe_programs.clone(),
         );
         r.register("edge_agent_cpu_seconds", "CPU time of the agent process (user + system)", m.cpu_seconds.clone());
         r.register("edge_agent_resident_memory_bytes", "Resident memory of the agent process", m.rss_bytes.clone());
@@ -195,6 +203,8 @@ mod tests {
         let _ = m.uplink.published_bytes("live");
         let _ = m.audit_records.get_or_create(&ResultLabels { result: "stored".into() });
         let _ = m.remote_configs.get_or_create(&ResultLabels { result: "kept".into() });
+        let _ = m.probe_programs.get_or_create(&ResultLabels { result: "installed".into() });
+        let _ = m.uplink.renewals.get_or_create(&ResultLabels { result: "requested".into() });
         let _ = m.detect.action_counts();
         m.detect.model_changed("installed");
         let _ = m.detect.model_state.get_or_create(&StateLabels { state: "loaded".into() });

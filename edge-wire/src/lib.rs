@@ -265,6 +265,21 @@ pub const MODEL_MESSAGE_MAGIC: &[u8] = b"EDGE-MODEL-1\n";
 /// The largest model message a device takes.
 pub const MODEL_MESSAGE_MAX_BYTES: usize = 1024 * 1024;
 
+/// The message asking a device to go back to its built-in probe programs
+/// (docs/probes.md).
+pub const PROBE_PROGRAMS_BUILT_IN: &[u8] = b"EDGE-PROBES-BUILTIN\n";
+
+/// The topic of a device's probe program packs (retained; docs/probes.md).
+pub fn probe_programs_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/{device}/probes")
+}
+
+/// The topic of a group's probe program packs (retained; a device's own
+/// topic wins over it).
+pub fn group_probe_programs_topic(prefix: &str, group: &str) -> String {
+    format!("{prefix}/group/{group}/probes")
+}
+
 /// The model message asking a device to go back to its previous model
 /// (docs/model.md).
 pub const MODEL_ROLLBACK: &[u8] = b"EDGE-MODEL-ROLLBACK\n";

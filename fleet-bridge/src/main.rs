@@ -10,7 +10,7 @@ const USAGE: &str = "usage: fleet-bridge [--config FILE]
        fleet-bridge audit verify FILE_OR_DIR...
        fleet-bridge config pack --target device:ID|group:NAME --id ID [--key ED25519.pem] FILE.toml OUT
        fleet-bridge rollout --config FILE --prometheus URL --group NAME --canary ID[,ID...] --id ID
-                            [--watch-secs N] ([--key ED25519.pem] OVERLAY.toml | --model model.bundle)
+                            [--watch-secs N] ([--key ED25519.pem] OVERLAY.toml | --model model.bundle | --programs PACK)
        fleet-bridge certificates sign --config FILE --ca-cert CA.crt --ca-key CA.key [--days N]
 Logging: FLEET_BRIDGE_LOG=debug (tracing EnvFilter syntax).";
 
@@ -171,8 +171,19 @@ fn rollout(args: &[String]) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
-    let change = match (need("model"), &files[..]) {
-        (Some(bundle), []) => match std::fs::read(&bundle) {
+    let change = match (need("model"), need("programs"), &files[..]) {
+        (None, Some(pack), []) => match std::fs::read(&pack) {
+            Ok(b) if b.starts_with(b"EDGE-PROBES-1\n") && b.len() <= edge_wire::MODEL_MESSAGE_MAX_BYTES => {
+                fleet_bridge::rollout::Change::Programs(b)
+            }
+            Ok(_) => {
+                return fail(format!(
+                    "{pack}: not a probe program pack of at most 1 MiB (edge-agent programs pack makes one)"
+                ))
+            }
+            Err(e) => return fail(format!("{pack}: {e}")),
+        },
+        (Some(bundle), None, []) => match std::fs::read(&bundle) {
             Ok(b) if b.starts_with(edge_wire::MODEL_MESSAGE_MAGIC) && b.len() <= edge_wire::MODEL_MESSAGE_MAX_BYTES => {
                 fleet_bridge::rollout::Change::Model(b)
             }
@@ -183,7 +194,7 @@ fn rollout(args: &[String]) -> ExitCode {
             }
             Err(e) => return fail(format!("{bundle}: {e}")),
         },
-        (None, [overlay]) => {
+        (None, None, [overlay]) => {
             let overlay_text = match std::fs::read_to_string(overlay) {
                 Ok(t) if t.parse::<toml::Table>().is_ok() => t,
                 Ok(_) => return fail(format!("{overlay}: not TOML")),
@@ -201,7 +212,7 @@ fn rollout(args: &[String]) -> ExitCode {
             };
             fleet_bridge::rollout::Change::Config { overlay: overlay_text, key }
         }
-        _ => return usage_error("rollout changes one thing: an OVERLAY.toml, or --model model.bundle"),
+        _ => return usage_error("rollout changes one thing: an OVERLAY.toml, --model model.bundle or --programs PACK"),
     };
     let watch = match need("watch-secs").map(|w| w.parse::<u64>()) {
         None => 300,

@@ -36,6 +36,9 @@ pub enum Change {
     /// A model message (`model/run.sh sign`'s `model.bundle`: the card is
     /// signed by its maker, the message goes as it is).
     Model(Vec<u8>),
+    /// A probe program pack (`edge-agent programs pack`, signed by its
+    /// maker).
+    Programs(Vec<u8>),
 }
 
 impl Change {
@@ -43,6 +46,7 @@ impl Change {
         match self {
             Change::Config { .. } => config_doc::device_topic(prefix, device),
             Change::Model(_) => edge_wire::model_topic(prefix, device),
+            Change::Programs(_) => edge_wire::probe_programs_topic(prefix, device),
         }
     }
 
@@ -50,6 +54,7 @@ impl Change {
         match self {
             Change::Config { .. } => config_doc::group_topic(prefix, group),
             Change::Model(_) => edge_wire::group_model_topic(prefix, group),
+            Change::Programs(_) => edge_wire::group_probe_programs_topic(prefix, group),
         }
     }
 
@@ -59,6 +64,7 @@ impl Change {
         match self {
             Change::Config { .. } => ("edge_agent_remote_configs_total", ["kept", "reverted", "refused"]),
             Change::Model(_) => ("edge_agent_detect_model_changes_total", ["installed", "rolled_back", "refused"]),
+            Change::Programs(_) => ("edge_agent_probe_programs_total", ["installed", "rolled_back", "refused"]),
         }
     }
 
@@ -66,7 +72,7 @@ impl Change {
     fn message(&self, target: &str, id: &str) -> Result<Vec<u8>, String> {
         match self {
             Change::Config { overlay, key } => document(key.as_deref(), target, id, overlay),
-            Change::Model(bundle) => Ok(bundle.clone()),
+            Change::Model(bundle) | Change::Programs(bundle) => Ok(bundle.clone()),
         }
     }
 
@@ -83,7 +89,7 @@ impl Change {
                 };
                 document(key.as_deref(), target, id, &toml)
             }
-            Change::Model(_) => Ok(previous.to_vec()),
+            Change::Model(_) | Change::Programs(_) => Ok(previous.to_vec()),
         }
     }
 }
@@ -253,9 +259,21 @@ pub fn run(cfg: &Config, plan: &Plan) -> Result<bool, String> {
         log.step(step, &target, "its own topic as before the rollout");
         // A model with nothing to go back to on the topics: the box's own
         // previous model (a rollback request, not retained).
-        if !healthy && matches!(plan.change, Change::Model(_)) && previous.is_empty() && group_had.is_none() {
-            op.publish_once(topic, edge_wire::MODEL_ROLLBACK.to_vec())?;
-            log.step("rollback_requested", &target, "no model on its topics: back to its previous one");
+        // Programs likewise: back to the built-in ones.
+        if !healthy && previous.is_empty() && group_had.is_none() {
+            let request = match plan.change {
+                Change::Model(_) => {
+                    Some((edge_wire::MODEL_ROLLBACK, "no model on its topics: back to its previous one"))
+                }
+                Change::Programs(_) => {
+                    Some((edge_wire::PROBE_PROGRAMS_BUILT_IN, "no pack on its topics: back to the built-in programs"))
+                }
+                Change::Config { .. } => None,
+            };
+            if let Some((message, detail)) = request {
+                op.publish_once(topic, message.to_vec())?;
+                log.step("rollback_requested", &target, detail);
+            }
         }
     }
     Ok(healthy)

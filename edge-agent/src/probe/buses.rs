@@ -20,7 +20,7 @@ pub mod config;
 pub mod metrics;
 pub mod series;
 
-static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/buses.bpf.o"));
+pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/buses.bpf.o"));
 
 // Mirrors ebpf/include/buses.h (a test below checks they agree).
 pub const BUCKETS: usize = super::AGG_BUCKETS;
@@ -570,7 +570,8 @@ fn load(globals: &[(&'static str, u32)], usable: &[Kind]) -> Result<(Loaded, Sta
     for (name, value) in globals {
         loader.override_global(name, value, true);
     }
-    let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
+    let mut ebpf =
+        loader.load(&super::objects::object("buses", OBJECT)).map_err(|e| ProbeError::Load(e.to_string()))?;
     let mut states = Vec::new();
     for &kind in usable {
         let state = match attach_family(&mut ebpf, kind) {

@@ -21,7 +21,7 @@ pub mod config;
 pub mod metrics;
 pub mod series;
 
-static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/device_io.bpf.o"));
+pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/device_io.bpf.o"));
 
 // Mirrors ebpf/include/device_io.h (a test below checks they agree).
 pub const OPS: usize = 4;
@@ -514,7 +514,8 @@ impl DeviceIoProbe {
             // No RTU tags: the byte ring stays one page (never written).
             loader.map_max_entries("dio_bytes", super::protocols::page_size());
         }
-        let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
+        let mut ebpf =
+            loader.load(&super::objects::object("device_io", OBJECT)).map_err(|e| ProbeError::Load(e.to_string()))?;
         for name in PROGRAMS {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)

@@ -13,6 +13,7 @@ pub mod config;
 pub mod device_io;
 pub mod loader;
 pub mod metrics;
+pub mod objects;
 pub mod protocols;
 pub mod series;
 pub mod tcp_idle;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub mod config;
 pub mod series;
 
-static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/protocols.bpf.o"));
+pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/protocols.bpf.o"));
 
 // Mirrors ebpf/include/protocols.h (a test below checks they agree).
 pub const PROTOS: usize = 4;
@@ -377,7 +377,8 @@ impl ProtocolsProbe {
             // No tags: the ring stays one page (the programs never use it).
             loader.map_max_entries("ipp_values", page_size());
         }
-        let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
+        let mut ebpf =
+            loader.load(&super::objects::object("protocols", OBJECT)).map_err(|e| ProbeError::Load(e.to_string()))?;
         if !chunks.is_empty() {
             let mut filter: BpfHashMap<_, [u8; 8], u64> = BpfHashMap::try_from(
                 ebpf.map_mut("ipp_tags").ok_or_else(|| ProbeError::Load("map ipp_tags missing".into()))?,

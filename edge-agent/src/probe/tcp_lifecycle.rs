@@ -18,7 +18,7 @@ pub mod config;
 pub mod metrics;
 pub mod series;
 
-static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
+pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
 
 // Mirrors ebpf/include/tcp_lifecycle.h (a test below checks they agree).
 pub const KINDS: usize = 9;
@@ -655,7 +655,9 @@ impl TcpLifecycleProbe {
         for (name, value) in &globals {
             loader.override_global(name, value, true);
         }
-        let mut ebpf = loader.load(OBJECT).map_err(|e| ProbeError::Load(e.to_string()))?;
+        let mut ebpf = loader
+            .load(&super::objects::object("tcp_lifecycle", OBJECT))
+            .map_err(|e| ProbeError::Load(e.to_string()))?;
         for tp in usable {
             match attach_one(&mut ebpf, &tp) {
                 Ok(()) => states.push((tp.probe, ProbeState::Attached)),

@@ -24,8 +24,8 @@ pub mod config;
 pub mod cursor;
 pub mod delivery;
 pub mod inflight;
+pub mod layers;
 pub mod metrics;
-pub mod model_layers;
 pub mod mqtt;
 pub mod renewal;
 pub mod rotation;
@@ -85,8 +85,12 @@ pub struct Uplink {
     /// expiry (renewal.rs).
     renewal: Mutex<renewal::Renewal>,
     /// The model messages of the device's and its groups' topics, and which
-    /// one the detect stage gets (model_layers.rs).
-    model_layers: Mutex<model_layers::ModelLayers>,
+    /// one the detect stage gets (layers.rs).
+    model_layers: Mutex<layers::Layers>,
+    /// Where probe program packs go (probe_programs.rs), and which one
+    /// (layers.rs).
+    programs: Option<crate::probe_programs::Inbox>,
+    program_layers: Mutex<layers::Layers>,
     /// Time requests' nonces: each connection takes a range, from this
     /// boot's clock at the start, so that no late answer to another
     /// connection's (or run's) request is taken for one to ours.
@@ -123,7 +127,9 @@ impl Uplink {
             metrics.uplink.renewals.clone(),
         ));
         Uplink {
-            model_layers: Mutex::new(model_layers::ModelLayers::new(&cfg.remote_config.groups)),
+            model_layers: Mutex::new(layers::Layers::new(&cfg.remote_config.groups)),
+            program_layers: Mutex::new(layers::Layers::new(&cfg.remote_config.groups)),
+            programs: None,
             rotation,
             renewal,
             cfg,
@@ -151,6 +157,13 @@ impl Uplink {
     /// `<prefix>/group/<g>/config`) are subscribed to and handed to `inbox`.
     pub fn with_configs(mut self, inbox: Option<crate::remote::Inbox>) -> Self {
         self.configs = inbox;
+        self
+    }
+
+    /// Probe program packs (`<prefix>/<device>/probes`, the groups'
+    /// `<prefix>/group/<g>/probes`) are subscribed to and handed to `inbox`.
+    pub fn with_programs(mut self, inbox: Option<crate::probe_programs::Inbox>) -> Self {
+        self.programs = inbox;
         self
     }
 
@@ -308,6 +321,16 @@ impl Uplink {
                     self.to_detect(&layer, &payload);
                 }
                 Action::Model { layer, payload } => lock(&self.model_layers).set(&layer, payload, Instant::now()),
+                // Back to the built-in programs: at once, as a model
+                // rollback.
+                Action::Programs { layer, payload } if payload == edge_wire::PROBE_PROGRAMS_BUILT_IN => {
+                    if let Some(inbox) = &self.programs {
+                        if let Err(e) = inbox.put(&payload) {
+                            tracing::error!(layer, error = %e, "probe program request ignored");
+                        }
+                    }
+                }
+                Action::Programs { layer, payload } => lock(&self.program_layers).set(&layer, payload, Instant::now()),
                 Action::Config { layer, payload } => {
                     let Some(inbox) = &self.configs else { continue };
                     match inbox.put(&layer, &payload) {
@@ -331,6 +354,13 @@ impl Uplink {
         let due = lock(&self.model_layers).due(Instant::now());
         if let Some((layer, payload)) = due {
             self.to_detect(&layer, &payload);
+        }
+        let due = lock(&self.program_layers).due(Instant::now());
+        if let (Some((layer, payload)), Some(inbox)) = (due, &self.programs) {
+            match inbox.put(&payload) {
+                Ok(()) => tracing::info!(layer, bytes = payload.len(), "probe program pack received"),
+                Err(e) => tracing::error!(layer, error = %e, "probe program pack ignored"),
+            }
         }
     }
 

@@ -49,9 +49,11 @@ impl Wire for Conn {
 pub enum Action {
     /// The lanes' confirmed positions moved: make them durable (store).
     Persist,
-    /// A model message of a layer (`device`, `group-<g>`; model_layers.rs),
+    /// A model message of a layer (`device`, `group-<g>`; layers.rs),
     /// for the detect stage's inbox.
     Model { layer: String, payload: Vec<u8> },
+    /// A probe program pack of a layer, for the probe programs' inbox.
+    Programs { layer: String, payload: Vec<u8> },
     /// A configuration document for a layer (`device`, `group-<g>`), for
     /// the remote configuration stage's inbox.
     Config { layer: String, payload: Vec<u8> },
@@ -93,9 +95,11 @@ pub struct Session<'a> {
     presence: String,
     ack_topic: String,
     reply_topic: String,
-    /// Model topics and their layers (model_layers.rs), when model
+    /// Model topics and their layers (layers.rs), when model
     /// updates are on.
     model_topics: Vec<(String, String)>,
+    /// Probe program pack topics and their layers (layers.rs).
+    program_topics: Vec<(String, String)>,
     /// The certificate request topic and what goes on it at this
     /// connection (renewal.rs); the certificate topic, listened to while a
     /// request waits.
@@ -137,13 +141,28 @@ impl<'a> Session<'a> {
             ack_topic: edge_wire::ack_topic(&m.topic_prefix, device),
             reply_topic: edge_wire::time_reply_topic(&m.topic_prefix, device),
             model_topics: if up.models.is_some() {
-                let groups =
-                    up.cfg.remote_config.groups.iter().map(|g| {
-                        (edge_wire::group_model_topic(&m.topic_prefix, g), super::model_layers::group_layer(g))
-                    });
-                std::iter::once((edge_wire::model_topic(&m.topic_prefix, device), super::model_layers::DEVICE.into()))
+                let groups = up
+                    .cfg
+                    .remote_config
+                    .groups
+                    .iter()
+                    .map(|g| (edge_wire::group_model_topic(&m.topic_prefix, g), super::layers::group_layer(g)));
+                std::iter::once((edge_wire::model_topic(&m.topic_prefix, device), super::layers::DEVICE.into()))
                     .chain(groups)
                     .collect()
+            } else {
+                Vec::new()
+            },
+            program_topics: if up.programs.is_some() {
+                let groups = up.cfg.remote_config.groups.iter().map(|g| {
+                    (edge_wire::group_probe_programs_topic(&m.topic_prefix, g), super::layers::group_layer(g))
+                });
+                std::iter::once((
+                    edge_wire::probe_programs_topic(&m.topic_prefix, device),
+                    super::layers::DEVICE.into(),
+                ))
+                .chain(groups)
+                .collect()
             } else {
                 Vec::new()
             },
@@ -264,6 +283,8 @@ impl<'a> Session<'a> {
                 let mut topics = vec![self.ack_topic.clone(), self.reply_topic.clone()];
                 topics.extend(self.model_topics.iter().map(|(t, _)| t.clone()));
                 super::lock(&up.model_layers).connected();
+                topics.extend(self.program_topics.iter().map(|(t, _)| t.clone()));
+                super::lock(&up.program_layers).connected();
                 // Retained too: the documents in force come with every
                 // connection; the stage ignores the ones it has.
                 topics.extend(self.config_topics.iter().map(|(t, _)| t.clone()));
@@ -314,6 +335,11 @@ impl<'a> Session<'a> {
             Ev::Publish { topic: t, payload } if self.model_topics.iter().any(|(m, _)| *m == t) => {
                 let layer = self.model_topics.iter().find(|(m, _)| *m == t).map(|(_, l)| l.clone()).unwrap_or_default();
                 self.actions.push(Action::Model { layer, payload });
+            }
+            Ev::Publish { topic: t, payload } if self.program_topics.iter().any(|(m, _)| *m == t) => {
+                let layer =
+                    self.program_topics.iter().find(|(m, _)| *m == t).map(|(_, l)| l.clone()).unwrap_or_default();
+                self.actions.push(Action::Programs { layer, payload });
             }
             Ev::Publish { topic: t, payload } if t == self.certificate_topic => {
                 self.actions.push(Action::Certificate(payload))

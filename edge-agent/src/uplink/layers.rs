@@ -1,23 +1,23 @@
-//! Which model message the detect stage gets (docs/model.md, "Updates"):
-//! a device's models come retained on its own topic
-//! (`<prefix>/<device>/model`) and on its groups'
-//! (`<prefix>/group/<g>/model`, the groups of `remote_config.groups`). The
-//! device's own wins while it holds one; else the last group in the list
-//! that holds one (as configuration layers apply). An empty retained
+//! Which retained message of a kind (a model, a probe program pack) goes
+//! to its stage (docs/model.md, "Updates"): a device's come on its own
+//! topic (`<prefix>/<device>/<kind>`) and on its groups'
+//! (`<prefix>/group/<g>/<kind>`, the groups of `remote_config.groups`).
+//! The device's own wins while it holds one; else the last group in the
+//! list that holds one (as configuration layers apply). An empty retained
 //! message clears a layer. At a connection every retained message comes at
-//! once, in no set order: the choice is made only once no model message
-//! came for [`SETTLE`], so a box never installs its group's model on the
+//! once, in no set order: the choice is made only once no message of the
+//! kind came for [`SETTLE`], so a box never installs its group's on the
 //! way to its own.
 
 use std::time::{Duration, Instant};
 
-/// How long model messages must have stopped coming before one is chosen.
+/// How long messages must have stopped coming before one is chosen.
 pub const SETTLE: Duration = Duration::from_secs(1);
 
 /// The layer of the device's own topic.
 pub const DEVICE: &str = "device";
 
-pub struct ModelLayers {
+pub struct Layers {
     /// Layers by precedence, lowest first: the groups in their order, then
     /// the device.
     order: Vec<String>,
@@ -29,10 +29,10 @@ pub struct ModelLayers {
     handed: Option<Vec<u8>>,
 }
 
-impl ModelLayers {
-    pub fn new(groups: &[String]) -> ModelLayers {
+impl Layers {
+    pub fn new(groups: &[String]) -> Layers {
         let order: Vec<String> = groups.iter().map(|g| group_layer(g)).chain([DEVICE.to_owned()]).collect();
-        ModelLayers { held: vec![None; order.len()], order, changed_at: None, handed: None }
+        Layers { held: vec![None; order.len()], order, changed_at: None, handed: None }
     }
 
     /// A message on a layer's topic (empty: the layer is cleared).
@@ -81,7 +81,7 @@ mod tests {
     #[test]
     fn the_devices_own_model_wins_and_nothing_is_chosen_before_the_messages_settle() {
         let t0 = Instant::now();
-        let mut l = ModelLayers::new(&["line-1".into(), "site".into()]);
+        let mut l = Layers::new(&["line-1".into(), "site".into()]);
         // A connection's retained messages: the group's first.
         l.set("group-line-1", b"A".to_vec(), t0);
         assert_eq!(l.due(t0 + Duration::from_millis(10)), None, "not settled");
