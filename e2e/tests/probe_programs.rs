@@ -55,17 +55,11 @@ fn a_program_pack_is_promoted_from_a_canary_and_one_that_does_not_load_is_put_ba
     let objects = dir.join("objects");
     run(&["programs", "export", &objects.display().to_string()]);
     let good = dir.join("good.pack");
-    run(&[
-        "programs",
-        "pack",
-        "--key",
-        &key.display().to_string(),
-        "--version",
-        "2",
-        "--out",
-        &good.display().to_string(),
-        &objects.display().to_string(),
-    ]);
+    let pack = |version: &str, out: &Path, objects: &Path| {
+        let (key, out, objects) = (key.display().to_string(), out.display().to_string(), objects.display().to_string());
+        run(&["programs", "pack", "--key", &key, "--version", version, "--out", &out, &objects]);
+    };
+    pack("2", &good, &objects);
     // The TCP program cut short: signed, and matching its card, but not an
     // object the kernel takes.
     let broken = dir.join("broken");
@@ -73,17 +67,7 @@ fn a_program_pack_is_promoted_from_a_canary_and_one_that_does_not_load_is_put_ba
     let tcp = std::fs::read(objects.join("tcp_lifecycle.bpf.o")).unwrap();
     std::fs::write(broken.join("tcp_lifecycle.bpf.o"), &tcp[..tcp.len() / 3]).unwrap();
     let bad = dir.join("bad.pack");
-    run(&[
-        "programs",
-        "pack",
-        "--key",
-        &key.display().to_string(),
-        "--version",
-        "3-broken",
-        "--out",
-        &bad.display().to_string(),
-        &broken.display().to_string(),
-    ]);
+    pack("3-broken", &bad, &broken);
 
     let broker = Broker::start(&dir);
     let prom = Prom::start(&dir);

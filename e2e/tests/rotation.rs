@@ -209,6 +209,18 @@ fn a_box_whose_certificate_expired_is_recovered_by_dropping_a_new_one() {
     });
 }
 
+/// The device's certificate from the fleet CA, valid `days` (where the
+/// agent's config points: made before the broker's helper makes one).
+fn expiring_certificate(broker: &Broker, device: &str, days: u32) {
+    let made = Command::new(repo_dir().join("scripts/fleet-certs.sh"))
+        .arg(&broker.pki)
+        .args(["device", device])
+        .env("FLEET_CERT_DAYS", days.to_string())
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
 fn renewals(a: &Agent, result: &str) -> f64 {
     a.metric(&format!("edge_agent_tls_renewals_total{{result=\"{result}\"}}")).unwrap_or(0.0)
 }
@@ -228,13 +240,7 @@ fn a_certificate_near_its_expiry_is_renewed_over_the_uplink() {
     let broker = Broker::start(&dir);
     let prom = Prom::start(&dir);
     let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
-    let made = Command::new(repo_dir().join("scripts/fleet-certs.sh"))
-        .arg(&broker.pki)
-        .args(["device", &device])
-        .env("FLEET_CERT_DAYS", "20")
-        .status()
-        .unwrap();
-    assert!(made.success());
+    expiring_certificate(&broker, &device, 20);
     let state = dir.join("agent-state");
     let mut agent = Agent::launch(&dir, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(&device, QUIET) });
     wait_for("the certificate request", Duration::from_secs(30), || {
@@ -335,13 +341,7 @@ fn a_broker_refusing_the_request_costs_one_reconnect_not_the_uplink() {
     broker.restart();
     let prom = Prom::start(&dir);
     let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
-    let made = Command::new(repo_dir().join("scripts/fleet-certs.sh"))
-        .arg(&broker.pki)
-        .args(["device", &device])
-        .env("FLEET_CERT_DAYS", "20")
-        .status()
-        .unwrap();
-    assert!(made.success());
+    expiring_certificate(&broker, &device, 20);
     // Detection on (the shipped model), in a group: it subscribes to the
     // group's model topic, which that ACL does not grant.
     let extra = format!(

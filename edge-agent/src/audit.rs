@@ -238,6 +238,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     wire::hex(&wire::hash(bytes))
 }
 
+/// An audit trail over a store of its own in `dir`, for other stages'
+/// tests.
+#[cfg(test)]
+pub(crate) fn for_tests(dir: &Path) -> Arc<Audit> {
+    let limits =
+        crate::store::StoreLimits { max_bytes: 1 << 20, segment_bytes: 64 << 10, max_age_ms: 0, fsync_interval_ms: 0 };
+    let lanes = crate::store::Lanes::open(&dir.join("store"), limits, limits).expect("a store for the test");
+    Audit::open(dir, Arc::new(Mutex::new(lanes)), Default::default(), 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

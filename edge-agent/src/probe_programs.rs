@@ -377,15 +377,7 @@ mod tests {
         let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
         std::fs::write(dir.join("programs.pub"), signing.public_key_pem()).unwrap();
         let private = signing.serialize_der();
-        let limits = crate::store::StoreLimits {
-            max_bytes: 1 << 20,
-            segment_bytes: 64 << 10,
-            max_age_ms: 0,
-            fsync_interval_ms: 0,
-        };
-        let lanes = crate::store::Lanes::open(&dir.join("store"), limits, limits).unwrap();
-        let audit =
-            crate::audit::Audit::open(&dir, std::sync::Arc::new(std::sync::Mutex::new(lanes)), Default::default(), 0);
+        let audit = crate::audit::for_tests(&dir);
         let settings = ProgramsSettings { public_key_file: dir.join("programs.pub") };
         let p = Programs::open(&settings, &dir, Default::default(), audit);
         let count = |r: &str| p.results.get_or_create(&ResultLabels { result: r.into() }).get();

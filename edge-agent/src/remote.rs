@@ -493,15 +493,7 @@ mod tests {
         );
         std::fs::write(&local, text).unwrap();
         let cfg = crate::config::Config::load(Some(&local)).unwrap();
-        let limits = crate::store::StoreLimits {
-            max_bytes: 1 << 20,
-            segment_bytes: 64 << 10,
-            max_age_ms: 0,
-            fsync_interval_ms: 0,
-        };
-        let lanes = crate::store::Lanes::open(&dir.join("store"), limits, limits).unwrap();
-        let audit =
-            crate::audit::Audit::open(&dir, std::sync::Arc::new(std::sync::Mutex::new(lanes)), Default::default(), 0);
+        let audit = crate::audit::for_tests(&dir);
         (Remote::open(&cfg, local, audit, Default::default()).unwrap(), dir)
     }
 

@@ -67,6 +67,27 @@ pub enum Action {
     Request { cleared: bool },
 }
 
+/// The topics of a retained kind and their layers (`device`,
+/// `group-<g>`; layers.rs), when the kind is taken at all.
+fn layered_topics(
+    on: bool,
+    groups: &[String],
+    device: String,
+    group: impl Fn(&str) -> String,
+) -> Vec<(String, String)> {
+    if !on {
+        return Vec::new();
+    }
+    std::iter::once((device, super::layers::DEVICE.to_owned()))
+        .chain(groups.iter().map(|g| (group(g), super::layers::group_layer(g))))
+        .collect()
+}
+
+/// The layer of `topic` among `topics`.
+fn layer_of(topics: &[(String, String)], topic: &str) -> Option<String> {
+    topics.iter().find(|(t, _)| t == topic).map(|(_, l)| l.clone())
+}
+
 /// Whether the connection goes on after an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -140,48 +161,27 @@ impl<'a> Session<'a> {
             presence: edge_wire::presence_topic(&m.topic_prefix, device),
             ack_topic: edge_wire::ack_topic(&m.topic_prefix, device),
             reply_topic: edge_wire::time_reply_topic(&m.topic_prefix, device),
-            model_topics: if up.models.is_some() {
-                let groups = up
-                    .cfg
-                    .remote_config
-                    .groups
-                    .iter()
-                    .map(|g| (edge_wire::group_model_topic(&m.topic_prefix, g), super::layers::group_layer(g)));
-                std::iter::once((edge_wire::model_topic(&m.topic_prefix, device), super::layers::DEVICE.into()))
-                    .chain(groups)
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            program_topics: if up.programs.is_some() {
-                let groups = up.cfg.remote_config.groups.iter().map(|g| {
-                    (edge_wire::group_probe_programs_topic(&m.topic_prefix, g), super::layers::group_layer(g))
-                });
-                std::iter::once((
-                    edge_wire::probe_programs_topic(&m.topic_prefix, device),
-                    super::layers::DEVICE.into(),
-                ))
-                .chain(groups)
-                .collect()
-            } else {
-                Vec::new()
-            },
+            model_topics: layered_topics(
+                up.models.is_some(),
+                &up.cfg.remote_config.groups,
+                edge_wire::model_topic(&m.topic_prefix, device),
+                |g| edge_wire::group_model_topic(&m.topic_prefix, g),
+            ),
+            program_topics: layered_topics(
+                up.programs.is_some(),
+                &up.cfg.remote_config.groups,
+                edge_wire::probe_programs_topic(&m.topic_prefix, device),
+                |g| edge_wire::group_probe_programs_topic(&m.topic_prefix, g),
+            ),
             request_topic: edge_wire::certificate_request_topic(&m.topic_prefix, device),
             renewal: super::lock(&up.renewal).to_publish(now),
             certificate_topic: edge_wire::certificate_topic(&m.topic_prefix, device),
-            config_topics: if up.configs.is_some() {
-                let groups = up
-                    .cfg
-                    .remote_config
-                    .groups
-                    .iter()
-                    .map(|g| (edge_wire::config_doc::group_topic(&m.topic_prefix, g), format!("group-{g}")));
-                std::iter::once((edge_wire::config_doc::device_topic(&m.topic_prefix, device), "device".to_owned()))
-                    .chain(groups)
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            config_topics: layered_topics(
+                up.configs.is_some(),
+                &up.cfg.remote_config.groups,
+                edge_wire::config_doc::device_topic(&m.topic_prefix, device),
+                |g| edge_wire::config_doc::group_topic(&m.topic_prefix, g),
+            ),
             cursors: Vec::new(),
             pkids: PacketIds::default(),
             budget: Budget::new(m.drain_bytes_per_sec, now),
@@ -332,21 +332,19 @@ impl<'a> Session<'a> {
             }
             // To the detect stage: it verifies and installs it at its next
             // window.
-            Ev::Publish { topic: t, payload } if self.model_topics.iter().any(|(m, _)| *m == t) => {
-                let layer = self.model_topics.iter().find(|(m, _)| *m == t).map(|(_, l)| l.clone()).unwrap_or_default();
+            Ev::Publish { topic: t, payload } if layer_of(&self.model_topics, &t).is_some() => {
+                let layer = layer_of(&self.model_topics, &t).unwrap_or_default();
                 self.actions.push(Action::Model { layer, payload });
             }
-            Ev::Publish { topic: t, payload } if self.program_topics.iter().any(|(m, _)| *m == t) => {
-                let layer =
-                    self.program_topics.iter().find(|(m, _)| *m == t).map(|(_, l)| l.clone()).unwrap_or_default();
+            Ev::Publish { topic: t, payload } if layer_of(&self.program_topics, &t).is_some() => {
+                let layer = layer_of(&self.program_topics, &t).unwrap_or_default();
                 self.actions.push(Action::Programs { layer, payload });
             }
             Ev::Publish { topic: t, payload } if t == self.certificate_topic => {
                 self.actions.push(Action::Certificate(payload))
             }
-            Ev::Publish { topic: t, payload } if self.config_topics.iter().any(|(c, _)| *c == t) => {
-                let layer =
-                    self.config_topics.iter().find(|(c, _)| *c == t).map(|(_, l)| l.clone()).unwrap_or_default();
+            Ev::Publish { topic: t, payload } if layer_of(&self.config_topics, &t).is_some() => {
+                let layer = layer_of(&self.config_topics, &t).unwrap_or_default();
                 self.actions.push(Action::Config { layer, payload });
             }
             Ev::Publish { topic: t, payload } if t == self.reply_topic => self.time_reply(&payload, now),
