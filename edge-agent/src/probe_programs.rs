@@ -86,18 +86,7 @@ pub fn verify(message: &[u8], key: &[u8]) -> Result<Pack, String> {
     }
     let mut rest =
         message.strip_prefix(MAGIC).ok_or("not a probe program pack (it must start with \"EDGE-PROBES-1\\n\")")?;
-    let mut part = |what: &str| -> Result<&[u8], String> {
-        if rest.len() < 4 {
-            return Err(format!("pack cut short before its {what}"));
-        }
-        let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if rest.len() - 4 < n {
-            return Err(format!("pack cut short in its {what} ({n} bytes announced)"));
-        }
-        let (p, r) = rest[4..].split_at(n);
-        rest = r;
-        Ok(p)
-    };
+    let mut part = |what: &str| edge_wire::take_part(&mut rest, "pack", what);
     let card_bytes = part("card")?;
     let signature = part("signature")?;
     ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
@@ -142,8 +131,7 @@ pub fn pack(version: &str, objects: &[(&str, &[u8])], pkcs8: &[u8]) -> Result<Ve
     let signature = key.sign(&card);
     let mut out = MAGIC.to_vec();
     for p in [card.as_slice(), signature.as_ref()].into_iter().chain(objects.iter().map(|(_, o)| *o)) {
-        out.extend_from_slice(&(p.len() as u32).to_be_bytes());
-        out.extend_from_slice(p);
+        edge_wire::put_part(&mut out, p);
     }
     Ok(out)
 }

@@ -260,6 +260,28 @@ pub fn model_topic(prefix: &str, device: &str) -> String {
     format!("{prefix}/{device}/model")
 }
 
+/// The next part of a message of length-prefixed parts (a model message,
+/// a probe program pack): a u32 big-endian length and that many bytes,
+/// taken off the front of `rest`. `message` and `what` name it in errors.
+pub fn take_part<'a>(rest: &mut &'a [u8], message: &str, what: &str) -> Result<&'a [u8], String> {
+    if rest.len() < 4 {
+        return Err(format!("{message} cut short before its {what}"));
+    }
+    let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    if rest.len() - 4 < n {
+        return Err(format!("{message} cut short in its {what} ({n} bytes announced)"));
+    }
+    let (p, r) = rest[4..].split_at(n);
+    *rest = r;
+    Ok(p)
+}
+
+/// Appends a part (its u32 big-endian length, then its bytes) to `out`.
+pub fn put_part(out: &mut Vec<u8>, part: &[u8]) {
+    out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+    out.extend_from_slice(part);
+}
+
 /// How a model message starts (docs/model.md, "The model message").
 pub const MODEL_MESSAGE_MAGIC: &[u8] = b"EDGE-MODEL-1\n";
 /// The largest model message a device takes.

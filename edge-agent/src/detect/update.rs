@@ -51,18 +51,7 @@ pub fn unpack(payload: &[u8]) -> Result<Option<Bundle<'_>>, String> {
     let mut rest = payload
         .strip_prefix(BUNDLE_MAGIC)
         .ok_or("not a model message (it must start with \"EDGE-MODEL-1\\n\", or be \"EDGE-MODEL-ROLLBACK\\n\")")?;
-    let mut part = |what: &str| -> Result<&[u8], String> {
-        if rest.len() < 4 {
-            return Err(format!("model message cut short before its {what}"));
-        }
-        let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if rest.len() - 4 < n {
-            return Err(format!("model message cut short in its {what} ({n} bytes announced)"));
-        }
-        let (p, r) = rest[4..].split_at(n);
-        rest = r;
-        Ok(p)
-    };
+    let mut part = |what: &str| edge_wire::take_part(&mut rest, "model message", what);
     let b = Bundle { card: part("card")?, signature: part("signature")?, model: part("model")? };
     if !rest.is_empty() {
         return Err(format!("{} stray bytes after the model", rest.len()));
@@ -73,8 +62,7 @@ pub fn unpack(payload: &[u8]) -> Result<Option<Bundle<'_>>, String> {
 pub fn pack(card: &[u8], signature: &[u8], model: &[u8]) -> Vec<u8> {
     let mut v = BUNDLE_MAGIC.to_vec();
     for p in [card, signature, model] {
-        v.extend_from_slice(&(p.len() as u32).to_be_bytes());
-        v.extend_from_slice(p);
+        edge_wire::put_part(&mut v, p);
     }
     v
 }
