@@ -49,6 +49,9 @@ fuzz_target!(|data: &[u8]| {
         let window_start = ts;
         ts += 1 + i64::from(chunk[0] % 4) * 1000;
         let mut values = Vec::new();
+        // What this window's values should read back as: kept only if the
+        // frame is encoded (a block that is full ends the round trip).
+        let mut window_values = Vec::new();
         for (k, kind) in ValueType::ALL.into_iter().enumerate() {
             if chunk.len() < 9 || chunk[k % 9] & 1 == 1 {
                 continue;
@@ -61,12 +64,13 @@ fuzz_target!(|data: &[u8]| {
             }
             let codec = ValueCodec { kind, scale: if k % 2 == 0 { 1.0 } else { 0.5 }, offset: k as f64 };
             for (t, raw) in &samples {
-                value_sent[k].push((*t, codec.value(*raw).to_bits()));
+                window_values.push((k, (*t, codec.value(*raw).to_bits())));
             }
             let key = SeriesKey::new("v", vec![Label::new("k", k.to_string())]);
             values.push(ValueSeries { key, codec, samples });
         }
         let mut samples = Vec::new();
+        let mut window_sent = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             if chunk[0] & (1 << (i % 8)) == 0 && i > 0 {
                 continue; // series i missing from this window
@@ -77,24 +81,40 @@ fuzz_target!(|data: &[u8]| {
             }
             let v = if chunk[0] & 0x80 != 0 { f64::from_bits(u64::from_le_bytes(b)) } else { i64::from_le_bytes(b) as f64 / 8.0 };
             samples.push((k.clone(), v));
-            sent[i].push((ts, v.to_bits()));
+            window_sent.push((i, (ts, v.to_bits())));
         }
         match enc.frame_with_values(ts, &samples, &values) {
-            Ok(f) => out.push(f),
+            Ok(f) => {
+                out.push(f);
+                for (k, v) in window_values {
+                    value_sent[k].push(v);
+                }
+                for (i, v) in window_sent {
+                    sent[i].push(v);
+                }
+            }
             // More than a block holds: the round trip ends here.
             Err(edge_wire::EncodeError::Full) => break,
             Err(e) => panic!("valid windows encode: {e}"),
         }
     }
     let batch = block::decode_block(out.iter().map(Vec::as_slice)).expect("own frames decode");
+    // No series with samples sent is missing.
+    let decoded: std::collections::BTreeSet<(bool, usize)> =
+        batch.series.iter().map(|s| (s.name == "v", s.labels[0].value.parse().unwrap())).collect();
+    for (values, all) in [(false, &sent), (true, &value_sent)] {
+        for (i, v) in all.iter().enumerate() {
+            assert!(v.is_empty() || decoded.contains(&(values, i)), "series {i} (values: {values}) missing");
+        }
+    }
     for s in &batch.series {
         let got: Vec<(i64, u64)> = s.samples.iter().map(|p| (p.timestamp_ms, p.value.to_bits())).collect();
         let i: usize = s.labels[0].value.parse().unwrap();
+        // Every sample of every frame encoded, exactly.
         if s.name == "v" {
-            assert_eq!(got, value_sent[i][..got.len()]);
-            assert_eq!(got.len(), value_sent[i].len());
+            assert_eq!(got, value_sent[i]);
         } else {
-            assert_eq!(got, sent[i][..got.len()]);
+            assert_eq!(got, sent[i]);
         }
     }
 });
