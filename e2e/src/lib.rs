@@ -719,6 +719,39 @@ pub fn bridge_on_nats(
     spawn_bridge(dir, client_id, &source, write_url, remote_write, log)
 }
 
+/// An Ed25519 key pair made by openssl in `dir`: (`<name>.key`, the
+/// private key, PKCS#8 PEM; `<name>.pub`, its public key, PEM), as an
+/// operator makes one to sign documents, models and program packs.
+pub fn ed25519_key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (key, public) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.pub")));
+    let (k, p) = (key.display().to_string(), public.display().to_string());
+    for args in [vec!["genpkey", "-algorithm", "ed25519", "-out", &k], vec!["pkey", "-in", &k, "-pubout", "-out", &p]] {
+        let o = Command::new("openssl").args(&args).output().expect("openssl");
+        assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    (key, public)
+}
+
+/// `fleet-bridge rollout` to `group` with one canary, watching 10 s, with
+/// `change` (the change's arguments: an overlay file, `--model FILE`,
+/// `--programs FILE`): its exit code and everything it printed.
+pub fn rollout(
+    conf: &Path,
+    prom: &Prom,
+    group: &str,
+    canary: &str,
+    id: &str,
+    change: &[&std::ffi::OsStr],
+) -> (Option<i32>, String) {
+    let o = Command::new(bin_dir().join("fleet-bridge"))
+        .args(["rollout", "--config", &conf.display().to_string(), "--prometheus", &prom.url()])
+        .args(["--group", group, "--canary", canary, "--id", id, "--watch-secs", "10"])
+        .args(change)
+        .output()
+        .expect("fleet-bridge rollout");
+    (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+}
+
 /// The config of the operator's commands (`fleet-bridge rollout`,
 /// `certificates sign`): the operator identity (fleet-admin) on the
 /// broker's central listener, and `<dir>/audit` for their logs, beside the

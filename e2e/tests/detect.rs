@@ -470,10 +470,7 @@ fn updates(dir: &Path, trained: &Path) {
     let (shipped_sha, trained_sha) = (sha_of(&shipped), sha_of(trained));
     let d = dir.join("updates");
     std::fs::create_dir_all(&d).unwrap();
-    let key = d.join("signing.pem");
-    let public = d.join("signing.pub");
-    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
-    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    let (key, public) = ed25519_key_pair(&d, "signing");
     let broker = Broker::start(&d);
     let state = d.join("agent-state");
     let drop_dir = state.join("model-drop");

@@ -19,11 +19,6 @@ fn run(args: &[&str]) {
     assert!(o.status.success(), "edge-agent {args:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-fn openssl(args: &[&str]) {
-    let o = Command::new("openssl").args(args).output().unwrap();
-    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-}
-
 fn programs(a: &Agent, result: &str) -> f64 {
     a.metric(&format!("edge_agent_probe_programs_total{{result=\"{result}\"}}")).unwrap_or(0.0)
 }
@@ -49,9 +44,7 @@ fn a_program_pack_is_promoted_from_a_canary_and_one_that_does_not_load_is_put_ba
         return;
     }
     let dir = tempdir("probe-programs");
-    let (key, public) = (dir.join("programs.key"), dir.join("programs.pub"));
-    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
-    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    let (key, public) = ed25519_key_pair(&dir, "programs");
     let objects = dir.join("objects");
     run(&["programs", "export", &objects.display().to_string()]);
     let good = dir.join("good.pack");
@@ -86,13 +79,7 @@ fn a_program_pack_is_promoted_from_a_canary_and_one_that_does_not_load_is_put_ba
     assert_eq!((tcp_attached(&a), tcp_attached(&b)), (1.0, 1.0));
     let conf = operator_config(&dir, &broker);
     let rollout = |id: &str, pack: &Path| {
-        let o = Command::new(bin_dir().join("fleet-bridge"))
-            .args(["rollout", "--config", &conf.display().to_string(), "--prometheus", &prom.url()])
-            .args(["--group", GROUP, "--canary", &canary, "--id", id, "--watch-secs", "10", "--programs"])
-            .arg(pack)
-            .output()
-            .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        e2e::rollout(&conf, &prom, GROUP, &canary, id, &["--programs".as_ref(), pack.as_os_str()])
     };
 
     // 1. Loads and attaches: promoted; the other box takes it from the

@@ -86,11 +86,6 @@ fn retained(broker: &Broker, topic: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn openssl(args: &[&str]) {
-    let o = Command::new("openssl").args(args).output().unwrap();
-    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-}
-
 #[test]
 fn a_config_that_breaks_the_uplink_is_reverted_by_the_box_and_every_step_is_audited() {
     if !require_root_and_tools() {
@@ -98,9 +93,7 @@ fn a_config_that_breaks_the_uplink_is_reverted_by_the_box_and_every_step_is_audi
     }
     let dir = tempdir("remote-config");
     let device = format!("e2e-remote-{}", std::process::id());
-    let (key, public) = (dir.join("config.key"), dir.join("config.pub"));
-    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
-    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    let (key, public) = ed25519_key_pair(&dir, "config");
     let broker = Broker::start(&dir);
     let prom = Prom::start(&dir);
     let (_bridge, _) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
@@ -183,9 +176,7 @@ fn a_rollout_is_promoted_from_healthy_canaries_and_rolled_back_on_a_probe_lost()
         return;
     }
     let dir = tempdir("rollout");
-    let (key, public) = (dir.join("config.key"), dir.join("config.pub"));
-    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
-    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    let (key, public) = ed25519_key_pair(&dir, "config");
     let broker = Broker::start(&dir);
     let prom = Prom::start(&dir);
     let pid = std::process::id();
@@ -214,15 +205,7 @@ fn a_rollout_is_promoted_from_healthy_canaries_and_rolled_back_on_a_probe_lost()
     let rollout = |id: &str, overlay: &str| {
         let file = dir.join(format!("{id}.toml"));
         std::fs::write(&file, overlay).unwrap();
-        let o = Command::new(bin_dir().join("fleet-bridge"))
-            .args(["rollout", "--config", &conf.display().to_string(), "--prometheus", &prom.url()])
-            .args(["--group", GROUP, "--canary", &canary, "--id", id, "--watch-secs", "10"])
-            .arg("--key")
-            .arg(&key)
-            .arg(&file)
-            .output()
-            .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        e2e::rollout(&conf, &prom, GROUP, &canary, id, &["--key".as_ref(), key.as_os_str(), file.as_os_str()])
     };
 
     // 1. Healthy: promoted; the other box of the group takes it too.
@@ -315,9 +298,7 @@ fn a_model_rollout_is_promoted_and_one_raising_alarms_is_rolled_back() {
         return;
     }
     let dir = tempdir("model-rollout");
-    let (key, public) = (dir.join("model.key"), dir.join("model.pub"));
-    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key.display().to_string()]);
-    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    let (key, public) = ed25519_key_pair(&dir, "model");
     // The factory model never raises its alarm; so does the good one; the
     // bad one raises it at every window.
     let (factory, _) = model_variant(&dir.join("factory"), "factory", 1e9, 0);
@@ -355,13 +336,7 @@ fn a_model_rollout_is_promoted_and_one_raising_alarms_is_rolled_back() {
     let rollout = |id: &str, bundle: &[u8]| {
         let file = dir.join(format!("{id}.bundle"));
         std::fs::write(&file, bundle).unwrap();
-        let o = Command::new(bin_dir().join("fleet-bridge"))
-            .args(["rollout", "--config", &conf.display().to_string(), "--prometheus", &prom.url()])
-            .args(["--group", GROUP, "--canary", &canary, "--id", id, "--watch-secs", "10", "--model"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        e2e::rollout(&conf, &prom, GROUP, &canary, id, &["--model".as_ref(), file.as_os_str()])
     };
 
     // 1. Quiet: promoted; the other box takes it from the group's topic.
