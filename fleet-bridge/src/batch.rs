@@ -14,9 +14,8 @@
 //!   acknowledgements go in the order the messages came
 //!   ([`Pipeline::take_acks`]), as MQTT 3.1.1 (4.6) asks.
 
-use crate::remote_write::{TimeSeries, WriteRequest};
+use crate::remote_write::{Encode, WriteRequest};
 use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,57 +32,60 @@ pub struct Limits {
     pub max_age: Duration,
 }
 
-/// One remote-write request: runs of series, each run one message's.
+/// One remote-write request: runs of series, each run one message's,
+/// already encoded (the request's protobuf bytes, not yet compressed).
 #[derive(Debug)]
 pub struct Batch {
     pub shard: usize,
-    pub req: WriteRequest,
-    /// (message, its device, the end of its run in `req.timeseries`).
-    pub parts: Vec<(MsgId, Arc<str>, usize)>,
+    /// The `WriteRequest`'s protobuf bytes: its series' entries, one
+    /// after the other ([`Encode::encode_entry`]).
+    pub body: Vec<u8>,
+    /// Each message's run of entries in `body`, in order.
+    pub parts: Vec<Part>,
     pub samples: usize,
-    /// Its size in memory, estimated ([`remote_write::heap_bytes`]).
-    pub bytes: usize,
     opened: Instant,
 }
 
+/// One message's series in a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub msg: MsgId,
+    pub device: Arc<str>,
+    /// Where its run of entries ends in [`Batch::body`] (it starts where
+    /// the one before ends).
+    pub end: usize,
+    pub samples: usize,
+}
+
 impl Batch {
-    /// Room for `series` series from the start: a request's vector is
-    /// not grown (copied) as it fills.
-    fn new(shard: usize, now: Instant, series: usize) -> Batch {
-        let req = WriteRequest { timeseries: Vec::with_capacity(series) };
-        Batch { shard, req, parts: Vec::new(), samples: 0, bytes: 0, opened: now }
+    fn new(shard: usize, now: Instant, capacity: usize) -> Batch {
+        Batch { shard, body: Vec::with_capacity(capacity), parts: Vec::new(), samples: 0, opened: now }
+    }
+
+    /// What it holds in memory: its bytes, counted against
+    /// `remote_write.max_pending_bytes` from admission to its write.
+    pub fn bytes(&self) -> usize {
+        self.body.len()
     }
 
     /// Each message's samples in this request: the outcome of writing it
     /// whole.
     pub fn written_whole(&self) -> Vec<PartOutcome> {
-        let mut start = 0;
-        self.parts
-            .iter()
-            .map(|(msg, _, end)| {
-                let written = self.req.timeseries[start..*end].iter().map(|t| t.samples.len()).sum();
-                start = *end;
-                PartOutcome { msg: *msg, written, refused: 0 }
-            })
-            .collect()
+        self.parts.iter().map(|p| PartOutcome { msg: p.msg, written: p.samples, refused: 0 }).collect()
     }
 
-    /// Each message's series on their own (after the store refused the
-    /// whole request: each is then written and refused apart, so a refusal
-    /// is counted against the device whose samples it was).
-    pub fn into_parts(self) -> Vec<(MsgId, Arc<str>, WriteRequest)> {
-        let mut series = self.req.timeseries;
-        let starts: Vec<usize> =
-            std::iter::once(0).chain(self.parts.iter().map(|p| p.2)).take(self.parts.len()).collect();
-        let mut out: Vec<_> = self
-            .parts
-            .into_iter()
-            .zip(starts)
-            .rev()
-            .map(|((msg, device, _), start)| (msg, device, WriteRequest { timeseries: series.split_off(start) }))
-            .collect();
-        out.reverse();
-        out
+    /// Each message's part with its bytes: a request of its own (written
+    /// apart after the store refused the whole request, so a refusal is
+    /// counted against the device whose samples it was).
+    pub fn parts(&self) -> impl Iterator<Item = (&Part, &[u8])> {
+        let starts = std::iter::once(0).chain(self.parts.iter().map(|p| p.end));
+        self.parts.iter().zip(starts).map(|(p, start)| (p, &self.body[start..p.end]))
+    }
+
+    /// The request as values (for splitting a refused part down to the
+    /// samples the store refuses, and for tests).
+    pub fn request(body: &[u8]) -> Result<WriteRequest, prost::DecodeError> {
+        prost::Message::decode(body)
     }
 }
 
@@ -122,16 +124,22 @@ pub struct Pipeline<M> {
     /// number `first`.
     msgs: VecDeque<Entry<M>>,
     first: MsgId,
-    /// Bytes (in memory, estimated) taken in and not yet written or
-    /// refused.
+    /// Bytes (encoded) taken in and not yet written or refused.
     pending: usize,
+    /// Room a shard's next request gets from the start: the size of its
+    /// last full one.
+    capacity: Vec<usize>,
 }
+
+/// Room a shard's first request gets.
+const INITIAL_CAPACITY: usize = 64 * 1024;
 
 impl<M> Pipeline<M> {
     pub fn new(limits: Limits) -> Pipeline<M> {
         let limits = Limits { shards: limits.shards.max(1), max_samples: limits.max_samples.max(1), ..limits };
         Pipeline {
             open: (0..limits.shards).map(|_| None).collect(),
+            capacity: vec![INITIAL_CAPACITY; limits.shards],
             limits,
             msgs: VecDeque::new(),
             first: 0,
@@ -139,10 +147,15 @@ impl<M> Pipeline<M> {
         }
     }
 
-    /// Takes a message in: its series into the shards' open requests.
-    /// Returns its number, whether it is already finished (nothing to
-    /// write), and the requests that filled up.
-    pub fn admit(&mut self, meta: M, device: &Arc<str>, series: Vec<TimeSeries>, now: Instant) -> (MsgId, Vec<Batch>) {
+    /// Takes a message in: its series encoded into the shards' open
+    /// requests. Returns its number and the requests that filled up.
+    pub fn admit<S: Encode>(
+        &mut self,
+        meta: M,
+        device: &Arc<str>,
+        series: impl IntoIterator<Item = S>,
+        now: Instant,
+    ) -> (MsgId, Vec<Batch>) {
         let id = self.first + self.msgs.len() as MsgId;
         self.msgs.push_back(Entry {
             meta,
@@ -156,23 +169,29 @@ impl<M> Pipeline<M> {
         let mut parts = 0;
         for ts in series {
             let shard = self.shard_of(&ts);
-            let n = ts.samples.len();
-            let bytes = crate::remote_write::heap_bytes(&ts);
-            let cap = self.limits.max_samples.min(16_384);
-            let batch = self.open[shard].get_or_insert_with(|| Batch::new(shard, now, cap));
+            let n = ts.samples();
+            let capacity = self.capacity[shard];
+            let batch = self.open[shard].get_or_insert_with(|| Batch::new(shard, now, capacity));
+            let before = batch.body.len();
+            ts.encode_entry(&mut batch.body);
+            let end = batch.body.len();
             match batch.parts.last_mut() {
-                Some((m, _, end)) if *m == id => *end += 1,
+                Some(p) if p.msg == id => {
+                    p.end = end;
+                    p.samples += n;
+                }
                 _ => {
-                    let end = batch.req.timeseries.len() + 1;
-                    batch.parts.push((id, device.clone(), end));
+                    batch.parts.push(Part { msg: id, device: device.clone(), end, samples: n });
                     parts += 1;
                 }
             }
-            batch.req.timeseries.push(ts);
             batch.samples += n;
-            batch.bytes += bytes;
-            self.pending += bytes;
+            self.pending += end - before;
             if batch.samples >= self.limits.max_samples {
+                // The next request of this shard gets room for as much
+                // from the start: its body is not grown (copied) as it
+                // fills.
+                self.capacity[shard] = end + end / 8;
                 full.extend(self.open[shard].take());
             }
         }
@@ -206,16 +225,11 @@ impl<M> Pipeline<M> {
         (id, leader_done)
     }
 
-    fn shard_of(&self, ts: &TimeSeries) -> usize {
+    fn shard_of(&self, ts: &impl Encode) -> usize {
         if self.limits.shards == 1 {
             return 0;
         }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for l in &ts.labels {
-            l.name.hash(&mut h);
-            l.value.hash(&mut h);
-        }
-        (h.finish() % self.limits.shards as u64) as usize
+        (ts.identity() % self.limits.shards as u64) as usize
     }
 
     /// The open requests whose oldest part is `max_age` old.
@@ -367,7 +381,7 @@ impl Recent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote_write::{Label, Sample};
+    use crate::remote_write::{Label, Sample, TimeSeries};
 
     fn series(device: &str, name: &str, times: &[i64]) -> TimeSeries {
         TimeSeries {
@@ -404,9 +418,9 @@ mod tests {
         let due = p.due(t0 + Duration::from_millis(200));
         assert_eq!(due.len(), 1);
         let b = &due[0];
-        assert_eq!((b.samples, b.req.timeseries.len(), b.parts.len()), (20, 20, 10));
+        assert_eq!((b.samples, Batch::request(&b.body).unwrap().timeseries.len(), b.parts.len()), (20, 20, 10));
         assert!(p.take_acks().is_empty(), "nothing is acknowledged before it is written");
-        let done = p.written(b.bytes, &all_written(b));
+        let done = p.written(b.bytes(), &all_written(b));
         assert_eq!(done.len(), 10);
         assert_eq!(done[3], Finished { msg: ids[3], written: 2, refused: 0 });
         assert_eq!(p.take_acks(), (0..10).collect::<Vec<_>>());
@@ -424,8 +438,8 @@ mod tests {
         assert_eq!(full[0].samples, 12);
         let rest = p.due(t0 + Duration::from_secs(1));
         assert_eq!(rest[0].samples, 8);
-        assert!(p.written(full[0].bytes, &all_written(&full[0])).is_empty(), "half of it is not written yet");
-        assert_eq!(p.written(rest[0].bytes, &all_written(&rest[0])), [Finished { msg: id, written: 20, refused: 0 }]);
+        assert!(p.written(full[0].bytes(), &all_written(&full[0])).is_empty(), "half of it is not written yet");
+        assert_eq!(p.written(rest[0].bytes(), &all_written(&rest[0])), [Finished { msg: id, written: 20, refused: 0 }]);
     }
 
     #[test]
@@ -444,7 +458,10 @@ mod tests {
         let shard_of = |batches: &[Batch], dev: &str, name: &str| {
             batches
                 .iter()
-                .find(|b| b.req.timeseries.iter().any(|t| t.labels[0].value == name && t.labels[1].value == dev))
+                .find(|b| {
+                    let req = Batch::request(&b.body).unwrap();
+                    req.timeseries.iter().any(|t| t.labels[0].value == name && t.labels[1].value == dev)
+                })
                 .map(|b| b.shard)
         };
         for n in &names {
@@ -469,7 +486,7 @@ mod tests {
         p.written(0, &outcomes_a);
         assert_eq!(p.take_acks(), ["a1", "b1"]);
         for batch in &second {
-            p.written(batch.bytes, &all_written(batch));
+            p.written(batch.bytes(), &all_written(batch));
         }
         assert_eq!(p.take_acks(), ["a2"]);
     }
@@ -480,11 +497,11 @@ mod tests {
         let mut p = Pipeline::new(limits(2, 100));
         let dev: Arc<str> = "d".into();
         p.admit("data", &dev, vec![series(&dev, "m", &[1])], t0);
-        let (_, full) = p.admit("empty", &dev, vec![], t0);
+        let (_, full) = p.admit("empty", &dev, Vec::<TimeSeries>::new(), t0);
         assert!(full.is_empty());
         assert!(p.take_acks().is_empty());
         let b = p.due(t0 + Duration::from_secs(1));
-        p.written(b[0].bytes, &all_written(&b[0]));
+        p.written(b[0].bytes(), &all_written(&b[0]));
         assert_eq!(p.take_acks(), ["data", "empty"]);
     }
 
@@ -498,14 +515,14 @@ mod tests {
         assert!(!done);
         let b = p.due(t0 + Duration::from_secs(1)).pop().unwrap();
         assert_eq!(b.samples, 1, "the copy adds nothing to write");
-        let fin = p.written(b.bytes, &all_written(&b));
+        let fin = p.written(b.bytes(), &all_written(&b));
         assert_eq!(
             fin,
             [Finished { msg: leader, written: 1, refused: 0 }, Finished { msg: copy, written: 0, refused: 0 }]
         );
         assert_eq!(p.take_acks(), ["block", "copy"]);
         // A copy of a message already done is done at once.
-        let (leader, _) = p.admit("again", &dev, vec![], t0);
+        let (leader, _) = p.admit("again", &dev, Vec::<TimeSeries>::new(), t0);
         assert!(p.follow("late copy", leader).1);
         assert_eq!(p.take_acks(), ["again", "late copy"]);
     }
@@ -531,13 +548,32 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pipeline::new(limits(1, 1000));
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        p.admit((), &a, vec![series(&a, "m", &[1]), series(&a, "n", &[1, 2])], t0);
+        let a_series = vec![series(&a, "m", &[1]), series(&a, "n", &[1, 2])];
+        p.admit((), &a, &a_series, t0);
         p.admit((), &b, vec![series(&b, "m", &[1])], t0);
         let batch = p.due(t0 + Duration::from_secs(1)).pop().unwrap();
-        let parts = batch.into_parts();
+        let whole = Batch::request(&batch.body).unwrap();
+        assert_eq!(whole.timeseries.len(), 3);
+        assert_eq!(batch.bytes(), prost::Message::encoded_len(&whole), "the body is the request's protobuf bytes");
+        let parts: Vec<_> = batch.parts().map(|(part, body)| (part.clone(), Batch::request(body).unwrap())).collect();
         assert_eq!(parts.len(), 2);
-        assert_eq!((parts[0].0, &*parts[0].1, parts[0].2.timeseries.len()), (0, "a", 2));
-        assert_eq!((parts[1].0, &*parts[1].1, parts[1].2.timeseries.len()), (1, "b", 1));
-        assert_eq!(parts[1].2.timeseries[0].labels[1].value, "b");
+        assert_eq!((parts[0].0.msg, &*parts[0].0.device, parts[0].0.samples), (0, "a", 3));
+        assert_eq!(parts[0].1.timeseries, a_series);
+        assert_eq!((parts[1].0.msg, &*parts[1].0.device, parts[1].1.timeseries.len()), (1, "b", 1));
+        assert_eq!(parts[1].1.timeseries[0].labels[1].value, "b");
+    }
+
+    #[test]
+    fn a_full_request_makes_room_for_the_next_one_from_the_start() {
+        let t0 = Instant::now();
+        let mut p = Pipeline::new(limits(1, 5_000));
+        let dev: Arc<str> = "d".into();
+        let many: Vec<TimeSeries> = (0..5_000).map(|i| series(&dev, &format!("m{i}"), &[1])).collect();
+        let (_, full) = p.admit((), &dev, &many, t0);
+        assert_eq!(full.len(), 1);
+        assert!(full[0].bytes() > INITIAL_CAPACITY, "a full request outgrows the first room");
+        p.admit((), &dev, &many[..1], t0);
+        let next = p.due(t0 + Duration::from_secs(1)).pop().unwrap();
+        assert!(next.body.capacity() >= full[0].bytes());
     }
 }

@@ -149,8 +149,9 @@ pub struct RemoteWriteConfig {
     /// ...or until its oldest part waited this long while its shard was
     /// free to write (a busy shard's request keeps filling up).
     pub batch_max_age_ms: u64,
-    /// Memory the samples the bridge holds (taken from the broker, not yet
-    /// written) take at most, estimated: past it, it takes no new message
+    /// Bytes the samples the bridge holds (taken from the broker, not yet
+    /// written) take at most, as encoded for remote write (the requests'
+    /// protobuf bytes, before compression): past it, it takes no new message
     /// in until writes catch up, and the broker keeps the rest (its
     /// in-flight window, then its queue). Backpressure, not buffering:
     /// memory stays bounded whatever the fleet's backlog.

@@ -16,9 +16,11 @@ pub struct Write {
     pub samples: usize,
     /// Samples the bridge will not write: outside [`TimeBounds`].
     pub out_of_bounds: OutOfBounds,
-    /// What to write; split on refusal (see [`split`]).
-    pub req: WriteRequest,
-    /// An audit block's records (then `req` is empty): for the audit log,
+    /// What to write: the block's series within the time bounds (the
+    /// bridge adds its `device` label when it encodes them,
+    /// [`remote_write::DeviceSeries`]).
+    pub batch: Batch,
+    /// An audit block's records (then `batch` is empty): for the audit log,
     /// not the store (audit.rs).
     pub audit: Option<crate::audit::Block>,
 }
@@ -138,13 +140,12 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8], bounds: TimeBounds) ->
             last_seq,
             samples: 0,
             out_of_bounds: OutOfBounds::default(),
-            req: WriteRequest::default(),
+            batch: Batch { series: Vec::new() },
             audit: Some(block),
         });
     }
     let mut batch = env.block().map_err(|e| Refusal::Undecodable(e.to_string()))?;
     let out_of_bounds = keep_within(&mut batch, bounds);
-    let req = WriteRequest { timeseries: remote_write::to_timeseries(device, &batch) };
     Ok(Write {
         device: device.into(),
         lane: env.lane,
@@ -152,9 +153,17 @@ pub fn prepare(prefix: &str, topic: &str, payload: &[u8], bounds: TimeBounds) ->
         last_seq,
         samples: batch.sample_count(),
         out_of_bounds,
-        req,
+        batch,
         audit: None,
     })
+}
+
+impl Write {
+    /// What it writes, as a request of values (tests and simulations; the
+    /// bridge encodes the series straight from [`Write::batch`]).
+    pub fn request(&self) -> WriteRequest {
+        WriteRequest { timeseries: remote_write::to_timeseries(&self.device, &self.batch) }
+    }
 }
 
 /// The request that asks whether the store takes writes at all: one
@@ -259,7 +268,7 @@ mod tests {
     fn valid_message_becomes_a_write() {
         let w = prepare("edge", "edge/d1/metrics", &payload("d1"), TimeBounds::ANY).unwrap();
         assert_eq!((w.device.as_str(), w.first_seq, w.last_seq, w.samples), ("d1", 3, 4, 2));
-        let req = w.req;
+        let req = w.request();
         let ts: Vec<i64> = req.timeseries[0].samples.iter().map(|s| s.timestamp).collect();
         assert_eq!(ts, [5, 15]);
     }
@@ -312,8 +321,8 @@ mod tests {
         assert_eq!(w.out_of_bounds, OutOfBounds { ahead: 2, too_old: 2, example_ms: Some(1_000) });
         assert_eq!(w.samples, 3);
         assert_eq!((w.first_seq, w.last_seq), (9, 14), "the whole block is confirmed");
-        assert_eq!(w.req.timeseries.len(), 1, "a series with nothing left is not written");
-        let kept: Vec<i64> = w.req.timeseries[0].samples.iter().map(|s| s.timestamp).collect();
+        assert_eq!(w.request().timeseries.len(), 1, "a series with nothing left is not written");
+        let kept: Vec<i64> = w.request().timeseries[0].samples.iter().map(|s| s.timestamp).collect();
         assert_eq!(kept, [now - 60_000, now, now + 200_000]);
         // The bounds apply after the device's clock correction.
         let ahead = BlockEncoder::new().frame(now + year, &[(k, 1.0), (only_future, 2.0)]).unwrap();
@@ -330,7 +339,7 @@ mod tests {
         let frames: Vec<Vec<u8>> = (0..windows)
             .map(|w| e.frame(w * 10, &keys.iter().map(|k| (k.clone(), w as f64)).collect::<Vec<_>>()).unwrap())
             .collect();
-        prepare("edge", "edge/d/metrics", &envelope("d", 1, 0, &frames), TimeBounds::ANY).unwrap().req
+        prepare("edge", "edge/d/metrics", &envelope("d", 1, 0, &frames), TimeBounds::ANY).unwrap().request()
     }
 
     #[test]

@@ -402,6 +402,63 @@ enum MsgKind {
     Presence { online: bool },
 }
 
+/// What a message brings to write.
+enum Content {
+    None,
+    Presence(remote_write::TimeSeries),
+    /// A device's block, its series within the time bounds.
+    Block(edge_wire::Batch),
+}
+
+impl Content {
+    fn is_empty(&self) -> bool {
+        match self {
+            Content::None => true,
+            Content::Presence(_) => false,
+            Content::Block(b) => b.series.is_empty(),
+        }
+    }
+
+    /// Its series, to be encoded into the requests (the block's with the
+    /// bridge's `device` label).
+    fn series<'a>(&'a self, device: &'a str) -> impl Iterator<Item = Series<'a>> {
+        let (presence, block) = match self {
+            Content::None => (None, &[][..]),
+            Content::Presence(ts) => (Some(Series::Presence(ts)), &[][..]),
+            Content::Block(b) => (None, &b.series[..]),
+        };
+        let block = block.iter().map(move |series| Series::Block(remote_write::DeviceSeries { device, series }));
+        presence.into_iter().chain(block)
+    }
+}
+
+/// One series of a message's [`Content`].
+enum Series<'a> {
+    Presence(&'a remote_write::TimeSeries),
+    Block(remote_write::DeviceSeries<'a>),
+}
+
+impl remote_write::Encode for Series<'_> {
+    fn identity(&self) -> u64 {
+        match self {
+            Series::Presence(ts) => ts.identity(),
+            Series::Block(s) => s.identity(),
+        }
+    }
+    fn samples(&self) -> usize {
+        match self {
+            Series::Presence(ts) => ts.samples(),
+            Series::Block(s) => s.samples(),
+        }
+    }
+    fn encode_entry(&self, out: &mut Vec<u8>) {
+        match self {
+            Series::Presence(ts) => ts.encode_entry(out),
+            Series::Block(s) => s.encode_entry(out),
+        }
+    }
+}
+
 struct Writer {
     prefix: String,
     url: String,
@@ -424,8 +481,9 @@ struct Writer {
     credits: std::sync::Arc<Credits>,
     /// Delivery confirmations not yet handed to the client: (topic, payload).
     outbox: std::sync::Mutex<std::collections::VecDeque<(String, Vec<u8>)>>,
-    /// Keys of the payload hash that spots copies.
-    copy_keys: (std::collections::hash_map::RandomState, std::collections::hash_map::RandomState),
+    /// Keys of the payload hash that spots copies (two seeds drawn at
+    /// random per process).
+    copy_keys: (foldhash::quality::RandomState, foldhash::quality::RandomState),
     /// Refusal warnings, at most one a minute per kind.
     said: std::sync::Mutex<std::collections::HashMap<&'static str, Throttle>>,
     /// The devices' audit trails (audit.rs).
@@ -488,7 +546,7 @@ impl Writer {
                 let (me, events) = (self.clone(), events.clone());
                 let spawned = std::thread::Builder::new().name(format!("writer-{shard}")).spawn(move || {
                     for b in batches {
-                        let bytes = b.bytes;
+                        let bytes = b.bytes();
                         let outcomes = me.write_batch(b);
                         if events.send(Event::Written { shard, bytes, outcomes }).is_err() {
                             break;
@@ -609,19 +667,19 @@ impl Writer {
             }
             Some(Seen::Written(lane, first, last)) => {
                 let kind = MsgKind::Copy { confirm: Some((lane, first, last)) };
-                let (id, _) = pipe.admit(Msg { incoming, kind }, &"".into(), Vec::new(), now);
+                let (id, _) = pipe.admit(Msg { incoming, kind }, &"".into(), Content::None.series(""), now);
                 self.finish(pipe, recent, Finished { msg: id, written: 0, refused: 0 });
                 return Vec::new();
             }
             None => {}
         }
-        let (mut kind, device, series) = self.classify(&incoming);
+        let (mut kind, device, content) = self.classify(&incoming);
         if let MsgKind::Block { key: k, .. } = &mut kind {
             *k = key.clone();
         }
-        let empty = series.is_empty();
+        let empty = content.is_empty();
         let block = matches!(kind, MsgKind::Block { .. });
-        let (id, full) = pipe.admit(Msg { incoming, kind }, &device, series, now);
+        let (id, full) = pipe.admit(Msg { incoming, kind }, &device, content.series(&device), now);
         if let (true, Some(k)) = (block, key) {
             recent.pending(k, id);
         }
@@ -631,16 +689,19 @@ impl Writer {
         full
     }
 
-    /// A payload's 128-bit hash, keyed at random per process (a device
-    /// cannot aim at a collision).
+    /// A payload's 128-bit hash, seeded at random per process: a device
+    /// cannot aim at a collision (and one would only ever match its own
+    /// messages: the key holds the topic). foldhash, not SipHash: hashing
+    /// every payload twice with SipHash was a sixth of the pipeline
+    /// thread's CPU.
     fn copy_hash(&self, payload: &[u8]) -> u128 {
         use std::hash::BuildHasher;
         (u128::from(self.copy_keys.0.hash_one(payload)) << 64) | u128::from(self.copy_keys.1.hash_one(payload))
     }
 
     /// What a message is and the series it brings.
-    fn classify(&self, publish: &Incoming) -> (MsgKind, std::sync::Arc<str>, Vec<remote_write::TimeSeries>) {
-        let settled = || (MsgKind::Settled, std::sync::Arc::<str>::from(""), Vec::new());
+    fn classify(&self, publish: &Incoming) -> (MsgKind, std::sync::Arc<str>, Content) {
+        let settled = || (MsgKind::Settled, std::sync::Arc::<str>::from(""), Content::None);
         if let Some(device) = edge_wire::device_of(&self.prefix, &publish.topic, "presence") {
             let online = match &publish.payload[..] {
                 b"online" => true,
@@ -655,7 +716,7 @@ impl Writer {
                 return settled();
             }
             let ts = remote_write::presence(device, if online { 1.0 } else { 0.0 }, now_ms());
-            return (MsgKind::Presence { online }, device.into(), vec![ts]);
+            return (MsgKind::Presence { online }, device.into(), Content::Presence(ts));
         }
         let bounds = TimeBounds::around(now_ms(), self.max_age_ms, self.max_ahead_ms);
         let w = match handle::prepare(&self.prefix, &publish.topic, &publish.payload, bounds) {
@@ -675,7 +736,7 @@ impl Writer {
                 return settled();
             }
             let kind = MsgKind::Audit { lane: w.lane, first_seq: w.first_seq, last_seq: w.last_seq };
-            return (kind, w.device.as_str().into(), Vec::new());
+            return (kind, w.device.as_str().into(), Content::None);
         }
         let oob = w.out_of_bounds;
         if oob.total() > 0 {
@@ -709,7 +770,7 @@ impl Writer {
             out_of_bounds: oob.total(),
             key: None,
         };
-        (kind, w.device.as_str().into(), w.req.timeseries)
+        (kind, w.device.as_str().into(), Content::Block(w.batch))
     }
 
     /// A device's audit records into the log, each counted by how it fits
@@ -818,22 +879,44 @@ impl Writer {
     /// to single samples), so only what the store refuses is lost, counted
     /// against its device.
     fn write_batch(&self, b: Batch) -> Vec<PartOutcome> {
-        match self.send(&remote_write::encode(&b.req), b.samples, "") {
+        match self.send(&remote_write::compress(&b.body), b.samples, "") {
             Sent::Written => b.written_whole(),
-            Sent::Refused(_) | Sent::Failing(_) => self.write_parts(b),
+            Sent::Refused(_) | Sent::Failing(_) => self.write_parts(&b),
         }
     }
 
     /// Each message's part of a request written on its own.
-    fn write_parts(&self, b: Batch) -> Vec<PartOutcome> {
-        b.into_parts()
-            .into_iter()
-            .map(|(msg, device, req)| {
+    fn write_parts(&self, b: &Batch) -> Vec<PartOutcome> {
+        b.parts()
+            .map(|(part, body)| {
                 let mut refused = 0;
-                let written = self.write(req, &device, &mut refused);
-                PartOutcome { msg, written, refused }
+                let written = match Batch::request(body) {
+                    Ok(req) => self.write(req, &part.device, &mut refused),
+                    // Bytes this bridge encoded itself always decode; were
+                    // they not to, the part is written whole, or refused
+                    // whole as the store says, never dropped uncounted.
+                    Err(e) => {
+                        tracing::error!(device = %part.device, error = %e, "a request part does not decode; written whole");
+                        self.write_undivided(body, part.samples, &part.device, &mut refused)
+                    }
+                };
+                PartOutcome { msg: part.msg, written, refused }
             })
             .collect()
+    }
+
+    /// Writes a part that cannot be split: all its samples written or all
+    /// refused.
+    fn write_undivided(&self, body: &[u8], samples: usize, device: &str, refused: &mut usize) -> usize {
+        let reason = match self.send(&remote_write::compress(body), samples, device) {
+            Sent::Written => return samples,
+            Sent::Refused(text) => handle::refusal_reason(&text),
+            Sent::Failing(_) => "persistent_error",
+        };
+        let counter = self.metrics.samples_refused.get_or_create(&metrics::ReasonLabels { reason: reason.into() });
+        counter.inc_by(samples as u64);
+        *refused += samples;
+        0
     }
 
     /// Writes a request; on a refusal (4xx) splits it and writes the halves,

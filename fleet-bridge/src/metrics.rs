@@ -103,8 +103,8 @@ impl BridgeMetrics {
         );
         r.register(
             "fleet_bridge_pending_bytes",
-            "Memory the samples taken from the broker and not yet written or refused take, estimated (at most \
-             remote_write.max_pending_bytes and one message)",
+            "Bytes the samples taken from the broker and not yet written or refused take, encoded for remote write \
+             (at most remote_write.max_pending_bytes and one message)",
             m.pending_bytes.clone(),
         );
         r.register(

@@ -323,7 +323,7 @@ impl World {
                 return Err(format!("the bridge took a message for {:?} from {topic}", w.device));
             }
             *self.deliveries.entry((w.lane, w.first_seq)).or_default() += 1;
-            for ts in &w.req.timeseries {
+            for ts in &w.request().timeseries {
                 let name = series_name(&ts.labels);
                 for s in &ts.samples {
                     let key = (name.clone(), s.timestamp);
