@@ -1,8 +1,9 @@
 //! Bridge throughput with many small blocks (issue 21): a fleet's backlog
 //! of one-window blocks queued in mosquitto for the bridge, then drained by
 //! it into Prometheus, against the same number of samples written straight
-//! into the same Prometheus in the same run, in requests of the shape the
-//! bridge makes (`hil_tests::fleet::direct`). Twice, with backlogs of two
+//! into the same Prometheus in the same run (half before the drain, half
+//! after), in requests of the shape the bridge makes
+//! (`hil_tests::fleet::direct`). Twice, with backlogs of two
 //! sizes: the bridge's peak memory must not follow the backlog.
 //!
 //!   cargo build --release --workspace --bins
@@ -28,7 +29,7 @@ fn main() {
     if !e2e::require_root_and_tools() {
         return;
     }
-    println!("| backlog (blocks x samples) | bridge s | bridge samples/s | direct samples/s | bridge / direct | bridge CPU s per M samples | bridge peak RSS MiB | most messages waiting | requests |");
+    println!("| backlog (blocks x samples) | bridge s | bridge samples/s | direct samples/s (before / after the bridge) | bridge / direct | bridge CPU s per M samples | bridge peak RSS MiB | most messages waiting | requests |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for windows in [10, 40] {
         run(windows);
@@ -55,6 +56,11 @@ fn run(windows: usize) {
     bridge.stop();
     let samples = load(&broker, windows);
 
+    // The store's own rate, half of it measured before the bridge's drain
+    // and half after: one measurement next to the bridge's varied by a
+    // quarter from run to run here.
+    let (direct_a, direct_a_secs, _) = hil_tests::fleet::direct::load(&prom, samples / 2, 10_000, 2, SERIES);
+
     let (mut bridge, port) = start_bridge(&dir, &broker, &prom);
     let t0 = Instant::now();
     let cpu0 = process_use(bridge.pid()).map_or(0.0, |u| u.0);
@@ -77,11 +83,14 @@ fn run(windows: usize) {
     let (cpu, hwm) = process_use(bridge.pid()).unwrap_or((cpu0, peak));
     let requests = e2e::scrape(port, "fleet_bridge_remote_write_requests_total{status=\"2xx\"}").ok().flatten();
     bridge.stop();
-    let (direct, direct_secs, _) = hil_tests::fleet::direct::load(&prom, samples, 10_000, 2, SERIES);
+    let (direct_b, direct_b_secs, _) = hil_tests::fleet::direct::load(&prom, samples / 2, 10_000, 2, SERIES);
+    let (direct, direct_secs) = (direct_a + direct_b, direct_a_secs + direct_b_secs);
     let (rate, direct_rate) = (samples as f64 / secs, direct as f64 / direct_secs);
     println!(
-        "| {} x {SERIES} | {secs:.1} | {rate:.0} | {direct_rate:.0} | {:.2} | {:.2} | {:.1} | {most_waiting:.0} | {} |",
+        "| {} x {SERIES} | {secs:.1} | {rate:.0} | {direct_rate:.0} ({:.0} / {:.0}) | {:.2} | {:.2} | {:.1} | {most_waiting:.0} | {} |",
         DEVICES * windows,
+        direct_a as f64 / direct_a_secs,
+        direct_b as f64 / direct_b_secs,
         rate / direct_rate,
         (cpu - cpu0) / (samples as f64 / 1e6),
         peak.max(hwm),
