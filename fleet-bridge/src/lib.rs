@@ -402,63 +402,6 @@ enum MsgKind {
     Presence { online: bool },
 }
 
-/// What a message brings to write.
-enum Content {
-    None,
-    Presence(remote_write::TimeSeries),
-    /// A device's block, its series within the time bounds.
-    Block(edge_wire::Batch),
-}
-
-impl Content {
-    fn is_empty(&self) -> bool {
-        match self {
-            Content::None => true,
-            Content::Presence(_) => false,
-            Content::Block(b) => b.series.is_empty(),
-        }
-    }
-
-    /// Its series, to be encoded into the requests (the block's with the
-    /// bridge's `device` label).
-    fn series<'a>(&'a self, device: &'a str) -> impl Iterator<Item = Series<'a>> {
-        let (presence, block) = match self {
-            Content::None => (None, &[][..]),
-            Content::Presence(ts) => (Some(Series::Presence(ts)), &[][..]),
-            Content::Block(b) => (None, &b.series[..]),
-        };
-        let block = block.iter().map(move |series| Series::Block(remote_write::DeviceSeries { device, series }));
-        presence.into_iter().chain(block)
-    }
-}
-
-/// One series of a message's [`Content`].
-enum Series<'a> {
-    Presence(&'a remote_write::TimeSeries),
-    Block(remote_write::DeviceSeries<'a>),
-}
-
-impl remote_write::Encode for Series<'_> {
-    fn identity(&self) -> u64 {
-        match self {
-            Series::Presence(ts) => ts.identity(),
-            Series::Block(s) => s.identity(),
-        }
-    }
-    fn samples(&self) -> usize {
-        match self {
-            Series::Presence(ts) => ts.samples(),
-            Series::Block(s) => s.samples(),
-        }
-    }
-    fn encode_entry(&self, out: &mut Vec<u8>) {
-        match self {
-            Series::Presence(ts) => ts.encode_entry(out),
-            Series::Block(s) => s.encode_entry(out),
-        }
-    }
-}
-
 struct Writer {
     prefix: String,
     url: String,
@@ -667,19 +610,25 @@ impl Writer {
             }
             Some(Seen::Written(lane, first, last)) => {
                 let kind = MsgKind::Copy { confirm: Some((lane, first, last)) };
-                let (id, _) = pipe.admit(Msg { incoming, kind }, &"".into(), Content::None.series(""), now);
+                let (id, _) = pipe.admit(
+                    Msg { incoming, kind },
+                    &"".into(),
+                    std::iter::empty::<remote_write::DeviceSeries>(),
+                    now,
+                );
                 self.finish(pipe, recent, Finished { msg: id, written: 0, refused: 0 });
                 return Vec::new();
             }
             None => {}
         }
-        let (mut kind, device, content) = self.classify(&incoming);
+        let (mut kind, device, batch) = self.classify(&incoming);
         if let MsgKind::Block { key: k, .. } = &mut kind {
             *k = key.clone();
         }
-        let empty = content.is_empty();
+        let empty = batch.series.is_empty();
         let block = matches!(kind, MsgKind::Block { .. });
-        let (id, full) = pipe.admit(Msg { incoming, kind }, &device, content.series(&device), now);
+        let series = batch.series.iter().map(|series| remote_write::DeviceSeries { device: &device, series });
+        let (id, full) = pipe.admit(Msg { incoming, kind }, &device, series, now);
         if let (true, Some(k)) = (block, key) {
             recent.pending(k, id);
         }
@@ -699,9 +648,10 @@ impl Writer {
         (u128::from(self.copy_keys.0.hash_one(payload)) << 64) | u128::from(self.copy_keys.1.hash_one(payload))
     }
 
-    /// What a message is and the series it brings.
-    fn classify(&self, publish: &Incoming) -> (MsgKind, std::sync::Arc<str>, Content) {
-        let settled = || (MsgKind::Settled, std::sync::Arc::<str>::from(""), Content::None);
+    /// What a message is and the series it brings (the bridge adds their
+    /// `device` label).
+    fn classify(&self, publish: &Incoming) -> (MsgKind, std::sync::Arc<str>, edge_wire::Batch) {
+        let settled = || (MsgKind::Settled, std::sync::Arc::<str>::from(""), edge_wire::Batch { series: Vec::new() });
         if let Some(device) = edge_wire::device_of(&self.prefix, &publish.topic, "presence") {
             let online = match &publish.payload[..] {
                 b"online" => true,
@@ -715,8 +665,8 @@ impl Writer {
                 self.metrics.messages.get_or_create(&metrics::ResultLabels::new("bad_topic")).inc();
                 return settled();
             }
-            let ts = remote_write::presence(device, if online { 1.0 } else { 0.0 }, now_ms());
-            return (MsgKind::Presence { online }, device.into(), Content::Presence(ts));
+            let series = vec![remote_write::presence(if online { 1.0 } else { 0.0 }, now_ms())];
+            return (MsgKind::Presence { online }, device.into(), edge_wire::Batch { series });
         }
         let bounds = TimeBounds::around(now_ms(), self.max_age_ms, self.max_ahead_ms);
         let w = match handle::prepare(&self.prefix, &publish.topic, &publish.payload, bounds) {
@@ -736,7 +686,7 @@ impl Writer {
                 return settled();
             }
             let kind = MsgKind::Audit { lane: w.lane, first_seq: w.first_seq, last_seq: w.last_seq };
-            return (kind, w.device.as_str().into(), Content::None);
+            return (kind, w.device.as_str().into(), w.batch);
         }
         let oob = w.out_of_bounds;
         if oob.total() > 0 {
@@ -770,7 +720,7 @@ impl Writer {
             out_of_bounds: oob.total(),
             key: None,
         };
-        (kind, w.device.as_str().into(), Content::Block(w.batch))
+        (kind, w.device.as_str().into(), w.batch)
     }
 
     /// A device's audit records into the log, each counted by how it fits

@@ -255,14 +255,14 @@ fn sample_len(value: f64, timestamp: i64) -> usize {
     v + t
 }
 
-/// `edge_device_online{device}` = `value` at `timestamp_ms`.
-pub fn presence(device: &str, value: f64, timestamp_ms: i64) -> TimeSeries {
-    TimeSeries {
-        labels: vec![
-            Label { name: "__name__".into(), value: "edge_device_online".into() },
-            Label { name: "device".into(), value: device.into() },
-        ],
-        samples: vec![Sample { value, timestamp: timestamp_ms }],
+/// `edge_device_online` = `value` at `timestamp_ms`: a series the bridge
+/// writes like a device's own (it gets the `device` label when encoded,
+/// [`DeviceSeries`]).
+pub fn presence(value: f64, timestamp_ms: i64) -> edge_wire::Series {
+    edge_wire::Series {
+        name: "edge_device_online".into(),
+        labels: Vec::new(),
+        samples: vec![edge_wire::Sample { timestamp_ms, value }],
     }
 }
 
