@@ -146,8 +146,9 @@ pub struct RemoteWriteConfig {
     /// A request holds the series of many devices' messages, up to this
     /// many samples...
     pub batch_max_samples: usize,
-    /// ...or until its oldest part waited this long while its shard was
-    /// free to write (a busy shard's request keeps filling up).
+    /// ...or until its oldest part waited this long and its shard's writer
+    /// has room (it holds the request it writes and the next one; past
+    /// that the shard's open request keeps filling up).
     pub batch_max_age_ms: u64,
     /// Bytes the samples the bridge holds (taken from the broker, not yet
     /// written) take at most, as encoded for remote write (the requests'

@@ -270,6 +270,10 @@ impl Credits {
     }
 }
 
+/// Requests handed to a shard's writer at once: the one it writes and the
+/// next one, ready for when the store answers.
+const QUEUED_PER_WRITER: usize = 2;
+
 /// Written blocks remembered to spot a device's copies (batch::Recent):
 /// at 1,000 devices sending one block a window, 10 minutes of blocks;
 /// about 10 MB.
@@ -477,7 +481,7 @@ impl Writer {
 
     /// The pipeline: messages in (decoded, checked, their series into the
     /// shards' requests, batch.rs), requests out to the shards' writers
-    /// (one request in flight per shard), each message confirmed to its
+    /// (one request in flight per shard, the next one queued), each message confirmed to its
     /// device once every request holding its samples is written, and
     /// acknowledged to the broker in the order it came.
     fn run(self: std::sync::Arc<Self>, rx: mpsc::Receiver<Event>, events: mpsc::Sender<Event>) {
@@ -510,7 +514,12 @@ impl Writer {
             return;
         }
         let mut queued: Vec<std::collections::VecDeque<Batch>> = (0..shards).map(|_| Default::default()).collect();
-        let mut busy = vec![false; shards];
+        // Requests handed to each shard's writer and not yet written: up
+        // to QUEUED_PER_WRITER, so that a writer starts its next request the
+        // moment the store answers the last one, not after a round through
+        // this thread (which may be decoding messages meanwhile). Still one
+        // thread per shard: its requests are written one after the other.
+        let mut busy = vec![0usize; shards];
         // Taken from the broker, not yet decoded: waits while the pipeline
         // holds max_pending_bytes.
         let mut waiting: std::collections::VecDeque<Incoming> = Default::default();
@@ -522,13 +531,13 @@ impl Writer {
             let now = std::time::Instant::now();
             let retry = !unacked.is_empty() || !self.outbox.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
             let timeout = pipe
-                .next_due(|s| !busy[s] && queued[s].is_empty())
+                .next_due(|s| busy[s] < QUEUED_PER_WRITER && queued[s].is_empty())
                 .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now))
                 .min(if retry { Duration::from_millis(5) } else { Duration::MAX });
             match rx.recv_timeout(timeout) {
                 Ok(Event::Publish(m)) => waiting.push_back(m),
                 Ok(Event::Written { shard, bytes, outcomes }) => {
-                    busy[shard] = false;
+                    busy[shard] -= 1;
                     for f in pipe.written(bytes, &outcomes) {
                         self.finish(&pipe, &mut recent, f);
                     }
@@ -548,12 +557,9 @@ impl Writer {
             }
             let now = std::time::Instant::now();
             for shard in 0..shards {
-                if busy[shard] {
-                    continue;
-                }
-                let next = queued[shard].pop_front().or_else(|| pipe.take_due(shard, now));
-                if let Some(b) = next {
-                    busy[shard] = true;
+                while busy[shard] < QUEUED_PER_WRITER {
+                    let Some(b) = queued[shard].pop_front().or_else(|| pipe.take_due(shard, now)) else { break };
+                    busy[shard] += 1;
                     if writers[shard].send(b).is_err() {
                         return;
                     }
