@@ -29,13 +29,27 @@ pub fn start_file(run_dir: &Path) -> PathBuf {
     run_dir.join("start")
 }
 
+/// When a device's next window closes after the one due at `due` closed
+/// at `now`, and how many windows it skips: one window later, or, after a
+/// stall of more than a window, one window from now, as the agent's window
+/// loop does (edge-agent/src/lib.rs). Closing the missed windows in a
+/// burst would give them one time: the store would hold two windows at
+/// the same millisecond, and the TSDB keeps one of them.
+fn after_window(due: i64, now: i64, window_ms: i64) -> (i64, u64) {
+    let next = due + window_ms;
+    if next > now {
+        return (next, 0);
+    }
+    (now + window_ms, ((now - next) / window_ms + 1) as u64)
+}
+
 struct Running {
     dev: SimDevice,
     /// The next planned link change.
     link: usize,
     /// When its next window closes (ms since the epoch).
     next_window: i64,
-    /// Windows closed more than one window late (the host fell behind).
+    /// Windows skipped: the host fell more than a window behind.
     late: u64,
 }
 
@@ -80,12 +94,11 @@ pub fn run(spec: HostSpec) -> Result<(), String> {
             if now >= live_end && !r.dev.connected() {
                 r.dev.connect(); // everyone back for the drain
             }
-            while r.next_window <= now && r.next_window < live_end {
-                if now - r.next_window > spec.window_ms {
-                    r.late += 1;
-                }
+            if r.next_window <= now && r.next_window < live_end {
                 r.dev.close_window(shape);
-                r.next_window += spec.window_ms;
+                let skipped;
+                (r.next_window, skipped) = after_window(r.next_window, now, spec.window_ms);
+                r.late += skipped;
             }
         }
         if now >= next_poll {
@@ -181,5 +194,20 @@ pub fn raise_open_files() {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::after_window;
+
+    #[test]
+    fn a_late_host_skips_missed_windows_instead_of_closing_them_at_one_time() {
+        assert_eq!(after_window(10_000, 10_000, 10_000), (20_000, 0));
+        assert_eq!(after_window(10_000, 19_999, 10_000), (20_000, 0));
+        // A stall past the next window: that one is skipped, the next one
+        // a window from now.
+        assert_eq!(after_window(10_000, 20_000, 10_000), (30_000, 1));
+        assert_eq!(after_window(10_000, 45_000, 10_000), (55_000, 3));
     }
 }

@@ -33,6 +33,8 @@ pub struct DeviceResult {
     pub backlog_windows: u64,
     /// Its backfilled backlog was all confirmed this long after the start.
     pub drained_after_ms: Option<i64>,
+    /// Windows skipped because its host fell more than a window behind
+    /// (as the agent skips them after a stall).
     pub late_windows: u64,
 }
 
@@ -175,7 +177,10 @@ impl Report {
         if o.count > 0 {
             row("lag others p50/p99/max (s)", format!("{:.2} / {:.2} / {:.2} (n={})", o.p50, o.p99, o.max, o.count));
         }
-        row("unconfirmed / late windows", format!("{} / {}", self.unconfirmed_windows, self.late_windows));
+        row(
+            "unconfirmed / skipped windows (host behind)",
+            format!("{} / {}", self.unconfirmed_windows, self.late_windows),
+        );
         if self.backlog_devices > 0 {
             let d = &self.drained_s;
             row(
