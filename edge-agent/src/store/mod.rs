@@ -88,6 +88,8 @@ pub struct StoreStats {
     pub corrupt_records: u64,
     pub truncated_bytes: u64,
     pub quarantined_segments: u64,
+    /// Records read back (to be sent, or sent again).
+    pub read_records: u64,
 }
 
 impl StoreStats {
@@ -592,6 +594,7 @@ impl<M: Medium> Store<M> {
                     corrupt += 1;
                     continue;
                 }
+                self.stats.read_records += 1;
                 match record::decode_record(&buf) {
                     record::Decoded::Record { seq, time_ms, total, .. } if seq == e.seq && total == buf.len() => {
                         buf.drain(..record::RECORD_HEADER);

@@ -29,6 +29,9 @@ pub struct Cursor {
     waiting_since: Option<Instant>,
     /// The confirmed run's end when last looked at.
     confirmed_seen: u64,
+    /// The first record of a block held back until this boot's true time
+    /// is known (session.rs): not read from the store again until then.
+    pub held: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +72,7 @@ impl Cursor {
             win: InFlight::new(base, max_inflight),
             waiting_since: None,
             confirmed_seen: base,
+            held: None,
         }
     }
 

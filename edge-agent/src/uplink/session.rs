@@ -519,6 +519,14 @@ impl<'a> Session<'a> {
                 continue;
             }
             let lane = if c.kind == CursorKind::Priority { Lane::Priority } else { Lane::Routine };
+            // A block held for the true time is not read again (every turn,
+            // for nothing) until the answer comes or the wait is given up.
+            if let Some(seq) = c.held {
+                if held_for_time(up, &self.time, lane, seq, now) {
+                    continue;
+                }
+                c.held = None;
+            }
             let live_due = now.saturating_duration_since(self.last_live) >= live_every;
             let include_open = c.kind != CursorKind::Live || live_due;
             let blocks = lock(&up.store).get(lane).read_blocks(c.win.last_sent(), room, READ_BYTES, include_open)?;
@@ -532,7 +540,9 @@ impl<'a> Session<'a> {
                     break;
                 }
                 let Some(clock_shift_ms) = shift_for(up, &mut self.time, lane, first.seq, now) else {
-                    break; // this boot's true time is not known yet: hold the lane
+                    // This boot's true time is not known yet: hold the lane.
+                    self.cursors[i].held = Some(first.seq);
+                    break;
                 };
                 let env = edge_wire::Envelope {
                     device: &up.cfg.device_id,
@@ -602,14 +612,14 @@ impl<'a> Session<'a> {
 /// The clock correction for the block starting at `seq`, or `None` while
 /// it must wait for this boot's true time.
 fn shift_for(up: &Uplink, time: &mut TimeAsk, lane: Lane, seq: u64, now: Instant) -> Option<i64> {
+    if held_for_time(up, time, lane, seq, now) {
+        return None;
+    }
     let shift = lock(&up.clock).shift(lane as usize, seq, &up.boot);
     match shift {
         Shift::Known(d) => Some(d),
         Shift::Pending if !time.gave_up => {
             let waited = time.connected_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-            if waited < Duration::from_secs(up.cfg.clock.sync_wait_secs) {
-                return None;
-            }
             tracing::warn!(
                 waited = ?waited,
                 "no answer to time requests (is the bridge older than this agent?): \
@@ -624,6 +634,17 @@ fn shift_for(up: &Uplink, time: &mut TimeAsk, lane: Lane, seq: u64, now: Instant
             Some(0)
         }
     }
+}
+
+/// Whether the block starting at record `seq` of `lane` waits for this
+/// boot's true time at `now`: its era is unsynchronized, of this boot, the
+/// offset not learned yet, and the session has not waited
+/// `clock.sync_wait_secs` for it.
+fn held_for_time(up: &Uplink, time: &TimeAsk, lane: Lane, seq: u64, now: Instant) -> bool {
+    let waited = time.connected_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+    !time.gave_up
+        && waited < Duration::from_secs(up.cfg.clock.sync_wait_secs)
+        && lock(&up.clock).shift(lane as usize, seq, &up.boot) == Shift::Pending
 }
 
 /// What a failed connection attempt means, and what to check.
@@ -641,5 +662,87 @@ fn failure_hint(reason: &str) -> (&'static str, &'static str) {
         "dns" => ("cannot connect to the broker", "mqtt.host does not resolve"),
         "refused" => ("cannot connect to the broker", "nothing listens at mqtt.host:mqtt.port"),
         _ => ("cannot connect to the broker", "the agent keeps storing and retries with back-off"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, Reading};
+    use crate::config::Config;
+    use crate::store::blocks::BlockWriter;
+    use crate::store::Lanes;
+    use crate::window::Window;
+    use edge_wire::{Label, SeriesKey};
+    use std::cell::RefCell;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Recorded(RefCell<Vec<(String, Vec<u8>)>>);
+
+    impl Wire for Recorded {
+        fn publish(&self, topic: &str, _qos1: bool, _retain: bool, payload: Vec<u8>) -> bool {
+            self.0.borrow_mut().push((topic.to_owned(), payload));
+            true
+        }
+        fn subscribe(&self, _topics: &[String]) -> bool {
+            true
+        }
+    }
+
+    /// A backlog of an unsynchronized era of this boot waits for the true
+    /// time; meanwhile the session does not read it from the store on every
+    /// turn (a fleet reconnecting after an outage, its answers slow, burnt
+    /// the devices' CPU that way), and sends it once the answer comes.
+    #[test]
+    fn a_block_held_for_the_true_time_is_not_read_again_until_the_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config { device_id: "held".into(), state_dir: dir.path().to_owned(), ..Config::default() };
+        let mut lanes = Lanes::open(&cfg.store_dir(), cfg.store_limits(), cfg.priority_limits()).unwrap();
+        let (mut clock, _) = Clock::open(dir.path(), 1000);
+        let wall = 1_700_000_000_000;
+        let unsynced =
+            Reading { boot_id: crate::clock::boot_id().into(), mono_ms: 1_000, wall_ms: wall, synced: false };
+        clock.observe(&unsynced, [1, 1]).unwrap();
+        let mut writer = BlockWriter::new(100, usize::MAX);
+        for k in 0..10 {
+            let samples = vec![(SeriesKey::new("held_total", vec![Label::new("k", "v")]), k as f64)];
+            let w = Window { timestamp_ms: wall + k * 1000, samples, values: Vec::new() };
+            writer.write(lanes.get(Lane::Routine), &w).unwrap();
+        }
+        let store = Arc::new(Mutex::new(lanes));
+        let (metrics, _) = crate::metrics::AgentMetrics::new();
+        let clock = Arc::new(Mutex::new(clock));
+        let up = Uplink::new(cfg, store.clone(), clock, metrics, Arc::new(AtomicBool::new(false)));
+        let mut lanes = up.lane_sends();
+        let wire = Recorded::default();
+        let mut failures = Throttle::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let mut session = Session::new(&up, now);
+        session.on(Ev::ConnAck, &wire, &mut lanes, &mut failures, now);
+        let read = || lock(&store).routine.stats().read_records;
+        let blocks = |wire: &Recorded| wire.0.borrow().iter().filter(|(t, _)| t.ends_with("/metrics")).count();
+
+        session.publish(&wire, &mut lanes, now);
+        let first = read();
+        assert!(first > 0, "the backlog is read once");
+        for k in 1..50 {
+            session.publish(&wire, &mut lanes, now + Duration::from_millis(k));
+        }
+        assert_eq!(read(), first, "a held block is not read again");
+        assert_eq!(blocks(&wire), 0, "nor sent");
+
+        // The bridge's answer to the time request.
+        let request = wire.0.borrow().iter().find(|(t, _)| t.ends_with("/time")).map(|(_, p)| p.clone()).unwrap();
+        let nonce = edge_wire::TimeRequest::decode(&request).unwrap().nonce;
+        let reply = edge_wire::TimeReply { nonce, bridge_ms: wall + 5_000 }.encode();
+        let at = now + Duration::from_millis(100);
+        let topic = edge_wire::time_reply_topic(&up.cfg.mqtt.topic_prefix, &up.cfg.device_id);
+        session.on(Ev::Publish { topic, payload: reply }, &wire, &mut lanes, &mut failures, at);
+        up.carry_out(session.actions(), &mut lanes);
+        session.publish(&wire, &mut lanes, at);
+        assert!(read() > first, "read again once the time is known");
+        assert_eq!(blocks(&wire), 1, "and sent");
     }
 }
