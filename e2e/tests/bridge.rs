@@ -284,3 +284,129 @@ fn a_resent_block_is_confirmed_again_without_a_write() {
     assert_eq!(count(&r.prom, "resent{device=\"dev-resent\"}"), 2);
     assert_eq!(result("written"), Some(1.0));
 }
+
+/// A device's time request is answered at once while the broker holds a
+/// backlog for the bridge (more than the bridge takes in before the store
+/// answers; here the store never does): the device measures the round trip
+/// and discards answers slower than 5 s, then holds its own backlog for
+/// `clock.sync_wait_secs`. On the blocks' connection the request waited
+/// behind the whole backlog (a reconnect storm of 1,000 devices: half of
+/// them got no usable answer).
+#[test]
+fn a_time_request_is_answered_at_once_while_a_backlog_waits_for_the_bridge() {
+    let dir = tempdir("time-behind-backlog");
+    let broker = Broker::start(&dir);
+    // A store that takes connections and never answers.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/api/v1/write", hole.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<_> = hole.incoming().collect();
+        drop(held);
+    });
+    let (mut bridge, port) =
+        bridge_full(&dir, &broker, &url, "bridge-time", "", "timeout_ms = 600000\nmax_pending_bytes = 1048576");
+
+    // The device: asks, and hears answers (nonce, when).
+    let (tx, replies) = std::sync::mpsc::channel();
+    let mut opts = broker.mqtt_options("timer", Who::Device("timer"));
+    opts.set_max_packet_size(1 << 22, 1 << 22);
+    let (device, mut conn) = Client::new(opts, 64);
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Ok(r) = edge_wire::TimeReply::decode(&p.payload) {
+                        let _ = tx.send((r.nonce, std::time::Instant::now()));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    device.subscribe(edge_wire::time_reply_topic("edge", "timer"), QoS::AtMostOnce).unwrap();
+    let mut nonce = 0;
+    let ask = |nonce: u64| -> Option<Duration> {
+        let sent = std::time::Instant::now();
+        let req = edge_wire::TimeRequest { nonce }.encode();
+        device.publish(edge_wire::time_topic("edge", "timer"), QoS::AtMostOnce, false, req).unwrap();
+        while let Ok((n, at)) = replies.recv_timeout(Duration::from_secs(5).saturating_sub(sent.elapsed())) {
+            if n == nonce {
+                return Some(at - sent);
+            }
+        }
+        None
+    };
+    // Answered before the backlog (the bridge is subscribed by then).
+    wait_for("a first time answer", Duration::from_secs(30), || {
+        nonce += 1;
+        ask(nonce).ok_or("no answer")
+    });
+
+    // 72 MiB of blocks from four devices: past what the bridge takes in
+    // (its 64 MiB of messages not yet done with).
+    let loaders: Vec<_> = (0..4)
+        .map(|d| {
+            let id = format!("backlog-{d}");
+            let mut opts = broker.mqtt_options(&id, Who::Device(&id));
+            opts.set_max_packet_size(1 << 22, 1 << 22).set_inflight(100);
+            std::thread::spawn(move || {
+                let (client, mut conn) = Client::new(opts, 64);
+                let topic = edge_wire::metrics_topic("edge", &id);
+                let publisher = std::thread::spawn(move || {
+                    for k in 0..18u64 {
+                        // 4,000 series of long unique labels: ~1 MiB.
+                        let samples: Vec<(SeriesKey, f64)> = (0..4000)
+                            .map(|s| {
+                                let value = format!("{d}-{k}-{s}-{}", "x".repeat(230));
+                                (SeriesKey::new("backlog_total", vec![Label::new("k", value)]), s as f64)
+                            })
+                            .collect();
+                        let frame = BlockEncoder::new().frame(now_ms() - 60_000, &samples).unwrap();
+                        let payload = Envelope {
+                            device: &id,
+                            lane: 0,
+                            first_seq: k + 1,
+                            clock_shift_ms: 0,
+                            frames: vec![&frame],
+                        }
+                        .encode();
+                        client.publish(&topic, QoS::AtLeastOnce, false, payload).unwrap();
+                    }
+                });
+                let mut acked = 0;
+                for ev in conn.iter() {
+                    match ev {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            acked += 1;
+                            if acked == 18 {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => panic!("loader: {e}"),
+                    }
+                }
+                publisher.join().unwrap();
+            })
+        })
+        .collect();
+    for l in loaders {
+        l.join().unwrap();
+    }
+    // The bridge has taken what it takes; the rest waits in the broker.
+    wait_for("the bridge to fill up", Duration::from_secs(60), || {
+        bridge.assert_running();
+        match scrape(port, "fleet_bridge_waiting_messages") {
+            Ok(Some(n)) if n >= 50.0 => Ok(()),
+            other => {
+                std::thread::sleep(Duration::from_millis(100));
+                Err(format!("{other:?}"))
+            }
+        }
+    });
+    nonce += 1;
+    let rtt = ask(nonce);
+    assert!(rtt.is_some(), "no answer within 5 s while a backlog waits for the bridge");
+    bridge.assert_running();
+}

@@ -123,7 +123,7 @@ fn run_mqtt(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Result<(
         if cfg.mqtt.share_group.is_empty() { String::new() } else { format!("$share/{}/", cfg.mqtt.share_group) };
     let filter = format!("{share}{}/+/metrics", cfg.mqtt.topic_prefix);
     let presence_filter = format!("{share}{}/+/presence", cfg.mqtt.topic_prefix);
-    let time_filter = format!("{share}{}/+/time", cfg.mqtt.topic_prefix);
+    answer_time_requests(&cfg, &share, metrics.clone())?;
 
     // Unbounded on purpose: what the broker sends us unacknowledged is
     // bounded by its in-flight window, and the pipeline stops taking
@@ -171,8 +171,8 @@ fn run_mqtt(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Result<(
             Ok(rumqttc::Event::Incoming(Packet::Publish(p)))
                 if edge_wire::device_of(&cfg.mqtt.topic_prefix, &p.topic, "time").is_some() =>
             {
-                // Answered here, not behind the writer's queue: the device
-                // measures the round trip.
+                // Only on a persistent session an older bridge subscribed
+                // to time requests too: answered, if late.
                 answer_time(&Link::Mqtt(client.clone()), &cfg.mqtt.topic_prefix, &p.topic, &p.payload, &metrics);
             }
             Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
@@ -210,16 +210,71 @@ fn run_mqtt(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Result<(
             }
         }
         if subscribe {
-            let filters = [
-                (filter.clone(), QoS::AtLeastOnce),
-                (presence_filter.clone(), QoS::AtLeastOnce),
-                // Time requests are answered at once or not at all.
-                (time_filter.clone(), QoS::AtMostOnce),
-            ]
-            .map(|(f, q)| rumqttc::SubscribeFilter::new(f, q));
+            let filters = [(filter.clone(), QoS::AtLeastOnce), (presence_filter.clone(), QoS::AtLeastOnce)]
+                .map(|(f, q)| rumqttc::SubscribeFilter::new(f, q));
             subscribe = client.try_subscribe_many(filters).is_err();
         }
     }
+    Ok(())
+}
+
+/// Answers the devices' time requests on a connection of their own
+/// (client id `<client_id>-time`, clean session, QoS 0), on a thread of its
+/// own. Not on the blocks' connection: the broker delivers a connection's
+/// messages in order, so a request would wait behind every block queued
+/// for the bridge (a fleet's backlog after an outage: tens of seconds), the
+/// device would discard the late answer (it measures the round trip) and
+/// hold its backlog until `clock.sync_wait_secs`, then send it uncorrected.
+fn answer_time_requests(cfg: &Config, share: &str, metrics: BridgeMetrics) -> Result<(), RunError> {
+    let m = &cfg.mqtt;
+    let mut opts = MqttOptions::new(format!("{}-time", m.client_id), m.host.clone(), m.port);
+    opts.set_keep_alive(Duration::from_secs(m.keep_alive_secs.max(5)))
+        .set_clean_session(true)
+        // As the blocks' connection: a request over any smaller limit would
+        // end the connection (and the answers to every other device).
+        .set_max_packet_size(MQTT_MAX_PACKET, edge_wire::MAX_PACKET_BYTES);
+    secure(m, &mut opts)?;
+    let (client, mut connection) = Client::new(opts, 64);
+    let filter = format!("{share}{}/+/time", m.topic_prefix);
+    let (prefix, host, port) = (m.topic_prefix.clone(), m.host.clone(), m.port);
+    std::thread::Builder::new().name("time".into()).spawn(move || {
+        let link = Link::Mqtt(client.clone());
+        let mut failures = 0u32;
+        let mut said = Throttle::new(Duration::from_secs(60));
+        let mut subscribe = false;
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
+                    failures = 0;
+                    said.reset();
+                    subscribe = true;
+                }
+                Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
+                    answer_time(&link, &prefix, &p.topic, &p.payload, &metrics);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    subscribe = false;
+                    failures = failures.saturating_add(1);
+                    if let Some(suppressed) = said.due() {
+                        tracing::warn!(
+                            error = %e,
+                            host = %host,
+                            port,
+                            failures,
+                            suppressed,
+                            "time requests' broker connection failed; retrying (said at most once a minute)"
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis((100u64 << failures.min(6)).min(5_000)));
+                }
+            }
+            // Requests are answered at once or not at all: QoS 0.
+            if subscribe {
+                subscribe = client.try_subscribe(filter.clone(), QoS::AtMostOnce).is_err();
+            }
+        }
+    })?;
     Ok(())
 }
 
