@@ -206,7 +206,7 @@ fn run_mqtt(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Result<(
                     );
                 }
                 // rumqttc reconnects on the next poll; pace it.
-                std::thread::sleep(Duration::from_millis((100u64 << failures.min(6)).min(5_000)));
+                std::thread::sleep(reconnect_pause(failures));
             }
         }
         if subscribe {
@@ -216,6 +216,12 @@ fn run_mqtt(cfg: Config, metrics: BridgeMetrics, audit: SharedAudit) -> Result<(
         }
     }
     Ok(())
+}
+
+/// How long to wait before the next connection attempt after `failures`
+/// failed ones in a row: 0.2 s doubling, up to 5 s.
+fn reconnect_pause(failures: u32) -> Duration {
+    Duration::from_millis((100u64 << failures.min(6)).min(5_000))
 }
 
 /// Answers the devices' time requests on a connection of their own
@@ -266,7 +272,7 @@ fn answer_time_requests(cfg: &Config, share: &str, metrics: BridgeMetrics) -> Re
                             "time requests' broker connection failed; retrying (said at most once a minute)"
                         );
                     }
-                    std::thread::sleep(Duration::from_millis((100u64 << failures.min(6)).min(5_000)));
+                    std::thread::sleep(reconnect_pause(failures));
                 }
             }
             // Requests are answered at once or not at all: QoS 0.
