@@ -520,9 +520,10 @@ impl<'a> Session<'a> {
             }
             let lane = if c.kind == CursorKind::Priority { Lane::Priority } else { Lane::Routine };
             // A block held for the true time is not read again (every turn,
-            // for nothing) until the answer comes or the wait is given up.
+            // for nothing) until the answer comes or the wait is given up;
+            // blocks before it (sent again after a delivery timeout) are.
             if let Some(seq) = c.held {
-                if held_for_time(up, &self.time, lane, seq, now) {
+                if c.win.last_sent() + 1 >= seq && held_for_time(up, &self.time, lane, seq, now) {
                     continue;
                 }
                 c.held = None;
