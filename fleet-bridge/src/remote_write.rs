@@ -368,7 +368,8 @@ mod tests {
             assert_eq!(body, prost::Message::encode_to_vec(&theirs), "{series:?}");
             assert_eq!(ours.identity(), theirs.timeseries[0].identity());
             assert_eq!(ours.samples(), theirs.timeseries[0].samples.len());
-            // The generic path (presence series) makes the same entry.
+            // A series built as a value (the batching tests' path) makes the
+            // same entry.
             let mut again = Vec::new();
             theirs.timeseries[0].encode_entry(&mut again);
             assert_eq!(again, body);
