@@ -85,7 +85,7 @@ fn records_edited_or_deleted_on_the_box_are_found_by_the_bridge_and_by_verify() 
     let device = format!("e2e-audit-{}", std::process::id());
     let mut broker = Broker::start(&dir);
     let prom = Prom::start(&dir);
-    let (_bridge, bridge_port) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
+    let (mut bridge_proc, bridge_port) = bridge(&dir, &broker, &prom.write_url(), &format!("bridge-{device}"));
     let mut agent = Agent::launch(&dir, &AgentSetup { broker: Some(&broker), ..AgentSetup::offline(&device, QUIET) });
     let has = |e: &[(String, String)], event: &str| e.iter().any(|(x, _)| x == event);
     wait_logged(&log, &device, &mut agent, "the start's records in the bridge's log", |e| {
@@ -167,10 +167,15 @@ fn records_edited_or_deleted_on_the_box_are_found_by_the_bridge_and_by_verify() 
     assert!(text.contains("2 records do not link"), "{text}");
 
     // verify: the same damage from the log alone, and a line edited in it.
+    // The agent and the bridge stopped first: the box keeps recording (a
+    // probe that attaches late, a clock era, its stop) and the log must
+    // not grow between counting its lines and verifying it.
+    agent.proc.stop();
+    bridge_proc.stop();
+    let records = audit_log(&log).into_iter().filter(|l| l["device"] == device.as_str()).count().to_string();
     let (code, out) = verify(&[&log]);
     assert_eq!(code, 1, "{out}");
     let row: Vec<&str> = out.lines().find(|l| l.starts_with(&device)).unwrap().split_whitespace().collect();
-    let records = lines.len().to_string();
     assert_eq!(row[1..], [records.as_str(), "1", "1", "1", "0"], "records chains missing breaks forks:\n{out}");
     let file = std::fs::read_dir(&log).unwrap().next().unwrap().unwrap().path();
     let text = std::fs::read_to_string(&file).unwrap();
