@@ -260,6 +260,7 @@ fn run(a: &RunArgs) -> Report {
     std::fs::write(host::start_file(&run_dir), start.to_string()).expect("start file");
     let bridge_at_start: f64 = bridges.iter().map(|b| scrape_sum(b.1, "fleet_bridge_samples_written_total")).sum();
     let blocks_at_start: f64 = bridges.iter().map(|b| scrape_sum(b.1, WRITTEN_BLOCKS)).sum();
+    let copies_at_start: f64 = bridges.iter().map(|b| scrape_sum(b.1, COPIES)).sum();
     let requests_at_start: f64 =
         bridges.iter().map(|b| scrape_sum(b.1, "fleet_bridge_remote_write_requests_total")).sum();
 
@@ -333,6 +334,7 @@ fn run(a: &RunArgs) -> Report {
         bridges.iter().map(|b| scrape_sum(b.1, "fleet_bridge_remote_write_requests_total")).sum::<f64>()
             - requests_at_start;
     let bridge_blocks = bridges.iter().map(|b| scrape_sum(b.1, WRITTEN_BLOCKS)).sum::<f64>() - blocks_at_start;
+    let bridge_copies = bridges.iter().map(|b| scrape_sum(b.1, COPIES)).sum::<f64>() - copies_at_start;
     let results: Vec<DeviceResult> = (0..hosts)
         .flat_map(|h| {
             let bytes = std::fs::read(host::report_file(&run_dir, h)).expect("host report");
@@ -403,6 +405,9 @@ fn run(a: &RunArgs) -> Report {
         lag_other_s: Percentiles::of(&mut lags(false)),
         unconfirmed_windows: results.iter().map(|r| r.unconfirmed).sum(),
         late_windows: results.iter().map(|r| r.late_windows).sum(),
+        resends: results.iter().map(|r| r.resends).sum(),
+        resending_devices: results.iter().filter(|r| r.resends > 0).count(),
+        bridge_copies,
         backlog_devices: backlogged.len(),
         backlog_windows_each: backlogged.first().map_or(0, |r| r.backlog_windows),
         not_drained: backlogged.iter().filter(|r| r.drained_after_ms.is_none()).count()
@@ -497,6 +502,8 @@ fn parse_key(toml_lines: &str, key: &str) -> Option<usize> {
 
 /// Device blocks a bridge wrote whole.
 const WRITTEN_BLOCKS: &str = "fleet_bridge_messages_total{result=\"written\"}";
+/// Copies of blocks a bridge spotted (batch::Recent).
+const COPIES: &str = "fleet_bridge_messages_total{result=\"copy\"}";
 
 /// The sum of every series of `metric` a bridge exports.
 fn scrape_sum(port: u16, metric: &str) -> f64 {

@@ -249,6 +249,12 @@ impl SimDevice {
     pub fn unconfirmed(&self) -> usize {
         self.pending.len()
     }
+
+    /// Delivery timeouts of its uplink so far (each sent the unconfirmed
+    /// blocks again).
+    pub fn resends(&self) -> u64 {
+        self.metrics.uplink.resends.get()
+    }
 }
 
 impl Drop for SimDevice {

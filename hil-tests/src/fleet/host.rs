@@ -151,6 +151,7 @@ pub fn run(spec: HostSpec) -> Result<(), String> {
                 backlog_windows: d.backfill,
                 drained_after_ms: r.dev.backlog_drained_ms.map(|t| t - start),
                 late_windows: r.late,
+                resends: r.dev.resends(),
             }
         })
         .collect();

@@ -36,6 +36,10 @@ pub struct DeviceResult {
     /// Windows skipped because its host fell more than a window behind
     /// (as the agent skips them after a stall).
     pub late_windows: u64,
+    /// Times its uplink sent unconfirmed blocks again after the delivery
+    /// timeout (`edge_agent_uplink_resends_total`).
+    #[serde(default)]
+    pub resends: u64,
 }
 
 /// Percentiles of a set of values (nearest rank).
@@ -120,6 +124,16 @@ pub struct Report {
     pub lag_other_s: Percentiles,
     pub unconfirmed_windows: u64,
     pub late_windows: u64,
+    /// Delivery timeouts on the devices (each sent its unconfirmed blocks
+    /// again), and how many devices had one.
+    #[serde(default)]
+    pub resends: u64,
+    #[serde(default)]
+    pub resending_devices: usize,
+    /// Copies the bridges spotted (messages with result `copy`: a block
+    /// sent again while the first was in the pipeline or lately written).
+    #[serde(default)]
+    pub bridge_copies: f64,
     /// Backlogged devices: windows each, and when they were drained
     /// (seconds after the start).
     pub backlog_devices: usize,
@@ -180,6 +194,13 @@ impl Report {
         row(
             "unconfirmed / skipped windows (host behind)",
             format!("{} / {}", self.unconfirmed_windows, self.late_windows),
+        );
+        row(
+            "delivery timeouts (devices), copies",
+            format!(
+                "{} ({} devices), bridge spotted {:.0} copies",
+                self.resends, self.resending_devices, self.bridge_copies
+            ),
         );
         if self.backlog_devices > 0 {
             let d = &self.drained_s;
