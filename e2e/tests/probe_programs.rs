@@ -111,7 +111,12 @@ fn a_program_pack_is_promoted_from_a_canary_and_one_that_does_not_load_is_put_ba
         "the promoted pack is in force again"
     );
     assert_eq!((programs(&b, "installed"), programs(&b, "rolled_back")), (1.0, 0.0), "the other box never saw it");
-    let audit = audit_events(&dir.join("audit"), &canary);
-    let steps: Vec<&str> = audit.iter().map(|(e, _)| e.as_str()).filter(|e| e.starts_with("probe_programs_")).collect();
-    assert_eq!(steps, ["probe_programs_installed", "probe_programs_rolled_back"], "{audit:?}");
+    // The audit records travel on their own lane: the rollback's may
+    // reach the bridge's log after the counters the rollout watched.
+    wait_for("the canary's program steps in the bridge's audit log", Duration::from_secs(30), || {
+        let audit = audit_events(&dir.join("audit"), &canary);
+        let steps: Vec<String> =
+            audit.iter().map(|(e, _)| e.clone()).filter(|e| e.starts_with("probe_programs_")).collect();
+        (steps == ["probe_programs_installed", "probe_programs_rolled_back"]).then_some(()).ok_or(audit)
+    });
 }
