@@ -4,8 +4,9 @@
 //! request for its own name, retained, on `<prefix>/<device>/csr` (the
 //! broker's ACL lets a device publish there only under its own name).
 //! This command, run by an operator or a timer with the fleet's device CA,
-//! reads every retained request, checks it (its signature, CN = the device
-//! of its topic), and publishes a certificate for the request's key,
+//! reads every retained request, checks it (a valid device id, never a
+//! central identity's `fleet-` name; its signature; CN = the device of its
+//! topic), and publishes a certificate for the request's key,
 //! retained, on `<prefix>/<device>/certificate`. Only the key is taken from
 //! the request: the name, the validity and the usage (client
 //! authentication, not a CA) are the authority's. A request already
@@ -54,6 +55,13 @@ impl Authority {
     /// retained for it now (if any); `now_secs` starts the validity (an
     /// hour before it: boxes' clocks differ).
     pub fn decide(&self, device: &str, csr_pem: &[u8], retained: Option<&[u8]>, now_secs: i64) -> Decision {
+        // A central identity's name ("fleet-admin") from the fleet CA would
+        // be an operator on a NATS node's MQTT listener, which trusts both
+        // CAs (docs/scaling.md): never signed, whoever could publish the
+        // request.
+        if let Err(e) = edge_wire::validate_device_id(device) {
+            return Decision::Refused(e);
+        }
         let Ok(text) = std::str::from_utf8(csr_pem) else { return Decision::Refused("not PEM text".into()) };
         // Parsing checks the request's own signature.
         let req = match rcgen::CertificateSigningRequestParams::from_pem(text) {
@@ -219,6 +227,23 @@ mod tests {
             ca.decide("press-7", b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n", None, now),
             Decision::Refused(_)
         ));
+    }
+
+    /// A request on `<prefix>/fleet-admin/csr` naming itself fleet-admin
+    /// (only a client with that user name could publish it) is refused: a
+    /// fleet-CA certificate with a central identity's name is an operator
+    /// wherever a listener trusts both CAs.
+    #[test]
+    fn a_central_identity_name_is_never_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = authority(dir.path());
+        for name in ["fleet-admin", "fleet-bridge", "FLEET-x"] {
+            let (_, csr) = request(name);
+            let Decision::Refused(why) = ca.decide(name, csr.as_bytes(), None, 1_800_000_000) else {
+                panic!("{name} signed")
+            };
+            assert!(why.contains("reserved"), "{why}");
+        }
     }
 
     #[test]
