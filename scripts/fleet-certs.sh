@@ -3,7 +3,9 @@
 # certificate per device, and the bridges' client certificate. ECDSA P-256,
 # PKCS#8 keys, X.509 v3 (rustls refuses v1 certificates).
 #
-#   scripts/fleet-certs.sh DIR ca                    fleet CA and bridge CA (once)
+#   scripts/fleet-certs.sh DIR ca                    fleet CA and bridge CA (once), and
+#                                                    DIR/mqtt-clients-ca.crt: both, for a NATS
+#                                                    node's MQTT listener (devices and operators)
 #   scripts/fleet-certs.sh DIR server NAME [IP...]   DIR/server.{crt,key}, SANs NAME, localhost, IPs
 #   scripts/fleet-certs.sh DIR device ID             DIR/devices/ID.{crt,key}, CN=ID
 #   scripts/fleet-certs.sh DIR bridge                DIR/bridge.{crt,key}, CN=fleet-bridge
@@ -50,6 +52,14 @@ sign() { # ca out cn ext
   rm -f "$ext"
 }
 
+# The NATS nodes' MQTT listener (configs/nats/node.conf) serves devices
+# (fleet CA) and operators (CN=fleet-admin, bridge CA) on one port, so it
+# trusts both; users.conf gives each subject its rights, and no device
+# certificate carries a "fleet-" name.
+clients_bundle() {
+  [[ -f "$dir/mqtt-clients-ca.crt" ]] || cat "$dir/ca.crt" "$dir/bridge-ca.crt" > "$dir/mqtt-clients-ca.crt"
+}
+
 client_ext="basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=clientAuth"
@@ -58,6 +68,7 @@ case "$cmd" in
   ca)
     ca ca "/CN=edge fleet CA"
     ca bridge-ca "/CN=edge fleet bridge CA"
+    clients_bundle
     ;;
   server)
     name="${1:?server needs a host name}"; shift
@@ -77,6 +88,7 @@ subjectAltName=$san"
     san="DNS:$name,DNS:localhost,IP:127.0.0.1"
     for ip in "$@"; do san+=",IP:$ip"; done
     mkdir -p "$dir/nodes"
+    clients_bundle
     sign ca "$dir/nodes/$name" "$name" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth,clientAuth

@@ -6,9 +6,9 @@
 #
 # Every identity is a TLS client certificate (scripts/fleet-certs.sh) whose
 # subject is the user name: "CN=<device id>" for a device, "CN=fleet-bridge"
-# for the bridges. A device may use MQTT only and touch only its own
+# for the bridges, "CN=fleet-admin" for operators. A device may use MQTT only and touch only its own
 # subjects (MQTT topic edge/<id>/metrics is NATS subject edge.<id>.metrics);
-# the bridges may use NATS only. NATS 2.9 has no per-user pattern (mosquitto's
+# the bridges may use NATS only, operators MQTT only. NATS 2.9 has no per-user pattern (mosquitto's
 # %u), so each device is listed: run it again when a device joins and send
 # the nodes SIGHUP (`nats-server --signal reload`).
 #
@@ -46,6 +46,18 @@ authorization {
           "fleet.deadletter.>"
         ]
         subscribe: ["_INBOX.>", "$prefix.*.time"]
+      }
+    }
+    # Operators over MQTT (configs/mosquitto/acl-central): retained models,
+    # configuration documents and probe program packs (read too: a rollout
+    # puts back what a canary's own topic held), the devices' certificate
+    # requests and their answers.
+    {
+      user: "CN=fleet-admin"
+      allowed_connection_types: ["MQTT"]
+      permissions: {
+        publish: ["$prefix.*.model", "$prefix.*.config", "$prefix.*.probes", "$prefix.*.certificate", "$prefix.group.*.model", "$prefix.group.*.config", "$prefix.group.*.probes"]
+        subscribe: ["$prefix.*.model", "$prefix.*.config", "$prefix.*.probes", "$prefix.*.certificate", "$prefix.*.csr", "$prefix.group.*.model", "$prefix.group.*.config", "$prefix.group.*.probes", "\$MQTT.sub.>"]
       }
     }
 CONF

@@ -830,6 +830,9 @@ pub struct AgentSetup<'a> {
     pub extra: &'a str,
     /// More top-level keys (TOML lines), before any table (e.g. `run_as`).
     pub top: &'a str,
+    /// The `[mqtt]` connection keys and the `[mqtt.tls]` table in place of
+    /// `broker`'s (a NATS node's: `NatsCluster::device_toml`).
+    pub connection: Option<&'a str>,
 }
 
 impl<'a> AgentSetup<'a> {
@@ -846,6 +849,7 @@ impl<'a> AgentSetup<'a> {
             state_dir: None,
             extra,
             top: "",
+            connection: None,
         }
     }
 }
@@ -892,10 +896,11 @@ impl Agent {
                 s.top,
                 s.window_ms,
                 s.mqtt,
-                s.broker.map_or_else(
-                    || format!("port = {}\n[mqtt.tls]\nenabled = false\n", free_port()),
-                    |b| b.client_toml(s.identity.unwrap_or(Who::Device(s.device)))
-                ),
+                match (s.connection, s.broker) {
+                    (Some(keys), _) => keys.to_owned(),
+                    (None, Some(b)) => b.client_toml(s.identity.unwrap_or(Who::Device(s.device))),
+                    (None, None) => format!("port = {}\n[mqtt.tls]\nenabled = false\n", free_port()),
+                },
                 ports.join(", "),
                 s.extra,
             ),

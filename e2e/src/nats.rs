@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 pub struct NatsCluster {
-    /// ca.crt, bridge.{crt,key}, nodes/<name>.{crt,key}, devices/<id>.{crt,key}.
+    /// ca.crt, mqtt-clients-ca.crt, bridge.{crt,key}, admin.{crt,key},
+    /// nodes/<name>.{crt,key}, devices/<id>.{crt,key}.
     pub pki: PathBuf,
     pub nodes: Vec<NatsNode>,
     dir: PathBuf,
@@ -35,6 +36,7 @@ impl NatsCluster {
         std::fs::create_dir_all(&pki).expect("nats dir");
         certs_in(&pki, &["ca"]);
         certs_in(&pki, &["bridge"]);
+        certs_in(&pki, &["admin"]);
         let nodes: Vec<NatsNode> = (1..=3)
             .map(|i| NatsNode {
                 name: format!("nats-{i}"),
@@ -156,10 +158,28 @@ impl NatsCluster {
         )
     }
 
+    /// The operator's `[mqtt]` table (CN=fleet-admin, on node `node`'s MQTT
+    /// listener), for `fleet-bridge certificates sign` and `rollout`.
+    pub fn operator_toml(&self, node: usize) -> String {
+        format!(
+            "[mqtt]\nclient_id = \"fleet-admin\"\nhost = \"127.0.0.1\"\nport = {}\n[mqtt.tls]\nenabled = true\n\
+             ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            self.nodes[node % self.nodes.len()].mqtt_port,
+            self.pki.join("ca.crt").display(),
+            self.pki.join("admin.crt").display(),
+            self.pki.join("admin.key").display()
+        )
+    }
+
     /// MQTT 3.1.1 options for a test's own client on node `node` with
-    /// device `id`'s certificate (or the bridge's: `id` = "fleet-bridge").
+    /// device `id`'s certificate (or the bridge's: `id` = "fleet-bridge";
+    /// the operator's: "fleet-admin").
     pub fn mqtt_options(&self, node: usize, client_id: &str, id: &str) -> rumqttc::MqttOptions {
-        let base = if id == "fleet-bridge" { self.pki.join("bridge") } else { self.pki.join("devices").join(id) };
+        let base = match id {
+            "fleet-bridge" => self.pki.join("bridge"),
+            "fleet-admin" => self.pki.join("admin"),
+            _ => self.pki.join("devices").join(id),
+        };
         let tls = edge_wire::tls::TlsConfig {
             enabled: true,
             ca_file: self.pki.join("ca.crt"),

@@ -34,6 +34,7 @@ fn a_clock_three_hours_behind_lands_at_the_true_time() {
             state_dir: None,
             extra: &extra,
             top: "",
+            connection: None,
         },
     );
     server.connections(3);

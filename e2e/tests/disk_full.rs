@@ -48,6 +48,7 @@ fn agent_keeps_running_on_a_full_disk_and_reports_drops() {
             mqtt: "",
             extra: "[store]\nsegment_bytes = 16384\nmax_bytes = 1048576\nfsync_interval_ms = 0\n",
             top: "",
+            connection: None,
         },
     );
     server.connections(3);

@@ -41,6 +41,7 @@ fn outage(name: &str) -> Outage {
             state_dir: None,
             extra,
             top: "",
+            connection: None,
         },
     );
     let conf = dir.join("agent.toml");

@@ -141,6 +141,7 @@ fn a_device_with_a_password_delivers_and_a_wrong_password_is_refused() {
         state_dir: None,
         extra: "",
         top: "",
+        connection: None,
     };
     let good_dir = dir.join("good");
     let bad_dir = dir.join("bad");
@@ -205,6 +206,7 @@ fn an_agent_publishing_as_another_device_is_refused_and_counts_it() {
             state_dir: None,
             extra: "",
             top: "",
+            connection: None,
         },
     );
     // mosquitto closes the connection right after its refusal, mostly

@@ -2,8 +2,11 @@
 //! hold a device to its own subjects as the shipped mosquitto ACL does: a
 //! publish on another device's topic is refused and logged, subscriptions
 //! to others' data and confirmations are refused, the bridge certificate
-//! cannot log in on the devices' MQTT listener; the device's own block
-//! lands and its confirmation comes back through another node.
+//! cannot log in on the MQTT listener; the operator's (CN=fleet-admin) can,
+//! publishes a device's retained configuration document, which the device
+//! reads on another node, and may not publish a device's data; the
+//! device's own block lands and its confirmation comes back through
+//! another node.
 
 use e2e::nats::NatsCluster;
 use e2e::*;
@@ -76,10 +79,42 @@ fn a_device_on_the_nats_cluster_can_only_write_and_read_its_own_subjects() {
         }
         other => panic!("{other:?}"),
     }
-    // 3. The bridge's certificate (bridge CA) on the devices' MQTT
-    //    listener: refused in the TLS handshake (it trusts the fleet CA).
+    // 3. The bridge's certificate (bridge CA, as the operators') on the
+    //    MQTT listener: the handshake passes, the user may not use MQTT.
     let (_sneaky, sneaky_seen) = client(cluster.mqtt_options(2, "sneaky", "fleet-bridge"));
-    assert!(matches!(next(&sneaky_seen), Seen::Error(_)), "a bridge certificate logged in on the MQTT listener");
+    match next(&sneaky_seen) {
+        Seen::Error(e) => assert!(e.contains("NotAuthorized") || e.contains("not authorized"), "{e}"),
+        other => panic!("a bridge certificate logged in on the MQTT listener: {other:?}"),
+    }
+
+    // 4. The operator (CN=fleet-admin, bridge CA) publishes a device's
+    //    configuration document retained; the device, on another node,
+    //    gets it. The operator may not publish a device's data.
+    let (admin, admin_seen) = client(cluster.mqtt_options(0, "fleet-admin-e2e", "fleet-admin"));
+    assert!(matches!(next(&admin_seen), Seen::ConnAck), "the operator logs in on the MQTT listener");
+    admin.publish("edge/dev-victim/config", QoS::AtLeastOnce, true, b"a document".to_vec()).unwrap();
+    assert!(matches!(next(&admin_seen), Seen::PubAck));
+    let (reader, reader_seen) = client(cluster.mqtt_options(1, "victim-config", "dev-victim"));
+    assert!(matches!(next(&reader_seen), Seen::ConnAck));
+    reader.subscribe("edge/dev-victim/config", QoS::AtLeastOnce).unwrap();
+    let mut got = None;
+    while got.is_none() {
+        match next(&reader_seen) {
+            Seen::SubAck(codes) => assert!(codes.iter().all(|c| *c != SubscribeReasonCode::Failure), "{codes:?}"),
+            Seen::Publish(topic, payload) if topic == "edge/dev-victim/config" => got = Some(payload),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got.unwrap(), b"a document");
+    reader.disconnect().unwrap();
+    admin.publish("edge/dev-victim/metrics", QoS::AtLeastOnce, false, block("dev-victim", now - 2000, 667.0)).unwrap();
+    wait_for("the node to refuse the operator's publish of data", Duration::from_secs(15), || {
+        let log = cluster.log_text();
+        let refused = log.lines().any(|l| {
+            l.contains("Publish Violation") && l.contains("CN=fleet-admin") && l.contains("edge.dev-victim.metrics")
+        });
+        refused.then_some(()).ok_or("no publish violation logged")
+    });
 
     // The victim's own block lands, and its confirmation comes back to it
     // on another node than the one it published to.
@@ -105,4 +140,76 @@ fn a_device_on_the_nats_cluster_can_only_write_and_read_its_own_subjects() {
     let values = prom.raw_samples("nats_identity{device=\"dev-victim\"}", 600).unwrap();
     assert_eq!(values.iter().map(|v| v.1).collect::<Vec<_>>(), vec![42.0], "only the victim's own sample landed");
     assert_eq!(scrape(bridge_metrics, "fleet_bridge_messages_total{result=\"written\"}").unwrap(), Some(1.0));
+}
+
+/// The operator's tools over the NATS cluster: a box whose certificate
+/// expires in 20 days asks for a new one (retained on its `csr` topic);
+/// `fleet-bridge certificates sign` as the operator (CN=fleet-admin, on
+/// another node's MQTT listener) answers it; the box installs the new
+/// certificate and delivers on with it through the cluster.
+#[test]
+fn the_operator_renews_a_box_certificate_over_the_nats_cluster() {
+    if !require_root_and_tools() {
+        return;
+    }
+    if !require_tools("the NATS operator test", &["nats-server"]) {
+        return;
+    }
+    let dir = tempdir("nats-operator");
+    let device = format!("e2e-nats-renewal-{}", std::process::id());
+    let mut cluster = NatsCluster::start(&dir, &[]);
+    let made = std::process::Command::new(repo_dir().join("scripts/fleet-certs.sh"))
+        .arg(&cluster.pki)
+        .args(["device", &device])
+        .env("FLEET_CERT_DAYS", "20")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    cluster.add_devices(std::slice::from_ref(&device));
+    let prom = Prom::start(&dir);
+    let (_bridge, _) = bridge_on_nats(&dir, &cluster, &prom.write_url(), "fleet-bridge-0", "", "", "info");
+    let keys = cluster.device_toml(0, &device);
+    let mut agent = Agent::launch(&dir, &AgentSetup { connection: Some(&keys), ..AgentSetup::offline(&device, QUIET) });
+    let renewals =
+        |a: &Agent, r: &str| a.metric(&format!("edge_agent_tls_renewals_total{{result=\"{r}\"}}")).unwrap_or(0.0);
+    wait_for("the certificate request", Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        (renewals(&agent, "requested") == 1.0).then_some(()).ok_or(renewals(&agent, "requested"))
+    });
+
+    let conf = dir.join("operator.toml");
+    std::fs::write(&conf, format!("{}[audit]\ndir = \"{}\"\n", cluster.operator_toml(1), dir.join("audit").display()))
+        .unwrap();
+    let sign = || {
+        let o = std::process::Command::new(bin_dir().join("fleet-bridge"))
+            .args(["certificates", "sign", "--config", &conf.display().to_string()])
+            .arg("--ca-cert")
+            .arg(cluster.pki.join("ca.crt"))
+            .arg("--ca-key")
+            .arg(cluster.pki.join("ca.key"))
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    };
+    wait_for("the signer to answer the request", Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        match sign() {
+            (Some(0), out) if out.contains("1 signed") => Ok(()),
+            other => Err(other),
+        }
+    });
+    let rotations = |a: &Agent| a.metric("edge_agent_tls_rotations_total{result=\"installed\"}").unwrap_or(0.0);
+    wait_for("the signed certificate installed", Duration::from_secs(60), || {
+        agent.proc.assert_running();
+        (rotations(&agent) == 1.0).then_some(()).ok_or(rotations(&agent))
+    });
+    let expiry = agent.metric("edge_agent_tls_certificate_expiry_timestamp_seconds").unwrap_or(0.0);
+    assert!(expiry > (now_ms() / 1000 + 300 * 86_400) as f64, "the new certificate's expiry: {expiry}");
+    // Delivering with it: a block confirmed after the installation.
+    let confirmed = agent.metric("edge_agent_uplink_confirmed_blocks_total").unwrap_or(0.0);
+    wait_for("a block confirmed with the new certificate", Duration::from_secs(30), || {
+        agent.proc.assert_running();
+        let now = agent.metric("edge_agent_uplink_confirmed_blocks_total").unwrap_or(0.0);
+        (now > confirmed).then_some(()).ok_or(now)
+    });
 }

@@ -50,6 +50,7 @@ impl Stack {
                 mqtt: "",
                 extra: "",
                 top: "",
+                connection: None,
             },
         );
         Stack { dir, device, broker, prom, bridge, agent, server, closed_port }

@@ -109,15 +109,10 @@ fn drain(dir: &std::path::Path, broker: &e2e::Broker, prom: &e2e::Prom, t0: i64,
     let cpu = Cpu::start(&procs);
     let start = Instant::now();
     let setup = AgentSetup {
-        device: &device,
         broker: Some(broker),
         identity: Some(Who::Device(&device)),
-        mqtt: "",
         window_ms: 10_000,
-        class_ports: &[],
-        state_dir: None,
-        extra: "[probes.tcp_lifecycle]\nenabled = false\n",
-        top: "",
+        ..AgentSetup::offline(&device, "[probes.tcp_lifecycle]\nenabled = false\n")
     };
     let mut agent = Agent::launch(&ddir, &setup);
     let agent_cpu0 = cpu_secs(agent.proc.pid());

@@ -57,15 +57,10 @@ fn fifty_devices_with_an_hour_of_backlog_reconnect_at_once() {
     // All at once.
     for (device, ddir) in &setups {
         let setup = AgentSetup {
-            device,
             broker: Some(&broker),
             identity: Some(Who::Device(device)),
-            mqtt: "",
             window_ms: 10_000,
-            class_ports: &[],
-            state_dir: None,
-            extra: probe_off,
-            top: "",
+            ..AgentSetup::offline(device, probe_off)
         };
         agents.push(Agent::launch(ddir, &setup));
     }
