@@ -770,6 +770,21 @@ pub fn operator_config(dir: &Path, broker: &Broker) -> PathBuf {
     conf
 }
 
+/// `fleet-bridge certificates sign` with the operator config `conf` and
+/// the device CA of `pki` (`ca.crt`, `ca.key`): its exit code and output.
+pub fn certificates_sign(conf: &Path, pki: &Path) -> (Option<i32>, String) {
+    let o = Command::new(bin_dir().join("fleet-bridge"))
+        .args(["certificates", "sign", "--config"])
+        .arg(conf)
+        .arg("--ca-cert")
+        .arg(pki.join("ca.crt"))
+        .arg("--ca-key")
+        .arg(pki.join("ca.key"))
+        .output()
+        .expect("fleet-bridge certificates sign");
+    (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+}
+
 /// A bridge with `source` (its `[mqtt]` or `[jetstream]` tables), once it
 /// is subscribed (or pulling).
 fn spawn_bridge(

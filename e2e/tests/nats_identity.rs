@@ -180,20 +180,9 @@ fn the_operator_renews_a_box_certificate_over_the_nats_cluster() {
     let conf = dir.join("operator.toml");
     std::fs::write(&conf, format!("{}[audit]\ndir = \"{}\"\n", cluster.operator_toml(1), dir.join("audit").display()))
         .unwrap();
-    let sign = || {
-        let o = std::process::Command::new(bin_dir().join("fleet-bridge"))
-            .args(["certificates", "sign", "--config", &conf.display().to_string()])
-            .arg("--ca-cert")
-            .arg(cluster.pki.join("ca.crt"))
-            .arg("--ca-key")
-            .arg(cluster.pki.join("ca.key"))
-            .output()
-            .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
-    };
     wait_for("the signer to answer the request", Duration::from_secs(60), || {
         agent.proc.assert_running();
-        match sign() {
+        match certificates_sign(&conf, &cluster.pki) {
             (Some(0), out) if out.contains("1 signed") => Ok(()),
             other => Err(other),
         }

@@ -255,17 +255,7 @@ fn a_certificate_near_its_expiry_is_renewed_over_the_uplink() {
     assert!(csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"), "{csr}");
 
     let conf = operator_config(&dir, &broker);
-    let sign = || {
-        let o = Command::new(bin_dir().join("fleet-bridge"))
-            .args(["certificates", "sign", "--config", &conf.display().to_string()])
-            .arg("--ca-cert")
-            .arg(broker.pki.join("ca.crt"))
-            .arg("--ca-key")
-            .arg(broker.pki.join("ca.key"))
-            .output()
-            .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
-    };
+    let sign = || certificates_sign(&conf, &broker.pki);
     // The request is on the broker once the agent is connected.
     wait_for("the signer to answer the request", Duration::from_secs(60), || {
         agent.proc.assert_running();
