@@ -6,11 +6,12 @@
 #
 # Every identity is a TLS client certificate (scripts/fleet-certs.sh) whose
 # subject is the user name: "CN=<device id>" for a device, "CN=fleet-bridge"
-# for the bridges, "CN=fleet-admin" for operators. A device may use MQTT only and touch only its own
-# subjects (MQTT topic edge/<id>/metrics is NATS subject edge.<id>.metrics);
-# the bridges may use NATS only, operators MQTT only. NATS 2.9 has no per-user pattern (mosquitto's
-# %u), so each device is listed: run it again when a device joins and send
-# the nodes SIGHUP (`nats-server --signal reload`).
+# for the bridges, "CN=fleet-admin" for operators. A device may use MQTT
+# only and touch only its own subjects (MQTT topic edge/<id>/metrics is
+# NATS subject edge.<id>.metrics); the bridges may use NATS only, the
+# operators MQTT only. NATS 2.9 has no per-user pattern (mosquitto's %u),
+# so each device is listed: run it again when a device joins and send the
+# nodes SIGHUP (`nats-server --signal reload`).
 #
 # Environment: EDGE_PREFIX (default edge), EDGE_STREAM (EDGE) and
 # EDGE_CONSUMER (fleet-bridge): the bridge's jetstream.stream and
