@@ -110,10 +110,16 @@ pub fn repo_dir() -> PathBuf {
 /// Prometheus, /metrics). Picked below the kernel's ephemeral range, which
 /// the kernel hands to outgoing connections and to port-0 binds: a port
 /// from that range could be taken by some test's connect() between this
-/// pick and the server's bind (a broker failed to start so once).
+/// pick and the server's bind (a broker failed to start so once). Never
+/// the same port twice in one process: the tests of a binary run in
+/// parallel, and two random picks made before either server bound its
+/// port could be the same (mosquitto failed to start so once, "Address
+/// already in use").
 pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     static PICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
@@ -125,7 +131,9 @@ pub fn free_port() -> u16 {
         h.write_u64(PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         h.write_u32(std::process::id());
         let port = low + (h.finish() % u64::from(high - low)) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
             return port;
         }
     }
@@ -1376,4 +1384,17 @@ pub fn audit_events(dir: &Path, device: &str) -> Vec<(String, String)> {
         .filter(|l| l["device"] == device)
         .map(|l| (l["event"].as_str().unwrap_or("").to_owned(), l["link"].as_str().unwrap_or("").to_owned()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Ports handed out but not bound yet (the servers start later) are
+    /// never handed out again: 5,000 picks from ~22,000 ports would
+    /// repeat one with near certainty otherwise.
+    #[test]
+    fn a_port_is_handed_out_once_per_process() {
+        let picks: Vec<u16> = (0..5000).map(|_| super::free_port()).collect();
+        let distinct: std::collections::BTreeSet<u16> = picks.iter().copied().collect();
+        assert_eq!(distinct.len(), picks.len());
+    }
 }
