@@ -97,18 +97,21 @@ fn export(dir: &Path, format: &str, out: &Path) {
 
 /// Trains a model on `features` with the pipeline; its card's path.
 ///
-/// The threshold's margin is 100 (the pipeline's default is 1.5): 45 s of
+/// The threshold's margin is 1000 (the pipeline's default is 1.5): 45 s of
 /// perfectly paced loopback connections give a model that sees a 10 %
 /// slower window (a CI machine busy with something else) as far outside
 /// normal, which it is, for that data. (The agent's own start is covered
-/// by its warm-up, WARMUP_SECS.) This test checks the
-/// pipeline's mechanics (load, score, debounce, action, records, updates),
-/// not the model's quality (`hil-tests` scenarios evaluate that); the
-/// refusals it injects score about 10^5 times the default threshold.
+/// by its warm-up, WARMUP_SECS.) With a margin of 100 an idle machine
+/// still raised the alarm once on normal activity: two windows of slower
+/// loopback connects (p50 and p99 connect time) scored 1.6 times that
+/// threshold. This test checks the pipeline's mechanics (load, score,
+/// debounce, action, records, updates), not the model's quality
+/// (`hil-tests` scenarios evaluate that); the refusals it injects score
+/// about 10^5 times the default threshold, ~150 times this one.
 fn train(dir: &Path, features: &Path) -> PathBuf {
     let out = dir.join("model");
     let o = Command::new(repo_dir().join("model/run.sh"))
-        .args(["train", "--name", "e2e", "--margin", "100", "--warn-margin", "30", "--out"])
+        .args(["train", "--name", "e2e", "--margin", "1000", "--warn-margin", "300", "--out"])
         .arg(&out)
         .arg("--normal")
         .arg(features)
