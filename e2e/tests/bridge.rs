@@ -33,18 +33,14 @@ impl Rig {
     }
 }
 
-/// A client whose connection is driven by its own thread; incoming
-/// publishes' topics go to `incoming` if given.
-fn connect_with(opts: rumqttc::MqttOptions, incoming: Option<std::sync::mpsc::Sender<String>>) -> Client {
+/// A client whose connection is driven by its own thread; each incoming
+/// publish goes to `incoming`.
+fn connect_with(opts: rumqttc::MqttOptions, mut incoming: impl FnMut(rumqttc::Publish) + Send + 'static) -> Client {
     let (client, mut conn) = Client::new(opts, 64);
     std::thread::spawn(move || {
         for ev in conn.iter() {
             match ev {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Some(tx) = &incoming {
-                        let _ = tx.send(p.topic.clone());
-                    }
-                }
+                Ok(Event::Incoming(Packet::Publish(p))) => incoming(p),
                 Ok(_) => {}
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
@@ -53,8 +49,15 @@ fn connect_with(opts: rumqttc::MqttOptions, incoming: Option<std::sync::mpsc::Se
     client
 }
 
+/// [`connect_with`], the publishes' topics to `tx`.
+fn connect_topics(opts: rumqttc::MqttOptions, tx: std::sync::mpsc::Sender<String>) -> Client {
+    connect_with(opts, move |p| {
+        let _ = tx.send(p.topic);
+    })
+}
+
 fn connect(opts: rumqttc::MqttOptions) -> Client {
-    connect_with(opts, None)
+    connect_with(opts, |_| {})
 }
 
 fn rig(name: &str) -> Rig {
@@ -74,7 +77,7 @@ fn rig_full(name: &str, mqtt: &str, remote_write: &str) -> Rig {
         bridge_full(&dir, &broker, &prom.write_url(), &format!("bridge-{name}"), mqtt, remote_write);
     // Dead letters are readable with a bridge certificate (configs/mosquitto/acl).
     let (tx, dead) = std::sync::mpsc::channel();
-    let reader = connect_with(broker.mqtt_options(&format!("dead-{name}"), Who::Bridge), Some(tx));
+    let reader = connect_topics(broker.mqtt_options(&format!("dead-{name}"), Who::Bridge), tx);
     reader.subscribe("fleet/deadletter/#", QoS::AtLeastOnce).unwrap();
     std::mem::forget(reader); // lives as long as the test process
     Rig { broker, prom, bridge, bridge_metrics, devices: RefCell::default(), dead }
@@ -249,7 +252,7 @@ fn a_resent_block_is_confirmed_again_without_a_write() {
     let r = rig("resent");
     let device = "dev-resent";
     let (tx, acks) = std::sync::mpsc::channel();
-    let client = connect_with(r.broker.mqtt_options(device, Who::Device(device)), Some(tx));
+    let client = connect_topics(r.broker.mqtt_options(device, Who::Device(device)), tx);
     client.subscribe(edge_wire::ack_topic("edge", device), QoS::AtMostOnce).unwrap();
     let now = now_ms();
     let msg = block(device, &[("resent", vec![(now - 5000, 1.0), (now - 4000, 2.0)])]);
@@ -310,18 +313,9 @@ fn a_time_request_is_answered_at_once_while_a_backlog_waits_for_the_bridge() {
     let (tx, replies) = std::sync::mpsc::channel();
     let mut opts = broker.mqtt_options("timer", Who::Device("timer"));
     opts.set_max_packet_size(1 << 22, 1 << 22);
-    let (device, mut conn) = Client::new(opts, 64);
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            match ev {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Ok(r) = edge_wire::TimeReply::decode(&p.payload) {
-                        let _ = tx.send((r.nonce, std::time::Instant::now()));
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
+    let device = connect_with(opts, move |p| {
+        if let Ok(r) = edge_wire::TimeReply::decode(&p.payload) {
+            let _ = tx.send((r.nonce, std::time::Instant::now()));
         }
     });
     device.subscribe(edge_wire::time_reply_topic("edge", "timer"), QoS::AtMostOnce).unwrap();
@@ -399,10 +393,7 @@ fn a_time_request_is_answered_at_once_while_a_backlog_waits_for_the_bridge() {
         bridge.assert_running();
         match scrape(port, "fleet_bridge_waiting_messages") {
             Ok(Some(n)) if n >= 50.0 => Ok(()),
-            other => {
-                std::thread::sleep(Duration::from_millis(100));
-                Err(format!("{other:?}"))
-            }
+            other => Err(format!("{other:?}")),
         }
     });
     nonce += 1;
